@@ -1,0 +1,42 @@
+// swift-tools-version:6.0
+// TensorAR trainer. Dependency direction (SPEC: "C isolated at the bottom"):
+//   CSupport (C) -> Platform -> Kernels -> ARModel -> TokenData/Training -> executables.
+// Only Platform imports CSupport; nothing above it sees a C type.
+import PackageDescription
+
+let optimise: [SwiftSetting] = [.unsafeFlags(["-Ounchecked"]), .swiftLanguageMode(.v5)]
+let lang: [SwiftSetting] = [.swiftLanguageMode(.v5)]
+let argParser: Target.Dependency = .product(name: "ArgumentParser", package: "swift-argument-parser")
+
+let package = Package(
+    name: "TensorAR",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "tensorar-train", targets: ["tensorar-train"]),
+        .executable(name: "tensorar-eval", targets: ["tensorar-eval"]),
+        .executable(name: "tensorar-data", targets: ["tensorar-data"]),
+        .executable(name: "tensorar-bench", targets: ["tensorar-bench"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+    ],
+    targets: [
+        .target(
+            name: "CSupport",
+            linkerSettings: [.linkedLibrary("openblas"), .linkedLibrary("mpi"), .linkedLibrary("hdf5_serial")]),
+        .target(name: "Platform", dependencies: ["CSupport"], swiftSettings: optimise),
+        .target(name: "Kernels", dependencies: ["Platform"], swiftSettings: optimise),
+        .target(name: "ARModel", dependencies: ["Kernels", "Platform"], swiftSettings: optimise),
+        .target(name: "TokenData", dependencies: ["Platform"], swiftSettings: optimise),
+        .target(name: "Training", dependencies: ["ARModel", "TokenData", "Platform", "Yams"], swiftSettings: optimise),
+        .executableTarget(name: "tensorar-train", dependencies: ["Training", argParser], swiftSettings: lang),
+        .executableTarget(name: "tensorar-eval", dependencies: ["Training", argParser], swiftSettings: lang),
+        .executableTarget(name: "tensorar-data", dependencies: ["TokenData", argParser], swiftSettings: lang),
+        .executableTarget(name: "tensorar-bench", dependencies: ["Training", argParser], swiftSettings: optimise),
+        .testTarget(name: "KernelTests", dependencies: ["Kernels"], swiftSettings: lang),
+        .testTarget(name: "ModelTests", dependencies: ["ARModel"], resources: [.copy("Fixtures")], swiftSettings: lang),
+        .testTarget(name: "DataTests", dependencies: ["TokenData"], swiftSettings: lang),
+        .testTarget(name: "TrainingTests", dependencies: ["Training"], swiftSettings: lang),
+    ]
+)

@@ -1,0 +1,102 @@
+import Foundation
+import Platform
+
+/// The model's shape: SPEC sections 2 and 3. Coding keys are the `tensorar.config` names of
+/// SPEC section 7, so this struct is exactly the safetensors metadata.
+public struct ModelConfig: Codable, Equatable, Sendable {
+    public var vocabSize: Int
+    public var numClasses: Int
+    public var gridSize: Int
+    public var dim: Int
+    public var nLayer: Int
+    public var nHead: Int
+    public var ffnHidden: Int
+    public var normEps: Float = 1e-5
+    public var ropeBase: Float = 10000
+    /// k: tokens per tensor (SPEC section 3). 1 with pluginDepth 0 is the plain base model.
+    public var window: Int = 1
+    /// d: blocks in the plug-in encoder and in the decoder; 0 means no plug-in.
+    public var pluginDepth: Int = 0
+    public var residual: Bool = true
+
+    enum CodingKeys: String, CodingKey {
+        case vocabSize = "vocab_size", numClasses = "num_classes", gridSize = "grid_size", dim
+        case nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", normEps = "norm_eps"
+        case ropeBase = "rope_base", window, pluginDepth = "plugin_depth", residual
+    }
+
+    public init(
+        vocabSize: Int, numClasses: Int, gridSize: Int, dim: Int, nLayer: Int, nHead: Int,
+        ffnHidden: Int? = nil, window: Int = 1, pluginDepth: Int = 0, residual: Bool = true
+    ) {
+        self.vocabSize = vocabSize; self.numClasses = numClasses; self.gridSize = gridSize
+        self.dim = dim; self.nLayer = nLayer; self.nHead = nHead
+        self.ffnHidden = ffnHidden ?? ModelConfig.defaultFFNHidden(dim: dim)
+        self.window = window; self.pluginDepth = pluginDepth; self.residual = residual
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        vocabSize = try c.decode(Int.self, forKey: .vocabSize)
+        numClasses = try c.decode(Int.self, forKey: .numClasses)
+        gridSize = try c.decode(Int.self, forKey: .gridSize)
+        dim = try c.decode(Int.self, forKey: .dim)
+        nLayer = try c.decode(Int.self, forKey: .nLayer)
+        nHead = try c.decode(Int.self, forKey: .nHead)
+        ffnHidden = try c.decodeIfPresent(Int.self, forKey: .ffnHidden) ?? ModelConfig.defaultFFNHidden(dim: dim)
+        normEps = try c.decodeIfPresent(Float.self, forKey: .normEps) ?? 1e-5
+        ropeBase = try c.decodeIfPresent(Float.self, forKey: .ropeBase) ?? 10000
+        window = try c.decodeIfPresent(Int.self, forKey: .window) ?? 1
+        pluginDepth = try c.decodeIfPresent(Int.self, forKey: .pluginDepth) ?? 0
+        residual = try c.decodeIfPresent(Bool.self, forKey: .residual) ?? true
+    }
+
+    /// SPEC section 2: F = find_multiple(int(2 * 4D / 3), 256).
+    public static func defaultFFNHidden(dim: Int) -> Int {
+        let f = (2 * 4 * dim) / 3
+        return (f + 255) / 256 * 256
+    }
+
+    public var seqLen: Int { gridSize * gridSize }  // T
+    public var headDim: Int { dim / nHead }
+    public var hasPlugin: Bool { pluginDepth > 0 }
+
+    /// Problems a person can act on; `source` names the file or flag the config came from.
+    public func validate(source: String = "model config") throws {
+        func bad(_ s: String) -> InputError { InputError(source, s) }
+        if vocabSize < 2 { throw bad("vocab_size must be at least 2, got \(vocabSize)") }
+        if numClasses < 1 { throw bad("num_classes must be at least 1, got \(numClasses)") }
+        if gridSize < 1 { throw bad("grid_size must be at least 1, got \(gridSize)") }
+        if dim < 1 || nHead < 1 || nLayer < 0 { throw bad("dim, n_head must be positive and n_layer non-negative (dim \(dim), n_head \(nHead), n_layer \(nLayer))") }
+        if dim % nHead != 0 { throw bad("dim \(dim) is not divisible by n_head \(nHead)") }
+        if headDim % 4 != 0 { throw bad("head width dim/n_head = \(headDim) is not divisible by 4 (the 2D rotary table needs hd/4 frequencies)") }
+        if ffnHidden < 1 { throw bad("ffn_hidden must be positive, got \(ffnHidden)") }
+        if window < 1 { throw bad("window (k) must be at least 1, got \(window)") }
+        if pluginDepth < 0 { throw bad("plugin_depth must be non-negative, got \(pluginDepth)") }
+        if window > 1 && pluginDepth == 0 { throw bad("window \(window) > 1 needs a plug-in (plugin_depth >= 1)") }
+        if window > seqLen { throw bad("window \(window) is longer than the image (\(seqLen) tokens)") }
+    }
+
+    /// Size presets (SPEC section 2). Parameter counts for V=16384, C=1000 beside them
+    /// (base only; `tensorar-bench --params` prints them with and without the plug-in).
+    public static let presetNames = ["tiny", "small", "B", "L", "XL", "XXL"]
+    public static func preset(_ name: String, vocabSize: Int = 16384, numClasses: Int = 1000, gridSize: Int = 16) throws -> ModelConfig {
+        let shape: (Int, Int, Int)  // (L, NH, D)
+        switch name {
+        case "tiny": shape = (2, 2, 64)       // quick tests
+        case "small": shape = (4, 4, 128)     // the default Fashion-MNIST run
+        case "B": shape = (12, 12, 768)       // 110,888,448 (LlamaGen GPT-B)
+        case "L": shape = (24, 16, 1024)      // 343M
+        case "XL": shape = (36, 20, 1280)     // 775M
+        case "XXL": shape = (48, 24, 1536)    // 1.4B
+        default: throw InputError("--preset", "unknown preset '\(name)'; known: \(presetNames.joined(separator: ", "))")
+        }
+        return ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2, nLayer: shape.0, nHead: shape.1)
+    }
+
+    public func jsonString() -> String {
+        let enc = JSONEncoder()
+        enc.outputFormatting = [.sortedKeys]
+        return String(data: try! enc.encode(self), encoding: .utf8)!
+    }
+}

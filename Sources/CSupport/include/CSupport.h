@@ -1,0 +1,56 @@
+// The only C in the project: OpenBLAS (cblas), OpenMPI and HDF5 headers, plus tiny wrappers
+// for the macros Swift cannot import (TOOLCHAIN.md). Only the Swift module `Platform` imports this.
+#ifndef TENSORAR_CSUPPORT_H
+#define TENSORAR_CSUPPORT_H
+
+#include <cblas.h>
+#include <openmpi/mpi.h>
+#include <hdf5/serial/hdf5.h>
+#include <stdint.h>
+
+// OpenBLAS extras (declared in openblas_config.h; repeated here so the header set stays small).
+char *openblas_get_config(void);
+char *openblas_get_corename(void);
+int openblas_get_num_threads(void);
+void openblas_set_num_threads(int);
+
+// CPU features, for choosing OPENBLAS_CORETYPE before the library is used.
+int tar_cpu_has_avx512f(void);
+int tar_cpu_has_avx2(void);
+
+// MPI handles are macros over addresses of globals.
+MPI_Comm tar_mpi_comm_world(void);
+MPI_Datatype tar_mpi_float(void);
+MPI_Datatype tar_mpi_double(void);
+MPI_Datatype tar_mpi_int64(void);
+MPI_Datatype tar_mpi_byte(void);
+MPI_Op tar_mpi_sum(void);
+MPI_Op tar_mpi_max(void);
+MPI_Op tar_mpi_min(void);
+void *tar_mpi_in_place(void);
+int tar_mpi_thread_multiple(void);
+int tar_mpi_thread_serialized(void);
+
+// HDF5 type and property ids are macros that call H5open().
+hid_t tar_h5t_native_float(void);
+hid_t tar_h5t_native_int32(void);
+hid_t tar_h5t_native_uint16(void);
+hid_t tar_h5t_native_int64(void);
+hid_t tar_h5t_native_uint8(void);
+hid_t tar_h5t_c_s1(void);
+hid_t tar_h5t_std_u16le(void);
+hid_t tar_h5t_std_i32le(void);
+hid_t tar_h5t_ieee_f32le(void);
+hid_t tar_h5t_std_i64le(void);
+unsigned tar_h5f_acc_trunc(void);
+unsigned tar_h5f_acc_rdonly(void);
+unsigned tar_h5f_acc_rdwr(void);
+unsigned tar_h5f_acc_excl(void);
+hid_t tar_h5p_dataset_create(void);
+hid_t tar_h5p_file_access(void);
+hid_t tar_h5s_all(void);
+hid_t tar_h5p_default(void);
+/// Turns off HDF5's automatic error printing (we report errors ourselves).
+void tar_h5_silence_errors(void);
+
+#endif
