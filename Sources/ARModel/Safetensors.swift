@@ -1,0 +1,174 @@
+import Foundation
+import Kernels
+import Platform
+
+/// A safetensors file: 8-byte little-endian header length, JSON header, raw little-endian data.
+/// Errors name the file and the problem (truncated, not safetensors, bad header).
+public struct Safetensors {
+    public struct Tensor {
+        public let dtype: String
+        public let shape: [Int]
+        public let data: Data  // raw bytes, little-endian
+        public var count: Int { shape.reduce(1, *) }
+        public init(dtype: String, shape: [Int], data: Data) { self.dtype = dtype; self.shape = shape; self.data = data }
+        public init(floats: [Float], shape: [Int]) {
+            self.init(dtype: "F32", shape: shape, data: floats.withUnsafeBufferPointer { Data(buffer: $0) })
+        }
+        public init(ints: [Int32], shape: [Int]) {
+            self.init(dtype: "I32", shape: shape, data: ints.withUnsafeBufferPointer { Data(buffer: $0) })
+        }
+    }
+    public var tensors: [String: Tensor] = [:]
+    public var metadata: [String: String] = [:]
+    public let path: String
+
+    public init(path: String = "") { self.path = path }
+
+    static let elementSize: [String: Int] = ["F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U16": 2, "U8": 1, "I8": 1, "F64": 8]
+
+    public static func read(_ path: String) throws -> Safetensors {
+        guard FileManager.default.fileExists(atPath: path) else { throw InputError(path, "file does not exist") }
+        let data: Data
+        do { data = try Data(contentsOf: URL(fileURLWithPath: path), options: .alwaysMapped) } catch { throw InputError(path, "cannot read: \(error.localizedDescription)") }
+        guard data.count >= 8 else { throw InputError(path, "not a safetensors file: only \(data.count) bytes (truncated?)") }
+        let n = data.prefix(8).enumerated().reduce(UInt64(0)) { $0 | (UInt64($1.element) << (8 * UInt64($1.offset))) }
+        guard n > 1, n < 100_000_000, 8 + Int(n) <= data.count else {
+            throw InputError(path, "not a safetensors file: header length \(n) does not fit in \(data.count) bytes (truncated or another format?)")
+        }
+        let headerBytes = data.subdata(in: 8..<(8 + Int(n)))
+        guard let header = try? JSONSerialization.jsonObject(with: headerBytes) as? [String: Any] else {
+            throw InputError(path, "not a safetensors file: the header is not a JSON object")
+        }
+        var st = Safetensors(path: path)
+        let body = 8 + Int(n)
+        for (name, value) in header {
+            if name == "__metadata__" {
+                for (k, v) in (value as? [String: Any]) ?? [:] { st.metadata[k] = "\(v)" }
+                continue
+            }
+            guard let d = value as? [String: Any], let dtype = d["dtype"] as? String, let shape = d["shape"] as? [Int],
+                  let offs = d["data_offsets"] as? [Int], offs.count == 2 else {
+                throw InputError(path, "tensor '\(name)': malformed header entry")
+            }
+            guard let es = elementSize[dtype] else { throw InputError(path, "tensor '\(name)': unsupported dtype \(dtype)") }
+            let bytes = shape.reduce(1, *) * es
+            guard offs[1] - offs[0] == bytes, offs[0] >= 0, body + offs[1] <= data.count else {
+                throw InputError(path, "tensor '\(name)': data \(offs) does not match shape \(shape) x \(dtype) or runs past the end of the file (\(data.count) bytes; truncated?)")
+            }
+            st.tensors[name] = Tensor(dtype: dtype, shape: shape, data: data.subdata(in: (body + offs[0])..<(body + offs[1])))
+        }
+        return st
+    }
+
+    public func write(to path: String) throws {
+        var header: [String: Any] = [:]
+        var offset = 0
+        let names = tensors.keys.sorted()
+        for name in names {
+            let t = tensors[name]!
+            header[name] = ["dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.data.count]]
+            offset += t.data.count
+        }
+        if !metadata.isEmpty { header["__metadata__"] = metadata }
+        var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
+        while json.count % 8 != 0 { json.append(0x20) }
+        var out = Data()
+        var n = UInt64(json.count).littleEndian
+        out.append(Data(bytes: &n, count: 8))
+        out.append(json)
+        for name in names { out.append(tensors[name]!.data) }
+        let tmp = path + ".tmp"
+        do {
+            try out.write(to: URL(fileURLWithPath: tmp))
+            _ = try? FileManager.default.removeItem(atPath: path)
+            try FileManager.default.moveItem(atPath: tmp, toPath: path)
+        } catch {
+            try? FileManager.default.removeItem(atPath: tmp)
+            throw InputError(path, "cannot write: \(error.localizedDescription)")
+        }
+    }
+
+    /// The tensor as Float32 (F32, F16 and BF16 are converted).
+    public func floats(_ name: String) throws -> [Float] {
+        guard let t = tensors[name] else { throw InputError(path, "missing tensor '\(name)'") }
+        return try t.data.withUnsafeBytes { raw -> [Float] in
+            switch t.dtype {
+            case "F32": return Array(raw.bindMemory(to: Float.self))
+            case "F64": return raw.bindMemory(to: Double.self).map { Float($0) }
+            case "F16": return raw.bindMemory(to: UInt16.self).map { Float(Float16(bitPattern: $0)) }
+            case "BF16": return raw.bindMemory(to: UInt16.self).map { Float(bitPattern: UInt32($0) << 16) }
+            default: throw InputError(path, "tensor '\(name)' has dtype \(t.dtype), expected a float type")
+            }
+        }
+    }
+
+    public func ints(_ name: String) throws -> [Int32] {
+        guard let t = tensors[name] else { throw InputError(path, "missing tensor '\(name)'") }
+        return try t.data.withUnsafeBytes { raw -> [Int32] in
+            switch t.dtype {
+            case "I32": return Array(raw.bindMemory(to: Int32.self))
+            case "I64": return raw.bindMemory(to: Int64.self).map { Int32($0) }
+            default: throw InputError(path, "tensor '\(name)' has dtype \(t.dtype), expected an integer type")
+            }
+        }
+    }
+}
+
+// MARK: - the model's weights exchange (SPEC section 7)
+
+extension Transformer {
+    /// Loads weights. The model shape comes from the `tensorar.config` metadata, or from
+    /// `fallback` (a preset or flags) when the file has none (a converted LlamaGen checkpoint).
+    /// Every tensor is checked against the config; extra tensors are an error too.
+    public static func load(_ path: String, fallback: ModelConfig? = nil) throws -> Transformer {
+        let st = try Safetensors.read(path)
+        let config: ModelConfig
+        if let json = st.metadata["tensorar.config"] {
+            do { config = try JSONDecoder().decode(ModelConfig.self, from: Data(json.utf8)) } catch {
+                throw InputError(path, "metadata tensorar.config is not a valid model config: \(error)")
+            }
+        } else if let fallback {
+            config = fallback
+        } else {
+            throw InputError(path, "no tensorar.config metadata: give the model shape with --preset NAME (or the shape flags)")
+        }
+        try config.validate(source: "\(path) (tensorar.config)")
+        let model = try Transformer(config: config)
+        try model.loadWeights(st)
+        return model
+    }
+
+    /// Copies the file's tensors into the parameters; names and shapes must match the table.
+    /// Tensors whose names start with one of `ignoring` are skipped (test fixtures carry inputs).
+    public func loadWeights(_ st: Safetensors, allowMissingPlugin: Bool = false, ignoring: [String] = []) throws {
+        for e in table.entries {
+            guard let t = st.tensors[e.name] else {
+                if allowMissingPlugin && e.group == .plugin { continue }
+                throw InputError(st.path, "missing tensor '\(e.name)' (expected shape \(e.shape) for config \(config.jsonString()))")
+            }
+            guard t.shape == e.shape else {
+                throw InputError(st.path, "tensor '\(e.name)' has shape \(t.shape) but the config needs \(e.shape)")
+            }
+            let v = try st.floats(e.name)
+            (params.base + e.offset).update(from: v, count: e.count)
+        }
+        let known = Set(table.entries.map(\.name))
+        let unexpected = st.tensors.keys.filter { name in !known.contains(name) && !ignoring.contains { name.hasPrefix($0) } }
+        if let name = unexpected.sorted().first {
+            let hint = name.hasPrefix("tensorar.") ? " (the file has a plug-in: its tensorar.config must say window and plugin_depth)" : ""
+            throw InputError(st.path, "unexpected tensor '\(name)' not in the model of config \(config.jsonString())\(hint)")
+        }
+    }
+
+    /// Writes the weights as float32 safetensors with the SPEC names and `tensorar.config`.
+    public func save(_ path: String, extraMetadata: [String: String] = [:]) throws {
+        var st = Safetensors(path: path)
+        for e in table.entries {
+            st.tensors[e.name] = .init(floats: Array(UnsafeBufferPointer(start: params.base + e.offset, count: e.count)), shape: e.shape)
+        }
+        st.metadata = extraMetadata
+        st.metadata["tensorar.config"] = config.jsonString()
+        st.metadata["format"] = "pt"
+        try st.write(to: path)
+    }
+}

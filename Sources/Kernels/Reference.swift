@@ -1,0 +1,124 @@
+import Foundation
+
+// Slow, obviously-correct Double twins of the kernels in Ops.swift, written from the equations
+// (SPEC section 2) with plain nested loops. Tests check fast == reference, and reference
+// backward == finite differences of reference forward. Arrays are row-major like the kernels.
+
+public enum Reference {
+    public static func embedding(_ table: [Double], _ ids: [Int], d: Int) -> [Double] {
+        ids.flatMap { id in id < 0 ? [Double](repeating: 0, count: d) : Array(table[(id * d)..<((id + 1) * d)]) }
+    }
+    public static func embeddingBackward(_ dout: [Double], _ ids: [Int], v: Int, d: Int) -> [Double] {
+        var g = [Double](repeating: 0, count: v * d)
+        for (i, id) in ids.enumerated() where id >= 0 { for j in 0..<d { g[id * d + j] += dout[i * d + j] } }
+        return g
+    }
+
+    public static func rmsnorm(_ x: [Double], _ w: [Double], n: Int, d: Int, eps: Double) -> [Double] {
+        var y = x
+        for i in 0..<n {
+            let row = x[(i * d)..<((i + 1) * d)]
+            let ms = row.reduce(0) { $0 + $1 * $1 } / Double(d)
+            for j in 0..<d { y[i * d + j] = x[i * d + j] / (ms + eps).squareRoot() * w[j] }
+        }
+        return y
+    }
+    /// Returns (dx, dw) by the chain rule written out per element.
+    public static func rmsnormBackward(_ dy: [Double], _ x: [Double], _ w: [Double], n: Int, d: Int, eps: Double) -> ([Double], [Double]) {
+        var dx = [Double](repeating: 0, count: n * d), dw = [Double](repeating: 0, count: d)
+        for i in 0..<n {
+            let ms = (0..<d).reduce(0.0) { $0 + x[i * d + $1] * x[i * d + $1] } / Double(d)
+            let r = 1 / (ms + eps).squareRoot()
+            // y_j = x_j r w_j ; dr/dx_m = -r^3 x_m / d
+            var s = 0.0
+            for j in 0..<d { s += dy[i * d + j] * x[i * d + j] * w[j] }
+            for m in 0..<d {
+                dx[i * d + m] = dy[i * d + m] * r * w[m] - s * r * r * r * x[i * d + m] / Double(d)
+                dw[m] += dy[i * d + m] * x[i * d + m] * r
+            }
+        }
+        return (dx, dw)
+    }
+
+    /// y (n, oc) = x (n, ic) W^T, W (oc, ic)
+    public static func linear(_ x: [Double], _ w: [Double], n: Int, ic: Int, oc: Int) -> [Double] {
+        var y = [Double](repeating: 0, count: n * oc)
+        for i in 0..<n { for o in 0..<oc { var s = 0.0; for c in 0..<ic { s += x[i * ic + c] * w[o * ic + c] }; y[i * oc + o] = s } }
+        return y
+    }
+    public static func linearBackward(_ dy: [Double], _ x: [Double], _ w: [Double], n: Int, ic: Int, oc: Int) -> ([Double], [Double]) {
+        var dx = [Double](repeating: 0, count: n * ic), dw = [Double](repeating: 0, count: oc * ic)
+        for i in 0..<n { for o in 0..<oc { let g = dy[i * oc + o]; for c in 0..<ic { dx[i * ic + c] += g * w[o * ic + c]; dw[o * ic + c] += g * x[i * ic + c] } } }
+        return (dx, dw)
+    }
+
+    /// LlamaGen 2D rotary on one vector of width hd at sequence position p (class slot p = 0).
+    public static func rotate(_ x: [Double], position p: Int, gridW: Int, base: Double, inverse: Bool = false) -> [Double] {
+        let hd = x.count, n = hd / 4
+        var angles = [Double](repeating: 0, count: hd / 2)
+        var zero = true
+        if p >= 1 {
+            zero = false
+            let r = Double((p - 1) / gridW), c = Double((p - 1) % gridW)
+            for i in 0..<n { let f = pow(base, -4.0 * Double(i) / Double(hd)); angles[i] = r * f; angles[n + i] = c * f }
+        }
+        var y = x
+        for i in 0..<(hd / 2) {
+            let co = zero ? 0 : cos(angles[i]), si = zero ? 0 : (inverse ? -1 : 1) * sin(angles[i])
+            y[2 * i] = x[2 * i] * co - x[2 * i + 1] * si
+            y[2 * i + 1] = x[2 * i + 1] * co + x[2 * i] * si
+        }
+        return y
+    }
+
+    /// Multi-head attention from qkv (B*S, 3D) to (B*S, D); q and k already rotated.
+    public static func attention(_ qkv: [Double], batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) -> [Double] {
+        let hd = D / NH
+        var out = [Double](repeating: 0, count: batch * S * D)
+        for b in 0..<batch {
+            for h in 0..<NH {
+                for i in 0..<S {
+                    var scores = [Double](repeating: -.infinity, count: S)
+                    for j in 0..<S where !causal || j <= i {
+                        var s = 0.0
+                        for t in 0..<hd { s += qkv[(b * S + i) * 3 * D + h * hd + t] * qkv[(b * S + j) * 3 * D + D + h * hd + t] }
+                        scores[j] = s / Double(hd).squareRoot()
+                    }
+                    let mx = scores.max()!
+                    let e = scores.map { $0 == -.infinity ? 0 : exp($0 - mx) }
+                    let z = e.reduce(0, +)
+                    for j in 0..<S { for t in 0..<hd { out[(b * S + i) * D + h * hd + t] += e[j] / z * qkv[(b * S + j) * 3 * D + 2 * D + h * hd + t] } }
+                }
+            }
+        }
+        return out
+    }
+
+    public static func swiglu(_ ab: [Double], n: Int, f: Int) -> [Double] {
+        var y = [Double](repeating: 0, count: n * f)
+        for i in 0..<n { for j in 0..<f { let a = ab[i * 2 * f + j], b = ab[i * 2 * f + f + j]; y[i * f + j] = a / (1 + exp(-a)) * b } }
+        return y
+    }
+
+    /// Per-row cross entropy; rows with target < 0 give 0.
+    public static func crossEntropy(_ logits: [Double], _ targets: [Int], v: Int) -> [Double] {
+        targets.enumerated().map { i, y in
+            if y < 0 { return 0 }
+            let row = logits[(i * v)..<((i + 1) * v)]
+            let mx = row.max()!
+            return mx + log(row.reduce(0) { $0 + exp($1 - mx) }) - logits[i * v + y]
+        }
+    }
+
+    /// Central finite differences of a scalar function: the gradient check used by every test.
+    public static func numericGradient(_ x: [Double], h: Double = 1e-5, _ f: ([Double]) -> Double) -> [Double] {
+        var x = x
+        return (0..<x.count).map { i in
+            let old = x[i]
+            x[i] = old + h; let a = f(x)
+            x[i] = old - h; let b = f(x)
+            x[i] = old
+            return (a - b) / (2 * h)
+        }
+    }
+}
