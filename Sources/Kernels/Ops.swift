@@ -96,7 +96,8 @@ public struct RotaryTable {
 
 /// Rotates q and k (the first 2D columns of each qkv row (B*S, 3D)) by +angle (forward) or by
 /// -angle (`inverse`, which is the backward pass: the rotation's transpose).
-public func rotaryApply(_ qkv: FloatPtr, _ table: RotaryTable, batch: Int, seqLen: Int, dim: Int, heads: Int, inverse: Bool = false) {
+/// `position` offsets the table: a KV-cached decoding step passes seqLen 1 and its position.
+public func rotaryApply(_ qkv: FloatPtr, _ table: RotaryTable, batch: Int, seqLen: Int, dim: Int, heads: Int, inverse: Bool = false, position: Int = 0) {
     let hd = dim / heads, half = hd / 2
     let sgn: Float = inverse ? -1 : 1
     table.cos.withUnsafeBufferPointer { cp in
@@ -104,7 +105,7 @@ public func rotaryApply(_ qkv: FloatPtr, _ table: RotaryTable, batch: Int, seqLe
             for b in 0..<batch {
                 for p in 0..<seqLen {
                     let row = qkv + (b * seqLen + p) * 3 * dim
-                    let c = cp.baseAddress! + p * half, s = sp.baseAddress! + p * half
+                    let c = cp.baseAddress! + (p + position) * half, s = sp.baseAddress! + (p + position) * half
                     for part in 0..<2 {  // q then k
                         for h in 0..<heads {
                             let x = row + part * dim + h * hd

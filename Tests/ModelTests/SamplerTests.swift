@@ -1,0 +1,95 @@
+import XCTest
+@testable import ARModel
+import Kernels
+import Platform
+
+final class SamplerTests: XCTestCase {
+    func model(window: Int, depth: Int, seed: UInt64 = 1, residual: Bool = true) throws -> Transformer {
+        let c = ModelConfig(vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32, window: window, pluginDepth: depth, residual: residual)
+        let m = try Transformer(config: c)
+        m.initialise(seed: seed)
+        // non-trivial plug-in and head so the test means something
+        var rng = CounterRNG(seed: seed + 100)
+        for e in m.table.entries where e.name.hasSuffix("proj.weight") || e.name == "output.weight" {
+            for i in 0..<e.count { m.params[e.offset + i] = 0.3 * rng.normal() }
+        }
+        return m
+    }
+
+    /// The uncached path: one teacher-forced forward over the tensors the sampler produced must
+    /// choose, at every position and slot, the token the cached sampler chose.
+    func checkCachedMatchesUncached(_ m: Transformer, cfg: Float) {
+        let c = m.config, T = c.seqLen, k = c.window, V = c.vocabSize
+        let labels: [Int32] = [0, 2, 1]
+        let s = Sampler(model: m).sample(labels: labels, sampleIds: [0, 1, 2], options: SamplingOptions(cfgScale: cfg, topK: 1))
+        // t_p[j] = trajectory[p + j][slot j]
+        var tensors = [Int32](repeating: -1, count: 3 * (T - 1) * k)
+        for b in 0..<3 { for q in 0..<(T - 1) { for j in 0..<k where q + j < T { tensors[(b * (T - 1) + q) * k + j] = s.trajectories[(b * T + q + j) * k + j] } } }
+        func logits(_ lab: [Int32]) -> [Float] {
+            var out = [Float](repeating: 0, count: 3 * T * k * V)
+            out.withUnsafeMutableBufferPointer { _ = m.forward(ModelBatch(batch: 3, tokens: s.tokens, labels: lab, tensors: tensors), logits: $0.baseAddress!) }
+            return out
+        }
+        let lc = logits(labels), lu = logits([Int32](repeating: Int32(c.numClasses), count: 3))
+        for b in 0..<3 {
+            for q in 0..<T {
+                for j in 0..<k where q + j < T {
+                    var row = (0..<V).map { v -> Float in
+                        let i = ((b * T + q) * k + j) * V + v
+                        return cfg == 1 ? lc[i] : lu[i] + cfg * (lc[i] - lu[i])
+                    }
+                    let want = Sampler.choose(&row, options: SamplingOptions(topK: 1), uniform: 0)
+                    XCTAssertEqual(Int(s.trajectories[(b * T + q + j) * k + j]), want, "image \(b) step \(q) slot \(j)")
+                }
+                XCTAssertEqual(s.tokens[b * T + q], s.trajectories[(b * T + q) * k], "slot 0 of step p is the final token p")
+            }
+        }
+    }
+
+    func testCachedSamplingMatchesTheTeacherForcedModel() throws {
+        checkCachedMatchesUncached(try model(window: 1, depth: 0), cfg: 1)
+        checkCachedMatchesUncached(try model(window: 3, depth: 1), cfg: 1)
+        checkCachedMatchesUncached(try model(window: 3, depth: 2, residual: false), cfg: 2.5)
+    }
+
+    func testGreedyIsDeterministicAndSeedReproducesSampling() throws {
+        let m = try model(window: 2, depth: 1)
+        let s = Sampler(model: m)
+        let a = s.sample(labels: [1, 2], sampleIds: [0, 1], options: SamplingOptions(cfgScale: 1.5, topK: 1))
+        let b = s.sample(labels: [1, 2], sampleIds: [0, 1], options: SamplingOptions(cfgScale: 1.5, topK: 1, seed: 99))
+        XCTAssertEqual(a.tokens, b.tokens, "greedy ignores the seed")
+        let o = SamplingOptions(cfgScale: 1.5, temperature: 1.0, topK: 10, topP: 0.9, seed: 5)
+        let c1 = s.sample(labels: [1, 2], sampleIds: [0, 1], options: o), c2 = s.sample(labels: [1, 2], sampleIds: [0, 1], options: o)
+        XCTAssertEqual(c1.tokens, c2.tokens)
+        XCTAssertEqual(c1.trajectories, c2.trajectories)
+        // a sample does not depend on its batch-mates
+        let single = s.sample(labels: [2], sampleIds: [1], options: o)
+        XCTAssertEqual(single.tokens, Array(c1.tokens[9...]))
+        var o2 = o; o2.seed = 6
+        XCTAssertNotEqual(s.sample(labels: [1, 2], sampleIds: [0, 1], options: o2).tokens, c1.tokens)
+    }
+
+    func testFreshPluginWindowOneSamplesWhatTheBaseSamples() throws {
+        let base = try model(window: 1, depth: 0, seed: 3)
+        var c = base.config; c.window = 1; c.pluginDepth = 2
+        let plug = try Transformer(config: c)
+        plug.initialise(seed: 4)
+        for e in base.table.entries { plug.view(e.name).baseAddress!.update(from: base.view(e.name).baseAddress!, count: e.count) }
+        let o = SamplingOptions(cfgScale: 2, temperature: 1, topK: 0, topP: 1, seed: 8)
+        let a = Sampler(model: base).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: o)
+        let b = Sampler(model: plug).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: o)
+        XCTAssertEqual(a.tokens, b.tokens)
+    }
+
+    func testChooseRespectsTopKAndTopP() {
+        var logits: [Float] = [0, 5, 5, 1, -2]
+        XCTAssertEqual(Sampler.choose(&logits, options: SamplingOptions(topK: 1), uniform: 0.7), 1, "greedy tie goes to the lower index")
+        for u in stride(from: Float(0), to: 1, by: 0.05) {
+            var l = logits
+            let t = Sampler.choose(&l, options: SamplingOptions(topK: 2), uniform: u)
+            XCTAssertTrue(t == 1 || t == 2)
+            var l2: [Float] = [0, 10, 0, 0, 0]
+            XCTAssertEqual(Sampler.choose(&l2, options: SamplingOptions(topP: 0.5), uniform: u), 1, "top-p 0.5 keeps only the dominant token")
+        }
+    }
+}
