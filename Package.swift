@@ -35,7 +35,7 @@ let package = Package(
         .executableTarget(name: "tensorar-data", dependencies: ["TokenData", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-bench", dependencies: ["Training", argParser], swiftSettings: optimise),
         .testTarget(name: "KernelTests", dependencies: ["Kernels"], swiftSettings: lang),
-        .testTarget(name: "ModelTests", dependencies: ["ARModel"], resources: [.copy("Fixtures")], swiftSettings: lang),
+        .testTarget(name: "ModelTests", dependencies: ["ARModel"], exclude: ["Fixtures"], swiftSettings: lang),
         .testTarget(name: "DataTests", dependencies: ["TokenData"], swiftSettings: lang),
         .testTarget(name: "TrainingTests", dependencies: ["Training"], swiftSettings: lang),
     ]

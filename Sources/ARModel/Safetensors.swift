@@ -120,7 +120,7 @@ extension Transformer {
     /// Loads weights. The model shape comes from the `tensorar.config` metadata, or from
     /// `fallback` (a preset or flags) when the file has none (a converted LlamaGen checkpoint).
     /// Every tensor is checked against the config; extra tensors are an error too.
-    public static func load(_ path: String, fallback: ModelConfig? = nil) throws -> Transformer {
+    public static func load(_ path: String, fallback: ModelConfig? = nil, ignoring: [String] = []) throws -> Transformer {
         let st = try Safetensors.read(path)
         let config: ModelConfig
         if let json = st.metadata["tensorar.config"] {
@@ -134,7 +134,7 @@ extension Transformer {
         }
         try config.validate(source: "\(path) (tensorar.config)")
         let model = try Transformer(config: config)
-        try model.loadWeights(st)
+        try model.loadWeights(st, ignoring: ignoring)
         return model
     }
 
