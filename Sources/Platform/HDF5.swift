@@ -35,6 +35,17 @@ public struct HDF5StoredType: Equatable, CustomStringConvertible, Sendable {
     public let isFloat: Bool
     public let isSigned: Bool
     public let bytes: Int
+    public init(isFloat: Bool, isSigned: Bool, bytes: Int) { self.isFloat = isFloat; self.isSigned = isSigned; self.bytes = bytes }
+    /// How `kind` is stored by this wrapper (for comparing with `storedType(of:)`).
+    public init(_ kind: HDF5Kind) {
+        switch kind {
+        case .float32: self.init(isFloat: true, isSigned: true, bytes: 4)
+        case .int32: self.init(isFloat: false, isSigned: true, bytes: 4)
+        case .uint16: self.init(isFloat: false, isSigned: false, bytes: 2)
+        case .int64: self.init(isFloat: false, isSigned: true, bytes: 8)
+        case .uint8: self.init(isFloat: false, isSigned: false, bytes: 1)
+        }
+    }
     public var description: String { (isFloat ? "float" : (isSigned ? "int" : "uint")) + "\(bytes * 8)" }
 }
 
@@ -188,6 +199,32 @@ public final class HDF5File {
         }
     }
 
+    /// Reads the block `offset ..< offset + count` (one entry per axis) into raw memory, converting
+    /// to `kind`; e.g. one token row `codes[i, a, :]` is offset [i, a, 0], count [1, 1, T].
+    public func readSlab(_ name: String, kind: HDF5Kind, offset: [Int], count: [Int], into out: UnsafeMutableRawPointer) throws {
+        try HDF5File.locked {
+            let ds = H5Dopen2(id, name, tar_h5p_default())
+            guard ds >= 0 else { throw InputError(path, "no dataset '\(name)'") }
+            defer { H5Dclose(ds) }
+            let (fspace, dims) = try dataspace(ds, name)
+            defer { H5Sclose(fspace) }
+            let inside = offset.count == dims.count && count.count == dims.count
+                && zip(zip(offset, count), dims).allSatisfy { oc, d in oc.0 >= 0 && oc.1 >= 0 && oc.0 + oc.1 <= Int(d) }
+            guard inside else {
+                throw InputError(path, "block at \(offset) of size \(count) outside dataset '\(name)' of shape \(dims)")
+            }
+            if count.contains(0) { return }
+            var off = offset.map { hsize_t($0) }
+            var cnt = count.map { hsize_t($0) }
+            H5Sselect_hyperslab(fspace, H5S_SELECT_SET, &off, nil, &cnt, nil)
+            let mspace = H5Screate_simple(Int32(cnt.count), &cnt, nil)
+            defer { H5Sclose(mspace) }
+            if H5Dread(ds, nativeType(kind), mspace, fspace, tar_h5p_default(), out) < 0 {
+                throw InputError(path, "reading dataset '\(name)' failed (file truncated or damaged?)")
+            }
+        }
+    }
+
     /// Reads a whole dataset, converted to T.
     public func read<T: HDF5Scalar & Numeric>(_ name: String, as: T.Type = T.self) throws -> (values: [T], shape: [Int]) {
         let shape = try shape(of: name)
@@ -261,6 +298,7 @@ public final class HDF5File {
             try withObject(on) { obj in
                 guard H5Aexists(obj, name) > 0 else { throw InputError(path, "missing attribute '\(name)'") }
                 let a = H5Aopen(obj, name, tar_h5p_default())
+                guard a >= 0 else { throw InputError(path, "cannot open attribute '\(name)'") }
                 defer { H5Aclose(a) }
                 var v: Int64 = 0
                 if H5Aread(a, tar_h5t_native_int64(), &v) < 0 { throw InputError(path, "attribute '\(name)' is not an integer") }
@@ -274,6 +312,7 @@ public final class HDF5File {
             try withObject(on) { obj in
                 guard H5Aexists(obj, name) > 0 else { throw InputError(path, "missing attribute '\(name)'") }
                 let a = H5Aopen(obj, name, tar_h5p_default())
+                guard a >= 0 else { throw InputError(path, "cannot open attribute '\(name)'") }
                 defer { H5Aclose(a) }
                 let t = H5Aget_type(a)
                 defer { H5Tclose(t) }
