@@ -1,0 +1,73 @@
+import ArgumentParser
+import ARModel
+import Foundation
+import Platform
+import TokenData
+import Training
+
+/// Loss of a model over a token cache in evaluation mode (no dropout, no label drop):
+/// clean inputs (`--noise none`, the exact numerical check) or the training noise under a fixed
+/// seed (`--noise train`, the validation loss training logs). SPEC sections 3-4.
+@main
+struct Eval: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "tensorar-eval", abstract: "Evaluate a model's loss (total and per window slot) on a token cache.")
+
+    enum NoiseMode: String, ExpressibleByArgument, CaseIterable { case none, train }
+
+    @Option(help: "Weights (.safetensors) to evaluate.") var weights: String
+    @Option(help: "Token cache folder (SPEC section 7).") var data: String
+    @Option(help: "Model shape for a file without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")).") var preset: String?
+    @Option(help: "none: clean inputs; train: the training noise under a fixed seed.") var noise: NoiseMode = .none
+    @Option(help: "Noise type for --noise train: \(NoiseType.allCases.map(\.rawValue).joined(separator: ", ")).") var noiseType: String = "replace"
+    @Option(help: "Noise schedule for --noise train: \(NoiseSchedule.allCases.map(\.rawValue).joined(separator: ", ")).") var noiseSchedule: String = "sine"
+    @Option(help: "Seed of the validation noise.") var noiseSeed: UInt64 = 0
+    @Option(help: "Images per forward pass.") var batchSize = 32
+    @Option(help: "Evaluate only the first N samples.") var limit: Int?
+    @Flag(help: "Print one JSON object (and nothing else on stdout).") var json = false
+
+    func validate() throws {
+        if batchSize < 1 { throw ValidationError("--batch-size must be at least 1") }
+        if NoiseType(rawValue: noiseType) == nil { throw ValidationError("unknown --noise-type '\(noiseType)'") }
+        if NoiseSchedule(rawValue: noiseSchedule) == nil { throw ValidationError("unknown --noise-schedule '\(noiseSchedule)'") }
+    }
+
+    func run() throws {
+        BLAS.ensureBestKernel()
+        do { try evaluate() } catch let e as InputError {
+            FileHandle.standardError.write("error: \(e)\n".data(using: .utf8)!)
+            throw ExitCode(2)
+        }
+    }
+
+    func evaluate() throws {
+        let log: (String) -> Void = { s in FileHandle.standardError.write((s + "\n").data(using: .utf8)!) }
+        log(BLAS.describe())
+        let cache = try TokenCache(directory: data)
+        let fallback = try preset.map {
+            try ModelConfig.preset($0, vocabSize: cache.info.vocabSize, numClasses: cache.info.numClasses, gridSize: cache.info.gridH)
+        }
+        let model = try Transformer.load(weights, fallback: fallback)
+        try checkDataMatchesModel(cache.info, model.config, cachePath: data)
+        let lossNoise: LossNoise?
+        if noise == .train {
+            lossNoise = LossNoise(noiser: TensorNoiser(type: NoiseType(rawValue: noiseType)!, schedule: NoiseSchedule(rawValue: noiseSchedule)!, window: model.config.window, vocabSize: model.config.vocabSize), seed: noiseSeed)
+        } else { lossNoise = nil }
+        let range = validationShard(cache: cache, limit: limit, rank: 0, worldSize: 1)
+        let t0 = Date()
+        let report = try evaluateLoss(model: model, cache: cache, range: range, batchSize: batchSize, noise: lossNoise) { done in
+            if !json || isatty(2) != 0 { FileHandle.standardError.write("\r  evaluated \(done)/\(range.count) samples".data(using: .utf8)!) }
+        }
+        FileHandle.standardError.write("\n".data(using: .utf8)!)
+        let out: [String: Any] = [
+            "loss": report.loss, "slot_losses": report.slotLosses, "samples": range.count, "tokens": report.tokens,
+            "noise": noise.rawValue, "weights": weights, "data": data, "seconds": Date().timeIntervalSince(t0),
+            "config": try JSONSerialization.jsonObject(with: Data(model.config.jsonString().utf8)),
+        ]
+        if json {
+            print(String(data: try JSONSerialization.data(withJSONObject: out, options: [.sortedKeys]), encoding: .utf8)!)
+        } else {
+            print(String(format: "loss %.5f over %d samples (%d tokens), noise %@", report.loss, range.count, report.tokens, noise.rawValue))
+            for (j, l) in report.slotLosses.enumerated() { print(String(format: "  slot %d: %.5f", j, l)) }
+        }
+    }
+}
