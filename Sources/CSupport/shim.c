@@ -23,6 +23,7 @@ MPI_Op tar_mpi_min(void) { return MPI_MIN; }
 void *tar_mpi_in_place(void) { return MPI_IN_PLACE; }
 int tar_mpi_thread_multiple(void) { return MPI_THREAD_MULTIPLE; }
 int tar_mpi_thread_serialized(void) { return MPI_THREAD_SERIALIZED; }
+MPI_Errhandler tar_mpi_errors_return(void) { return MPI_ERRORS_RETURN; }
 
 hid_t tar_h5t_native_float(void) { return H5T_NATIVE_FLOAT; }
 hid_t tar_h5t_native_int32(void) { return H5T_NATIVE_INT32; }

@@ -30,6 +30,8 @@ MPI_Op tar_mpi_min(void);
 void *tar_mpi_in_place(void);
 int tar_mpi_thread_multiple(void);
 int tar_mpi_thread_serialized(void);
+/// MPI_ERRORS_RETURN: makes MPI calls return error codes instead of aborting, so Swift can throw.
+MPI_Errhandler tar_mpi_errors_return(void);
 
 // HDF5 type and property ids are macros that call H5open().
 hid_t tar_h5t_native_float(void);

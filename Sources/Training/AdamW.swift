@@ -1,0 +1,197 @@
+import ARModel
+import Foundation
+import Kernels
+
+/// One value per parameter group (SPEC section 3: everything of section 2 is "base", the
+/// plug-in is "plugin").
+public struct PerGroup<T> {
+    public var base: T
+    public var plugin: T
+    public init(base: T, plugin: T) { self.base = base; self.plugin = plugin }
+    public subscript(_ g: ParameterGroup) -> T {
+        get { g == .base ? base : plugin }
+        set { if g == .base { base = newValue } else { plugin = newValue } }
+    }
+    public static var groups: [ParameterGroup] { [.base, .plugin] }
+}
+extension PerGroup: Equatable where T: Equatable {}
+extension PerGroup: Sendable where T: Sendable {}
+
+/// AdamW hyper-parameters (SPEC section 6 defaults).
+public struct AdamWSettings: Equatable, Sendable {
+    public var beta1: Float = 0.9
+    public var beta2: Float = 0.95
+    public var eps: Float = 1e-8
+    public var weightDecay: Float = 0.05
+    public init(beta1: Float = 0.9, beta2: Float = 0.95, eps: Float = 1e-8, weightDecay: Float = 0.05) {
+        self.beta1 = beta1; self.beta2 = beta2; self.eps = eps; self.weightDecay = weightDecay
+    }
+}
+
+/// What one optimizer step did.
+public struct AdamWStepResult: Equatable, Sendable {
+    /// Global L2 norm of the gradients of the trained groups, before clipping (computed in Double).
+    public var gradNorm: Double
+    /// The factor the gradients were multiplied by: min(1, clip / (norm + 1e-6)), or 1 without clipping.
+    public var clipScale: Float
+    /// False when the norm was NaN or infinite: nothing was changed (parameters, moments, step
+    /// counts), and the caller should skip the step (and count such skips).
+    public var applied: Bool
+}
+
+/// AdamW exactly as PyTorch's `torch.optim.AdamW` computes it (SPEC section 6), over the flat
+/// parameter buffer, with two groups each stepped at its own learning rate:
+///
+///     p *= 1 - lr * wd                        (decoupled decay; matrices only: entry.isMatrix)
+///     m  = b1 m + (1 - b1) g
+///     v  = b2 v + (1 - b2) g^2
+///     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+///
+/// with `g` the clipped gradient and `t` the group's step count (1 on the first update).
+///
+/// A group that is not trainable (its learning rate is 0 for the whole run: frozen) has no
+/// moments at all and is never written, so its parameters stay bit-identical. Because the two
+/// groups are contiguous and together cover the buffer, the trained groups are one contiguous
+/// flat range, `momentRange`; `m` and `v` hold exactly that range (index `i - momentRange.lowerBound`).
+public final class AdamW {
+    public let table: ParameterTable
+    public let settings: AdamWSettings
+    public let trainable: PerGroup<Bool>
+    /// Flat parameter range [start, end) that has moments: the union of the trained groups.
+    public let momentRange: Range<Int>
+    /// First moments, `momentRange.count` floats.
+    public let m: FlatBuffer
+    /// Second moments, `momentRange.count` floats.
+    public let v: FlatBuffer
+    /// Updates applied so far, per group (0 for a frozen group). Bias correction uses these.
+    public private(set) var steps: PerGroup<Int>
+    /// Threads for the update loop (1: the calling thread only). Under `mpirun` each rank owns a
+    /// core; raise it when a rank has several.
+    public var threads: Int = 1
+
+    /// Runs of consecutive parameters with the same group and the same decay rule, so the update
+    /// loop sees a few long ranges instead of hundreds of small entries.
+    private struct Segment { let range: Range<Int>; let group: ParameterGroup; let decay: Bool }
+    private let segments: [Segment]
+
+    public init(table: ParameterTable, settings: AdamWSettings = AdamWSettings(), trainable: PerGroup<Bool>) {
+        self.table = table
+        self.settings = settings
+        self.trainable = trainable
+        steps = PerGroup(base: 0, plugin: 0)
+        var ranges = PerGroup<Range<Int>>.groups.filter { trainable[$0] }.map { table.range(of: $0) }.filter { !$0.isEmpty }
+        ranges.sort { $0.lowerBound < $1.lowerBound }
+        if let first = ranges.first, let last = ranges.last {
+            momentRange = first.lowerBound..<last.upperBound
+            precondition(ranges.reduce(0) { $0 + $1.count } == momentRange.count, "trained parameter groups are not contiguous")
+        } else {
+            momentRange = 0..<0
+        }
+        m = FlatBuffer(count: momentRange.count)
+        v = FlatBuffer(count: momentRange.count)
+        var segs: [Segment] = []
+        for e in table.entries where trainable[e.group] && e.count > 0 {
+            let r = e.offset..<(e.offset + e.count)
+            if let last = segs.last, last.group == e.group, last.decay == e.isMatrix, last.range.upperBound == r.lowerBound {
+                segs[segs.count - 1] = Segment(range: last.range.lowerBound..<r.upperBound, group: e.group, decay: e.isMatrix)
+            } else {
+                segs.append(Segment(range: r, group: e.group, decay: e.isMatrix))
+            }
+        }
+        segments = segs
+    }
+
+    /// Whether a group keeps moments (it is trained).
+    public func hasMoments(_ g: ParameterGroup) -> Bool { trainable[g] }
+
+    /// Sets the step counts after loading a checkpoint (moments are loaded into `m`/`v` directly).
+    public func restore(steps: PerGroup<Int>) {
+        for g in PerGroup<Int>.groups { precondition(trainable[g] || steps[g] == 0, "a frozen group has no steps") }
+        self.steps = steps
+    }
+
+    /// Global L2 norm of the trained groups' gradients, accumulated in Double. A frozen group's
+    /// gradients are ignored (as PyTorch's clip_grad_norm_ skips parameters without gradients).
+    public func gradientNorm(_ grads: FlatBuffer) -> Double {
+        precondition(grads.count == table.total, "gradient buffer has \(grads.count) floats, the table \(table.total)")
+        let g = grads.base
+        var i = momentRange.lowerBound
+        let end = momentRange.upperBound
+        // Four independent accumulators: Swift does not reassociate floating point, so a single
+        // one would serialise on the add latency.
+        var s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0
+        while i + 4 <= end {
+            let a = Double(g[i]), b = Double(g[i + 1]), c = Double(g[i + 2]), d = Double(g[i + 3])
+            s0 += a * a; s1 += b * b; s2 += c * c; s3 += d * d
+            i += 4
+        }
+        while i < end { let a = Double(g[i]); s0 += a * a; i += 1 }
+        return ((s0 + s1) + (s2 + s3)).squareRoot()
+    }
+
+    /// One update of both groups. `lr` is each group's rate for this update (from its schedule);
+    /// a frozen group's must be 0. `clip` is the maximum global norm (nil or <= 0: no clipping).
+    /// The gradient buffer is read, never written: clipping is folded into the update.
+    @discardableResult
+    public func step(params: FlatBuffer, grads: FlatBuffer, lr: PerGroup<Float>, clip: Float?) -> AdamWStepResult {
+        precondition(params.count == table.total && grads.count == table.total,
+                     "buffers hold \(params.count) / \(grads.count) floats, the table \(table.total)")
+        for g in PerGroup<Float>.groups where !trainable[g] {
+            precondition(lr[g] == 0, "group \(g) was frozen when the optimizer was built but got lr \(lr[g])")
+        }
+        let norm = gradientNorm(grads)
+        guard norm.isFinite else { return AdamWStepResult(gradNorm: norm, clipScale: 1, applied: false) }
+        var scale: Float = 1
+        if let clip, clip > 0 { scale = Float(min(1, Double(clip) / (norm + 1e-6))) }
+
+        // Per-group constants, in Double where powers are taken.
+        struct Constants { var decay: Float; var stepSize: Float; var invSqrtBC2: Float }
+        var constants = PerGroup(base: Constants(decay: 1, stepSize: 0, invSqrtBC2: 1), plugin: Constants(decay: 1, stepSize: 0, invSqrtBC2: 1))
+        for g in PerGroup<Float>.groups where trainable[g] {
+            steps[g] += 1
+            let t = Double(steps[g])
+            let bc1 = 1 - pow(Double(settings.beta1), t)
+            let bc2 = 1 - pow(Double(settings.beta2), t)
+            constants[g] = Constants(
+                decay: Float(1 - Double(lr[g]) * Double(settings.weightDecay)),
+                stepSize: Float(Double(lr[g]) / bc1),
+                invSqrtBC2: Float(1 / bc2.squareRoot()))
+        }
+
+        let work = momentRange
+        let chunks = max(1, min(threads, work.count / 65536))
+        let p = params.base, g = grads.base, mb = m.base - work.lowerBound, vb = v.base - work.lowerBound
+        let s = settings
+        let run = { (chunk: Int) in
+            let lo = work.lowerBound + work.count * chunk / chunks
+            let hi = work.lowerBound + work.count * (chunk + 1) / chunks
+            for seg in self.segments where seg.range.upperBound > lo && seg.range.lowerBound < hi {
+                let c = constants[seg.group]
+                let from = max(lo, seg.range.lowerBound), to = min(hi, seg.range.upperBound)
+                AdamW.update(p + from, g + from, mb + from, vb + from, count: to - from,
+                             decay: seg.decay ? c.decay : 1, gradScale: scale, beta1: s.beta1, beta2: s.beta2,
+                             stepSize: c.stepSize, invSqrtBC2: c.invSqrtBC2, eps: s.eps)
+            }
+        }
+        if chunks == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: chunks, execute: run) }
+        return AdamWStepResult(gradNorm: norm, clipScale: scale, applied: true)
+    }
+
+    /// The inner loop: one pass over `count` parameters, reading each gradient once.
+    @inline(__always)
+    private static func update(
+        _ p: UnsafeMutablePointer<Float>, _ g: UnsafeMutablePointer<Float>, _ m: UnsafeMutablePointer<Float>,
+        _ v: UnsafeMutablePointer<Float>, count: Int, decay: Float, gradScale: Float, beta1: Float, beta2: Float,
+        stepSize: Float, invSqrtBC2: Float, eps: Float
+    ) {
+        let a1 = 1 - beta1, a2 = 1 - beta2
+        for i in 0..<count {
+            let gi = g[i] * gradScale
+            let mi = beta1 * m[i] + a1 * gi
+            let vi = beta2 * v[i] + a2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] = p[i] * decay - stepSize * mi / (vi.squareRoot() * invSqrtBC2 + eps)
+        }
+    }
+}

@@ -1,0 +1,245 @@
+import Foundation
+import Kernels
+import Platform
+
+/// Averages the gradient buffer across data-parallel ranks, in fixed buckets of the flat buffer
+/// (TOOLCHAIN.md: 25 MB blocking buckets beat one large allreduce).
+///
+/// One step, the same calls on every rank:
+///
+///     sync.begin(grads)               // after the last micro-batch's forward, before its backward
+///     sync.markReady(range) ...       // from backward, as each parameter's gradient is final
+///     let timings = try sync.finish() // before the optimizer step
+///
+/// - `blocking`: `markReady` only records; `finish()` allreduces every bucket in order.
+/// - `overlapped`: a dedicated communication thread owns the gradient MPI calls (Iallreduce makes
+///   no progress without one, TOOLCHAIN.md). A bucket is handed to it as soon as all its elements
+///   are marked ready, and it runs a blocking allreduce on it while backward continues.
+///   `finish()` hands over any buckets never marked (in index order) and waits for all.
+///
+/// Rules: each element is marked at most once per step, and all ranks must mark the same ranges
+/// in the same order (the same backward code does), because buckets are reduced in the order they
+/// complete. Backward must not write to an element after marking it, so with gradient
+/// accumulation call `begin` on the last micro-batch only. The thread uses its own duplicate of
+/// the communicator, so the main thread may run other collectives meanwhile (with
+/// MPI_THREAD_MULTIPLE; at a lower level overlapped mode falls back to blocking, see `note`).
+///
+/// Afterwards every element is `sum over ranks * scale`, scale 1/worldSize unless given.
+/// If an allreduce fails, the remaining buckets are skipped and `finish()` throws; the ranks are
+/// then out of step and the caller should end the job (`MPI.abort`).
+public final class GradientSync {
+    public enum Mode: String, Codable, Sendable { case blocking, overlapped }
+
+    /// Time spent in one step (or summed over steps in `total`).
+    public struct Timings: Equatable, Sendable {
+        /// Time the caller sat in `finish()` waiting for communication (the exposed cost).
+        public var waitSeconds: Double = 0
+        /// Time spent inside allreduce calls (and scaling), overlapped or not.
+        public var commSeconds: Double = 0
+        public var buckets: Int = 0
+        public init() {}
+    }
+
+    public let count: Int
+    public let bucketElements: Int
+    /// The fixed bucket layout: consecutive ranges of `bucketElements` (the last one shorter).
+    public let buckets: [Range<Int>]
+    /// The mode in effect (overlapped may have fallen back to blocking, see `note`).
+    public let mode: Mode
+    /// Why the requested mode was changed, for the start-up log; nil if it was not.
+    public let note: String?
+    /// Sums over all steps since creation.
+    public private(set) var total = Timings()
+
+    private let communicator: Communicator
+    private let worker: Worker?
+    // Per-step state of the calling thread.
+    private var grads: FlatBuffer?
+    private var scale: Float = 1
+    /// Elements of each bucket not yet marked; 0 once the bucket is handed over.
+    private var remaining: [Int] = []
+
+    /// - Parameters:
+    ///   - count: floats in the gradient buffer.
+    ///   - bucketMB: bucket size in MB (10^6 bytes) of Float32; 25 is a good default.
+    public convenience init(communicator: Communicator, count: Int, bucketMB: Double, mode: Mode) throws {
+        precondition(bucketMB > 0, "bucket size must be positive")
+        try self.init(communicator: communicator, count: count, bucketElements: max(1, Int(bucketMB * 1e6 / 4)), mode: mode)
+    }
+
+    /// The same with the bucket size in floats. Collective when overlapped on several ranks
+    /// (it duplicates the communicator): every rank must create it, in the same order.
+    public init(communicator: Communicator, count: Int, bucketElements size: Int, mode: Mode) throws {
+        precondition(size > 0, "bucket size must be positive")
+        self.count = count
+        bucketElements = size
+        buckets = stride(from: 0, to: count, by: size).map { $0..<min(count, $0 + size) }
+        var mode = mode
+        var note: String? = nil
+        if mode == .overlapped && communicator.size == 1 {
+            mode = .blocking; note = "one rank: no gradient communication to overlap"
+        } else if mode == .overlapped && communicator.usesMPI && MPI.threadLevel < .serialized {
+            mode = .blocking
+            note = "MPI granted only \(MPI.threadLevel); overlapped gradient sync needs a communication thread, using blocking"
+        } else if mode == .overlapped && MPI.threadLevel < .multiple {
+            note = "MPI granted \(MPI.threadLevel): do not run MPI calls on other threads between begin() and finish()"
+        }
+        self.mode = mode
+        self.note = note
+        if mode == .overlapped {
+            self.communicator = try communicator.duplicate()
+            worker = Worker(communicator: self.communicator)
+        } else {
+            self.communicator = communicator
+            worker = nil
+        }
+    }
+
+    deinit { worker?.stop() }
+
+    /// Starts a step on `grads` (every rank, same order as all other collectives).
+    public func begin(_ grads: FlatBuffer, scale: Float? = nil) {
+        precondition(grads.count == count, "gradient buffer has \(grads.count) floats, expected \(count)")
+        precondition(self.grads == nil, "begin() called twice without finish()")
+        self.grads = grads
+        self.scale = scale ?? 1 / Float(communicator.size)
+        remaining = buckets.map(\.count)
+        worker?.start(grads: grads, scale: self.scale)
+    }
+
+    /// Marks `range` of the gradient buffer final. In overlapped mode, each bucket this completes
+    /// goes to the communication thread at once.
+    public func markReady(_ range: Range<Int>) {
+        precondition(grads != nil, "markReady() outside begin()/finish()")
+        precondition(range.lowerBound >= 0 && range.upperBound <= count, "range \(range) outside 0..<\(count)")
+        if range.isEmpty { return }
+        let first = range.lowerBound / bucketElements, last = (range.upperBound - 1) / bucketElements
+        for b in first...last {
+            let overlap = min(range.upperBound, buckets[b].upperBound) - max(range.lowerBound, buckets[b].lowerBound)
+            precondition(remaining[b] >= overlap, "bucket \(b) marked ready twice (range \(range))")
+            remaining[b] -= overlap
+            if remaining[b] == 0, let worker { worker.enqueue(b, range: buckets[b]) }
+        }
+    }
+
+    /// Completes the step: reduces whatever is left and waits for all buckets. Throws the first
+    /// MPI error of the step.
+    @discardableResult
+    public func finish() throws -> Timings {
+        guard let grads else { preconditionFailure("finish() without begin()") }
+        defer { self.grads = nil }
+        let t0 = monotonicSeconds()
+        var step = Timings()
+        step.buckets = buckets.count
+        if let worker {
+            for b in buckets.indices where remaining[b] > 0 {
+                remaining[b] = 0
+                worker.enqueue(b, range: buckets[b])
+            }
+            let (comm, error) = worker.waitAll(buckets.count)
+            step.commSeconds = comm
+            step.waitSeconds = monotonicSeconds() - t0
+            accumulate(step)
+            if let error { throw error }
+        } else {
+            for r in buckets { try GradientSync.reduce(grads, r, scale: scale, communicator) }
+            step.commSeconds = monotonicSeconds() - t0
+            step.waitSeconds = step.commSeconds
+            accumulate(step)
+        }
+        return step
+    }
+
+    /// begin + finish in one call: blocking average of the whole buffer.
+    @discardableResult
+    public func allreduce(_ grads: FlatBuffer, scale: Float? = nil) throws -> Timings {
+        begin(grads, scale: scale)
+        return try finish()
+    }
+
+    private func accumulate(_ s: Timings) {
+        total.waitSeconds += s.waitSeconds; total.commSeconds += s.commSeconds; total.buckets += s.buckets
+    }
+
+    /// Allreduce one bucket in place, then scale it.
+    static func reduce(_ grads: FlatBuffer, _ r: Range<Int>, scale: Float, _ comm: Communicator) throws {
+        let p = grads.base + r.lowerBound
+        if comm.size > 1 { try comm.allreduce(p, count: r.count, op: .sum) }
+        if scale != 1 { for i in 0..<r.count { p[i] *= scale } }
+    }
+
+    /// The communication thread and its queue. Separate from GradientSync so the thread's closure
+    /// does not keep the GradientSync alive.
+    private final class Worker {
+        let communicator: Communicator
+        let cond = NSCondition()
+        var queue: [(Int, Range<Int>)] = []
+        var head = 0
+        var done = 0
+        var commSeconds = 0.0
+        var error: Error?
+        var grads: FlatBuffer?
+        var scale: Float = 1
+        var stopping = false
+
+        init(communicator: Communicator) {
+            self.communicator = communicator
+            let t = Thread { [self] in self.loop() }
+            t.name = "gradient-sync"
+            t.start()
+        }
+
+        func start(grads: FlatBuffer, scale: Float) {
+            cond.lock()
+            self.grads = grads; self.scale = scale
+            queue.removeAll(keepingCapacity: true); head = 0; done = 0; commSeconds = 0; error = nil
+            cond.unlock()
+        }
+
+        func enqueue(_ bucket: Int, range: Range<Int>) {
+            cond.lock()
+            queue.append((bucket, range))
+            cond.broadcast()
+            cond.unlock()
+        }
+
+        func waitAll(_ n: Int) -> (Double, Error?) {
+            cond.lock()
+            while done < n { cond.wait() }
+            let result = (commSeconds, error)
+            grads = nil
+            cond.unlock()
+            return result
+        }
+
+        func stop() {
+            cond.lock(); stopping = true; cond.broadcast(); cond.unlock()
+        }
+
+        private func loop() {
+            while true {
+                cond.lock()
+                while head == queue.count && !stopping { cond.wait() }
+                if head == queue.count && stopping { cond.unlock(); return }
+                let (_, range) = queue[head]
+                head += 1
+                let g = grads!, s = scale, failed = error != nil
+                cond.unlock()
+
+                let t0 = monotonicSeconds()
+                var err: Error? = nil
+                if !failed {
+                    do { try GradientSync.reduce(g, range, scale: s, communicator) } catch { err = error }
+                }
+                let dt = monotonicSeconds() - t0
+
+                cond.lock()
+                if error == nil { error = err }
+                commSeconds += dt
+                done += 1
+                cond.broadcast()
+                cond.unlock()
+            }
+        }
+    }
+}

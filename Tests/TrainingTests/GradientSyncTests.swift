@@ -1,0 +1,126 @@
+import Foundation
+import Kernels
+import Platform
+import XCTest
+@testable import Training
+
+/// Gradient averaging across real MPI ranks. The driver (`GradientSyncTests`) starts this same
+/// test binary under `mpirun -n W`, running only `GradientSyncMPIWorker`; each rank checks the
+/// results and a failing check makes that rank, and so `mpirun`, exit non-zero. The driver
+/// process itself never initialises MPI (a process can do so once).
+final class GradientSyncTests: XCTestCase {
+    func testSingletonWithoutMPIRun() throws { try runWorkers(ranks: nil) }
+    func testTwoRanks() throws { try runWorkers(ranks: 2) }
+    func testThreeRanks() throws { try runWorkers(ranks: 3) }
+
+    /// One rank without MPI at all (`Communicator.solo`): only the scaling happens.
+    func testSoloCommunicator() throws {
+        let g = FlatBuffer(count: 10)
+        for i in 0..<10 { g[i] = Float(i) }
+        let sync = try GradientSync(communicator: .solo, count: 10, bucketElements: 3, mode: .overlapped)
+        XCTAssertEqual(sync.mode, .blocking)  // nothing to overlap with one rank
+        XCTAssertEqual(sync.buckets, [0..<3, 3..<6, 6..<9, 9..<10])
+        try sync.allreduce(g, scale: 0.5)
+        XCTAssertEqual(g.array, (0..<10).map { Float($0) * 0.5 })
+        try sync.allreduce(g)  // default scale 1/worldSize = 1
+        XCTAssertEqual(g.array, (0..<10).map { Float($0) * 0.5 })
+    }
+
+    private func runWorkers(ranks: Int?, file: StaticString = #filePath, line: UInt = #line) throws {
+        let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
+        guard exe.hasSuffix(".xctest") else { throw XCTSkip("not running from an .xctest binary (\(exe)); cannot start MPI workers") }
+        let filter = "TrainingTests.GradientSyncMPIWorker/testWorker"
+        var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("OMPI_") && !$0.key.hasPrefix("PMIX_") }
+        env["TENSORAR_MPI_WORKER"] = "1"
+        env["TENSORAR_MPI_EXPECT_SIZE"] = String(ranks ?? 1)
+        let p = Process()
+        if let ranks {
+            guard let mpirun = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+                throw XCTSkip("mpirun not found (install openmpi-bin)")
+            }
+            p.executableURL = URL(fileURLWithPath: mpirun)
+            p.arguments = ["--allow-run-as-root", "--oversubscribe", "-n", String(ranks), exe, filter]
+        } else {
+            p.executableURL = URL(fileURLWithPath: exe)
+            p.arguments = [filter]
+        }
+        p.environment = env
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        let text = String(decoding: data, as: UTF8.self)
+        XCTAssertEqual(p.terminationStatus, 0, "MPI workers (\(ranks.map { "\($0) ranks" } ?? "singleton")) failed:\n\(text)", file: file, line: line)
+        // Each rank must have reached the end, not skipped.
+        let passed = text.components(separatedBy: "GradientSyncMPIWorker.testWorker' passed").count - 1
+        XCTAssertEqual(passed, ranks ?? 1, "expected every rank to pass:\n\(text)", file: file, line: line)
+    }
+}
+
+/// Runs inside each rank started by `GradientSyncTests`; skipped in a normal test run.
+final class GradientSyncMPIWorker: XCTestCase {
+    func testWorker() throws {
+        let env = ProcessInfo.processInfo.environment
+        guard env["TENSORAR_MPI_WORKER"] != nil else { throw XCTSkip("runs only inside ranks started by GradientSyncTests") }
+        let comm = try MPI.initialize()
+        defer { try? MPI.finalize() }
+        let W = comm.size, r = comm.rank
+        XCTAssertEqual(W, Int(env["TENSORAR_MPI_EXPECT_SIZE"] ?? "") ?? -1)
+        XCTAssertEqual(MPI.isUnderMPIRun, W > 1 || env["OMPI_COMM_WORLD_SIZE"] != nil)
+        XCTAssertEqual(MPI.threadLevel, .multiple)
+        XCTAssertTrue(comm === (try MPI.initialize()), "initialize() returns the same world communicator")
+
+        // The Communicator's collectives.
+        try comm.barrier()
+        XCTAssertEqual(try comm.broadcast(r == 0 ? Array("hello".utf8) : [1, 2], root: 0), Array("hello".utf8))
+        XCTAssertEqual(try comm.allgather([Int64(r), Int64(10 * r)]), (0..<W).map { [Int64($0), Int64(10 * $0)] })
+        XCTAssertEqual(try comm.allreduce(Double(r) + 0.5), Double(W * (W - 1)) / 2 + 0.5 * Double(W))
+        XCTAssertEqual(try comm.allreduce(Int64(r), op: .max), Int64(W - 1))
+        XCTAssertEqual(try comm.allreduce(Int64(r), op: .min), 0)
+        var f: [Float] = [Float(r), 1]
+        try comm.allreduce(&f)
+        XCTAssertEqual(f, [Float(W * (W - 1) / 2), Float(W)])
+
+        // Gradient averaging: both modes, bucket sizes that do not divide the buffer, two steps
+        // each with the same GradientSync. Values are small integers, so sums are exact and the
+        // result must equal Float(sum) * (1/W) bit for bit.
+        for count in [1, 1000, 12_345] {
+            for bucket in [7, 100, 4096, 20_000] {
+                for mode in [GradientSync.Mode.blocking, .overlapped] {
+                    let sync = try GradientSync(communicator: comm, count: count, bucketElements: bucket, mode: mode)
+                    XCTAssertEqual(sync.mode, W > 1 ? mode : .blocking)
+                    for step in 0..<2 {
+                        let g = FlatBuffer(count: count)
+                        func value(_ rank: Int, _ i: Int) -> Float { Float((rank + 1) * ((i * 7 + step) % 11) - 5 * rank) }
+                        for i in 0..<count { g[i] = value(r, i) }
+                        let scale: Float? = step == 0 ? nil : 1  // step 1: plain sum
+                        sync.begin(g, scale: scale)
+                        // "Backward": chunks of 37 from the end, each marked in two pieces; the
+                        // first 100 elements are never marked (finish() must reduce them).
+                        var hi = count
+                        while hi > min(100, count) {
+                            let lo = max(min(100, count), hi - 37), mid = (lo + hi) / 2
+                            sync.markReady(mid..<hi)
+                            sync.markReady(lo..<mid)
+                            hi = lo
+                        }
+                        let t = try sync.finish()
+                        XCTAssertEqual(t.buckets, sync.buckets.count)
+                        XCTAssertGreaterThanOrEqual(t.commSeconds, 0)
+                        let s = scale ?? 1 / Float(W)
+                        for i in 0..<count {
+                            let sum = (0..<W).reduce(Float(0)) { $0 + value($1, i) }
+                            if g[i] != sum * s {
+                                XCTFail("rank \(r) \(mode) count \(count) bucket \(bucket) step \(step): [\(i)] = \(g[i]), expected \(sum * s)")
+                                break
+                            }
+                        }
+                    }
+                    XCTAssertEqual(sync.total.buckets, 2 * sync.buckets.count)
+                }
+            }
+        }
+    }
+}
