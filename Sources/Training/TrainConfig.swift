@@ -1,0 +1,516 @@
+import ARModel
+import Foundation
+import Platform
+import Yams
+
+// The trainer's configuration, nanoGPT style: every default is here, grouped by section, with a
+// one-line comment; a YAML file overrides a few of them; `--set section.key=value` flags override
+// the file. Unknown keys are errors that name the key and where it came from. The resolved
+// config is printed at start-up and saved in every checkpoint manifest (SPEC section 7).
+
+/// A string-valued choice in the config; a bad value's error lists the allowed ones.
+public protocol ConfigChoice: RawRepresentable, CaseIterable, Codable where RawValue == String {}
+extension ConfigChoice {
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        let s = try c.decode(String.self)
+        guard let v = Self(rawValue: s) else {
+            throw DecodingError.dataCorruptedError(
+                in: c, debugDescription: "expected one of: \(Self.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        self = v
+    }
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.singleValueContainer()
+        try c.encode(rawValue)
+    }
+}
+
+/// SPEC section 4 noise types.
+public enum NoiseType: String, ConfigChoice, Sendable { case replace, discrete, continuous, none }
+/// SPEC section 4 noise strength schedules gamma(u).
+public enum NoiseSchedule: String, ConfigChoice, Sendable { case sine, linear, sqrt, exponential }
+/// Which embedding `discrete` noise measures similarity in (SPEC section 4).
+public enum NoiseEmbedding: String, ConfigChoice, Sendable { case model, codebook }
+extension ScheduleKind: ConfigChoice {}
+
+/// A thread count that may be left to the program: `auto` or a positive number.
+public enum ThreadCount: Codable, Equatable, Sendable, CustomStringConvertible {
+    case auto
+    case count(Int)
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if let n = try? c.decode(Int.self) { self = .count(n); return }
+        if let s = try? c.decode(String.self), s == "auto" { self = .auto; return }
+        throw DecodingError.dataCorruptedError(in: c, debugDescription: "expected 'auto' or a number of threads")
+    }
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.singleValueContainer()
+        switch self {
+        case .auto: try c.encode("auto")
+        case .count(let n): try c.encode(n)
+        }
+    }
+    public var description: String {
+        switch self {
+        case .auto: return "auto"
+        case .count(let n): return String(n)
+        }
+    }
+    /// The number to use: `auto` shares the machine's cores evenly between the ranks on it.
+    public func resolve(ranksOnNode: Int, cores: Int = ProcessInfo.processInfo.activeProcessorCount) -> Int {
+        switch self {
+        case .auto: return max(1, cores / max(1, ranksOnNode))
+        case .count(let n): return max(1, n)
+        }
+    }
+}
+
+public struct TrainConfig: Codable, Equatable {
+    public var model = ModelSection()
+    public var noise = NoiseSection()
+    public var loss = LossSection()
+    public var data = DataSection()
+    public var optim = OptimSection()
+    public var train = TrainSection()
+    public var dist = DistSection()
+    public var checkpoint = CheckpointSection()
+
+    public init() {}
+
+    enum CodingKeys: String, CodingKey, CaseIterable {
+        case model, noise, loss, data, optim, train, dist, checkpoint
+    }
+
+    /// The model's shape (SPEC sections 2-3). Vocabulary, classes and grid come from the dataset.
+    public struct ModelSection: Codable, Equatable {
+        public var preset: String? = "small"   // size preset: tiny, small, B, L, XL, XXL; the fields below override it
+        public var dim: Int? = nil             // D, model width (overrides the preset's)
+        public var nLayer: Int? = nil          // L, transformer blocks
+        public var nHead: Int? = nil           // NH, attention heads
+        public var ffnHidden: Int? = nil       // F, feed-forward width; default from dim (SPEC 2)
+        public var window: Int = 4             // k, tokens per tensor (SPEC 3)
+        public var pluginDepth: Int = 2        // d, plug-in encoder and decoder blocks; 0 = plain base model
+        public var residual: Bool = true       // residual plug-in (proj starts at zero: a fresh plug-in is the base model)
+        public var initFrom: String? = nil     // safetensors weights to start from (e.g. a converted LlamaGen checkpoint)
+        public init() {}
+        enum CodingKeys: String, CodingKey, CaseIterable {
+            case preset, dim, nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", window
+            case pluginDepth = "plugin_depth", residual, initFrom = "init_from"
+        }
+    }
+
+    /// Discrete tensor noising of the plug-in's inputs (SPEC section 4).
+    public struct NoiseSection: Codable, Equatable {
+        public var type: NoiseType = .replace             // replace | discrete | continuous | none
+        public var schedule: NoiseSchedule = .sine        // beta_j = gamma(j / k): sine | linear | sqrt | exponential
+        public var embedding: NoiseEmbedding = .model     // discrete noise's embedding: model | codebook
+        public init() {}
+        enum CodingKeys: String, CodingKey, CaseIterable { case type, schedule, embedding }
+    }
+
+    /// The loss over the k slots (SPEC section 3).
+    public struct LossSection: Codable, Equatable {
+        public var slotWeights: [Double]? = nil   // w_j for the k slots; default all 1
+        public init() {}
+        enum CodingKeys: String, CodingKey, CaseIterable { case slotWeights = "slot_weights" }
+    }
+
+    /// Token caches (SPEC section 7) written by `tensorar-data`.
+    public struct DataSection: Codable, Equatable {
+        public var train: String = "Data/fashion-mnist/train"   // training token cache folder
+        public var val: String? = nil                           // validation token cache folder; none: no validation
+        public var augment: Bool = true                         // use the cache's augmented views (else view 0 only)
+        public var valSamples: Int? = nil                       // validate on the first N samples; default all
+        public init() {}
+        enum CodingKeys: String, CodingKey, CaseIterable { case train, val, augment, valSamples = "val_samples" }
+    }
+
+    /// AdamW and the two learning-rate schedules (SPEC section 6).
+    public struct OptimSection: Codable, Equatable {
+        public var lrPlugin: Double = 1e-4                 // plug-in group peak learning rate
+        public var lrBase: Double = 1e-5                   // base group peak learning rate (0 freezes the base)
+        public var schedulePlugin: ScheduleKind = .linear  // constant | linear | cosine
+        public var scheduleBase: ScheduleKind = .constant  // constant | linear | cosine
+        public var warmupPlugin: Int = 0                   // linear warm-up steps, plug-in group
+        public var warmupBase: Int = 0                     // linear warm-up steps, base group
+        public var finalLrPlugin: Double = 0               // where linear/cosine decay ends, plug-in group
+        public var finalLrBase: Double = 0                 // where linear/cosine decay ends, base group
+        public var betas: [Double] = [0.9, 0.95]           // AdamW (beta1, beta2)
+        public var eps: Double = 1e-8                      // AdamW epsilon (outside the square root)
+        public var weightDecay: Double = 0.05              // decoupled weight decay, matrices only
+        public var clip: Double = 1.0                      // global gradient-norm clip; 0 = off
+        public init() {}
+        enum CodingKeys: String, CodingKey, CaseIterable {
+            case lrPlugin = "lr_plugin", lrBase = "lr_base", schedulePlugin = "schedule_plugin"
+            case scheduleBase = "schedule_base", warmupPlugin = "warmup_plugin", warmupBase = "warmup_base"
+            case finalLrPlugin = "final_lr_plugin", finalLrBase = "final_lr_base", betas, eps
+            case weightDecay = "weight_decay", clip
+        }
+    }
+
+    /// The run: batch, length, regularisation, logging.
+    public struct TrainSection: Codable, Equatable {
+        public var globalBatch: Int = 256        // samples per optimizer step, all ranks together
+        public var microBatch: Int = 32          // samples per forward/backward on one rank
+        public var steps: Int = 1000             // optimizer steps in the run
+        public var seed: Int = 0                 // all randomness derives from it (CounterRNG)
+        public var dropout: Double = 0.1         // token, attention-output and FFN-output dropout (SPEC 2)
+        public var labelDrop: Double = 0.1       // probability of replacing the class by the null class
+        public var logEvery: Int = 10            // steps between progress lines / metrics records
+        public var valEvery: Int = 500           // steps between validation losses; 0 = only at the end
+        public var maxSkippedSteps: Int = 10     // consecutive non-finite-gradient steps tolerated before stopping
+        public init() {}
+        enum CodingKeys: String, CodingKey, CaseIterable {
+            case globalBatch = "global_batch", microBatch = "micro_batch", steps, seed, dropout
+            case labelDrop = "label_drop", logEvery = "log_every", valEvery = "val_every"
+            case maxSkippedSteps = "max_skipped_steps"
+        }
+    }
+
+    /// Data parallelism over MPI.
+    public struct DistSection: Codable, Equatable {
+        public var bucketMB: Double = 25                 // gradient allreduce bucket size, MB
+        public var overlap: Bool = true                  // reduce buckets on a communication thread during backward
+        public var threadsPerRank: ThreadCount = .auto   // BLAS/compute threads per rank; auto = cores / ranks
+        public init() {}
+        enum CodingKeys: String, CodingKey, CaseIterable {
+            case bucketMB = "bucket_mb", overlap, threadsPerRank = "threads_per_rank"
+        }
+    }
+
+    /// Checkpoints (SPEC section 7): `<dir>/<run>/step-NNNNNNNN/`.
+    public struct CheckpointSection: Codable, Equatable {
+        public var every: Int = 1000           // steps between checkpoints; 0 = only at the end
+        public var keepLast: Int = 3           // keep the newest N checkpoints
+        public var keepEvery: Int = 0          // also keep those whose step is a multiple of N; 0 = none
+        public var dir: String = "Checkpoints" // root folder of all runs
+        public var run: String? = nil          // run name; default: the config file's name
+        public var resume: String = "auto"     // auto: newest complete checkpoint of the run, if any; never; or a checkpoint folder
+        public var fallback: Bool = false      // if the newest checkpoint is damaged, resume from the one before
+        public init() {}
+        enum CodingKeys: String, CodingKey, CaseIterable {
+            case every, keepLast = "keep_last", keepEvery = "keep_every", dir, run, resume, fallback
+        }
+    }
+
+    /// The keys each section accepts, for rejecting unknown ones.
+    static let knownKeys: [String: [String]] = [
+        "model": ModelSection.CodingKeys.allCases.map(\.rawValue),
+        "noise": NoiseSection.CodingKeys.allCases.map(\.rawValue),
+        "loss": LossSection.CodingKeys.allCases.map(\.rawValue),
+        "data": DataSection.CodingKeys.allCases.map(\.rawValue),
+        "optim": OptimSection.CodingKeys.allCases.map(\.rawValue),
+        "train": TrainSection.CodingKeys.allCases.map(\.rawValue),
+        "dist": DistSection.CodingKeys.allCases.map(\.rawValue),
+        "checkpoint": CheckpointSection.CodingKeys.allCases.map(\.rawValue),
+    ]
+    static let sectionNames = CodingKeys.allCases.map(\.rawValue)
+}
+
+// MARK: - Loading: defaults < file < --set flags
+
+extension TrainConfig {
+    /// Resolves a config: the defaults above, then the YAML `file` (if any), then each `--set`
+    /// override (`section.key=value`, the value read as YAML: `0.5`, `cosine`, `[0.9, 0.99]`,
+    /// `null`). Errors name the file or flag and the key. `checkpoint.run` defaults to the file's
+    /// name without extension ("default" without a file). Call `validate(worldSize:)` afterwards.
+    public static func load(file: String?, overrides: [String] = []) throws -> TrainConfig {
+        var text = ""
+        if let file {
+            do { text = try String(contentsOfFile: file, encoding: .utf8) } catch {
+                throw InputError(file, "cannot read the config file (\(error.localizedDescription))")
+            }
+        }
+        var config = try resolve(yaml: text, source: file ?? "defaults", overrides: overrides)
+        if config.checkpoint.run == nil {
+            config.checkpoint.run = file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default"
+        }
+        return config
+    }
+
+    /// `load` without the file system: `yaml` is the file's text, `source` its name in errors.
+    public static func resolve(yaml: String, source: String, overrides: [String] = []) throws -> TrainConfig {
+        var tree = try defaultsTree()
+        let fileNode: Node?
+        do { fileNode = try Yams.compose(yaml: yaml) } catch {
+            throw InputError(source, "not valid YAML: \(error)")
+        }
+        if let fileNode, fileNode.null == nil {
+            guard let pairs = fileNode.mapping else {
+                throw InputError(source, "expected a mapping of sections (model:, optim:, train:, ...) at the top")
+            }
+            for (key, value) in pairs {
+                let section = key.string ?? "\(key)"
+                guard knownKeys[section] != nil else {
+                    throw InputError(source, "unknown key '\(section)'; sections are: \(sectionNames.joined(separator: ", "))")
+                }
+                if value.null != nil { continue }  // "section:" with nothing under it
+                guard let fields = value.mapping else {
+                    throw InputError(source, "'\(section)' must be a mapping of keys, got '\(value.string ?? "\(value)")'")
+                }
+                for (k, v) in fields {
+                    let name = k.string ?? "\(k)"
+                    try checkKnown(section, name, source: source)
+                    tree = setting(tree, section, name, to: v)
+                }
+            }
+        }
+        var config = try decode(tree, source: source)
+        for flag in overrides {
+            guard let eq = flag.firstIndex(of: "=") else {
+                throw InputError("--set \(flag)", "expected section.key=value, e.g. optim.lr_plugin=3e-4")
+            }
+            let path = flag[..<eq].split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+            let raw = String(flag[flag.index(after: eq)...])
+            guard path.count == 2 else {
+                throw InputError("--set \(flag)", "the key must be section.key (two parts), e.g. train.steps")
+            }
+            try checkKnown(path[0], path[1], source: "--set \(flag)")
+            let value: Node
+            do { value = try Yams.compose(yaml: raw) ?? Node("null", Tag(.null)) } catch {
+                throw InputError("--set \(flag)", "the value is not valid YAML: \(error)")
+            }
+            tree = setting(tree, path[0], path[1], to: value)
+            config = try decode(tree, source: "--set \(flag)")
+        }
+        return config
+    }
+
+    private static func checkKnown(_ section: String, _ key: String, source: String) throws {
+        guard let keys = knownKeys[section] else {
+            throw InputError(source, "unknown key '\(section).\(key)': there is no section '\(section)'; sections are: \(sectionNames.joined(separator: ", "))")
+        }
+        guard keys.contains(key) else {
+            throw InputError(source, "unknown key '\(section).\(key)'; keys of '\(section)' are: \(keys.joined(separator: ", "))")
+        }
+    }
+
+    /// The defaults as a YAML tree (optional keys without a default are absent).
+    private static func defaultsTree() throws -> Node {
+        let text = try YAMLEncoder().encode(TrainConfig())
+        return try Yams.compose(yaml: text)!
+    }
+
+    /// `tree` with `section.key` set to `value`.
+    private static func setting(_ tree: Node, _ section: String, _ key: String, to value: Node) -> Node {
+        var top = tree.mapping ?? Node.Mapping([])
+        var fields = top[section]?.mapping ?? Node.Mapping([])
+        fields[key] = value
+        top[section] = Node.mapping(fields)
+        return Node.mapping(top)
+    }
+
+    private static func decode(_ tree: Node, source: String) throws -> TrainConfig {
+        do { return try YAMLDecoder().decode(TrainConfig.self, from: tree) } catch let e as DecodingError {
+            throw InputError(source, describe(e, tree: tree))
+        }
+    }
+
+    /// A person's reading of a decoding error: "train.steps: expected a whole number, got 'many'".
+    /// With the tree the value was decoded from, the offending value is quoted.
+    static func describe(_ e: DecodingError, tree: Node? = nil) -> String {
+        func path(_ p: [CodingKey]) -> String {
+            p.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined().trimmingCharacters(in: ["."])
+        }
+        func value(at p: [CodingKey]) -> String {
+            var node = tree
+            for k in p {
+                if let i = k.intValue { node = node?.sequence.flatMap { i < $0.count ? $0[i] : nil } } else { node = node?.mapping?[k.stringValue] }
+            }
+            guard let node else { return "" }
+            let text = node.scalar?.string ?? ((try? Yams.serialize(node: node))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
+            return ", got '\(text)'"
+        }
+        func expected(_ t: Any.Type) -> String {
+            switch t {
+            case is Int.Type: return "a whole number"
+            case is Double.Type, is Float.Type: return "a number"
+            case is Bool.Type: return "true or false"
+            case is String.Type: return "a string"
+            default:
+                let name = "\(t)"
+                if name.contains("Array") || name.contains("Sequence") { return "a list" }
+                if name.contains("Dictionary") || name.contains("Mapping") { return "a mapping" }
+                return name
+            }
+        }
+        switch e {
+        case .typeMismatch(let t, let c): return "\(path(c.codingPath)): expected \(expected(t))\(value(at: c.codingPath))"
+        case .valueNotFound(let t, let c): return "\(path(c.codingPath)): expected \(expected(t)), got nothing (null)"
+        case .keyNotFound(let k, let c): return "\(path(c.codingPath + [k])): required key is missing"
+        case .dataCorrupted(let c): return "\(path(c.codingPath)): \(c.debugDescription)\(value(at: c.codingPath))"
+        @unknown default: return "\(e)"
+        }
+    }
+}
+
+// MARK: - Output
+
+extension TrainConfig {
+    /// The resolved config as YAML (sections and keys in declaration order), numbers written the
+    /// way Swift prints them ("0.0001", "25.0"; Yams alone would write "1e-4", "2.5e+1").
+    public func yamlString() -> String {
+        func tidy(_ n: Node) -> Node {
+            switch n {
+            case .scalar where Resolver.default.resolveTag(of: n) == .float:
+                guard let d = n.float else { return n }
+                return Node("\(d)", Tag(.float))
+            case .mapping(let m): return .mapping(Node.Mapping(m.map { ($0.key, tidy($0.value)) }))
+            case .sequence(let q): return .sequence(Node.Sequence(q.map(tidy)))
+            default: return n
+            }
+        }
+        guard let text = try? YAMLEncoder().encode(self), let node = try? Yams.compose(yaml: text),
+              let out = try? Yams.serialize(node: tidy(node)) else { return "# could not encode the config\n" }
+        return out
+    }
+
+    /// The resolved config as JSON (sorted keys), as saved in checkpoint manifests.
+    public func jsonString(pretty: Bool = true) -> String {
+        let enc = JSONEncoder()
+        enc.outputFormatting = pretty ? [.prettyPrinted, .sortedKeys] : [.sortedKeys]
+        return String(decoding: try! enc.encode(self), as: UTF8.self)
+    }
+}
+
+// MARK: - Validation and derived values
+
+extension TrainConfig {
+    /// Checks every value a person could get wrong, for a run on `worldSize` ranks, and reports
+    /// all problems at once; `source` names the config in the error.
+    public func validate(worldSize: Int, source: String = "config") throws {
+        var problems: [String] = []
+        func need(_ ok: Bool, _ s: @autoclosure () -> String) { if !ok { problems.append(s()) } }
+
+        let m = model
+        if let p = m.preset {
+            need(ModelConfig.presetNames.contains(p), "model.preset '\(p)' is unknown; known: \(ModelConfig.presetNames.joined(separator: ", "))")
+        } else {
+            need(m.dim != nil && m.nLayer != nil && m.nHead != nil, "model: without a preset, dim, n_layer and n_head are all required")
+        }
+        if let d = m.dim { need(d > 0, "model.dim must be positive, got \(d)") }
+        if let l = m.nLayer { need(l >= 0, "model.n_layer must be non-negative, got \(l)") }
+        if let h = m.nHead { need(h > 0, "model.n_head must be positive, got \(h)") }
+        if let f = m.ffnHidden { need(f > 0, "model.ffn_hidden must be positive, got \(f)") }
+        need(m.window >= 1, "model.window (k) must be at least 1, got \(m.window)")
+        need(m.pluginDepth >= 0, "model.plugin_depth (d) must be non-negative, got \(m.pluginDepth)")
+        need(m.window == 1 || m.pluginDepth >= 1, "model.window \(m.window) > 1 needs a plug-in: set model.plugin_depth >= 1")
+
+        if let w = loss.slotWeights {
+            need(w.count == m.window, "loss.slot_weights has \(w.count) values but model.window (k) is \(m.window): give one weight per slot")
+            need(w.allSatisfy { $0 >= 0 && $0.isFinite }, "loss.slot_weights must be non-negative numbers, got \(w)")
+            need(w.reduce(0, +) > 0, "loss.slot_weights must not all be zero")
+        }
+        need(!data.train.isEmpty, "data.train must name the training token cache folder")
+        if let n = data.valSamples { need(n > 0, "data.val_samples must be positive (leave it out to use all), got \(n)") }
+
+        let o = optim
+        need(o.lrPlugin >= 0 && o.lrBase >= 0, "optim.lr_plugin and optim.lr_base must be non-negative (0 freezes a group), got \(o.lrPlugin), \(o.lrBase)")
+        need(o.lrPlugin > 0 || o.lrBase > 0 || o.finalLrPlugin > 0 || o.finalLrBase > 0, "optim: both learning rates are 0, nothing would train")
+        need(o.warmupPlugin >= 0 && o.warmupBase >= 0, "optim.warmup_plugin and optim.warmup_base must be non-negative")
+        need(o.warmupPlugin < train.steps && o.warmupBase < train.steps || train.steps <= 0,
+             "optim: warm-up (\(o.warmupPlugin), \(o.warmupBase) steps) must be shorter than train.steps (\(train.steps))")
+        need(o.finalLrPlugin >= 0 && o.finalLrBase >= 0, "optim.final_lr_plugin and optim.final_lr_base must be non-negative")
+        need(o.betas.count == 2 && o.betas.allSatisfy { $0 >= 0 && $0 < 1 }, "optim.betas must be two numbers in [0, 1), got \(o.betas)")
+        need(o.eps > 0, "optim.eps must be positive, got \(o.eps)")
+        need(o.weightDecay >= 0, "optim.weight_decay must be non-negative, got \(o.weightDecay)")
+        need(o.clip >= 0, "optim.clip must be non-negative (0 turns clipping off), got \(o.clip)")
+
+        let t = train
+        need(t.steps > 0, "train.steps must be positive, got \(t.steps)")
+        need(t.globalBatch > 0, "train.global_batch must be positive, got \(t.globalBatch)")
+        need(t.microBatch > 0, "train.micro_batch must be positive, got \(t.microBatch)")
+        need(t.dropout >= 0 && t.dropout < 1, "train.dropout must be in [0, 1), got \(t.dropout)")
+        need(t.labelDrop >= 0 && t.labelDrop <= 1, "train.label_drop must be in [0, 1], got \(t.labelDrop)")
+        need(t.logEvery > 0, "train.log_every must be positive, got \(t.logEvery)")
+        need(t.valEvery >= 0, "train.val_every must be non-negative (0: only at the end), got \(t.valEvery)")
+        need(t.maxSkippedSteps >= 0, "train.max_skipped_steps must be non-negative, got \(t.maxSkippedSteps)")
+        need(worldSize >= 1, "world size must be at least 1, got \(worldSize)")
+        if t.globalBatch > 0 && t.microBatch > 0 && worldSize >= 1 {
+            let perStep = t.microBatch * worldSize
+            if t.globalBatch % perStep != 0 {
+                let fits = (1...t.globalBatch).filter { t.globalBatch % ($0 * worldSize) == 0 }
+                problems.append("train.global_batch \(t.globalBatch) is not a multiple of train.micro_batch \(t.microBatch) x \(worldSize) rank(s) = \(perStep): "
+                    + "gradient accumulation needs a whole number of micro-batches. "
+                    + (fits.isEmpty ? "No micro_batch works with \(worldSize) ranks: change global_batch or the rank count."
+                                    : "micro_batch values that work with \(worldSize) rank(s): \(fits.map(String.init).joined(separator: ", "))"))
+            }
+        }
+
+        need(dist.bucketMB > 0, "dist.bucket_mb must be positive, got \(dist.bucketMB)")
+        if case .count(let n) = dist.threadsPerRank { need(n >= 1, "dist.threads_per_rank must be at least 1 or auto, got \(n)") }
+
+        let c = checkpoint
+        need(c.every >= 0, "checkpoint.every must be non-negative (0: only at the end), got \(c.every)")
+        need(c.keepLast >= 1, "checkpoint.keep_last must be at least 1, got \(c.keepLast)")
+        need(c.keepEvery >= 0, "checkpoint.keep_every must be non-negative (0: none), got \(c.keepEvery)")
+        need(!c.dir.isEmpty, "checkpoint.dir must not be empty")
+        if let r = c.run { need(!r.isEmpty && !r.contains("/") && r != "." && r != "..", "checkpoint.run must be a plain folder name, got '\(r)'") }
+
+        if !problems.isEmpty {
+            throw InputError(source, problems.count == 1 ? problems[0] : "\(problems.count) problems:\n  - " + problems.joined(separator: "\n  - "))
+        }
+    }
+
+    /// Micro-batches per rank per optimizer step: global_batch / (micro_batch * worldSize).
+    /// Call after `validate(worldSize:)`.
+    public func accumulationSteps(worldSize: Int) -> Int { train.globalBatch / (train.microBatch * worldSize) }
+
+    /// The learning-rate schedule of one group over the run.
+    public func schedule(_ g: ParameterGroup) -> LRSchedule {
+        let o = optim
+        switch g {
+        case .base: return LRSchedule(kind: o.scheduleBase, peak: o.lrBase, final: o.finalLrBase, warmup: o.warmupBase, total: train.steps)
+        case .plugin: return LRSchedule(kind: o.schedulePlugin, peak: o.lrPlugin, final: o.finalLrPlugin, warmup: o.warmupPlugin, total: train.steps)
+        }
+    }
+
+    /// Both groups' rates for update `step` (0-based).
+    public func learningRates(at step: Int) -> PerGroup<Float> {
+        PerGroup(base: Float(schedule(.base).lr(at: step)), plugin: Float(schedule(.plugin).lr(at: step)))
+    }
+
+    /// Which groups train: a group whose rate is 0 for the whole run is frozen (no moments).
+    public var trainableGroups: PerGroup<Bool> {
+        PerGroup(base: !schedule(.base).isZeroThroughout, plugin: !schedule(.plugin).isZeroThroughout)
+    }
+
+    public var adamWSettings: AdamWSettings {
+        AdamWSettings(beta1: Float(optim.betas[0]), beta2: Float(optim.betas[1]), eps: Float(optim.eps), weightDecay: Float(optim.weightDecay))
+    }
+
+    /// Gradient clip for `AdamW.step`: nil when off.
+    public var clipNorm: Float? { optim.clip > 0 ? Float(optim.clip) : nil }
+
+    /// The folder of this run's checkpoints: `<checkpoint.dir>/<checkpoint.run>`.
+    public var runDirectory: String { (checkpoint.dir as NSString).appendingPathComponent(checkpoint.run ?? "default") }
+}
+
+extension TrainConfig.ModelSection {
+    /// The model's full shape: the preset (if any), the explicit fields over it, and the dataset's
+    /// vocabulary, classes and grid. Validated (SPEC section 2 rules); errors name `source`.
+    public func resolve(vocabSize: Int, numClasses: Int, gridSize: Int, source: String = "config (model section)") throws -> ModelConfig {
+        var c: ModelConfig
+        if let preset {
+            do { c = try ModelConfig.preset(preset, vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize) } catch let e as InputError {
+                throw InputError(source, "model.preset: \(e.problem)")
+            }
+        } else {
+            guard let dim, let nLayer, let nHead else {
+                throw InputError(source, "model: without a preset, dim, n_layer and n_head are all required")
+            }
+            c = ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: dim, nLayer: nLayer, nHead: nHead)
+        }
+        if let dim { c.dim = dim; c.ffnHidden = ModelConfig.defaultFFNHidden(dim: dim) }
+        if let nLayer { c.nLayer = nLayer }
+        if let nHead { c.nHead = nHead }
+        if let ffnHidden { c.ffnHidden = ffnHidden }
+        c.window = window
+        c.pluginDepth = pluginDepth
+        c.residual = residual
+        try c.validate(source: source)
+        return c
+    }
+}
