@@ -1,14 +1,16 @@
+import ARModel
 import Foundation
 import Kernels
 import Platform
 import XCTest
 @testable import Training
 
-/// Gradient averaging across real MPI ranks. The driver (`GradientSyncTests`) starts this same
-/// test binary under `mpirun -n W`, running only `GradientSyncMPIWorker`; each rank checks the
-/// results and a failing check makes that rank, and so `mpirun`, exit non-zero. The driver
-/// process itself never initialises MPI (a process can do so once).
-final class GradientSyncTests: XCTestCase {
+/// The Communicator, gradient averaging and collective checkpoint saving across real MPI ranks.
+/// The driver (`MPITests`) starts this same test binary under `mpirun -n W`, running only
+/// `MPIWorker`; each rank checks the results, and a failing check makes that rank, and so
+/// `mpirun`, exit non-zero. The driver process itself never initialises MPI (a process can do
+/// so only once).
+final class MPITests: XCTestCase {
     func testSingletonWithoutMPIRun() throws { try runWorkers(ranks: nil) }
     func testTwoRanks() throws { try runWorkers(ranks: 2) }
     func testThreeRanks() throws { try runWorkers(ranks: 3) }
@@ -29,10 +31,12 @@ final class GradientSyncTests: XCTestCase {
     private func runWorkers(ranks: Int?, file: StaticString = #filePath, line: UInt = #line) throws {
         let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
         guard exe.hasSuffix(".xctest") else { throw XCTSkip("not running from an .xctest binary (\(exe)); cannot start MPI workers") }
-        let filter = "TrainingTests.GradientSyncMPIWorker/testWorker"
+        let filter = "TrainingTests.MPIWorker/testWorker"
         var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("OMPI_") && !$0.key.hasPrefix("PMIX_") }
         env["TENSORAR_MPI_WORKER"] = "1"
         env["TENSORAR_MPI_EXPECT_SIZE"] = String(ranks ?? 1)
+        let checkpoints = try temporaryFolder(self)
+        env["TENSORAR_MPI_CHECKPOINTS"] = checkpoints
         let p = Process()
         if let ranks {
             guard let mpirun = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
@@ -54,16 +58,21 @@ final class GradientSyncTests: XCTestCase {
         let text = String(decoding: data, as: UTF8.self)
         XCTAssertEqual(p.terminationStatus, 0, "MPI workers (\(ranks.map { "\($0) ranks" } ?? "singleton")) failed:\n\(text)", file: file, line: line)
         // Each rank must have reached the end, not skipped.
-        let passed = text.components(separatedBy: "GradientSyncMPIWorker.testWorker' passed").count - 1
+        let passed = text.components(separatedBy: "MPIWorker.testWorker' passed").count - 1
         XCTAssertEqual(passed, ranks ?? 1, "expected every rank to pass:\n\(text)", file: file, line: line)
+        let w = ranks ?? 1
+        let run = checkpoints + "/mpi"
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: run).sorted(), ["latest", "step-00000002"], file: file, line: line)
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: run + "/step-00000002").sorted(),
+                       ["manifest.json"] + (0..<w).map { CheckpointStore.shardName(rank: $0, worldSize: w) }, file: file, line: line)
     }
 }
 
-/// Runs inside each rank started by `GradientSyncTests`; skipped in a normal test run.
-final class GradientSyncMPIWorker: XCTestCase {
+/// Runs inside each rank started by `MPITests`; skipped in a normal test run.
+final class MPIWorker: XCTestCase {
     func testWorker() throws {
         let env = ProcessInfo.processInfo.environment
-        guard env["TENSORAR_MPI_WORKER"] != nil else { throw XCTSkip("runs only inside ranks started by GradientSyncTests") }
+        guard env["TENSORAR_MPI_WORKER"] != nil else { throw XCTSkip("runs only inside ranks started by MPITests") }
         let comm = try MPI.initialize()
         defer { try? MPI.finalize() }
         let W = comm.size, r = comm.rank
@@ -122,5 +131,31 @@ final class GradientSyncMPIWorker: XCTestCase {
                 }
             }
         }
+
+        // Collective checkpoint: every rank writes its shard in parallel; all read it back whole.
+        let model = testModel(), table = ParameterTable(model)
+        let params = randomBuffer(table.total, seed: 11)
+        let opt = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
+        opt.step(params: params, grads: randomBuffer(table.total, seed: 12), lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1)
+        var cfg = TrainConfig()
+        cfg.checkpoint.dir = env["TENSORAR_MPI_CHECKPOINTS"]!
+        cfg.checkpoint.run = "mpi"
+        var store = CheckpointStore(config: cfg)
+        let dir = try store.save(progress: TrainingProgress(step: 2, samplesSeen: 512, seed: 0), config: cfg, model: model,
+                                 table: table, params: params, optimizer: opt, communicator: comm)
+        let p2 = FlatBuffer(count: table.total)
+        let o2 = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
+        _ = try CheckpointStore.load(from: dir, model: model, table: table, params: p2, optimizer: o2)
+        XCTAssertEqual(p2.array, params.array)
+        XCTAssertEqual(o2.m.array, opt.m.array)
+        XCTAssertEqual(o2.v.array, opt.v.array)
+        // A write failure on the last rank only: every rank throws, the earlier checkpoint stays latest.
+        if r == W - 1 { store.injectShardWriteFailure = { _ in throw InputError("test", "No space left on device") } }
+        XCTAssertThrowsError(try store.save(progress: TrainingProgress(step: 3, samplesSeen: 768, seed: 0), config: cfg, model: model,
+                                            table: table, params: params, optimizer: opt, communicator: comm)) { error in
+            let text = "\(error)"
+            XCTAssertTrue(text.contains(r == W - 1 ? "No space left on device" : "rank(s) \(W - 1) failed"), text)
+        }
+        XCTAssertEqual(store.latestName(), "step-00000002")
     }
 }

@@ -1,0 +1,521 @@
+import ARModel
+import Foundation
+import Kernels
+import Platform
+
+// Checkpoints (SPEC section 7):
+//
+//     Checkpoints/<run>/
+//         latest                      "step-00001000": the newest complete checkpoint
+//         step-00001000/
+//             manifest.json           everything but the numbers (CheckpointManifest)
+//             rank-00000-of-00002.h5  rank 0's slice [0, P/2) of params, adam_m, adam_v
+//             rank-00001-of-00002.h5  rank 1's slice [P/2, P)
+//
+// Every rank holds the full parameters and moments (data parallel, DDP style) but writes only
+// its slice [r*P/W, (r+1)*P/W), so saving is parallel and a checkpoint is written once. Loading
+// reads whatever slices it needs, from any number of old shards: a run may resume on a different
+// number of ranks. A checkpoint exists only once complete: shards and manifest are written into
+// `.step-NNNNNNNN.tmp`, synced, then the folder is renamed, and only then `latest` is replaced
+// (write + rename, so it is never half-written). All ranks must see the same file system.
+
+/// Where training stands; saved in the manifest and handed back on resume.
+public struct TrainingProgress: Codable, Equatable, Sendable {
+    /// Optimizer updates applied so far (the next update has index `step`).
+    public var step: Int
+    /// Training samples consumed, all ranks together.
+    public var samplesSeen: Int
+    /// The data order's position: epoch, and samples of that epoch already consumed (global).
+    public var dataEpoch: Int
+    public var dataOffset: Int
+    /// The run's seed. With counter-based randomness (CounterRNG keyed by seed, step, sample and
+    /// purpose) this and `step` are the whole random state.
+    public var seed: Int
+
+    public init(step: Int, samplesSeen: Int, dataEpoch: Int = 0, dataOffset: Int = 0, seed: Int) {
+        self.step = step; self.samplesSeen = samplesSeen; self.dataEpoch = dataEpoch; self.dataOffset = dataOffset; self.seed = seed
+    }
+    enum CodingKeys: String, CodingKey {
+        case step, samplesSeen = "samples_seen", dataEpoch = "data_epoch", dataOffset = "data_offset", seed
+    }
+}
+
+/// `manifest.json`: everything about a checkpoint except the numbers.
+public struct CheckpointManifest: Codable, Equatable {
+    public static let currentFormatVersion = 1
+
+    public struct GroupState: Codable, Equatable, Sendable {
+        /// AdamW updates applied to the group (its bias-correction t).
+        public var steps: Int
+        /// Whether the group's moments are in the shards (false: it was frozen).
+        public var hasMoments: Bool
+        enum CodingKeys: String, CodingKey { case steps, hasMoments = "has_moments" }
+    }
+    public struct OptimizerState: Codable, Equatable, Sendable {
+        public var base: GroupState
+        public var plugin: GroupState
+        /// The flat parameter range [moment_start, moment_end) the moments cover.
+        public var momentStart: Int
+        public var momentEnd: Int
+        enum CodingKeys: String, CodingKey { case base, plugin, momentStart = "moment_start", momentEnd = "moment_end" }
+    }
+    /// One rank's file and the flat ranges it holds.
+    public struct Shard: Codable, Equatable, Sendable {
+        public var file: String
+        public var paramStart: Int
+        public var paramEnd: Int
+        public var momentStart: Int
+        public var momentEnd: Int
+        enum CodingKeys: String, CodingKey {
+            case file, paramStart = "param_start", paramEnd = "param_end", momentStart = "moment_start", momentEnd = "moment_end"
+        }
+    }
+
+    public var formatVersion: Int
+    public var step: Int
+    public var samplesSeen: Int
+    public var progress: TrainingProgress
+    public var worldSize: Int
+    /// Floats in the flat parameter buffer (P).
+    public var parameterCount: Int
+    /// The parameter table: name, shape, group, offset into the flat buffer.
+    public var parameters: [ParameterEntry]
+    public var optimizer: OptimizerState
+    public var shards: [Shard]
+    /// The model's resolved shape (the `tensorar.config` of SPEC section 7).
+    public var model: ModelConfig
+    /// The full resolved training config.
+    public var config: TrainConfig
+    public var createdAt: String
+
+    enum CodingKeys: String, CodingKey {
+        case formatVersion = "format_version", step, samplesSeen = "samples_seen", progress, worldSize = "world_size"
+        case parameterCount = "parameter_count", parameters, optimizer, shards, model, config, createdAt = "created_at"
+    }
+
+    /// The manifest of a checkpoint written by `worldSize` ranks now.
+    public init(progress: TrainingProgress, worldSize: Int, model: ModelConfig, config: TrainConfig,
+                table: ParameterTable, optimizer: AdamW?) {
+        formatVersion = CheckpointManifest.currentFormatVersion
+        step = progress.step
+        samplesSeen = progress.samplesSeen
+        self.progress = progress
+        self.worldSize = worldSize
+        parameterCount = table.total
+        parameters = table.entries
+        let mr = optimizer?.momentRange ?? 0..<0
+        self.optimizer = OptimizerState(
+            base: GroupState(steps: optimizer?.steps.base ?? 0, hasMoments: optimizer?.hasMoments(.base) ?? false),
+            plugin: GroupState(steps: optimizer?.steps.plugin ?? 0, hasMoments: optimizer?.hasMoments(.plugin) ?? false),
+            momentStart: mr.lowerBound, momentEnd: mr.upperBound)
+        shards = Shard.layout(worldSize: worldSize, count: table.total, moments: mr)
+        self.model = model
+        self.config = config
+        createdAt = ISO8601DateFormatter().string(from: Date())
+    }
+
+    func group(_ g: ParameterGroup) -> GroupState { g == .base ? optimizer.base : optimizer.plugin }
+}
+
+/// What `CheckpointStore.load` found.
+public struct LoadedCheckpoint {
+    public let directory: String
+    public let manifest: CheckpointManifest
+    /// Things worth a log line (e.g. a group whose moments start from zero).
+    public let notes: [String]
+    public var progress: TrainingProgress { manifest.progress }
+}
+
+/// The flat arrays stored in a shard.
+public enum CheckpointArray: String, CaseIterable, Sendable {
+    case params, adamM = "adam_m", adamV = "adam_v"
+}
+
+/// One run's checkpoint folder, `<dir>/<run>`: saving, retention, `latest`, loading.
+public struct CheckpointStore {
+    public let runDirectory: String
+
+    /// Tests only: called with the shard path after it is created, before its data is written;
+    /// throwing simulates a failed write (a full disk).
+    var injectShardWriteFailure: ((String) throws -> Void)?
+
+    public init(runDirectory: String) { self.runDirectory = runDirectory }
+    /// `<config.checkpoint.dir>/<config.checkpoint.run>`.
+    public init(config: TrainConfig) { self.init(runDirectory: config.runDirectory) }
+
+    // MARK: names
+
+    public static func folderName(step: Int) -> String { String(format: "step-%08d", step) }
+    public static func shardName(rank: Int, worldSize: Int) -> String { String(format: "rank-%05d-of-%05d.h5", rank, worldSize) }
+    /// Rank `rank`'s slice of `count` floats: [rank*count/W, (rank+1)*count/W).
+    public static func slice(rank: Int, worldSize: Int, count: Int) -> Range<Int> {
+        (rank * count / worldSize)..<((rank + 1) * count / worldSize)
+    }
+    static func clamp(_ r: Range<Int>, to bounds: Range<Int>) -> Range<Int> {
+        let lo = min(max(r.lowerBound, bounds.lowerBound), bounds.upperBound)
+        return lo..<max(lo, min(r.upperBound, bounds.upperBound))
+    }
+
+    public func path(step: Int) -> String { join(runDirectory, CheckpointStore.folderName(step: step)) }
+    public func stagingPath(step: Int) -> String { join(runDirectory, "." + CheckpointStore.folderName(step: step) + ".tmp") }
+    public var latestFile: String { join(runDirectory, "latest") }
+
+    // MARK: saving
+
+    /// Saves a checkpoint from every rank of `communicator` (collective: all ranks call it with the
+    /// same step). Rank 0 prepares the temporary folder; each rank writes its shard; rank 0 writes
+    /// the manifest, renames the folder, replaces `latest` and applies the config's retention.
+    /// If any rank fails, the temporary folder is removed, the previous checkpoints and `latest`
+    /// are untouched, and every rank throws. Returns the checkpoint's folder.
+    @discardableResult
+    public func save(progress: TrainingProgress, config: TrainConfig, model: ModelConfig, table: ParameterTable,
+                     params: FlatBuffer, optimizer: AdamW?, communicator: Communicator) throws -> String {
+        let step = progress.step, rank = communicator.rank, world = communicator.size
+        var failure: Error? = nil
+
+        // Every rank learns whether every other rank succeeded; this is also the barrier between phases.
+        func agree(_ phase: String) throws {
+            let flags = try communicator.allgather([failure == nil ? 1 : 0])
+            let failed = flags.indices.filter { flags[$0][0] == 0 }
+            if failed.isEmpty { return }
+            if rank == 0 { abandon(step: step) }
+            throw failure ?? InputError(stagingPath(step: step), "rank(s) \(failed.map(String.init).joined(separator: ", ")) failed while \(phase); see their error output. The previous checkpoint is intact.")
+        }
+
+        if rank == 0 { do { try prepareStaging(step: step) } catch { failure = error } }
+        try agree("preparing the checkpoint folder")
+        do { try writeShard(step: step, rank: rank, worldSize: world, params: params, optimizer: optimizer) } catch { failure = error }
+        try agree("writing their checkpoint shard")
+        if rank == 0 {
+            do {
+                let manifest = CheckpointManifest(progress: progress, worldSize: world, model: model, config: config, table: table, optimizer: optimizer)
+                try commit(manifest, keepLast: config.checkpoint.keepLast, keepEvery: config.checkpoint.keepEvery)
+            } catch { failure = error }
+        }
+        try agree("committing the checkpoint")
+        return path(step: step)
+    }
+
+    /// Rank 0, first: creates an empty temporary folder for `step` (removing leftovers of
+    /// interrupted saves).
+    public func prepareStaging(step: Int) throws {
+        let fm = FileManager.default
+        do {
+            try fm.createDirectory(atPath: runDirectory, withIntermediateDirectories: true)
+            for name in (try? fm.contentsOfDirectory(atPath: runDirectory)) ?? [] where name.hasPrefix(".step-") {
+                try? fm.removeItem(atPath: join(runDirectory, name))
+            }
+            try fm.createDirectory(atPath: stagingPath(step: step), withIntermediateDirectories: false)
+        } catch {
+            throw InputError(stagingPath(step: step), "cannot create the checkpoint folder (\(error.localizedDescription))")
+        }
+    }
+
+    /// Every rank: writes its slice of the parameters and of both moments (the part of its slice
+    /// the moments cover) into the temporary folder, then fsyncs the file.
+    public func writeShard(step: Int, rank: Int, worldSize: Int, params: FlatBuffer, optimizer: AdamW?) throws {
+        let file = join(stagingPath(step: step), CheckpointStore.shardName(rank: rank, worldSize: worldSize))
+        let s = CheckpointStore.slice(rank: rank, worldSize: worldSize, count: params.count)
+        let mr = optimizer?.momentRange ?? 0..<0
+        let ms = CheckpointStore.clamp(s, to: mr)
+        do {
+            let f = try HDF5File.create(file)
+            try injectShardWriteFailure?(file)
+            try f.write(CheckpointArray.params.rawValue, floats: params.base + s.lowerBound, count: s.count)
+            let mOffset = ms.lowerBound - mr.lowerBound
+            try f.write(CheckpointArray.adamM.rawValue, floats: (optimizer?.m.base ?? params.base) + mOffset, count: ms.count)
+            try f.write(CheckpointArray.adamV.rawValue, floats: (optimizer?.v.base ?? params.base) + mOffset, count: ms.count)
+            for (k, v) in [("format_version", CheckpointManifest.currentFormatVersion), ("step", step), ("rank", rank),
+                           ("world_size", worldSize), ("param_count", params.count), ("param_start", s.lowerBound),
+                           ("param_end", s.upperBound), ("moment_start", ms.lowerBound), ("moment_end", ms.upperBound)] {
+                try f.setAttribute(k, int: v)
+            }
+            try f.flush()
+        } catch {
+            throw InputError(file, "writing the checkpoint shard failed: \(error). Is the disk full? The checkpoint is abandoned; earlier ones are intact.")
+        }
+        try fsyncPath(file)
+    }
+
+    /// Rank 0, last: checks every shard is there, writes and syncs the manifest, renames the
+    /// folder into place, replaces `latest`, then removes checkpoints retention does not keep.
+    /// On failure the temporary folder is removed and `latest` is unchanged.
+    public func commit(_ manifest: CheckpointManifest, keepLast: Int, keepEvery: Int) throws {
+        let step = manifest.step
+        let staging = stagingPath(step: step), final = path(step: step)
+        do {
+            for s in manifest.shards where !FileManager.default.fileExists(atPath: join(staging, s.file)) {
+                throw InputError(join(staging, s.file), "shard missing at commit: a rank did not write it")
+            }
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
+            let manifestPath = join(staging, "manifest.json")
+            do { try enc.encode(manifest).write(to: URL(fileURLWithPath: manifestPath)) } catch {
+                throw InputError(manifestPath, "cannot write the manifest (\(error.localizedDescription); disk full?)")
+            }
+            try fsyncPath(manifestPath)
+            try fsyncPath(staging)
+            // Re-saving a step that exists (e.g. after resuming at it): move the old one aside first.
+            let replaced = join(runDirectory, "." + CheckpointStore.folderName(step: step) + ".replaced")
+            let exists = FileManager.default.fileExists(atPath: final)
+            if exists { try renamePath(final, replaced) }
+            try renamePath(staging, final)
+            try fsyncPath(runDirectory)
+            if exists { try? FileManager.default.removeItem(atPath: replaced) }
+        } catch {
+            abandon(step: step)
+            throw error
+        }
+        try setLatest(CheckpointStore.folderName(step: step))
+        try applyRetention(keepLast: keepLast, keepEvery: keepEvery)
+    }
+
+    /// Removes the temporary folder of a failed save.
+    public func abandon(step: Int) {
+        try? FileManager.default.removeItem(atPath: stagingPath(step: step))
+    }
+
+    /// Points `latest` at `name` atomically (write a temporary file, sync, rename over).
+    func setLatest(_ name: String) throws {
+        let tmp = latestFile + ".tmp"
+        do { try Data((name + "\n").utf8).write(to: URL(fileURLWithPath: tmp)) } catch {
+            throw InputError(tmp, "cannot write (\(error.localizedDescription); disk full?)")
+        }
+        try fsyncPath(tmp)
+        try renamePath(tmp, latestFile)
+        try fsyncPath(runDirectory)
+    }
+
+    // MARK: listing, retention, latest
+
+    /// Complete checkpoints (renamed folders `step-NNNNNNNN` holding a manifest), oldest first.
+    public func completeCheckpoints() -> [(step: Int, path: String)] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? []
+        return names.compactMap { name -> (Int, String)? in
+            guard name.hasPrefix("step-"), let step = Int(name.dropFirst(5)), name == CheckpointStore.folderName(step: step) else { return nil }
+            let p = join(runDirectory, name)
+            return FileManager.default.fileExists(atPath: join(p, "manifest.json")) ? (step, p) : nil
+        }.sorted { $0.0 < $1.0 }
+    }
+
+    /// The folder name `latest` holds, if the file exists.
+    public func latestName() -> String? {
+        guard let text = try? String(contentsOfFile: latestFile, encoding: .utf8) else { return nil }
+        let name = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        return name.isEmpty ? nil : name
+    }
+
+    /// Keeps the newest `keepLast` checkpoints, those whose step is a multiple of `keepEvery`
+    /// (when > 0), and the one `latest` names; removes the rest. Returns the removed folders.
+    @discardableResult
+    public func applyRetention(keepLast: Int, keepEvery: Int) throws -> [String] {
+        let all = completeCheckpoints()
+        let latest = latestName()
+        var removed: [String] = []
+        for (i, c) in all.enumerated() {
+            let keep = i >= all.count - keepLast || (keepEvery > 0 && c.step % keepEvery == 0)
+                || (c.path as NSString).lastPathComponent == latest
+            if keep { continue }
+            do { try FileManager.default.removeItem(atPath: c.path) } catch {
+                throw InputError(c.path, "cannot remove an old checkpoint (\(error.localizedDescription))")
+            }
+            removed.append(c.path)
+        }
+        return removed
+    }
+
+    /// The checkpoint to resume from, or nil when the run has none yet. That is the one `latest`
+    /// names (or, when `latest` is missing, the newest complete folder), after checking it is
+    /// whole. A damaged one is an error, unless `allowFallback`: then the newest older checkpoint
+    /// that checks out is used. `notes` receives what was skipped and why.
+    public func resolveLatest(allowFallback: Bool, notes: inout [String]) throws -> String? {
+        let complete = completeCheckpoints()
+        var target: String? = latestName().map { join(runDirectory, $0) }
+        if target == nil { target = complete.last?.path }
+        guard let target else { return nil }
+        do {
+            _ = try CheckpointStore.verify(target)
+            return target
+        } catch {
+            guard allowFallback else {
+                let e = error as? InputError ?? InputError(target, "\(error)")
+                throw InputError(e.file, "\(e.problem)\nThe run's newest checkpoint cannot be used. Set checkpoint.fallback: true "
+                    + "(--set checkpoint.fallback=true) to resume from the one before it, or checkpoint.resume: never to start over.")
+            }
+            notes.append("skipped \(target): \(error)")
+            for c in complete.reversed() where c.path != target {
+                do { _ = try CheckpointStore.verify(c.path); notes.append("falling back to \(c.path)"); return c.path } catch {
+                    notes.append("skipped \(c.path): \(error)")
+                }
+            }
+            throw InputError(runDirectory, "no usable checkpoint: \(notes.joined(separator: "; "))")
+        }
+    }
+
+    /// A path given by a person: a checkpoint folder (holds manifest.json) or a run folder
+    /// (resolved through its `latest`).
+    public static func resolve(path: String, allowFallback: Bool, notes: inout [String]) throws -> String {
+        if FileManager.default.fileExists(atPath: join(path, "manifest.json")) { return path }
+        let store = CheckpointStore(runDirectory: path)
+        if let p = try store.resolveLatest(allowFallback: allowFallback, notes: &notes) { return p }
+        throw InputError(path, "not a checkpoint folder (no manifest.json) and no checkpoints of a run in it")
+    }
+
+    // MARK: reading
+
+    /// Reads and decodes a checkpoint's manifest.
+    public static func readManifest(_ dir: String) throws -> CheckpointManifest {
+        let p = join(dir, "manifest.json")
+        guard FileManager.default.fileExists(atPath: p) else {
+            throw InputError(p, "missing: \(dir) is not a complete checkpoint")
+        }
+        let m: CheckpointManifest
+        do { m = try JSONDecoder().decode(CheckpointManifest.self, from: Data(contentsOf: URL(fileURLWithPath: p))) } catch let e as DecodingError {
+            throw InputError(p, "cannot be read as a checkpoint manifest: \(TrainConfig.describe(e))")
+        } catch {
+            throw InputError(p, "cannot be read (\(error.localizedDescription))")
+        }
+        guard m.formatVersion == CheckpointManifest.currentFormatVersion else {
+            throw InputError(p, "format_version \(m.formatVersion); this program reads version \(CheckpointManifest.currentFormatVersion)")
+        }
+        return m
+    }
+
+    /// Checks that a checkpoint is whole: the manifest reads, each shard the manifest lists is
+    /// present, names the slices the layout rules give, and holds arrays of the right lengths.
+    /// Returns the manifest.
+    @discardableResult
+    public static func verify(_ dir: String) throws -> CheckpointManifest {
+        let m = try readManifest(dir)
+        let mp = join(dir, "manifest.json")
+        let expected = CheckpointManifest.Shard.layout(worldSize: m.worldSize, count: m.parameterCount,
+                                                       moments: m.optimizer.momentStart..<m.optimizer.momentEnd)
+        guard m.worldSize >= 1, m.shards == expected else {
+            throw InputError(mp, "the shard list does not match \(m.worldSize) rank(s) over \(m.parameterCount) parameters")
+        }
+        for s in m.shards {
+            let file = join(dir, s.file)
+            let advice = "The checkpoint is damaged: resume from an earlier one (checkpoint.fallback: true) or start over."
+            guard FileManager.default.fileExists(atPath: file) else { throw InputError(file, "shard missing. \(advice)") }
+            // HDF5's own errors (unreadable, truncated) get the advice too.
+            func h5<T>(_ body: () throws -> T) throws -> T {
+                do { return try body() } catch let e as InputError { throw InputError(file, "\(e.problem). \(advice)") }
+            }
+            let f = try h5 { try HDF5File.open(file) }
+            for (k, v) in [("param_start", s.paramStart), ("param_end", s.paramEnd), ("moment_start", s.momentStart),
+                           ("moment_end", s.momentEnd), ("param_count", m.parameterCount)] {
+                let got = try h5 { try f.intAttribute(k) }
+                if got != v { throw InputError(file, "attribute \(k) is \(got), the manifest says \(v). \(advice)") }
+            }
+            for (a, n) in [(CheckpointArray.params, s.paramEnd - s.paramStart), (.adamM, s.momentEnd - s.momentStart), (.adamV, s.momentEnd - s.momentStart)] {
+                let shape = try h5 { try f.shape(of: a.rawValue) }
+                if shape != [n] { throw InputError(file, "'\(a.rawValue)' has shape \(shape), expected [\(n)]. \(advice)") }
+            }
+        }
+        return m
+    }
+
+    /// Reads flat range `range` of one array from a checkpoint's shards into `out` (range.count
+    /// floats), from however many shards it spans. For params any range in [0, P); for the
+    /// moments a range inside the manifest's [moment_start, moment_end).
+    public static func read(_ array: CheckpointArray, range: Range<Int>, from dir: String, manifest: CheckpointManifest,
+                            into out: UnsafeMutablePointer<Float>) throws {
+        var covered = 0
+        for s in manifest.shards {
+            let held = array == .params ? s.paramStart..<s.paramEnd : s.momentStart..<s.momentEnd
+            let part = clamp(range, to: held)
+            if part.isEmpty { continue }
+            let file = join(dir, s.file)
+            do {
+                let f = try HDF5File.open(file)
+                try f.readRows(array.rawValue, kind: .float32, start: part.lowerBound - held.lowerBound, rows: part.count,
+                               into: out + (part.lowerBound - range.lowerBound))
+            } catch let e as InputError {
+                throw InputError(file, "\(e.problem). The checkpoint shard is damaged: resume from an earlier checkpoint (checkpoint.fallback: true).")
+            }
+            covered += part.count
+        }
+        guard covered == range.count else {
+            throw InputError(join(dir, "manifest.json"), "the shards hold only \(covered) of the \(range.count) values of '\(array.rawValue)' in \(range)")
+        }
+    }
+
+    /// Loads a checkpoint into full parameter (and, given an optimizer, moment) buffers, whatever
+    /// the number of ranks that wrote it. `model` and `table` describe the run being resumed: a
+    /// different shape is an error that says what differs. A group trained now but frozen in the
+    /// checkpoint starts with zero moments and step 0 (noted); moments of a group frozen now are
+    /// ignored (noted).
+    public static func load(from dir: String, model: ModelConfig, table: ParameterTable, params: FlatBuffer,
+                            optimizer: AdamW?) throws -> LoadedCheckpoint {
+        let m = try verify(dir)
+        let mp = join(dir, "manifest.json")
+        if m.model != model {
+            throw InputError(mp, "the checkpoint's model shape \(m.model.jsonString()) differs from the config's \(model.jsonString()). "
+                + "Resume with the checkpoint's model settings, or start a new run (another checkpoint.run).")
+        }
+        if m.parameterCount != table.total || m.parameters != table.entries {
+            let diff = zip(m.parameters, table.entries).first { $0 != $1 }
+            throw InputError(mp, "the parameter table differs from this program's "
+                + (diff.map { "(first difference: checkpoint \($0.0.name) \($0.0.shape) at \($0.0.offset), program \($0.1.name) \($0.1.shape) at \($0.1.offset))" }
+                    ?? "(\(m.parameterCount) vs \(table.total) parameters)"))
+        }
+        precondition(params.count == table.total, "parameter buffer has \(params.count) floats, the table \(table.total)")
+        try read(.params, range: 0..<table.total, from: dir, manifest: m, into: params.base)
+
+        var notes: [String] = []
+        if let optimizer {
+            optimizer.m.zero()
+            optimizer.v.zero()
+            var steps = PerGroup(base: 0, plugin: 0)
+            for g in PerGroup<Int>.groups {
+                let saved = m.group(g)
+                if optimizer.trainable[g] {
+                    let r = table.range(of: g)
+                    if saved.hasMoments {
+                        let dst = r.lowerBound - optimizer.momentRange.lowerBound
+                        try read(.adamM, range: r, from: dir, manifest: m, into: optimizer.m.base + dst)
+                        try read(.adamV, range: r, from: dir, manifest: m, into: optimizer.v.base + dst)
+                        steps[g] = saved.steps
+                    } else if !r.isEmpty {
+                        notes.append("group \(g.rawValue) was frozen in the checkpoint: its AdamW moments start from zero")
+                    }
+                } else if saved.hasMoments {
+                    notes.append("group \(g.rawValue) is frozen now: its saved AdamW moments are not used")
+                }
+            }
+            optimizer.restore(steps: steps)
+        }
+        return LoadedCheckpoint(directory: dir, manifest: m, notes: notes)
+    }
+}
+
+extension CheckpointManifest.Shard {
+    /// The shards W ranks write for P parameters with moments over `moments`.
+    static func layout(worldSize: Int, count: Int, moments: Range<Int>) -> [CheckpointManifest.Shard] {
+        (0..<max(worldSize, 0)).map { r in
+            let s = CheckpointStore.slice(rank: r, worldSize: worldSize, count: count)
+            let m = CheckpointStore.clamp(s, to: moments)
+            return .init(file: CheckpointStore.shardName(rank: r, worldSize: worldSize),
+                         paramStart: s.lowerBound, paramEnd: s.upperBound, momentStart: m.lowerBound, momentEnd: m.upperBound)
+        }
+    }
+}
+
+// MARK: - file system helpers
+
+private func join(_ a: String, _ b: String) -> String { (a as NSString).appendingPathComponent(b) }
+
+/// fsync a file or folder, so a rename that follows cannot be seen before the data.
+func fsyncPath(_ path: String) throws {
+    let fd = open(path, O_RDONLY)
+    guard fd >= 0 else { throw InputError(path, "cannot open to sync: \(String(cString: strerror(errno)))") }
+    defer { close(fd) }
+    if fsync(fd) != 0 { throw InputError(path, "fsync failed: \(String(cString: strerror(errno))) (disk full?)") }
+}
+
+/// rename(2): atomic replacement within one file system.
+func renamePath(_ from: String, _ to: String) throws {
+    if rename(from, to) != 0 {
+        throw InputError(from, "cannot rename to \(to): \(String(cString: strerror(errno)))")
+    }
+}
