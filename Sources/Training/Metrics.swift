@@ -11,7 +11,7 @@ public func monotonicSeconds() -> Double {
 public enum MetricValue: Equatable, Sendable, ExpressibleByIntegerLiteral, ExpressibleByFloatLiteral,
     ExpressibleByStringLiteral, ExpressibleByBooleanLiteral
 {
-    case int(Int), double(Double), string(String), bool(Bool)
+    case int(Int), double(Double), string(String), bool(Bool), doubles([Double])
     public init(integerLiteral v: Int) { self = .int(v) }
     public init(floatLiteral v: Double) { self = .double(v) }
     public init(stringLiteral v: String) { self = .string(v) }
@@ -24,6 +24,7 @@ public enum MetricValue: Equatable, Sendable, ExpressibleByIntegerLiteral, Expre
         case .double(let v): return v.isFinite ? "\(v)" : "null"
         case .bool(let v): return v ? "true" : "false"
         case .string(let v): return MetricValue.quote(v)
+        case .doubles(let v): return "[" + v.map { MetricValue.double($0).json }.joined(separator: ", ") + "]"
         }
     }
 

@@ -26,10 +26,9 @@ extension ConfigChoice {
     }
 }
 
-/// SPEC section 4 noise types.
-public enum NoiseType: String, ConfigChoice, Sendable { case replace, discrete, continuous, none }
-/// SPEC section 4 noise strength schedules gamma(u).
-public enum NoiseSchedule: String, ConfigChoice, Sendable { case sine, linear, sqrt, exponential }
+// SPEC section 4 noise types and strength schedules (defined with the noiser in ARModel).
+extension NoiseType: ConfigChoice {}
+extension NoiseSchedule: ConfigChoice {}
 /// Which embedding `discrete` noise measures similarity in (SPEC section 4).
 public enum NoiseEmbedding: String, ConfigChoice, Sendable { case model, codebook }
 extension ScheduleKind: ConfigChoice {}
