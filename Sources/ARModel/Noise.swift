@@ -3,8 +3,8 @@ import Kernels
 import Platform
 
 /// Discrete tensor noising (SPEC section 4) and the other training-time input changes.
-public enum NoiseType: String, Codable, CaseIterable, Sendable { case replace, discrete, continuous, none }
-public enum NoiseSchedule: String, Codable, CaseIterable, Sendable {
+public enum NoiseType: String, CaseIterable, Sendable { case replace, discrete, continuous, none }
+public enum NoiseSchedule: String, CaseIterable, Sendable {
     case linear, sine, sqrt, exponential
     /// gamma(u), rising from 0 (SPEC section 4: the paper's formulas are not recoverable).
     public func gamma(_ u: Double) -> Double {

@@ -129,6 +129,15 @@ public final class Transformer {
     private var dropoutUsed: DropoutSettings?
     private var gradientScale: Float?
     private let headChunk = 256
+    private var temps: [String: FlatBuffer] = [:]
+
+    /// A zeroed scratch buffer for backward, kept between steps (no allocation in the hot loop).
+    private func temp(_ key: String, _ count: Int) -> FlatBuffer {
+        if let t = temps[key], t.count == count { t.zero(); return t }
+        let t = FlatBuffer(count: count)
+        temps[key] = t
+        return t
+    }
 
     /// Rows entering the output head: B*T*k with the plug-in, B*T without.
     private var headRows: Int { B * T * (config.hasPlugin ? k : 1) }
@@ -341,11 +350,11 @@ public final class Transformer {
         let rows = headRows
         let dOutRange = oNorm..<(oOut + V * D)
         // final norm
-        let dg = FlatBuffer(count: rows * D)
+        let dg = temp("dg", rows * D)
         rmsnormBackward(dg.base, gp + oNorm, dfn!.base, g!.base, p + oNorm, frstd!.base, n: rows, d: D)
         onReady?(dOutRange)
         // decoder
-        let dx = FlatBuffer(count: R * D)  // gradient w.r.t. the base transformer's output h
+        let dx = temp("dx", R * D)  // gradient w.r.t. the base transformer's output h
         if let decoder {
             let S = k + 1
             if config.residual {
@@ -354,11 +363,11 @@ public final class Transformer {
                     for j in 0..<k { let s = dg.base + (r * k + j) * D; for i in 0..<D { d[i] += s[i] } }
                 }
             }
-            let dDecN = FlatBuffer(count: R * k * D)
+            let dDecN = temp("dDecN", R * k * D)
             matmulBackward(dDecN.base, gp + oDecProj, dg.base, decN!.base, p + oDecProj, n: R * k, ic: D, oc: D)
-            let dSlots = FlatBuffer(count: R * k * D)
+            let dSlots = temp("dSlots", R * k * D)
             rmsnormBackward(dSlots.base, gp + oDecNorm, dDecN.base, decSlots!.base, p + oDecNorm, decRstd!.base, n: R * k, d: D)
-            let dDecX = FlatBuffer(count: R * S * D)
+            let dDecX = temp("dDecX", R * S * D)
             for r in 0..<R { (dDecX.base + (r * S + 1) * D).update(from: dSlots.base + r * k * D, count: k * D) }
             decoder.backward(dDecX, params: p, grads: gp)
             for r in 0..<R {
@@ -383,7 +392,7 @@ public final class Transformer {
         batch.tensors.withUnsafeBufferPointer { tp in
             if let encoder {
                 let ne = B * (T - 1), S = k + 1
-                let du = FlatBuffer(count: ne * D)
+                let du = temp("du", ne * D)
                 for b in 0..<B {
                     for q in 1..<T {
                         let s = b * (T - 1) + (q - 1)
@@ -392,11 +401,11 @@ public final class Transformer {
                         if config.residual { let t0 = gp + oTok + Int(tp[s * k]) * D; for i in 0..<D { t0[i] += src[i] } }
                     }
                 }
-                let dEncN = FlatBuffer(count: ne * D)
+                let dEncN = temp("dEncN", ne * D)
                 matmulBackward(dEncN.base, gp + oEncProj, du.base, encN!.base, p + oEncProj, n: ne, ic: D, oc: D)
-                let dSlot0 = FlatBuffer(count: ne * D)
+                let dSlot0 = temp("dSlot0", ne * D)
                 rmsnormBackward(dSlot0.base, gp + oEncNorm, dEncN.base, encSlot0!.base, p + oEncNorm, encRstd!.base, n: ne, d: D)
-                let dEncX = FlatBuffer(count: ne * S * D)
+                let dEncX = temp("dEncX", ne * S * D)
                 for s in 0..<ne { (dEncX.base + s * S * D).update(from: dSlot0.base + s * D, count: D) }
                 encoder.backward(dEncX, params: p, grads: gp)
                 for s in 0..<ne {

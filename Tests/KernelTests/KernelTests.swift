@@ -180,3 +180,20 @@ final class KernelTests: XCTestCase {
         XCTAssertNotEqual(read(half, 2 * rowsPerSample * d), Array(m[(2 * rowsPerSample * d)...]))
     }
 }
+
+final class FastMathTests: XCTestCase {
+    func testVectorExpIsAccurate() {
+        var worst = 0.0
+        var x: Float = -87
+        while x < 88 {
+            let v = vexp(Vec((0..<16).map { x + Float($0) * 0.0037 }))
+            for i in 0..<16 {
+                let e = Foundation.exp(Double(x + Float(i) * 0.0037))
+                worst = max(worst, abs(Double(v[i]) - e) / e)
+            }
+            x += 0.05
+        }
+        XCTAssertLessThan(worst, 3e-7, "relative error of vexp")
+        XCTAssertEqual(sexp(0), 1)
+    }
+}
