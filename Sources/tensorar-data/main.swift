@@ -168,11 +168,10 @@ struct Decode: ParsableCommand {
         }
         let (h, w) = (tc.info.gridH * cb.patchSize, tc.info.gridW * cb.patchSize)
         let cols = allAugmentations ? augs.count * max(1, columns / augs.count) : columns
+        let g = imageGrid(images, height: h, width: w, channels: cb.channels, columns: cols, pad: images.count == 1 ? 0 : 2, scale: scale)
         if out.lowercased().hasSuffix(".pgm") || out.lowercased().hasSuffix(".ppm") {
-            let g = imageGrid(images, height: h, width: w, channels: cb.channels, columns: cols, pad: 2, scale: scale)
             try writePNM(path: out, pixels: g.pixels, width: g.width, height: g.height, channels: cb.channels)
         } else {
-            let g = imageGrid(images, height: h, width: w, channels: cb.channels, columns: cols, pad: 2, scale: scale)
             try writePNG(path: out, pixels: g.pixels, width: g.width, height: g.height, channels: cb.channels)
         }
         say("wrote \(out): \(wanted.count) image(s) of \(h)x\(w); samples \(samples), labels \(Array(labels))")
