@@ -124,6 +124,11 @@ func writeAtomically(path: String, data: Data) throws {
     guard FileManager.default.createFile(atPath: tmp, contents: data) else {
         throw InputError(tmp, "cannot write file (missing folder, no permission or disk full?)")
     }
+    try moveIntoPlace(tmp, path)
+}
+
+/// rename(2): atomically replaces `path` by the finished temporary file `tmp`.
+func moveIntoPlace(_ tmp: String, _ path: String) throws {
     guard rename(tmp, path) == 0 else { throw InputError(path, "cannot rename \(tmp) into place: \(String(cString: strerror(errno)))") }
 }
 

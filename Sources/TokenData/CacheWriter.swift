@@ -95,7 +95,7 @@ public final class CacheWriter {
             try f.flush()
         }  // closed here, before hashing
         let sha = try SHA256.hash(file: tmp)
-        guard rename(tmp, path) == 0 else { throw InputError(path, "cannot rename \(tmp) into place: \(String(cString: strerror(errno)))") }
+        try moveIntoPlace(tmp, path)
         lock.lock(); defer { lock.unlock() }
         guard written[index] == nil else { throw InputError(path, "shard \(index) written twice") }
         written[index] = ShardInfo(file: name, numSamples: n, sha256: sha)

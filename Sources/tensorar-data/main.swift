@@ -113,7 +113,7 @@ struct Inspect: ParsableCommand {
         let r = try inspectCache(directory: directory)
         say(directory)
         say(r.summary())
-        let cb = (directory as NSString).appendingPathComponent("codebook.h5")
+        let cb = (directory as NSString).appendingPathComponent(CacheInfo.codebookFileName)
         if FileManager.default.fileExists(atPath: cb) {
             let c = try Codebook.load(path: cb)
             say("codebook.h5: V = \(c.V), Dc = \(c.Dc), patch \(c.patchSize), image \(c.imageH)x\(c.imageW)x\(c.channels)")
@@ -154,7 +154,7 @@ struct Decode: ParsableCommand {
 
     func run() throws {
         let tc = try TokenCache(directory: cache)
-        let cbPath = codebook ?? (cache as NSString).appendingPathComponent("codebook.h5")
+        guard let cbPath = codebook ?? tc.codebookPath else { throw InputError(cache, "no codebook.h5 here; name one with --codebook") }
         let cb = try Codebook.load(path: cbPath)
         guard cb.V == tc.info.vocabSize else { throw InputError(cbPath, "codebook has V = \(cb.V) but the cache has vocab_size \(tc.info.vocabSize)") }
         let samples = index.flatMap { i in (i..<(i + count)) }
