@@ -32,6 +32,22 @@ final class TokenizerTests: XCTestCase {
         XCTAssertLessThan(worst, 1e-5)
     }
 
+    func testArgminFirstTakesTheLowestIndexOnTies() {
+        func argmin(_ v: [Float], _ b: [Float]? = nil) -> (Int, Float) {
+            let bias = b ?? [Float](repeating: 0, count: v.count)
+            return v.withUnsafeBufferPointer { vp in bias.withUnsafeBufferPointer { argminFirst(vp.baseAddress!, plus: $0.baseAddress!, v.count) } }
+        }
+        XCTAssertEqual(argmin([Float](repeating: 1, count: 37)).0, 0)
+        XCTAssertEqual(argmin((0..<37).map { Float(($0 * 7) % 37) }).0, 0)
+        var v = [Float](repeating: 2, count: 37)
+        v[33] = -1; v[20] = -1  // tie between the SIMD part and the tail
+        XCTAssertEqual(argmin(v).0, 20)
+        v[35] = -3  // minimum only in the tail
+        XCTAssertEqual(argmin(v).0, 35)
+        XCTAssertEqual(argmin(v, (0..<37).map { $0 == 35 ? 10 : 0 }).0, 20)  // the bias counts
+        XCTAssertEqual(argmin([5], [1]).1, 6)
+    }
+
     func testKMeansRecoversSeparatedClusters() {
         let (d, k, per) = (8, 5, 80)
         var centres = [Float](repeating: 0, count: k * d)
