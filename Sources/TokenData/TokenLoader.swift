@@ -77,7 +77,6 @@ public final class TokenLoader {
             position += globalBatch
             return b
         }
-        if pending.isEmpty { scheduled = position }
         while pending.count < prefetch + 1 { schedule() }  // the one we wait for, plus `prefetch` ahead
         let p = pending.removeFirst()
         p.done.wait()
