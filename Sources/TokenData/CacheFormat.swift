@@ -58,16 +58,8 @@ public struct CacheInfo: Codable, Equatable, Sendable {
 
     /// Checks the fields make sense on their own and together; `path` names dataset.json in errors.
     public func validate(path: String) throws {
+        try validateFields(path: path)
         func bad(_ problem: String) -> InputError { InputError(path, problem) }
-        guard formatVersion == CacheInfo.currentFormatVersion else {
-            throw bad("format_version is \(formatVersion); this program reads format_version \(CacheInfo.currentFormatVersion) (SPEC 7)")
-        }
-        for (name, v) in [("vocab_size", vocabSize), ("grid_h", gridH), ("grid_w", gridW), ("num_classes", numClasses),
-                          ("augmentations", augmentations), ("num_samples", numSamples)] where v < 1 {
-            throw bad("\(name) is \(v); it must be at least 1")
-        }
-        guard vocabSize <= Int(Int32.max) else { throw bad("vocab_size \(vocabSize) does not fit int32 codes") }
-        guard numClasses <= Int(Int32.max) - 1 else { throw bad("num_classes \(numClasses) is too large") }
         guard !shards.isEmpty else { throw bad("the shard list is empty") }
         var seen = Set<String>()
         for s in shards {
@@ -82,6 +74,19 @@ public struct CacheInfo: Codable, Equatable, Sendable {
         }
         let total = shards.reduce(0) { $0 + $1.numSamples }
         guard total == numSamples else { throw bad("num_samples is \(numSamples) but the shards hold \(total)") }
+    }
+
+    /// The checks that need no shard list (the writer applies them before it has one).
+    func validateFields(path: String, requireSamples: Bool = true) throws {
+        func bad(_ problem: String) -> InputError { InputError(path, problem) }
+        guard formatVersion == CacheInfo.currentFormatVersion else {
+            throw bad("format_version is \(formatVersion); this program reads format_version \(CacheInfo.currentFormatVersion) (SPEC 7)")
+        }
+        var counts = [("vocab_size", vocabSize), ("grid_h", gridH), ("grid_w", gridW), ("num_classes", numClasses), ("augmentations", augmentations)]
+        if requireSamples { counts.append(("num_samples", numSamples)) }
+        for (name, v) in counts where v < 1 { throw bad("\(name) is \(v); it must be at least 1") }
+        guard vocabSize <= Int(Int32.max) else { throw bad("vocab_size \(vocabSize) does not fit int32 codes") }
+        guard numClasses <= Int(Int32.max) - 1 else { throw bad("num_classes \(numClasses) is too large") }
     }
 
     /// Reads and validates `directory/dataset.json`.
@@ -119,6 +124,11 @@ func writeAtomically(path: String, data: Data) throws {
     guard FileManager.default.createFile(atPath: tmp, contents: data) else {
         throw InputError(tmp, "cannot write file (missing folder, no permission or disk full?)")
     }
+    try moveIntoPlace(tmp, path)
+}
+
+/// rename(2): atomically replaces `path` by the finished temporary file `tmp`.
+func moveIntoPlace(_ tmp: String, _ path: String) throws {
     guard rename(tmp, path) == 0 else { throw InputError(path, "cannot rename \(tmp) into place: \(String(cString: strerror(errno)))") }
 }
 

@@ -27,9 +27,7 @@ public final class CacheWriter {
         info = CacheInfo(vocabSize: vocabSize, gridH: gridH, gridW: gridW, numClasses: numClasses,
                          augmentations: augmentations, numSamples: 0, shards: [])
         guard shardSize >= 1 else { throw InputError(directory, "shard size must be at least 1, got \(shardSize)") }
-        let v = CacheInfo(vocabSize: vocabSize, gridH: gridH, gridW: gridW, numClasses: numClasses, augmentations: augmentations,
-                          numSamples: 1, shards: [ShardInfo(file: "x", numSamples: 1, sha256: String(repeating: "0", count: 64))])
-        try v.validate(path: directory)  // the same field checks a reader applies
+        try info.validateFields(path: directory, requireSamples: false)  // the field checks a reader applies
         let fm = FileManager.default
         do { try fm.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
             throw InputError(directory, "cannot create the cache folder: \(error.localizedDescription)")
@@ -97,7 +95,7 @@ public final class CacheWriter {
             try f.flush()
         }  // closed here, before hashing
         let sha = try SHA256.hash(file: tmp)
-        guard rename(tmp, path) == 0 else { throw InputError(path, "cannot rename \(tmp) into place: \(String(cString: strerror(errno)))") }
+        try moveIntoPlace(tmp, path)
         lock.lock(); defer { lock.unlock() }
         guard written[index] == nil else { throw InputError(path, "shard \(index) written twice") }
         written[index] = ShardInfo(file: name, numSamples: n, sha256: sha)

@@ -62,7 +62,7 @@ public struct Codebook {
             if let description { try f.setAttribute("description", string: description) }
             try f.flush()
         }
-        guard rename(tmp, path) == 0 else { throw InputError(path, "cannot rename \(tmp) into place: \(String(cString: strerror(errno)))") }
+        try moveIntoPlace(tmp, path)
     }
 
     /// Image [gridH * p, gridW * p, channels] in [0, 1] from tokens [gridH * gridW]. A token
@@ -90,24 +90,7 @@ public struct Codebook {
 
     /// Patches of images [n, H, W, channels] as rows [n * gridH * gridW, Dc], raster order.
     public func patches(images: UnsafeBufferPointer<Float>, count n: Int, flip: Bool = false) -> [Float] {
-        let p = patchSize, c = channels, h = imageH, w = imageW, gh = gridH, gw = gridW
-        var out = [Float](repeating: 0, count: n * gh * gw * Dc)
-        var o = 0
-        for i in 0..<n {
-            let img = images.baseAddress! + i * h * w * c
-            for gy in 0..<gh {
-                for gx in 0..<gw {
-                    for py in 0..<p {
-                        for px in 0..<p {
-                            let x = gx * p + px
-                            let src = (gy * p + py) * w + (flip ? w - 1 - x : x)  // horizontal flip
-                            for ch in 0..<c { out[o] = img[src * c + ch]; o += 1 }
-                        }
-                    }
-                }
-            }
-        }
-        return out
+        imagePatches(images, count: n, height: imageH, width: imageW, channels: channels, patch: patchSize, flip: flip)
     }
 
     /// Tokens [n, gridH * gridW] of images [n, H, W, channels] (nearest code per patch), and the
@@ -117,4 +100,28 @@ public struct Codebook {
         let (idx, dist) = x.withUnsafeBufferPointer { nearestCentroids(points: $0.baseAddress!, n: n * gridH * gridW, dim: Dc, centroids: vectors, k: V) }
         return (idx, dist.reduce(0.0) { $0 + Double($1) })
     }
+}
+
+/// Patches of images [n, h, w, c] (mirrored left-right when `flip`) as rows
+/// [n * (h / p) * (w / p), p * p * c], raster order, each laid out [py, px, c].
+public func imagePatches(_ images: UnsafeBufferPointer<Float>, count n: Int, height h: Int, width w: Int, channels c: Int,
+                         patch p: Int, flip: Bool = false) -> [Float] {
+    let gh = h / p, gw = w / p
+    var out = [Float](repeating: 0, count: n * gh * gw * p * p * c)
+    var o = 0
+    for i in 0..<n {
+        let img = images.baseAddress! + i * h * w * c
+        for gy in 0..<gh {
+            for gx in 0..<gw {
+                for py in 0..<p {
+                    for px in 0..<p {
+                        let x = gx * p + px
+                        let src = (gy * p + py) * w + (flip ? w - 1 - x : x)
+                        for ch in 0..<c { out[o] = img[src * c + ch]; o += 1 }
+                    }
+                }
+            }
+        }
+    }
+    return out
 }

@@ -91,24 +91,21 @@ public func buildFashionMNIST(source: String, out: String, options o: PatchVQOpt
     guard o.codebookSize >= 2, o.codebookSize <= 65535 else { throw InputError(out, "codebook size must be in 2...65535, got \(o.codebookSize)") }
     log("read \(train.count) train and \(test.count) test images of \(h)x\(w) from \(source) (\(elapsed(started)))")
 
-    // 1. k-means over patches (originals and flips) drawn from the training images.
+    // 1. k-means over the patches of randomly drawn training images, each flipped or not.
     let p = o.patch, dc = p * p
-    let gridW = w / p, perImage = (h / p) * gridW
+    let perImage = (h / p) * (w / p)
     let samples = min(o.kmeansSamples, train.count * perImage * 2)
     var rng = CounterRNG(seed: o.seed, RandomPurpose.initialise.rawValue, 0x7061_7463_6865_73)  // "patches"
-    var points = [Float](repeating: 0, count: samples * dc)
-    train.images.withUnsafeBufferPointer { imgs in
-        for s in 0..<samples {
-            let i = rng.below(train.count), k = rng.below(perImage), flip = rng.below(2) == 1
-            let gy = k / gridW, gx = k % gridW
-            for py in 0..<p {
-                for px in 0..<p {
-                    let x = gx * p + px
-                    points[s * dc + py * p + px] = imgs[i * h * w + (gy * p + py) * w + (flip ? w - 1 - x : x)]
-                }
-            }
+    var points: [Float] = []
+    points.reserveCapacity(samples * dc + perImage * dc)
+    train.images.withUnsafeBufferPointer { all in
+        while points.count < samples * dc {
+            let i = rng.below(train.count), flip = rng.below(2) == 1
+            let image = UnsafeBufferPointer(rebasing: all[(i * h * w)..<((i + 1) * h * w)])
+            points += imagePatches(image, count: 1, height: h, width: w, channels: 1, patch: p, flip: flip)
         }
     }
+    points.removeLast(points.count - samples * dc)
     log("k-means: \(samples) patches of \(p)x\(p), V = \(o.codebookSize), up to \(o.kmeansIterations) iterations")
     let centroids = kMeans(points: points, dim: dc, k: o.codebookSize, iterations: o.kmeansIterations, seed: o.seed) { st in
         log(String(format: "  iteration %2d: patch MSE %.5f, %d reassigned (%@)", st.iteration, st.meanSquaredError, st.changed, elapsed(started)))

@@ -1,8 +1,9 @@
 import Foundation
 import Platform
 
-/// Nearest centroid of each point, by squared Euclidean distance |x|^2 - 2 x.c + |c|^2 with the
-/// cross term as one sgemm per chunk of rows. Ties go to the lower index.
+/// Nearest centroid of each point, by squared Euclidean distance |x|^2 - 2 x.c + |c|^2. Per chunk
+/// of rows one sgemm gives -2 x.c; the argmin of |c|^2 - 2 x.c is a SIMD min then a scan for its
+/// first occurrence, so ties go to the lower index.
 /// points [n, d], centroids [k, d] -> index [n], squared distance [n].
 public func nearestCentroids(points: UnsafePointer<Float>, n: Int, dim d: Int, centroids: [Float], k: Int) -> (index: [Int32], distance: [Float]) {
     precondition(centroids.count == k * d && k >= 1)
@@ -11,32 +12,46 @@ public func nearestCentroids(points: UnsafePointer<Float>, n: Int, dim d: Int, c
     var cnorm = [Float](repeating: 0, count: k)  // [k] |c|^2
     for j in 0..<k { var s: Float = 0; for t in 0..<d { s += centroids[j * d + t] * centroids[j * d + t] }; cnorm[j] = s }
     let chunk = 4096
-    var dots = [Float](repeating: 0, count: chunk * k)  // [chunk, k] x.c
+    var scores = [Float](repeating: 0, count: chunk * k)  // [chunk, k] -2 x.c
     centroids.withUnsafeBufferPointer { c in
-        dots.withUnsafeMutableBufferPointer { dp in
+        scores.withUnsafeMutableBufferPointer { sp in
+            let sc = sp.baseAddress!
             var start = 0
             while start < n {
                 let m = min(chunk, n - start)
                 let x = points + start * d
-                BLAS.sgemm(transA: false, transB: true, m: m, n: k, k: d, x, lda: d, c.baseAddress!, ldb: d, beta: 0, dp.baseAddress!, ldc: k)
-                for i in 0..<m {
-                    var xn: Float = 0
-                    for t in 0..<d { xn += x[i * d + t] * x[i * d + t] }
-                    let row = dp.baseAddress! + i * k
-                    var best = 0
-                    var bestScore = cnorm[0] - 2 * row[0]  // |c|^2 - 2 x.c: same argmin as the distance
-                    for j in 1..<k {
-                        let s = cnorm[j] - 2 * row[j]
-                        if s < bestScore { bestScore = s; best = j }
+                BLAS.sgemm(transA: false, transB: true, m: m, n: k, k: d, alpha: -2, x, lda: d, c.baseAddress!, ldb: d, beta: 0, sc, ldc: k)
+                cnorm.withUnsafeBufferPointer { cn in
+                    for i in 0..<m {
+                        let (best, score) = argminFirst(sc + i * k, plus: cn.baseAddress!, k)
+                        var xn: Float = 0
+                        for t in 0..<d { xn += x[i * d + t] * x[i * d + t] }
+                        index[start + i] = Int32(best)
+                        distance[start + i] = max(0, xn + score)
                     }
-                    index[start + i] = Int32(best)
-                    distance[start + i] = max(0, xn + bestScore)
                 }
                 start += m
             }
         }
     }
     return (index, distance)
+}
+
+/// Index and value of the first minimum of v[j] + b[j], j < k.
+@inline(__always) func argminFirst(_ v: UnsafePointer<Float>, plus b: UnsafePointer<Float>, _ k: Int) -> (Int, Float) {
+    var lanes = SIMD16<Float>(repeating: .infinity)
+    var j = 0
+    let rv = UnsafeRawPointer(v), rb = UnsafeRawPointer(b)
+    while j + 16 <= k {
+        let x = rv.loadUnaligned(fromByteOffset: j * 4, as: SIMD16<Float>.self) + rb.loadUnaligned(fromByteOffset: j * 4, as: SIMD16<Float>.self)
+        lanes.replace(with: x, where: x .< lanes)  // compare and blend (pointwiseMin does not vectorise)
+        j += 16
+    }
+    var m = lanes.min()
+    while j < k { m = min(m, v[j] + b[j]); j += 1 }
+    var i = 0
+    while i < k - 1 && v[i] + b[i] != m { i += 1 }  // the same float sums, so equality is exact
+    return (i, v[i] + b[i])
 }
 
 /// One Lloyd iteration's summary, for progress lines.

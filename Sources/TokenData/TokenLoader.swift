@@ -10,6 +10,11 @@ public struct TokenBatch: Sendable {
     public let step: Int  // global batch number: stream position of its first sample / G
     public let epoch: Int  // epoch of the batch's first sample (a batch may run into the next epoch)
     public var count: Int { labels.count }
+
+    public init(codes: [Int32], labels: [Int32], sampleIndices: [Int], globalPositions: [Int], step: Int, epoch: Int) {
+        self.codes = codes; self.labels = labels; self.sampleIndices = sampleIndices
+        self.globalPositions = globalPositions; self.step = step; self.epoch = epoch
+    }
 }
 
 /// The training sample stream, the same for any number of ranks.
@@ -72,7 +77,6 @@ public final class TokenLoader {
             position += globalBatch
             return b
         }
-        if pending.isEmpty { scheduled = position }
         while pending.count < prefetch + 1 { schedule() }  // the one we wait for, plus `prefetch` ahead
         let p = pending.removeFirst()
         p.done.wait()

@@ -113,7 +113,7 @@ struct Inspect: ParsableCommand {
         let r = try inspectCache(directory: directory)
         say(directory)
         say(r.summary())
-        let cb = (directory as NSString).appendingPathComponent("codebook.h5")
+        let cb = (directory as NSString).appendingPathComponent(CacheInfo.codebookFileName)
         if FileManager.default.fileExists(atPath: cb) {
             let c = try Codebook.load(path: cb)
             say("codebook.h5: V = \(c.V), Dc = \(c.Dc), patch \(c.patchSize), image \(c.imageH)x\(c.imageW)x\(c.channels)")
@@ -154,7 +154,7 @@ struct Decode: ParsableCommand {
 
     func run() throws {
         let tc = try TokenCache(directory: cache)
-        let cbPath = codebook ?? (cache as NSString).appendingPathComponent("codebook.h5")
+        guard let cbPath = codebook ?? tc.codebookPath else { throw InputError(cache, "no codebook.h5 here; name one with --codebook") }
         let cb = try Codebook.load(path: cbPath)
         guard cb.V == tc.info.vocabSize else { throw InputError(cbPath, "codebook has V = \(cb.V) but the cache has vocab_size \(tc.info.vocabSize)") }
         let samples = index.flatMap { i in (i..<(i + count)) }
@@ -168,11 +168,10 @@ struct Decode: ParsableCommand {
         }
         let (h, w) = (tc.info.gridH * cb.patchSize, tc.info.gridW * cb.patchSize)
         let cols = allAugmentations ? augs.count * max(1, columns / augs.count) : columns
+        let g = imageGrid(images, height: h, width: w, channels: cb.channels, columns: cols, pad: images.count == 1 ? 0 : 2, scale: scale)
         if out.lowercased().hasSuffix(".pgm") || out.lowercased().hasSuffix(".ppm") {
-            let g = imageGrid(images, height: h, width: w, channels: cb.channels, columns: cols, pad: 2, scale: scale)
             try writePNM(path: out, pixels: g.pixels, width: g.width, height: g.height, channels: cb.channels)
         } else {
-            let g = imageGrid(images, height: h, width: w, channels: cb.channels, columns: cols, pad: 2, scale: scale)
             try writePNG(path: out, pixels: g.pixels, width: g.width, height: g.height, channels: cb.channels)
         }
         say("wrote \(out): \(wanted.count) image(s) of \(h)x\(w); samples \(samples), labels \(Array(labels))")
