@@ -101,6 +101,7 @@ def build_case(index, name, k, d, residual, slot_weights, cfg_scale, log=print):
 
     fixture_meta = {
         "format_version": FIXTURE_VERSION,
+        "fixture_version": FIXTURE_VERSION,
         "case": name,
         "batch": int(len(labels)),
         "slot_weights": [float(x) for x in sw],
