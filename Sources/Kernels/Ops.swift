@@ -154,10 +154,7 @@ public func attentionForward(_ out: FloatPtr, _ probs: FloatPtr, _ qkv: ConstFlo
                 var mx = -Float.infinity
                 for j in 0...last { mx = max(mx, row[j]) }
                 var sum: Float = 0
-                var j = 0
-                let w = Vec.scalarCount
-                while j + w <= last + 1 { let e = vexp(load(row + j) - mx); store(e, row + j); sum += e.sum(); j += w }
-                while j <= last { let e = sexp(row[j] - mx); row[j] = e; sum += e; j += 1 }
+                for j in 0...last { let e = fexp(row[j] - mx); row[j] = e; sum += e }
                 let inv = 1 / sum
                 for j in 0...last { row[j] *= inv }
                 if last + 1 < S { for j in (last + 1)..<S { row[j] = 0 } }
@@ -240,37 +237,21 @@ public func attentionBackward(_ dqkv: FloatPtr, _ scratch: FloatPtr, _ dout: Con
 // MARK: - SwiGLU  out = silu(a) * b, with ab (N, 2F) holding [a | b] per row (w1 and w3 fused)
 
 public func swigluForward(_ out: FloatPtr, _ ab: ConstFloatPtr, n: Int, f: Int) {
-    let w = Vec.scalarCount, fv = f - f % w
     for i in 0..<n {
         let a = ab + i * 2 * f, b = a + f, o = out + i * f
-        var j = 0
-        while j < fv {
-            let x = load(a + j)
-            store(x / (1 + vexp(-x)) * load(b + j), o + j)
-            j += w
-        }
-        while j < f { let x = a[j]; o[j] = x / (1 + sexp(-x)) * b[j]; j += 1 }
+        for j in 0..<f { let x = a[j]; o[j] = x / (1 + fexp(-x)) * b[j] }
     }
 }
 
 /// dab (N, 2F) = d[a | b] (overwritten, not added: it is a fresh intermediate).
 public func swigluBackward(_ dab: FloatPtr, _ dout: ConstFloatPtr, _ ab: ConstFloatPtr, n: Int, f: Int) {
-    let w = Vec.scalarCount, fv = f - f % w
     for i in 0..<n {
         let a = ab + i * 2 * f, b = a + f, g = dout + i * f
         let da = dab + i * 2 * f, db = da + f
-        var j = 0
-        while j < fv {
-            let x = load(a + j), s = 1 / (1 + vexp(-x)), gj = load(g + j)
-            store(gj * x * s, db + j)
-            store(gj * load(b + j) * s * (1 + x * (1 - s)), da + j)
-            j += w
-        }
-        while j < f {
-            let x = a[j], s = 1 / (1 + sexp(-x))
+        for j in 0..<f {
+            let x = a[j], s = 1 / (1 + fexp(-x))
             db[j] = g[j] * x * s
             da[j] = g[j] * b[j] * s * (1 + x * (1 - s))
-            j += 1
         }
     }
 }
@@ -287,21 +268,15 @@ public func crossEntropyForwardBackward(_ losses: FloatPtr, _ dlogits: FloatPtr?
         if y < 0 { losses[i] = 0; if let d = dlogits { (d + i * v).update(repeating: 0, count: v) }; continue }
         var mx = -Float.infinity
         for j in 0..<v { mx = max(mx, row[j]) }
-        let w = Vec.scalarCount, vv = v - v % w
-        var acc = Vec(repeating: 0)
-        var j = 0
-        while j < vv { acc += vexp(load(row + j) - mx); j += w }
-        var sum = acc.sum()
-        while j < v { sum += sexp(row[j] - mx); j += 1 }
+        var sum: Float = 0
+        for j in 0..<v { sum += fexp(row[j] - mx) }
         let logZ = mx + logf(sum)
         let target = row[y]
         losses[i] = logZ - target
         if let d = dlogits {
             let dr = d + i * v
             let g = weights[i] * scale
-            j = 0
-            while j < vv { store(g * vexp(load(row + j) - logZ), dr + j); j += w }
-            while j < v { dr[j] = g * sexp(row[j] - logZ); j += 1 }
+            for j in 0..<v { dr[j] = g * fexp(row[j] - logZ) }
             dr[y] -= g
         }
     }
