@@ -16,6 +16,8 @@ let package = Package(
         .executable(name: "tensorar-eval", targets: ["tensorar-eval"]),
         .executable(name: "tensorar-data", targets: ["tensorar-data"]),
         .executable(name: "tensorar-bench", targets: ["tensorar-bench"]),
+        .executable(name: "tensorar-sample", targets: ["tensorar-sample"]),
+        .executable(name: "tensorar-export", targets: ["tensorar-export"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -29,14 +31,16 @@ let package = Package(
         .target(name: "Kernels", dependencies: ["Platform"], swiftSettings: optimise),
         .target(name: "ARModel", dependencies: ["Kernels", "Platform"], swiftSettings: optimise),
         .target(name: "TokenData", dependencies: ["Platform"], swiftSettings: optimise),
-        .target(name: "Training", dependencies: ["ARModel", "TokenData", "Platform", "Yams"], swiftSettings: optimise),
+        .target(name: "Training", dependencies: ["ARModel", "Kernels", "TokenData", "Platform", "Yams"], swiftSettings: optimise),
         .executableTarget(name: "tensorar-train", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-eval", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-data", dependencies: ["TokenData", argParser], swiftSettings: lang),
+        .executableTarget(name: "tensorar-sample", dependencies: ["Training", argParser], swiftSettings: lang),
+        .executableTarget(name: "tensorar-export", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-bench", dependencies: ["Training", argParser], swiftSettings: optimise),
         .testTarget(name: "KernelTests", dependencies: ["Kernels"], swiftSettings: lang),
         .testTarget(name: "ModelTests", dependencies: ["ARModel"], exclude: ["Fixtures"], swiftSettings: lang),
         .testTarget(name: "DataTests", dependencies: ["TokenData"], swiftSettings: lang),
-        .testTarget(name: "TrainingTests", dependencies: ["Training"], swiftSettings: lang),
+        .testTarget(name: "TrainingTests", dependencies: ["Training", "ARModel", "Kernels", "Platform", "TokenData"], swiftSettings: lang),
     ]
 )
