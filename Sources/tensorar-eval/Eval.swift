@@ -14,7 +14,7 @@ struct Eval: ParsableCommand {
 
     enum NoiseMode: String, ExpressibleByArgument, CaseIterable { case none, train }
 
-    @Option(help: "Weights (.safetensors) to evaluate.") var weights: String
+    @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).") var weights: String
     @Option(help: "Token cache folder (SPEC section 7).") var data: String
     @Option(help: "Model shape for a file without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")).") var preset: String?
     @Option(help: "none: clean inputs; train: the training noise under a fixed seed.") var noise: NoiseMode = .none
@@ -46,7 +46,7 @@ struct Eval: ParsableCommand {
         let fallback = try preset.map {
             try ModelConfig.preset($0, vocabSize: cache.info.vocabSize, numClasses: cache.info.numClasses, gridSize: cache.info.gridH)
         }
-        let model = try Transformer.load(weights, fallback: fallback)
+        let model = try loadModel(from: weights, fallback: fallback)
         try checkDataMatchesModel(cache.info, model.config, cachePath: data)
         let lossNoise: LossNoise?
         if noise == .train {
