@@ -259,18 +259,3 @@ def test_not_a_zip(tmp_path):
     src.write_bytes(pickle.dumps({"a": 1}))
     r = run_script(src, tmp_path / "o.safetensors", *TINY)
     assert r.returncode == 2 and "not a zip-format torch checkpoint" in r.stderr
-
-
-def test_real_torch_save_if_available(tmp_path):
-    torch = pytest.importorskip("torch")
-    arrays = model_arrays(seed=2)
-    sd = collections.OrderedDict((n, torch.from_numpy(a).to(torch.bfloat16)) for n, a in arrays.items())
-    src = tmp_path / "real.pt"
-    torch.save({"model": sd}, src)
-    for extra in ([], ["--torch"]):
-        out = tmp_path / f"o{len(extra)}.safetensors"
-        r = run_script(src, out, *TINY, *extra)
-        assert r.returncode == 0, r.stderr
-        t, _ = safetensors_io.read(str(out))
-        for n, a in arrays.items():
-            np.testing.assert_array_equal(t[n], a)
