@@ -52,3 +52,18 @@ final class ReferenceTrainingTests: XCTestCase {
         }
     }
 }
+
+import TokenData
+import Platform
+
+/// A cache whose grid is not square cannot feed a model (the 2D rotary table needs H == W).
+final class DataModelMatchTests: XCTestCase {
+    func testNonSquareGridIsRejectedWithTheCacheNamed() throws {
+        let info = try JSONDecoder().decode(CacheInfo.self, from: Data(#"{"format_version":1,"vocab_size":16,"grid_h":2,"grid_w":3,"num_classes":3,"augmentations":1,"num_samples":0,"shards":[]}"#.utf8))
+        let c = ModelConfig(vocabSize: 16, numClasses: 3, gridSize: 2, dim: 8, nLayer: 1, nHead: 2)
+        XCTAssertThrowsError(try checkDataMatchesModel(info, c, cachePath: "/data/x")) { e in
+            XCTAssertEqual((e as? InputError)?.file, "/data/x")
+            XCTAssertTrue("\(e)".contains("not square"))
+        }
+    }
+}
