@@ -118,7 +118,9 @@ public final class HDF5File {
     }
 
     /// Writes rows [start, start + rows) of the first axis from raw memory of `kind`.
-    public func writeRows(_ name: String, kind: HDF5Kind, start: Int, rows: Int, from data: UnsafeRawPointer) throws {
+    /// Opens dataset `name` and selects rows [start, start + rows) of its first axis; `body` gets
+    /// the dataset, the memory space and the file space (the shared part of row reads and writes).
+    private func withRows(_ name: String, start: Int, rows: Int, _ body: (hid_t, hid_t, hid_t) throws -> Void) throws {
         try HDF5File.locked {
             let ds = H5Dopen2(id, name, tar_h5p_default())
             guard ds >= 0 else { throw InputError(path, "no dataset '\(name)'") }
@@ -133,6 +135,12 @@ public final class HDF5File {
             H5Sselect_hyperslab(fspace, H5S_SELECT_SET, &off, nil, &cnt, nil)
             let mspace = H5Screate_simple(Int32(cnt.count), &cnt, nil)
             defer { H5Sclose(mspace) }
+            try body(ds, mspace, fspace)
+        }
+    }
+
+    public func writeRows(_ name: String, kind: HDF5Kind, start: Int, rows: Int, from data: UnsafeRawPointer) throws {
+        try withRows(name, start: start, rows: rows) { ds, mspace, fspace in
             if H5Dwrite(ds, nativeType(kind), mspace, fspace, tar_h5p_default(), data) < 0 {
                 throw InputError(path, "writing dataset '\(name)' failed (disk full?)")
             }
@@ -179,20 +187,7 @@ public final class HDF5File {
 
     /// Reads rows [start, start + rows) of the first axis into raw memory, converting to `kind`.
     public func readRows(_ name: String, kind: HDF5Kind, start: Int, rows: Int, into out: UnsafeMutableRawPointer) throws {
-        try HDF5File.locked {
-            let ds = H5Dopen2(id, name, tar_h5p_default())
-            guard ds >= 0 else { throw InputError(path, "no dataset '\(name)'") }
-            defer { H5Dclose(ds) }
-            let (fspace, dims) = try dataspace(ds, name)
-            defer { H5Sclose(fspace) }
-            guard !dims.isEmpty, start >= 0, start + rows <= Int(dims[0]) else {
-                throw InputError(path, "rows \(start)..<\(start + rows) outside dataset '\(name)' of shape \(dims)")
-            }
-            var off = [hsize_t](repeating: 0, count: dims.count); off[0] = hsize_t(start)
-            var cnt = dims; cnt[0] = hsize_t(rows)
-            H5Sselect_hyperslab(fspace, H5S_SELECT_SET, &off, nil, &cnt, nil)
-            let mspace = H5Screate_simple(Int32(cnt.count), &cnt, nil)
-            defer { H5Sclose(mspace) }
+        try withRows(name, start: start, rows: rows) { ds, mspace, fspace in
             if H5Dread(ds, nativeType(kind), mspace, fspace, tar_h5p_default(), out) < 0 {
                 throw InputError(path, "reading dataset '\(name)' failed (file truncated or damaged?)")
             }
