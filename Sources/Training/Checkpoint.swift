@@ -253,7 +253,7 @@ public struct CheckpointStore {
             try f.flush()
         } catch {
             let why = (error as? InputError)?.problem ?? "\(error)"
-            throw InputError(file, "writing the checkpoint shard failed: \(why). Is the disk full?\(freeSpace(at: runDirectory)) "
+            throw InputError(file, "writing the checkpoint shard failed: \(why). \(freeSpace(at: runDirectory)) "
                 + "The checkpoint is abandoned; earlier ones are intact.")
         }
         try fsyncPath(file)
@@ -603,11 +603,11 @@ extension CheckpointManifest.Shard {
 
 private func join(_ a: String, _ b: String) -> String { (a as NSString).appendingPathComponent(b) }
 
-/// " (N MB free there)" for the file system holding `path`, or "" when unknown.
+/// "N MB free on that disk." for the file system holding `path` (a failed write's likely cause).
 func freeSpace(at path: String) -> String {
     var st = statvfs()
-    guard statvfs(path, &st) == 0 else { return "" }
-    return String(format: " (%.1f MB free there)", Double(st.f_bavail) * Double(st.f_frsize) / 1e6)
+    guard statvfs(path, &st) == 0 else { return "Is the disk full?" }
+    return String(format: "%.1f MB free on that disk.", Double(st.f_bavail) * Double(st.f_frsize) / 1e6)
 }
 
 /// fsync a file or folder, so a rename that follows cannot be seen before the data.

@@ -202,7 +202,7 @@ final class CheckpointTests: XCTestCase {
                                   params: params, optimizer: opt, communicator: .solo)
         struct DiskFull: Error, CustomStringConvertible { var description: String { "No space left on device" } }
         store.injectShardWriteFailure = { _ in throw DiskFull() }
-        assertInputError(["rank-00000-of-00001.h5", "No space left on device", "disk full", "earlier ones are intact"]) {
+        assertInputError(["rank-00000-of-00001.h5", "No space left on device", "MB free on that disk", "earlier ones are intact"]) {
             try store.save(progress: TrainingProgress(step: 6, samplesSeen: 384, seed: 0), config: cfg, model: model, table: table,
                            params: params, optimizer: opt, communicator: .solo)
         }
