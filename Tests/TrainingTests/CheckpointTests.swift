@@ -157,13 +157,7 @@ final class CheckpointTests: XCTestCase {
         let first = try saveAsRanks(store, step: 1, worldSize: 2, params: params, opt: opt, config: cfg)
         let dir = try saveAsRanks(store, step: 2, worldSize: 2, params: params, opt: opt, config: cfg)
         let shard = dir + "/rank-00000-of-00002.h5"
-        let size = try FileManager.default.attributesOfItem(atPath: shard)[.size] as! Int
-        let h = try FileHandle(forUpdating: URL(fileURLWithPath: shard))
-        try h.seek(toOffset: UInt64(size / 2))
-        let bytes = try h.read(upToCount: 8)!
-        try h.seek(toOffset: UInt64(size / 2))
-        try h.write(contentsOf: Data(bytes.map { $0 ^ 0x5a }))
-        try h.close()
+        try corruptMiddle(of: shard)
         XCTAssertNoThrow(try CheckpointStore.verify(dir))
 
         func fresh() -> (FlatBuffer, AdamW) { (FlatBuffer(count: table.total), AdamW(table: table, trainable: PerGroup(base: true, plugin: true))) }

@@ -210,16 +210,8 @@ final class ResumeTests: XCTestCase {
                 let size = try fm.attributesOfItem(atPath: file)[.size] as! Int
                 try FileHandle(forWritingTo: URL(fileURLWithPath: file)).truncate(atOffset: UInt64(size / 2))
             }, ["cannot open HDF5 file"]),
-            ("corrupted", { file in
-                // 16 bytes in the middle of the data: the shard still opens, the chunk checksum fails.
-                let h = try FileHandle(forUpdating: URL(fileURLWithPath: file))
-                let size = try fm.attributesOfItem(atPath: file)[.size] as! Int
-                try h.seek(toOffset: UInt64(size / 2))
-                let bytes = try h.read(upToCount: 16)!
-                try h.seek(toOffset: UInt64(size / 2))
-                try h.write(contentsOf: Data(bytes.map { ~$0 }))
-                try h.close()
-            }, ["reading dataset", "failed"]),
+            // 16 bytes in the middle of the data: the shard still opens, a chunk checksum fails.
+            ("corrupted", { file in try corruptMiddle(of: file) }, ["reading dataset", "failed"]),
             ("missing", { file in try fm.removeItem(atPath: file) }, ["shard missing"]),
         ]
         for (i, (what, damage, says)) in damages.enumerated() {
