@@ -218,6 +218,21 @@ public final class Communicator: @unchecked Sendable {
         return out
     }
 
+    /// Assembles a buffer every rank holds a part of, in place: rank r has filled `blocks[r]` (the
+    /// same list on every rank, ascending, not overlapping); afterwards every rank holds all the
+    /// blocks (MPI_Allgatherv). Each block and the end of the last one must fit an Int32.
+    public func allgather(inPlace buffer: UnsafeMutablePointer<Float>, blocks: [Range<Int>]) throws {
+        guard let comm else { return }
+        precondition(blocks.count == size, "allgather: \(blocks.count) blocks for \(size) ranks")
+        guard let end = blocks.last?.upperBound, end <= Int(Int32.max) else {
+            throw MPIError(call: "MPI_Allgatherv", code: -1, message: "buffer of \(blocks.last?.upperBound ?? 0) floats is beyond MPI's int counts")
+        }
+        var counts = blocks.map { Int32($0.count) }
+        var displs = blocks.map { Int32($0.lowerBound) }
+        try check(MPI_Allgatherv(tar_mpi_in_place(), 0, tar_mpi_float(), buffer, &counts, &displs, tar_mpi_float(), comm),
+                  "MPI_Allgatherv(\(end) floats)")
+    }
+
     /// Every rank's `values` (the same count on every rank), indexed by rank.
     public func allgather(_ values: [Int64]) throws -> [[Int64]] {
         guard let comm else { return [values] }

@@ -1,4 +1,5 @@
 import Foundation
+import Platform
 
 /// Seconds on a monotonic clock (for durations only; unaffected by changes to the wall clock).
 public func monotonicSeconds() -> Double {
@@ -63,6 +64,22 @@ public final class MetricsLog {
         try handle.seekToEnd()
     }
     deinit { try? handle.close() }
+
+    /// Removes the records of steps after `step` from the log at `path` (if it exists), keeping
+    /// every other line as it is: a run resumed from a checkpoint at `step` logs those steps again.
+    /// The file is replaced atomically.
+    public static func dropRecords(after step: Int, path: String) throws {
+        guard let data = FileManager.default.contents(atPath: path) else { return }
+        let lines = String(decoding: data, as: UTF8.self).split(separator: "\n", omittingEmptySubsequences: true)
+        let kept = lines.filter { line in
+            let record = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+            return ((record?["step"] as? Int) ?? Int.min) <= step
+        }
+        if kept.count == lines.count { return }
+        do { try Data(kept.map { $0 + "\n" }.joined().utf8).write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
+            throw InputError(path, "cannot rewrite the metrics log (\(error.localizedDescription))")
+        }
+    }
 
     /// The JSON line for a record (without the newline).
     public static func line(_ fields: KeyValuePairs<String, MetricValue>) -> String {

@@ -18,17 +18,17 @@ struct Eval: ParsableCommand {
     @Option(help: "Token cache folder (SPEC section 7).") var data: String
     @Option(help: "Model shape for a file without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")).") var preset: String?
     @Option(help: "none: clean inputs; train: the training noise under a fixed seed.") var noise: NoiseMode = .none
-    @Option(help: "Noise type for --noise train: \(NoiseType.allCases.map(\.rawValue).joined(separator: ", ")).") var noiseType: String = "replace"
-    @Option(help: "Noise schedule for --noise train: \(NoiseSchedule.allCases.map(\.rawValue).joined(separator: ", ")).") var noiseSchedule: String = "sine"
-    @Option(help: "Seed of the validation noise.") var noiseSeed: UInt64 = 0
+    @Option(help: "Noise type for --noise train: \(NoiseType.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.type, else replace).") var noiseType: String?
+    @Option(help: "Noise schedule for --noise train: \(NoiseSchedule.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.schedule, else sine).") var noiseSchedule: String?
+    @Option(help: "Seed of the validation noise (default: a checkpoint's train.seed, else 0).") var noiseSeed: UInt64?
     @Option(help: "Images per forward pass.") var batchSize = 32
     @Option(help: "Evaluate only the first N samples.") var limit: Int?
     @Flag(help: "Print one JSON object (and nothing else on stdout).") var json = false
 
     func validate() throws {
         if batchSize < 1 { throw ValidationError("--batch-size must be at least 1") }
-        if NoiseType(rawValue: noiseType) == nil { throw ValidationError("unknown --noise-type '\(noiseType)'") }
-        if NoiseSchedule(rawValue: noiseSchedule) == nil { throw ValidationError("unknown --noise-schedule '\(noiseSchedule)'") }
+        if let t = noiseType, NoiseType(rawValue: t) == nil { throw ValidationError("unknown --noise-type '\(t)'") }
+        if let s = noiseSchedule, NoiseSchedule(rawValue: s) == nil { throw ValidationError("unknown --noise-schedule '\(s)'") }
     }
 
     func run() throws {
@@ -46,11 +46,28 @@ struct Eval: ParsableCommand {
         let fallback = try preset.map {
             try ModelConfig.preset($0, vocabSize: cache.info.vocabSize, numClasses: cache.info.numClasses, gridSize: cache.info.gridH)
         }
-        let model = try loadModel(from: weights, fallback: fallback)
+        // A checkpoint folder also gives the run's settings: with --noise train, its noise and seed
+        // make this the validation loss the trainer logged for that checkpoint.
+        let checkpoint = try checkpointManifest(at: weights)
+        let model = try loadModel(from: checkpoint?.directory ?? weights, fallback: fallback)
         try checkDataMatchesModel(cache.info, model.config, cachePath: data)
         let lossNoise: LossNoise?
         if noise == .train {
-            lossNoise = LossNoise(noiser: TensorNoiser(type: NoiseType(rawValue: noiseType)!, schedule: NoiseSchedule(rawValue: noiseSchedule)!, window: model.config.window, vocabSize: model.config.vocabSize), seed: noiseSeed)
+            let trained = checkpoint?.manifest.config
+            let type = noiseType.flatMap(NoiseType.init) ?? trained?.noise.type ?? .replace
+            let schedule = noiseSchedule.flatMap(NoiseSchedule.init) ?? trained?.noise.schedule ?? .sine
+            var ln = LossNoise(noiser: TensorNoiser(type: type, schedule: schedule, window: model.config.window, vocabSize: model.config.vocabSize),
+                               seed: noiseSeed ?? trained.map { UInt64($0.train.seed) } ?? 0)
+            if type == .discrete && trained?.noise.embedding == .codebook {
+                // The trainer's codebook: its training cache's (else this cache's, the same tokenizer's).
+                guard let path = (try? TokenCache(directory: trained!.data.train))?.codebookPath ?? cache.codebookPath else {
+                    throw InputError(data, "the checkpoint's discrete noise uses the VQ codebook (noise.embedding: codebook), but neither this cache nor \(trained!.data.train) has a codebook.h5")
+                }
+                let cb = try Codebook.load(path: path)
+                ln.codebook = cb.vectors; ln.codebookDim = cb.Dc
+            }
+            lossNoise = ln
+            log("validation noise: \(type.rawValue), schedule \(schedule.rawValue), seed \(ln.seed)" + (checkpoint.map { " (from \($0.directory)/manifest.json unless given)" } ?? ""))
         } else { lossNoise = nil }
         let range = validationShard(cache: cache, limit: limit, rank: 0, worldSize: 1)
         let t0 = Date()

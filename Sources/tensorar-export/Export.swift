@@ -1,7 +1,48 @@
 import ArgumentParser
+import ARModel
+import Foundation
+import Platform
+import Training
 
+/// `tensorar-export --checkpoint DIR --out FILE.safetensors`: a checkpoint's model as the weights
+/// exchange file of SPEC section 7 (float32, the SPEC names, `tensorar.config` metadata), for
+/// sampling, evaluation, LlamaGen users, or `tensorar-train --init-from`.
 @main
 struct Export: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "tensorar-export", abstract: "Export a checkpoint's weights as safetensors (being written).")
-    func run() throws { throw ValidationError("tensorar-export is not written yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "tensorar-export",
+        abstract: "Export a checkpoint's weights as safetensors; measure checkpoint speed.",
+        subcommands: [Weights.self, CheckpointBench.self],
+        defaultSubcommand: Weights.self)
+}
+
+/// Prints `error: <file>: <problem>` for bad input and exits non-zero.
+func reportingInputErrors(_ body: () throws -> Void) throws {
+    do { try body() } catch let e as InputError {
+        FileHandle.standardError.write("error: \(e)\n".data(using: .utf8)!)
+        throw ExitCode(2)
+    }
+}
+
+struct Weights: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "weights",
+        abstract: "Write a checkpoint's model as .safetensors (the default command).",
+        discussion: "The file loads in tensorar-eval, tensorar-sample and tensorar-train --init-from, and in LlamaGen (base tensors).")
+
+    @Option(help: "A checkpoint folder (step-NNNNNNNN), or a run folder meaning its newest checkpoint (`latest`).") var checkpoint: String
+    @Option(help: "The .safetensors file to write (replaced atomically if it exists).") var out: String
+
+    func run() throws {
+        try reportingInputErrors {
+            guard let (dir, manifest) = try checkpointManifest(at: checkpoint) else {
+                let exists = FileManager.default.fileExists(atPath: checkpoint)
+                throw InputError(checkpoint, (exists ? "a file, not a folder" : "no such folder")
+                    + ": expected a checkpoint folder (step-NNNNNNNN) or a run folder with checkpoints")
+            }
+            let model = try loadModel(from: dir)
+            try model.save(out, extraMetadata: ["tensorar.checkpoint": dir, "tensorar.step": String(manifest.step)])
+            print("\(out): \(model.table.total) parameters from \(dir) (step \(manifest.step)); model \(model.config.jsonString())")
+        }
+    }
 }

@@ -48,6 +48,17 @@ struct Train: ParsableCommand {
     }
 
     func train(comm: Communicator, say: @escaping (String) -> Void) throws {
+        // Stop cleanly on SIGTERM / SIGINT: finish the step, save, exit (from the start: a
+        // signal during start-up stops the run after its first step).
+        let signals = [SIGTERM, SIGINT].map { sig -> DispatchSourceSignal in
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { Trainer.stopRequested.set() }
+            s.resume()
+            return s
+        }
+        defer { signals.forEach { $0.cancel() } }
+
         let file = config ?? (FileManager.default.fileExists(atPath: "Configs/default.yaml") ? "Configs/default.yaml" : nil)
         var extra = overrides
         if let initFrom { extra.append("model.init_from=\(initFrom)") }
@@ -71,23 +82,26 @@ struct Train: ParsableCommand {
         say("parameters: \(trainer.model.table.total) (base \(trainer.model.table.count(of: .base)), plug-in \(trainer.model.table.count(of: .plugin))); "
             + "accumulation \(cfg.accumulationSteps(worldSize: comm.size)) x micro-batch \(cfg.train.microBatch) x \(comm.size) rank(s) = global batch \(cfg.train.globalBatch)")
 
-        // Resume
+        // Resume: every rank reads its slice of the checkpoint, whatever rank count wrote it.
         let store = CheckpointStore(config: cfg)
         var notes: [String] = []
-        var resumeDir: String?
+        let loaded: LoadedCheckpoint?
+        let (params, table) = (trainer.model.params, trainer.model.table)
         switch cfg.checkpoint.resume {
-        case "never": resumeDir = nil
+        case "never": loaded = nil
         case "auto":
-            resumeDir = try store.resolveLatest(allowFallback: cfg.checkpoint.fallback, notes: &notes)
-            if resume && resumeDir == nil { throw InputError(store.runDirectory, "--resume: no complete checkpoint in this run folder") }
-        default: resumeDir = try CheckpointStore.resolve(path: cfg.checkpoint.resume, allowFallback: cfg.checkpoint.fallback, notes: &notes)
+            loaded = try store.loadLatest(allowFallback: cfg.checkpoint.fallback, model: mc, table: table, params: params,
+                                          optimizer: trainer.optimizer, communicator: comm, notes: &notes)
+            if resume && loaded == nil { throw InputError(store.runDirectory, "--resume: no complete checkpoint in this run folder") }
+        default:
+            loaded = try CheckpointStore.load(path: cfg.checkpoint.resume, allowFallback: cfg.checkpoint.fallback, model: mc, table: table,
+                                              params: params, optimizer: trainer.optimizer, communicator: comm, notes: &notes)
         }
         notes.forEach { say("note: \($0)") }
-        if let dir = resumeDir {
-            let loaded = try CheckpointStore.load(from: dir, model: mc, table: trainer.model.table, params: trainer.model.params, optimizer: trainer.optimizer)
+        if let loaded {
             loaded.notes.forEach { say("note: \($0)") }
             trainer.restore(progress: loaded.progress)
-            say("resumed from \(dir) at step \(trainer.step) (written by \(loaded.manifest.worldSize) rank(s))")
+            say("resumed from \(loaded.directory) at step \(trainer.step) (written by \(loaded.manifest.worldSize) rank(s))")
         }
         if trainer.step >= cfg.train.steps {
             say("run '\(cfg.checkpoint.run!)' is already complete at step \(trainer.step)/\(cfg.train.steps); start another with --set checkpoint.run=NAME, or --fresh")
@@ -99,22 +113,14 @@ struct Train: ParsableCommand {
         if comm.isRoot {
             try FileManager.default.createDirectory(atPath: store.runDirectory, withIntermediateDirectories: true)
             try cfg.yamlString().write(toFile: store.runDirectory + "/config.yaml", atomically: true, encoding: .utf8)
+            // A resumed run logs the steps after its checkpoint again: drop the old records of those.
+            if let loaded { try MetricsLog.dropRecords(after: loaded.progress.step, path: store.runDirectory + "/metrics.jsonl") }
             metrics = try MetricsLog(path: store.runDirectory + "/metrics.jsonl")
             say("resolved config (saved to \(store.runDirectory)/config.yaml):\n" + cfg.yamlString())
         }
         if comm.isRoot, let entropy = try? unigramEntropy(directory: cfg.data.train) {
             say(String(format: "train cache unigram entropy: %.4f nats (a model must beat this)", entropy))
         }
-
-        // Stop cleanly on SIGTERM / SIGINT: finish the step, save, exit.
-        let signals = [SIGTERM, SIGINT].map { sig -> DispatchSourceSignal in
-            signal(sig, SIG_IGN)
-            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { Trainer.stopRequested.set() }
-            s.resume()
-            return s
-        }
-        defer { signals.forEach { $0.cancel() } }
 
         let save = { (why: String) throws in
             let t0 = monotonicSeconds()

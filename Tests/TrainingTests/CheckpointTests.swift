@@ -121,14 +121,14 @@ final class CheckpointTests: XCTestCase {
         // Missing shard.
         var dir = try saveAsRanks(store, step: 1, worldSize: 2, params: params, opt: opt, config: cfg)
         try fm.removeItem(atPath: dir + "/rank-00001-of-00002.h5")
-        assertInputError(["rank-00001-of-00002.h5", "shard missing", "checkpoint.fallback"]) { try load(dir) }
+        assertInputError(["rank-00001-of-00002.h5", "shard missing", "checkpoint is damaged"]) { try load(dir) }
 
         // Truncated shard.
         dir = try saveAsRanks(store, step: 2, worldSize: 2, params: params, opt: opt, config: cfg)
         let shard = dir + "/rank-00000-of-00002.h5"
         let size = try fm.attributesOfItem(atPath: shard)[.size] as! Int
         try FileHandle(forWritingTo: URL(fileURLWithPath: shard)).truncate(atOffset: UInt64(size / 2))
-        assertInputError(["rank-00000-of-00002.h5", "cannot open HDF5 file", "checkpoint.fallback"]) { try load(dir) }
+        assertInputError(["rank-00000-of-00002.h5", "cannot open HDF5 file", "checkpoint is damaged"]) { try load(dir) }
 
         // Manifest missing, unparseable, or describing another model.
         dir = try saveAsRanks(store, step: 3, worldSize: 2, params: params, opt: opt, config: cfg)
@@ -145,6 +145,36 @@ final class CheckpointTests: XCTestCase {
         let f = try HDF5File.open(dir + "/rank-00001-of-00002.h5", writable: true)
         try f.setAttribute("param_start", int: 5)
         assertInputError(["rank-00001-of-00002.h5", "param_start is 5"]) { try load(dir) }
+    }
+
+    /// Shards carry checksums: bytes flipped in the data leave the file openable (verify passes)
+    /// but loading fails naming the shard; resuming refuses, or falls back when allowed.
+    func testCorruptedShardDataFailsItsChecksum() throws {
+        let root = try temporaryFolder(self)
+        let cfg = config("corrupt", root: root)
+        let store = CheckpointStore(config: cfg)
+        let (params, opt) = trainedState(seed: 8)
+        let first = try saveAsRanks(store, step: 1, worldSize: 2, params: params, opt: opt, config: cfg)
+        let dir = try saveAsRanks(store, step: 2, worldSize: 2, params: params, opt: opt, config: cfg)
+        let shard = dir + "/rank-00000-of-00002.h5"
+        try corruptMiddle(of: shard)
+        XCTAssertNoThrow(try CheckpointStore.verify(dir))
+
+        func fresh() -> (FlatBuffer, AdamW) { (FlatBuffer(count: table.total), AdamW(table: table, trainable: PerGroup(base: true, plugin: true))) }
+        var (p2, o2) = fresh()
+        assertInputError([shard, "reading dataset", "checkpoint is damaged"]) {
+            _ = try CheckpointStore.load(from: dir, model: model, table: table, params: p2, optimizer: o2)
+        }
+        var notes: [String] = []
+        assertInputError([shard, "--fallback", "checkpoint.fallback: true"]) {
+            _ = try store.loadLatest(allowFallback: false, model: model, table: table, params: p2, optimizer: o2, notes: &notes)
+        }
+        (p2, o2) = fresh()
+        let loaded = try store.loadLatest(allowFallback: true, model: model, table: table, params: p2, optimizer: o2, notes: &notes)
+        XCTAssertEqual(loaded?.directory, first)
+        XCTAssertEqual(p2.array, params.array)
+        XCTAssertEqual(o2.m.array, opt.m.array)
+        XCTAssertEqual(notes.count, 2, "\(notes)")
     }
 
     func testRetentionKeepsLastAndEveryMth() throws {
@@ -166,7 +196,7 @@ final class CheckpointTests: XCTestCase {
                                   params: params, optimizer: opt, communicator: .solo)
         struct DiskFull: Error, CustomStringConvertible { var description: String { "No space left on device" } }
         store.injectShardWriteFailure = { _ in throw DiskFull() }
-        assertInputError(["rank-00000-of-00001.h5", "No space left on device", "disk full", "earlier ones are intact"]) {
+        assertInputError(["rank-00000-of-00001.h5", "No space left on device", "MB free on that disk", "earlier ones are intact"]) {
             try store.save(progress: TrainingProgress(step: 6, samplesSeen: 384, seed: 0), config: cfg, model: model, table: table,
                            params: params, optimizer: opt, communicator: .solo)
         }

@@ -53,6 +53,17 @@ func assertInputError(_ expect: [String], file: StaticString = #filePath, line: 
     }
 }
 
+/// Flips `count` bytes in the middle of `file` (a damaged disk block: the file keeps its size).
+func corruptMiddle(of file: String, count: Int = 16) throws {
+    let size = try FileManager.default.attributesOfItem(atPath: file)[.size] as! Int
+    let h = try FileHandle(forUpdating: URL(fileURLWithPath: file))
+    defer { try? h.close() }
+    try h.seek(toOffset: UInt64(size / 2))
+    let bytes = try h.read(upToCount: count) ?? Data()
+    try h.seek(toOffset: UInt64(size / 2))
+    try h.write(contentsOf: Data(bytes.map { ~$0 }))
+}
+
 /// The package root (for Configs/).
 let packageRoot: String = {
     var url = URL(fileURLWithPath: #filePath)

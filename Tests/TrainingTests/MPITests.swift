@@ -132,7 +132,8 @@ final class MPIWorker: XCTestCase {
             }
         }
 
-        // Collective checkpoint: every rank writes its shard in parallel; all read it back whole.
+        // Collective checkpoint: every rank writes its shard in parallel; all read it back whole
+        // (each rank reads its slice, the ranks exchange them).
         let model = testModel(), table = ParameterTable(model)
         let params = randomBuffer(table.total, seed: 11)
         let opt = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
@@ -145,16 +146,18 @@ final class MPIWorker: XCTestCase {
                                  table: table, params: params, optimizer: opt, communicator: comm)
         let p2 = FlatBuffer(count: table.total)
         let o2 = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
-        _ = try CheckpointStore.load(from: dir, model: model, table: table, params: p2, optimizer: o2)
+        _ = try CheckpointStore.load(from: dir, model: model, table: table, params: p2, optimizer: o2, communicator: comm)
         XCTAssertEqual(p2.array, params.array)
         XCTAssertEqual(o2.m.array, opt.m.array)
         XCTAssertEqual(o2.v.array, opt.v.array)
-        // A write failure on the last rank only: every rank throws, the earlier checkpoint stays latest.
+        // A write failure on the last rank only: every rank throws that rank's error, the earlier
+        // checkpoint stays latest.
         if r == W - 1 { store.injectShardWriteFailure = { _ in throw InputError("test", "No space left on device") } }
         XCTAssertThrowsError(try store.save(progress: TrainingProgress(step: 3, samplesSeen: 768, seed: 0), config: cfg, model: model,
                                             table: table, params: params, optimizer: opt, communicator: comm)) { error in
             let text = "\(error)"
-            XCTAssertTrue(text.contains(r == W - 1 ? "No space left on device" : "rank(s) \(W - 1) failed"), text)
+            XCTAssertTrue(text.contains("rank-\(String(format: "%05d", W - 1))-of-") && text.contains("No space left on device"), text)
+            XCTAssertEqual(text.contains("(reported by rank \(W - 1))"), r != W - 1, text)
         }
         XCTAssertEqual(store.latestName(), "step-00000002")
     }
