@@ -56,6 +56,7 @@ public final class Trainer {
         if let w = config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
         weightPerImage = model.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, mc.seqLen - $1.offset)) * Double($1.element) }
         optimizer = AdamW(table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups)
+        optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
         loader = try TokenLoader(cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
                                  seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: 2)
         sync = try GradientSync(communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB, mode: config.dist.overlap ? .overlapped : .blocking)
