@@ -188,6 +188,22 @@ public final class Trainer {
         return local
     }
 
+    /// Seconds one gradient allreduce takes by itself: all ranks start it together (after a
+    /// barrier), nothing else runs; mean of `repeats`. The step's allreduce wait also holds the
+    /// time spent waiting for a slower rank; this is the transfer alone. Overwrites the gradients
+    /// (call it after training).
+    public func measureAllreduce(repeats: Int = 3) throws -> Double {
+        guard comm.size > 1, repeats > 0 else { return 0 }
+        var total = 0.0
+        for _ in 0..<repeats {
+            try comm.barrier()
+            let t0 = monotonicSeconds()
+            try sync.allreduce(model.grads, scale: 1)
+            total += monotonicSeconds() - t0
+        }
+        return total / Double(repeats)
+    }
+
     /// Validation loss over the validation cache (or its first `val_samples`), split across ranks,
     /// with the training noise under a fixed seed (SPEC section 4) and, beside it, clean inputs.
     public func validate() throws -> (noised: LossReport, clean: LossReport)? {
