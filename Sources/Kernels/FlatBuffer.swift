@@ -1,3 +1,5 @@
+import Foundation
+
 /// One flat, 64-byte aligned, zero-initialised block of Float32 (llm.c style): parameters,
 /// gradients, AdamW moments and activations are each one of these, carved into named views.
 public final class FlatBuffer {
@@ -9,8 +11,20 @@ public final class FlatBuffer {
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
         base = raw.bindMemory(to: Float.self, capacity: max(count, 1))
         base.initialize(repeating: 0, count: max(count, 1))
+        FlatBuffer.account(max(count, 1) * 4)
     }
-    deinit { base.deallocate() }
+    deinit {
+        base.deallocate()
+        FlatBuffer.account(-max(count, 1) * 4)
+    }
+
+    /// Bytes held by all FlatBuffers alive in this process: the trainer measures its activations
+    /// with it (the buffers a training step allocates), and a test checks the activation estimate
+    /// against it. Buffers are allocated rarely (once per shape), so the lock costs nothing.
+    public static var liveBytes: Int { accountLock.lock(); defer { accountLock.unlock() }; return live }
+    private static let accountLock = NSLock()
+    private static var live = 0
+    private static func account(_ bytes: Int) { accountLock.lock(); live += bytes; accountLock.unlock() }
 
     public subscript(i: Int) -> Float {
         get { base[i] }

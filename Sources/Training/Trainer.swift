@@ -15,7 +15,7 @@ public final class Trainer {
     public let loader: TokenLoader
     public let trainCache: TokenCache
     public let valCache: TokenCache?
-    let sync: GradientSync
+    public let sync: GradientSync
     let noise: LossNoise
     let weightPerImage: Double
     public private(set) var step = 0
@@ -24,8 +24,24 @@ public final class Trainer {
     /// Set by a signal handler: finish the step, save, exit cleanly.
     public static let stopRequested = ManagedAtomicFlag()
 
-    public struct Timing { public var compute = 0.0, allreduceWait = 0.0, dataWait = 0.0, optimizer = 0.0, steps = 0 }
+    /// Seconds summed over steps: forward/backward (`compute`), waiting for the gradient
+    /// allreduce after backward (`allreduceWait`: all of it when blocking, what overlap did not
+    /// hide otherwise; it includes waiting for a slower rank), waiting for the loader, and AdamW.
+    public struct Timing {
+        public var compute = 0.0, allreduceWait = 0.0, dataWait = 0.0, optimizer = 0.0, steps = 0
+        public var total: Double { compute + allreduceWait + dataWait + optimizer }
+        mutating func add(_ o: Timing) {
+            compute += o.compute; allreduceWait += o.allreduceWait; dataWait += o.dataWait; optimizer += o.optimizer; steps += o.steps
+        }
+    }
+    /// Every step of this process except its first (which allocates the activations and warms
+    /// the caches), so short benchmark runs measure the steady state; `firstStep` holds that one.
     public private(set) var timing = Timing()
+    public private(set) var firstStep = Timing()
+    /// Bytes of FlatBuffers the first step allocated (the model's activations and backward
+    /// scratch), measured; compare `memory.activations`, the estimate made before it.
+    public private(set) var activationBytesMeasured: Int?
+    let hooks = TestHooks.fromEnvironment()
 
     public init(config: TrainConfig, comm: Communicator, say: @escaping (String) -> Void) throws {
         self.config = config; self.comm = comm; self.say = say
@@ -36,9 +52,11 @@ public final class Trainer {
         let mc = try config.model.resolve(vocabSize: info.vocabSize, numClasses: info.numClasses, gridSize: info.gridH)
         if let v = valCache { try checkDataMatchesModel(v.info, mc, cachePath: v.directory) }
         model = try Trainer.buildModel(mc, config: config)
+        _ = model.grads  // allocated now (lazy), so it counts as gradients, not as the first step's activations
         if let w = config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
         weightPerImage = model.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, mc.seqLen - $1.offset)) * Double($1.element) }
         optimizer = AdamW(table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups)
+        optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
         loader = try TokenLoader(cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
                                  seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: 2)
         sync = try GradientSync(communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB, mode: config.dist.overlap ? .overlapped : .blocking)
@@ -50,6 +68,32 @@ public final class Trainer {
         }
         noise = LossNoise(noiser: TensorNoiser(type: config.noise.type, schedule: config.noise.schedule, window: mc.window, vocabSize: mc.vocabSize),
                           seed: UInt64(config.train.seed), codebook: codebook, codebookDim: cbDim)
+    }
+
+    /// Memory of one rank by purpose, in bytes: exact for parameters, gradients and moments, an
+    /// estimate (`ModelConfig.trainingActivationBytes`, checked by a test) for activations.
+    public struct MemoryBreakdown: CustomStringConvertible {
+        public var parameters = 0, gradients = 0, moments = 0, activations = 0
+        /// Token batches in flight (the loader reads ahead) and MPI's scratch for one bucket.
+        public var buffers = 0
+        public var total: Int { parameters + gradients + moments + activations + buffers }
+        public var description: String {
+            func mb(_ b: Int) -> String { String(format: b < 10_000_000 ? "%.1f MB" : "%.0f MB", Double(b) / 1e6) }
+            return "memory per rank (estimate): parameters \(mb(parameters)), gradients \(mb(gradients)), AdamW moments \(mb(moments)), "
+                + "activations \(mb(activations)), buffers \(mb(buffers)) (data read-ahead, allreduce scratch); total \(mb(total)) "
+                + "+ the runtime, MPI and BLAS"
+        }
+    }
+
+    public var memory: MemoryBreakdown {
+        var m = MemoryBreakdown()
+        m.parameters = model.params.count * 4
+        m.gradients = model.grads.count * 4
+        m.moments = (optimizer.m.count + optimizer.v.count) * 4
+        m.activations = model.config.trainingActivationBytes(batch: config.train.microBatch, dropout: config.train.dropout > 0)
+        let batchBytes = loader.localBatch * model.config.seqLen * 4
+        m.buffers = (loader.prefetch + 2) * batchBytes + (comm.size > 1 ? 2 * min(sync.bucketElements, model.table.total) * 4 : 0)
+        return m
     }
 
     /// Fresh weights from the seed (the same on every rank), or `model.init_from`: a full model,
@@ -77,19 +121,52 @@ public final class Trainer {
     public struct StepResult { public var report: LossReport; public var gradNorm: Double; public var applied: Bool; public var seconds: Double }
 
     /// One optimizer step over one global batch: micro-batches with gradient accumulation, the
-    /// last one's backward overlapped with the allreduce, then AdamW.
+    /// last one's backward overlapped with the allreduce, then AdamW. A step whose loss or
+    /// gradient is not finite (on any rank: both are reduced first) is not applied on any rank.
     public func trainStep() throws -> StepResult {
         let t0 = monotonicSeconds()
         let batch = try loader.next()
         let tData = monotonicSeconds()
-        timing.dataWait += tData - t0
+        let liveBefore = FlatBuffer.liveBytes
+        try hooks.failIfAsked(rank: comm.rank, worldSize: comm.size, step: step + 1)
+        let local = accumulateGradients(batch, sync: sync)
+        let commWait = try sync.finish().waitSeconds
+        var packed = local.packed
+        try comm.allreduce(&packed)
+        let report = LossReport(packed: packed)
+        let first = activationBytesMeasured == nil
+        if first { activationBytesMeasured = FlatBuffer.liveBytes - liveBefore }
+        let tOpt = monotonicSeconds()
+        var applied = false, norm = Double.nan
+        if report.loss.isFinite {
+            let res = optimizer.step(params: model.params, grads: model.grads, lr: config.learningRates(at: step), clip: config.clipNorm)
+            applied = res.applied; norm = res.gradNorm
+        }
+        let t1 = monotonicSeconds()
+        let t = Timing(compute: (tOpt - tData) - commWait, allreduceWait: commWait, dataWait: tData - t0, optimizer: t1 - tOpt, steps: 1)
+        if first { firstStep = t } else { timing.add(t) }
+        step += 1
+        return StepResult(report: report, gradNorm: norm, applied: applied, seconds: t1 - t0)
+    }
+
+    /// This rank's part of the step's gradient: its share `batch` of the global batch, in
+    /// micro-batches, summed into `model.grads` (zeroed first) and scaled by 1 / the global
+    /// batch's total loss weight, so that the sum over ranks is the gradient of the global mean
+    /// loss. Label drop, noise and dropout are keyed by each sample's position in the global batch,
+    /// so the sum does not depend on how the batch is split over ranks. With `sync`, the last
+    /// micro-batch's backward hands each finished range to it (`begin`/`markReady`); the caller
+    /// then calls `sync.finish()`. Returns this rank's loss sums.
+    func accumulateGradients(_ batch: TokenBatch, sync: GradientSync?) -> LossReport {
         let c = model.config, T = c.seqLen
         let micro = config.train.microBatch
+        precondition(batch.count % micro == 0, "a rank's batch of \(batch.count) is not a whole number of micro-batches of \(micro)")
         let accum = batch.count / micro
         let scale = Float(1 / (Double(config.train.globalBatch) * weightPerImage))
         var local = LossReport(slots: c.window)
         model.grads.zero()
-        var commWait = 0.0
+        // Test-only fault injection (TestHooks): a NaN added before any backward stays NaN.
+        let poison = hooks.nan(rank: comm.rank, worldSize: comm.size, step: batch.step + 1)
+        if poison != nil { model.grads[0] = .nan }
         for a in 0..<accum {
             let r = (a * micro)..<((a + 1) * micro)
             let positions = Array(batch.globalPositions[r])
@@ -98,31 +175,33 @@ public final class Trainer {
             let mb = makeModelBatch(model: model, codes: codes, labels: labels, noise: noise, step: batch.step, samplePositions: positions, purpose: .noise)
             let dropout = DropoutSettings(p: Float(config.train.dropout), seed: UInt64(config.train.seed), step: batch.step, samplePositions: positions)
             local.add(model.forward(mb, dropout: dropout, gradientScale: scale))
-            if a == accum - 1 {
+            if a == accum - 1, let sync {
+                // Backward must not write a range after marking it, so only the last micro-batch's
+                // backward hands ranges over (GradientSync's rules).
                 sync.begin(model.grads, scale: 1)
-                model.backward { [sync] range in sync.markReady(range) }
-                let t = try sync.finish()
-                commWait = t.waitSeconds
+                model.backward { range in sync.markReady(range) }
             } else {
                 model.backward()
             }
         }
-        var packed = local.packed
-        try comm.allreduce(&packed)
-        let report = LossReport(packed: packed)
-        let tOpt = monotonicSeconds()
-        var applied = false, norm = Double.nan
-        if report.loss.isFinite {
-            let res = optimizer.step(params: model.params, grads: model.grads, lr: config.learningRates(at: step), clip: config.clipNorm)
-            applied = res.applied; norm = res.gradNorm
+        if poison == .loss { local.weightedSum = .nan }
+        return local
+    }
+
+    /// Seconds one gradient allreduce takes by itself: all ranks start it together (after a
+    /// barrier), nothing else runs; mean of `repeats`. The step's allreduce wait also holds the
+    /// time spent waiting for a slower rank; this is the transfer alone. Overwrites the gradients
+    /// (call it after training).
+    public func measureAllreduce(repeats: Int = 3) throws -> Double {
+        guard comm.size > 1, repeats > 0 else { return 0 }
+        var total = 0.0
+        for _ in 0..<repeats {
+            try comm.barrier()
+            let t0 = monotonicSeconds()
+            try sync.allreduce(model.grads, scale: 1)
+            total += monotonicSeconds() - t0
         }
-        let t1 = monotonicSeconds()
-        timing.allreduceWait += commWait
-        timing.optimizer += t1 - tOpt
-        timing.compute += (tOpt - tData) - commWait
-        timing.steps += 1
-        step += 1
-        return StepResult(report: report, gradNorm: norm, applied: applied, seconds: t1 - t0)
+        return total / Double(repeats)
     }
 
     /// Validation loss over the validation cache (or its first `val_samples`), split across ranks,
@@ -136,6 +215,13 @@ public final class Trainer {
         try comm.allreduce(&clean)
         return (LossReport(packed: noised), LossReport(packed: clean))
     }
+}
+
+/// An error every rank raises at the same step from the same reduced values (e.g. too many
+/// non-finite steps in a row), so the job can end without MPI_Abort: no rank is left waiting.
+public struct CollectiveStop: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ description: String) { self.description = description }
 }
 
 /// A flag set from a signal handler and read by the loop.
@@ -166,5 +252,49 @@ extension Trainer {
         var flag: [Int64] = [Trainer.stopRequested.isSet ? 1 : 0]
         try comm.allreduce(&flag, op: .max)
         return flag[0] != 0
+    }
+}
+
+/// Test-only fault injection, read from the environment once per Trainer. These variables exist
+/// for Tests/TrainingTests/DistributedTrainingTests.swift, which proves under real mpirun that a
+/// NaN step is skipped on every rank and that a failing rank ends the whole job; they are not a
+/// user feature (not in the config, not in --help). Unset, they cost nothing.
+///
+///     TENSORAR_TEST_NAN_AT_STEP=3      the step (1-based, as logged) whose gradient becomes NaN;
+///                               =3-     every step from 3 on
+///     TENSORAR_TEST_NAN_IN=loss        loss (default): the loss and the gradient; grad: the gradient only
+///     TENSORAR_TEST_NAN_RANK=1         the rank it happens on (default 1; 0 when alone)
+///     TENSORAR_TEST_FAIL_RANK=1        this rank throws at the start of a step ...
+///     TENSORAR_TEST_FAIL_AT_STEP=2     ... this one (default 2)
+struct TestHooks {
+    enum Poison: String { case loss, grad }
+    var nanSteps: ClosedRange<Int>?
+    var nanIn = Poison.loss
+    var nanRank: Int?
+    var failRank: Int?
+    var failStep = 2
+
+    static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> TestHooks {
+        var h = TestHooks()
+        if let s = env["TENSORAR_TEST_NAN_AT_STEP"] {
+            if s.hasSuffix("-"), let from = Int(s.dropLast()) { h.nanSteps = from...Int.max } else if let n = Int(s) { h.nanSteps = n...n }
+        }
+        if let s = env["TENSORAR_TEST_NAN_IN"], let p = Poison(rawValue: s) { h.nanIn = p }
+        h.nanRank = env["TENSORAR_TEST_NAN_RANK"].flatMap { Int($0) }
+        h.failRank = env["TENSORAR_TEST_FAIL_RANK"].flatMap { Int($0) }
+        if let s = env["TENSORAR_TEST_FAIL_AT_STEP"], let n = Int(s) { h.failStep = n }
+        return h
+    }
+
+    /// What to poison on this rank at this step, if anything.
+    func nan(rank: Int, worldSize: Int, step: Int) -> Poison? {
+        guard let r = nanSteps, r.contains(step), rank == (nanRank ?? min(1, worldSize - 1)) else { return nil }
+        return nanIn
+    }
+
+    func failIfAsked(rank: Int, worldSize: Int, step: Int) throws {
+        if let f = failRank, f == rank, step == failStep {
+            throw InputError("TENSORAR_TEST_FAIL_RANK", "rank \(rank) fails at step \(step) on purpose (test-only fault injection)")
+        }
     }
 }

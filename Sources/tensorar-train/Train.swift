@@ -38,6 +38,12 @@ struct Train: ParsableCommand {
         do {
             try train(comm: comm, say: say)
             try? MPI.finalize()
+        } catch let e as CollectiveStop {
+            // Every rank decided this at the same step: no rank is left waiting, so end normally
+            // (one message, every rank exits 1) instead of aborting.
+            if comm.isRoot { FileHandle.standardError.write("error: \(e)\n".data(using: .utf8)!) }
+            try? MPI.finalize()
+            throw ExitCode(1)
         } catch {
             let msg = "error: rank \(comm.rank) of \(comm.size): \(error)\n"
             FileHandle.standardError.write(msg.data(using: .utf8)!)
@@ -81,6 +87,9 @@ struct Train: ParsableCommand {
         say("model: \(mc.jsonString())")
         say("parameters: \(trainer.model.table.total) (base \(trainer.model.table.count(of: .base)), plug-in \(trainer.model.table.count(of: .plugin))); "
             + "accumulation \(cfg.accumulationSteps(worldSize: comm.size)) x micro-batch \(cfg.train.microBatch) x \(comm.size) rank(s) = global batch \(cfg.train.globalBatch)")
+        say(trainer.memory.description)
+        say("gradient sync: \(trainer.sync.mode) allreduce in \(trainer.sync.buckets.count) bucket(s) of up to \(String(format: "%.1f", Double(trainer.sync.bucketElements) * 4 / 1e6)) MB"
+            + (trainer.sync.note.map { " (\($0))" } ?? ""))
 
         // Resume: every rank reads its slice of the checkpoint, whatever rank count wrote it.
         let store = CheckpointStore(config: cfg)
@@ -142,7 +151,9 @@ struct Train: ParsableCommand {
                 skipped += 1
                 say("step \(s): loss \(r.report.loss), gradient norm \(r.gradNorm): not finite, step skipped (\(skipped) in a row)")
                 if skipped > cfg.train.maxSkippedSteps {
-                    throw InputError("training", "\(skipped) steps in a row had a non-finite loss or gradient: stopping. Lower the learning rate or check the data (the last good checkpoint is kept).")
+                    // Loss and gradient norm are reduced over all ranks, so every rank stops here.
+                    throw CollectiveStop("step \(s): \(skipped) steps in a row had a non-finite loss or gradient (train.max_skipped_steps is \(cfg.train.maxSkippedSteps)): stopping. "
+                        + "Lower the learning rate or check the data; the last good checkpoint is kept.")
                 }
             } else { skipped = 0 }
             let secs = window.reduce(0, +) / Double(window.count)
@@ -168,10 +179,14 @@ struct Train: ParsableCommand {
             if stop { say("stopped cleanly at step \(s); resume with the same command (or --resume)"); return }
         }
         _ = lastLogged
-        let t = trainer.timing
+        let t = trainer.timing.steps > 0 ? trainer.timing : trainer.firstStep
         let n = Double(max(t.steps, 1))
-        say(String(format: "time per step: compute %.3f s, allreduce wait %.3f s, data wait %.4f s, optimizer %.3f s; peak memory %.0f MB (rank 0)",
-                   t.compute / n, t.allreduceWait / n, t.dataWait / n, t.optimizer / n, Double(ProcessMemory.peakResidentBytes() ?? 0) / 1e6))
+        let alone = try trainer.measureAllreduce()
+        say(String(format: "time per step: compute %.3f s, allreduce wait %.3f s (%.1f%%), data wait %.4f s, optimizer %.3f s (rank 0, mean of %d step(s) after the first); "
+                   + "allreduce alone %.3f s for %.0f MB", t.compute / n, t.allreduceWait / n, 100 * t.allreduceWait / max(t.total, 1e-12), t.dataWait / n,
+                   t.optimizer / n, trainer.timing.steps, alone, Double(trainer.model.grads.count * 4) / 1e6))
+        say(String(format: "memory: peak resident %.0f MB (rank 0); activations measured %.0f MB",
+                   Double(ProcessMemory.peakResidentBytes() ?? 0) / 1e6, Double(trainer.activationBytesMeasured ?? 0) / 1e6))
         if comm.isRoot {
             let out = store.runDirectory + "/model.safetensors"
             try trainer.model.save(out)

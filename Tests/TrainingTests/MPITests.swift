@@ -2,18 +2,24 @@ import ARModel
 import Foundation
 import Kernels
 import Platform
+import TokenData
 import XCTest
 @testable import Training
 
-/// The Communicator, gradient averaging and collective checkpoint saving across real MPI ranks.
-/// The driver (`MPITests`) starts this same test binary under `mpirun -n W`, running only
-/// `MPIWorker`; each rank checks the results, and a failing check makes that rank, and so
-/// `mpirun`, exit non-zero. The driver process itself never initialises MPI (a process can do
-/// so only once).
+/// The Communicator, gradient averaging, a trainer step and collective checkpoint saving across
+/// real MPI ranks.
+///
+/// Each of `testSingletonWithoutMPIRun`, `testTwoRanks` and `testThreeRanks` is both the driver
+/// and the ranks: run normally, it starts this same test binary under `mpirun -n W` with a filter
+/// naming itself and TENSORAR_MPI_WORKER=1 set; run that way, the same test method is one rank and
+/// runs `rankBody()`. So there is no separate worker test that a normal run would have to skip:
+/// every test in this class does real work in every run. Each rank checks its results; a failing
+/// check makes that rank, and so `mpirun`, exit non-zero. The driver process itself never
+/// initialises MPI (a process can do so only once).
 final class MPITests: XCTestCase {
-    func testSingletonWithoutMPIRun() throws { try runWorkers(ranks: nil) }
-    func testTwoRanks() throws { try runWorkers(ranks: 2) }
-    func testThreeRanks() throws { try runWorkers(ranks: 3) }
+    func testSingletonWithoutMPIRun() throws { try runAsRanks(nil) }
+    func testTwoRanks() throws { try runAsRanks(2) }
+    func testThreeRanks() throws { try runAsRanks(3) }
 
     /// One rank without MPI at all (`Communicator.solo`): only the scaling happens.
     func testSoloCommunicator() throws {
@@ -28,37 +34,38 @@ final class MPITests: XCTestCase {
         XCTAssertEqual(g.array, (0..<10).map { Float($0) * 0.5 })
     }
 
-    private func runWorkers(ranks: Int?, file: StaticString = #filePath, line: UInt = #line) throws {
+    /// In the driver: starts the ranks (`ranks` nil: one process without mpirun, an MPI singleton)
+    /// and checks they all passed. In a rank (TENSORAR_MPI_WORKER set): runs `rankBody()`.
+    private func runAsRanks(_ ranks: Int?, test: String = #function, file: StaticString = #filePath, line: UInt = #line) throws {
+        let env = ProcessInfo.processInfo.environment
+        if env["TENSORAR_MPI_WORKER"] != nil { return try rankBody() }
+        let name = test.hasSuffix("()") ? String(test.dropLast(2)) : test
         let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
-        guard exe.hasSuffix(".xctest") else { throw XCTSkip("not running from an .xctest binary (\(exe)); cannot start MPI workers") }
-        let filter = "TrainingTests.MPIWorker/testWorker"
-        var env = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("OMPI_") && !$0.key.hasPrefix("PMIX_") }
-        env["TENSORAR_MPI_WORKER"] = "1"
-        env["TENSORAR_MPI_EXPECT_SIZE"] = String(ranks ?? 1)
-        let checkpoints = try temporaryFolder(self)
-        env["TENSORAR_MPI_CHECKPOINTS"] = checkpoints
-        let p = Process()
+        guard exe.hasSuffix(".xctest") else {
+            return XCTFail("not running from an .xctest binary (\(exe)): cannot start this test's ranks", file: file, line: line)
+        }
+        let filter = "TrainingTests.MPITests/\(name)"
+        var childEnv = env.filter { !$0.key.hasPrefix("OMPI_COMM_WORLD") && !$0.key.hasPrefix("PMIX_") }
+        childEnv["TENSORAR_MPI_WORKER"] = "1"
+        childEnv["TENSORAR_MPI_EXPECT_SIZE"] = String(ranks ?? 1)
+        let folder = try temporaryFolder(self)
+        let checkpoints = folder + "/ckpt"
+        childEnv["TENSORAR_MPI_CHECKPOINTS"] = checkpoints
+        try writeTinyCache(folder + "/cache", samples: 24)
+        childEnv["TENSORAR_MPI_CACHE"] = folder + "/cache"
+        let status: Int32, text: String
         if let ranks {
             guard let mpirun = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
-                throw XCTSkip("mpirun not found (install openmpi-bin)")
+                return XCTFail("mpirun not found: install openmpi-bin (Launch/setup.sh does)", file: file, line: line)
             }
-            p.executableURL = URL(fileURLWithPath: mpirun)
-            p.arguments = ["--allow-run-as-root", "--oversubscribe", "-n", String(ranks), exe, filter]
+            (status, text, _) = try runProcess(mpirun, ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", String(ranks), exe, filter],
+                                               environment: childEnv, directory: folder, timeout: 120, file: file, line: line)
         } else {
-            p.executableURL = URL(fileURLWithPath: exe)
-            p.arguments = [filter]
+            (status, text, _) = try runProcess(exe, [filter], environment: childEnv, directory: folder, timeout: 120, file: file, line: line)
         }
-        p.environment = env
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        let text = String(decoding: data, as: UTF8.self)
-        XCTAssertEqual(p.terminationStatus, 0, "MPI workers (\(ranks.map { "\($0) ranks" } ?? "singleton")) failed:\n\(text)", file: file, line: line)
-        // Each rank must have reached the end, not skipped.
-        let passed = text.components(separatedBy: "MPIWorker.testWorker' passed").count - 1
+        XCTAssertEqual(status, 0, "MPI ranks (\(ranks.map { "\($0) ranks" } ?? "singleton")) failed:\n\(text)", file: file, line: line)
+        // Each rank must have run the test to its end.
+        let passed = text.components(separatedBy: "MPITests.\(name)' passed").count - 1
         XCTAssertEqual(passed, ranks ?? 1, "expected every rank to pass:\n\(text)", file: file, line: line)
         let w = ranks ?? 1
         let run = checkpoints + "/mpi"
@@ -68,11 +75,10 @@ final class MPITests: XCTestCase {
     }
 }
 
-/// Runs inside each rank started by `MPITests`; skipped in a normal test run.
-final class MPIWorker: XCTestCase {
-    func testWorker() throws {
+extension MPITests {
+    /// One rank's checks (started by `runAsRanks`).
+    func rankBody() throws {
         let env = ProcessInfo.processInfo.environment
-        guard env["TENSORAR_MPI_WORKER"] != nil else { throw XCTSkip("runs only inside ranks started by MPITests") }
         let comm = try MPI.initialize()
         defer { try? MPI.finalize() }
         let W = comm.size, r = comm.rank
@@ -132,6 +138,28 @@ final class MPIWorker: XCTestCase {
             }
         }
 
+        // One trainer step through real MPI, overlapped (many small buckets, handed over while
+        // backward runs) and blocking: the reduced gradient is the single-process gradient of the
+        // whole global batch (tolerance as in DistributedTrainingTests: float32 summation order),
+        // the loss is the whole batch's, and every rank holds bit-identical gradients and weights.
+        for overlap in [true, false] {
+            var tc = tinyTrainConfig(cache: env["TENSORAR_MPI_CACHE"]!, checkpoints: env["TENSORAR_MPI_CHECKPOINTS"]! + "/unused")
+            tc.dist.overlap = overlap
+            let trainer = try Trainer(config: tc, comm: comm, say: { _ in })
+            XCTAssertEqual(trainer.sync.mode, W > 1 && overlap ? .overlapped : .blocking)
+            XCTAssertGreaterThan(trainer.sync.buckets.count, 10)
+            let step = try trainer.trainStep()
+            let reference = try Trainer(config: tc, comm: .solo, say: { _ in })
+            let whole = try reference.trainStep()
+            XCTAssertTrue(step.applied && whole.applied)
+            XCTAssertEqual(step.report.loss, whole.report.loss, accuracy: 1e-12 * whole.report.loss, "rank \(r): loss")
+            let rel = relativeMaxDifference(trainer.model.grads.array, reference.model.grads.array)
+            XCTAssertLessThan(rel, 1e-5, "rank \(r) of \(W), overlap \(overlap): reduced gradient vs the whole batch's")
+            XCTAssertEqual(step.gradNorm, whole.gradNorm, accuracy: 1e-5 * whole.gradNorm)
+            let sums = try comm.allgather([checksum(trainer.model.grads), checksum(trainer.model.params)])
+            XCTAssertTrue(sums.allSatisfy { $0 == sums[0] }, "rank \(r): replicas differ after a step: \(sums)")
+        }
+
         // Collective checkpoint: every rank writes its shard in parallel; all read it back whole
         // (each rank reads its slice, the ranks exchange them).
         let model = testModel(), table = ParameterTable(model)
@@ -161,4 +189,11 @@ final class MPIWorker: XCTestCase {
         }
         XCTAssertEqual(store.latestName(), "step-00000002")
     }
+}
+
+/// FNV-1a over the bit patterns: equal buffers, equal sums (to compare replicas across ranks).
+func checksum(_ b: FlatBuffer) -> Int64 {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+    for i in 0..<b.count { h = (h ^ UInt64(b[i].bitPattern)) &* 0x100_0000_01b3 }
+    return Int64(bitPattern: h)
 }

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Data-parallel scaling and memory, measured with the release tensorar-train under mpirun.
+# Prints a table of the step time split into compute, allreduce wait and data wait (rank 0, mean
+# over the steps after the first), for:
+#   - the default config (Configs/default.yaml: global batch 64, micro-batch 8) on 1, 2, 4, 8 ranks,
+#     and on 2 ranks with blocking instead of overlapped allreduce;
+#   - preset B with the paper's plug-in (k = 4, d = 2, 140M parameters) at a small batch (global 2,
+#     micro-batch 1) on 1 and 2 ranks, overlapped and blocking, on a synthetic B-shaped token cache
+#     (V = 16384, grid 16x16, C = 1000; random codes written as .npy and imported with
+#     `tensorar-data import-llamagen`: the step time does not depend on the token values);
+#   - with MEMORY=1 (default): preset B, k = 4, d = 2 at micro-batch 8 (8 x 256 tokens) on one rank,
+#     its start-up memory breakdown and measured peak resident memory.
+# Environment: STEPS (default-config steps, 30), BSTEPS (preset-B steps, 3), MEMORY (1), OUT
+# (work folder, /tmp/tensorar-scaling). On 2 cores the 4- and 8-rank runs are oversubscribed.
+# Measured numbers and the 64-node estimate: README.md, section "Scaling".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source Launch/env.sh
+STEPS=${STEPS:-30}
+BSTEPS=${BSTEPS:-3}
+MEMORY=${MEMORY:-1}
+OUT=${OUT:-/tmp/tensorar-scaling}
+EXE=.build/release/tensorar-train
+[ -x "$EXE" ] || { echo "scaling: $EXE is missing: run 'swift build -c release' first" >&2; exit 1; }
+[ -f Data/fashion-mnist/train/dataset.json ] || .build/release/tensorar-data fashion-mnist --out Data/fashion-mnist
+mkdir -p "$OUT"
+
+# A B-shaped synthetic cache (64 images).
+BCACHE="$OUT/b-cache"
+if [ ! -f "$BCACHE/dataset.json" ]; then
+  python3 - "$OUT" <<'EOF'
+import os, sys
+import numpy as np
+out = sys.argv[1]
+rng = np.random.default_rng(0)
+for d in ("codes", "labels"):
+    os.makedirs(f"{out}/b-npy/{d}", exist_ok=True)
+for i in range(64):
+    np.save(f"{out}/b-npy/codes/{i}.npy", rng.integers(0, 16384, size=(1, 1, 256), dtype=np.int64))
+    np.save(f"{out}/b-npy/labels/{i}.npy", np.array([rng.integers(0, 1000)], dtype=np.int64))
+EOF
+  .build/release/tensorar-data import-llamagen --codes "$OUT/b-npy/codes" --labels "$OUT/b-npy/labels" --out "$BCACHE" \
+    --num-classes 1000 --vocab-size 16384 >/dev/null
+fi
+
+echo "Step time of rank 0 in seconds (mean over the steps after the first); load: the machine's 1-minute load"
+echo "average when the run started (other work on the machine slows every figure)."
+echo
+printf "| config | ranks | allreduce | compute | allreduce wait | wait %% | allreduce alone | data wait | optimizer | step | images/s | load |\n"
+printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+# run NAME CONFIG-LABEL RANKS MODE [tensorar-train arguments...]
+run() {
+  local name=$1 label=$2 ranks=$3 mode=$4; shift 4
+  local overlap=true; [ "$mode" = blocking ] && overlap=false
+  local log="$OUT/$name.log" load
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  [ "$ranks" = 1 ] && mode="-"  # one rank: nothing to reduce
+  if ! mpirun -n "$ranks" --bind-to none "$EXE" "$@" --set dist.overlap=$overlap --set data.val=null \
+        --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run="$name" --set checkpoint.resume=never --set checkpoint.every=0 >"$log" 2>&1; then
+    echo "scaling: run $name failed, see $log" >&2; tail -5 "$log" >&2; exit 1
+  fi
+  python3 - "$log" "$label" "$ranks" "$mode" "$load" <<'EOF'
+import re, sys
+log, label, ranks, mode, load = sys.argv[1:]
+text = open(log).read()
+m = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s \(([\d.]+)%\), data wait ([\d.]+) s, optimizer ([\d.]+) s.*allreduce alone ([\d.]+) s", text)
+g = re.search(r"= global batch (\d+)", text)
+if not m or not g:
+    sys.exit(f"scaling: no timing line in {log}")
+c, a, pct, d, o, alone = map(float, m.groups())
+step = c + a + d + o
+print(f"| {label} | {ranks} | {mode} | {c:.3f} | {a:.3f} | {pct:.1f} | {alone:.3f} | {d:.4f} | {o:.3f} | {step:.3f} | {int(g.group(1)) / step:.3g} | {load} |")
+EOF
+}
+
+DEF=(--set train.steps="$STEPS" --set train.log_every=1000 --set optim.warmup_plugin=0 --set optim.warmup_base=0)
+for r in 1 2 4 8; do run "default-$r" "default (1.7M, batch 64)" "$r" overlapped "${DEF[@]}"; done
+run default-2-blocking "default (1.7M, batch 64)" 2 blocking "${DEF[@]}"
+# 1.7M parameters are 6.8 MB of gradients: one 25 MB bucket, ready only when backward ends. With
+# 1 MB buckets the first ones are reduced while backward still runs.
+run default-2-bucket1 "default, 1 MB buckets" 2 overlapped "${DEF[@]}" --set dist.bucket_mb=1
+
+B=(Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" --set model.init_from=null --set train.global_batch=2
+   --set train.micro_batch=1 --set train.steps="$BSTEPS" --set train.log_every=1)
+run b-1 "B k4 d2 (140M, batch 2)" 1 blocking "${B[@]}"
+run b-2 "B k4 d2 (140M, batch 2)" 2 overlapped "${B[@]}"
+run b-2-blocking "B k4 d2 (140M, batch 2)" 2 blocking "${B[@]}"
+
+if [ "$MEMORY" = 1 ]; then
+  log="$OUT/b-memory.log"
+  mpirun -n 1 --bind-to none "$EXE" Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" --set data.val=null \
+    --set model.init_from=null --set train.global_batch=8 --set train.micro_batch=8 --set train.steps=2 --set train.log_every=1 \
+    --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run=b-memory --set checkpoint.resume=never >"$log" 2>&1 \
+    || { echo "scaling: memory run failed, see $log" >&2; exit 1; }
+  echo
+  echo "preset B, k = 4, d = 2, micro-batch 8 x 256 tokens, one rank:"
+  grep -E "^memory" "$log"
+fi
