@@ -1,6 +1,18 @@
+import CSupport
 import Foundation
 
 extension BLAS {
+    /// y[m or n] = alpha op(A) x + beta y, A row-major [m, n] with leading dimension lda; op(A) is A
+    /// ([m, n], y has m entries) or its transpose (`trans`: y has n entries). For the sampler's
+    /// attention over a KV cache, where one query meets one row's cache: memory-bound, and
+    /// OpenBLAS's kernels stream it faster than plain loops.
+    @inline(__always)
+    public static func sgemv(trans: Bool, m: Int, n: Int, alpha: Float = 1, _ a: UnsafePointer<Float>, lda: Int,
+                             _ x: UnsafePointer<Float>, beta: Float, _ y: UnsafeMutablePointer<Float>) {
+        if m == 0 || n == 0 { return }
+        cblas_sgemv(CblasRowMajor, trans ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), alpha, a, Int32(lda), x, 1, beta, y, 1)
+    }
+
     /// The machine's sgemm speed in GFLOP/s on `threads` BLAS threads: the best of a few square-ish
     /// shapes of transformer size (one warm-up call, then `reps` timed calls each). Speed figures
     /// divide by this, measured in the same run, so a busy shared machine skews both alike. With
