@@ -18,11 +18,13 @@ struct Sample: ParsableCommand {
         commandName: "tensorar-sample",
         abstract: "Sample images (tokens and refinement trajectories) from a TensorAR model, data-parallel over MPI ranks.",
         discussion: """
-        Output (HDF5): tokens int32 [N, T], labels int32 [N], trajectories int32 [N, T, k] (entry [n, q, s]
-        is the prediction of token q made at slot s, at step q - s; -1 where none), and attributes: the
-        sampling settings (cfg_scale, temperature, top_p and seed as text, top_k and per_class as integers,
+        Output (HDF5): tokens int32 [N, T], labels int32 [N], trajectories int32 [N, T, k] (entry [n, q, s] \
+        is the prediction of token q made at slot s, at step q - s; -1 where none), and attributes: the \
+        sampling settings (cfg_scale, temperature, top_p and seed as text, top_k and per_class as integers, \
         all of them in `sampling` as JSON) and the model shape in `config` (JSON, SPEC section 7).
-        --npy-dir writes LlamaGen-compatible codes: codes.npy int64 [N, T] and labels.npy int64 [N].
+
+        --npy-dir also writes LlamaGen-compatible codes: codes.npy int64 [N, T] and labels.npy int64 [N].
+
         --bench measures sampling speed instead (random weights; no --weights needed).
         """)
 
