@@ -345,6 +345,27 @@ def read_samples(path: str):
     return out
 
 
+def training_noise(weights: str) -> dict:
+    """noise.type and noise.schedule of the run's config.yaml next to the weights (the resolved
+    config tensorar-train saves), so the validation loss uses the noise the model trained with."""
+    w = os.path.abspath(weights)
+    folder = w if os.path.isdir(w) else os.path.dirname(w)
+    for f in [folder, os.path.dirname(folder)]:
+        p = os.path.join(f, "config.yaml")
+        if not os.path.exists(p):
+            continue
+        out, section = {}, None
+        for line in open(p):
+            if line and not line[0].isspace():
+                section = line.split(":")[0].strip()
+            elif section == "noise" and ":" in line:
+                k, v = (x.strip() for x in line.split(":", 1))
+                if k in ("type", "schedule"):
+                    out[k] = v
+        return out
+    return {}
+
+
 def find_metrics(weights: str) -> str | None:
     w = os.path.abspath(weights)
     folder = w if os.path.isdir(w) else os.path.dirname(w)
@@ -568,11 +589,18 @@ def main(argv=None) -> dict:
     # 3. validation loss
     val_loss = {}
     if a.val_limit > 0:
+        noise_cfg = training_noise(a.weights)
         for noise in ["train", "none"]:
-            out = run_program([binary(a.bin, "tensorar-eval"), "--weights", a.weights, "--data", val_dir, "--noise", noise,
-                               "--limit", str(a.val_limit), "--json"], capture=True)
+            cmd = [binary(a.bin, "tensorar-eval"), "--weights", a.weights, "--data", val_dir, "--noise", noise,
+                   "--limit", str(a.val_limit), "--json"]
+            if noise == "train":
+                cmd += (["--noise-type", noise_cfg["type"]] if "type" in noise_cfg else []) + \
+                       (["--noise-schedule", noise_cfg["schedule"]] if "schedule" in noise_cfg else [])
+            out = run_program(cmd, capture=True)
             r = json.loads(out.strip().splitlines()[-1])
             val_loss[noise] = {"loss": r["loss"], "slot_losses": r["slot_losses"], "samples": r["samples"]}
+            if noise == "train":
+                val_loss[noise]["noise"] = {"type": noise_cfg.get("type", "replace"), "schedule": noise_cfg.get("schedule", "sine")}
             log(f"  val loss ({'training noise' if noise == 'train' else 'clean inputs'}): {r['loss']:.4f}, per slot "
                 + ", ".join(f"{x:.4f}" for x in r["slot_losses"]))
 
