@@ -13,7 +13,7 @@ if [ -n "$missing" ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi
 # Python packages for the evaluation script and the reference tests.
-PIP_PACKAGES="numpy scipy pillow matplotlib pytest"
+PIP_PACKAGES="numpy scipy pillow matplotlib pytest h5py"
 need=""
 for p in $PIP_PACKAGES; do
   mod=$p; [ "$p" = "pillow" ] && mod=PIL

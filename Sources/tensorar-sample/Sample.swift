@@ -1,7 +1,254 @@
 import ArgumentParser
+import ARModel
+import Foundation
+import Platform
+import TokenData
+import Training
 
+/// `mpirun -n R .build/release/tensorar-sample --weights W --classes 0,1,2 --per-class 16 --out s.h5`
+///
+/// KV-cached sampling (SPEC section 5), data-parallel: the N = classes x per-class images are
+/// numbered class-major (image i has class classes[i / per_class]); rank r samples the contiguous
+/// range [r N / R, (r + 1) N / R) and keys each image's randomness by its global index, so the
+/// output does not depend on the number of ranks or the batch size. Each rank writes a part file
+/// next to `--out`; rank 0 merges them after a barrier (a shared folder, as for checkpoints).
 @main
 struct Sample: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "tensorar-sample", abstract: "Sample images from a TensorAR model (being written).")
-    func run() throws { throw ValidationError("tensorar-sample is not written yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "tensorar-sample",
+        abstract: "Sample images (tokens and refinement trajectories) from a TensorAR model, data-parallel over MPI ranks.",
+        discussion: """
+        Output (HDF5): tokens int32 [N, T], labels int32 [N], trajectories int32 [N, T, k] (entry [n, q, s] \
+        is the prediction of token q made at slot s, at step q - s; -1 where none), and attributes: the \
+        sampling settings (cfg_scale, temperature, top_p and seed as text, top_k and per_class as integers, \
+        all of them in `sampling` as JSON) and the model shape in `config` (JSON, SPEC section 7).
+
+        --npy-dir also writes LlamaGen-compatible codes: codes.npy int64 [N, T] and labels.npy int64 [N].
+
+        --bench measures sampling speed instead (random weights; no --weights needed).
+        """)
+
+    @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).") var weights: String?
+    @Option(help: "Model shape for a .safetensors without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")) (with --vocab-size, --num-classes, --grid-size).") var preset: String?
+    @Option(help: "With --preset: codebook size V.") var vocabSize = 16384
+    @Option(help: "With --preset: number of classes C.") var numClasses = 1000
+    @Option(help: "With --preset: token grid side.") var gridSize = 16
+    @Option(help: "Expected window k; an error when the weights have another.") var window: Int?
+    @Option(help: "Classes to sample, comma-separated, ranges allowed (0,3,5-7); default: all of the model's classes.") var classes: String?
+    @Option(help: "Images per class.") var perClass = 10
+    @Option(help: "Classifier-free guidance scale (1: no guidance, no null-class rows).") var cfgScale: Float = 1
+    @Option(help: "Softmax temperature (0: greedy).") var temperature: Float = 1
+    @Option(help: "Keep the K most likely tokens (0: all; 1: greedy, deterministic).") var topK = 0
+    @Option(help: "Keep the smallest set of most likely tokens whose probability reaches P (1: all).") var topP: Float = 1
+    @Option(help: "Seed; with the same seed a run is reproduced exactly, on any number of ranks.") var seed: UInt64 = 0
+    @Option(help: "Images sampled together per rank (guidance doubles the rows).") var batchSize = 64
+    @Option(help: "Output HDF5 file.") var out = "samples.h5"
+    @Option(help: "Also write LlamaGen-compatible codes here: codes.npy int64 [N, T], labels.npy int64 [N].") var npyDir: String?
+    @Option(help: "BLAS threads per rank (default: cores / ranks on the node).") var threads: Int?
+    @Flag(help: "Only errors on stderr; no progress lines.") var quiet = false
+
+    @Flag(help: "Measure sampling speed (images/s, GFLOP/s against the sgemm peak, k against k = 1) instead of sampling.") var bench = false
+    @Option(help: "--bench: models, comma-separated: default (the Fashion-MNIST default shape: small, V 512, grid 7, k 4, d 1) and presets (V 16384, C 1000, grid 16, k = --bench-window, d = --bench-depth).") var benchModels = "default,B"
+    @Option(help: "--bench: plug-in window k for presets.") var benchWindow = 4
+    @Option(help: "--bench: plug-in depth d for presets.") var benchDepth = 2
+    @Option(help: "--bench: positions to sample for presets (0: the whole image); the FLOP count covers exactly those.") var benchSteps = 0
+    @Option(help: "--bench: timed repetitions per model (best is kept), after one warm-up.") var benchReps = 1
+
+    func validate() throws {
+        if !bench && weights == nil { throw ValidationError("--weights is required (or --bench)") }
+        if perClass < 1 { throw ValidationError("--per-class must be at least 1, got \(perClass)") }
+        if batchSize < 1 { throw ValidationError("--batch-size must be at least 1, got \(batchSize)") }
+        if !(temperature >= 0) || !temperature.isFinite { throw ValidationError("--temperature must be a finite number >= 0, got \(temperature)") }
+        if topK < 0 { throw ValidationError("--top-k must be >= 0 (0: all), got \(topK)") }
+        if !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1], got \(topP)") }
+        if !cfgScale.isFinite { throw ValidationError("--cfg-scale must be finite, got \(cfgScale)") }
+        if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if let window, window < 1 { throw ValidationError("--window must be at least 1") }
+    }
+
+    var options: SamplingOptions { SamplingOptions(cfgScale: cfgScale, temperature: temperature, topK: topK, topP: topP, seed: seed) }
+
+    func run() throws {
+        BLAS.ensureBestKernel()
+        let comm: Communicator
+        do { comm = try MPI.initialize() } catch { FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!); throw ExitCode(1) }
+        let local = Int(ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1
+        BLAS.threads = threads ?? max(1, ProcessInfo.processInfo.activeProcessorCount / max(1, local))
+        if bench {
+            do { try runBench(comm: comm) } catch {
+                FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!)
+                try? MPI.finalize()
+                throw ExitCode(1)
+            }
+            try? MPI.finalize()
+            return
+        }
+        // Set-up errors (missing weights, bad classes, unwritable output) happen alike on every
+        // rank: rank 0 reports, every rank exits non-zero. Later errors may hit one rank only:
+        // that rank reports and ends the job so no rank waits forever in a collective.
+        let plan: Plan
+        do { plan = try prepare(comm: comm) } catch {
+            if comm.isRoot { FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!) }
+            try? MPI.finalize()
+            throw ExitCode(2)
+        }
+        do {
+            try sample(plan, comm: comm)
+            try? MPI.finalize()
+        } catch {
+            FileHandle.standardError.write("error: rank \(comm.rank) of \(comm.size): \(error)\n".data(using: .utf8)!)
+            if comm.size > 1 { MPI.abort(1) }
+            throw ExitCode(1)
+        }
+    }
+
+    struct Plan {
+        let model: Transformer
+        let classes: [Int]
+        let total: Int
+    }
+
+    /// Loads the model and checks every input before any work.
+    func prepare(comm: Communicator) throws -> Plan {
+        let w = weights!
+        let fallback = try preset.map { try ModelConfig.preset($0, vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize) }
+        let model = try loadModel(from: w, fallback: fallback)
+        let c = model.config
+        if let window, window != c.window {
+            throw InputError(w, "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but --window \(window) was asked")
+        }
+        let cls = try parseClasses(classes, numClasses: c.numClasses, weights: w)
+        if topK > c.vocabSize { throw InputError(w, "--top-k \(topK) exceeds the model's vocab_size \(c.vocabSize)") }
+        let outDir = (out as NSString).deletingLastPathComponent
+        try checkWritableFolder(outDir.isEmpty ? "." : outDir, for: out)
+        if let npyDir {
+            if comm.isRoot { try? FileManager.default.createDirectory(atPath: npyDir, withIntermediateDirectories: true) }
+            try comm.barrier()
+            try checkWritableFolder(npyDir, for: npyDir)
+        }
+        return Plan(model: model, classes: cls, total: cls.count * perClass)
+    }
+
+    func checkWritableFolder(_ dir: String, for path: String) throws {
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else {
+            throw InputError(path, "the folder \(dir) does not exist")
+        }
+        guard FileManager.default.isWritableFile(atPath: dir) else { throw InputError(path, "the folder \(dir) is not writable") }
+    }
+
+    /// "0,3,5-7" -> [0, 3, 5, 6, 7]; nil -> every class. Out-of-range classes name the weights.
+    func parseClasses(_ s: String?, numClasses C: Int, weights w: String) throws -> [Int] {
+        guard let s else { return Array(0..<C) }
+        var out: [Int] = []
+        for part in s.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !part.isEmpty {
+            let ends = part.split(separator: "-", maxSplits: 1).map { Int($0.trimmingCharacters(in: .whitespaces)) }
+            guard ends.allSatisfy({ $0 != nil }), let a = ends.first!, let b = ends.last! , a <= b else {
+                throw InputError("--classes", "cannot read '\(part)'; expected class numbers or ranges like 0,3,5-7")
+            }
+            for y in a...b {
+                guard y >= 0 && y < C else {
+                    throw InputError(w, "class \(y) is outside the model's \(C) classes [0, \(C)) (--classes \(s))")
+                }
+                out.append(y)
+            }
+        }
+        if out.isEmpty { throw InputError("--classes", "no class given in '\(s)'") }
+        return out
+    }
+
+    func partPath(rank r: Int, size: Int) -> String { out + String(format: ".rank-%05d-of-%05d.h5", r, size) }
+
+    func sample(_ plan: Plan, comm: Communicator) throws {
+        let say: (String) -> Void = { s in if comm.isRoot && !quiet { print(s); fflush(stdout) } }
+        let c = plan.model.config, T = c.seqLen, k = c.window, N = plan.total
+        let lo = comm.rank * N / comm.size, hi = (comm.rank + 1) * N / comm.size
+        say("tensorar-sample: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
+        say("model: \(c.jsonString())")
+        say("sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); cfg \(cfgScale), temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
+        let sampler = Sampler(model: plan.model)
+        var tokens: [Int32] = [], traj: [Int32] = [], labels: [Int32] = []
+        let t0 = monotonicSeconds()
+        var start = lo
+        while start < hi {
+            let end = min(hi, start + batchSize)
+            let ids = Array(start..<end)
+            let lab = ids.map { Int32(plan.classes[$0 / perClass]) }
+            let r = sampler.sample(labels: lab, sampleIds: ids, options: options)
+            tokens += r.tokens; traj += r.trajectories; labels += lab
+            let dt = monotonicSeconds() - t0
+            say(String(format: "  rank 0: %d/%d of its images, %.2f images/s per rank (%.0f s)", end - lo, hi - lo, Double(end - lo) / dt, dt))
+            start = end
+        }
+        // this rank's part, then rank 0 merges every part in rank order
+        let part = partPath(rank: comm.rank, size: comm.size)
+        do {
+            let f = try HDF5File.create(part)
+            try f.write("tokens", tokens, shape: [hi - lo, T])
+            try f.write("labels", labels, shape: [hi - lo])
+            try f.write("trajectories", traj, shape: [hi - lo, T, k])
+            try f.setAttribute("start", int: lo)
+            try f.flush()
+        }
+        try comm.barrier()
+        if comm.isRoot {
+            var allTokens: [Int32] = [], allTraj: [Int32] = [], allLabels: [Int32] = []
+            for r in 0..<comm.size {
+                let p = partPath(rank: r, size: comm.size)
+                let f = try HDF5File.open(p)
+                guard try f.intAttribute("start") == r * N / comm.size else { throw InputError(p, "part starts at the wrong image") }
+                allTokens += try f.read("tokens", as: Int32.self).values
+                allLabels += try f.read("labels", as: Int32.self).values
+                allTraj += try f.read("trajectories", as: Int32.self).values
+            }
+            guard allLabels.count == N else { throw InputError(out, "merged \(allLabels.count) images, expected \(N)") }
+            try writeOutput(tokens: allTokens, labels: allLabels, trajectories: allTraj, config: c, total: N)
+            for r in 0..<comm.size { try? FileManager.default.removeItem(atPath: partPath(rank: r, size: comm.size)) }
+            if let npyDir {
+                try writeNPY(npyDir + "/codes.npy", allTokens.map { Int64($0) }, shape: [N, T])
+                try writeNPY(npyDir + "/labels.npy", allLabels.map { Int64($0) }, shape: [N])
+                say("wrote \(npyDir)/codes.npy (int64 [\(N), \(T)]) and \(npyDir)/labels.npy (int64 [\(N)])")
+            }
+            let dt = monotonicSeconds() - t0
+            say(String(format: "wrote %@: %d images in %.1f s (%.2f images/s on %d rank(s))", out, N, dt, Double(N) / dt, comm.size))
+        }
+        try comm.barrier()
+    }
+
+    func writeOutput(tokens: [Int32], labels: [Int32], trajectories: [Int32], config c: ModelConfig, total N: Int) throws {
+        let tmp = out + ".tmp"
+        do {
+            let f = try HDF5File.create(tmp)
+            try f.write("tokens", tokens, shape: [N, c.seqLen])
+            try f.write("labels", labels, shape: [N])
+            try f.write("trajectories", trajectories, shape: [N, c.seqLen, c.window])
+            try f.setAttribute("format_version", int: 1)
+            try f.setAttribute("cfg_scale", string: "\(cfgScale)")
+            try f.setAttribute("temperature", string: "\(temperature)")
+            try f.setAttribute("top_p", string: "\(topP)")
+            try f.setAttribute("seed", string: "\(seed)")
+            try f.setAttribute("top_k", int: topK)
+            try f.setAttribute("per_class", int: perClass)
+            try f.setAttribute("window", int: c.window)
+            try f.setAttribute("grid_size", int: c.gridSize)
+            try f.setAttribute("vocab_size", int: c.vocabSize)
+            try f.setAttribute("num_classes", int: c.numClasses)
+            try f.setAttribute("config", string: c.jsonString())
+            let sampling: [String: Any] = [
+                "cfg_scale": Double(cfgScale), "temperature": Double(temperature), "top_k": topK, "top_p": Double(topP),
+                "seed": seed, "per_class": perClass, "classes": Array(Set(labels.map { Int($0) })).sorted(), "weights": weights ?? "",
+            ]
+            try f.setAttribute("sampling", string: String(data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!)
+            try f.flush()
+        }
+        if FileManager.default.fileExists(atPath: out) { try FileManager.default.removeItem(atPath: out) }
+        do { try FileManager.default.moveItem(atPath: tmp, toPath: out) } catch { throw InputError(out, "cannot move \(tmp) into place: \(error.localizedDescription)") }
+    }
+
+    func writeNPY(_ path: String, _ values: [Int64], shape: [Int]) throws {
+        guard FileManager.default.createFile(atPath: path, contents: npyData(int64: values, shape: shape)) else {
+            throw InputError(path, "cannot write file (missing folder or no permission?)")
+        }
+    }
 }
+

@@ -92,4 +92,106 @@ final class SamplerTests: XCTestCase {
             XCTAssertEqual(Sampler.choose(&l2, options: SamplingOptions(topP: 0.5), uniform: u), 1, "top-p 0.5 keeps only the dominant token")
         }
     }
+
+    /// The fast chooser (integer keys, radix sort, top-k selection) against the plain definition:
+    /// candidates sorted by logit (high first, lower index on a tie), top-k, softmax at the
+    /// temperature, top-p prefix, inverse CDF.
+    func naiveChoose(_ logits: [Float], _ o: SamplingOptions, _ u: Float) -> Int {
+        let V = logits.count
+        var order = Array(0..<V)
+        order.sort { logits[$0] > logits[$1] || (logits[$0] == logits[$1] && $0 < $1) }
+        if o.topK > 0 && o.topK < V { order = Array(order.prefix(o.topK)) }
+        let mx = logits[order[0]]
+        var probs = order.map { Double(exp((logits[$0] - mx) / o.temperature)) }
+        var z = probs.reduce(0, +)
+        probs = probs.map { $0 / z }
+        if o.topP < 1 {
+            var cum = 0.0, keep = probs.count
+            for (i, q) in probs.enumerated() { cum += q; if cum >= Double(o.topP) { keep = i + 1; break } }
+            probs = Array(probs.prefix(keep)); order = Array(order.prefix(keep))
+            z = probs.reduce(0, +)
+            probs = probs.map { $0 / z }
+        }
+        var cum = 0.0
+        for (i, q) in probs.enumerated() { cum += q; if Double(u) < cum { return order[i] } }
+        return order[order.count - 1]
+    }
+
+    func testFastChooserMatchesTheDefinition() {
+        var rng = CounterRNG(seed: 42)
+        var mismatches = 0, total = 0
+        for trial in 0..<40 {
+            let V = [7, 50, 600, 2000][trial % 4]
+            // coarse logits (many exact ties), negative and positive
+            var logits = (0..<V).map { _ in Float(Int(rng.below(40)) - 20) * 0.25 }
+            if trial % 5 == 0 { logits = logits.map { -$0 } }
+            let options = [SamplingOptions(temperature: 1), SamplingOptions(temperature: 0.7, topK: 5),
+                           SamplingOptions(temperature: 1.3, topP: 0.8), SamplingOptions(temperature: 1, topK: V / 2 + 1, topP: 0.9)]
+            for o in options {
+                for _ in 0..<10 {
+                    let u = rng.uniform()
+                    var l = logits
+                    let fast = Sampler.choose(&l, options: o, uniform: u)
+                    let slow = naiveChoose(logits, o, u)
+                    total += 1
+                    // Float against Double sums: only at a CDF boundary may the two differ, and
+                    // then the fast choice is the definition's for a slightly different u
+                    if fast != slow && fast != naiveChoose(logits, o, u - 1e-5) && fast != naiveChoose(logits, o, u + 1e-5) {
+                        mismatches += 1
+                    }
+                    if o.topK > 0 {
+                        let kth = logits.sorted(by: >)[min(o.topK, V) - 1]
+                        XCTAssertGreaterThanOrEqual(logits[fast], kth, "top-k keeps only the k best (V \(V))")
+                    }
+                }
+            }
+        }
+        XCTAssertEqual(mismatches, 0, "\(mismatches) of \(total) choices differ from the definition")
+    }
+
+    func testRadixSortAndSelection() {
+        var rng = CounterRNG(seed: 9)
+        for n in [1, 2, 17, 1000, 5000] {
+            var keys = (0..<n).map { i in UInt64(TokenChooser.descendingKey(Float(Int(rng.below(64)) - 32) * 0.5)) << 32 | UInt64(i) }
+            let want = keys.sorted()
+            var spare = keys
+            keys.withUnsafeMutableBufferPointer { kb in
+                spare.withUnsafeMutableBufferPointer { TokenChooser.radixSort(kb.baseAddress!, spare: $0.baseAddress!, count: n) }
+            }
+            XCTAssertEqual(keys, want, "radix sort of \(n) keys")
+            var scrambled = want
+            scrambled.shuffle(using: &rng)
+            var spare2 = scrambled
+            scrambled.withUnsafeMutableBufferPointer { kb in
+                spare2.withUnsafeMutableBufferPointer { TokenChooser.radixSort(kb.baseAddress!, spare: $0.baseAddress!, count: n, lowBits: 13) }
+            }
+            XCTAssertEqual(scrambled, want, "radix sort of \(n) scrambled keys with the index bits")
+            for k in Set([1, n / 3 + 1, n]) {
+                var shuffled = want
+                shuffled.shuffle(using: &rng)
+                shuffled.withUnsafeMutableBufferPointer { TokenChooser.selectSmallest($0.baseAddress!, count: n, k: k) }
+                XCTAssertEqual(Set(shuffled.prefix(k)), Set(want.prefix(k)), "the \(k) smallest of \(n)")
+            }
+        }
+        // the key order is the logit order, high first, NaN-free floats of both signs
+        let values: [Float] = [3, -0.0, 0, -2, 1e-30, -1e30, .infinity, -.infinity]
+        let sorted = values.indices.sorted { TokenChooser.descendingKey(values[$0]) < TokenChooser.descendingKey(values[$1]) }
+        XCTAssertEqual(sorted.map { values[$0] }, [.infinity, 3, 1e-30, 0, -0.0, -2, -1e30, -.infinity])
+    }
+
+    func testStepsLimitAndBatchReuse() throws {
+        let m = try model(window: 3, depth: 1)
+        let s = Sampler(model: m)
+        let o = SamplingOptions(cfgScale: 2, temperature: 1, topK: 5, seed: 3)
+        let full = s.sample(labels: [0, 1], sampleIds: [4, 5], options: o)
+        let part = s.sample(labels: [0, 1], sampleIds: [4, 5], options: o, steps: 4)
+        let T = m.config.seqLen
+        for b in 0..<2 {
+            XCTAssertEqual(Array(part.tokens[(b * T)..<(b * T + 4)]), Array(full.tokens[(b * T)..<(b * T + 4)]))
+            XCTAssertTrue(part.tokens[(b * T + 4)..<((b + 1) * T)].allSatisfy { $0 == -1 })
+        }
+        // the workspace is reused across calls and batch sizes without leaking state
+        _ = s.sample(labels: [2, 2, 2], sampleIds: [0, 1, 2], options: o)
+        XCTAssertEqual(s.sample(labels: [0, 1], sampleIds: [4, 5], options: o).tokens, full.tokens)
+    }
 }
