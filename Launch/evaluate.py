@@ -346,8 +346,9 @@ def read_samples(path: str):
 
 
 def training_noise(weights: str) -> dict:
-    """noise.type and noise.schedule of the run's config.yaml next to the weights (the resolved
-    config tensorar-train saves), so the validation loss uses the noise the model trained with."""
+    """noise.type, noise.schedule and train.seed of the run's config.yaml next to the weights (the
+    resolved config tensorar-train saves): the validation loss training logged uses that noise,
+    keyed by that seed."""
     w = os.path.abspath(weights)
     folder = w if os.path.isdir(w) else os.path.dirname(w)
     for f in [folder, os.path.dirname(folder)]:
@@ -358,10 +359,12 @@ def training_noise(weights: str) -> dict:
         for line in open(p):
             if line and not line[0].isspace():
                 section = line.split(":")[0].strip()
-            elif section == "noise" and ":" in line:
+            elif section in ("noise", "train") and ":" in line:
                 k, v = (x.strip() for x in line.split(":", 1))
-                if k in ("type", "schedule"):
+                if section == "noise" and k in ("type", "schedule"):
                     out[k] = v
+                if section == "train" and k == "seed":
+                    out["seed"] = v
         return out
     return {}
 
@@ -594,13 +597,15 @@ def main(argv=None) -> dict:
             cmd = [binary(a.bin, "tensorar-eval"), "--weights", a.weights, "--data", val_dir, "--noise", noise,
                    "--limit", str(a.val_limit), "--json"]
             if noise == "train":
-                cmd += (["--noise-type", noise_cfg["type"]] if "type" in noise_cfg else []) + \
-                       (["--noise-schedule", noise_cfg["schedule"]] if "schedule" in noise_cfg else [])
+                for key, flag in [("type", "--noise-type"), ("schedule", "--noise-schedule"), ("seed", "--noise-seed")]:
+                    if key in noise_cfg:
+                        cmd += [flag, noise_cfg[key]]
             out = run_program(cmd, capture=True)
             r = json.loads(out.strip().splitlines()[-1])
             val_loss[noise] = {"loss": r["loss"], "slot_losses": r["slot_losses"], "samples": r["samples"]}
             if noise == "train":
-                val_loss[noise]["noise"] = {"type": noise_cfg.get("type", "replace"), "schedule": noise_cfg.get("schedule", "sine")}
+                val_loss[noise]["noise"] = {"type": noise_cfg.get("type", "replace"), "schedule": noise_cfg.get("schedule", "sine"),
+                                            "seed": int(noise_cfg.get("seed", 0))}
             log(f"  val loss ({'training noise' if noise == 'train' else 'clean inputs'}): {r['loss']:.4f}, per slot "
                 + ", ".join(f"{x:.4f}" for x in r["slot_losses"]))
 
