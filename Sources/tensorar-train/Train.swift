@@ -141,7 +141,6 @@ struct Train: ParsableCommand {
         let tokensPerStep = Double(cfg.train.globalBatch * mc.seqLen)
         var window: [Double] = []
         var skipped = 0
-        var lastLogged = trainer.step
         while trainer.step < cfg.train.steps {
             let lr = cfg.learningRates(at: trainer.step)
             let r = try trainer.trainStep()
@@ -163,7 +162,6 @@ struct Train: ParsableCommand {
                 try metrics?.log(["step": .int(s), "loss": .double(r.report.loss), "slot_losses": .doubles(r.report.slotLosses),
                                   "lr_plugin": .double(Double(lr.plugin)), "lr_base": .double(Double(lr.base)), "grad_norm": .double(r.gradNorm),
                                   "tokens_per_s": .double(tokensPerStep / secs), "seconds_per_step": .double(secs), "samples_seen": .int(trainer.progress.samplesSeen)])
-                lastLogged = s
             }
             let valDue = (cfg.train.valEvery > 0 && s % cfg.train.valEvery == 0) || s == cfg.train.steps
             if valDue, let v = try trainer.validate() {
@@ -178,7 +176,6 @@ struct Train: ParsableCommand {
             }
             if stop { say("stopped cleanly at step \(s); resume with the same command (or --resume)"); return }
         }
-        _ = lastLogged
         let t = trainer.timing.steps > 0 ? trainer.timing : trainer.firstStep
         let n = Double(max(t.steps, 1))
         let alone = try trainer.measureAllreduce()
