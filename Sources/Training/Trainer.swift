@@ -128,7 +128,7 @@ public final class Trainer {
         let batch = try loader.next()
         let tData = monotonicSeconds()
         let liveBefore = FlatBuffer.liveBytes
-        try hooks.failIfAsked(rank: comm.rank, worldSize: comm.size, step: step + 1)
+        try hooks.failIfAsked(rank: comm.rank, step: step + 1)
         let local = accumulateGradients(batch, sync: sync)
         let commWait = try sync.finish().waitSeconds
         var packed = local.packed
@@ -164,9 +164,10 @@ public final class Trainer {
         let scale = Float(1 / (Double(config.train.globalBatch) * weightPerImage))
         var local = LossReport(slots: c.window)
         model.grads.zero()
-        // Test-only fault injection (TestHooks): a NaN added before any backward stays NaN.
+        // Test-only fault injection (TestHooks): a NaN added before any backward stays NaN (it
+        // goes into a trained group's element: a frozen group's gradient is never looked at).
         let poison = hooks.nan(rank: comm.rank, worldSize: comm.size, step: batch.step + 1)
-        if poison != nil { model.grads[0] = .nan }
+        if poison != nil { model.grads[optimizer.momentRange.lowerBound] = .nan }
         for a in 0..<accum {
             let r = (a * micro)..<((a + 1) * micro)
             let positions = Array(batch.globalPositions[r])
@@ -292,7 +293,7 @@ struct TestHooks {
         return nanIn
     }
 
-    func failIfAsked(rank: Int, worldSize: Int, step: Int) throws {
+    func failIfAsked(rank: Int, step: Int) throws {
         if let f = failRank, f == rank, step == failStep {
             throw InputError("TENSORAR_TEST_FAIL_RANK", "rank \(rank) fails at step \(step) on purpose (test-only fault injection)")
         }
