@@ -19,8 +19,6 @@ public final class Trainer {
     let noise: LossNoise
     let weightPerImage: Double
     public private(set) var step = 0
-    var metrics: MetricsLog?
-    let say: (String) -> Void
     /// Set by a signal handler: finish the step, save, exit cleanly.
     public static let stopRequested = ManagedAtomicFlag()
 
@@ -43,8 +41,8 @@ public final class Trainer {
     public private(set) var activationBytesMeasured: Int?
     let hooks = TestHooks.fromEnvironment()
 
-    public init(config: TrainConfig, comm: Communicator, say: @escaping (String) -> Void) throws {
-        self.config = config; self.comm = comm; self.say = say
+    public init(config: TrainConfig, comm: Communicator) throws {
+        self.config = config; self.comm = comm
         trainCache = try TokenCache(directory: config.data.train)
         valCache = try config.data.val.map { try TokenCache(directory: $0) }
         let info = trainCache.info

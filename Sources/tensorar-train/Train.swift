@@ -82,7 +82,7 @@ struct Train: ParsableCommand {
         guard FileManager.default.fileExists(atPath: cfg.data.train + "/dataset.json") else {
             throw InputError(cfg.data.train, "no token cache here (dataset.json missing). For the built-in default run `Launch/quickstart.sh`, or build it with `tensorar-data fashion-mnist --out Data/fashion-mnist`")
         }
-        let trainer = try Trainer(config: cfg, comm: comm, say: say)
+        let trainer = try Trainer(config: cfg, comm: comm)
         let mc = trainer.model.config
         say("model: \(mc.jsonString())")
         say("parameters: \(trainer.model.table.total) (base \(trainer.model.table.count(of: .base)), plug-in \(trainer.model.table.count(of: .plugin))); "

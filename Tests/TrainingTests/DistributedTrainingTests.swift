@@ -76,7 +76,7 @@ final class DistributedTrainingTests: XCTestCase {
         let tmp = try temporaryFolder(self)
         try writeTinyCache(tmp + "/cache")
         let cfg = tinyTrainConfig(cache: tmp + "/cache", checkpoints: tmp + "/ckpt")
-        let trainer = try Trainer(config: cfg, comm: .solo, say: { _ in })
+        let trainer = try Trainer(config: cfg, comm: .solo)
         let whole = try trainer.loader.next()
         XCTAssertEqual(whole.globalPositions, Array(0..<12))
         let lossWhole = trainer.accumulateGradients(whole, sync: nil)
@@ -128,7 +128,7 @@ final class DistributedTrainingTests: XCTestCase {
         for (window, depth, dropout) in [(2, 1, 0.1), (2, 2, 0.0), (1, 0, 0.1)] {
             var cfg = tinyTrainConfig(cache: tmp + "/cache", checkpoints: tmp + "/ckpt", globalBatch: 6, microBatch: 3)
             cfg.model.window = window; cfg.model.pluginDepth = depth; cfg.train.dropout = dropout
-            let trainer = try Trainer(config: cfg, comm: .solo, say: { _ in })
+            let trainer = try Trainer(config: cfg, comm: .solo)
             let estimate = trainer.memory.activations
             _ = try trainer.trainStep()
             XCTAssertEqual(trainer.activationBytesMeasured, estimate, "k \(window), d \(depth), dropout \(dropout)")

@@ -145,11 +145,11 @@ extension MPITests {
         for overlap in [true, false] {
             var tc = tinyTrainConfig(cache: env["TENSORAR_MPI_CACHE"]!, checkpoints: env["TENSORAR_MPI_CHECKPOINTS"]! + "/unused")
             tc.dist.overlap = overlap
-            let trainer = try Trainer(config: tc, comm: comm, say: { _ in })
+            let trainer = try Trainer(config: tc, comm: comm)
             XCTAssertEqual(trainer.sync.mode, W > 1 && overlap ? .overlapped : .blocking)
             XCTAssertGreaterThan(trainer.sync.buckets.count, 10)
             let step = try trainer.trainStep()
-            let reference = try Trainer(config: tc, comm: .solo, say: { _ in })
+            let reference = try Trainer(config: tc, comm: .solo)
             let whole = try reference.trainStep()
             XCTAssertTrue(step.applied && whole.applied)
             XCTAssertEqual(step.report.loss, whole.report.loss, accuracy: 1e-12 * whole.report.loss, "rank \(r): loss")
