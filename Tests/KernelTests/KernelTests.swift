@@ -162,6 +162,24 @@ final class KernelTests: XCTestCase {
         }
     }
 
+    /// Dropout's backward is the same mask applied to the gradient: checked against finite
+    /// differences of L = <x * mask, dy> (the reference is the plain product in Double).
+    func testDropoutBackwardIsTheMask() {
+        let rows = 6, d = 5, n = rows * d
+        let mask = UnsafeMutablePointer<Float>.allocate(capacity: n); defer { mask.deallocate() }
+        dropoutMask(mask, p: 0.3, rows: rows, d: d, rowsPerSample: 3, samplePositions: [4, 9], seed: 1, step: 2, site: 3)
+        let m = read(mask, n).map { Double($0) }
+        var g = TestRNG(8)
+        let x = g.doubles(n), dy = g.doubles(n)
+        let num = Reference.numericGradient(x) { xs in zip(zip(xs, m).map { $0 * $1 }, dy).reduce(0) { $0 + $1.0 * $1.1 } }
+        withFloats([x, dy]) { b in
+            dropoutApply(b[0], mask, count: n)
+            assertClose(read(b[0], n), zip(x, m).map { $0 * $1 }, "dropout forward")
+            dropoutApply(b[1], mask, count: n)
+            assertClose(read(b[1], n), num, rtol: 1e-5, atol: 1e-6, "dropout backward vs finite differences")
+        }
+    }
+
     func testDropoutMaskIsRankInvariantAndUnbiased() {
         let d = 50, rowsPerSample = 40, p: Float = 0.1
         // 4 samples in one call vs the same samples split 2 + 2
