@@ -33,6 +33,12 @@ public enum MPI {
     /// True when this process was started by OpenMPI's `mpirun` (OMPI_COMM_WORLD_SIZE is set).
     public static var isUnderMPIRun: Bool { ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_SIZE"] != nil }
 
+    /// Ranks started on this machine (OMPI_COMM_WORLD_LOCAL_SIZE under `mpirun`, else 1): for
+    /// sharing its cores between them (`dist.threads_per_rank: auto`).
+    public static var ranksOnThisNode: Int {
+        ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"].flatMap { Int($0) } ?? 1
+    }
+
     /// Whether MPI_Init has run (by us or anyone) and MPI_Finalize has not.
     public static var isActive: Bool {
         var initialised: Int32 = 0, finalised: Int32 = 0

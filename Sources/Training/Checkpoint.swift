@@ -23,7 +23,7 @@ import Platform
 // see the same file system.
 
 /// Where training stands; saved in the manifest and handed back on resume.
-public struct TrainingProgress: Codable, Equatable, Sendable {
+public struct TrainingProgress: Equatable, Sendable {
     /// Optimizer updates applied so far (the next update has index `step`).
     public var step: Int
     /// Training samples consumed, all ranks together.
@@ -37,9 +37,6 @@ public struct TrainingProgress: Codable, Equatable, Sendable {
 
     public init(step: Int, samplesSeen: Int, dataEpoch: Int = 0, dataOffset: Int = 0, seed: Int) {
         self.step = step; self.samplesSeen = samplesSeen; self.dataEpoch = dataEpoch; self.dataOffset = dataOffset; self.seed = seed
-    }
-    enum CodingKeys: String, CodingKey {
-        case step, samplesSeen = "samples_seen", dataEpoch = "data_epoch", dataOffset = "data_offset", seed
     }
 }
 
@@ -75,9 +72,12 @@ public struct CheckpointManifest: Codable, Equatable {
     }
 
     public var formatVersion: Int
+    /// Where training stands (`progress` gathers these five).
     public var step: Int
     public var samplesSeen: Int
-    public var progress: TrainingProgress
+    public var dataEpoch: Int
+    public var dataOffset: Int
+    public var seed: Int
     public var worldSize: Int
     /// Floats in the flat parameter buffer (P).
     public var parameterCount: Int
@@ -92,8 +92,13 @@ public struct CheckpointManifest: Codable, Equatable {
     public var createdAt: String
 
     enum CodingKeys: String, CodingKey {
-        case formatVersion = "format_version", step, samplesSeen = "samples_seen", progress, worldSize = "world_size"
-        case parameterCount = "parameter_count", parameters, optimizer, shards, model, config, createdAt = "created_at"
+        case formatVersion = "format_version", step, samplesSeen = "samples_seen", dataEpoch = "data_epoch"
+        case dataOffset = "data_offset", seed, worldSize = "world_size", parameterCount = "parameter_count"
+        case parameters, optimizer, shards, model, config, createdAt = "created_at"
+    }
+
+    public var progress: TrainingProgress {
+        TrainingProgress(step: step, samplesSeen: samplesSeen, dataEpoch: dataEpoch, dataOffset: dataOffset, seed: seed)
     }
 
     /// The manifest of a checkpoint written by `worldSize` ranks now.
@@ -102,7 +107,9 @@ public struct CheckpointManifest: Codable, Equatable {
         formatVersion = CheckpointManifest.currentFormatVersion
         step = progress.step
         samplesSeen = progress.samplesSeen
-        self.progress = progress
+        dataEpoch = progress.dataEpoch
+        dataOffset = progress.dataOffset
+        seed = progress.seed
         self.worldSize = worldSize
         parameterCount = table.total
         parameters = table.entries

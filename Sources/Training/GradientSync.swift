@@ -118,7 +118,7 @@ public final class GradientSync {
             let overlap = min(range.upperBound, buckets[b].upperBound) - max(range.lowerBound, buckets[b].lowerBound)
             precondition(remaining[b] >= overlap, "bucket \(b) marked ready twice (range \(range))")
             remaining[b] -= overlap
-            if remaining[b] == 0, let worker { worker.enqueue(b, range: buckets[b]) }
+            if remaining[b] == 0, let worker { worker.enqueue(buckets[b]) }
         }
     }
 
@@ -134,7 +134,7 @@ public final class GradientSync {
         if let worker {
             for b in buckets.indices where remaining[b] > 0 {
                 remaining[b] = 0
-                worker.enqueue(b, range: buckets[b])
+                worker.enqueue(buckets[b])
             }
             let (comm, error) = worker.waitAll(buckets.count)
             step.commSeconds = comm
@@ -173,7 +173,7 @@ public final class GradientSync {
     private final class Worker {
         let communicator: Communicator
         let cond = NSCondition()
-        var queue: [(Int, Range<Int>)] = []
+        var queue: [Range<Int>] = []
         var head = 0
         var done = 0
         var commSeconds = 0.0
@@ -196,9 +196,9 @@ public final class GradientSync {
             cond.unlock()
         }
 
-        func enqueue(_ bucket: Int, range: Range<Int>) {
+        func enqueue(_ range: Range<Int>) {
             cond.lock()
-            queue.append((bucket, range))
+            queue.append(range)
             cond.broadcast()
             cond.unlock()
         }
@@ -221,7 +221,7 @@ public final class GradientSync {
                 cond.lock()
                 while head == queue.count && !stopping { cond.wait() }
                 if head == queue.count && stopping { cond.unlock(); return }
-                let (_, range) = queue[head]
+                let range = queue[head]
                 head += 1
                 let g = grads!, s = scale, failed = error != nil
                 cond.unlock()

@@ -85,6 +85,7 @@ extension MPITests {
         XCTAssertEqual(W, Int(env["TENSORAR_MPI_EXPECT_SIZE"] ?? "") ?? -1)
         XCTAssertEqual(MPI.isUnderMPIRun, W > 1 || env["OMPI_COMM_WORLD_SIZE"] != nil)
         XCTAssertEqual(MPI.threadLevel, .multiple)
+        XCTAssertEqual(MPI.ranksOnThisNode, W)
         XCTAssertTrue(comm === (try MPI.initialize()), "initialize() returns the same world communicator")
 
         // The Communicator's collectives.

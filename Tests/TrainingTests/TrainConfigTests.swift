@@ -75,6 +75,9 @@ final class TrainConfigTests: XCTestCase {
         assertInputError(["--set noise.type=gaussian", "noise.type", "expected one of: replace, discrete, continuous, none, got 'gaussian'"]) {
             _ = try TrainConfig.resolve(yaml: "", source: "run.yaml", overrides: ["noise.type=gaussian"])
         }
+        assertInputError(["--set optim.schedule_base=exp", "optim.schedule_base: expected one of: constant, linear, cosine, got 'exp'"]) {
+            _ = try TrainConfig.resolve(yaml: "", source: "run.yaml", overrides: ["optim.schedule_base=exp"])
+        }
         assertInputError(["run.yaml", "dist.threads_per_rank", "auto"]) {
             _ = try TrainConfig.resolve(yaml: "dist:\n  threads_per_rank: lots\n", source: "run.yaml")
         }
