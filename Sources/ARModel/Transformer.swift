@@ -70,6 +70,8 @@ public final class Transformer {
     // offsets of the non-block parameters
     let oCls, oTok, oNorm, oOut: Int
     let oInQuery, oInPos, oInPad, oEncNorm, oEncProj, oOutPos, oDecNorm, oDecProj: Int
+    /// Flat range of each base layer's weights (one gradient bucket hand-over per layer).
+    let layerRanges: [Range<Int>]
 
     public init(config: ModelConfig, params: FlatBuffer? = nil) throws {
         try config.validate()
@@ -82,6 +84,10 @@ public final class Transformer {
         let rot = RotaryTable(seqLen: T, gridW: config.gridSize, headDim: config.headDim, base: config.ropeBase)
         base = BlockStack(weights: (0..<config.nLayer).map { BlockWeights(table, prefix: "layers.\($0)") }, causal: true, rotary: rot,
                           dim: D, heads: config.nHead, ffn: config.ffnHidden, eps: config.normEps, siteBase: 0)
+        layerRanges = (0..<config.nLayer).map { l in
+            let last = table.entry("layers.\(l).feed_forward.w2.weight")!
+            return table.offset("layers.\(l).attention_norm.weight")..<(last.offset + last.count)
+        }
         oCls = table.offset("cls_embedding.embedding_table.weight"); oTok = table.offset("tok_embeddings.weight")
         oNorm = table.offset("norm.weight"); oOut = table.offset("output.weight")
         if config.hasPlugin {
@@ -381,11 +387,7 @@ public final class Transformer {
             dx.base.update(from: dg.base, count: R * D)
         }
         // base transformer
-        base.backward(dx, params: p, grads: gp) { [table] l in
-            let first = table.offset("layers.\(l).attention_norm.weight")
-            let last = table.entry("layers.\(l).feed_forward.w2.weight")!
-            onReady?(first..<(last.offset + last.count))
-        }
+        base.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }
         if let m = tokMask, dropoutUsed != nil { dropoutApply(dx.base, m.base, count: R * D) }
         // inputs
         for b in 0..<B { let c = gp + oCls + Int(batch.labels[b]) * D, s = dx.base + b * T * D; for i in 0..<D { c[i] += s[i] } }

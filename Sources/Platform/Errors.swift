@@ -5,3 +5,14 @@ public struct InputError: Error, CustomStringConvertible {
     public init(_ file: String, _ problem: String) { self.file = file; self.problem = problem }
     public var description: String { "\(file): \(problem)" }
 }
+
+import Foundation
+
+/// Runs a command's body; bad input (an InputError) is printed as `error: <file>: <problem>` on
+/// stderr and the process exits with `exitCode`, without a trace. Other errors pass through.
+public func exitingOnInputError(exitCode: Int32, _ body: () throws -> Void) rethrows {
+    do { try body() } catch let e as InputError {
+        FileHandle.standardError.write(Data("error: \(e)\n".utf8))
+        exit(exitCode)
+    }
+}

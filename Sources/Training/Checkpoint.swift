@@ -28,7 +28,8 @@ public struct TrainingProgress: Equatable, Sendable {
     public var step: Int
     /// Training samples consumed, all ranks together.
     public var samplesSeen: Int
-    /// The data order's position: epoch, and samples of that epoch already consumed (global).
+    /// The data order's position: `dataOffset` is the loader's position in the global sample
+    /// stream (samples consumed over all epochs, all ranks), `dataEpoch` the epoch it falls in.
     public var dataEpoch: Int
     public var dataOffset: Int
     /// The run's seed. With counter-based randomness (CounterRNG keyed by seed, step, sample and

@@ -26,10 +26,7 @@ struct TensorARData: ParsableCommand {
     static func runMain() {
         do {
             var command = try parseAsRoot()
-            try command.run()
-        } catch let e as InputError {
-            FileHandle.standardError.write(Data("error: \(e)\n".utf8))
-            Foundation.exit(1)
+            try exitingOnInputError(exitCode: 1) { try command.run() }
         } catch {
             exit(withError: error)
         }

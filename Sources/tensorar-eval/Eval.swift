@@ -33,10 +33,7 @@ struct Eval: ParsableCommand {
 
     func run() throws {
         BLAS.ensureBestKernel()
-        do { try evaluate() } catch let e as InputError {
-            FileHandle.standardError.write("error: \(e)\n".data(using: .utf8)!)
-            throw ExitCode(2)
-        }
+        try exitingOnInputError(exitCode: 2) { try evaluate() }
     }
 
     func evaluate() throws {

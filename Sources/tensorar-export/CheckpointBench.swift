@@ -20,7 +20,7 @@ struct CheckpointBench: ParsableCommand {
     @Flag(help: "Print one JSON object (rank 0) instead of lines.") var json = false
 
     func run() throws {
-        try reportingInputErrors {
+        try exitingOnInputError(exitCode: 2) {
             let comm = try MPI.initialize()
             defer { try? MPI.finalize() }
             try measure(comm)

@@ -16,14 +16,6 @@ struct Export: ParsableCommand {
         defaultSubcommand: Weights.self)
 }
 
-/// Prints `error: <file>: <problem>` for bad input and exits non-zero.
-func reportingInputErrors(_ body: () throws -> Void) throws {
-    do { try body() } catch let e as InputError {
-        FileHandle.standardError.write("error: \(e)\n".data(using: .utf8)!)
-        throw ExitCode(2)
-    }
-}
-
 struct Weights: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "weights",
@@ -34,7 +26,7 @@ struct Weights: ParsableCommand {
     @Option(help: "The .safetensors file to write (replaced atomically if it exists).") var out: String
 
     func run() throws {
-        try reportingInputErrors {
+        try exitingOnInputError(exitCode: 2) {
             guard let (dir, manifest) = try checkpointManifest(at: checkpoint) else {
                 let exists = FileManager.default.fileExists(atPath: checkpoint)
                 throw InputError(checkpoint, (exists ? "a file, not a folder" : "no such folder")

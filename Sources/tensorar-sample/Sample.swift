@@ -72,7 +72,7 @@ struct Sample: ParsableCommand {
         BLAS.ensureBestKernel()
         let comm: Communicator
         do { comm = try MPI.initialize() } catch { FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!); throw ExitCode(1) }
-        let local = Int(ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1
+        let local = MPI.ranksOnThisNode
         BLAS.threads = threads ?? max(1, ProcessInfo.processInfo.activeProcessorCount / max(1, local))
         if bench {
             do { try runBench(comm: comm) } catch {

@@ -76,7 +76,7 @@ struct Train: ParsableCommand {
         try cfg.validate(worldSize: comm.size, source: file ?? "built-in defaults")
 
         // Threads: ranks x threads must not exceed the cores of a node.
-        let local = Int(ProcessInfo.processInfo.environment["OMPI_COMM_WORLD_LOCAL_SIZE"] ?? "") ?? 1
+        let local = MPI.ranksOnThisNode
         BLAS.threads = cfg.dist.threadsPerRank.resolve(ranksOnNode: local)
         say("tensorar-train: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
         guard FileManager.default.fileExists(atPath: cfg.data.train + "/dataset.json") else {
