@@ -18,11 +18,14 @@ public struct ModelConfig: Codable, Equatable, Sendable {
     /// d: blocks in the plug-in encoder and in the decoder; 0 means no plug-in.
     public var pluginDepth: Int = 0
     public var residual: Bool = true
+    /// The base model's type, a `BaseRegistry` name (SPEC section 7 "base"; "llamagen" when absent,
+    /// and then left out of the JSON, so files written before the field existed stay identical).
+    public var base: String = LlamaGen.name
 
     enum CodingKeys: String, CodingKey {
         case vocabSize = "vocab_size", numClasses = "num_classes", gridSize = "grid_size", dim
         case nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", normEps = "norm_eps"
-        case ropeBase = "rope_base", window, pluginDepth = "plugin_depth", residual
+        case ropeBase = "rope_base", window, pluginDepth = "plugin_depth", residual, base
     }
 
     public init(
@@ -49,6 +52,18 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         window = try c.decodeIfPresent(Int.self, forKey: .window) ?? 1
         pluginDepth = try c.decodeIfPresent(Int.self, forKey: .pluginDepth) ?? 0
         residual = try c.decodeIfPresent(Bool.self, forKey: .residual) ?? true
+        base = try c.decodeIfPresent(String.self, forKey: .base) ?? LlamaGen.name
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(vocabSize, forKey: .vocabSize); try c.encode(numClasses, forKey: .numClasses)
+        try c.encode(gridSize, forKey: .gridSize); try c.encode(dim, forKey: .dim)
+        try c.encode(nLayer, forKey: .nLayer); try c.encode(nHead, forKey: .nHead)
+        try c.encode(ffnHidden, forKey: .ffnHidden); try c.encode(normEps, forKey: .normEps)
+        try c.encode(ropeBase, forKey: .ropeBase); try c.encode(window, forKey: .window)
+        try c.encode(pluginDepth, forKey: .pluginDepth); try c.encode(residual, forKey: .residual)
+        if base != LlamaGen.name { try c.encode(base, forKey: .base) }
     }
 
     /// SPEC section 2: F = find_multiple(int(2 * 4D / 3), 256).
@@ -64,6 +79,9 @@ public struct ModelConfig: Codable, Equatable, Sendable {
     /// Problems a person can act on; `source` names the file or flag the config came from.
     public func validate(source: String = "model config") throws {
         func bad(_ s: String) -> InputError { InputError(source, s) }
+        if BaseRegistry.type(named: base) == nil {
+            throw bad("unknown base '\(base)'; known: \(BaseRegistry.names.joined(separator: ", "))")
+        }
         if vocabSize < 2 { throw bad("vocab_size must be at least 2, got \(vocabSize)") }
         if numClasses < 1 { throw bad("num_classes must be at least 1, got \(numClasses)") }
         if gridSize < 1 { throw bad("grid_size must be at least 1, got \(gridSize)") }

@@ -16,8 +16,9 @@ public struct ParameterEntry: Codable, Equatable, Sendable {
     public var isMatrix: Bool { shape.count >= 2 }  // weight decay applies (SPEC section 6)
 }
 
-/// The size table: every parameter of a config, in one fixed order, base group first and the
-/// plug-in after it, so each group is one contiguous range of the flat buffer.
+/// The size table: every parameter of a config, in one fixed order, the base's group first
+/// (its entries from the base type, `BaseRegistry`) and the plug-in after it (SPEC section 3),
+/// so each group is one contiguous range of the flat buffer.
 public struct ParameterTable: Sendable {
     public private(set) var entries: [ParameterEntry] = []
     public private(set) var inits: [ParameterInit] = []
@@ -25,47 +26,41 @@ public struct ParameterTable: Sendable {
     private var index: [String: Int] = [:]
 
     public init(_ c: ModelConfig) {
-        let D = c.dim, F = c.ffnHidden, V = c.vocabSize
-        func add(_ name: String, _ shape: [Int], _ g: ParameterGroup, _ i: ParameterInit) {
-            index[name] = entries.count
-            entries.append(ParameterEntry(name: name, shape: shape, group: g, offset: total))
-            inits.append(i)
-            total += shape.reduce(1, *)
-        }
-        func block(_ prefix: String, _ g: ParameterGroup) {
-            add("\(prefix).attention_norm.weight", [D], g, .ones)
-            add("\(prefix).attention.wqkv.weight", [3 * D, D], g, .normal(0.02))
-            add("\(prefix).attention.wo.weight", [D, D], g, .normal(0.02))
-            add("\(prefix).ffn_norm.weight", [D], g, .ones)
-            add("\(prefix).feed_forward.w1.weight", [F, D], g, .normal(0.02))
-            add("\(prefix).feed_forward.w3.weight", [F, D], g, .normal(0.02))
-            add("\(prefix).feed_forward.w2.weight", [D, F], g, .normal(0.02))
-        }
-        add("cls_embedding.embedding_table.weight", [c.numClasses + 1, D], .base, .normal(0.02))
-        add("tok_embeddings.weight", [V, D], .base, .normal(0.02))
-        for l in 0..<c.nLayer { block("layers.\(l)", .base) }
-        add("norm.weight", [D], .base, .ones)
-        add("output.weight", [V, D], .base, .zeros)
-        if c.hasPlugin {
-            let k = c.window, d = c.pluginDepth
-            let projInit: ParameterInit = c.residual ? .zeros : .normal(0.02)
-            add("tensorar.in_query", [D], .plugin, .normal(0.02))
-            add("tensorar.in_pos", [k, D], .plugin, .normal(0.02))
-            add("tensorar.in_pad", [D], .plugin, .normal(0.02))
-            for i in 0..<d { block("tensorar.encoder.layers.\(i)", .plugin) }
-            add("tensorar.encoder.norm.weight", [D], .plugin, .ones)
-            add("tensorar.encoder.proj.weight", [D, D], .plugin, projInit)
-            add("tensorar.out_pos", [k, D], .plugin, .normal(0.02))
-            for i in 0..<d { block("tensorar.decoder.layers.\(i)", .plugin) }
-            add("tensorar.decoder.norm.weight", [D], .plugin, .ones)
-            add("tensorar.decoder.proj.weight", [D, D], .plugin, projInit)
-        }
+        guard let base = BaseRegistry.type(named: c.base) else { fatalError("unknown model base '\(c.base)'") }
+        base.addParameters(c, to: &self)
+        if c.hasPlugin { Transformer.addPluginParameters(c, to: &self) }
+    }
+
+    /// Appends one entry at the end of the flat buffer.
+    mutating func add(_ name: String, _ shape: [Int], _ g: ParameterGroup, _ i: ParameterInit) {
+        precondition(index[name] == nil, "parameter \(name) added twice")
+        index[name] = entries.count
+        entries.append(ParameterEntry(name: name, shape: shape, group: g, offset: total))
+        inits.append(i)
+        total += shape.reduce(1, *)
+    }
+
+    /// A SPEC section 2 block's entries under `prefix` (w1 right before w3: see `BlockWeights`).
+    mutating func addBlock(_ prefix: String, _ c: ModelConfig, _ g: ParameterGroup) {
+        let D = c.dim, F = c.ffnHidden
+        add("\(prefix).attention_norm.weight", [D], g, .ones)
+        add("\(prefix).attention.wqkv.weight", [3 * D, D], g, .normal(0.02))
+        add("\(prefix).attention.wo.weight", [D, D], g, .normal(0.02))
+        add("\(prefix).ffn_norm.weight", [D], g, .ones)
+        add("\(prefix).feed_forward.w1.weight", [F, D], g, .normal(0.02))
+        add("\(prefix).feed_forward.w3.weight", [F, D], g, .normal(0.02))
+        add("\(prefix).feed_forward.w2.weight", [D, F], g, .normal(0.02))
     }
 
     public func entry(_ name: String) -> ParameterEntry? { index[name].map { entries[$0] } }
     public func offset(_ name: String) -> Int {
         guard let i = index[name] else { fatalError("no parameter named \(name)") }
         return entries[i].offset
+    }
+    /// The flat range from the start of entry `first` to the end of entry `last`.
+    public func span(_ first: String, _ last: String) -> Range<Int> {
+        let e = entry(last)!
+        return offset(first)..<(e.offset + e.count)
     }
     /// The flat range [start, end) holding one group (groups are contiguous by construction).
     public func range(of group: ParameterGroup) -> Range<Int> {

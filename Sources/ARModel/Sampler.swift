@@ -22,65 +22,55 @@ public struct SampleResult {
     public var labels: [Int32]
 }
 
-/// KV-cached next-tensor sampling (SPEC section 5). Null-class rows for guidance are batched
-/// with the conditioned rows and fed the same sampled tensors (so the plug-in encoder, which does
-/// not see the class, runs on the conditioned rows only and its output is copied). Randomness is
-/// keyed by (seed, sample id, step, slot), so a sample does not depend on its batch or rank.
-///
-/// Hot loops: every matmul is one sgemm over all rows. Attention over the cache is memory-bound
-/// (each cached key and value is read once per step): every (layer, row, head) keeps its keys and
-/// values as one contiguous (T, hd) block, read by two sgemv calls, which stream it about twice
-/// as fast as plain loops did. All buffers are allocated once per batch size.
+/// KV-cached next-tensor sampling (SPEC section 5), through the model's own stages: the base's
+/// class and token embedding, the plug-in encoder, one cached step of the base's trunk, the
+/// plug-in decoder and the base's head, part by part (`BaseModel.headParts`). Null-class rows
+/// for guidance are batched with the conditioned rows and fed the same sampled tensors (so the
+/// plug-in encoder, which does not see the class, runs on the conditioned rows only and its
+/// output is copied). Randomness is keyed by (seed, sample id, step, slot), so a sample does not
+/// depend on its batch or rank. Every matmul is one sgemm over all rows; buffers are allocated
+/// once per batch size.
 public final class Sampler {
     let m: Transformer
-    let encoder: BlockStack?
-    let decoder: BlockStack?
+    let encoder: EncoderStage?
+    let decoder: DecoderStage?
     private var ws: Workspace?
-    private var chooser: TokenChooser
+    private var choosers: [TokenChooser]
 
     public init(model: Transformer) {
         m = model
         let c = model.config
+        // stages of their own (their buffers are sized for sampling rows), the same weights
         if c.hasPlugin {
-            encoder = BlockStack(weights: model.encoder!.weights, causal: false, rotary: nil, dim: c.dim, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
-            decoder = BlockStack(weights: model.decoder!.weights, causal: false, rotary: nil, dim: c.dim, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
+            encoder = EncoderStage(base: model.base, config: c, table: model.table, siteBase: 0)
+            decoder = DecoderStage(config: c, table: model.table, siteBase: 0)
         } else { encoder = nil; decoder = nil }
-        chooser = TokenChooser(vocabSize: c.vocabSize)
+        choosers = model.base.headParts.map { TokenChooser(vocabSize: $0) }
     }
 
     /// Every buffer one batch of NB rows (n images, times 2 with guidance) needs.
     final class Workspace {
         let n, NB: Int
-        let kC, vC: FlatBuffer            // keys and values (L, NB, NH, T, hd): each head's cache contiguous
-        let x, n1, rstd, qkv, att, tmp, ab, g, scores: FlatBuffer
-        let ex, es0, esn, esr, eu: FlatBuffer  // encoder: (n, k+1, D), slot 0, its norm, rstd, projection
-        let dx, slots, dsn, dsr, gz: FlatBuffer  // decoder: (NB, k+1, D), (NB, k, D) ...
-        let fn, frstd, logits: FlatBuffer
+        let cache: KVCache
+        let x: FlatBuffer       // (NB, D) the trunk's rows at the current position
+        let logits: FlatBuffer  // (NB, slots, widest part)
         var row: [Float]
-        init(_ c: ModelConfig, n: Int, NB: Int) {
-            let T = c.seqLen, D = c.dim, F = c.ffnHidden, L = c.nLayer, k = c.window, V = c.vocabSize
+        init(_ m: Transformer, n: Int, NB: Int) {
+            let c = m.config, widest = m.base.headParts.max()!
             self.n = n; self.NB = NB
-            kC = FlatBuffer(count: L * NB * T * D); vC = FlatBuffer(count: L * NB * T * D)
-            x = FlatBuffer(count: NB * D); n1 = FlatBuffer(count: NB * D); rstd = FlatBuffer(count: NB)
-            qkv = FlatBuffer(count: NB * 3 * D); att = FlatBuffer(count: NB * D); tmp = FlatBuffer(count: NB * D)
-            ab = FlatBuffer(count: NB * 2 * F); g = FlatBuffer(count: NB * F); scores = FlatBuffer(count: T)
-            let S = k + 1, pl = c.hasPlugin
-            ex = FlatBuffer(count: pl ? n * S * D : 0); es0 = FlatBuffer(count: pl ? n * D : 0); esn = FlatBuffer(count: pl ? n * D : 0)
-            esr = FlatBuffer(count: pl ? n : 0); eu = FlatBuffer(count: pl ? n * D : 0)
-            dx = FlatBuffer(count: pl ? NB * S * D : 0); slots = FlatBuffer(count: pl ? NB * k * D : 0)
-            dsn = FlatBuffer(count: pl ? NB * k * D : 0); dsr = FlatBuffer(count: pl ? NB * k : 0); gz = FlatBuffer(count: pl ? NB * k * D : 0)
-            let rows = pl ? k : 1
-            fn = FlatBuffer(count: NB * rows * D); frstd = FlatBuffer(count: NB * rows); logits = FlatBuffer(count: NB * rows * V)
-            row = [Float](repeating: 0, count: V)
+            cache = m.base.makeTrunkCache(rows: NB)
+            x = FlatBuffer(count: NB * c.dim)
+            logits = FlatBuffer(count: NB * (c.hasPlugin ? c.window : 1) * widest)
+            row = [Float](repeating: 0, count: widest)
         }
     }
 
     /// Samples one image per label; `sampleIds` (global, e.g. the index in the whole run) key the
     /// randomness. `onStep(p)` reports progress. `steps` (benchmarks only) stops after that many
     /// positions, leaving the rest of the image unsampled (-1).
-    public func sample(labels: [Int32], sampleIds: [Int], options o: SamplingOptions, steps: Int? = nil, onStep: ((Int) -> Void)? = nil) -> SampleResult {
-        let c = m.config, T = c.seqLen, D = c.dim, V = c.vocabSize, k = c.window, F = c.ffnHidden
-        let NH = c.nHead, hd = c.headDim, L = c.nLayer
+    public func sample(labels: [Int32], sampleIds: [Int], options o: SamplingOptions, steps: Int? = nil,
+                       onStep: ((Int) -> Void)? = nil) -> SampleResult {
+        let c = m.config, T = c.seqLen, D = c.dim, k = c.window
         let n = labels.count
         precondition(sampleIds.count == n, "one sample id per label")
         let guided = o.cfgScale != 1
@@ -90,127 +80,82 @@ public final class Sampler {
         var traj = [Int32](repeating: -1, count: n * T * k)
         var prev = [Int32](repeating: -1, count: n * k)  // t_{p-1} per image
         if n == 0 { return SampleResult(tokens: tokens, trajectories: traj, labels: labels) }
-        if ws == nil || ws!.n != n || ws!.NB != NB { ws = nil; ws = Workspace(c, n: n, NB: NB) }
-        let w = ws!
-        let kC = w.kC.base, vC = w.vC.base, x = w.x.base, qkv = w.qkv.base, att = w.att.base, tmp = w.tmp.base, sc = w.scores.base
+        if ws == nil || ws!.n != n || ws!.NB != NB { ws = nil; ws = Workspace(m, n: n, NB: NB) }
+        let w = ws!, x = w.x.base
         let rows = c.hasPlugin ? k : 1
-        let scale = 1 / Float(hd).squareRoot()
-        let headBlock = T * hd  // floats per (layer, row, head) in either cache
 
         for pos in 0..<min(T, steps ?? T) {
             // 1. the input vector of position pos, for every row
             if pos == 0 {
-                for r in 0..<NB {
-                    let cls = r < n ? Int(labels[r]) : c.numClasses
-                    (x + r * D).update(from: p + m.oCls + cls * D, count: D)
-                }
+                for r in 0..<NB { m.base.embedClass(x + r * D, label: r < n ? Int(labels[r]) : c.numClasses, params: p) }
             } else {
-                embedInputs(prev, rows: n, into: w)
+                embedInputs(prev, rows: n, into: x)
                 if guided { (x + n * D).update(from: x, count: n * D) }  // null rows: same tensors, same input
             }
-            // 2. the base transformer, one position, with the KV cache
-            for l in 0..<L {
-                let bw = m.base.weights[l]
-                rmsnormForward(w.n1.base, w.rstd.base, x, p + bw.attnNorm, n: NB, d: D, eps: c.normEps)
-                matmulForward(qkv, w.n1.base, p + bw.wqkv, n: NB, ic: D, oc: 3 * D)
-                rotaryApply(qkv, m.base.rotary!, batch: NB, seqLen: 1, dim: D, heads: NH, position: pos)
-                for r in 0..<NB {
-                    for h in 0..<NH {
-                        let blk = ((l * NB + r) * NH + h) * headBlock
-                        let kh = kC + blk, vh = vC + blk
-                        let q = qkv + r * 3 * D + h * hd
-                        (kh + pos * hd).update(from: q + D, count: hd)
-                        (vh + pos * hd).update(from: q + 2 * D, count: hd)
-                        // scores over cached positions 0...pos: sc = scale K q; out = V^T softmax(sc)
-                        BLAS.sgemv(trans: false, m: pos + 1, n: hd, alpha: scale, kh, lda: hd, q, beta: 0, sc)
-                        var mx = -Float.infinity
-                        for j in 0...pos { mx = max(mx, sc[j]) }
-                        var sum: Float = 0
-                        for j in 0...pos { let e = fexp(sc[j] - mx); sc[j] = e; sum += e }
-                        BLAS.sgemv(trans: true, m: pos + 1, n: hd, alpha: 1 / sum, vh, lda: hd, sc, beta: 0, att + r * D + h * hd)
-                    }
+            // 2. the base trunk, one position, with the KV cache
+            m.base.trunkStep(x, cache: w.cache, position: pos, params: p)
+            // 3. the k slots of every row (NB, rows, D), then their tokens, part by part
+            let h = decoder.map { UnsafePointer($0.forward(x, n: NB, dropout: nil, params: p).base) } ?? UnsafePointer(x)
+            let chosen = chooseTokens(h, n: n, NB: NB, position: pos, sampleIds: sampleIds, options: o)
+            for b in 0..<n {
+                for j in 0..<rows {
+                    if pos + j >= T { prev[b * k + j] = -1; continue }
+                    let tok = m.base.token(parts: chosen.map { $0[b * rows + j] })
+                    prev[b * k + j] = tok
+                    traj[(b * T + pos + j) * k + j] = tok
                 }
-                matmulForward(tmp, att, p + bw.wo, n: NB, ic: D, oc: D)
-                for i in 0..<(NB * D) { x[i] += tmp[i] }
-                rmsnormForward(w.n1.base, w.rstd.base, x, p + bw.ffnNorm, n: NB, d: D, eps: c.normEps)
-                matmulForward(w.ab.base, w.n1.base, p + bw.w13, n: NB, ic: D, oc: 2 * F)
-                swigluForward(w.g.base, w.ab.base, n: NB, f: F)
-                matmulForward(tmp, w.g.base, p + bw.w2, n: NB, ic: F, oc: D)
-                for i in 0..<(NB * D) { x[i] += tmp[i] }
-            }
-            // 3. decode the k slot logits of every row: (NB, rows, V)
-            if let decoder {
-                let S = k + 1, dx = w.dx.base
-                for r in 0..<NB {
-                    (dx + r * S * D).update(from: x + r * D, count: D)
-                    (dx + (r * S + 1) * D).update(from: p + m.oOutPos, count: k * D)
-                }
-                decoder.forward(w.dx, params: p, sequences: NB, seqLen: S, dropout: nil)
-                for r in 0..<NB { (w.slots.base + r * k * D).update(from: dx + (r * S + 1) * D, count: k * D) }
-                rmsnormForward(w.dsn.base, w.dsr.base, w.slots.base, p + m.oDecNorm, n: NB * k, d: D, eps: c.normEps)
-                let gz = w.gz.base
-                matmulForward(gz, w.dsn.base, p + m.oDecProj, n: NB * k, ic: D, oc: D)
-                if c.residual {
-                    for r in 0..<NB { for j in 0..<k { let gr = gz + (r * k + j) * D, xr = x + r * D; for i in 0..<D { gr[i] += xr[i] } } }
-                }
-                rmsnormForward(w.fn.base, w.frstd.base, gz, p + m.oNorm, n: NB * k, d: D, eps: c.normEps)
-            } else {
-                rmsnormForward(w.fn.base, w.frstd.base, x, p + m.oNorm, n: NB, d: D, eps: c.normEps)
-            }
-            let logits = w.logits.base
-            matmulForward(logits, w.fn.base, p + m.oOut, n: NB * rows, ic: D, oc: V)
-            // 4. guidance, then choose each valid slot's token
-            w.row.withUnsafeMutableBufferPointer { rowBuf in
-                let row = rowBuf.baseAddress!
-                for b in 0..<n {
-                    for j in 0..<rows {
-                        if pos + j >= T { prev[b * k + j] = -1; continue }
-                        let cond = logits + (b * rows + j) * V
-                        if guided {
-                            let un = logits + ((n + b) * rows + j) * V, s = o.cfgScale
-                            for v in 0..<V { row[v] = un[v] + s * (cond[v] - un[v]) }
-                        } else {
-                            row.update(from: cond, count: V)
-                        }
-                        var rng = CounterRNG(seed: o.seed, UInt64(sampleIds[b]), RandomPurpose.sampling.rawValue, UInt64(pos * k + j))
-                        let tok = Int32(chooser.choose(row, options: o, uniform: rng.uniform()))
-                        prev[b * k + j] = tok
-                        traj[(b * T + pos + j) * k + j] = tok
-                    }
-                    tokens[b * T + pos] = prev[b * k]
-                }
+                tokens[b * T + pos] = prev[b * k]
             }
             onStep?(pos)
         }
         return SampleResult(tokens: tokens, trajectories: traj, labels: labels)
     }
 
-    /// Base-transformer input vectors (the first `rows` rows of w.x) for step inputs t (rows, k):
-    /// the plug-in encoder or the plain token embedding (SPEC section 3).
-    func embedInputs(_ t: [Int32], rows: Int, into w: Workspace) {
-        let c = m.config, D = c.dim, k = c.window, p = m.params.base
-        let x = w.x.base
+    /// For each head part in turn: the logits of every (row, slot), guidance, then each valid
+    /// slot's choice (the null rows get the same choice). Returns [part][b * slots + j].
+    private func chooseTokens(_ h: ConstFloatPtr, n: Int, NB: Int, position pos: Int, sampleIds: [Int],
+                              options o: SamplingOptions) -> [[Int32]] {
+        let c = m.config, T = c.seqLen, k = c.window, rows = c.hasPlugin ? k : 1
+        let w = ws!, logits = w.logits.base
+        var rngs = [CounterRNG]()
+        for b in 0..<n {
+            for j in 0..<rows { rngs.append(CounterRNG(seed: o.seed, UInt64(sampleIds[b]), RandomPurpose.sampling.rawValue, UInt64(pos * k + j))) }
+        }
+        var chosen: [[Int32]] = []
+        for (part, V) in m.base.headParts.enumerated() {
+            m.base.headLogits(logits, h, rows: NB * rows, part: part, chosen: chosen, params: m.params.base)
+            var pick = [Int32](repeating: -1, count: NB * rows)
+            w.row.withUnsafeMutableBufferPointer { rowBuf in
+                let row = rowBuf.baseAddress!
+                for b in 0..<n {
+                    for j in 0..<rows where pos + j < T {
+                        let cond = logits + (b * rows + j) * V
+                        if o.cfgScale != 1 {
+                            let un = logits + ((n + b) * rows + j) * V, s = o.cfgScale
+                            for v in 0..<V { row[v] = un[v] + s * (cond[v] - un[v]) }
+                        } else {
+                            row.update(from: cond, count: V)
+                        }
+                        let tok = Int32(choosers[part].choose(row, options: o, uniform: rngs[b * rows + j].uniform()))
+                        pick[b * rows + j] = tok
+                        if NB > n { pick[(n + b) * rows + j] = tok }
+                    }
+                }
+            }
+            chosen.append(pick)
+        }
+        return chosen
+    }
+
+    /// Base-trunk input vectors (the first `rows` rows of x) for step inputs t (rows, k): the
+    /// plug-in encoder or the base's token embedding (SPEC section 3).
+    func embedInputs(_ t: [Int32], rows: Int, into x: FloatPtr) {
+        let D = m.config.dim, p = m.params.base
         guard let encoder else {
-            t.withUnsafeBufferPointer { embeddingForward(x, $0.baseAddress!, p + m.oTok, n: rows, d: D) }
+            t.withUnsafeBufferPointer { m.base.embedTokens(x, $0.baseAddress!, n: rows, params: p) }
             return
         }
-        let S = k + 1, ex = w.ex.base
-        for r in 0..<rows {
-            let seq = ex + r * S * D
-            seq.update(from: p + m.oInQuery, count: D)
-            for j in 0..<k {
-                let tok = Int(t[r * k + j]), e = seq + (j + 1) * D
-                let src = tok < 0 ? p + m.oInPad : p + m.oTok + tok * D, pos = p + m.oInPos + j * D
-                for i in 0..<D { e[i] = src[i] + pos[i] }
-            }
-        }
-        encoder.forward(w.ex, params: p, sequences: rows, seqLen: S, dropout: nil)
-        for r in 0..<rows { (w.es0.base + r * D).update(from: ex + r * S * D, count: D) }
-        rmsnormForward(w.esn.base, w.esr.base, w.es0.base, p + m.oEncNorm, n: rows, d: D, eps: c.normEps)
-        matmulForward(x, w.esn.base, p + m.oEncProj, n: rows, ic: D, oc: D)
-        if c.residual {
-            for r in 0..<rows { let e = p + m.oTok + Int(t[r * k]) * D, xr = x + r * D; for i in 0..<D { xr[i] += e[i] } }
-        }
+        encoder.forward(t, n: rows, noise: nil, dropout: nil, params: p) { r in x + r * D }
     }
 
     /// Temperature, top-k, top-p, then inverse-CDF sampling with `uniform` over the candidates

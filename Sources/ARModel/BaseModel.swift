@@ -1,0 +1,73 @@
+import Kernels
+
+/// The base autoregressive model that the TensorAR plug-in wraps (SPEC section 3): LlamaGen
+/// (section 2) now; Open-MAGVIT2 (section 8) and RAR (section 9) are meant to fit the same
+/// shape. A base owns its parameter entries (the "base" group), the input embedding of a token,
+/// the causal trunk over T positions, and the head from one hidden state to the loss and logits
+/// of one target token. The plug-in (`Transformer`: windows, encoder, decoder, windowed loss)
+/// and the sampler's slot loop are written against this protocol only.
+///
+/// Conventions: pointers are into the flat parameter (`p`) and gradient (`gp`) buffers laid out
+/// by `ParameterTable`; rows are D floats; backward methods add into `gp` (zeroed once a step).
+/// Every stage keeps what its own backward needs: call each backward after its forward.
+protocol BaseModel: AnyObject {
+    /// The `model.base` name (`tensorar.config` "base", SPEC section 7).
+    static var name: String { get }
+    /// Appends the base's parameters to the table, in checkpoint order.
+    static func addParameters(_ c: ModelConfig, to table: inout ParameterTable)
+    init(config: ModelConfig, table: ParameterTable)
+
+    // MARK: inputs
+    /// Position 0's input: the class embedding of `label` in [0, C] (C: the null class).
+    func embedClass(_ out: FloatPtr, label: Int, params p: FloatPtr)
+    func embedClassBackward(_ dout: ConstFloatPtr, label: Int, grads gp: FloatPtr)
+    /// The input embeddings of `n` tokens (n, D) (LlamaGen: `tok_embeddings`; Open-MAGVIT2: the
+    /// sum of its two sub-token tables, SPEC section 8). Never called with a pad (-1).
+    func embedTokens(_ out: FloatPtr, _ ids: UnsafePointer<Int32>, n: Int, params p: FloatPtr)
+    func embedTokensBackward(_ dout: ConstFloatPtr, _ ids: UnsafePointer<Int32>, n: Int, grads gp: FloatPtr)
+    /// Flat range of the input-embedding parameters, final after `embed*Backward` of a step.
+    var embeddingRange: Range<Int> { get }
+
+    // MARK: trunk
+    /// The causal stack over `sequences` of T positions, x (sequences * T, D) in place.
+    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr)
+    /// dx in: gradient w.r.t. the trunk's output; out: w.r.t. its input. `onReady(range)` fires
+    /// as each range of the trunk's parameters is final, in backward order.
+    func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?)
+    /// A KV cache for `rows` sequences of up to T positions, for `trunkStep`.
+    func makeTrunkCache(rows: Int) -> KVCache
+    /// Sampling: position `position` of every cached row, x (rows, D) in place (SPEC section 5).
+    func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr)
+
+    // MARK: head
+    /// The head over `rows` hidden states h (rows, D) in `targets` order: fills `losses[r]` with
+    /// the cross entropy against `targets[r]` (rows with target -1 get 0 and are skipped unless
+    /// `logits` is given). The head sees the target itself (Open-MAGVIT2's post sub-token is
+    /// predicted from the true pre sub-token, SPEC section 8). `logits` (rows, V), when given,
+    /// receives every row's logits. Keeps what `headBackward` needs.
+    func headForward(_ h: FlatBuffer, rows: Int, targets: [Int32], losses: inout [Float],
+                     logits: UnsafeMutablePointer<Float>?, params p: FloatPtr)
+    /// dh (rows, D) out: the gradient of sum_r dloss[r] * loss_r w.r.t. h, for the last forward.
+    func headBackward(_ dh: FlatBuffer, dloss: [Float], params p: FloatPtr, grads gp: FloatPtr)
+    /// Flat range of the head's parameters, final after `headBackward`.
+    var headRange: Range<Int> { get }
+    /// Sampling: the widths of the parts a token is chosen in, in order (LlamaGen: [V];
+    /// Open-MAGVIT2: [64, 4096], pre then post).
+    var headParts: [Int] { get }
+    /// Sampling: part `part`'s logits (rows, headParts[part]) for hidden states h (rows, D);
+    /// `chosen[q]` holds the parts q < part already chosen for each row.
+    func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows: Int, part: Int, chosen: [[Int32]], params p: FloatPtr)
+    /// The token made of one choice per part.
+    func token(parts: [Int32]) -> Int32
+}
+
+/// `model.base` names to base types: a new base is one line here (and its own file).
+enum BaseRegistry {
+    static let names = ["llamagen"]
+    static func type(named name: String) -> (any BaseModel.Type)? {
+        switch name {
+        case "llamagen": return LlamaGen.self
+        default: return nil
+        }
+    }
+}

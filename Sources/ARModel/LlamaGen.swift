@@ -1,0 +1,151 @@
+import Kernels
+import Platform
+
+/// The LlamaGen class-to-image GPT (SPEC section 2) as a TensorAR base: class and token
+/// embeddings, the causal trunk of `n_layer` blocks with the 2D rotary table, and the head
+/// `output(norm(h))` with cross entropy.
+final class LlamaGen: BaseModel {
+    static let name = "llamagen"
+
+    /// SPEC section 2's table, in LlamaGen's order (the "base" group).
+    static func addParameters(_ c: ModelConfig, to t: inout ParameterTable) {
+        let D = c.dim, V = c.vocabSize
+        t.add("cls_embedding.embedding_table.weight", [c.numClasses + 1, D], .base, .normal(0.02))
+        t.add("tok_embeddings.weight", [V, D], .base, .normal(0.02))
+        for l in 0..<c.nLayer { t.addBlock("layers.\(l)", c, .base) }
+        t.add("norm.weight", [D], .base, .ones)
+        t.add("output.weight", [V, D], .base, .zeros)
+    }
+
+    let config: ModelConfig
+    let D, V: Int
+    let oCls, oTok, oNorm, oOut: Int
+    let trunk: BlockStack
+    /// Flat range of each layer's weights (one gradient bucket hand-over per layer).
+    let layerRanges: [Range<Int>]
+    let embeddingRange: Range<Int>
+    let headRange: Range<Int>
+    var headParts: [Int] { [V] }
+
+    init(config c: ModelConfig, table: ParameterTable) {
+        config = c; D = c.dim; V = c.vocabSize
+        oCls = table.offset("cls_embedding.embedding_table.weight"); oTok = table.offset("tok_embeddings.weight")
+        oNorm = table.offset("norm.weight"); oOut = table.offset("output.weight")
+        let rot = RotaryTable(seqLen: c.seqLen, gridW: c.gridSize, headDim: c.headDim, base: c.ropeBase)
+        trunk = BlockStack(weights: (0..<c.nLayer).map { BlockWeights(table, prefix: "layers.\($0)") }, causal: true,
+                           rotary: rot, dim: D, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
+        layerRanges = (0..<c.nLayer).map { table.span("layers.\($0).attention_norm.weight", "layers.\($0).feed_forward.w2.weight") }
+        embeddingRange = table.span("cls_embedding.embedding_table.weight", "tok_embeddings.weight")
+        headRange = table.span("norm.weight", "output.weight")
+    }
+
+    // MARK: inputs (SPEC section 2: position 0 the class, p >= 1 tok_embeddings[x_{p-1}])
+
+    func embedClass(_ out: FloatPtr, label: Int, params p: FloatPtr) {
+        out.update(from: p + oCls + label * D, count: D)
+    }
+    func embedClassBackward(_ dout: ConstFloatPtr, label: Int, grads gp: FloatPtr) {
+        let c = gp + oCls + label * D
+        for i in 0..<D { c[i] += dout[i] }
+    }
+
+    func embedTokens(_ out: FloatPtr, _ ids: UnsafePointer<Int32>, n: Int, params p: FloatPtr) {
+        embeddingForward(out, ids, p + oTok, n: n, d: D)
+    }
+    func embedTokensBackward(_ dout: ConstFloatPtr, _ ids: UnsafePointer<Int32>, n: Int, grads gp: FloatPtr) {
+        embeddingBackward(gp + oTok, dout, ids, n: n, d: D)
+    }
+
+    // MARK: trunk
+
+    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr) {
+        trunk.forward(x, params: p, sequences: sequences, seqLen: config.seqLen, dropout: dropout)
+    }
+    func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?) {
+        trunk.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }
+    }
+
+    func makeTrunkCache(rows: Int) -> KVCache { trunk.makeCache(rows: rows, seqLen: config.seqLen) }
+    func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr) {
+        trunk.step(x, cache: cache, position: position, params: p)
+    }
+
+    // MARK: head: logits = output(norm(h)), cross entropy per row
+
+    /// Rows go through the output matmul in chunks of this many (bounded scratch for large V).
+    private let chunk = 256
+    private var rows = 0
+    private var fn, frstd, dfn, chunkIn, dChunkIn, chunkLogits, chunkLoss: FlatBuffer?
+    /// The rows the last forward ran through the output matmul, in order.
+    private var selected: [Int] = []
+    private var targets: [Int32] = []
+    private var input: FlatBuffer?  // h of the last forward
+
+    private func prepareHead(rows n: Int) {
+        if n == rows && fn != nil { return }
+        rows = n
+        fn = FlatBuffer(count: n * D); frstd = FlatBuffer(count: n); dfn = FlatBuffer(count: n * D)
+        chunkIn = FlatBuffer(count: chunk * D); dChunkIn = FlatBuffer(count: chunk * D)
+        chunkLogits = FlatBuffer(count: chunk * V); chunkLoss = FlatBuffer(count: chunk)
+    }
+
+    /// Gathers chunk rows selected[start..<start+n] of fn into chunkIn and runs the output matmul.
+    private func chunkForward(start: Int, n: Int, params p: FloatPtr) {
+        let inp = chunkIn!.base
+        for i in 0..<n { (inp + i * D).update(from: fn!.base + selected[start + i] * D, count: D) }
+        matmulForward(chunkLogits!.base, inp, p + oOut, n: n, ic: D, oc: V)
+    }
+
+    func headForward(_ h: FlatBuffer, rows n: Int, targets: [Int32], losses: inout [Float],
+                     logits: UnsafeMutablePointer<Float>?, params p: FloatPtr) {
+        prepareHead(rows: n)
+        self.targets = targets; input = h
+        rmsnormForward(fn!.base, frstd!.base, h.base, p + oNorm, n: n, d: D, eps: config.normEps)
+        selected = logits != nil ? Array(0..<n) : (0..<n).filter { targets[$0] >= 0 }
+        let lg = chunkLogits!.base, loss = chunkLoss!.base
+        var tg = [Int32](repeating: 0, count: chunk), one = [Float](repeating: 1, count: chunk)
+        var start = 0
+        while start < selected.count {
+            let m = min(chunk, selected.count - start)
+            chunkForward(start: start, n: m, params: p)
+            for i in 0..<m { tg[i] = targets[selected[start + i]] }
+            if let logits { for i in 0..<m { (logits + selected[start + i] * V).update(from: lg + i * V, count: V) } }
+            tg.withUnsafeBufferPointer { tp in
+                one.withUnsafeBufferPointer { crossEntropyForwardBackward(loss, nil, lg, tp.baseAddress!, $0.baseAddress!, scale: 0, n: m, v: V) }
+            }
+            for i in 0..<m { losses[selected[start + i]] = loss[i] }
+            start += m
+        }
+    }
+
+    /// Recomputes each chunk's logits (one output matmul more per step) rather than keeping
+    /// (rows, V) of them: for preset B with k = 4 that would be 0.5 GB (README, Memory).
+    func headBackward(_ dh: FlatBuffer, dloss: [Float], params p: FloatPtr, grads gp: FloatPtr) {
+        let lg = chunkLogits!.base, loss = chunkLoss!.base, d = dChunkIn!.base
+        dfn!.zero()
+        var tg = [Int32](repeating: 0, count: chunk), wt = [Float](repeating: 0, count: chunk)
+        var start = 0
+        while start < selected.count {
+            let m = min(chunk, selected.count - start)
+            chunkForward(start: start, n: m, params: p)
+            for i in 0..<m { tg[i] = targets[selected[start + i]]; wt[i] = dloss[selected[start + i]] }
+            tg.withUnsafeBufferPointer { tp in
+                wt.withUnsafeBufferPointer { crossEntropyForwardBackward(loss, lg, lg, tp.baseAddress!, $0.baseAddress!, scale: 1, n: m, v: V) }
+            }
+            d.update(repeating: 0, count: m * D)
+            matmulBackward(d, gp + oOut, lg, chunkIn!.base, p + oOut, n: m, ic: D, oc: V)
+            for i in 0..<m { (dfn!.base + selected[start + i] * D).update(from: d + i * D, count: D) }
+            start += m
+        }
+        rmsnormBackward(dh.base, gp + oNorm, dfn!.base, input!.base, p + oNorm, frstd!.base, n: rows, d: D)
+    }
+
+    func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]], params p: FloatPtr) {
+        if sampleNorm?.count != n * D { sampleNorm = FlatBuffer(count: n * D); sampleRstd = FlatBuffer(count: n) }
+        rmsnormForward(sampleNorm!.base, sampleRstd!.base, h, p + oNorm, n: n, d: D, eps: config.normEps)
+        matmulForward(out, sampleNorm!.base, p + oOut, n: n, ic: D, oc: V)
+    }
+    private var sampleNorm, sampleRstd: FlatBuffer?
+
+    func token(parts: [Int32]) -> Int32 { parts[0] }
+}

@@ -1,0 +1,224 @@
+import Kernels
+import Platform
+
+/// Zeroed scratch buffers for a stage's backward, kept between steps (no allocation in the hot
+/// loop once the shapes are fixed).
+final class Scratch {
+    private var buffers: [String: FlatBuffer] = [:]
+    func zeroed(_ key: String, _ count: Int) -> FlatBuffer {
+        if let t = buffers[key], t.count == count { t.zero(); return t }
+        let t = FlatBuffer(count: count)
+        buffers[key] = t
+        return t
+    }
+}
+
+extension Transformer {
+    /// SPEC section 3's plug-in table (the "plugin" group), after the base's entries.
+    static func addPluginParameters(_ c: ModelConfig, to t: inout ParameterTable) {
+        let D = c.dim, k = c.window, d = c.pluginDepth
+        let projInit: ParameterInit = c.residual ? .zeros : .normal(0.02)
+        t.add("tensorar.in_query", [D], .plugin, .normal(0.02))
+        t.add("tensorar.in_pos", [k, D], .plugin, .normal(0.02))
+        t.add("tensorar.in_pad", [D], .plugin, .normal(0.02))
+        for i in 0..<d { t.addBlock("tensorar.encoder.layers.\(i)", c, .plugin) }
+        t.add("tensorar.encoder.norm.weight", [D], .plugin, .ones)
+        t.add("tensorar.encoder.proj.weight", [D, D], .plugin, projInit)
+        t.add("tensorar.out_pos", [k, D], .plugin, .normal(0.02))
+        for i in 0..<d { t.addBlock("tensorar.decoder.layers.\(i)", c, .plugin) }
+        t.add("tensorar.decoder.norm.weight", [D], .plugin, .ones)
+        t.add("tensorar.decoder.proj.weight", [D, D], .plugin, projInit)
+    }
+}
+
+/// The plug-in blocks: base blocks with a full mask and no rotary (SPEC section 3).
+private func pluginBlocks(_ prefix: String, _ c: ModelConfig, _ t: ParameterTable, siteBase: Int) -> BlockStack {
+    BlockStack(weights: (0..<c.pluginDepth).map { BlockWeights(t, prefix: "\(prefix).layers.\($0)") }, causal: false,
+               rotary: nil, dim: c.dim, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: siteBase)
+}
+
+/// The input encoder (SPEC section 3), for n tensors t (n, k): per tensor the sequence
+/// [in_query, e_0..e_{k-1}] with e_j = embed(t_j) + in_pos[j] (in_pad + in_pos[j] for a pad),
+/// u = proj(norm(slot 0)); the base's input is embed(t_0) + u (residual) or u.
+final class EncoderStage {
+    let base: any BaseModel
+    let D, k: Int
+    let eps: Float
+    let residual: Bool
+    let blocks: BlockStack
+    let oQuery, oPos, oPad, oNorm, oProj: Int
+    /// Flat range of the encoder's parameters, final after `backward`.
+    let range: Range<Int>
+    private var n = 0
+    private var seqs, slot0, rstd, normed, u: FlatBuffer?  // (n, k+1, D), (n, D), (n), (n, D), (n, D)
+    private var tensors: [Int32] = []
+    private let scratch = Scratch()
+
+    init(base: any BaseModel, config c: ModelConfig, table t: ParameterTable, siteBase: Int) {
+        self.base = base; D = c.dim; k = c.window; eps = c.normEps; residual = c.residual
+        blocks = pluginBlocks("tensorar.encoder", c, t, siteBase: siteBase)
+        oQuery = t.offset("tensorar.in_query"); oPos = t.offset("tensorar.in_pos"); oPad = t.offset("tensorar.in_pad")
+        oNorm = t.offset("tensorar.encoder.norm.weight"); oProj = t.offset("tensorar.encoder.proj.weight")
+        range = t.span("tensorar.in_query", "tensorar.encoder.proj.weight")
+    }
+
+    private func prepare(_ count: Int) {
+        if count == n && seqs != nil { return }
+        n = count
+        seqs = FlatBuffer(count: n * (k + 1) * D); slot0 = FlatBuffer(count: n * D); rstd = FlatBuffer(count: n)
+        normed = FlatBuffer(count: n * D); u = FlatBuffer(count: n * D)
+    }
+
+    /// Writes tensor s's base input to `output(s)`. `noise` (n, k, D): "continuous" noise on the
+    /// token entries (SPEC section 4).
+    func forward(_ t: [Int32], n count: Int, noise: [Float]?, dropout: DropoutPlan?, params p: FloatPtr,
+                 output: (Int) -> FloatPtr) {
+        prepare(count)
+        tensors = t
+        let S = k + 1, ex = seqs!.base
+        t.withUnsafeBufferPointer { tp in
+            for s in 0..<n {
+                let seq = ex + s * S * D
+                seq.update(from: p + oQuery, count: D)
+                for j in 0..<k {
+                    let e = seq + (j + 1) * D, pos = p + oPos + j * D
+                    if tp[s * k + j] < 0 { e.update(from: p + oPad, count: D) } else { base.embedTokens(e, tp.baseAddress! + s * k + j, n: 1, params: p) }
+                    for i in 0..<D { e[i] += pos[i] }
+                    if tp[s * k + j] >= 0, let noise {
+                        noise.withUnsafeBufferPointer { nb in
+                            let nz = nb.baseAddress! + (s * k + j) * D
+                            for i in 0..<D { e[i] += nz[i] }
+                        }
+                    }
+                }
+            }
+            blocks.forward(seqs!, params: p, sequences: n, seqLen: S, dropout: dropout)
+            for s in 0..<n { (slot0!.base + s * D).update(from: ex + s * S * D, count: D) }
+            rmsnormForward(normed!.base, rstd!.base, slot0!.base, p + oNorm, n: n, d: D, eps: eps)
+            matmulForward(u!.base, normed!.base, p + oProj, n: n, ic: D, oc: D)
+            for s in 0..<n {
+                let dst = output(s), us = u!.base + s * D
+                if residual {
+                    base.embedTokens(dst, tp.baseAddress! + s * k, n: 1, params: p)
+                    for i in 0..<D { dst[i] += us[i] }
+                } else {
+                    dst.update(from: us, count: D)
+                }
+            }
+        }
+    }
+
+    /// `doutput(s)`: the gradient w.r.t. tensor s's base input. Adds every encoder gradient and
+    /// the token embeddings' (the residual's first, then the entries', as before the refactor).
+    func backward(_ doutput: (Int) -> ConstFloatPtr, params p: FloatPtr, grads gp: FloatPtr) {
+        let S = k + 1
+        let du = scratch.zeroed("du", n * D)
+        tensors.withUnsafeBufferPointer { tp in
+            for s in 0..<n {
+                let src = doutput(s)
+                (du.base + s * D).update(from: src, count: D)
+                if residual { base.embedTokensBackward(src, tp.baseAddress! + s * k, n: 1, grads: gp) }
+            }
+            let dNormed = scratch.zeroed("dNormed", n * D)
+            matmulBackward(dNormed.base, gp + oProj, du.base, normed!.base, p + oProj, n: n, ic: D, oc: D)
+            let dSlot0 = scratch.zeroed("dSlot0", n * D)
+            rmsnormBackward(dSlot0.base, gp + oNorm, dNormed.base, slot0!.base, p + oNorm, rstd!.base, n: n, d: D)
+            let dSeqs = scratch.zeroed("dSeqs", n * S * D)
+            for s in 0..<n { (dSeqs.base + s * S * D).update(from: dSlot0.base + s * D, count: D) }
+            blocks.backward(dSeqs, params: p, grads: gp)
+            for s in 0..<n {
+                let seq = dSeqs.base + s * S * D, q = gp + oQuery
+                for i in 0..<D { q[i] += seq[i] }
+                for j in 0..<k {
+                    let e = seq + (j + 1) * D, pos = gp + oPos + j * D
+                    if tp[s * k + j] < 0 {
+                        let pad = gp + oPad
+                        for i in 0..<D { pad[i] += e[i] }
+                    } else {
+                        base.embedTokensBackward(e, tp.baseAddress! + s * k + j, n: 1, grads: gp)
+                    }
+                    for i in 0..<D { pos[i] += e[i] }
+                }
+            }
+        }
+    }
+}
+
+/// The output decoder (SPEC section 3), for n hidden states h (n, D): per state the sequence
+/// [h, out_pos_0..out_pos_{k-1}], z_j = proj(norm(slot j+1)), g_j = h + z_j (residual) or z_j.
+final class DecoderStage {
+    let D, k: Int
+    let eps: Float
+    let residual: Bool
+    let blocks: BlockStack
+    let oPos, oNorm, oProj: Int
+    /// Flat range of the decoder's parameters, final after `backward`.
+    let range: Range<Int>
+    private var n = 0
+    private var seqs, slots, rstd, normed: FlatBuffer?  // (n, k+1, D), (n, k, D), (n, k), (n, k, D)
+    /// g (n, k, D): the output, one row per (state, slot).
+    private(set) var g: FlatBuffer?
+    private let scratch = Scratch()
+
+    init(config c: ModelConfig, table t: ParameterTable, siteBase: Int) {
+        D = c.dim; k = c.window; eps = c.normEps; residual = c.residual
+        blocks = pluginBlocks("tensorar.decoder", c, t, siteBase: siteBase)
+        oPos = t.offset("tensorar.out_pos"); oNorm = t.offset("tensorar.decoder.norm.weight")
+        oProj = t.offset("tensorar.decoder.proj.weight")
+        range = t.span("tensorar.out_pos", "tensorar.decoder.proj.weight")
+    }
+
+    private func prepare(_ count: Int) {
+        if count == n && seqs != nil { return }
+        n = count
+        seqs = FlatBuffer(count: n * (k + 1) * D); slots = FlatBuffer(count: n * k * D)
+        rstd = FlatBuffer(count: n * k); normed = FlatBuffer(count: n * k * D); g = FlatBuffer(count: n * k * D)
+    }
+
+    @discardableResult
+    func forward(_ h: ConstFloatPtr, n count: Int, dropout: DropoutPlan?, params p: FloatPtr) -> FlatBuffer {
+        prepare(count)
+        let S = k + 1, dx = seqs!.base
+        for r in 0..<n {
+            let seq = dx + r * S * D
+            seq.update(from: h + r * D, count: D)
+            (seq + D).update(from: p + oPos, count: k * D)
+        }
+        blocks.forward(seqs!, params: p, sequences: n, seqLen: S, dropout: dropout)
+        for r in 0..<n { (slots!.base + r * k * D).update(from: dx + (r * S + 1) * D, count: k * D) }
+        rmsnormForward(normed!.base, rstd!.base, slots!.base, p + oNorm, n: n * k, d: D, eps: eps)
+        let gp = g!.base
+        matmulForward(gp, normed!.base, p + oProj, n: n * k, ic: D, oc: D)
+        if residual {
+            for r in 0..<n {
+                let hr = h + r * D
+                for j in 0..<k { let gr = gp + (r * k + j) * D; for i in 0..<D { gr[i] += hr[i] } }
+            }
+        }
+        return g!
+    }
+
+    /// dg (n, k, D) in; adds the gradient w.r.t. h into dh (n, D) and every decoder gradient.
+    func backward(_ dg: FlatBuffer, dh: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr) {
+        let S = k + 1
+        if residual {
+            for r in 0..<n {
+                let d = dh.base + r * D
+                for j in 0..<k { let s = dg.base + (r * k + j) * D; for i in 0..<D { d[i] += s[i] } }
+            }
+        }
+        let dNormed = scratch.zeroed("dNormed", n * k * D)
+        matmulBackward(dNormed.base, gp + oProj, dg.base, normed!.base, p + oProj, n: n * k, ic: D, oc: D)
+        let dSlots = scratch.zeroed("dSlots", n * k * D)
+        rmsnormBackward(dSlots.base, gp + oNorm, dNormed.base, slots!.base, p + oNorm, rstd!.base, n: n * k, d: D)
+        let dSeqs = scratch.zeroed("dSeqs", n * S * D)
+        for r in 0..<n { (dSeqs.base + (r * S + 1) * D).update(from: dSlots.base + r * k * D, count: k * D) }
+        blocks.backward(dSeqs, params: p, grads: gp)
+        for r in 0..<n {
+            let s = dSeqs.base + r * S * D, d = dh.base + r * D
+            for i in 0..<D { d[i] += s[i] }
+            let dpos = gp + oPos
+            for i in 0..<(k * D) { dpos[i] += s[D + i] }
+        }
+    }
+}
