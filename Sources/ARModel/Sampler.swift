@@ -70,32 +70,20 @@ public final class Sampler {
     /// positions, leaving the rest of the image unsampled (-1).
     public func sample(labels: [Int32], sampleIds: [Int], options o: SamplingOptions, steps: Int? = nil,
                        onStep: ((Int) -> Void)? = nil) -> SampleResult {
-        let c = m.config, T = c.seqLen, D = c.dim, k = c.window
+        let c = m.config, T = c.seqLen, k = c.window
         let n = labels.count
         precondition(sampleIds.count == n, "one sample id per label")
         let guided = o.cfgScale != 1
         let NB = guided ? 2 * n : n
-        let p = m.params.base
         var tokens = [Int32](repeating: -1, count: n * T)
         var traj = [Int32](repeating: -1, count: n * T * k)
         var prev = [Int32](repeating: -1, count: n * k)  // t_{p-1} per image
         if n == 0 { return SampleResult(tokens: tokens, trajectories: traj, labels: labels) }
-        if ws == nil || ws!.n != n || ws!.NB != NB { ws = nil; ws = Workspace(m, n: n, NB: NB) }
-        let w = ws!, x = w.x.base
+        prepare(n: n, NB: NB)
         let rows = c.hasPlugin ? k : 1
 
         for pos in 0..<min(T, steps ?? T) {
-            // 1. the input vector of position pos, for every row
-            if pos == 0 {
-                for r in 0..<NB { m.base.embedClass(x + r * D, label: r < n ? Int(labels[r]) : c.numClasses, params: p) }
-            } else {
-                embedInputs(prev, rows: n, into: x)
-                if guided { (x + n * D).update(from: x, count: n * D) }  // null rows: same tensors, same input
-            }
-            // 2. the base trunk, one position, with the KV cache
-            m.base.trunkStep(x, cache: w.cache, position: pos, params: p)
-            // 3. the k slots of every row (NB, rows, D), then their tokens, part by part
-            let h = decoder.map { UnsafePointer($0.forward(x, n: NB, dropout: nil, params: p).base) } ?? UnsafePointer(x)
+            let h = slotStates(position: pos, labels: labels, inputs: prev)
             let chosen = chooseTokens(h, n: n, NB: NB, position: pos, sampleIds: sampleIds, options: o)
             for b in 0..<n {
                 for j in 0..<rows {
@@ -109,6 +97,29 @@ public final class Sampler {
             onStep?(pos)
         }
         return SampleResult(tokens: tokens, trajectories: traj, labels: labels)
+    }
+
+    /// Allocates the buffers for n images in NB rows (kept while the sizes stay).
+    func prepare(n: Int, NB: Int) {
+        if ws == nil || ws!.n != n || ws!.NB != NB { ws = nil; ws = Workspace(m, n: n, NB: NB) }
+    }
+
+    /// One sampling step through the model's stages: the inputs of position `pos` (the class at
+    /// 0; else the step inputs t_{pos-1}, `inputs` (n, k), for the n conditioned rows, copied to
+    /// the null rows), one cached trunk step, then the decoder. Returns the hidden states of
+    /// every (row, slot), (NB, slots, D), for the head. Rows n..<NB hold the null class.
+    func slotStates(position pos: Int, labels: [Int32], inputs: [Int32]) -> ConstFloatPtr {
+        let c = m.config, D = c.dim, p = m.params.base
+        let w = ws!, n = w.n, NB = w.NB, x = w.x.base
+        if pos == 0 {
+            for r in 0..<NB { m.base.embedClass(x + r * D, label: r < n ? Int(labels[r]) : c.numClasses, params: p) }
+        } else {
+            embedInputs(inputs, rows: n, into: x)
+            if NB > n { (x + n * D).update(from: x, count: n * D) }  // null rows: same tensors, same input
+        }
+        m.base.trunkStep(x, cache: w.cache, position: pos, params: p)
+        guard let decoder else { return UnsafePointer(x) }
+        return UnsafePointer(decoder.forward(x, n: NB, dropout: nil, params: p).base)
     }
 
     /// For each head part in turn: the logits of every (row, slot), guidance, then each valid
