@@ -16,6 +16,10 @@ protocol BaseModel: AnyObject {
     /// Appends the base's parameters to the table, in checkpoint order.
     static func addParameters(_ c: ModelConfig, to table: inout ParameterTable)
     init(config: ModelConfig, table: ParameterTable)
+    /// Adds the trunk's and the head's activations for `sequences` of T positions and `headRows`
+    /// head rows (`ActivationLayout`); `bind` then takes them from the model's table.
+    static func addActivations(_ c: ModelConfig, sequences: Int, headRows: Int, to a: inout ActivationLayout)
+    func bind(_ t: ActivationTable, sequences: Int, headRows: Int)
 
     // MARK: inputs
     /// Position 0's input: the class embedding of `label` in [0, C] (C: the null class).

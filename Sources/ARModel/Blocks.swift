@@ -24,25 +24,22 @@ struct DropoutPlan {
     let samplePositions: [Int]  // global position of each local sample within the global batch
 }
 
-/// Activations one block keeps for its backward pass; R = N*S rows.
-final class BlockCache {
+/// Activations one block keeps for its backward pass, views into an `ActivationTable`.
+struct BlockCache {
     let xIn, n1, rstd1, qkv, probs, attY, h, n2, rstd2, ab, g: FlatBuffer
-    var mask1: FlatBuffer?, mask2: FlatBuffer?
-    init(rows R: Int, sequences N: Int, seqLen S: Int, dim D: Int, heads NH: Int, ffn F: Int) {
-        xIn = FlatBuffer(count: R * D); n1 = FlatBuffer(count: R * D); rstd1 = FlatBuffer(count: R)
-        qkv = FlatBuffer(count: R * 3 * D); probs = FlatBuffer(count: N * NH * S * S)
-        attY = FlatBuffer(count: R * D); h = FlatBuffer(count: R * D); n2 = FlatBuffer(count: R * D)
-        rstd2 = FlatBuffer(count: R); ab = FlatBuffer(count: R * 2 * F); g = FlatBuffer(count: R * F)
+    init(_ t: ActivationTable, _ prefix: String) {
+        xIn = t["\(prefix).xIn"]; n1 = t["\(prefix).n1"]; rstd1 = t["\(prefix).rstd1"]; qkv = t["\(prefix).qkv"]
+        probs = t["\(prefix).probs"]; attY = t["\(prefix).attY"]; h = t["\(prefix).h"]; n2 = t["\(prefix).n2"]
+        rstd2 = t["\(prefix).rstd2"]; ab = t["\(prefix).ab"]; g = t["\(prefix).g"]
     }
 }
 
-/// Scratch shared by all blocks of a stack during backward (R rows).
-final class BlockScratch {
+/// Scratch shared by all blocks of a stack during backward (R rows), views into the table.
+private struct BackwardScratch {
     let tmp, dh, dn, dattY, dqkv, dab, dg, attn: FlatBuffer
-    init(rows R: Int, seqLen S: Int, dim D: Int, ffn F: Int) {
-        tmp = FlatBuffer(count: R * D); dh = FlatBuffer(count: R * D); dn = FlatBuffer(count: R * D)
-        dattY = FlatBuffer(count: R * D); dqkv = FlatBuffer(count: R * 3 * D)
-        dab = FlatBuffer(count: R * 2 * F); dg = FlatBuffer(count: R * F); attn = FlatBuffer(count: S * S)
+    init(_ t: ActivationTable, _ prefix: String) {
+        tmp = t["\(prefix).tmp"]; dh = t["\(prefix).dh"]; dn = t["\(prefix).dn"]; dattY = t["\(prefix).dattY"]
+        dqkv = t["\(prefix).dqkv"]; dab = t["\(prefix).dab"]; dg = t["\(prefix).dg"]; attn = t["\(prefix).attn"]
     }
 }
 
@@ -56,27 +53,51 @@ final class BlockStack {
     let eps: Float
     let siteBase: Int  // dropout site ids: siteBase + 2*layer (+1 for the FFN)
     private(set) var N = 0, S = 0
+    private var table: ActivationTable?
+    private var prefix = ""
     private var caches: [BlockCache] = []
-    private var scratch: BlockScratch?
+    private var tmp: FlatBuffer?
+    private var dropped = false  // the last forward applied dropout masks
 
     init(weights: [BlockWeights], causal: Bool, rotary: RotaryTable?, dim: Int, heads: Int, ffn: Int, eps: Float, siteBase: Int) {
         self.weights = weights; self.causal = causal; self.rotary = rotary
         D = dim; NH = heads; F = ffn; self.eps = eps; self.siteBase = siteBase
     }
 
-    private func prepare(sequences: Int, seqLen: Int) {
-        if sequences == N && seqLen == S && caches.count == weights.count { return }
-        N = sequences; S = seqLen
-        let R = N * S
-        caches = weights.map { _ in BlockCache(rows: R, sequences: N, seqLen: S, dim: D, heads: NH, ffn: F) }
-        scratch = BlockScratch(rows: R, seqLen: S, dim: D, ffn: F)
+    /// The activations of L blocks over N sequences of S vectors (R = N*S rows), under `prefix`.
+    static func addActivations(_ prefix: String, layers L: Int, sequences N: Int, seqLen S: Int, _ c: ModelConfig,
+                               to a: inout ActivationLayout) {
+        let R = N * S, D = c.dim, F = c.ffnHidden
+        for l in 0..<L {
+            let b = "\(prefix).\(l)"
+            a.add("\(b).xIn", [R, D]); a.add("\(b).n1", [R, D]); a.add("\(b).rstd1", [R])  // block input, norm1
+            a.add("\(b).qkv", [R, 3 * D]); a.add("\(b).probs", [N, c.nHead, S, S])        // after rotary; softmax
+            a.add("\(b).attY", [R, D]); a.add("\(b).h", [R, D])                           // heads concatenated; x + attn
+            a.add("\(b).n2", [R, D]); a.add("\(b).rstd2", [R])                            // norm2
+            a.add("\(b).ab", [R, 2 * F]); a.add("\(b).g", [R, F])                         // w1|w3 outputs; swiglu
+            a.add("\(b).mask1", [R, D], .dropout); a.add("\(b).mask2", [R, D], .dropout)  // after wo; after w2
+        }
+        a.add("\(prefix).tmp", [R, D])  // wo / w2 outputs, then backward scratch
+        a.add("\(prefix).dh", [R, D], .backward); a.add("\(prefix).dn", [R, D], .backward)
+        a.add("\(prefix).dattY", [R, D], .backward); a.add("\(prefix).dqkv", [R, 3 * D], .backward)
+        a.add("\(prefix).dab", [R, 2 * F], .backward); a.add("\(prefix).dg", [R, F], .backward)
+        a.add("\(prefix).attn", [S, S], .backward)  // one (sequence, head)'s attention gradient
+    }
+
+    /// Uses the buffers of `addActivations(prefix, ...)` in `t` (its forward part allocated).
+    func bind(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
+        table = t; self.prefix = prefix; N = sequences; S = seqLen
+        caches = (0..<weights.count).map { BlockCache(t, "\(prefix).\($0)") }
+        tmp = t["\(prefix).tmp"]
     }
 
     /// x (N*S, D) in: the stack's input; out: its output (overwritten in place).
     func forward(_ x: FlatBuffer, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?) {
-        prepare(sequences: sequences, seqLen: seqLen)
+        precondition(sequences == N && seqLen == S, "BlockStack bound for \(N) x \(S), run on \(sequences) x \(seqLen)")
         let R = N * S
-        let tmp = scratch!.tmp.base
+        let tmp = self.tmp!.base
+        dropped = (dropout?.p ?? 0) > 0
+        if dropped { table!.allocate(.dropout) }
         for (l, w) in weights.enumerated() {
             let c = caches[l]
             c.xIn.base.update(from: x.base, count: R * D)
@@ -85,37 +106,37 @@ final class BlockStack {
             if let rotary { rotaryApply(c.qkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH) }
             attentionForward(c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal)
             matmulForward(tmp, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
-            c.mask1 = applyDropout(tmp, c.mask1, dropout, site: siteBase + 2 * l)
+            applyDropout(tmp, "\(prefix).\(l).mask1", dropout, site: siteBase + 2 * l)
             for i in 0..<(R * D) { c.h.base[i] = c.xIn.base[i] + tmp[i] }
             rmsnormForward(c.n2.base, c.rstd2.base, c.h.base, p + w.ffnNorm, n: R, d: D, eps: eps)
             matmulForward(c.ab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F)
             swigluForward(c.g.base, c.ab.base, n: R, f: F)
             matmulForward(tmp, c.g.base, p + w.w2, n: R, ic: F, oc: D)
-            c.mask2 = applyDropout(tmp, c.mask2, dropout, site: siteBase + 2 * l + 1)
+            applyDropout(tmp, "\(prefix).\(l).mask2", dropout, site: siteBase + 2 * l + 1)
             for i in 0..<(R * D) { x.base[i] = c.h.base[i] + tmp[i] }
         }
     }
 
-    private func applyDropout(_ t: FloatPtr, _ old: FlatBuffer?, _ plan: DropoutPlan?, site: Int) -> FlatBuffer? {
-        guard let plan, plan.p > 0 else { return nil }
+    private func applyDropout(_ t: FloatPtr, _ name: String, _ plan: DropoutPlan?, site: Int) {
+        guard let plan, plan.p > 0 else { return }
         let R = N * S
-        let mask = (old?.count == R * D) ? old! : FlatBuffer(count: R * D)
+        let mask = table![name]
         dropoutMask(mask.base, p: plan.p, rows: R, d: D, rowsPerSample: R / plan.samplePositions.count, samplePositions: plan.samplePositions, seed: plan.seed, step: plan.step, site: site)
         dropoutApply(t, mask.base, count: R * D)
-        return mask
     }
 
     /// dx (N*S, D) in: gradient w.r.t. the stack's output; out: w.r.t. its input (in place).
     /// `onLayerDone(l)` fires when block l's weight gradients are complete (for bucketed allreduce).
     func backward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onLayerDone: ((Int) -> Void)? = nil) {
         let R = N * S
-        let s = scratch!
+        table!.allocate(.backward)
+        let s = BackwardScratch(table!, prefix)
         for l in stride(from: weights.count - 1, through: 0, by: -1) {
             let w = weights[l], c = caches[l]
             // out = h + drop(w2(swiglu(w13(norm2(h)))))
             s.dh.base.update(from: dx.base, count: R * D)
             s.tmp.base.update(from: dx.base, count: R * D)
-            if let m = c.mask2 { dropoutApply(s.tmp.base, m.base, count: R * D) }
+            if dropped { dropoutApply(s.tmp.base, table!["\(prefix).\(l).mask2"].base, count: R * D) }
             s.dg.zero()
             matmulBackward(s.dg.base, gp + w.w2, s.tmp.base, c.g.base, p + w.w2, n: R, ic: F, oc: D)
             swigluBackward(s.dab.base, s.dg.base, c.ab.base, n: R, f: F)
@@ -124,7 +145,7 @@ final class BlockStack {
             rmsnormBackward(s.dh.base, gp + w.ffnNorm, s.dn.base, c.h.base, p + w.ffnNorm, c.rstd2.base, n: R, d: D)
             // h = x + drop(wo(attention(rope(wqkv(norm1(x))))))
             s.tmp.base.update(from: s.dh.base, count: R * D)
-            if let m = c.mask1 { dropoutApply(s.tmp.base, m.base, count: R * D) }
+            if dropped { dropoutApply(s.tmp.base, table!["\(prefix).\(l).mask1"].base, count: R * D) }
             s.dattY.zero()
             matmulBackward(s.dattY.base, gp + w.wo, s.tmp.base, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
             s.dqkv.zero()

@@ -73,20 +73,30 @@ final class LlamaGen: BaseModel {
     // MARK: head: logits = output(norm(h)), cross entropy per row
 
     /// Rows go through the output matmul in chunks of this many (bounded scratch for large V).
-    private let chunk = 256
+    private static let chunkRows = 256
+    private var chunk: Int { LlamaGen.chunkRows }
     private var rows = 0
-    private var fn, frstd, dfn, chunkIn, dChunkIn, chunkLogits, chunkLoss: FlatBuffer?
+    private var fn, frstd, chunkIn, chunkLogits, chunkLoss: FlatBuffer?
+    private var table: ActivationTable?
     /// The rows the last forward ran through the output matmul, in order.
     private var selected: [Int] = []
     private var targets: [Int32] = []
     private var input: FlatBuffer?  // h of the last forward
 
-    private func prepareHead(rows n: Int) {
-        if n == rows && fn != nil { return }
-        rows = n
-        fn = FlatBuffer(count: n * D); frstd = FlatBuffer(count: n); dfn = FlatBuffer(count: n * D)
-        chunkIn = FlatBuffer(count: chunk * D); dChunkIn = FlatBuffer(count: chunk * D)
-        chunkLogits = FlatBuffer(count: chunk * V); chunkLoss = FlatBuffer(count: chunk)
+    static func addActivations(_ c: ModelConfig, sequences B: Int, headRows n: Int, to a: inout ActivationLayout) {
+        BlockStack.addActivations("trunk", layers: c.nLayer, sequences: B, seqLen: c.seqLen, c, to: &a)
+        let D = c.dim
+        a.add("head.fn", [n, D]); a.add("head.rstd", [n])                  // norm(h) of every row
+        let m = chunkRows
+        a.add("head.chunkIn", [m, D]); a.add("head.chunkLogits", [m, c.vocabSize]); a.add("head.chunkLoss", [m])  // one chunk
+        a.add("head.dfn", [n, D], .backward); a.add("head.dChunkIn", [m, D], .backward)
+    }
+
+    func bind(_ t: ActivationTable, sequences B: Int, headRows n: Int) {
+        trunk.bind(t, prefix: "trunk", sequences: B, seqLen: config.seqLen)
+        table = t; rows = n
+        fn = t["head.fn"]; frstd = t["head.rstd"]
+        chunkIn = t["head.chunkIn"]; chunkLogits = t["head.chunkLogits"]; chunkLoss = t["head.chunkLoss"]
     }
 
     /// Gathers chunk rows selected[start..<start+n] of fn into chunkIn and runs the output matmul.
@@ -98,7 +108,7 @@ final class LlamaGen: BaseModel {
 
     func headForward(_ h: FlatBuffer, rows n: Int, targets: [Int32], losses: inout [Float],
                      logits: UnsafeMutablePointer<Float>?, params p: FloatPtr) {
-        prepareHead(rows: n)
+        precondition(n == rows, "head bound for \(rows) rows, run on \(n)")
         self.targets = targets; input = h
         rmsnormForward(fn!.base, frstd!.base, h.base, p + oNorm, n: n, d: D, eps: config.normEps)
         selected = logits != nil ? Array(0..<n) : (0..<n).filter { targets[$0] >= 0 }
@@ -121,8 +131,9 @@ final class LlamaGen: BaseModel {
     /// Recomputes each chunk's logits (one output matmul more per step) rather than keeping
     /// (rows, V) of them: for preset B with k = 4 that would be 0.5 GB (README, Memory).
     func headBackward(_ dh: FlatBuffer, dloss: [Float], params p: FloatPtr, grads gp: FloatPtr) {
-        let lg = chunkLogits!.base, loss = chunkLoss!.base, d = dChunkIn!.base
-        dfn!.zero()
+        table!.allocate(.backward)
+        let dfn = table!.zeroed("head.dfn")
+        let lg = chunkLogits!.base, loss = chunkLoss!.base, d = table!["head.dChunkIn"].base
         var tg = [Int32](repeating: 0, count: chunk), wt = [Float](repeating: 0, count: chunk)
         var start = 0
         while start < selected.count {
@@ -134,10 +145,10 @@ final class LlamaGen: BaseModel {
             }
             d.update(repeating: 0, count: m * D)
             matmulBackward(d, gp + oOut, lg, chunkIn!.base, p + oOut, n: m, ic: D, oc: V)
-            for i in 0..<m { (dfn!.base + selected[start + i] * D).update(from: d + i * D, count: D) }
+            for i in 0..<m { (dfn.base + selected[start + i] * D).update(from: d + i * D, count: D) }
             start += m
         }
-        rmsnormBackward(dh.base, gp + oNorm, dfn!.base, input!.base, p + oNorm, frstd!.base, n: rows, d: D)
+        rmsnormBackward(dh.base, gp + oNorm, dfn.base, input!.base, p + oNorm, frstd!.base, n: rows, d: D)
     }
 
     func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]], params p: FloatPtr) {

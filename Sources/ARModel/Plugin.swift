@@ -1,18 +1,6 @@
 import Kernels
 import Platform
 
-/// Zeroed scratch buffers for a stage's backward, kept between steps (no allocation in the hot
-/// loop once the shapes are fixed).
-final class Scratch {
-    private var buffers: [String: FlatBuffer] = [:]
-    func zeroed(_ key: String, _ count: Int) -> FlatBuffer {
-        if let t = buffers[key], t.count == count { t.zero(); return t }
-        let t = FlatBuffer(count: count)
-        buffers[key] = t
-        return t
-    }
-}
-
 extension Transformer {
     /// SPEC section 3's plug-in table (the "plugin" group), after the base's entries.
     static func addPluginParameters(_ c: ModelConfig, to t: inout ParameterTable) {
@@ -50,9 +38,9 @@ final class EncoderStage {
     /// Flat range of the encoder's parameters, final after `backward`.
     let range: Range<Int>
     private var n = 0
-    private var seqs, slot0, rstd, normed, u: FlatBuffer?  // (n, k+1, D), (n, D), (n), (n, D), (n, D)
+    private var seqs, slot0, rstd, normed, u: FlatBuffer?
     private var tensors: [Int32] = []
-    private let scratch = Scratch()
+    private var table: ActivationTable?
 
     init(base: any BaseModel, config c: ModelConfig, table t: ParameterTable, siteBase: Int) {
         self.base = base; D = c.dim; k = c.window; eps = c.normEps; residual = c.residual
@@ -62,18 +50,29 @@ final class EncoderStage {
         range = t.span("tensorar.in_query", "tensorar.encoder.proj.weight")
     }
 
-    private func prepare(_ count: Int) {
-        if count == n && seqs != nil { return }
-        n = count
-        seqs = FlatBuffer(count: n * (k + 1) * D); slot0 = FlatBuffer(count: n * D); rstd = FlatBuffer(count: n)
-        normed = FlatBuffer(count: n * D); u = FlatBuffer(count: n * D)
+    /// The activations for n tensors.
+    static func addActivations(_ c: ModelConfig, n: Int, to a: inout ActivationLayout) {
+        let D = c.dim, S = c.window + 1
+        BlockStack.addActivations("encoder.blocks", layers: c.pluginDepth, sequences: n, seqLen: S, c, to: &a)
+        a.add("encoder.seqs", [n, S, D])                                   // [in_query, e_0..e_{k-1}]
+        a.add("encoder.slot0", [n, D]); a.add("encoder.rstd", [n]); a.add("encoder.normed", [n, D])
+        a.add("encoder.u", [n, D])                                         // proj(norm(slot 0))
+        a.add("encoder.du", [n, D], .backward); a.add("encoder.dNormed", [n, D], .backward)
+        a.add("encoder.dSlot0", [n, D], .backward); a.add("encoder.dSeqs", [n, S, D], .backward)
+    }
+
+    func bind(_ t: ActivationTable, n count: Int) {
+        blocks.bind(t, prefix: "encoder.blocks", sequences: count, seqLen: k + 1)
+        table = t; n = count
+        seqs = t["encoder.seqs"]; slot0 = t["encoder.slot0"]; rstd = t["encoder.rstd"]
+        normed = t["encoder.normed"]; u = t["encoder.u"]
     }
 
     /// Writes tensor s's base input to `output(s)`. `noise` (n, k, D): "continuous" noise on the
     /// token entries (SPEC section 4).
     func forward(_ t: [Int32], n count: Int, noise: [Float]?, dropout: DropoutPlan?, params p: FloatPtr,
                  output: (Int) -> FloatPtr) {
-        prepare(count)
+        precondition(count == n, "encoder bound for \(n) tensors, run on \(count)")
         tensors = t
         let S = k + 1, ex = seqs!.base
         t.withUnsafeBufferPointer { tp in
@@ -111,19 +110,20 @@ final class EncoderStage {
     /// `doutput(s)`: the gradient w.r.t. tensor s's base input. Adds every encoder gradient and
     /// the token embeddings' (the residual's first, then the entries', as before the refactor).
     func backward(_ doutput: (Int) -> ConstFloatPtr, params p: FloatPtr, grads gp: FloatPtr) {
-        let S = k + 1
-        let du = scratch.zeroed("du", n * D)
+        let S = k + 1, a = table!
+        a.allocate(.backward)
+        let du = a.zeroed("encoder.du")
         tensors.withUnsafeBufferPointer { tp in
             for s in 0..<n {
                 let src = doutput(s)
                 (du.base + s * D).update(from: src, count: D)
                 if residual { base.embedTokensBackward(src, tp.baseAddress! + s * k, n: 1, grads: gp) }
             }
-            let dNormed = scratch.zeroed("dNormed", n * D)
+            let dNormed = a.zeroed("encoder.dNormed")
             matmulBackward(dNormed.base, gp + oProj, du.base, normed!.base, p + oProj, n: n, ic: D, oc: D)
-            let dSlot0 = scratch.zeroed("dSlot0", n * D)
+            let dSlot0 = a.zeroed("encoder.dSlot0")
             rmsnormBackward(dSlot0.base, gp + oNorm, dNormed.base, slot0!.base, p + oNorm, rstd!.base, n: n, d: D)
-            let dSeqs = scratch.zeroed("dSeqs", n * S * D)
+            let dSeqs = a.zeroed("encoder.dSeqs")
             for s in 0..<n { (dSeqs.base + s * S * D).update(from: dSlot0.base + s * D, count: D) }
             blocks.backward(dSeqs, params: p, grads: gp)
             for s in 0..<n {
@@ -155,10 +155,8 @@ final class DecoderStage {
     /// Flat range of the decoder's parameters, final after `backward`.
     let range: Range<Int>
     private var n = 0
-    private var seqs, slots, rstd, normed: FlatBuffer?  // (n, k+1, D), (n, k, D), (n, k), (n, k, D)
-    /// g (n, k, D): the output, one row per (state, slot).
-    private(set) var g: FlatBuffer?
-    private let scratch = Scratch()
+    private var seqs, slots, rstd, normed, g: FlatBuffer?
+    private var table: ActivationTable?
 
     init(config c: ModelConfig, table t: ParameterTable, siteBase: Int) {
         D = c.dim; k = c.window; eps = c.normEps; residual = c.residual
@@ -168,16 +166,27 @@ final class DecoderStage {
         range = t.span("tensorar.out_pos", "tensorar.decoder.proj.weight")
     }
 
-    private func prepare(_ count: Int) {
-        if count == n && seqs != nil { return }
-        n = count
-        seqs = FlatBuffer(count: n * (k + 1) * D); slots = FlatBuffer(count: n * k * D)
-        rstd = FlatBuffer(count: n * k); normed = FlatBuffer(count: n * k * D); g = FlatBuffer(count: n * k * D)
+    /// The activations for n hidden states.
+    static func addActivations(_ c: ModelConfig, n: Int, to a: inout ActivationLayout) {
+        let D = c.dim, k = c.window, S = k + 1
+        BlockStack.addActivations("decoder.blocks", layers: c.pluginDepth, sequences: n, seqLen: S, c, to: &a)
+        a.add("decoder.seqs", [n, S, D])                                   // [h, out_pos_0..out_pos_{k-1}]
+        a.add("decoder.slots", [n, k, D]); a.add("decoder.rstd", [n, k]); a.add("decoder.normed", [n, k, D])
+        a.add("decoder.g", [n, k, D])                                      // the output g_j
+        a.add("decoder.dNormed", [n, k, D], .backward); a.add("decoder.dSlots", [n, k, D], .backward)
+        a.add("decoder.dSeqs", [n, S, D], .backward)
+    }
+
+    func bind(_ t: ActivationTable, n count: Int) {
+        blocks.bind(t, prefix: "decoder.blocks", sequences: count, seqLen: k + 1)
+        table = t; n = count
+        seqs = t["decoder.seqs"]; slots = t["decoder.slots"]; rstd = t["decoder.rstd"]
+        normed = t["decoder.normed"]; g = t["decoder.g"]
     }
 
     @discardableResult
     func forward(_ h: ConstFloatPtr, n count: Int, dropout: DropoutPlan?, params p: FloatPtr) -> FlatBuffer {
-        prepare(count)
+        precondition(count == n, "decoder bound for \(n) states, run on \(count)")
         let S = k + 1, dx = seqs!.base
         for r in 0..<n {
             let seq = dx + r * S * D
@@ -207,11 +216,13 @@ final class DecoderStage {
                 for j in 0..<k { let s = dg.base + (r * k + j) * D; for i in 0..<D { d[i] += s[i] } }
             }
         }
-        let dNormed = scratch.zeroed("dNormed", n * k * D)
+        let a = table!
+        a.allocate(.backward)
+        let dNormed = a.zeroed("decoder.dNormed")
         matmulBackward(dNormed.base, gp + oProj, dg.base, normed!.base, p + oProj, n: n * k, ic: D, oc: D)
-        let dSlots = scratch.zeroed("dSlots", n * k * D)
+        let dSlots = a.zeroed("decoder.dSlots")
         rmsnormBackward(dSlots.base, gp + oNorm, dNormed.base, slots!.base, p + oNorm, rstd!.base, n: n * k, d: D)
-        let dSeqs = scratch.zeroed("dSeqs", n * S * D)
+        let dSeqs = a.zeroed("decoder.dSeqs")
         for r in 0..<n { (dSeqs.base + (r * S + 1) * D).update(from: dSlots.base + r * k * D, count: k * D) }
         blocks.backward(dSeqs, params: p, grads: gp)
         for r in 0..<n {

@@ -55,9 +55,18 @@ public final class Sampler {
         let x: FlatBuffer       // (NB, D) the trunk's rows at the current position
         let logits: FlatBuffer  // (NB, slots, widest part)
         var row: [Float]
+        /// The plug-in stages' buffers: the encoder over n images, the decoder over NB rows.
+        let stages: ActivationTable
         init(_ m: Transformer, n: Int, NB: Int) {
             let c = m.config, widest = m.base.headParts.max()!
             self.n = n; self.NB = NB
+            var a = ActivationLayout()
+            if c.hasPlugin {
+                EncoderStage.addActivations(c, n: n, to: &a)
+                DecoderStage.addActivations(c, n: NB, to: &a)
+            }
+            stages = ActivationTable(a)
+            stages.allocate(.forward)
             cache = m.base.makeTrunkCache(rows: NB)
             x = FlatBuffer(count: NB * c.dim)
             logits = FlatBuffer(count: NB * (c.hasPlugin ? c.window : 1) * widest)
@@ -101,7 +110,12 @@ public final class Sampler {
 
     /// Allocates the buffers for n images in NB rows (kept while the sizes stay).
     func prepare(n: Int, NB: Int) {
-        if ws == nil || ws!.n != n || ws!.NB != NB { ws = nil; ws = Workspace(m, n: n, NB: NB) }
+        if ws != nil && ws!.n == n && ws!.NB == NB { return }
+        ws = nil
+        let w = Workspace(m, n: n, NB: NB)
+        encoder?.bind(w.stages, n: n)
+        decoder?.bind(w.stages, n: NB)
+        ws = w
     }
 
     /// One sampling step through the model's stages: the inputs of position `pos` (the class at

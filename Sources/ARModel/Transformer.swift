@@ -111,22 +111,48 @@ public final class Transformer {
     // MARK: activations, sized for a batch of B
 
     private var B = 0
-    private var x, hidden, tokMask: FlatBuffer?  // (B, T, D) each
+    private var x, hidden: FlatBuffer?
+    /// Every activation buffer of a batch of B (`activationLayout`), sized once per B.
+    private var activations: ActivationTable?
     private var rowTargets: [Int32] = [], rowWeights: [Float] = []
     private var batchCopy: ModelBatch?
     private var dropoutUsed: DropoutSettings?
     private var gradientScale: Float?
-    private let scratch = Scratch()
 
     /// Slots per position: k with the plug-in, 1 without.
     private var slots: Int { config.hasPlugin ? k : 1 }
     /// Rows entering the head: B*T*k with the plug-in, B*T without, ordered (b, p, j).
     private var headRows: Int { B * T * slots }
 
+    /// The activation buffers of every stage for a batch of B: what a model allocates, and
+    /// what `ModelConfig.trainingActivationBytes` reports.
+    static func activationLayout(_ c: ModelConfig, batch B: Int) -> ActivationLayout {
+        let T = c.seqLen, D = c.dim, rows = B * T * (c.hasPlugin ? c.window : 1)
+        var a = ActivationLayout()
+        a.add("x", [B, T, D])                    // the trunk's input, then its output (in place)
+        a.add("hidden", [B, T, D])               // h: the trunk's output, kept for the decoder
+        a.add("tokMask", [B, T, D], .dropout)    // token dropout (SPEC section 2)
+        a.add("dg", [rows, D], .backward)        // gradient w.r.t. the head's input rows
+        a.add("dx", [B, T, D], .backward)        // gradient w.r.t. h, then the trunk's input
+        BaseRegistry.type(named: c.base)!.addActivations(c, sequences: B, headRows: rows, to: &a)
+        if c.hasPlugin {
+            EncoderStage.addActivations(c, n: B * (T - 1), to: &a)
+            DecoderStage.addActivations(c, n: B * T, to: &a)
+        }
+        return a
+    }
+
     private func prepare(_ b: Int) {
         if b == B { return }
         B = b
-        x = FlatBuffer(count: B * T * D); hidden = FlatBuffer(count: B * T * D)
+        activations = nil  // the old batch's buffers go first
+        let t = ActivationTable(Transformer.activationLayout(config, batch: b))
+        t.allocate(.forward)
+        activations = t
+        x = t["x"]; hidden = t["hidden"]
+        base.bind(t, sequences: B, headRows: headRows)
+        encoder?.bind(t, n: B * (T - 1))
+        decoder?.bind(t, n: B * T)
     }
 
     // MARK: forward
@@ -163,11 +189,12 @@ public final class Transformer {
     /// backward goes on.
     public func backward(onReady: ((Range<Int>) -> Void)? = nil) {
         guard let scale = gradientScale else { preconditionFailure("backward() needs a forward(gradientScale:) first") }
-        let p = params.base, gp = grads.base
-        let dg = scratch.zeroed("dg", headRows * D)
+        let p = params.base, gp = grads.base, a = activations!
+        a.allocate(.backward)
+        let dg = a.zeroed("dg")
         base.headBackward(dg, dloss: rowWeights.map { $0 * scale }, params: p, grads: gp)
         onReady?(base.headRange)
-        let dx = scratch.zeroed("dx", B * T * D)  // gradient w.r.t. the trunk's output h
+        let dx = a.zeroed("dx")  // gradient w.r.t. the trunk's output h
         if let decoder {
             decoder.backward(dg, dh: dx, params: p, grads: gp)
             onReady?(decoder.range)
@@ -196,17 +223,18 @@ public final class Transformer {
             }
         }
         if let plan {
-            if tokMask?.count != B * T * D { tokMask = FlatBuffer(count: B * T * D) }
-            dropoutMask(tokMask!.base, p: plan.p, rows: B * T, d: D, rowsPerSample: T, samplePositions: plan.samplePositions,
+            activations!.allocate(.dropout)
+            let tokMask = activations!["tokMask"]
+            dropoutMask(tokMask.base, p: plan.p, rows: B * T, d: D, rowsPerSample: T, samplePositions: plan.samplePositions,
                         seed: plan.seed, step: plan.step, site: 30_000)
-            dropoutApply(x, tokMask!.base, count: B * T * D)
+            dropoutApply(x, tokMask.base, count: B * T * D)
         }
     }
 
     /// dx (B, T, D): the gradient w.r.t. the trunk's input.
     private func inputsBackward(_ dx: FlatBuffer, onReady: ((Range<Int>) -> Void)?) {
         let gp = grads.base, batch = batchCopy!, T = T, D = D
-        if let m = tokMask, dropoutUsed != nil { dropoutApply(dx.base, m.base, count: B * T * D) }
+        if dropoutUsed != nil { dropoutApply(dx.base, activations!["tokMask"].base, count: B * T * D) }
         for b in 0..<B { base.embedClassBackward(dx.base + b * T * D, label: Int(batch.labels[b]), grads: gp) }
         if let encoder {
             encoder.backward({ s in UnsafePointer(dx.base + (s / (T - 1) * T + s % (T - 1) + 1) * D) }, params: params.base, grads: gp)
