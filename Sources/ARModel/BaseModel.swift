@@ -38,6 +38,8 @@ protocol BaseModel: AnyObject {
     /// dx in: gradient w.r.t. the trunk's output; out: w.r.t. its input. `onReady(range)` fires
     /// as each range of the trunk's parameters is final, in backward order.
     func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?)
+    /// The ranges `trunkBackward` reports, in its order.
+    var trunkRanges: [Range<Int>] { get }
     /// A KV cache for `rows` sequences of up to T positions, for `trunkStep`.
     func makeTrunkCache(rows: Int) -> KVCache
     /// Sampling: position `position` of every cached row, x (rows, D) in place (SPEC section 5).

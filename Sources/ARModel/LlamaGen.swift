@@ -65,6 +65,8 @@ final class LlamaGen: BaseModel {
         trunk.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }
     }
 
+    var trunkRanges: [Range<Int>] { layerRanges.reversed() }
+
     func makeTrunkCache(rows: Int) -> KVCache { trunk.makeCache(rows: rows, seqLen: config.seqLen) }
     func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr) {
         trunk.step(x, cache: cache, position: position, params: p)

@@ -206,6 +206,14 @@ public final class Transformer {
         gradientScale = nil
     }
 
+    /// The ranges `backward` hands to `onReady`, in its order: each stage's parameters as its
+    /// backward completes them (head, decoder, trunk, encoder, embeddings). Together they cover
+    /// the flat buffer once: `GradientSync` packs its buckets from them.
+    public var gradientReadyOrder: [Range<Int>] {
+        [base.headRange] + (decoder.map { [$0.range] } ?? []) + base.trunkRanges
+            + (encoder.map { [$0.range] } ?? []) + [base.embeddingRange]
+    }
+
     // MARK: stage: inputs (SPEC section 2 positions; section 3 encoder; token dropout)
 
     /// x (B, T, D): position 0 the class, p >= 1 the input for step p, then the token dropout on

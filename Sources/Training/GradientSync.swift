@@ -42,8 +42,11 @@ public final class GradientSync {
 
     public let count: Int
     public let bucketElements: Int
-    /// The fixed bucket layout: consecutive ranges of `bucketElements` (the last one shorter).
+    /// The buckets, in the order they are reduced: consecutive ranges of `bucketElements` from
+    /// element 0 (the last one shorter), or packed in backward order (`packBuckets`).
     public let buckets: [Range<Int>]
+    /// Bucket indices by where they start, to find the buckets a range touches.
+    private let byStart: [Int]
     /// The mode in effect (overlapped may have fallen back to blocking, see `note`).
     public let mode: Mode
     /// Why the requested mode was changed, for the start-up log; nil if it was not.
@@ -67,13 +70,61 @@ public final class GradientSync {
         try self.init(communicator: communicator, count: count, bucketElements: max(1, Int(bucketMB * 1e6 / 4)), mode: mode)
     }
 
-    /// The same with the bucket size in floats. Collective when overlapped on several ranks
-    /// (it duplicates the communicator): every rank must create it, in the same order.
-    public init(communicator: Communicator, count: Int, bucketElements size: Int, mode: Mode) throws {
+    /// Buckets formed from `readyOrder` (`Transformer.gradientReadyOrder`), see `packBuckets`.
+    public convenience init(communicator: Communicator, count: Int, bucketMB: Double, readyOrder: [Range<Int>], mode: Mode) throws {
+        precondition(bucketMB > 0, "bucket size must be positive")
+        let size = max(1, Int(bucketMB * 1e6 / 4))
+        try self.init(communicator: communicator, count: count, bucketElements: size,
+                      buckets: GradientSync.packBuckets(readyOrder: readyOrder, size: size), mode: mode)
+    }
+
+    /// The same with the bucket size in floats and fixed buckets from element 0 up. Collective
+    /// when overlapped on several ranks (it duplicates the communicator): every rank must create
+    /// it, in the same order.
+    public convenience init(communicator: Communicator, count: Int, bucketElements size: Int, mode: Mode) throws {
         precondition(size > 0, "bucket size must be positive")
+        try self.init(communicator: communicator, count: count, bucketElements: size,
+                      buckets: stride(from: 0, to: count, by: size).map { $0..<min(count, $0 + size) }, mode: mode)
+    }
+
+    /// Buckets in the order backward completes them, as PyTorch DDP builds its buckets: walks
+    /// `readyOrder` (ranges of the flat gradient, each final at once, in backward order; together
+    /// they cover it once) and packs them into contiguous buckets of at most `size` floats. A
+    /// bucket grows by the part of the next range adjacent to it, else a new one starts at that
+    /// range's top, so each bucket is complete as soon as the last range it touches is marked.
+    public static func packBuckets(readyOrder: [Range<Int>], size: Int) -> [Range<Int>] {
+        precondition(size > 0, "bucket size must be positive")
+        var out: [Range<Int>] = []
+        var cur: Range<Int>? = nil
+        for r in readyOrder {
+            var rest = r
+            while !rest.isEmpty {
+                if let c = cur, c.count < size, c.lowerBound == rest.upperBound {
+                    let take = min(size - c.count, rest.count)
+                    cur = (c.lowerBound - take)..<c.upperBound; rest = rest.lowerBound..<(rest.upperBound - take)
+                } else if let c = cur, c.count < size, c.upperBound == rest.lowerBound {
+                    let take = min(size - c.count, rest.count)
+                    cur = c.lowerBound..<(c.upperBound + take); rest = (rest.lowerBound + take)..<rest.upperBound
+                } else {
+                    if let c = cur { out.append(c) }
+                    let take = min(size, rest.count)
+                    cur = (rest.upperBound - take)..<rest.upperBound; rest = rest.lowerBound..<(rest.upperBound - take)
+                }
+            }
+        }
+        if let c = cur { out.append(c) }
+        return out
+    }
+
+    private init(communicator: Communicator, count: Int, bucketElements size: Int, buckets: [Range<Int>], mode: Mode) throws {
+        let sorted = buckets.sorted { $0.lowerBound < $1.lowerBound }
+        precondition(sorted.first?.lowerBound ?? 0 == 0 && sorted.last?.upperBound ?? 0 == count
+                     && zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound },
+                     "gradient buckets must cover 0..<\(count) exactly once")
         self.count = count
         bucketElements = size
-        buckets = stride(from: 0, to: count, by: size).map { $0..<min(count, $0 + size) }
+        self.buckets = buckets
+        byStart = buckets.indices.sorted { buckets[$0].lowerBound < buckets[$1].lowerBound }
         var mode = mode
         var note: String? = nil
         if mode == .overlapped && communicator.size == 1 {
@@ -113,8 +164,11 @@ public final class GradientSync {
         precondition(grads != nil, "markReady() outside begin()/finish()")
         precondition(range.lowerBound >= 0 && range.upperBound <= count, "range \(range) outside 0..<\(count)")
         if range.isEmpty { return }
-        let first = range.lowerBound / bucketElements, last = (range.upperBound - 1) / bucketElements
-        for b in first...last {
+        // the first bucket (by start) ending after range.lowerBound, then on while they overlap
+        var lo = 0, hi = byStart.count
+        while lo < hi { let mid = (lo + hi) / 2; if buckets[byStart[mid]].upperBound <= range.lowerBound { lo = mid + 1 } else { hi = mid } }
+        for b in byStart[lo...] {
+            if buckets[b].lowerBound >= range.upperBound { break }
             let overlap = min(range.upperBound, buckets[b].upperBound) - max(range.lowerBound, buckets[b].lowerBound)
             precondition(remaining[b] >= overlap, "bucket \(b) marked ready twice (range \(range))")
             remaining[b] -= overlap

@@ -57,7 +57,8 @@ public final class Trainer {
         optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
         loader = try TokenLoader(cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
                                  seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: 2)
-        sync = try GradientSync(communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB, mode: config.dist.overlap ? .overlapped : .blocking)
+        sync = try GradientSync(communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB,
+                                readyOrder: model.gradientReadyOrder, mode: config.dist.overlap ? .overlapped : .blocking)
         var codebook: [Float]?, cbDim = 0
         if config.noise.type == .discrete && config.noise.embedding == .codebook {
             guard let path = trainCache.codebookPath else { throw InputError(config.data.train, "noise.embedding: codebook needs a codebook.h5 in the cache") }

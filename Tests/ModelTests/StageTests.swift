@@ -66,4 +66,25 @@ final class StageTests: XCTestCase {
         try check(window: 3, depth: 2, residual: false)
         try check(window: 9, depth: 1)  // windows as long as the image: pads in every late tensor
     }
+
+    /// Backward hands over exactly `gradientReadyOrder`, in that order, and it covers the flat
+    /// gradient once (what `GradientSync.packBuckets` needs).
+    func testBackwardReportsTheReadyOrderCoveringEveryParameterOnce() throws {
+        for (k, d) in [(1, 0), (3, 1), (2, 2)] {
+            let c = ModelConfig(vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32, window: k, pluginDepth: d)
+            let m = try Transformer(config: c)
+            m.initialise(seed: 1)
+            let tokens = (0..<(2 * c.seqLen)).map { Int32($0 % 20) }
+            let batch = ModelBatch(batch: 2, tokens: tokens, labels: [0, 3],
+                                   tensors: Windows.inputTensors(tokens: tokens, batch: 2, seqLen: c.seqLen, window: k))
+            m.forward(batch, gradientScale: 1)
+            var seen: [Range<Int>] = []
+            m.backward { seen.append($0) }
+            XCTAssertEqual(seen, m.gradientReadyOrder, "k \(k), d \(d)")
+            let sorted = seen.sorted { $0.lowerBound < $1.lowerBound }
+            XCTAssertEqual(sorted.first?.lowerBound, 0)
+            XCTAssertEqual(sorted.last?.upperBound, m.table.total)
+            XCTAssertTrue(zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound }, "k \(k), d \(d): gaps or overlaps")
+        }
+    }
 }
