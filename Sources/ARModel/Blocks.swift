@@ -72,7 +72,7 @@ final class BlockStack {
             let b = "\(prefix).\(l)"
             a.add("\(b).xIn", [R, D]); a.add("\(b).n1", [R, D]); a.add("\(b).rstd1", [R])  // block input, norm1
             a.add("\(b).qkv", [R, 3 * D]); a.add("\(b).probs", [N, c.nHead, S, S])        // after rotary; softmax
-            a.add("\(b).attY", [R, D]); a.add("\(b).h", [R, D])                           // heads concatenated; x + attn
+            a.add("\(b).attY", [R, D]); a.add("\(b).h", [R, D])                     // heads joined; x + attn
             a.add("\(b).n2", [R, D]); a.add("\(b).rstd2", [R])                            // norm2
             a.add("\(b).ab", [R, 2 * F]); a.add("\(b).g", [R, F])                         // w1|w3 outputs; swiglu
             a.add("\(b).mask1", [R, D], .dropout); a.add("\(b).mask2", [R, D], .dropout)  // after wo; after w2
@@ -207,7 +207,8 @@ extension BlockStack {
                     for j in 0...pos { mx = max(mx, sc[j]) }
                     var sum: Float = 0
                     for j in 0...pos { let e = fexp(sc[j] - mx); sc[j] = e; sum += e }
-                    BLAS.sgemv(trans: true, m: pos + 1, n: hd, alpha: 1 / sum, vh, lda: hd, sc, beta: 0, att + r * D + h * hd)
+                    let out = att + r * D + h * hd
+                    BLAS.sgemv(trans: true, m: pos + 1, n: hd, alpha: 1 / sum, vh, lda: hd, sc, beta: 0, out)
                 }
             }
             matmulForward(tmp, att, p + bw.wo, n: NB, ic: D, oc: D)

@@ -34,7 +34,9 @@ final class LlamaGen: BaseModel {
         let rot = RotaryTable(seqLen: c.seqLen, gridW: c.gridSize, headDim: c.headDim, base: c.ropeBase)
         trunk = BlockStack(weights: (0..<c.nLayer).map { BlockWeights(table, prefix: "layers.\($0)") }, causal: true,
                            rotary: rot, dim: D, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
-        layerRanges = (0..<c.nLayer).map { table.span("layers.\($0).attention_norm.weight", "layers.\($0).feed_forward.w2.weight") }
+        layerRanges = (0..<c.nLayer).map {
+            table.span("layers.\($0).attention_norm.weight", "layers.\($0).feed_forward.w2.weight")
+        }
         embeddingRange = table.span("cls_embedding.embedding_table.weight", "tok_embeddings.weight")
         headRange = table.span("norm.weight", "output.weight")
     }
@@ -90,7 +92,8 @@ final class LlamaGen: BaseModel {
         let D = c.dim
         a.add("head.fn", [n, D]); a.add("head.rstd", [n])                  // norm(h) of every row
         let m = chunkRows
-        a.add("head.chunkIn", [m, D]); a.add("head.chunkLogits", [m, c.vocabSize]); a.add("head.chunkLoss", [m])  // one chunk
+        a.add("head.chunkIn", [m, D]); a.add("head.chunkLoss", [m])           // one chunk's rows
+        a.add("head.chunkLogits", [m, c.vocabSize])                            // and its logits
         a.add("head.dfn", [n, D], .backward); a.add("head.dChunkIn", [m, D], .backward)
     }
 
@@ -123,7 +126,9 @@ final class LlamaGen: BaseModel {
             for i in 0..<m { tg[i] = targets[selected[start + i]] }
             if let logits { for i in 0..<m { (logits + selected[start + i] * V).update(from: lg + i * V, count: V) } }
             tg.withUnsafeBufferPointer { tp in
-                one.withUnsafeBufferPointer { crossEntropyForwardBackward(loss, nil, lg, tp.baseAddress!, $0.baseAddress!, scale: 0, n: m, v: V) }
+                one.withUnsafeBufferPointer {
+                    crossEntropyForwardBackward(loss, nil, lg, tp.baseAddress!, $0.baseAddress!, scale: 0, n: m, v: V)
+                }
             }
             for i in 0..<m { losses[selected[start + i]] = loss[i] }
             start += m
@@ -143,7 +148,9 @@ final class LlamaGen: BaseModel {
             chunkForward(start: start, n: m, params: p)
             for i in 0..<m { tg[i] = targets[selected[start + i]]; wt[i] = dloss[selected[start + i]] }
             tg.withUnsafeBufferPointer { tp in
-                wt.withUnsafeBufferPointer { crossEntropyForwardBackward(loss, lg, lg, tp.baseAddress!, $0.baseAddress!, scale: 1, n: m, v: V) }
+                wt.withUnsafeBufferPointer {
+                    crossEntropyForwardBackward(loss, lg, lg, tp.baseAddress!, $0.baseAddress!, scale: 1, n: m, v: V)
+                }
             }
             d.update(repeating: 0, count: m * D)
             matmulBackward(d, gp + oOut, lg, chunkIn!.base, p + oOut, n: m, ic: D, oc: V)
@@ -153,7 +160,8 @@ final class LlamaGen: BaseModel {
         rmsnormBackward(dh.base, gp + oNorm, dfn.base, input!.base, p + oNorm, frstd!.base, n: rows, d: D)
     }
 
-    func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]], params p: FloatPtr) {
+    func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]],
+                    params p: FloatPtr) {
         if sampleNorm?.count != n * D { sampleNorm = FlatBuffer(count: n * D); sampleRstd = FlatBuffer(count: n) }
         rmsnormForward(sampleNorm!.base, sampleRstd!.base, h, p + oNorm, n: n, d: D, eps: config.normEps)
         matmulForward(out, sampleNorm!.base, p + oOut, n: n, ic: D, oc: V)

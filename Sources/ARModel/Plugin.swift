@@ -81,7 +81,11 @@ final class EncoderStage {
                 seq.update(from: p + oQuery, count: D)
                 for j in 0..<k {
                     let e = seq + (j + 1) * D, pos = p + oPos + j * D
-                    if tp[s * k + j] < 0 { e.update(from: p + oPad, count: D) } else { base.embedTokens(e, tp.baseAddress! + s * k + j, n: 1, params: p) }
+                    if tp[s * k + j] < 0 {
+                        e.update(from: p + oPad, count: D)
+                    } else {
+                        base.embedTokens(e, tp.baseAddress! + s * k + j, n: 1, params: p)
+                    }
                     for i in 0..<D { e[i] += pos[i] }
                     if tp[s * k + j] >= 0, let noise {
                         noise.withUnsafeBufferPointer { nb in

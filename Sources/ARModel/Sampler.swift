@@ -144,7 +144,9 @@ public final class Sampler {
         let w = ws!, logits = w.logits.base
         var rngs = [CounterRNG]()
         for b in 0..<n {
-            for j in 0..<rows { rngs.append(CounterRNG(seed: o.seed, UInt64(sampleIds[b]), RandomPurpose.sampling.rawValue, UInt64(pos * k + j))) }
+            for j in 0..<rows {
+                rngs.append(CounterRNG(seed: o.seed, UInt64(sampleIds[b]), RandomPurpose.sampling.rawValue, UInt64(pos * k + j)))
+            }
         }
         var chosen: [[Int32]] = []
         for (part, V) in m.base.headParts.enumerated() {

@@ -227,7 +227,9 @@ public final class Transformer {
             }
         } else {
             batch.tensors.withUnsafeBufferPointer { tp in
-                for b in 0..<B { base.embedTokens(x + (b * T + 1) * D, tp.baseAddress! + b * (T - 1), n: T - 1, params: p) }
+                for b in 0..<B {
+                    base.embedTokens(x + (b * T + 1) * D, tp.baseAddress! + b * (T - 1), n: T - 1, params: p)
+                }
             }
         }
         if let plan {
@@ -245,11 +247,14 @@ public final class Transformer {
         if dropoutUsed != nil { dropoutApply(dx.base, activations!["tokMask"].base, count: B * T * D) }
         for b in 0..<B { base.embedClassBackward(dx.base + b * T * D, label: Int(batch.labels[b]), grads: gp) }
         if let encoder {
-            encoder.backward({ s in UnsafePointer(dx.base + (s / (T - 1) * T + s % (T - 1) + 1) * D) }, params: params.base, grads: gp)
+            let row = { (s: Int) in UnsafePointer(dx.base + (s / (T - 1) * T + s % (T - 1) + 1) * D) }
+            encoder.backward(row, params: params.base, grads: gp)
             onReady?(encoder.range)
         } else {
             batch.tensors.withUnsafeBufferPointer { tp in
-                for b in 0..<B { base.embedTokensBackward(dx.base + (b * T + 1) * D, tp.baseAddress! + b * (T - 1), n: T - 1, grads: gp) }
+                for b in 0..<B {
+                    base.embedTokensBackward(dx.base + (b * T + 1) * D, tp.baseAddress! + b * (T - 1), n: T - 1, grads: gp)
+                }
             }
         }
         onReady?(base.embeddingRange)

@@ -71,7 +71,8 @@ public final class GradientSync {
     }
 
     /// Buckets formed from `readyOrder` (`Transformer.gradientReadyOrder`), see `packBuckets`.
-    public convenience init(communicator: Communicator, count: Int, bucketMB: Double, readyOrder: [Range<Int>], mode: Mode) throws {
+    public convenience init(communicator: Communicator, count: Int, bucketMB: Double, readyOrder: [Range<Int>],
+                            mode: Mode) throws {
         precondition(bucketMB > 0, "bucket size must be positive")
         let size = max(1, Int(bucketMB * 1e6 / 4))
         try self.init(communicator: communicator, count: count, bucketElements: size,
@@ -116,7 +117,8 @@ public final class GradientSync {
         return out
     }
 
-    private init(communicator: Communicator, count: Int, bucketElements size: Int, buckets: [Range<Int>], mode: Mode) throws {
+    private init(communicator: Communicator, count: Int, bucketElements size: Int, buckets: [Range<Int>],
+                 mode: Mode) throws {
         let sorted = buckets.sorted { $0.lowerBound < $1.lowerBound }
         precondition(sorted.first?.lowerBound ?? 0 == 0 && sorted.last?.upperBound ?? 0 == count
                      && zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound },
@@ -166,7 +168,10 @@ public final class GradientSync {
         if range.isEmpty { return }
         // the first bucket (by start) ending after range.lowerBound, then on while they overlap
         var lo = 0, hi = byStart.count
-        while lo < hi { let mid = (lo + hi) / 2; if buckets[byStart[mid]].upperBound <= range.lowerBound { lo = mid + 1 } else { hi = mid } }
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if buckets[byStart[mid]].upperBound <= range.lowerBound { lo = mid + 1 } else { hi = mid }
+        }
         for b in byStart[lo...] {
             if buckets[b].lowerBound >= range.upperBound { break }
             let overlap = min(range.upperBound, buckets[b].upperBound) - max(range.lowerBound, buckets[b].lowerBound)
