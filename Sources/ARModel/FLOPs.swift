@@ -8,23 +8,27 @@ extension ModelConfig {
         return perBlock * Double(layers)
     }
 
+    /// The output head's matmul for a batch of B images: every valid (position, slot) row.
+    func headFLOPs(batch B: Int) -> Double {
+        let T = seqLen, k = hasPlugin ? window : 1
+        let rows = (0..<T).reduce(0) { $0 + min(k, T - $1) }
+        return 2 * Double(B * rows) * Double(dim) * Double(vocabSize)
+    }
+
     /// Forward FLOPs for a batch of B images (training/teacher-forced pass).
     public func forwardFLOPs(batch B: Int) -> Double {
-        let T = seqLen, D = Double(dim), V = Double(vocabSize)
-        var f = stackFLOPs(sequences: B, seqLen: T, layers: nLayer)
+        let T = seqLen, D = Double(dim)
+        var f = stackFLOPs(sequences: B, seqLen: T, layers: nLayer) + headFLOPs(batch: B)
         if hasPlugin {
             let k = window
             let ne = B * (T - 1)
             f += stackFLOPs(sequences: ne, seqLen: k + 1, layers: pluginDepth) + 2 * Double(ne) * D * D
             f += stackFLOPs(sequences: B * T, seqLen: k + 1, layers: pluginDepth) + 2 * Double(B * T * k) * D * D
-            let validPairs = (0..<T).reduce(0) { $0 + min(k, T - $1) }
-            f += 2 * Double(B * validPairs) * D * V
-        } else {
-            f += 2 * Double(B * T) * D * V
         }
         return f
     }
 
-    /// A training step is forward + backward, backward doing two matmuls per forward one.
-    public func trainingFLOPs(batch B: Int) -> Double { 3 * forwardFLOPs(batch: B) }
+    /// A training step is forward + backward, backward doing two matmuls per forward one, and the
+    /// head's backward recomputing its logits chunk by chunk (`LlamaGen.headBackward`).
+    public func trainingFLOPs(batch B: Int) -> Double { 3 * forwardFLOPs(batch: B) + headFLOPs(batch: B) }
 }
