@@ -79,6 +79,15 @@ ROWS = [
     ("continuous", "Continuous noise", {"noise.type": "continuous"}),
     ("nonoise", "No noise", {"noise.type": "none"}),
 ]
+# Why-questions asked of the default row after the first study (not part of a plain run: `--rows`).
+# Each changes one thing of the fine-tuning recipe; see "Diagnostics" in the report.
+DIAGNOSTICS = [
+    ("base0", "base, not fine-tuned (base lr 0)", {"model.window": 1, "model.plugin_depth": 0, "optim.lr_base": 0}),
+    ("frozen", "default, base frozen (base lr 0)", {"optim.lr_base": 0}),
+    ("plr1e-4", "default, plug-in lr 1e-4 (the paper's)", {"optim.lr_plugin": 1e-4}),
+    ("long", "default, 3x the steps (600)", {"train.steps": 600}),
+    ("control-long", "control, 3x the steps (600)", {"model.window": 1, "model.plugin_depth": 0, "train.steps": 600}),
+]
 MULTI_SEED = {"control", "default"}
 QUICK_ROWS = ["control", "default"]
 
@@ -105,7 +114,7 @@ def row_settings(name: str) -> dict:
     return s
 
 
-ROWS_BY_NAME = {r[0]: r for r in ROWS}
+ROWS_BY_NAME = {r[0]: r for r in ROWS + DIAGNOSTICS}
 
 
 def cost_factor(s: dict) -> float:
@@ -289,41 +298,65 @@ def plan(study: Study, rows: list) -> list:
     return order + [(name, 0) for name in rows if name not in MULTI_SEED]
 
 
-def pretrain(study: Study, progress: Progress) -> tuple[str, str]:
-    b = study.b
-    sets = common_sets(b, study.data, study.work, "", b["pretrain_steps"])
-    sets.update(pretrain_sets(b))
-    h = settings_hash({"version": VERSION, "base": hashed(sets)})
-    sets["checkpoint.run"] = f"base-{h}"
-    est = train_estimate(b, b["pretrain_steps"], 1.0)
-    folder = os.path.join(study.work, "runs", sets["checkpoint.run"])
-    was_done = os.path.exists(os.path.join(folder, "study-done.json"))
-    folder = train(sets, study.ranks, study.work, sets["checkpoint.run"])
-    (progress.skip if was_done else progress.finished)(est, f"base pretrained ({b['pretrain_steps']} steps)")
-    return os.path.join(folder, "model.safetensors"), h
+class Base:
+    """The pretrained base: its settings hash is known at once, the weights are trained on first
+    use (a study whose rows are all in OUT/rows, e.g. after a fresh clone, trains nothing)."""
+
+    def __init__(self, study: Study, progress: Progress):
+        b = study.b
+        self.study, self.progress = study, progress
+        self.sets = common_sets(b, study.data, study.work, "", b["pretrain_steps"])
+        self.sets.update(pretrain_sets(b))
+        self.hash = settings_hash({"version": VERSION, "base": hashed(self.sets)})
+        self.sets["checkpoint.run"] = f"base-{self.hash}"
+        self.folder = os.path.join(study.work, "runs", self.sets["checkpoint.run"])
+        self.weights = os.path.join(self.folder, "model.safetensors")
+        self.estimate = train_estimate(b, b["pretrain_steps"], 1.0)
+        self.ready = False
+
+    def ensure(self) -> str:
+        if not self.ready:
+            was_done = os.path.exists(os.path.join(self.folder, "study-done.json"))
+            train(self.sets, self.study.ranks, self.study.work, self.sets["checkpoint.run"])
+            steps = self.study.b["pretrain_steps"]
+            (self.progress.skip if was_done else self.progress.finished)(self.estimate, f"base pretrained ({steps} steps)")
+            self.ready = True
+            _, val = read_metrics(os.path.join(self.folder, "metrics.jsonl"))
+            with open(os.path.join(self.study.out, "base.json"), "w") as f:
+                json.dump({"hash": self.hash, "settings": hashed(self.sets), "seconds": train_seconds(self.folder),
+                           "val_loss": [{"step": v["step"], "val_loss": v["val_loss"]} for v in val]}, f, indent=1)
+        return self.weights
 
 
-def finetune(study: Study, name: str, seed_index: int, base: tuple[str, str]) -> tuple[str, dict]:
+def finetune_plan(study: Study, name: str, seed_index: int, base: Base) -> tuple[dict, dict]:
+    """The tensorar-train settings of one row and seed, and what identifies its numbers."""
     b = study.b
     seed = 100 + seed_index
     sets = common_sets(b, study.data, study.work, "", b["finetune_steps"])
-    sets.update(finetune_sets(b, base[0], seed))
+    sets.update(finetune_sets(b, base.weights, seed))
     sets.update(row_settings(name))
-    h = settings_hash({"version": VERSION, "base": base[1], "run": hashed(sets)})
+    h = settings_hash({"version": VERSION, "base": base.hash, "run": hashed(sets)})
     sets["checkpoint.run"] = f"{name}-seed{seed}-{h}"
-    return train(sets, study.ranks, study.work, sets["checkpoint.run"]), {"hash": h, "seed": seed, "settings": hashed(sets)}
+    return sets, {"hash": h, "seed": seed, "settings": hashed(sets)}
 
 
-def choose_cfg(study: Study, control: str, control_hash: str, progress: Progress) -> float:
+def finetune(study: Study, sets: dict, base: Base) -> str:
+    base.ensure()
+    return train(sets, study.ranks, study.work, sets["checkpoint.run"])
+
+
+def choose_cfg(study: Study, base: Base, progress: Progress) -> float:
     """The guidance scale with the lowest FID on the control (seed 0), fixed for every row."""
     b = study.b
+    sets, info = finetune_plan(study, "control", 0, base)
     path = os.path.join(study.out, "cfg_sweep.json")
-    key = settings_hash({"version": VERSION, "control": control_hash, "scales": b["sweep"], "per_class": b["sweep_per_class"]})
+    key = settings_hash({"version": VERSION, "control": info["hash"], "scales": b["sweep"], "per_class": b["sweep_per_class"]})
     est = len(b["sweep"]) * eval_estimate(b["sweep_per_class"], 1.0)
     if os.path.exists(path) and json.load(open(path)).get("hash") == key:
         chosen = json.load(open(path))["chosen"]
         progress.skip(est, f"guidance sweep on the control: {chosen}")
         return chosen
+    control = finetune(study, sets, base)
     sweep = []
     for g in b["sweep"]:
         r = study.evaluate(control, os.path.join(study.work, "eval", f"cfg-sweep-{g}"), g, 100, b["sweep_per_class"], val=False)
@@ -338,31 +371,45 @@ def choose_cfg(study: Study, control: str, control_hash: str, progress: Progress
     return chosen
 
 
-def run_row(study: Study, name: str, seed_index: int, base, cfg: float, progress: Progress):
+def keep_artifacts(record: dict, folder: str):
+    """Copies what the report's pictures need (samples, refinement picture, metrics.jsonl) next
+    to the row's JSON, so a report can be redrawn from OUT alone."""
+    os.makedirs(folder, exist_ok=True)
+    for src, name in [(os.path.join(record["eval_folder"], "samples.png"), "samples.png"),
+                      (os.path.join(record["eval_folder"], "trajectories.png"), "trajectories.png"),
+                      (record["metrics_jsonl"], "metrics.jsonl")]:
+        if src and os.path.exists(src):
+            shutil.copy(src, os.path.join(folder, name))
+    record["artifacts"] = os.path.basename(folder)
+
+
+def run_row(study: Study, name: str, seed_index: int, base: Base, cfg: float, progress: Progress):
     b = study.b
-    seed = 100 + seed_index
-    s = row_settings(name)
-    cost = cost_factor(s)
-    est = train_estimate(b, b["finetune_steps"], cost) + eval_estimate(b["per_class"], cost)
+    sets, info = finetune_plan(study, name, seed_index, base)
+    cost = cost_factor(row_settings(name))
+    steps = sets["train.steps"]
+    est = train_estimate(b, steps, cost) + eval_estimate(b["per_class"], cost)
+    seed = info["seed"]
     path = os.path.join(study.out, "rows", f"{name}-seed{seed}.json")
     what = f"{name} seed {seed}"
-    weights, info = finetune(study, name, seed_index, base)
     key = settings_hash({"train": info["hash"], "cfg": cfg, "per_class": b["per_class"], "version": VERSION})
     if os.path.exists(path) and json.load(open(path)).get("hash") == key:
         progress.skip(est, what)
         return
+    weights = finetune(study, sets, base)
     baselines = name == "control" and seed_index == 0
     t0 = time.time()
-    r = study.evaluate(weights, os.path.join(study.work, "eval", f"{name}-seed{seed}"), cfg, seed, b["per_class"], baselines=baselines)
+    folder = os.path.join(study.work, "eval", f"{name}-seed{seed}")
+    r = study.evaluate(weights, folder, cfg, seed, b["per_class"], baselines=baselines)
     record = {"row": name, "label": ROWS_BY_NAME[name][1], "seed": seed, "hash": key, "train_hash": info["hash"],
               "settings": info["settings"], "cfg_scale": cfg, "metrics": r["metrics"]["model"],
               "val_loss": r["val_loss"], "refinement": r["refinement"], "loss_curves": r["loss_curves"],
               "sampling_seconds_per_image": r["sampling_seconds_per_image"], "train_seconds": train_seconds(weights),
-              "eval_seconds": time.time() - t0,
-              "weights": weights, "eval_folder": os.path.join(study.work, "eval", f"{name}-seed{seed}"),
+              "eval_seconds": time.time() - t0, "weights": weights, "eval_folder": folder,
               "metrics_jsonl": r["metrics_jsonl"]}
     if baselines:
         record["baselines"] = {k: v for k, v in r["metrics"].items() if k != "model"}
+    keep_artifacts(record, path[:-len(".json")])
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     m = record["metrics"]
@@ -431,6 +478,13 @@ def table_lines(rows: dict) -> list:
     return lines
 
 
+def artifact(out: str, r: dict, name: str) -> str:
+    """A row's picture or metrics file: the copy kept in OUT/rows, else the work folder's."""
+    if r.get("artifacts"):
+        return os.path.join(out, "rows", r["artifacts"], name)
+    return r["metrics_jsonl"] if name == "metrics.jsonl" else os.path.join(r["eval_folder"], name)
+
+
 def plot_fid_against(path: str, rows: dict, xs: list, names: list, xlabel: str):
     import matplotlib
     matplotlib.use("Agg")
@@ -464,7 +518,7 @@ def read_metrics(path: str) -> tuple[list, list]:
     return train, val
 
 
-def plot_loss_curves(path: str, rows: dict):
+def plot_loss_curves(path: str, rows: dict, out: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -472,7 +526,7 @@ def plot_loss_curves(path: str, rows: dict):
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, color in [("control", "C3"), ("default", "C0")]:
         for r in rows.get(name, [])[:1]:
-            train, val = read_metrics(r["metrics_jsonl"])
+            train, val = read_metrics(artifact(out, r, "metrics.jsonl"))
             steps = [t["step"] for t in train]
             ax.plot(steps, [t["slot_losses"][0] for t in train], color=color, alpha=0.8,
                     label=f"{name}: train, next token (slot 0)")
@@ -485,7 +539,7 @@ def plot_loss_curves(path: str, rows: dict):
     fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
 
 
-def plot_samples_side_by_side(path: str, rows: dict):
+def plot_samples_side_by_side(path: str, rows: dict, out: str):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -494,7 +548,7 @@ def plot_samples_side_by_side(path: str, rows: dict):
     pair = [(n, rows[n][0]) for n in ["control", "default"] if rows.get(n)]
     fig, axes = plt.subplots(1, len(pair), figsize=(7 * len(pair), 7.5))
     for ax, (name, r) in zip(np.atleast_1d(axes), pair):
-        ax.imshow(Image.open(os.path.join(r["eval_folder"], "samples.png")))
+        ax.imshow(Image.open(artifact(out, r, "samples.png")))
         ax.set_title(f"{name}: FID {r['metrics']['fid']:.1f} (seed {r['seed']}, guidance {r['cfg_scale']})")
         ax.axis("off")
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
@@ -509,11 +563,11 @@ def pictures(out: str, rows: dict) -> list:
         plot_fid_against(os.path.join(out, "fid_vs_d.png"), rows, [1, 2, 4], ["d1", "default", "d4"], "plug-in depth d (k = 4)")
         made.append("fid_vs_d.png")
     if rows.get("control") or rows.get("default"):
-        plot_loss_curves(os.path.join(out, "loss_curves.png"), rows)
-        plot_samples_side_by_side(os.path.join(out, "samples_control_vs_default.png"), rows)
+        plot_loss_curves(os.path.join(out, "loss_curves.png"), rows, out)
+        plot_samples_side_by_side(os.path.join(out, "samples_control_vs_default.png"), rows, out)
         made += ["loss_curves.png", "samples_control_vs_default.png"]
     if rows.get("default"):
-        shutil.copy(os.path.join(rows["default"][0]["eval_folder"], "trajectories.png"), os.path.join(out, "refinement_default.png"))
+        shutil.copy(artifact(out, rows["default"][0], "trajectories.png"), os.path.join(out, "refinement_default.png"))
         made.append("refinement_default.png")
     return made
 
@@ -531,6 +585,23 @@ def conclusion(rows: dict) -> str:
     return (f"FID of the default TensorAR row {dm:.2f}{f' ± {ds:.2f}' if ds else ''} against the control's "
             f"{cm:.2f}{f' ± {cs:.2f}' if cs else ''} ({len(d)} and {len(c)} seeds): a gain of {gain:.2f}; "
             f"the paper's claim {verdict}.")
+
+
+def diagnostic_lines(rows: dict) -> list:
+    """The recipe variations of DIAGNOSTICS beside the control and the default row (one seed each
+    unless the row has more), with clean-input slot losses: how much a slot reads the overlap."""
+    head = ("| row | seeds | FID | IS | Precision | Recall | Accuracy | val loss per slot (training noise) "
+            "| val loss per slot (clean inputs) |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for name, label, _ in [ROWS_BY_NAME["control"], ROWS_BY_NAME["default"]] + DIAGNOSTICS:
+        recs = rows.get(name, [])
+        if not recs:
+            continue
+        cells = [fmt(recs, get, d) for _, get, d in METRICS[:5]]
+        slots = [" / ".join(f"{x:.3f}" for x in np.mean([r["val_loss"][n]["slot_losses"] for r in recs], axis=0))
+                 for n in ["train", "none"]]
+        lines.append(f"| {label} | {len(recs)} | " + " | ".join(cells) + f" | {slots[0]} | {slots[1]} |")
+    return lines
 
 
 def refinement_lines(rows: dict) -> list:
@@ -580,6 +651,8 @@ def write_report(study: Study, base_seconds: float | None, cfg_path: str):
         md += ["## Guidance sweep on the control", "", "| cfg scale | FID | IS | accuracy |", "|---|---|---|---|"]
         md += [f"| {s['cfg_scale']} | {s['fid']:.2f} | {s['inception_score']:.2f} | {s['accuracy']:.3f} |" for s in sweep["sweep"]]
         md += [""]
+    if any(rows.get(d[0]) for d in DIAGNOSTICS):
+        md += ["## Diagnostics: one change to the fine-tuning recipe at a time", ""] + diagnostic_lines(rows) + [""]
     md += ["## Refinement of the default row", ""] + refinement_lines(rows)
     md += ["", "## Time", ""] + timing_lines(rows, study.work)
     md += ["", "## Pictures", ""] + [f"![{m}]({m})" for m in made]
@@ -621,14 +694,12 @@ def main(argv=None):
                      eval_estimate(b["per_class"], cost_factor(row_settings(n))) for n, _ in order)
         progress = Progress(total)
         log(f"table4: {len(order)} fine-tunes of {len(rows)} rows; estimated {total / 60:.0f} min on this machine")
-        base = pretrain(study, progress)
-        control, info = finetune(study, "control", 0, base)
-        cfg = choose_cfg(study, control, info["hash"], progress)
+        base = Base(study, progress)
+        cfg = choose_cfg(study, base, progress)
         for name, i in order:
             run_row(study, name, i, base, cfg, progress)
-    base_runs = [d for d in os.listdir(os.path.join(study.work, "runs")) if d.startswith("base-")] if os.path.isdir(os.path.join(study.work, "runs")) else []
-    write_report(study, train_seconds(os.path.join(study.work, "runs", sorted(base_runs)[-1])) if base_runs else None, cfg_path)
-
+    base_path = os.path.join(study.out, "base.json")
+    write_report(study, json.load(open(base_path)).get("seconds") if os.path.exists(base_path) else None, cfg_path)
 
 if __name__ == "__main__":
     try:

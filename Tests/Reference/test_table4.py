@@ -29,8 +29,11 @@ def test_quick_study_writes_the_report_and_resumes(tmp_path):
     out, work = str(tmp_path / "results"), str(tmp_path / "work")
     first = run(["--quick", "--out", out, "--work", work])
     assert "base pretrained" in first and "guidance sweep on the control: chose" in first
-    rows = sorted(os.listdir(os.path.join(out, "rows")))
+    rows = sorted(f for f in os.listdir(os.path.join(out, "rows")) if f.endswith(".json"))
     assert rows == ["control-seed100.json", "default-seed100.json"]
+    for f in rows:  # what the pictures need is kept beside each row
+        for name in ["samples.png", "trajectories.png", "metrics.jsonl"]:
+            assert os.path.getsize(os.path.join(out, "rows", f[:-5], name)) > 0, (f, name)
     for f in rows:
         r = json.load(open(os.path.join(out, "rows", f)))
         m = r["metrics"]
@@ -47,7 +50,7 @@ def test_quick_study_writes_the_report_and_resumes(tmp_path):
     stamp = {f: os.path.getmtime(os.path.join(out, "rows", f)) for f in rows}
 
     second = run(["--quick", "--out", out, "--work", work])
-    assert second.count("(done before: skipped)") == 4, second  # base, sweep, two rows
+    assert second.count("(done before: skipped)") == 3, second  # the sweep and two rows: the base is not even needed
     assert "[" not in "".join(l for l in second.splitlines() if l.startswith("  [")), "no program ran again"
     assert {f: os.path.getmtime(os.path.join(out, "rows", f)) for f in rows} == stamp
 
