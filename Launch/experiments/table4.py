@@ -87,6 +87,7 @@ DIAGNOSTICS = [
     ("plr1e-4", "default, plug-in lr 1e-4 (the paper's)", {"optim.lr_plugin": 1e-4}),
     ("long", "default, 3x the steps (600)", {"train.steps": 600}),
     ("control-long", "control, 3x the steps (600)", {"model.window": 1, "model.plugin_depth": 0, "train.steps": 600}),
+    ("slotw", "default, slot weights 1, 1/2, 1/4, 1/8", {"loss.slot_weights": "[1,0.5,0.25,0.125]"}),
 ]
 MULTI_SEED = {"control", "default"}
 QUICK_ROWS = ["control", "default"]
