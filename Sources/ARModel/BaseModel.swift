@@ -68,8 +68,8 @@ protocol BaseModel: AnyObject {
 }
 
 /// `model.base` names to base types: a new base is one line here (and its own file).
-enum BaseRegistry {
-    static let names = ["llamagen"]
+public enum BaseRegistry {
+    public static let names = ["llamagen"]
     static func type(named name: String) -> (any BaseModel.Type)? {
         switch name {
         case "llamagen": return LlamaGen.self

@@ -84,6 +84,7 @@ public struct TrainConfig: Codable, Equatable {
 
     /// The model's shape (SPEC sections 2-3). Vocabulary, classes and grid come from the dataset.
     public struct ModelSection: Codable, Equatable {
+        public var base: String = "llamagen"   // base model type, a BaseRegistry name (SPEC section 7 "base")
         public var preset: String? = "small"   // size preset: tiny, small, B, L, XL, XXL; the fields below override it
         public var dim: Int? = nil             // D, model width (overrides the preset's)
         public var nLayer: Int? = nil          // L, transformer blocks
@@ -95,8 +96,23 @@ public struct TrainConfig: Codable, Equatable {
         public var initFrom: String? = nil     // safetensors weights to start from (e.g. a converted LlamaGen checkpoint)
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
-            case preset, dim, nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", window
+            case base, preset, dim, nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", window
             case pluginDepth = "plugin_depth", residual, initFrom = "init_from"
+        }
+        /// As synthesized, except that `base` may be absent (manifests written before it existed
+        /// resume as llamagen).
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            base = try c.decodeIfPresent(String.self, forKey: .base) ?? "llamagen"
+            preset = try c.decodeIfPresent(String.self, forKey: .preset)
+            dim = try c.decodeIfPresent(Int.self, forKey: .dim)
+            nLayer = try c.decodeIfPresent(Int.self, forKey: .nLayer)
+            nHead = try c.decodeIfPresent(Int.self, forKey: .nHead)
+            ffnHidden = try c.decodeIfPresent(Int.self, forKey: .ffnHidden)
+            window = try c.decode(Int.self, forKey: .window)
+            pluginDepth = try c.decode(Int.self, forKey: .pluginDepth)
+            residual = try c.decode(Bool.self, forKey: .residual)
+            initFrom = try c.decodeIfPresent(String.self, forKey: .initFrom)
         }
     }
 
@@ -384,6 +400,8 @@ extension TrainConfig {
         func need(_ ok: Bool, _ s: @autoclosure () -> String) { if !ok { problems.append(s()) } }
 
         let m = model
+        need(BaseRegistry.names.contains(m.base),
+             "model.base '\(m.base)' is unknown; known: \(BaseRegistry.names.joined(separator: ", "))")
         if let p = m.preset {
             need(ModelConfig.presetNames.contains(p), "model.preset '\(p)' is unknown; known: \(ModelConfig.presetNames.joined(separator: ", "))")
         } else {
@@ -491,6 +509,9 @@ extension TrainConfig.ModelSection {
     /// The model's full shape: the preset (if any), the explicit fields over it, and the dataset's
     /// vocabulary, classes and grid. Validated (SPEC section 2 rules); errors name `source`.
     public func resolve(vocabSize: Int, numClasses: Int, gridSize: Int, source: String = "config (model section)") throws -> ModelConfig {
+        guard BaseRegistry.names.contains(base) else {
+            throw InputError(source, "model.base '\(base)' is unknown; known: \(BaseRegistry.names.joined(separator: ", "))")
+        }
         var c: ModelConfig
         if let preset {
             do { c = try ModelConfig.preset(preset, vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize) } catch let e as InputError {
@@ -506,6 +527,7 @@ extension TrainConfig.ModelSection {
         if let nLayer { c.nLayer = nLayer }
         if let nHead { c.nHead = nHead }
         if let ffnHidden { c.ffnHidden = ffnHidden }
+        c.base = base
         c.window = window
         c.pluginDepth = pluginDepth
         c.residual = residual

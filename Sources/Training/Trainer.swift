@@ -17,6 +17,8 @@ public final class Trainer {
     public let valCache: TokenCache?
     public let sync: GradientSync
     let noise: LossNoise
+    /// The model's input for each micro-batch (label drop, windows, noise, dropout keys).
+    let batches: BatchBuilder
     let weightPerImage: Double
     public private(set) var step = 0
     /// Set by a signal handler: finish the step, save, exit cleanly.
@@ -67,6 +69,8 @@ public final class Trainer {
         }
         noise = LossNoise(noiser: TensorNoiser(type: config.noise.type, schedule: config.noise.schedule, window: mc.window, vocabSize: mc.vocabSize),
                           seed: UInt64(config.train.seed), codebook: codebook, codebookDim: cbDim)
+        batches = BatchBuilder(model: model, noise: noise, seed: UInt64(config.train.seed),
+                               labelDrop: config.train.labelDrop, dropout: config.train.dropout)
     }
 
     /// Memory of one rank by purpose, in bytes: exact for parameters, gradients and moments, an
@@ -156,7 +160,7 @@ public final class Trainer {
     /// micro-batch's backward hands each finished range to it (`begin`/`markReady`); the caller
     /// then calls `sync.finish()`. Returns this rank's loss sums.
     func accumulateGradients(_ batch: TokenBatch, sync: GradientSync?) -> LossReport {
-        let c = model.config, T = c.seqLen
+        let c = model.config
         let micro = config.train.microBatch
         precondition(batch.count % micro == 0, "a rank's batch of \(batch.count) is not a whole number of micro-batches of \(micro)")
         let accum = batch.count / micro
@@ -168,13 +172,8 @@ public final class Trainer {
         let poison = hooks.nan(rank: comm.rank, worldSize: comm.size, step: batch.step + 1)
         if poison != nil { model.grads[optimizer.momentRange.lowerBound] = .nan }
         for a in 0..<accum {
-            let r = (a * micro)..<((a + 1) * micro)
-            let positions = Array(batch.globalPositions[r])
-            let labels = Windows.dropLabels(Array(batch.labels[r]), nullClass: c.numClasses, p: config.train.labelDrop, seed: UInt64(config.train.seed), step: batch.step, samplePositions: positions)
-            let codes = Array(batch.codes[(r.lowerBound * T)..<(r.upperBound * T)])
-            let mb = makeModelBatch(model: model, codes: codes, labels: labels, noise: noise, step: batch.step, samplePositions: positions, purpose: .noise)
-            let dropout = DropoutSettings(p: Float(config.train.dropout), seed: UInt64(config.train.seed), step: batch.step, samplePositions: positions)
-            local.add(model.forward(mb, dropout: dropout, gradientScale: scale))
+            let input = batches.training(batch, range: (a * micro)..<((a + 1) * micro))
+            local.add(model.forward(input.batch, dropout: input.dropout, gradientScale: scale))
             if a == accum - 1, let sync {
                 // Backward must not write a range after marking it, so only the last micro-batch's
                 // backward hands ranges over (GradientSync's rules).

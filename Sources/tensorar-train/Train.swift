@@ -65,126 +65,128 @@ struct Train: ParsableCommand {
         }
         defer { signals.forEach { $0.cancel() } }
 
-        let file = config ?? (FileManager.default.fileExists(atPath: "Configs/default.yaml") ? "Configs/default.yaml" : nil)
+        let cfg = try resolvedConfig(worldSize: comm.size)
+        // Threads: ranks x threads must not exceed the cores of a node.
+        BLAS.threads = cfg.dist.threadsPerRank.resolve(ranksOnNode: MPI.ranksOnThisNode)
+        say("tensorar-train: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
+        guard FileManager.default.fileExists(atPath: cfg.data.train + "/dataset.json") else {
+            throw InputError(cfg.data.train, "no token cache here (dataset.json missing). For the built-in default run "
+                + "`Launch/quickstart.sh`, or build it with `tensorar-data fashion-mnist --out Data/fashion-mnist`")
+        }
+        let trainer = try Trainer(config: cfg, comm: comm)
+        describe(trainer, say: say)
+        let store = CheckpointStore(config: cfg)
+        let loaded = try resumeIfAsked(trainer, store: store, say: say)
+        if trainer.step >= cfg.train.steps {
+            say("run '\(cfg.checkpoint.run!)' is already complete at step \(trainer.step)/\(cfg.train.steps); "
+                + "start another with --set checkpoint.run=NAME, or --fresh")
+            return
+        }
+        let metrics = try openRunFolder(cfg, store: store, resumedAt: loaded?.progress.step, isRoot: comm.isRoot,
+                                        say: say)
+        let loop = RunLoop(trainer: trainer, config: cfg, store: store, metrics: metrics, say: say)
+        if try loop.run() == .stopped { return }
+        try finish(trainer, store: store, say: say)
+    }
+
+    /// Defaults < CONFIG < --set flags, with this command's flags as `--set`s; validated.
+    private func resolvedConfig(worldSize: Int) throws -> TrainConfig {
+        let shipped = "Configs/default.yaml"
+        let file = config ?? (FileManager.default.fileExists(atPath: shipped) ? shipped : nil)
         var extra = overrides
         if let initFrom { extra.append("model.init_from=\(initFrom)") }
         if fresh { extra.append("checkpoint.resume=never") }
         if let resumeFrom { extra.append("checkpoint.resume=\(resumeFrom)") }
         if fallback { extra.append("checkpoint.fallback=true") }
         var cfg = try TrainConfig.load(file: file, overrides: extra)
-        if cfg.checkpoint.run == nil { cfg.checkpoint.run = file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default" }
-        try cfg.validate(worldSize: comm.size, source: file ?? "built-in defaults")
-
-        // Threads: ranks x threads must not exceed the cores of a node.
-        let local = MPI.ranksOnThisNode
-        BLAS.threads = cfg.dist.threadsPerRank.resolve(ranksOnNode: local)
-        say("tensorar-train: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
-        guard FileManager.default.fileExists(atPath: cfg.data.train + "/dataset.json") else {
-            throw InputError(cfg.data.train, "no token cache here (dataset.json missing). For the built-in default run `Launch/quickstart.sh`, or build it with `tensorar-data fashion-mnist --out Data/fashion-mnist`")
+        if cfg.checkpoint.run == nil {
+            cfg.checkpoint.run = file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension }
+                ?? "default"
         }
-        let trainer = try Trainer(config: cfg, comm: comm)
-        let mc = trainer.model.config
-        say("model: \(mc.jsonString())")
-        say("parameters: \(trainer.model.table.total) (base \(trainer.model.table.count(of: .base)), plug-in \(trainer.model.table.count(of: .plugin))); "
-            + "accumulation \(cfg.accumulationSteps(worldSize: comm.size)) x micro-batch \(cfg.train.microBatch) x \(comm.size) rank(s) = global batch \(cfg.train.globalBatch)")
-        say(trainer.memory.description)
-        say("gradient sync: \(trainer.sync.mode) allreduce in \(trainer.sync.buckets.count) bucket(s) of up to \(String(format: "%.1f", Double(trainer.sync.bucketElements) * 4 / 1e6)) MB"
-            + (trainer.sync.note.map { " (\($0))" } ?? ""))
+        try cfg.validate(worldSize: worldSize, source: file ?? "built-in defaults")
+        return cfg
+    }
 
-        // Resume: every rank reads its slice of the checkpoint, whatever rank count wrote it.
-        let store = CheckpointStore(config: cfg)
+    /// The model, its parameters, the batch split, memory and gradient sync.
+    private func describe(_ trainer: Trainer, say: (String) -> Void) {
+        let cfg = trainer.config, size = trainer.comm.size, table = trainer.model.table, sync = trainer.sync
+        say("model: \(trainer.model.config.jsonString())")
+        say("parameters: \(table.total) (base \(table.count(of: .base)), plug-in \(table.count(of: .plugin))); "
+            + "accumulation \(cfg.accumulationSteps(worldSize: size)) x micro-batch \(cfg.train.microBatch) "
+            + "x \(size) rank(s) "
+            + "= global batch \(cfg.train.globalBatch)")
+        say(trainer.memory.description)
+        say("gradient sync: \(sync.mode) allreduce in \(sync.buckets.count) bucket(s) of up to "
+            + "\(String(format: "%.1f", Double(sync.bucketElements) * 4 / 1e6)) MB"
+            + (sync.note.map { " (\($0))" } ?? ""))
+    }
+
+    /// Resume (checkpoint.resume): every rank reads its slice of the checkpoint, whatever rank
+    /// count wrote it.
+    private func resumeIfAsked(_ trainer: Trainer, store: CheckpointStore,
+                               say: (String) -> Void) throws -> LoadedCheckpoint? {
+        let cfg = trainer.config, comm = trainer.comm, mc = trainer.model.config
         var notes: [String] = []
         let loaded: LoadedCheckpoint?
         let (params, table) = (trainer.model.params, trainer.model.table)
         switch cfg.checkpoint.resume {
         case "never": loaded = nil
         case "auto":
-            loaded = try store.loadLatest(allowFallback: cfg.checkpoint.fallback, model: mc, table: table, params: params,
-                                          optimizer: trainer.optimizer, communicator: comm, notes: &notes)
-            if resume && loaded == nil { throw InputError(store.runDirectory, "--resume: no complete checkpoint in this run folder") }
+            loaded = try store.loadLatest(allowFallback: cfg.checkpoint.fallback, model: mc, table: table,
+                                          params: params, optimizer: trainer.optimizer, communicator: comm,
+                                          notes: &notes)
+            if resume && loaded == nil {
+                throw InputError(store.runDirectory, "--resume: no complete checkpoint in this run folder")
+            }
         default:
-            loaded = try CheckpointStore.load(path: cfg.checkpoint.resume, allowFallback: cfg.checkpoint.fallback, model: mc, table: table,
-                                              params: params, optimizer: trainer.optimizer, communicator: comm, notes: &notes)
+            loaded = try CheckpointStore.load(path: cfg.checkpoint.resume, allowFallback: cfg.checkpoint.fallback,
+                                              model: mc, table: table, params: params,
+                                              optimizer: trainer.optimizer, communicator: comm, notes: &notes)
         }
         notes.forEach { say("note: \($0)") }
         if let loaded {
             loaded.notes.forEach { say("note: \($0)") }
             trainer.restore(progress: loaded.progress)
-            say("resumed from \(loaded.directory) at step \(trainer.step) (written by \(loaded.manifest.worldSize) rank(s))")
+            say("resumed from \(loaded.directory) at step \(trainer.step) "
+                + "(written by \(loaded.manifest.worldSize) rank(s))")
         }
-        if trainer.step >= cfg.train.steps {
-            say("run '\(cfg.checkpoint.run!)' is already complete at step \(trainer.step)/\(cfg.train.steps); start another with --set checkpoint.run=NAME, or --fresh")
-            return
-        }
+        return loaded
+    }
 
-        // Run folder: resolved config, metrics
+    /// Run folder (root only): the resolved config, and the metrics log (a resumed run logs the
+    /// steps after its checkpoint again: the old records of those go).
+    private func openRunFolder(_ cfg: TrainConfig, store: CheckpointStore, resumedAt: Int?, isRoot: Bool,
+                               say: (String) -> Void) throws -> MetricsLog? {
         var metrics: MetricsLog?
-        if comm.isRoot {
+        if isRoot {
             try FileManager.default.createDirectory(atPath: store.runDirectory, withIntermediateDirectories: true)
             try cfg.yamlString().write(toFile: store.runDirectory + "/config.yaml", atomically: true, encoding: .utf8)
-            // A resumed run logs the steps after its checkpoint again: drop the old records of those.
-            if let loaded { try MetricsLog.dropRecords(after: loaded.progress.step, path: store.runDirectory + "/metrics.jsonl") }
+            if let resumedAt {
+                try MetricsLog.dropRecords(after: resumedAt, path: store.runDirectory + "/metrics.jsonl")
+            }
             metrics = try MetricsLog(path: store.runDirectory + "/metrics.jsonl")
             say("resolved config (saved to \(store.runDirectory)/config.yaml):\n" + cfg.yamlString())
         }
-        if comm.isRoot, let entropy = try? unigramEntropy(directory: cfg.data.train) {
+        if isRoot, let entropy = try? unigramEntropy(directory: cfg.data.train) {
             say(String(format: "train cache unigram entropy: %.4f nats (a model must beat this)", entropy))
         }
+        return metrics
+    }
 
-        let save = { (why: String) throws in
-            let t0 = monotonicSeconds()
-            let dir = try store.save(progress: trainer.progress, config: cfg, model: mc, table: trainer.model.table,
-                                     params: trainer.model.params, optimizer: trainer.optimizer, communicator: comm)
-            say(String(format: "checkpoint (%@): %@ in %.2f s", why, dir, monotonicSeconds() - t0))
-        }
-
-        let tokensPerStep = Double(cfg.train.globalBatch * mc.seqLen)
-        var window: [Double] = []
-        var skipped = 0
-        while trainer.step < cfg.train.steps {
-            let lr = cfg.learningRates(at: trainer.step)
-            let r = try trainer.trainStep()
-            window.append(r.seconds); if window.count > 20 { window.removeFirst() }
-            let s = trainer.step
-            if !r.applied {
-                skipped += 1
-                say("step \(s): loss \(r.report.loss), gradient norm \(r.gradNorm): not finite, step skipped (\(skipped) in a row)")
-                if skipped > cfg.train.maxSkippedSteps {
-                    // Loss and gradient norm are reduced over all ranks, so every rank stops here.
-                    throw CollectiveStop("step \(s): \(skipped) steps in a row had a non-finite loss or gradient (train.max_skipped_steps is \(cfg.train.maxSkippedSteps)): stopping. "
-                        + "Lower the learning rate or check the data; the last good checkpoint is kept.")
-                }
-            } else { skipped = 0 }
-            let secs = window.reduce(0, +) / Double(window.count)
-            if s % cfg.train.logEvery == 0 || s == cfg.train.steps || s == 1 {
-                say(ProgressLine.format(step: s, total: cfg.train.steps, loss: r.report.loss, tokensPerSecond: tokensPerStep / secs, secondsPerStep: secs,
-                                        extra: "slots " + r.report.slotLosses.map { String(format: "%.3f", $0) }.joined(separator: " ") + String(format: " | lr %.2e/%.2e | gnorm %.3f", lr.plugin, lr.base, r.gradNorm)))
-                try metrics?.log(["step": .int(s), "loss": .double(r.report.loss), "slot_losses": .doubles(r.report.slotLosses),
-                                  "lr_plugin": .double(Double(lr.plugin)), "lr_base": .double(Double(lr.base)), "grad_norm": .double(r.gradNorm),
-                                  "tokens_per_s": .double(tokensPerStep / secs), "seconds_per_step": .double(secs), "samples_seen": .int(trainer.progress.samplesSeen)])
-            }
-            let valDue = (cfg.train.valEvery > 0 && s % cfg.train.valEvery == 0) || s == cfg.train.steps
-            if valDue, let v = try trainer.validate() {
-                say(String(format: "validation at step %d: loss %.4f (training noise, fixed seed), clean-input loss %.4f; slots %@", s, v.noised.loss, v.clean.loss,
-                           v.noised.slotLosses.map { String(format: "%.3f", $0) }.joined(separator: " ")))
-                try metrics?.log(["step": .int(s), "val_loss": .double(v.noised.loss), "val_slot_losses": .doubles(v.noised.slotLosses),
-                                  "val_loss_clean": .double(v.clean.loss), "val_slot_losses_clean": .doubles(v.clean.slotLosses)])
-            }
-            let stop = try trainer.stopAgreed()
-            if stop || s == cfg.train.steps || (cfg.checkpoint.every > 0 && s % cfg.checkpoint.every == 0) {
-                try save(stop ? "stop requested" : (s == cfg.train.steps ? "end of run" : "every \(cfg.checkpoint.every) steps"))
-            }
-            if stop { say("stopped cleanly at step \(s); resume with the same command (or --resume)"); return }
-        }
+    /// Time per step, memory, and the final weights.
+    private func finish(_ trainer: Trainer, store: CheckpointStore, say: (String) -> Void) throws {
         let t = trainer.timing.steps > 0 ? trainer.timing : trainer.firstStep
         let n = Double(max(t.steps, 1))
         let alone = try trainer.measureAllreduce()
-        say(String(format: "time per step: compute %.3f s, allreduce wait %.3f s (%.1f%%), data wait %.4f s, optimizer %.3f s (rank 0, mean of %d step(s) after the first); "
-                   + "allreduce alone %.3f s for %.0f MB", t.compute / n, t.allreduceWait / n, 100 * t.allreduceWait / max(t.total, 1e-12), t.dataWait / n,
+        say(String(format: "time per step: compute %.3f s, allreduce wait %.3f s (%.1f%%), data wait %.4f s, "
+                   + "optimizer %.3f s (rank 0, mean of %d step(s) after the first); "
+                   + "allreduce alone %.3f s for %.0f MB",
+                   t.compute / n, t.allreduceWait / n, 100 * t.allreduceWait / max(t.total, 1e-12), t.dataWait / n,
                    t.optimizer / n, trainer.timing.steps, alone, Double(trainer.model.grads.count * 4) / 1e6))
+        let peak = Double(ProcessMemory.peakResidentBytes() ?? 0) / 1e6
         say(String(format: "memory: peak resident %.0f MB (rank 0); activations measured %.0f MB",
-                   Double(ProcessMemory.peakResidentBytes() ?? 0) / 1e6, Double(trainer.activationBytesMeasured ?? 0) / 1e6))
-        if comm.isRoot {
+                   peak, Double(trainer.activationBytesMeasured ?? 0) / 1e6))
+        if trainer.comm.isRoot {
             let out = store.runDirectory + "/model.safetensors"
             try trainer.model.save(out)
             say("weights: \(out)")

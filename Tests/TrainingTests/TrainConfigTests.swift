@@ -163,6 +163,30 @@ final class TrainConfigTests: XCTestCase {
         assertInputError(["/nonexistent.yaml", "cannot read"]) { _ = try TrainConfig.load(file: "/nonexistent.yaml") }
     }
 
+    func testModelBase() throws {
+        let d = try TrainConfig.resolve(yaml: "", source: "x")
+        XCTAssertEqual(d.model.base, "llamagen")
+        XCTAssertTrue(d.yamlString().contains("model:\n  base: llamagen\n"), d.yamlString())
+        let e = try TrainConfig.resolve(yaml: "model:\n  base: llamagen\n", source: "x")
+        XCTAssertEqual(e, d)
+        let mc = try e.model.resolve(vocabSize: 512, numClasses: 10, gridSize: 7)
+        XCTAssertEqual(mc.base, "llamagen")
+        XCTAssertFalse(mc.jsonString().contains("\"base\""), "llamagen's model JSON stays as it was")
+        // A manifest written before the key existed reads as llamagen.
+        var old = try JSONSerialization.jsonObject(with: Data(d.jsonString().utf8)) as! [String: Any]
+        var model = old["model"] as! [String: Any]
+        model["base"] = nil
+        old["model"] = model
+        let oldJSON = try JSONSerialization.data(withJSONObject: old)
+        XCTAssertEqual(try JSONDecoder().decode(TrainConfig.self, from: oldJSON), d)
+
+        let bad = try TrainConfig.resolve(yaml: "model:\n  base: gpt2\n", source: "run.yaml")
+        assertInputError(["model.base 'gpt2' is unknown", "llamagen"]) { try bad.validate(worldSize: 1) }
+        assertInputError(["model.base 'gpt2' is unknown", "llamagen"]) {
+            _ = try bad.model.resolve(vocabSize: 512, numClasses: 10, gridSize: 7)
+        }
+    }
+
     func testFrozenGroupFromZeroRate() throws {
         let c = try TrainConfig.resolve(yaml: "optim:\n  lr_base: 0\n", source: "x")
         XCTAssertEqual(c.trainableGroups, PerGroup(base: false, plugin: true))
