@@ -52,18 +52,47 @@ BIN = os.path.join(ROOT, ".build", "release")
 
 # Budgets. `quick` is a smoke run of a few minutes (the test suite runs it).
 BUDGETS = {
-    "full": dict(pretrain_steps=2500, pretrain_warmup=50, finetune_steps=200, finetune_warmup=10,
-                 batch=64, micro=32, per_class=200, sweep_per_class=50, sweep=[1.0, 1.5, 2.0, 3.0],
-                 val_samples=1000, train_limit=None, seeds=3, checkpoint_every=50),
-    "quick": dict(pretrain_steps=16, pretrain_warmup=2, finetune_steps=6, finetune_warmup=1,
-                  batch=16, micro=8, per_class=3, sweep_per_class=2, sweep=[1.0, 2.0],
-                  val_samples=32, train_limit=3000, seeds=1, checkpoint_every=3),
+    "full": dict(
+        pretrain_steps=2500,
+        pretrain_warmup=50,
+        finetune_steps=200,
+        finetune_warmup=10,
+        batch=64,
+        micro=32,
+        per_class=200,
+        sweep_per_class=50,
+        sweep=[1.0, 1.5, 2.0, 3.0],
+        val_samples=1000,
+        train_limit=None,
+        seeds=3,
+        checkpoint_every=50,
+    ),
+    "quick": dict(
+        pretrain_steps=16,
+        pretrain_warmup=2,
+        finetune_steps=6,
+        finetune_warmup=1,
+        batch=16,
+        micro=8,
+        per_class=3,
+        sweep_per_class=2,
+        sweep=[1.0, 2.0],
+        val_samples=32,
+        train_limit=3000,
+        seeds=1,
+        checkpoint_every=3,
+    ),
 }
 
 # The rows: name, the paper's label, the settings that differ from the default TensorAR row.
 # A row whose settings equal the default's (Sine, k=4, d=2, replace noise) is the default row itself.
-DEFAULT = {"model.window": 4, "model.plugin_depth": 2, "model.residual": "true",
-           "noise.type": "replace", "noise.schedule": "sine"}
+DEFAULT = {
+    "model.window": 4,
+    "model.plugin_depth": 2,
+    "model.residual": "true",
+    "noise.type": "replace",
+    "noise.schedule": "sine",
+}
 ROWS = [
     ("control", "control (base fine-tuned alone)", {"model.window": 1, "model.plugin_depth": 0}),
     ("default", "TensorAR (k=4, d=2, residual, sine, replace)", {}),
@@ -129,10 +158,12 @@ def cost_factor(s: dict) -> float:
 
 # ----------------------------------------------------------------------------- running programs
 
+
 def mpi_env() -> dict:
     env = dict(os.environ)
-    env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                "OMPI_MCA_rmaps_base_oversubscribe": "1"})
+    env.update(
+        {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+    )
     return env
 
 
@@ -150,8 +181,10 @@ def run_logged(cmd: list, log_path: str, prefix: str, show=lambda line: False):
                 log(f"  [{prefix}] {line.rstrip()}")
         p.wait()
     if p.returncode != 0:
-        raise StudyError(f"{cmd[3] if cmd[0].endswith('mpirun') else cmd[0]}: exited with {p.returncode} "
-                         f"(full log: {log_path}):\n" + "\n".join(tail))
+        raise StudyError(
+            f"{cmd[3] if cmd[0].endswith('mpirun') else cmd[0]}: exited with {p.returncode} "
+            f"(full log: {log_path}):\n" + "\n".join(tail)
+        )
 
 
 def mpirun(ranks: int, program: str) -> list:
@@ -162,34 +195,66 @@ def mpirun(ranks: int, program: str) -> list:
 
 
 def ensure_data(data: str, work: str):
-    if os.path.exists(os.path.join(data, "train", "dataset.json")) and os.path.exists(os.path.join(data, "val", "dataset.json")):
+    if os.path.exists(os.path.join(data, "train", "dataset.json")) and os.path.exists(
+        os.path.join(data, "val", "dataset.json")
+    ):
         return
     log(f"data: building the Fashion-MNIST token cache in {data}")
-    run_logged([os.path.join(BIN, "tensorar-data"), "fashion-mnist", "--out", data], os.path.join(work, "logs", "data.log"), "data")
+    run_logged(
+        [os.path.join(BIN, "tensorar-data"), "fashion-mnist", "--out", data],
+        os.path.join(work, "logs", "data.log"),
+        "data",
+    )
 
 
 # ----------------------------------------------------------------------------- training
 
+
 def common_sets(b: dict, data: str, work: str, run: str, steps: int) -> dict:
-    return {"model.preset": "small", "data.train": os.path.join(data, "train"), "data.val": os.path.join(data, "val"),
-            "data.val_samples": b["val_samples"], "train.global_batch": b["batch"], "train.micro_batch": b["micro"],
-            "train.steps": steps, "train.log_every": max(1, min(10, steps // 4)),
-            "checkpoint.dir": os.path.join(work, "runs"), "checkpoint.run": run,
-            "checkpoint.every": b["checkpoint_every"], "checkpoint.keep_last": 1}
+    return {
+        "model.preset": "small",
+        "data.train": os.path.join(data, "train"),
+        "data.val": os.path.join(data, "val"),
+        "data.val_samples": b["val_samples"],
+        "train.global_batch": b["batch"],
+        "train.micro_batch": b["micro"],
+        "train.steps": steps,
+        "train.log_every": max(1, min(10, steps // 4)),
+        "checkpoint.dir": os.path.join(work, "runs"),
+        "checkpoint.run": run,
+        "checkpoint.every": b["checkpoint_every"],
+        "checkpoint.keep_last": 1,
+    }
 
 
 def pretrain_sets(b: dict) -> dict:
-    return {"model.window": 1, "model.plugin_depth": 0, "train.seed": 0,
-            "optim.lr_base": 2e-3, "optim.schedule_base": "cosine", "optim.warmup_base": b["pretrain_warmup"],
-            "optim.final_lr_base": 1e-4, "optim.lr_plugin": 0, "optim.warmup_plugin": 0,
-            "train.val_every": max(1, b["pretrain_steps"] // 5)}
+    return {
+        "model.window": 1,
+        "model.plugin_depth": 0,
+        "train.seed": 0,
+        "optim.lr_base": 2e-3,
+        "optim.schedule_base": "cosine",
+        "optim.warmup_base": b["pretrain_warmup"],
+        "optim.final_lr_base": 1e-4,
+        "optim.lr_plugin": 0,
+        "optim.warmup_plugin": 0,
+        "train.val_every": max(1, b["pretrain_steps"] // 5),
+    }
 
 
 def finetune_sets(b: dict, base_weights: str, seed: int) -> dict:
-    return {"model.init_from": base_weights, "train.seed": seed,
-            "optim.lr_base": 1e-4, "optim.schedule_base": "constant", "optim.warmup_base": 0,
-            "optim.lr_plugin": 1e-3, "optim.schedule_plugin": "linear", "optim.warmup_plugin": b["finetune_warmup"],
-            "optim.final_lr_plugin": 0, "train.val_every": max(1, b["finetune_steps"] // 4)}
+    return {
+        "model.init_from": base_weights,
+        "train.seed": seed,
+        "optim.lr_base": 1e-4,
+        "optim.schedule_base": "constant",
+        "optim.warmup_base": 0,
+        "optim.lr_plugin": 1e-3,
+        "optim.schedule_plugin": "linear",
+        "optim.warmup_plugin": b["finetune_warmup"],
+        "optim.final_lr_plugin": 0,
+        "train.val_every": max(1, b["finetune_steps"] // 4),
+    }
 
 
 def train(sets: dict, ranks: int, work: str, run: str) -> str:
@@ -202,8 +267,12 @@ def train(sets: dict, ranks: int, work: str, run: str) -> str:
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     t0 = time.time()
-    run_logged(cmd, os.path.join(work, "logs", run + ".log"), run,
-               show=lambda l: l.startswith(("step ", "validation", "resum", "error")))
+    run_logged(
+        cmd,
+        os.path.join(work, "logs", run + ".log"),
+        run,
+        show=lambda l: l.startswith(("step ", "validation", "resum", "error")),
+    )
     with open(done, "w") as f:
         json.dump({"settings": sets, "seconds": time.time() - t0}, f, indent=1)
     return folder
@@ -217,6 +286,7 @@ def train_seconds(folder: str) -> float | None:
 
 
 # ----------------------------------------------------------------------------- evaluation
+
 
 class Study:
     """The paths, budget and shared state of one study run."""
@@ -232,18 +302,56 @@ class Study:
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, "samples.h5")
         cmd = mpirun(self.ranks, "tensorar-sample") + [
-            "--weights", weights, "--classes", "0-9", "--per-class", str(per_class), "--cfg-scale", str(cfg),
-            "--temperature", "1", "--top-k", "0", "--top-p", "1", "--seed", str(seed), "--batch-size", "64",
-            "--out", path]
+            "--weights",
+            weights,
+            "--classes",
+            "0-9",
+            "--per-class",
+            str(per_class),
+            "--cfg-scale",
+            str(cfg),
+            "--temperature",
+            "1",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--seed",
+            str(seed),
+            "--batch-size",
+            "64",
+            "--out",
+            path,
+        ]
         t0 = time.time()
         run_logged(cmd, os.path.join(folder, "sample.log"), "sample")
         return path, time.time() - t0, 10 * per_class
 
-    def evaluate(self, weights: str, folder: str, cfg: float, seed: int, per_class: int,
-                 baselines: bool = False, val: bool = True) -> dict:
+    def evaluate(
+        self,
+        weights: str,
+        folder: str,
+        cfg: float,
+        seed: int,
+        per_class: int,
+        baselines: bool = False,
+        val: bool = True,
+    ) -> dict:
         samples, seconds, n = self.sample(weights, folder, cfg, seed, per_class)
-        argv = ["--weights", weights, "--data", self.data, "--out", folder, "--samples", samples,
-                "--seed", str(seed), "--val-limit", str(self.b["val_samples"] if val else 0)]
+        argv = [
+            "--weights",
+            weights,
+            "--data",
+            self.data,
+            "--out",
+            folder,
+            "--samples",
+            samples,
+            "--seed",
+            str(seed),
+            "--val-limit",
+            str(self.b["val_samples"] if val else 0),
+        ]
         if not baselines:
             argv.append("--no-baselines")
         if self.classifier:
@@ -256,9 +364,14 @@ class Study:
 
 # ----------------------------------------------------------------------------- the study
 
+
 def hashed(sets: dict) -> dict:
     """The settings that decide a run's numbers: not where its files go."""
-    return {k: v for k, v in sets.items() if k not in ("checkpoint.dir", "checkpoint.run", "model.init_from", "data.train", "data.val")}
+    return {
+        k: v
+        for k, v in sets.items()
+        if k not in ("checkpoint.dir", "checkpoint.run", "model.init_from", "data.train", "data.val")
+    }
 
 
 class Progress:
@@ -275,8 +388,10 @@ class Progress:
         spent = time.time() - self.t0
         rate = spent / self.measured_est if self.measured_est > 0 else 1.0
         left = (self.total - self.done) * rate
-        log(f"table4: {100 * self.done / max(1e-9, self.total):5.1f}% | {what} | elapsed {spent / 60:.1f} min"
-            f" | ETA {left / 60:.1f} min")
+        log(
+            f"table4: {100 * self.done / max(1e-9, self.total):5.1f}% | {what} | elapsed {spent / 60:.1f} min"
+            f" | ETA {left / 60:.1f} min"
+        )
 
     def skip(self, estimate: float, what: str):
         self.finished(estimate, what + " (done before: skipped)", skipped=True)
@@ -320,12 +435,22 @@ class Base:
             was_done = os.path.exists(os.path.join(self.folder, "study-done.json"))
             train(self.sets, self.study.ranks, self.study.work, self.sets["checkpoint.run"])
             steps = self.study.b["pretrain_steps"]
-            (self.progress.skip if was_done else self.progress.finished)(self.estimate, f"base pretrained ({steps} steps)")
+            (self.progress.skip if was_done else self.progress.finished)(
+                self.estimate, f"base pretrained ({steps} steps)"
+            )
             self.ready = True
             _, val = read_metrics(os.path.join(self.folder, "metrics.jsonl"))
             with open(os.path.join(self.study.out, "base.json"), "w") as f:
-                json.dump({"hash": self.hash, "settings": hashed(self.sets), "seconds": train_seconds(self.folder),
-                           "val_loss": [{"step": v["step"], "val_loss": v["val_loss"]} for v in val]}, f, indent=1)
+                json.dump(
+                    {
+                        "hash": self.hash,
+                        "settings": hashed(self.sets),
+                        "seconds": train_seconds(self.folder),
+                        "val_loss": [{"step": v["step"], "val_loss": v["val_loss"]} for v in val],
+                    },
+                    f,
+                    indent=1,
+                )
         return self.weights
 
 
@@ -351,7 +476,9 @@ def choose_cfg(study: Study, base: Base, progress: Progress) -> float:
     b = study.b
     sets, info = finetune_plan(study, "control", 0, base)
     path = os.path.join(study.out, "cfg_sweep.json")
-    key = settings_hash({"version": VERSION, "control": info["hash"], "scales": b["sweep"], "per_class": b["sweep_per_class"]})
+    key = settings_hash(
+        {"version": VERSION, "control": info["hash"], "scales": b["sweep"], "per_class": b["sweep_per_class"]}
+    )
     est = len(b["sweep"]) * eval_estimate(b["sweep_per_class"], 1.0)
     if os.path.exists(path) and json.load(open(path)).get("hash") == key:
         chosen = json.load(open(path))["chosen"]
@@ -360,14 +487,27 @@ def choose_cfg(study: Study, base: Base, progress: Progress) -> float:
     control = finetune(study, sets, base)
     sweep = []
     for g in b["sweep"]:
-        r = study.evaluate(control, os.path.join(study.work, "eval", f"cfg-sweep-{g}"), g, 100, b["sweep_per_class"], val=False)
+        r = study.evaluate(
+            control, os.path.join(study.work, "eval", f"cfg-sweep-{g}"), g, 100, b["sweep_per_class"], val=False
+        )
         m = r["metrics"]["model"]
-        sweep.append({"cfg_scale": g, "fid": m["fid"], "inception_score": m["inception_score"],
-                      "precision": m["precision"], "recall": m["recall"], "accuracy": m["accuracy"], "n": m["n"]})
+        sweep.append(
+            {
+                "cfg_scale": g,
+                "fid": m["fid"],
+                "inception_score": m["inception_score"],
+                "precision": m["precision"],
+                "recall": m["recall"],
+                "accuracy": m["accuracy"],
+                "n": m["n"],
+            }
+        )
         log(f"table4: guidance {g}: FID {m['fid']:.2f}")
     chosen = min(sweep, key=lambda s: s["fid"])["cfg_scale"]
     with open(path, "w") as f:
-        json.dump({"hash": key, "chosen": chosen, "sweep": sweep, "images_per_scale": 10 * b["sweep_per_class"]}, f, indent=1)
+        json.dump(
+            {"hash": key, "chosen": chosen, "sweep": sweep, "images_per_scale": 10 * b["sweep_per_class"]}, f, indent=1
+        )
     progress.finished(est, f"guidance sweep on the control: chose {chosen}")
     return chosen
 
@@ -376,9 +516,11 @@ def keep_artifacts(record: dict, folder: str):
     """Copies what the report's pictures need (samples, refinement picture, metrics.jsonl) next
     to the row's JSON, so a report can be redrawn from OUT alone."""
     os.makedirs(folder, exist_ok=True)
-    for src, name in [(os.path.join(record["eval_folder"], "samples.png"), "samples.png"),
-                      (os.path.join(record["eval_folder"], "trajectories.png"), "trajectories.png"),
-                      (record["metrics_jsonl"], "metrics.jsonl")]:
+    for src, name in [
+        (os.path.join(record["eval_folder"], "samples.png"), "samples.png"),
+        (os.path.join(record["eval_folder"], "trajectories.png"), "trajectories.png"),
+        (record["metrics_jsonl"], "metrics.jsonl"),
+    ]:
         if src and os.path.exists(src):
             shutil.copy(src, os.path.join(folder, name))
     record["artifacts"] = os.path.basename(folder)
@@ -402,19 +544,34 @@ def run_row(study: Study, name: str, seed_index: int, base: Base, cfg: float, pr
     t0 = time.time()
     folder = os.path.join(study.work, "eval", f"{name}-seed{seed}")
     r = study.evaluate(weights, folder, cfg, seed, b["per_class"], baselines=baselines)
-    record = {"row": name, "label": ROWS_BY_NAME[name][1], "seed": seed, "hash": key, "train_hash": info["hash"],
-              "settings": info["settings"], "cfg_scale": cfg, "metrics": r["metrics"]["model"],
-              "val_loss": r["val_loss"], "refinement": r["refinement"], "loss_curves": r["loss_curves"],
-              "sampling_seconds_per_image": r["sampling_seconds_per_image"], "train_seconds": train_seconds(weights),
-              "eval_seconds": time.time() - t0, "weights": weights, "eval_folder": folder,
-              "metrics_jsonl": r["metrics_jsonl"]}
+    record = {
+        "row": name,
+        "label": ROWS_BY_NAME[name][1],
+        "seed": seed,
+        "hash": key,
+        "train_hash": info["hash"],
+        "settings": info["settings"],
+        "cfg_scale": cfg,
+        "metrics": r["metrics"]["model"],
+        "val_loss": r["val_loss"],
+        "refinement": r["refinement"],
+        "loss_curves": r["loss_curves"],
+        "sampling_seconds_per_image": r["sampling_seconds_per_image"],
+        "train_seconds": train_seconds(weights),
+        "eval_seconds": time.time() - t0,
+        "weights": weights,
+        "eval_folder": folder,
+        "metrics_jsonl": r["metrics_jsonl"],
+    }
     if baselines:
         record["baselines"] = {k: v for k, v in r["metrics"].items() if k != "model"}
-    keep_artifacts(record, path[:-len(".json")])
+    keep_artifacts(record, path[: -len(".json")])
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     m = record["metrics"]
-    progress.finished(est, f"{what}: FID {m['fid']:.2f}, IS {m['inception_score']:.2f}, val loss {r['val_loss']['train']['loss']:.4f}")
+    progress.finished(
+        est, f"{what}: FID {m['fid']:.2f}, IS {m['inception_score']:.2f}, val loss {r['val_loss']['train']['loss']:.4f}"
+    )
 
 
 # ----------------------------------------------------------------------------- the report
@@ -424,14 +581,30 @@ def run_row(study: Study, name: str, seed_index: int, base: Base, cfg: float, pr
 # default is k=4, d=1, exponential schedule (FID 4.71); the first version's default, the one this
 # study's default row follows (k=4, d=2, sine, residual), is FID 4.75 (5.46 for the base). Rows the
 # notes give no number for (residual, noise types) stay empty.
-PAPER_FID = {"control": "5.46 (base, not fine-tuned)", "default": 4.75, "linear": 4.79, "Sine": 4.75, "sqrt": 4.84,
-             "exponential": 4.71, "k2": 4.78, "k=4": 4.71, "k8": 4.68, "d1": 4.71, "d=2": 4.79, "d4": 4.90}
+PAPER_FID = {
+    "control": "5.46 (base, not fine-tuned)",
+    "default": 4.75,
+    "linear": 4.79,
+    "Sine": 4.75,
+    "sqrt": 4.84,
+    "exponential": 4.71,
+    "k2": 4.78,
+    "k=4": 4.71,
+    "k8": 4.68,
+    "d1": 4.71,
+    "d=2": 4.79,
+    "d4": 4.90,
+}
 
-TABLE_ORDER = [("Baseline", ["control"]), ("Default", ["default"]),
-               ("Noise schedule", ["linear", "default:Sine", "sqrt", "exponential"]),
-               ("Window k", ["k2", "default:k=4", "k8"]), ("Depth d", ["d1", "default:d=2", "d4"]),
-               ("Residual", ["default:w/ residual", "nores"]),
-               ("Noise type", ["default:Replace (ours, default)", "discrete", "continuous", "nonoise"])]
+TABLE_ORDER = [
+    ("Baseline", ["control"]),
+    ("Default", ["default"]),
+    ("Noise schedule", ["linear", "default:Sine", "sqrt", "exponential"]),
+    ("Window k", ["k2", "default:k=4", "k8"]),
+    ("Depth d", ["d1", "default:d=2", "d4"]),
+    ("Residual", ["default:w/ residual", "nores"]),
+    ("Noise type", ["default:Replace (ours, default)", "discrete", "continuous", "nonoise"]),
+]
 
 
 def load_rows(out: str) -> dict:
@@ -456,10 +629,14 @@ def fmt(records: list, get, digits: int = 2) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if s is not None else f"{m:.{digits}f}"
 
 
-METRICS = [("FID", lambda r: r["metrics"]["fid"], 2), ("IS", lambda r: r["metrics"]["inception_score"], 2),
-           ("Precision", lambda r: r["metrics"]["precision"], 3), ("Recall", lambda r: r["metrics"]["recall"], 3),
-           ("Accuracy", lambda r: r["metrics"]["accuracy"], 3),
-           ("Val loss", lambda r: r["val_loss"]["train"]["loss"], 4)]
+METRICS = [
+    ("FID", lambda r: r["metrics"]["fid"], 2),
+    ("IS", lambda r: r["metrics"]["inception_score"], 2),
+    ("Precision", lambda r: r["metrics"]["precision"], 3),
+    ("Recall", lambda r: r["metrics"]["recall"], 3),
+    ("Accuracy", lambda r: r["metrics"]["accuracy"], 3),
+    ("Val loss", lambda r: r["val_loss"]["train"]["loss"], 4),
+]
 
 
 def table_lines(rows: dict) -> list:
@@ -471,11 +648,17 @@ def table_lines(rows: dict) -> list:
             recs = rows.get(name, [])
             label = label or ROWS_BY_NAME[name][1]
             paper = PAPER_FID.get(label if ":" in entry else name)
-            slots = (" / ".join(f"{x:.3f}" for x in np.mean([r["val_loss"]["train"]["slot_losses"] for r in recs], axis=0))
-                     if recs else "")
+            slots = (
+                " / ".join(f"{x:.3f}" for x in np.mean([r["val_loss"]["train"]["slot_losses"] for r in recs], axis=0))
+                if recs
+                else ""
+            )
             cells = [fmt(recs, get, d) for _, get, d in METRICS]
-            lines.append(f"| {group} | {label} | {len(recs)} | {'' if paper is None else paper} | " + " | ".join(cells)
-                         + f" | {slots} |")
+            lines.append(
+                f"| {group} | {label} | {len(recs)} | {'' if paper is None else paper} | "
+                + " | ".join(cells)
+                + f" | {slots} |"
+            )
     return lines
 
 
@@ -488,14 +671,21 @@ def artifact(out: str, r: dict, name: str) -> str:
 
 def plot_fid_against(path: str, rows: dict, xs: list, names: list, xlabel: str):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
     pts = [(x, stat(rows[n], METRICS[0][1])) for x, n in zip(xs, names) if rows.get(n)]
     if pts:
-        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], yerr=[p[1][1] or 0 for p in pts], fmt="o-",
-                    capsize=4, label="TensorAR (others as default)")
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1][0] for p in pts],
+            yerr=[p[1][1] or 0 for p in pts],
+            fmt="o-",
+            capsize=4,
+            label="TensorAR (others as default)",
+        )
     if rows.get("control"):
         m, s = stat(rows["control"], METRICS[0][1])
         ax.axhline(m, color="C3", ls="--", label="control (base fine-tuned alone)")
@@ -503,8 +693,13 @@ def plot_fid_against(path: str, rows: dict, xs: list, names: list, xlabel: str):
             ax.axhspan(m - s, m + s, color="C3", alpha=0.15)
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [str(x) for x in xs])
-    ax.set_xlabel(xlabel); ax.set_ylabel("FID (lower is better)"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("FID (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def read_metrics(path: str) -> tuple[list, list]:
@@ -521,6 +716,7 @@ def read_metrics(path: str) -> tuple[list, list]:
 
 def plot_loss_curves(path: str, rows: dict, out: str):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -529,21 +725,37 @@ def plot_loss_curves(path: str, rows: dict, out: str):
         for r in rows.get(name, [])[:1]:
             train, val = read_metrics(artifact(out, r, "metrics.jsonl"))
             steps = [t["step"] for t in train]
-            ax.plot(steps, [t["slot_losses"][0] for t in train], color=color, alpha=0.8,
-                    label=f"{name}: train, next token (slot 0)")
+            ax.plot(
+                steps,
+                [t["slot_losses"][0] for t in train],
+                color=color,
+                alpha=0.8,
+                label=f"{name}: train, next token (slot 0)",
+            )
             if name == "default":
                 ax.plot(steps, [t["loss"] for t in train], color=color, ls=":", label="default: train, mean of k slots")
             if name in ("long", "control-long"):  # the 3x-steps diagnostics: validation only, to keep it readable
                 ax.lines[-1].remove()
-            ax.plot([v["step"] for v in val], [v["val_slot_losses"][0] for v in val], "o--", color=color,
-                    label=f"{name}: validation, slot 0")
-    ax.set_xlabel("fine-tuning step"); ax.set_ylabel("cross entropy (nats)"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
+            ax.plot(
+                [v["step"] for v in val],
+                [v["val_slot_losses"][0] for v in val],
+                "o--",
+                color=color,
+                label=f"{name}: validation, slot 0",
+            )
+    ax.set_xlabel("fine-tuning step")
+    ax.set_ylabel("cross entropy (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     ax.set_title("fine-tuning from the same base (seed 100; 'long': the 600-step diagnostics)")
-    fig.tight_layout(); fig.savefig(path, dpi=110); plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_samples_side_by_side(path: str, rows: dict, out: str):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
@@ -554,16 +766,22 @@ def plot_samples_side_by_side(path: str, rows: dict, out: str):
         ax.imshow(Image.open(artifact(out, r, "samples.png")))
         ax.set_title(f"{name}: FID {r['metrics']['fid']:.1f} (seed {r['seed']}, guidance {r['cfg_scale']})")
         ax.axis("off")
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def pictures(out: str, rows: dict) -> list:
     made = []
     if any(rows.get(n) for n in ["k2", "default", "k8"]):
-        plot_fid_against(os.path.join(out, "fid_vs_k.png"), rows, [2, 4, 8], ["k2", "default", "k8"], "window k (d = 2)")
+        plot_fid_against(
+            os.path.join(out, "fid_vs_k.png"), rows, [2, 4, 8], ["k2", "default", "k8"], "window k (d = 2)"
+        )
         made.append("fid_vs_k.png")
     if any(rows.get(n) for n in ["d1", "default", "d4"]):
-        plot_fid_against(os.path.join(out, "fid_vs_d.png"), rows, [1, 2, 4], ["d1", "default", "d4"], "plug-in depth d (k = 4)")
+        plot_fid_against(
+            os.path.join(out, "fid_vs_d.png"), rows, [1, 2, 4], ["d1", "default", "d4"], "plug-in depth d (k = 4)"
+        )
         made.append("fid_vs_d.png")
     if rows.get("control") or rows.get("default"):
         plot_loss_curves(os.path.join(out, "loss_curves.png"), rows, out)
@@ -590,24 +808,30 @@ def conclusion(rows: dict) -> str:
         verdict = "is reversed here: the default plug-in raises FID by more than twice the seed spread"
     else:
         verdict = "does not hold here: the difference is within twice the seed spread"
-    return (f"FID of the default TensorAR row {dm:.2f}{f' ± {ds:.2f}' if ds else ''} against the control's "
-            f"{cm:.2f}{f' ± {cs:.2f}' if cs else ''} ({len(d)} and {len(c)} seeds): a gain of {gain:.2f}; "
-            f"the paper's claim {verdict}.")
+    return (
+        f"FID of the default TensorAR row {dm:.2f}{f' ± {ds:.2f}' if ds else ''} against the control's "
+        f"{cm:.2f}{f' ± {cs:.2f}' if cs else ''} ({len(d)} and {len(c)} seeds): a gain of {gain:.2f}; "
+        f"the paper's claim {verdict}."
+    )
 
 
 def diagnostic_lines(rows: dict) -> list:
     """The recipe variations of DIAGNOSTICS beside the control and the default row (one seed each
     unless the row has more), with clean-input slot losses: how much a slot reads the overlap."""
-    head = ("| row | seeds | FID | IS | Precision | Recall | Accuracy | val loss per slot (training noise) "
-            "| val loss per slot (clean inputs) |")
+    head = (
+        "| row | seeds | FID | IS | Precision | Recall | Accuracy | val loss per slot (training noise) "
+        "| val loss per slot (clean inputs) |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, label, _ in [ROWS_BY_NAME["control"], ROWS_BY_NAME["default"]] + DIAGNOSTICS:
         recs = rows.get(name, [])
         if not recs:
             continue
         cells = [fmt(recs, get, d) for _, get, d in METRICS[:5]]
-        slots = [" / ".join(f"{x:.3f}" for x in np.mean([r["val_loss"][n]["slot_losses"] for r in recs], axis=0))
-                 for n in ["train", "none"]]
+        slots = [
+            " / ".join(f"{x:.3f}" for x in np.mean([r["val_loss"][n]["slot_losses"] for r in recs], axis=0))
+            for n in ["train", "none"]
+        ]
         lines.append(f"| {label} | {len(recs)} | " + " | ".join(cells) + f" | {slots[0]} | {slots[1]} |")
     return lines
 
@@ -617,10 +841,12 @@ def refinement_lines(rows: dict) -> list:
     if not d:
         return []
     agree = np.mean([r["refinement"]["slot_agrees_with_final"] for r in d], axis=0)
-    lines = ["| slot (steps ahead) | " + " | ".join(str(j) for j in range(len(agree))) + " |",
-             "|---|" + "---|" * len(agree),
-             "| token equals its final value | " + " | ".join(f"{a:.3f}" for a in agree) + " |",
-             "| token changes before it is final | " + " | ".join(f"{1 - a:.3f}" for a in agree) + " |"]
+    lines = [
+        "| slot (steps ahead) | " + " | ".join(str(j) for j in range(len(agree))) + " |",
+        "|---|" + "---|" * len(agree),
+        "| token equals its final value | " + " | ".join(f"{a:.3f}" for a in agree) + " |",
+        "| token changes before it is final | " + " | ".join(f"{1 - a:.3f}" for a in agree) + " |",
+    ]
     return lines
 
 
@@ -629,9 +855,11 @@ def timing_lines(rows: dict, work: str) -> list:
     for name, _, _ in ROWS:
         for r in rows.get(name, [])[:1]:
             s = r["settings"]
-            lines.append(f"| {name} | {s.get('model.window', 1)} | {s.get('model.plugin_depth', 0)} | "
-                         f"{r['sampling_seconds_per_image'] * 1000:.2f} ms | {(r['train_seconds'] or 0) / 60:.1f} | "
-                         f"{r['eval_seconds'] / 60:.1f} |")
+            lines.append(
+                f"| {name} | {s.get('model.window', 1)} | {s.get('model.plugin_depth', 0)} | "
+                f"{r['sampling_seconds_per_image'] * 1000:.2f} ms | {(r['train_seconds'] or 0) / 60:.1f} | "
+                f"{r['eval_seconds'] / 60:.1f} |"
+            )
     return lines
 
 
@@ -640,24 +868,46 @@ def write_report(study: Study, base_seconds: float | None, cfg_path: str):
     rows = load_rows(out)
     made = pictures(out, rows)
     sweep = json.load(open(cfg_path)) if os.path.exists(cfg_path) else None
-    md = ["# TensorAR Table 4 in miniature (Fashion-MNIST tokens)", "",
-          f"Made by `Launch/experiments/table4.py{' --quick' if study.a.quick else ''}`; "
-          f"budget: base {b['pretrain_steps']} steps, every row {b['finetune_steps']} fine-tuning steps of {b['batch']} "
-          f"images, {10 * b['per_class']} samples per row, guidance {sweep['chosen'] if sweep else '?'} (chosen on the control)."
-          + (f" Base pretraining took {base_seconds / 60:.1f} min." if base_seconds else ""), "",
-          "## Conclusion", "", conclusion(rows), "", "## The table", ""]
+    md = [
+        "# TensorAR Table 4 in miniature (Fashion-MNIST tokens)",
+        "",
+        f"Made by `Launch/experiments/table4.py{' --quick' if study.a.quick else ''}`; "
+        f"budget: base {b['pretrain_steps']} steps, every row {b['finetune_steps']} fine-tuning steps of {b['batch']} "
+        f"images, {10 * b['per_class']} samples per row, "
+        f"guidance {sweep['chosen'] if sweep else '?'} (chosen on the control)."
+        + (f" Base pretraining took {base_seconds / 60:.1f} min." if base_seconds else ""),
+        "",
+        "## Conclusion",
+        "",
+        conclusion(rows),
+        "",
+        "## The table",
+        "",
+    ]
     md += table_lines(rows)
-    md += ["", "Mean ± sample standard deviation over seeds where a row has several; a one-seed row is one number: "
-           "read it against the spread of the 3-seed rows above it. Paper FID: LlamaGen-B on ImageNet 256, a different "
-           "data set and scale, so compare directions, not values; the ablation rows are from notes of the paper's second "
-           "version, whose ablation default is k=4, d=1, exponential (4.71), see PAPER_FID in the script.", ""]
+    md += [
+        "",
+        "Mean ± sample standard deviation over seeds where a row has several; a one-seed row is one number: "
+        "read it against the spread of the 3-seed rows above it. Paper FID: LlamaGen-B on ImageNet 256, a different "
+        "data set and scale, so compare directions, not values; the ablation rows are from notes of the paper's second "
+        "version, whose ablation default is k=4, d=1, exponential (4.71), see PAPER_FID in the script.",
+        "",
+    ]
     if rows.get("control") and rows["control"][0].get("baselines"):
-        md += ["Baselines (same metrics, same count): " + ", ".join(
-            f"{k} FID {v['fid']:.2f}, IS {v['inception_score']:.2f}, accuracy {v['accuracy']:.3f}"
-            for k, v in rows["control"][0]["baselines"].items()), ""]
+        md += [
+            "Baselines (same metrics, same count): "
+            + ", ".join(
+                f"{k} FID {v['fid']:.2f}, IS {v['inception_score']:.2f}, accuracy {v['accuracy']:.3f}"
+                for k, v in rows["control"][0]["baselines"].items()
+            ),
+            "",
+        ]
     if sweep:
         md += ["## Guidance sweep on the control", "", "| cfg scale | FID | IS | accuracy |", "|---|---|---|---|"]
-        md += [f"| {s['cfg_scale']} | {s['fid']:.2f} | {s['inception_score']:.2f} | {s['accuracy']:.3f} |" for s in sweep["sweep"]]
+        md += [
+            f"| {s['cfg_scale']} | {s['fid']:.2f} | {s['inception_score']:.2f} | {s['accuracy']:.3f} |"
+            for s in sweep["sweep"]
+        ]
         md += [""]
     if any(rows.get(d[0]) for d in DIAGNOSTICS):
         md += ["## Diagnostics: one change to the fine-tuning recipe at a time", ""] + diagnostic_lines(rows) + [""]
@@ -672,11 +922,17 @@ def write_report(study: Study, base_seconds: float | None, cfg_path: str):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a smoke run of a few minutes (tiny budgets, two rows)")
-    ap.add_argument("--out", help="results folder (default Results/table4; with --quick Checkpoints/table4-quick/results)")
+    ap.add_argument(
+        "--out", help="results folder (default Results/table4; with --quick Checkpoints/table4-quick/results)"
+    )
     ap.add_argument("--work", help="runs, samples and logs (default Checkpoints/table4, or Checkpoints/table4-quick)")
-    ap.add_argument("--data", default=os.path.join(ROOT, "Data", "fashion-mnist"), help="folder of the train and val caches")
+    ap.add_argument(
+        "--data", default=os.path.join(ROOT, "Data", "fashion-mnist"), help="folder of the train and val caches"
+    )
     ap.add_argument("--ranks", type=int, default=2, help="MPI ranks for training and sampling")
-    ap.add_argument("--rows", help="only these rows, comma separated (the control always runs): " + ",".join(r[0] for r in ROWS))
+    ap.add_argument(
+        "--rows", help="only these rows, comma separated (the control always runs): " + ",".join(r[0] for r in ROWS)
+    )
     ap.add_argument("--report-only", action="store_true", help="write report.md from the rows finished so far")
     a = ap.parse_args(argv)
     a.work = a.work or os.path.join(ROOT, "Checkpoints", "table4-quick" if a.quick else "table4")
@@ -698,8 +954,11 @@ def main(argv=None):
         ensure_data(study.data, study.work)
         order = plan(study, rows)
         total = train_estimate(b, b["pretrain_steps"], 1) + len(b["sweep"]) * eval_estimate(b["sweep_per_class"], 1)
-        total += sum(train_estimate(b, b["finetune_steps"], cost_factor(row_settings(n))) +
-                     eval_estimate(b["per_class"], cost_factor(row_settings(n))) for n, _ in order)
+        total += sum(
+            train_estimate(b, b["finetune_steps"], cost_factor(row_settings(n)))
+            + eval_estimate(b["per_class"], cost_factor(row_settings(n)))
+            for n, _ in order
+        )
         progress = Progress(total)
         log(f"table4: {len(order)} fine-tunes of {len(rows)} rows; estimated {total / 60:.0f} min on this machine")
         base = Base(study, progress)
@@ -708,6 +967,7 @@ def main(argv=None):
             run_row(study, name, i, base, cfg, progress)
     base_path = os.path.join(study.out, "base.json")
     write_report(study, json.load(open(base_path)).get("seconds") if os.path.exists(base_path) else None, cfg_path)
+
 
 if __name__ == "__main__":
     try:

@@ -20,7 +20,9 @@ SCRIPT = os.path.join(ROOT, "Launch", "experiments", "table4.py")
 
 
 def run(args):
-    r = subprocess.run([sys.executable, SCRIPT] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = subprocess.run(
+        [sys.executable, SCRIPT] + args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     assert r.returncode == 0, r.stdout[-4000:]
     return r.stdout
 
@@ -42,10 +44,22 @@ def test_quick_study_writes_the_report_and_resumes(tmp_path):
     default = json.load(open(os.path.join(out, "rows", "default-seed100.json")))
     assert len(default["val_loss"]["train"]["slot_losses"]) == 4 and default["settings"]["model.window"] == 4
     report = open(os.path.join(out, "report.md")).read()
-    for s in ["## Conclusion", "| Baseline | control (base fine-tuned alone) | 1 |", "| Noise schedule | Linear | 0 |",
-              "## Refinement of the default row", "fid_vs_k.png", "samples_control_vs_default.png"]:
+    for s in [
+        "## Conclusion",
+        "| Baseline | control (base fine-tuned alone) | 1 |",
+        "| Noise schedule | Linear | 0 |",
+        "## Refinement of the default row",
+        "fid_vs_k.png",
+        "samples_control_vs_default.png",
+    ]:
         assert s in report, s
-    for png in ["fid_vs_k.png", "fid_vs_d.png", "loss_curves.png", "samples_control_vs_default.png", "refinement_default.png"]:
+    for png in [
+        "fid_vs_k.png",
+        "fid_vs_d.png",
+        "loss_curves.png",
+        "samples_control_vs_default.png",
+        "refinement_default.png",
+    ]:
         assert os.path.getsize(os.path.join(out, png)) > 1000, png
     stamp = {f: os.path.getmtime(os.path.join(out, "rows", f)) for f in rows}
 
@@ -56,6 +70,11 @@ def test_quick_study_writes_the_report_and_resumes(tmp_path):
 
 
 def test_unknown_row_is_an_error(tmp_path):
-    r = subprocess.run([sys.executable, SCRIPT, "--quick", "--rows", "control,k3", "--work", str(tmp_path)],
-                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    r = subprocess.run(
+        [sys.executable, SCRIPT, "--quick", "--rows", "control,k3", "--work", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     assert r.returncode == 2 and "--rows: unknown row(s) k3" in r.stdout, r.stdout
