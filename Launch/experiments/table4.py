@@ -430,10 +430,36 @@ class Base:
         self.estimate = train_estimate(b, b["pretrain_steps"], 1.0)
         self.ready = False
 
+    KEPT = ["model.safetensors", "metrics.jsonl", "study-done.json"]
+
+    def restore_kept(self):
+        """Puts the copy kept in OUT/base (4.7 MB for the full budget) in the run folder when that is
+        missing and the hash matches: a study continued on another machine fine-tunes from the same
+        weights instead of a retrained base that differs in float rounding."""
+        kept, info = os.path.join(self.study.out, "base"), os.path.join(self.study.out, "base.json")
+        if os.path.exists(os.path.join(self.folder, "study-done.json")):
+            return
+        if not all(os.path.exists(os.path.join(kept, n)) for n in self.KEPT) or not os.path.exists(info):
+            return
+        if json.load(open(info)).get("hash") != self.hash:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        for n in self.KEPT:
+            shutil.copy(os.path.join(kept, n), os.path.join(self.folder, n))
+        log(f"table4: base {self.hash} restored from {kept}")
+
+    def keep(self):
+        kept = os.path.join(self.study.out, "base")
+        os.makedirs(kept, exist_ok=True)
+        for n in self.KEPT:
+            shutil.copy(os.path.join(self.folder, n), os.path.join(kept, n))
+
     def ensure(self) -> str:
         if not self.ready:
+            self.restore_kept()
             was_done = os.path.exists(os.path.join(self.folder, "study-done.json"))
             train(self.sets, self.study.ranks, self.study.work, self.sets["checkpoint.run"])
+            self.keep()
             steps = self.study.b["pretrain_steps"]
             (self.progress.skip if was_done else self.progress.finished)(
                 self.estimate, f"base pretrained ({steps} steps)"
