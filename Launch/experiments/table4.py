@@ -876,7 +876,7 @@ def refinement_lines(rows: dict) -> list:
     return lines
 
 
-def timing_lines(rows: dict, work: str) -> list:
+def timing_lines(rows: dict) -> list:
     lines = ["| row | k | d | sampling s/image | fine-tune min | evaluation min |", "|---|---|---|---|---|---|"]
     for name, _, _ in ROWS:
         for r in rows.get(name, [])[:1]:
@@ -938,7 +938,7 @@ def write_report(study: Study, base_seconds: float | None, cfg_path: str):
     if any(rows.get(d[0]) for d in DIAGNOSTICS):
         md += ["## Diagnostics: one change to the fine-tuning recipe at a time", ""] + diagnostic_lines(rows) + [""]
     md += ["## Refinement of the default row", ""] + refinement_lines(rows)
-    md += ["", "## Time", ""] + timing_lines(rows, study.work)
+    md += ["", "## Time", ""] + timing_lines(rows)
     md += ["", "## Pictures", ""] + [f"![{m}]({m})" for m in made]
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write("\n".join(md) + "\n")

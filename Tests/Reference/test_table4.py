@@ -65,7 +65,7 @@ def test_quick_study_writes_the_report_and_resumes(tmp_path):
 
     second = run(["--quick", "--out", out, "--work", work])
     assert second.count("(done before: skipped)") == 3, second  # the sweep and two rows: the base is not even needed
-    assert "[" not in "".join(l for l in second.splitlines() if l.startswith("  [")), "no program ran again"
+    assert not any(l.startswith("  [") for l in second.splitlines()), "no program ran again"
     assert {f: os.path.getmtime(os.path.join(out, "rows", f)) for f in rows} == stamp
 
 

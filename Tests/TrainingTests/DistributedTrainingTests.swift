@@ -100,7 +100,8 @@ final class DistributedTrainingTests: XCTestCase {
             // The same per-sample float32 losses, but computed in smaller sgemm calls: OpenBLAS's
             // Zen/Haswell kernels round a row differently with the rows and threads of the call
             // (see ResumeTests' eval test), so agreement to float32 rounding: 16 ulps of the loss.
-            XCTAssertEqual(loss.loss, lossWhole.loss, accuracy: 16 * Double(Float.ulpOfOne) * lossWhole.loss, "loss, \(W) shards")
+            let f32Rounding = 16 * Double(Float.ulpOfOne) * lossWhole.loss
+            XCTAssertEqual(loss.loss, lossWhole.loss, accuracy: f32Rounding, "loss, \(W) shards")
             XCTAssertEqual(loss.weightSum, lossWhole.weightSum)
             // Each gradient element is a float32 sum of at most 12 x 16 x 2 per-token terms, here
             // grouped differently (by micro-batch and shard). Reordering n float32 additions moves

@@ -154,7 +154,8 @@ extension MPITests {
             let whole = try reference.trainStep()
             XCTAssertTrue(step.applied && whole.applied)
             // float32 rounding (smaller sgemm calls per rank; see DistributedTrainingTests)
-            XCTAssertEqual(step.report.loss, whole.report.loss, accuracy: 16 * Double(Float.ulpOfOne) * whole.report.loss, "rank \(r): loss")
+            let f32Rounding = 16 * Double(Float.ulpOfOne) * whole.report.loss
+            XCTAssertEqual(step.report.loss, whole.report.loss, accuracy: f32Rounding, "rank \(r): loss")
             let rel = relativeMaxDifference(trainer.model.grads.array, reference.model.grads.array)
             XCTAssertLessThan(rel, 1e-5, "rank \(r) of \(W), overlap \(overlap): reduced gradient vs the whole batch's")
             XCTAssertEqual(step.gradNorm, whole.gradNorm, accuracy: 1e-5 * whole.gradNorm)

@@ -351,7 +351,8 @@ final class ResumeTests: XCTestCase {
             return try XCTUnwrap(json["loss"] as? Double, r.output)
         }
         let tolerance = 16 * Double(Float.ulpOfOne) * logged
-        XCTAssertEqual(try eval([]), logged, accuracy: tolerance, "tensorar-eval on the step-16 checkpoint against the trainer's val_loss")
+        XCTAssertEqual(try eval([]), logged, accuracy: tolerance,
+                       "tensorar-eval on the step-16 checkpoint against the trainer's val_loss")
         // Another batch split: the same promise.
         XCTAssertEqual(try eval(["--batch-size", "5"]), logged, accuracy: tolerance, "eval with batches of 5")
         // Negative controls: each of the checkpoint's noise settings matters on its own.
