@@ -50,11 +50,13 @@ protocol BaseModel: AnyObject {
     /// the cross entropy against `targets[r]` (rows with target -1 get 0 and are skipped unless
     /// `logits` is given). The head sees the target itself (Open-MAGVIT2's post sub-token is
     /// predicted from the true pre sub-token, SPEC section 8). `logits` (rows, V), when given,
-    /// receives every row's logits. Keeps what `headBackward` needs.
+    /// receives every row's logits. With `gradient`, `headBackward` follows and is the gradient
+    /// of sum_r dloss[r] * loss_r: the head keeps what that needs, and may form its parameters'
+    /// gradient already (LlamaGen does, see there).
     func headForward(_ h: FlatBuffer, rows: Int, targets: [Int32], losses: inout [Float],
-                     logits: UnsafeMutablePointer<Float>?, params p: FloatPtr)
-    /// dh (rows, D) out: the gradient of sum_r dloss[r] * loss_r w.r.t. h, for the last forward.
-    func headBackward(_ dh: FlatBuffer, dloss: [Float], params p: FloatPtr, grads gp: FloatPtr)
+                     logits: UnsafeMutablePointer<Float>?, gradient: HeadGradient?, params p: FloatPtr)
+    /// dh (rows, D) out: the gradient w.r.t. h of the last forward's `gradient.dloss`-weighted loss.
+    func headBackward(_ dh: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr)
     /// Flat range of the head's parameters, final after `headBackward`.
     var headRange: Range<Int> { get }
     /// Sampling: the widths of the parts a token is chosen in, in order (LlamaGen: [V];
@@ -65,6 +67,13 @@ protocol BaseModel: AnyObject {
     func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows: Int, part: Int, chosen: [[Int32]], params p: FloatPtr)
     /// The token made of one choice per part.
     func token(parts: [Int32]) -> Int32
+}
+
+/// What a head's forward is told when a backward will follow: the per-row weight of each loss
+/// (w_j times the gradient scale, 0 for invalid rows) and the gradient buffer.
+struct HeadGradient {
+    let dloss: [Float]
+    let grads: FloatPtr
 }
 
 /// `model.base` names to base types: a new base is one line here (and its own file).

@@ -28,7 +28,7 @@ extension ModelConfig {
         return f
     }
 
-    /// A training step is forward + backward, backward doing two matmuls per forward one, and the
-    /// head's backward recomputing its logits chunk by chunk (`LlamaGen.headBackward`).
-    public func trainingFLOPs(batch B: Int) -> Double { 3 * forwardFLOPs(batch: B) + headFLOPs(batch: B) }
+    /// A training step is forward + backward, backward doing two matmuls per forward one (the
+    /// head's logits are not recomputed: `LlamaGen.headForward` forms their gradient in place).
+    public func trainingFLOPs(batch B: Int) -> Double { 3 * forwardFLOPs(batch: B) }
 }

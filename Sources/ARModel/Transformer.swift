@@ -179,7 +179,9 @@ public final class Transformer {
         let g = decoder?.forward(hidden!.base, n: B * T, dropout: plan, params: p) ?? hidden!
         buildTargets(batch)
         var losses = [Float](repeating: 0, count: headRows)
-        base.headForward(g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, params: p)
+        let gradient = gradientScale.map { scale in HeadGradient(dloss: rowWeights.map { $0 * scale }, grads: grads.base) }
+        base.headForward(g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, gradient: gradient,
+                         params: p)
         return windowedLoss(losses)
     }
 
@@ -188,11 +190,11 @@ public final class Transformer {
     /// the flat gradient buffer is final, in backward order, so an allreduce can start while
     /// backward goes on.
     public func backward(onReady: ((Range<Int>) -> Void)? = nil) {
-        guard let scale = gradientScale else { preconditionFailure("backward() needs a forward(gradientScale:) first") }
+        precondition(gradientScale != nil, "backward() needs a forward(gradientScale:) first")
         let p = params.base, gp = grads.base, a = activations!
         a.allocate(.backward)
         let dg = a.zeroed("dg")
-        base.headBackward(dg, dloss: rowWeights.map { $0 * scale }, params: p, grads: gp)
+        base.headBackward(dg, params: p, grads: gp)
         onReady?(base.headRange)
         let dx = a.zeroed("dx")  // gradient w.r.t. the trunk's output h
         if let decoder {
