@@ -527,7 +527,8 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="Outputs/eval", help="output folder")
     ap.add_argument("--per-class", type=int, default=100, help="samples per class")
     ap.add_argument("--classes", help="classes, e.g. 0,3,5-7 (default: all)")
-    ap.add_argument("--cfg-scale", type=float, default=1.5)
+    ap.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale (as LlamaGen: none at <= 1)")
+    ap.add_argument("--cfg-interval", type=int, default=-1, help="LlamaGen's --cfg-interval (-1: every step)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -560,7 +561,8 @@ def main(argv=None) -> dict:
     samples_path = a.samples or os.path.join(a.out, "samples.h5")
     if not a.samples:
         cmd = [binary(a.bin, "tensorar-sample"), "--weights", a.weights, "--per-class", str(a.per_class),
-               "--cfg-scale", str(a.cfg_scale), "--temperature", str(a.temperature), "--top-k", str(a.top_k),
+               "--cfg-scale", str(a.cfg_scale), "--cfg-interval", str(a.cfg_interval),
+               "--temperature", str(a.temperature), "--top-k", str(a.top_k),
                "--top-p", str(a.top_p), "--seed", str(a.seed), "--batch-size", str(a.batch_size), "--out", samples_path]
         if a.classes:
             cmd += ["--classes", a.classes]
@@ -630,7 +632,8 @@ def main(argv=None) -> dict:
 
     report = {
         "weights": a.weights, "data": {"train": train_dir, "val": val_dir},
-        "sampling": {k: s["attrs"].get(k) for k in ["cfg_scale", "temperature", "top_k", "top_p", "seed", "per_class"]},
+        "sampling": {k: s["attrs"].get(k)
+                     for k in ["cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "seed", "per_class"]},
         "model_config": json.loads(s["attrs"]["config"]) if "config" in s["attrs"] else None,
         "images": {"n": int(N), "classes": classes, "height": codebook.height, "width": codebook.width},
         "metrics": results,

@@ -24,7 +24,10 @@ struct Train: ParsableCommand {
     @Option(help: "Resume from this checkpoint folder (a step folder, or a run folder meaning its latest).") var resumeFrom: String?
     @Flag(help: "Start from scratch even if the run folder holds checkpoints.") var fresh = false
     @Flag(help: "When the newest checkpoint is damaged, resume from the one before it.") var fallback = false
-    @Option(help: "Initialise from weights (.safetensors): a base model under a fresh plug-in, or a full model.") var initFrom: String?
+    @Option(help: """
+        Initialise from weights (.safetensors): a base model under a fresh plug-in, or a full model. Its recorded \
+        shape (tensorar.config) is the base's unless CONFIG or --set gives one; then they must agree.
+        """) var initFrom: String?
 
     func validate() throws {
         if [resume, resumeFrom != nil, fresh].filter({ $0 }).count > 1 { throw ValidationError("--resume, --resume-from and --fresh exclude each other") }
@@ -99,6 +102,12 @@ struct Train: ParsableCommand {
         if let resumeFrom { extra.append("checkpoint.resume=\(resumeFrom)") }
         if fallback { extra.append("checkpoint.fallback=true") }
         var cfg = try TrainConfig.load(file: file, overrides: extra)
+        if let w = cfg.model.initFrom, let recorded = try recordedModelConfig(w) {
+            // The user's own config file and --set flags state a shape; the shipped default's preset does not.
+            let yaml = try config.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? ""
+            let given = TrainConfig.givenShapeKeys(yaml: yaml, overrides: overrides)
+            cfg.model = try cfg.model.adoptingShape(of: recorded, path: w, given: given)
+        }
         if cfg.checkpoint.run == nil {
             cfg.checkpoint.run = file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension }
                 ?? "default"
