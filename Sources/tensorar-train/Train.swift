@@ -41,6 +41,10 @@ struct Train: ParsableCommand {
         do {
             try train(comm: comm, say: say)
             try? MPI.finalize()
+        } catch is ReportedStop {
+            // A set-up error every rank agreed on: reported once already; every rank exits 1.
+            try? MPI.finalize()
+            throw ExitCode(1)
         } catch let e as CollectiveStop {
             // Every rank decided this at the same step: no rank is left waiting, so end normally
             // (one message, every rank exits 1) instead of aborting.
@@ -68,14 +72,10 @@ struct Train: ParsableCommand {
         }
         defer { signals.forEach { $0.cancel() } }
 
-        let cfg = try resolvedConfig(worldSize: comm.size)
+        let cfg = try agreedSetup(comm: comm)
         // Threads: ranks x threads must not exceed the cores of a node.
         BLAS.threads = cfg.dist.threadsPerRank.resolve(ranksOnNode: MPI.ranksOnThisNode)
         say("tensorar-train: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
-        guard FileManager.default.fileExists(atPath: cfg.data.train + "/dataset.json") else {
-            throw InputError(cfg.data.train, "no token cache here (dataset.json missing). For the built-in default run "
-                + "`Launch/quickstart.sh`, or build it with `tensorar-data fashion-mnist --out Data/fashion-mnist`")
-        }
         let trainer = try Trainer(config: cfg, comm: comm)
         describe(trainer, say: say)
         let store = CheckpointStore(config: cfg)
@@ -90,6 +90,35 @@ struct Train: ParsableCommand {
         let loop = RunLoop(trainer: trainer, config: cfg, store: store, metrics: metrics, say: say)
         if try loop.run() == .stopped { return }
         try finish(trainer, store: store, say: say)
+    }
+
+    /// Thrown once a set-up error has been printed by the one rank that reports it.
+    struct ReportedStop: Error {}
+
+    /// The config and the checks of its files, before any collective. Errors there (a bad config, a
+    /// missing cache, unreadable init weights) reach every rank alike: one allreduce agrees on them, and
+    /// only the lowest failing rank prints (rank 0 when all fail), so `-n 8` prints one line, not eight.
+    private func agreedSetup(comm: Communicator) throws -> TrainConfig {
+        var cfg: TrainConfig?
+        var failure: Error?
+        do {
+            let c = try resolvedConfig(worldSize: comm.size)
+            guard FileManager.default.fileExists(atPath: c.data.train + "/dataset.json") else {
+                throw InputError(c.data.train, "no token cache here (dataset.json missing). For the built-in default run "
+                    + "`Launch/quickstart.sh`, or build it with `tensorar-data fashion-mnist --out Data/fashion-mnist`")
+            }
+            cfg = c
+        } catch {
+            failure = error
+        }
+        let none = Int64(comm.size)
+        let reporter = try comm.allreduce(failure == nil ? none : Int64(comm.rank), op: .min)
+        if reporter == none { return cfg! }
+        if reporter == Int64(comm.rank), let failure {
+            let who = comm.rank == 0 ? "" : "rank \(comm.rank) of \(comm.size) (rank 0 had no error): "
+            FileHandle.standardError.write("error: \(who)\(failure)\n".data(using: .utf8)!)
+        }
+        throw ReportedStop()
     }
 
     /// Defaults < CONFIG < --set flags, with this command's flags as `--set`s; validated.
