@@ -41,6 +41,8 @@ struct Sample: ParsableCommand {
         weights (as tensorar-eval checks), and they give a --preset its shape.
         """) var data: String?
     @Option(help: "Expected window k; an error when the weights have another.") var window: Int?
+    @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
+    var weightsKind: WeightsKind = .raw
     @Option(help: "Classes to sample, comma-separated, ranges allowed (0,3,5-7); default: all of the model's classes.") var classes: String?
     @Option(help: "Images per class.") var perClass = 10
     @Option(help: """
@@ -131,7 +133,7 @@ struct Sample: ParsableCommand {
     func prepare(comm: Communicator) throws -> Plan {
         let w = weights!
         let cache = try data.map { try TokenCache(directory: $0) }
-        let model = try loadModel(from: w, fallback: try presetShape(cache: cache?.info))
+        let model = try loadModel(from: w, fallback: try presetShape(cache: cache?.info), kind: weightsKind)
         let c = model.config
         try checkShapeFlags(c, weights: w)
         if let cache, let data { try checkDataMatchesModel(cache.info, c, cachePath: data) }
@@ -300,3 +302,4 @@ struct Sample: ParsableCommand {
     }
 }
 
+extension WeightsKind: ExpressibleByArgument {}

@@ -86,6 +86,10 @@ final class RunLoop {
         try metrics?.log(["step": .int(s), "val_loss": .double(v.noised.loss),
                           "val_slot_losses": .doubles(v.noised.slotLosses), "val_loss_clean": .double(v.clean.loss),
                           "val_slot_losses_clean": .doubles(v.clean.slotLosses)])
+        guard let e = try trainer.validateEMA() else { return }
+        say(String(format: "validation at step %d, EMA weights: loss %.4f, clean-input loss %.4f", s, e.noised.loss, e.clean.loss))
+        try metrics?.log(["step": .int(s), "val_loss_ema": .double(e.noised.loss),
+                          "val_slot_losses_ema": .doubles(e.noised.slotLosses), "val_loss_clean_ema": .double(e.clean.loss)])
     }
 
     /// Every rank writes its slice of the checkpoint (SPEC section 7).
@@ -93,7 +97,8 @@ final class RunLoop {
         let t0 = monotonicSeconds()
         let m = trainer.model
         let dir = try store.save(progress: trainer.progress, config: cfg, model: m.config, table: m.table,
-                                 params: m.params, optimizer: trainer.optimizer, communicator: trainer.comm)
+                                 params: m.params, optimizer: trainer.optimizer, ema: trainer.ema,
+                                 communicator: trainer.comm)
         say(String(format: "checkpoint (%@): %@ in %.2f s", why, dir, monotonicSeconds() - t0))
     }
 }

@@ -171,15 +171,16 @@ struct Train: ParsableCommand {
         case "never": loaded = nil
         case "auto":
             loaded = try store.loadLatest(allowFallback: cfg.checkpoint.fallback, model: mc, table: table,
-                                          params: params, optimizer: trainer.optimizer, communicator: comm,
-                                          notes: &notes)
+                                          params: params, optimizer: trainer.optimizer, ema: trainer.ema,
+                                          communicator: comm, notes: &notes)
             if resume && loaded == nil {
                 throw InputError(store.runDirectory, "--resume: no complete checkpoint in this run folder")
             }
         default:
             loaded = try CheckpointStore.load(path: cfg.checkpoint.resume, allowFallback: cfg.checkpoint.fallback,
                                               model: mc, table: table, params: params,
-                                              optimizer: trainer.optimizer, communicator: comm, notes: &notes)
+                                              optimizer: trainer.optimizer, ema: trainer.ema, communicator: comm,
+                                              notes: &notes)
         }
         notes.forEach { say("note: \($0)") }
         if let loaded {
