@@ -177,11 +177,28 @@ public struct TrainConfig: Codable, Equatable {
         public var valEvery: Int = 500           // steps between validation losses; 0 = only at the end
         public var maxSkippedSteps: Int = 10     // consecutive non-finite-gradient steps tolerated before stopping
         public var emaDecay: Double? = nil       // EMA of the weights after each step (LlamaGen --ema: 0.9999); none: off
+        public var tensorboard: Bool = true      // event files in <run>/tensorboard/: metrics.jsonl's numbers, samples
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case globalBatch = "global_batch", microBatch = "micro_batch", steps, seed, dropout
             case labelDrop = "label_drop", logEvery = "log_every", valEvery = "val_every"
-            case maxSkippedSteps = "max_skipped_steps", emaDecay = "ema_decay"
+            case maxSkippedSteps = "max_skipped_steps", emaDecay = "ema_decay", tensorboard
+        }
+        /// As synthesized, except that `tensorboard` may be absent (manifests written before it
+        /// existed resume with it on, the default).
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            globalBatch = try c.decode(Int.self, forKey: .globalBatch)
+            microBatch = try c.decode(Int.self, forKey: .microBatch)
+            steps = try c.decode(Int.self, forKey: .steps)
+            seed = try c.decode(Int.self, forKey: .seed)
+            dropout = try c.decode(Double.self, forKey: .dropout)
+            labelDrop = try c.decode(Double.self, forKey: .labelDrop)
+            logEvery = try c.decode(Int.self, forKey: .logEvery)
+            valEvery = try c.decode(Int.self, forKey: .valEvery)
+            maxSkippedSteps = try c.decode(Int.self, forKey: .maxSkippedSteps)
+            emaDecay = try c.decodeIfPresent(Double.self, forKey: .emaDecay)
+            tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard) ?? true
         }
     }
 

@@ -204,6 +204,10 @@ struct Train: ParsableCommand {
                 try MetricsLog.dropRecords(after: resumedAt, path: store.runDirectory + "/metrics.jsonl")
             }
             metrics = try MetricsLog(path: store.runDirectory + "/metrics.jsonl")
+            if cfg.train.tensorboard {
+                metrics?.tensorboard = try TensorBoardWriter(directory: store.runDirectory + "/tensorboard")
+                say("TensorBoard: \(metrics!.tensorboard!.path) (tensorboard --logdir \(store.runDirectory)/tensorboard)")
+            }
             say("resolved config (saved to \(store.runDirectory)/config.yaml):\n" + cfg.yamlString())
         }
         if isRoot, let entropy = try? unigramEntropy(directory: cfg.data.train) {
