@@ -38,7 +38,8 @@ let package = Package(
         .target(name: "Training", dependencies: ["ARModel", "Kernels", "TokenData", "Platform", "Yams"], swiftSettings: optimise),
         .executableTarget(name: "tensorar-train", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-eval", dependencies: ["Training", argParser], swiftSettings: lang),
-        .executableTarget(name: "tensorar-data", dependencies: ["TokenData", "ARModel", argParser], swiftSettings: lang),
+        .executableTarget(
+            name: "tensorar-data", dependencies: ["TokenData", "ARModel", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-sample", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-export", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-bench", dependencies: ["Training", argParser], swiftSettings: optimise),

@@ -564,7 +564,7 @@ def main(argv=None) -> dict:
     if not a.samples:
         cmd = [binary(a.bin, "tensorar-sample"), "--weights", a.weights, "--weights-kind", a.weights_kind,
                "--per-class", str(a.per_class),
-               "--cfg-scale", str(a.cfg_scale), "--cfg-interval", str(a.cfg_interval),
+               "--cfg-scale", str(a.cfg_scale), f"--cfg-interval={a.cfg_interval}",
                "--temperature", str(a.temperature), "--top-k", str(a.top_k),
                "--top-p", str(a.top_p), "--seed", str(a.seed), "--batch-size", str(a.batch_size), "--out", samples_path]
         if a.classes:

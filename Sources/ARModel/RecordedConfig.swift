@@ -8,7 +8,9 @@ public func recordedModelConfig(_ path: String) throws -> ModelConfig? {
     let head = fh.readData(ofLength: 8)
     guard head.count == 8 else { throw InputError(path, "too short for a safetensors file") }
     let length = head.withUnsafeBytes { $0.loadUnaligned(as: UInt64.self).littleEndian }
-    guard length <= 100_000_000 else { throw InputError(path, "safetensors header of \(length) bytes: not a safetensors file") }
+    guard length <= 100_000_000 else {
+        throw InputError(path, "safetensors header of \(length) bytes: not a safetensors file")
+    }
     let json = fh.readData(ofLength: Int(length))
     guard json.count == Int(length),
           let header = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {

@@ -31,7 +31,9 @@ public struct SHA256 {
 
     /// Hex digest of a whole file, read in 4 MiB pieces.
     public static func hash(file path: String) throws -> String {
-        guard let fh = FileHandle(forReadingAtPath: path) else { throw InputError(path, "cannot open file to compute its sha256") }
+        guard let fh = FileHandle(forReadingAtPath: path) else {
+            throw InputError(path, "cannot open file to compute its sha256")
+        }
         defer { try? fh.close() }
         var s = SHA256()
         while true {

@@ -45,7 +45,8 @@ public func findLlamaGenFolders(codePath root: String) throws -> LlamaGenFolders
     do { names = try FileManager.default.contentsOfDirectory(atPath: root) } catch {
         throw InputError(root, "cannot list the --code-path folder (missing?)")
     }
-    let pairs = names.filter { $0.hasSuffix("_codes") }.sorted().filter { names.contains(String($0.dropLast(6)) + "_labels") }
+    let codeFolders = names.filter { $0.hasSuffix("_codes") }.sorted()
+    let pairs = codeFolders.filter { names.contains(String($0.dropLast(6)) + "_labels") }
     guard pairs.count == 1, let codes = pairs.first else {
         let found = pairs.isEmpty ? "none" : pairs.joined(separator: ", ")
         throw InputError(root, "expected one <name>_codes folder beside its <name>_labels (as LlamaGen's "
@@ -89,7 +90,8 @@ func listNumberedNPY(_ folder: String) throws -> [Int] {
 }
 
 /// One root's sample: codes [A, T] and label, checked against the options.
-private func readView(_ i: Int, _ f: LlamaGenFolders, _ o: LlamaGenImportOptions) throws -> (codes: NPYArray, label: Int32) {
+private func readView(_ i: Int, _ f: LlamaGenFolders,
+                      _ o: LlamaGenImportOptions) throws -> (codes: NPYArray, label: Int32) {
     let cp = (f.codes as NSString).appendingPathComponent("\(i).npy")
     let lp = (f.labels as NSString).appendingPathComponent("\(i).npy")
     guard FileManager.default.fileExists(atPath: cp) else {
@@ -114,7 +116,8 @@ private func readView(_ i: Int, _ f: LlamaGenFolders, _ o: LlamaGenImportOptions
 }
 
 /// Sample i of every root: its views concatenated ([A, T], A = the roots' A summed), one label.
-private func readSample(_ i: Int, _ o: LlamaGenImportOptions) throws -> (codes: [Int64], views: [Int], t: Int, label: Int32) {
+private func readSample(_ i: Int,
+                        _ o: LlamaGenImportOptions) throws -> (codes: [Int64], views: [Int], t: Int, label: Int32) {
     var codes: [Int64] = [], views: [Int] = [], t = 0, label: Int32 = -1
     for f in o.views {
         let v = try readView(i, f, o)
@@ -123,7 +126,8 @@ private func readSample(_ i: Int, _ o: LlamaGenImportOptions) throws -> (codes: 
         t = shape[shape.count - 1]
         if label >= 0 && v.label != label {
             let lp = (f.labels as NSString).appendingPathComponent("\(i).npy")
-            throw InputError(lp, "label \(v.label) but \(o.views[0].labels)/\(i).npy says \(label): the roots are not views of the same images")
+            throw InputError(lp, "label \(v.label) but \(o.views[0].labels)/\(i).npy says \(label): "
+                + "the roots are not views of the same images")
         }
         label = v.label
         codes += v.codes.values
@@ -147,8 +151,10 @@ public func importLlamaGen(_ o: LlamaGenImportOptions, log: @escaping (String) -
     if ids.last! - first + 1 != ids.count {
         log("note: sample numbers run \(first)...\(ids.last!) with gaps; \(ids.count) files are imported in number order")
     }
-    let roots = o.views.count > 1 ? " from \(o.views.count) roots (views \(probe.views.map(String.init).joined(separator: " + ")))" : ""
-    log("importing \(ids.count) samples: A = \(a)\(roots), T = \(t) (\(side)x\(side) grid), V = \(o.vocabSize), C = \(o.numClasses)")
+    let perRoot = probe.views.map(String.init).joined(separator: " + ")
+    let roots = o.views.count > 1 ? " from \(o.views.count) roots (views \(perRoot))" : ""
+    log("importing \(ids.count) samples: A = \(a)\(roots), T = \(t) (\(side)x\(side) grid), "
+        + "V = \(o.vocabSize), C = \(o.numClasses)")
 
     let writer = try CacheWriter(directory: o.out, vocabSize: o.vocabSize, gridH: side, gridW: side,
                                  numClasses: o.numClasses, augmentations: a, shardSize: o.shardSize)

@@ -198,7 +198,9 @@ public struct CheckpointStore {
             }
         }
         try phase { if rank == 0 { try prepareStaging(step: step) } }
-        try phase { try writeShard(step: step, rank: rank, worldSize: world, params: params, optimizer: optimizer, ema: ema) }
+        try phase {
+            try writeShard(step: step, rank: rank, worldSize: world, params: params, optimizer: optimizer, ema: ema)
+        }
         try phase {
             if rank == 0 {
                 let manifest = CheckpointManifest(progress: progress, worldSize: world, model: model, config: config,
@@ -426,8 +428,8 @@ public struct CheckpointStore {
         let candidates = resumeCandidates()
         if candidates.isEmpty { return nil }
         return try CheckpointStore.firstUsable(candidates, allowFallback: allowFallback, notes: &notes) { dir in
-            try CheckpointStore.load(from: dir, model: model, table: table, params: params, optimizer: optimizer, ema: ema,
-                                     communicator: communicator)
+            try CheckpointStore.load(from: dir, model: model, table: table, params: params, optimizer: optimizer,
+                                     ema: ema, communicator: communicator)
         }
     }
 
@@ -451,7 +453,10 @@ public struct CheckpointStore {
         }
         let store = CheckpointStore(runDirectory: path)
         if let c = try store.loadLatest(allowFallback: allowFallback, model: model, table: table, params: params,
-                                        optimizer: optimizer, ema: ema, communicator: communicator, notes: &notes) { return c }
+                                        optimizer: optimizer, ema: ema, communicator: communicator,
+                                        notes: &notes) {
+            return c
+        }
         throw InputError(path, "not a checkpoint folder (no manifest.json) and no checkpoints of a run in it")
     }
 
@@ -557,7 +562,8 @@ public struct CheckpointStore {
         precondition(params.count == table.total, "parameter buffer has \(params.count) floats, the table \(table.total)")
         let m = try collectively(comm) { try checkLoadable(dir, model: model, table: table) }
         if weights == .ema && m.hasEMA != true {
-            throw InputError(join(dir, "manifest.json"), "this checkpoint holds no EMA weights (trained without train.ema_decay)")
+            throw InputError(join(dir, "manifest.json"),
+                             "this checkpoint holds no EMA weights (trained without train.ema_decay)")
         }
         let slices = (0..<comm.size).map { slice(rank: $0, worldSize: comm.size, count: table.total) }
         let mine = slices[comm.rank]

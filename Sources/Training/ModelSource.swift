@@ -25,8 +25,8 @@ public func loadModel(from path: String, fallback: ModelConfig? = nil, kind: Wei
     let dir = try CheckpointStore.resolve(path: path, allowFallback: false, notes: &notes)
     let manifest = try CheckpointStore.readManifest(dir)
     let model = try Transformer(config: manifest.model)
-    _ = try CheckpointStore.load(from: dir, model: manifest.model, table: model.table, params: model.params, optimizer: nil,
-                                 weights: kind == .ema ? .ema : .params)
+    _ = try CheckpointStore.load(from: dir, model: manifest.model, table: model.table, params: model.params,
+                                 optimizer: nil, weights: kind == .ema ? .ema : .params)
     if let w = manifest.config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
     return model
 }

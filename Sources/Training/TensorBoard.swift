@@ -87,7 +87,8 @@ public final class TensorBoardWriter {
         let host = ProcessInfo.processInfo.hostName
         let name = "events.out.tfevents.\(Int(now)).\(host).\(getpid()).tensorar"
         path = (directory as NSString).appendingPathComponent(name)
-        guard FileManager.default.createFile(atPath: path, contents: nil), let h = FileHandle(forWritingAtPath: path) else {
+        guard FileManager.default.createFile(atPath: path, contents: nil),
+              let h = FileHandle(forWritingAtPath: path) else {
             throw InputError(path, "cannot create the TensorBoard event file")
         }
         handle = h

@@ -77,7 +77,7 @@ struct FashionMNIST: ParsableCommand {
 struct ImportLlamaGen: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "import-llamagen",
-        abstract: "Convert LlamaGen's extracted codes (its --code-path folder, or codes/ and labels/ folders) into a token cache.",
+        abstract: "Convert LlamaGen's extracted codes (its --code-path folders, or codes/ and labels/) into a cache.",
         discussion: """
         LlamaGen's extract_codes_c2i.py writes ROOT/<dataset><size>_codes/{i}.npy (int64 (1, A, T)) and \
         ROOT/<dataset><size>_labels/{i}.npy (int64 (1,)). Give ROOT with --code-path; give --code-path again \
@@ -94,27 +94,34 @@ struct ImportLlamaGen: ParsableCommand {
     @Option(help: "Samples per shard.") var shardSize = 10_000
     @Option(help: "Number of classes C (or --like).") var numClasses: Int?
     @Option(help: "Codebook size V of the tokenizer that made the codes (or --like).") var vocabSize: Int?
-    @Option(help: "Weights (.safetensors with tensorar.config) whose vocab_size and num_classes to use.") var like: String?
+    @Option(help: "Weights (.safetensors with tensorar.config) whose vocab_size and num_classes to use.")
+    var like: String?
     @Option(help: "Parallel workers (one shard each at a time).") var jobs = 2
 
     func validate() throws {
         guard shardSize >= 1, jobs >= 1, (numClasses ?? 1) >= 1, (vocabSize ?? 1) >= 1 else {
             throw ValidationError("--shard-size, --num-classes, --vocab-size and --jobs must be at least 1")
         }
-        if codePath.isEmpty == (codes == nil) { throw ValidationError("give --code-path ROOT (LlamaGen's layout) or --codes with --labels") }
+        if codePath.isEmpty == (codes == nil) {
+            throw ValidationError("give --code-path ROOT (LlamaGen's layout) or --codes with --labels")
+        }
         if (codes == nil) != (labels == nil) { throw ValidationError("--codes and --labels go together") }
         if like == nil && (numClasses == nil || vocabSize == nil) {
-            throw ValidationError("give --vocab-size and --num-classes (the tokenizer's codebook size and the class count), or --like W.safetensors")
+            throw ValidationError("give --vocab-size and --num-classes (the tokenizer's codebook size and the class "
+                + "count), or --like W.safetensors")
         }
     }
 
     /// V and C: the flags, else the weights' recorded shape; a flag contradicting the weights is an error.
     func limits() throws -> (vocab: Int, classes: Int, from: String) {
-        guard let like else { return (vocabSize!, numClasses!, "--vocab-size \(vocabSize!) and --num-classes \(numClasses!)") }
+        guard let like else {
+            return (vocabSize!, numClasses!, "--vocab-size \(vocabSize!) and --num-classes \(numClasses!)")
+        }
         guard let c = try recordedModelConfig(like) else {
             throw InputError(like, "has no tensorar.config metadata: give --vocab-size and --num-classes")
         }
-        for (flag, value, has) in [("--vocab-size", vocabSize, c.vocabSize), ("--num-classes", numClasses, c.numClasses)] {
+        let given = [("--vocab-size", vocabSize, c.vocabSize), ("--num-classes", numClasses, c.numClasses)]
+        for (flag, value, has) in given {
             if let value, value != has { throw InputError(like, "\(flag) \(value) contradicts the weights' \(has)") }
         }
         return (c.vocabSize, c.numClasses, "--like \(like) (vocab_size \(c.vocabSize), num_classes \(c.numClasses))")
@@ -164,7 +171,8 @@ struct Verify: ParsableCommand {
         let r = try verifyCache(directory: directory)
         let mb = Double(r.bytesHashed) / 1e6
         say(String(format: "ok: %@: %d samples in %d shard(s), %.1f MB hashed, %.2f s (sha256 %.2f s, %.0f MB/s; "
-                   + "every value read and checked %.2f s)", directory, r.samplesChecked, r.shardsChecked, mb, r.seconds,
+                   + "every value read and checked %.2f s)", directory, r.samplesChecked, r.shardsChecked, mb,
+                   r.seconds,
                    r.hashSeconds, mb / max(r.hashSeconds, 1e-9), r.seconds - r.hashSeconds))
     }
 }

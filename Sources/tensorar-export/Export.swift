@@ -37,7 +37,8 @@ struct Weights: ParsableCommand {
             let model = try loadModel(from: dir, kind: weightsKind)
             try model.save(out, extraMetadata: ["tensorar.checkpoint": dir, "tensorar.step": String(manifest.step),
                                                 "tensorar.weights_kind": weightsKind.rawValue])
-            print("\(out): \(model.table.total) parameters (\(weightsKind.rawValue) weights) from \(dir) (step \(manifest.step)); "
+            print("\(out): \(model.table.total) parameters (\(weightsKind.rawValue) weights) from \(dir) "
+                  + "(step \(manifest.step)); "
                   + "model \(model.config.jsonString())")
         }
     }

@@ -78,7 +78,9 @@ struct Sample: ParsableCommand {
         if topK < 0 { throw ValidationError("--top-k must be >= 0 (0: all), got \(topK)") }
         if !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1], got \(topP)") }
         if !cfgScale.isFinite { throw ValidationError("--cfg-scale must be finite, got \(cfgScale)") }
-        if cfgInterval < -1 { throw ValidationError("--cfg-interval must be -1 (every step) or >= 0, got \(cfgInterval)") }
+        if cfgInterval < -1 {
+            throw ValidationError("--cfg-interval must be -1 (every step) or >= 0, got \(cfgInterval)")
+        }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if let window, window < 1 { throw ValidationError("--window must be at least 1") }
     }
@@ -159,7 +161,8 @@ struct Sample: ParsableCommand {
         let n = numClasses ?? cache?.numClasses
         let g = gridSize ?? cache?.gridH
         guard let v, let n, let g else {
-            throw InputError("--preset", "\(preset) needs the data's shape: give --vocab-size, --num-classes and --grid-size, or --data CACHE")
+            throw InputError("--preset", "\(preset) needs the data's shape: give --vocab-size, --num-classes and "
+                + "--grid-size, or --data CACHE")
         }
         return try ModelConfig.preset(preset, vocabSize: v, numClasses: n, gridSize: g)
     }
@@ -214,7 +217,9 @@ struct Sample: ParsableCommand {
         let lo = comm.rank * N / comm.size, hi = (comm.rank + 1) * N / comm.size
         say("tensorar-sample: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
         say("model: \(c.jsonString())")
-        say("sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); cfg \(cfgScale) (\(options.guided ? "guided" : "unguided"), interval \(cfgInterval)), temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
+        let guidance = "cfg \(cfgScale) (\(options.guided ? "guided" : "unguided"), interval \(cfgInterval))"
+        say("sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); \(guidance), "
+            + "temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
         let sampler = Sampler(model: plan.model)
         var tokens: [Int32] = [], traj: [Int32] = [], labels: [Int32] = []
         let t0 = monotonicSeconds()
@@ -285,7 +290,8 @@ struct Sample: ParsableCommand {
             try f.setAttribute("num_classes", int: c.numClasses)
             try f.setAttribute("config", string: c.jsonString())
             let sampling: [String: Any] = [
-                "cfg_scale": Double(cfgScale), "cfg_interval": cfgInterval, "temperature": Double(temperature), "top_k": topK, "top_p": Double(topP),
+                "cfg_scale": Double(cfgScale), "cfg_interval": cfgInterval, "temperature": Double(temperature),
+                "top_k": topK, "top_p": Double(topP),
                 "seed": seed, "per_class": perClass, "classes": Array(Set(labels.map { Int($0) })).sorted(), "weights": weights ?? "",
             ]
             try f.setAttribute("sampling", string: String(data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!)

@@ -30,7 +30,8 @@ extension Sample {
         print(String(format: "sgemm peak: %.1f GFLOP/s on %d thread(s), measured now; times are %@", peak, threads,
                      useCPUTime ? "CPU seconds (one thread: not inflated by other processes)" : "wall seconds"))
         print(String(format: "sampling: batch %d images, cfg %.2f (%@), temperature %.2f, top-k %d, top-p %.2f", batchSize, cfgScale,
-                     cfgScale <= 1 ? "no null rows" : "null rows double the batch" as NSString, temperature, topK, topP))
+                     cfgScale <= 1 ? "no null rows" : "null rows double the batch" as NSString,
+                     temperature, topK, topP))
         print("model    k d  batch  steps   seconds    wall s   images/s  GFLOP/s  of peak")
         for name in benchModels.split(separator: ",").map({ String($0).trimmingCharacters(in: .whitespaces) }) {
             let (plugin, base) = try benchConfigs(name)

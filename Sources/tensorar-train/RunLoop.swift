@@ -89,9 +89,11 @@ final class RunLoop {
                           "val_slot_losses_clean": .doubles(v.clean.slotLosses)])
         try logSamples(step: s)
         guard let e = try trainer.validateEMA() else { return }
-        say(String(format: "validation at step %d, EMA weights: loss %.4f, clean-input loss %.4f", s, e.noised.loss, e.clean.loss))
+        say(String(format: "validation at step %d, EMA weights: loss %.4f, clean-input loss %.4f", s, e.noised.loss,
+                   e.clean.loss))
         try metrics?.log(["step": .int(s), "val_loss_ema": .double(e.noised.loss),
-                          "val_slot_losses_ema": .doubles(e.noised.slotLosses), "val_loss_clean_ema": .double(e.clean.loss)])
+                          "val_slot_losses_ema": .doubles(e.noised.slotLosses),
+                          "val_loss_clean_ema": .double(e.clean.loss)])
     }
 
     /// Rank 0, with TensorBoard and a codebook in the train cache: a strip of greedy samples of the

@@ -104,8 +104,9 @@ struct Train: ParsableCommand {
         do {
             let c = try resolvedConfig(worldSize: comm.size)
             guard FileManager.default.fileExists(atPath: c.data.train + "/dataset.json") else {
-                throw InputError(c.data.train, "no token cache here (dataset.json missing). For the built-in default run "
-                    + "`Launch/quickstart.sh`, or build it with `tensorar-data fashion-mnist --out Data/fashion-mnist`")
+                throw InputError(c.data.train, "no token cache here (dataset.json missing). For the built-in default "
+                    + "run `Launch/quickstart.sh`, or build it with "
+                    + "`tensorar-data fashion-mnist --out Data/fashion-mnist`")
             }
             cfg = c
         } catch {
@@ -206,7 +207,8 @@ struct Train: ParsableCommand {
             metrics = try MetricsLog(path: store.runDirectory + "/metrics.jsonl")
             if cfg.train.tensorboard {
                 metrics?.tensorboard = try TensorBoardWriter(directory: store.runDirectory + "/tensorboard")
-                say("TensorBoard: \(metrics!.tensorboard!.path) (tensorboard --logdir \(store.runDirectory)/tensorboard)")
+                let folder = store.runDirectory + "/tensorboard"
+                say("TensorBoard: \(metrics!.tensorboard!.path) (tensorboard --logdir \(folder))")
             }
             say("resolved config (saved to \(store.runDirectory)/config.yaml):\n" + cfg.yamlString())
         }

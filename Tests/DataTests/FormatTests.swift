@@ -227,7 +227,9 @@ final class FormatTests: XCTestCase {
     /// LlamaGen's --code-path layout: ROOT/<name>_codes and ROOT/<name>_labels.
     private func writeRoot(_ root: String, name: String, n: Int, a: Int, offset: Int) throws -> LlamaGenFolders {
         let codes = path(root, "\(name)_codes"), labels = path(root, "\(name)_labels")
-        for d in [codes, labels] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        for d in [codes, labels] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        }
         for i in 0..<n {
             let v = (0..<a).flatMap { aa in (0..<16).map { Int64(syntheticCode(i, offset + aa, $0, vocab: 100)) } }
             try npyData(int64: v, shape: [1, a, 16]).write(to: URL(fileURLWithPath: path(codes, "\(i).npy")))
@@ -277,7 +279,8 @@ final class FormatTests: XCTestCase {
         o.vocabSize = 10
         o.limitsFrom = "--vocab-size 10 and --num-classes 5"
         assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "a/imagenet256_codes/0.npy",
-                         contains: ["vocab_size 10)", "of --vocab-size 10 and --num-classes 5 is smaller than the data holds"])
+                         contains: ["vocab_size 10)",
+                                    "of --vocab-size 10 and --num-classes 5 is smaller than the data holds"])
         o.vocabSize = 100
         o.numClasses = 1
         assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "a/imagenet256_labels/1.npy",

@@ -73,7 +73,8 @@ final class SamplerTests: XCTestCase {
         XCTAssertFalse(SamplingOptions(cfgScale: 0.5).guided)
         // the old rule (guide at any scale but 1) extrapolated at 0.5: a different image here
         let o = SamplingOptions(cfgScale: 0.5, topK: 1)
-        let old = Sampler(model: m).sample(labels: [0, 2, 1], sampleIds: [0, 1, 2], options: SamplingOptions(cfgScale: 1.5, topK: 1))
+        let guided = SamplingOptions(cfgScale: 1.5, topK: 1)
+        let old = Sampler(model: m).sample(labels: [0, 2, 1], sampleIds: [0, 1, 2], options: guided)
         XCTAssertEqual(Sampler(model: m).sample(labels: [0, 2, 1], sampleIds: [0, 1, 2], options: o).tokens, unguided)
         XCTAssertNotEqual(old.tokens, unguided, "guidance changes this model's samples, so the test can fail")
     }
@@ -85,7 +86,8 @@ final class SamplerTests: XCTestCase {
             let full = checkCachedMatchesUncached(m, cfg: 4)
             let none = checkCachedMatchesUncached(m, cfg: 1)
             let interval = checkCachedMatchesUncached(m, cfg: 4, interval: 0)
-            XCTAssertEqual(checkCachedMatchesUncached(m, cfg: 4, interval: 100), full, "an interval past the end: every step")
+            let past = checkCachedMatchesUncached(m, cfg: 4, interval: 100)
+            XCTAssertEqual(past, full, "an interval past the end: every step")
             XCTAssertNotEqual(full, none, "guidance matters for this model (k = \(window))")
             XCTAssertNotEqual(interval, full, "steps after 1 unguided (k = \(window))")
             XCTAssertTrue(SamplingOptions(cfgScale: 4).guides(position: 8))

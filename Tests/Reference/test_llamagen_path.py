@@ -71,11 +71,37 @@ def test_three_commands_convert_import_finetune(llamagen, capsys):
     shape = json.loads(model_line[len("model: "):])
     assert (shape["dim"], shape["n_layer"], shape["n_head"], shape["window"]) == (D, L, NH, 2)
     assert os.path.exists(tmp / "ck" / "finetune" / "tensorboard")
+    check_weights_kinds(tmp, tmp / "ck" / "finetune")
     # the shipped LlamaGen-B config states preset B: this tiny base contradicts it, both values named
     r = run("tensorar-train", os.path.join(ROOT, "Configs", "llamagen-b-imagenet256.yaml"), "--init-from", weights,
             "--set", f"data.train={tmp / 'cache'}", "--set", "data.val=null", cwd=tmp)
     assert r.returncode != 0
     assert "its recorded dim 32 contradicts the config's dim 768 (model.preset B in the config file)" in r.stderr
+
+
+def check_weights_kinds(tmp, run_dir):
+    """--weights-kind ema in tensorar-export, -eval and -sample: the run's moving average."""
+    import safetensors_io
+
+    for kind in ["raw", "ema"]:
+        r = run("tensorar-export", "--checkpoint", run_dir, "--out", tmp / f"{kind}.safetensors", "--weights-kind", kind)
+        assert r.returncode == 0, r.stdout + r.stderr
+    raw, _ = safetensors_io.read(str(tmp / "raw.safetensors"))
+    ema, meta = safetensors_io.read(str(tmp / "ema.safetensors"))
+    assert meta["tensorar.weights_kind"] == "ema"
+    assert not np.array_equal(raw["tensorar.in_pos"], ema["tensorar.in_pos"]), "decay 0.9999: the average lags"
+    losses = {}
+    for kind in ["raw", "ema"]:
+        r = run("tensorar-eval", "--weights", run_dir, "--weights-kind", kind, "--data", tmp / "cache", "--json")
+        assert r.returncode == 0, r.stderr
+        losses[kind] = json.loads(r.stdout)["loss"]
+    r = run("tensorar-eval", "--weights", tmp / "ema.safetensors", "--data", tmp / "cache", "--json")
+    assert json.loads(r.stdout)["loss"] == losses["ema"] != losses["raw"]
+    r = run("tensorar-sample", "--weights", run_dir, "--weights-kind", "ema", "--per-class", "1", "--quiet",
+            "--out", tmp / "s.h5")
+    assert r.returncode == 0, r.stderr
+    r = run("tensorar-sample", "--weights", tmp / "ema.safetensors", "--weights-kind", "ema", "--out", tmp / "t.h5")
+    assert r.returncode != 0 and "--weights-kind ema needs a checkpoint folder" in r.stderr
 
 
 def test_import_needs_the_vocabulary_and_classes(llamagen):
@@ -84,8 +110,8 @@ def test_import_needs_the_vocabulary_and_classes(llamagen):
     assert r.returncode != 0 and "give --vocab-size and --num-classes" in r.stderr
     r = run("tensorar-data", "import-llamagen", "--code-path", flip, "--out", tmp / "c2", "--vocab-size", "16",
             "--num-classes", str(NC))
-    assert r.returncode != 0 and "the vocab_size of --vocab-size 16 and --num-classes 5 is smaller than the data holds" \
-        in r.stderr, r.stderr
+    want = "the vocab_size of --vocab-size 16 and --num-classes 5 is smaller than the data holds"
+    assert r.returncode != 0 and want in r.stderr, r.stderr
     r = run("tensorar-data", "import-llamagen", "--codes", flip, "--labels", flip, "--out", tmp / "c3",
             "--vocab-size", str(V), "--num-classes", str(NC))
     assert r.returncode != 0 and "pass it as --code-path" in r.stderr

@@ -58,15 +58,15 @@ final class EMATests: XCTestCase {
         for _ in 0..<2 { _ = try a.trainStep() }
         let store = CheckpointStore(config: a.config)
         let m = a.model
-        let dir = try store.save(progress: a.progress, config: a.config, model: m.config, table: m.table, params: m.params,
-                                 optimizer: a.optimizer, ema: a.ema, communicator: .solo)
+        let dir = try store.save(progress: a.progress, config: a.config, model: m.config, table: m.table,
+                                 params: m.params, optimizer: a.optimizer, ema: a.ema, communicator: .solo)
         XCTAssertEqual(try CheckpointStore.verify(dir).hasEMA, true)
         let emaAtSave = a.ema!.array
         for _ in 0..<2 { _ = try a.trainStep() }
 
         let b = try trainer(decay: 0.9, tmp)
-        let loaded = try CheckpointStore.load(from: dir, model: b.model.config, table: b.model.table, params: b.model.params,
-                                              optimizer: b.optimizer, ema: b.ema)
+        let loaded = try CheckpointStore.load(from: dir, model: b.model.config, table: b.model.table,
+                                              params: b.model.params, optimizer: b.optimizer, ema: b.ema)
         b.restore(progress: loaded.progress)
         XCTAssertEqual(b.ema!.array, emaAtSave)
         for _ in 0..<2 { _ = try b.trainStep() }
@@ -89,8 +89,8 @@ final class EMATests: XCTestCase {
         assertInputError(["holds no EMA weights"]) { _ = try loadModel(from: dir, kind: .ema) }
         // turning EMA on at resume: the average starts from the checkpoint's weights (noted)
         let b = try trainer(decay: 0.5, tmp)
-        let loaded = try CheckpointStore.load(from: dir, model: b.model.config, table: b.model.table, params: b.model.params,
-                                              optimizer: b.optimizer, ema: b.ema)
+        let loaded = try CheckpointStore.load(from: dir, model: b.model.config, table: b.model.table,
+                                              params: b.model.params, optimizer: b.optimizer, ema: b.ema)
         XCTAssertEqual(b.ema!.array, a.model.params.array)
         XCTAssertTrue(loaded.notes.contains { $0.contains("no EMA weights") })
     }

@@ -20,7 +20,9 @@ final class InitShapeTests: XCTestCase {
     func testRecordedShapeIsReadFromTheHeader() throws {
         let path = try file()
         XCTAssertEqual(try recordedModelConfig(path), recorded)
-        XCTAssertThrowsError(try recordedModelConfig(path + ".missing")) { XCTAssertTrue("\($0)".contains("no such file")) }
+        XCTAssertThrowsError(try recordedModelConfig(path + ".missing")) {
+            XCTAssertTrue("\($0)".contains("no such file"))
+        }
     }
 
     func testGivenKeysComeFromTheUsersFileAndSetFlagsOnly() {
@@ -46,7 +48,8 @@ final class InitShapeTests: XCTestCase {
         let agreed = try section.adoptingShape(of: recorded, path: "W", given: ["n_head": "--set model.n_head=4"])
         XCTAssertEqual(try agreed.resolve(vocabSize: 32, numClasses: 5, gridSize: 4).nLayer, 2)
         section.nHead = 8
-        XCTAssertThrowsError(try section.adoptingShape(of: recorded, path: "W", given: ["n_head": "--set model.n_head=8"])) {
+        let given = ["n_head": "--set model.n_head=8"]
+        XCTAssertThrowsError(try section.adoptingShape(of: recorded, path: "W", given: given)) {
             XCTAssertEqual("\($0)", "W: its recorded n_head 4 contradicts the config's n_head 8 "
                 + "(model.n_head in --set model.n_head=8); leave the shape out of the config to take the weights' own")
         }
