@@ -84,7 +84,8 @@ def check_weights_kinds(tmp, run_dir):
     import safetensors_io
 
     for kind in ["raw", "ema"]:
-        r = run("tensorar-export", "--checkpoint", run_dir, "--out", tmp / f"{kind}.safetensors", "--weights-kind", kind)
+        out = tmp / f"{kind}.safetensors"
+        r = run("tensorar-export", "--checkpoint", run_dir, "--out", out, "--weights-kind", kind)
         assert r.returncode == 0, r.stdout + r.stderr
     raw, _ = safetensors_io.read(str(tmp / "raw.safetensors"))
     ema, meta = safetensors_io.read(str(tmp / "ema.safetensors"))
