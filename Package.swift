@@ -22,6 +22,7 @@ let package = Package(
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         .target(
@@ -30,11 +31,15 @@ let package = Package(
         .target(name: "Platform", dependencies: ["CSupport"], swiftSettings: optimise),
         .target(name: "Kernels", dependencies: ["Platform"], swiftSettings: optimise),
         .target(name: "ARModel", dependencies: ["Kernels", "Platform"], swiftSettings: optimise),
-        .target(name: "TokenData", dependencies: ["Platform"], swiftSettings: optimise),
+        .target(
+            name: "TokenData",
+            dependencies: ["Platform", .product(name: "Crypto", package: "swift-crypto")],
+            swiftSettings: optimise),
         .target(name: "Training", dependencies: ["ARModel", "Kernels", "TokenData", "Platform", "Yams"], swiftSettings: optimise),
         .executableTarget(name: "tensorar-train", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-eval", dependencies: ["Training", argParser], swiftSettings: lang),
-        .executableTarget(name: "tensorar-data", dependencies: ["TokenData", argParser], swiftSettings: lang),
+        .executableTarget(
+            name: "tensorar-data", dependencies: ["TokenData", "ARModel", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-sample", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-export", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-bench", dependencies: ["Training", argParser], swiftSettings: optimise),

@@ -1,19 +1,27 @@
 #!/usr/bin/env python3
 """Convert a LlamaGen class-to-image GPT checkpoint (.pt) into TensorAR safetensors.
 
-    python3 Launch/convert_llamagen.py c2i_B_256.pt gpt-b.safetensors --preset B
-    python3 Launch/convert_llamagen.py ckpt.pt out.safetensors --dim 768 --n-layer 12 --n-head 12 \
-        --vocab-size 16384 --num-classes 1000 --grid-size 16
+    python3 Launch/convert_llamagen.py results/000-GPT-B/checkpoints/0050000.pt gpt-b.safetensors
+    python3 Launch/convert_llamagen.py 0050000.pt gpt-b-ema.safetensors --weights ema
+    python3 Launch/convert_llamagen.py c2i_B_256.pt gpt-b.safetensors --preset B --grid-size 16
 
 The output holds float32 tensors under the SPEC section 2 names (LlamaGen's own) and a
-`tensorar.config` metadata entry (SPEC section 7) built from the flags and checked against
-every tensor's shape: a contradiction is an error that names the tensor.
+`tensorar.config` metadata entry (SPEC section 7) with the model's shape, so no later program
+needs a preset flag. The shape comes from, in this order: the flags; the `args` namespace that
+LlamaGen's train_c2i.py saves in its checkpoints (gpt_model, vocab_size, num_classes,
+image_size / downsample_size); what the tensors show (vocabulary, classes, width, layers, FFN).
+A flag that contradicts `args` is an error naming both values; one that contradicts a tensor is
+an error naming the tensor. The head count and the grid show in no tensor: a bare state_dict
+(a released c2i_*.pt) needs --preset or --n-head, and --grid-size. `--weights ema` converts the
+`ema` entry that train_c2i.py --ema saves instead of `model`. Every failure is one line,
+`convert_llamagen: <file>: <problem>`, and exit status 2.
 
 Only numpy is needed. The checkpoint (torch's zip format, torch >= 1.6) is read with a
 restricted unpickler that knows only tensor rebuilding, torch storage types, OrderedDict and
 argparse.Namespace (kept as inert data: LlamaGen training checkpoints carry their args);
-anything else is refused. Storages are read lazily, so optimizer state costs nothing.
-`--torch` uses torch.load(weights_only=True) instead, when torch is installed.
+anything else is refused. Storages are read lazily, so optimizer state costs nothing. This
+reader covers every checkpoint torch >= 1.6 writes (LlamaGen needs torch 2), so there is no
+torch-based path: torch's own weights_only loader refuses the `args` namespace anyway.
 """
 
 from __future__ import annotations
@@ -35,11 +43,24 @@ import numpy as np
 PRESETS = {
     "tiny": (2, 2, 64), "small": (4, 4, 128),
     "B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536),
+    "XXXL": (48, 40, 2560),
 }
+# LlamaGen's --gpt-model names (its GPT_models table), as train_c2i.py records them in `args`.
+LLAMAGEN_MODELS = {
+    "GPT-B": (12, 12, 768), "GPT-L": (24, 16, 1024), "GPT-XL": (36, 20, 1280),
+    "GPT-XXL": (48, 24, 1536), "GPT-XXXL": (48, 40, 2560),
+    "GPT-1B": (22, 32, 2048), "GPT-3B": (24, 32, 3200), "GPT-7B": (32, 32, 4096),
+}
+SHAPE_KEYS = ("vocab_size", "num_classes", "grid_size", "dim", "n_layer", "n_head", "ffn_hidden")
+CONFIG_KEYS = SHAPE_KEYS + ("norm_eps", "rope_base", "window", "plugin_depth", "residual")
 
 
 class ConvertError(Exception):
-    pass
+    """One problem, printed as `convert_llamagen: <file>: <problem>` (file: the checkpoint by default)."""
+
+    def __init__(self, problem: str, file: Optional[str] = None):
+        super().__init__(problem)
+        self.file = file
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,8 +183,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             return StorageType(name)
         raise pickle.UnpicklingError(
             f"refusing to load {module}.{name}: the checkpoint reader only accepts tensors, "
-            f"torch storages, OrderedDict and argparse.Namespace (use --torch with torch "
-            f"installed for anything else)")
+            f"torch storages, OrderedDict and argparse.Namespace")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -179,15 +199,17 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 def load_checkpoint_numpy(path: str):
     """The unpickled checkpoint object, tensors as LazyTensor."""
+    if not os.path.isfile(path):
+        raise ConvertError("no such file")
     if not zipfile.is_zipfile(path):
-        raise ConvertError(f"{path}: not a zip-format torch checkpoint (saved by torch < 1.6 or "
-                           f"with _use_new_zipfile_serialization=False); re-save it with a "
-                           f"recent torch, or pass --torch with torch installed")
+        raise ConvertError(f"not a zip-format torch checkpoint (saved by torch < 1.6 or "
+                           f"with _use_new_zipfile_serialization=False); load and re-save it "
+                           f"with torch >= 1.6")
     zf = zipfile.ZipFile(path)
     pkl = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
     pkl = [n for n in pkl if n.count("/") <= 1]
     if len(pkl) != 1:
-        raise ConvertError(f"{path}: expected one <archive>/data.pkl record, found {pkl}")
+        raise ConvertError(f"expected one <archive>/data.pkl record, found {pkl}")
     prefix = pkl[0][: -len("data.pkl")]
     big = False
     if f"{prefix}byteorder" in zf.namelist():
@@ -196,34 +218,7 @@ def load_checkpoint_numpy(path: str):
         try:
             return RestrictedUnpickler(fh, zf, prefix, big).load()
         except pickle.UnpicklingError as e:
-            raise ConvertError(f"{path}: {e}") from None
-
-
-class NumpyTensor:
-    """Adapter for tensors that torch.load produced."""
-
-    def __init__(self, a: np.ndarray, dtype_name: str):
-        self.a, self.shape, self.dtype_name = a, tuple(a.shape), dtype_name
-
-    def numpy(self):
-        return self.a
-
-
-def load_checkpoint_torch(path: str):
-    import torch  # noqa: only with --torch
-
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-
-    def conv(o):
-        if isinstance(o, torch.Tensor):
-            name = str(o.dtype).replace("torch.", "")
-            return NumpyTensor(o.detach().to(torch.float32).numpy() if o.is_floating_point()
-                               else o.detach().numpy(), name)
-        if isinstance(o, dict):
-            return collections.OrderedDict((k, conv(v)) for k, v in o.items())
-        return o
-
-    return conv(obj)
+            raise ConvertError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,13 +248,20 @@ _IGNORABLE = [re.compile(r"(^|\.)freqs_cis$"), re.compile(r"(^|\.)kv_cache\."),
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-def select_state_dict(obj) -> Tuple[dict, str]:
-    if isinstance(obj, dict):
-        for key in ("model", "module", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                return obj[key], f"['{key}']"
-        return obj, "top level"
-    raise ConvertError(f"the checkpoint holds a {type(obj).__name__}, not a state_dict")
+def select_state_dict(obj, weights: str = "model") -> Tuple[dict, str]:
+    """The state_dict to convert: `model` (or `ema` with weights='ema') of a training checkpoint."""
+    if not isinstance(obj, dict):
+        raise ConvertError(f"the checkpoint holds a {type(obj).__name__}, not a state_dict")
+    if weights == "ema":
+        if not isinstance(obj.get("ema"), dict):
+            keys = ", ".join(str(k) for k in obj)
+            raise ConvertError(f"--weights ema: the checkpoint has no 'ema' state_dict (trained without "
+                               f"--ema?); its keys: {keys}")
+        return obj["ema"], "['ema']"
+    for key in ("model", "module", "state_dict"):
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key], f"['{key}']"
+    return obj, "top level"
 
 
 def strip_prefix(name: str) -> str:
@@ -272,30 +274,119 @@ def strip_prefix(name: str) -> str:
     return name
 
 
-def resolve_config(args) -> dict:
-    shape = PRESETS.get(args.preset) if args.preset else None
-    if args.preset and shape is None:
-        raise ConvertError(f"--preset: unknown preset '{args.preset}'; known: {', '.join(PRESETS)}")
-    n_layer = args.n_layer if args.n_layer is not None else (shape[0] if shape else None)
-    n_head = args.n_head if args.n_head is not None else (shape[1] if shape else None)
-    dim = args.dim if args.dim is not None else (shape[2] if shape else None)
-    if None in (n_layer, n_head, dim):
-        raise ConvertError("give --preset (B, L, XL, XXL, tiny, small) or all of --dim, --n-layer, --n-head")
-    if dim % n_head != 0 or (dim // n_head) % 4 != 0:
+def _namespace_fields(ns) -> Optional[dict]:
+    """The fields of an argparse.Namespace read by the restricted unpickler (or by torch)."""
+    if isinstance(ns, InertRecord):
+        state = ns.__dict__["_state"]
+        return dict(state) if isinstance(state, dict) else None
+    if isinstance(ns, argparse.Namespace):
+        return vars(ns)
+    return ns if isinstance(ns, dict) else None
+
+
+def recorded_shape(obj) -> Dict[str, Tuple[int, str]]:
+    """The shape LlamaGen's train_c2i.py records in a checkpoint's `args`: key -> (value, source)."""
+    if not isinstance(obj, dict) or "args" not in obj:
+        return {}
+    fields = _namespace_fields(obj["args"])
+    if fields is None:
+        raise ConvertError(f"the checkpoint's 'args' is a {type(obj['args']).__name__}, not an argparse namespace")
+    out: Dict[str, Tuple[int, str]] = {}
+    gpt = fields.get("gpt_model")
+    if gpt is not None:
+        if gpt not in LLAMAGEN_MODELS:
+            raise ConvertError(f"args.gpt_model '{gpt}' is not a LlamaGen GPT size ({', '.join(LLAMAGEN_MODELS)})")
+        for key, value in zip(("n_layer", "n_head", "dim"), LLAMAGEN_MODELS[gpt]):
+            out[key] = (value, f"args.gpt_model {gpt}")
+    for key in ("vocab_size", "num_classes"):
+        if fields.get(key) is not None:
+            out[key] = (int(fields[key]), f"args.{key}")
+    image, down = fields.get("image_size"), fields.get("downsample_size")
+    if image is not None and down is not None:
+        if int(down) <= 0 or int(image) % int(down) != 0:
+            raise ConvertError(f"args.image_size {image} is not a multiple of args.downsample_size {down}")
+        out["grid_size"] = (int(image) // int(down), f"args.image_size {image} / args.downsample_size {down}")
+    if fields.get("cls_token_num", 1) != 1:
+        raise ConvertError(f"args.cls_token_num is {fields['cls_token_num']}: only 1 class token is supported")
+    if fields.get("gpt_type", "c2i") != "c2i":
+        raise ConvertError(f"args.gpt_type is '{fields['gpt_type']}': only class-to-image (c2i) models convert")
+    return out
+
+
+def flag_shape(args) -> Dict[str, Tuple[int, str]]:
+    """The shape the flags give: key -> (value, flag). Explicit flags override --preset."""
+    out: Dict[str, Tuple[int, str]] = {}
+    if args.preset:
+        shape = PRESETS.get(args.preset) or LLAMAGEN_MODELS.get(args.preset)
+        if shape is None:
+            known = ", ".join(list(PRESETS) + list(LLAMAGEN_MODELS))
+            raise ConvertError(f"--preset: unknown preset '{args.preset}'; known: {known}")
+        for key, value in zip(("n_layer", "n_head", "dim"), shape):
+            out[key] = (value, f"--preset {args.preset}")
+    for key in SHAPE_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            out[key] = (value, f"--{key.replace('_', '-')} {value}")
+    return out
+
+
+def tensor_shape(sd: dict) -> Dict[str, Tuple[int, str]]:
+    """What the tensors themselves show (never the head count, nor the grid)."""
+    names = {strip_prefix(str(k)): v for k, v in sd.items() if hasattr(v, "shape")}
+    out: Dict[str, Tuple[int, str]] = {}
+    tok = names.get("tok_embeddings.weight")
+    if tok is not None and len(tok.shape) == 2:
+        out["vocab_size"] = (int(tok.shape[0]), f"tok_embeddings.weight {list(tok.shape)}")
+        out["dim"] = (int(tok.shape[1]), f"tok_embeddings.weight {list(tok.shape)}")
+    cls = names.get("cls_embedding.embedding_table.weight")
+    if cls is not None and len(cls.shape) == 2:
+        out["num_classes"] = (int(cls.shape[0]) - 1, f"cls_embedding.embedding_table.weight {list(cls.shape)}")
+    layers = [int(m.group(1)) for m in (re.match(r"layers\.(\d+)\.", n) for n in names) if m]
+    if layers:
+        out["n_layer"] = (max(layers) + 1, f"layers.{max(layers)}.*")
+    w1 = names.get("layers.0.feed_forward.w1.weight")
+    if w1 is not None and len(w1.shape) == 2:
+        out["ffn_hidden"] = (int(w1.shape[0]), f"layers.0.feed_forward.w1.weight {list(w1.shape)}")
+    return out
+
+
+def resolve_config(args, sd: Optional[dict] = None, recorded: Optional[dict] = None, log=print) -> dict:
+    """The model shape: flags, then the checkpoint's args, then what the tensors show.
+    A flag that contradicts the args is an error naming both values; a flag that contradicts a
+    tensor is caught by `convert` (which names the tensor)."""
+    flags, recorded = flag_shape(args), recorded or {}
+    shape: Dict[str, Tuple[int, str]] = {}
+    for key in SHAPE_KEYS:
+        if key in flags and key in recorded and flags[key][0] != recorded[key][0]:
+            raise ConvertError(f"{flags[key][1]} contradicts the checkpoint's {recorded[key][1]} "
+                               f"({key} {flags[key][0]} vs {recorded[key][0]})")
+        if key in flags:
+            shape[key] = flags[key]
+        elif key in recorded:
+            shape[key] = recorded[key]
+    for key, found in tensor_shape(sd or {}).items():
+        shape.setdefault(key, found)
+    if "n_head" not in shape:
+        raise ConvertError("the head count is not recorded (no args.gpt_model) and no tensor shape shows it: "
+                           "give --n-head or --preset (B, L, XL, XXL, XXXL or GPT-B, ...)")
+    if "grid_size" not in shape:
+        raise ConvertError("the grid size is not recorded (no args.image_size / args.downsample_size): "
+                           "give --grid-size (image size / tokenizer downsampling, e.g. 256 / 16 = 16)")
+    missing = [k for k in ("vocab_size", "num_classes", "dim", "n_layer") if k not in shape]
+    if missing:
+        raise ConvertError(f"no tensor shows {', '.join(missing)}: is this a LlamaGen GPT checkpoint?")
+    cfg = {key: value for key, (value, _) in shape.items()}
+    dim, n_head = cfg["dim"], cfg["n_head"]
+    if n_head <= 0 or dim % n_head != 0 or (dim // n_head) % 4 != 0:
         raise ConvertError(f"dim {dim} / n_head {n_head} must be a whole head width divisible by 4")
-    ffn = args.ffn_hidden if args.ffn_hidden is not None else find_multiple(int(2 * 4 * dim / 3), 256)
-    return {
-        "vocab_size": args.vocab_size, "num_classes": args.num_classes, "grid_size": args.grid_size,
-        "dim": dim, "n_layer": n_layer, "n_head": n_head, "ffn_hidden": ffn,
-        "norm_eps": args.norm_eps, "rope_base": args.rope_base,
-        "window": 1, "plugin_depth": 0, "residual": True,
-    }
+    cfg.setdefault("ffn_hidden", find_multiple(int(2 * 4 * dim / 3), 256))
+    log("shape: " + ", ".join(f"{k} {shape[k][0]} ({shape[k][1]})" for k in SHAPE_KEYS if k in shape))
+    cfg.update(norm_eps=args.norm_eps, rope_base=args.rope_base, window=1, plugin_depth=0, residual=True)
+    return {key: cfg[key] for key in CONFIG_KEYS}
 
 
-def convert(obj, cfg: dict, log=print) -> "collections.OrderedDict[str, object]":
-    """Picks, renames and checks the tensors. Returns name -> tensor (LazyTensor/NumpyTensor)."""
-    sd, where = select_state_dict(obj)
-    log(f"state_dict at {where}: {len(sd)} entries")
+def convert(sd: dict, cfg: dict, log=print) -> "collections.OrderedDict[str, object]":
+    """Picks, renames and checks the tensors. Returns name -> LazyTensor."""
     found: Dict[str, object] = {}
     origin: Dict[str, str] = {}
     for raw, v in sd.items():
@@ -336,7 +427,7 @@ def convert(obj, cfg: dict, log=print) -> "collections.OrderedDict[str, object]"
             continue
         out[name] = v
     if errors:
-        raise ConvertError("\n".join(errors))
+        raise ConvertError("; ".join(errors))
     if dropped:
         log(f"dropped {len(dropped)} unused entries: {', '.join(dropped)}")
     return out
@@ -367,37 +458,65 @@ def write_safetensors(path: str, tensors: "collections.OrderedDict[str, object]"
     os.replace(tmp, path)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class OneLineParser(argparse.ArgumentParser):
+    """Flag errors as one `convert_llamagen: <problem>` line, like every other failure."""
+
+    def error(self, message):
+        self.exit(2, f"convert_llamagen: {message} (see --help)\n")
+
+
+def parse_args(argv):
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="LlamaGen GPT checkpoint (.pt, torch zip format)")
     ap.add_argument("output", help="output .safetensors")
-    ap.add_argument("--preset", help="model size: B, L, XL, XXL (LlamaGen) or tiny, small")
+    ap.add_argument("--weights", choices=["model", "ema"], default="model",
+                    help="which weights of a train_c2i.py checkpoint: 'model' (default) or 'ema'")
+    ap.add_argument("--preset", help="model size: B, L, XL, XXL, XXXL, LlamaGen's GPT-B, ..., or tiny, small")
     ap.add_argument("--dim", type=int)
     ap.add_argument("--n-layer", type=int)
     ap.add_argument("--n-head", type=int)
     ap.add_argument("--ffn-hidden", type=int, help="default: find_multiple(int(2*4*dim/3), 256)")
-    ap.add_argument("--vocab-size", type=int, default=16384)
-    ap.add_argument("--num-classes", type=int, default=1000)
-    ap.add_argument("--grid-size", type=int, default=16, help="tokens per side (256px / 16 = 16)")
+    ap.add_argument("--vocab-size", type=int, help="default: args.vocab_size, else tok_embeddings rows")
+    ap.add_argument("--num-classes", type=int, help="default: args.num_classes, else cls_embedding rows - 1")
+    ap.add_argument("--grid-size", type=int, help="tokens per side; default: args.image_size / downsample_size")
     ap.add_argument("--norm-eps", type=float, default=1e-5)
     ap.add_argument("--rope-base", type=float, default=10000.0)
-    ap.add_argument("--torch", action="store_true", help="read with torch.load(weights_only=True)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def run(args) -> None:
+    obj = load_checkpoint_numpy(args.checkpoint)
+    sd, where = select_state_dict(obj, args.weights)
+    print(f"state_dict at {where}: {len(sd)} entries")
+    cfg = resolve_config(args, sd, recorded_shape(obj))
+    tensors = convert(sd, cfg)
+    kinds = collections.Counter(v.dtype_name for v in tensors.values())
+    steps = obj.get("steps") if isinstance(obj, dict) else None
+    source = f"LlamaGen checkpoint {os.path.basename(args.checkpoint)}, {args.weights} weights"
+    if isinstance(steps, int):
+        source += f", step {steps}"
+    meta = {"tensorar.config": json.dumps(cfg, sort_keys=True), "tensorar.source": source}
     try:
-        cfg = resolve_config(args)
-        obj = load_checkpoint_torch(args.checkpoint) if args.torch else load_checkpoint_numpy(args.checkpoint)
-        tensors = convert(obj, cfg)
-        kinds = collections.Counter(v.dtype_name for v in tensors.values())
-        meta = {"tensorar.config": json.dumps(cfg, sort_keys=True),
-                "tensorar.source": f"LlamaGen checkpoint {os.path.basename(args.checkpoint)}"}
         write_safetensors(args.output, tensors, meta)
-        n = sum(int(np.prod(v.shape)) for v in tensors.values())
-        print(f"wrote {args.output}: {len(tensors)} tensors, {n:,} parameters, float32 "
-              f"(from {dict(kinds)}); tensorar.config {meta['tensorar.config']}")
+    except OSError as e:
+        raise ConvertError(f"cannot write: {e.strerror or e}", args.output) from None
+    n = sum(int(np.prod(v.shape)) for v in tensors.values())
+    print(f"wrote {args.output}: {len(tensors)} tensors, {n:,} parameters, float32 "
+          f"(from {dict(kinds)}); tensorar.config {meta['tensorar.config']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
         return 0
     except ConvertError as e:
-        print(f"convert_llamagen: {e}", file=sys.stderr)
-        return 2
+        problem = str(e).replace("\n", " ")
+        print(f"convert_llamagen: {e.file or args.checkpoint}: {problem}", file=sys.stderr)
+    except (OSError, zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        problem = f"unreadable checkpoint ({type(e).__name__}: {e})".replace("\n", " ")
+        print(f"convert_llamagen: {args.checkpoint}: {problem}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

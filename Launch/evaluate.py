@@ -521,13 +521,16 @@ def plot_losses(path: str, metrics_path: str):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Offline evaluation of a TensorAR model (see the top of this file).")
     ap.add_argument("--weights", required=True, help="weights (.safetensors) or a checkpoint folder")
+    ap.add_argument("--weights-kind", choices=["raw", "ema"], default="raw",
+                    help="a checkpoint's trained weights (raw) or their moving average (ema: train.ema_decay)")
     ap.add_argument("--data", required=True, help="folder with the train and val token caches")
     ap.add_argument("--train", help="train cache (default DATA/train)")
     ap.add_argument("--val", help="val cache (default DATA/val)")
     ap.add_argument("--out", default="Outputs/eval", help="output folder")
     ap.add_argument("--per-class", type=int, default=100, help="samples per class")
     ap.add_argument("--classes", help="classes, e.g. 0,3,5-7 (default: all)")
-    ap.add_argument("--cfg-scale", type=float, default=1.5)
+    ap.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale (as LlamaGen: none at <= 1)")
+    ap.add_argument("--cfg-interval", type=int, default=-1, help="LlamaGen's --cfg-interval (-1: every step)")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -559,8 +562,10 @@ def main(argv=None) -> dict:
     # 1. samples
     samples_path = a.samples or os.path.join(a.out, "samples.h5")
     if not a.samples:
-        cmd = [binary(a.bin, "tensorar-sample"), "--weights", a.weights, "--per-class", str(a.per_class),
-               "--cfg-scale", str(a.cfg_scale), "--temperature", str(a.temperature), "--top-k", str(a.top_k),
+        cmd = [binary(a.bin, "tensorar-sample"), "--weights", a.weights, "--weights-kind", a.weights_kind,
+               "--per-class", str(a.per_class),
+               "--cfg-scale", str(a.cfg_scale), f"--cfg-interval={a.cfg_interval}",
+               "--temperature", str(a.temperature), "--top-k", str(a.top_k),
                "--top-p", str(a.top_p), "--seed", str(a.seed), "--batch-size", str(a.batch_size), "--out", samples_path]
         if a.classes:
             cmd += ["--classes", a.classes]
@@ -594,7 +599,8 @@ def main(argv=None) -> dict:
     if a.val_limit > 0:
         noise_cfg = training_noise(a.weights)
         for noise in ["train", "none"]:
-            cmd = [binary(a.bin, "tensorar-eval"), "--weights", a.weights, "--data", val_dir, "--noise", noise,
+            cmd = [binary(a.bin, "tensorar-eval"), "--weights", a.weights, "--weights-kind", a.weights_kind,
+                   "--data", val_dir, "--noise", noise,
                    "--limit", str(a.val_limit), "--json"]
             if noise == "train":
                 for key, flag in [("type", "--noise-type"), ("schedule", "--noise-schedule"), ("seed", "--noise-seed")]:
@@ -629,8 +635,9 @@ def main(argv=None) -> dict:
         log("loss curves: no metrics.jsonl next to the weights (pass --metrics)")
 
     report = {
-        "weights": a.weights, "data": {"train": train_dir, "val": val_dir},
-        "sampling": {k: s["attrs"].get(k) for k in ["cfg_scale", "temperature", "top_k", "top_p", "seed", "per_class"]},
+        "weights": a.weights, "weights_kind": a.weights_kind, "data": {"train": train_dir, "val": val_dir},
+        "sampling": {k: s["attrs"].get(k)
+                     for k in ["cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "seed", "per_class"]},
         "model_config": json.loads(s["attrs"]["config"]) if "config" in s["attrs"] else None,
         "images": {"n": int(N), "classes": classes, "height": codebook.height, "width": codebook.width},
         "metrics": results,

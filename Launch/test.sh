@@ -11,6 +11,8 @@ swift build --build-tests
 swift build -c release
 # The JAX reference (Tests/Reference) checks itself, the committed fixtures and the converter.
 python3 -c "import jax" >/dev/null 2>&1 || python3 -m pip install -q jax
+# TensorBoard's own event reader checks the trainer's event files (a 5.5 MB wheel; seconds to install).
+python3 -c "import tensorboard" >/dev/null 2>&1 || python3 -m pip install -q tensorboard
 swift_status=0
 swift test --skip-build 2>&1 | tee /tmp/tensorar-swift-test.log || swift_status=$?
 # The tests that compare floating-point results across processes, batch splits and thread counts

@@ -4,13 +4,25 @@ import Platform
 
 /// Sampling settings (SPEC section 5).
 public struct SamplingOptions: Sendable {
+    /// Classifier-free guidance scale; as LlamaGen, guidance (and its null-class rows) only above 1.
     public var cfgScale: Float = 1
+    /// LlamaGen's `--cfg-interval`: -1 guides every step; N >= 0 guides steps 0 ... N + 1 only
+    /// (LlamaGen's prefill step and its decode steps 0 ... N), later steps use the conditioned logits.
+    public var cfgInterval = -1
     public var temperature: Float = 1
     public var topK: Int = 0      // 0: all; 1: greedy (lowest index on a tie)
     public var topP: Float = 1    // 1: all
     public var seed: UInt64 = 0
     public init(cfgScale: Float = 1, temperature: Float = 1, topK: Int = 0, topP: Float = 1, seed: UInt64 = 0) {
         self.cfgScale = cfgScale; self.temperature = temperature; self.topK = topK; self.topP = topP; self.seed = seed
+    }
+
+    /// Whether sampling runs null-class rows at all.
+    public var guided: Bool { cfgScale > 1 }
+
+    /// Whether step `position` mixes in the null-class logits.
+    public func guides(position: Int) -> Bool {
+        guided && (cfgInterval < 0 || position <= cfgInterval + 1)
     }
 }
 
@@ -82,8 +94,7 @@ public final class Sampler {
         let c = m.config, T = c.seqLen, k = c.window
         let n = labels.count
         precondition(sampleIds.count == n, "one sample id per label")
-        let guided = o.cfgScale != 1
-        let NB = guided ? 2 * n : n
+        let NB = o.guided ? 2 * n : n
         var tokens = [Int32](repeating: -1, count: n * T)
         var traj = [Int32](repeating: -1, count: n * T * k)
         var prev = [Int32](repeating: -1, count: n * k)  // t_{p-1} per image
@@ -157,7 +168,7 @@ public final class Sampler {
                 for b in 0..<n {
                     for j in 0..<rows where pos + j < T {
                         let cond = logits + (b * rows + j) * V
-                        if o.cfgScale != 1 {
+                        if o.guides(position: pos) {
                             let un = logits + ((n + b) * rows + j) * V, s = o.cfgScale
                             for v in 0..<V { row[v] = un[v] + s * (cond[v] - un[v]) }
                         } else {

@@ -9,7 +9,7 @@ import Platform
 //         latest                      "step-00001000": the newest complete checkpoint
 //         step-00001000/
 //             manifest.json           everything but the numbers (CheckpointManifest)
-//             rank-00000-of-00002.h5  rank 0's slice [0, P/2) of params, adam_m, adam_v
+//             rank-00000-of-00002.h5  rank 0's slice [0, P/2) of params, adam_m, adam_v (and ema)
 //             rank-00001-of-00002.h5  rank 1's slice [P/2, P)
 //
 // Every rank holds the full parameters and moments (data parallel, DDP style) but writes only
@@ -91,11 +91,14 @@ public struct CheckpointManifest: Codable, Equatable {
     /// The full resolved training config.
     public var config: TrainConfig
     public var createdAt: String
+    /// true when the shards also hold `ema`, the moving average of the parameters (train.ema_decay),
+    /// sliced like `params`; absent otherwise (so manifests without it stay as they were).
+    public var hasEMA: Bool?
 
     enum CodingKeys: String, CodingKey {
         case formatVersion = "format_version", step, samplesSeen = "samples_seen", dataEpoch = "data_epoch"
         case dataOffset = "data_offset", seed, worldSize = "world_size", parameterCount = "parameter_count"
-        case parameters, optimizer, shards, model, config, createdAt = "created_at"
+        case parameters, optimizer, shards, model, config, createdAt = "created_at", hasEMA = "has_ema"
     }
 
     public var progress: TrainingProgress {
@@ -104,7 +107,8 @@ public struct CheckpointManifest: Codable, Equatable {
 
     /// The manifest of a checkpoint written by `worldSize` ranks now.
     public init(progress: TrainingProgress, worldSize: Int, model: ModelConfig, config: TrainConfig,
-                table: ParameterTable, optimizer: AdamW?) {
+                table: ParameterTable, optimizer: AdamW?, ema: Bool = false) {
+        hasEMA = ema ? true : nil
         formatVersion = CheckpointManifest.currentFormatVersion
         step = progress.step
         samplesSeen = progress.samplesSeen
@@ -139,7 +143,7 @@ public struct LoadedCheckpoint {
 
 /// The flat arrays stored in a shard.
 public enum CheckpointArray: String, CaseIterable, Sendable {
-    case params, adamM = "adam_m", adamV = "adam_v"
+    case params, adamM = "adam_m", adamV = "adam_v", ema
 }
 
 /// One run's checkpoint folder, `<dir>/<run>`: saving, retention, `latest`, loading.
@@ -180,7 +184,8 @@ public struct CheckpointStore {
     /// are untouched, and every rank throws the failing rank's error. Returns the checkpoint's folder.
     @discardableResult
     public func save(progress: TrainingProgress, config: TrainConfig, model: ModelConfig, table: ParameterTable,
-                     params: FlatBuffer, optimizer: AdamW?, communicator: Communicator) throws -> String {
+                     params: FlatBuffer, optimizer: AdamW?, ema: FlatBuffer? = nil,
+                     communicator: Communicator) throws -> String {
         let step = progress.step, rank = communicator.rank, world = communicator.size
         // Each phase ends with every rank learning whether every rank succeeded (also the barrier
         // between phases); after a failure anywhere, rank 0 removes the temporary folder while the
@@ -193,10 +198,13 @@ public struct CheckpointStore {
             }
         }
         try phase { if rank == 0 { try prepareStaging(step: step) } }
-        try phase { try writeShard(step: step, rank: rank, worldSize: world, params: params, optimizer: optimizer) }
+        try phase {
+            try writeShard(step: step, rank: rank, worldSize: world, params: params, optimizer: optimizer, ema: ema)
+        }
         try phase {
             if rank == 0 {
-                let manifest = CheckpointManifest(progress: progress, worldSize: world, model: model, config: config, table: table, optimizer: optimizer)
+                let manifest = CheckpointManifest(progress: progress, worldSize: world, model: model, config: config,
+                                                  table: table, optimizer: optimizer, ema: ema != nil)
                 try commit(manifest, keepLast: config.checkpoint.keepLast, keepEvery: config.checkpoint.keepEvery)
             }
         }
@@ -240,7 +248,8 @@ public struct CheckpointStore {
 
     /// Every rank: writes its slice of the parameters and of both moments (the part of its slice
     /// the moments cover) into the temporary folder, then fsyncs the file.
-    public func writeShard(step: Int, rank: Int, worldSize: Int, params: FlatBuffer, optimizer: AdamW?) throws {
+    public func writeShard(step: Int, rank: Int, worldSize: Int, params: FlatBuffer, optimizer: AdamW?,
+                           ema: FlatBuffer? = nil) throws {
         let file = join(stagingPath(step: step), CheckpointStore.shardName(rank: rank, worldSize: worldSize))
         let s = CheckpointStore.slice(rank: rank, worldSize: worldSize, count: params.count)
         let mr = optimizer?.momentRange ?? 0..<0
@@ -253,6 +262,7 @@ public struct CheckpointStore {
             let mOffset = ms.lowerBound - mr.lowerBound
             try f.write(CheckpointArray.adamM.rawValue, floats: (optimizer?.m.base ?? params.base) + mOffset, count: ms.count)
             try f.write(CheckpointArray.adamV.rawValue, floats: (optimizer?.v.base ?? params.base) + mOffset, count: ms.count)
+            if let ema { try f.write(CheckpointArray.ema.rawValue, floats: ema.base + s.lowerBound, count: s.count) }
             for (k, v) in [("format_version", CheckpointManifest.currentFormatVersion), ("step", step), ("rank", rank),
                            ("world_size", worldSize), ("param_count", params.count), ("param_start", s.lowerBound),
                            ("param_end", s.upperBound), ("moment_start", ms.lowerBound), ("moment_end", ms.upperBound)] {
@@ -413,11 +423,13 @@ public struct CheckpointStore {
     /// or returns nil when the run has none. A damaged checkpoint (including data that fails its
     /// checksum) is an error, unless `allowFallback`: then the newest older one that loads is used.
     public func loadLatest(allowFallback: Bool, model: ModelConfig, table: ParameterTable, params: FlatBuffer, optimizer: AdamW?,
-                           communicator: Communicator = .solo, notes: inout [String]) throws -> LoadedCheckpoint? {
+                           ema: FlatBuffer? = nil, communicator: Communicator = .solo,
+                           notes: inout [String]) throws -> LoadedCheckpoint? {
         let candidates = resumeCandidates()
         if candidates.isEmpty { return nil }
         return try CheckpointStore.firstUsable(candidates, allowFallback: allowFallback, notes: &notes) { dir in
-            try CheckpointStore.load(from: dir, model: model, table: table, params: params, optimizer: optimizer, communicator: communicator)
+            try CheckpointStore.load(from: dir, model: model, table: table, params: params, optimizer: optimizer,
+                                     ema: ema, communicator: communicator)
         }
     }
 
@@ -433,13 +445,18 @@ public struct CheckpointStore {
     /// Collective: loads the checkpoint at `path`, a checkpoint folder or a run folder (its newest
     /// checkpoint, with `loadLatest`'s fallback rule).
     public static func load(path: String, allowFallback: Bool, model: ModelConfig, table: ParameterTable, params: FlatBuffer,
-                            optimizer: AdamW?, communicator: Communicator = .solo, notes: inout [String]) throws -> LoadedCheckpoint {
+                            optimizer: AdamW?, ema: FlatBuffer? = nil, communicator: Communicator = .solo,
+                            notes: inout [String]) throws -> LoadedCheckpoint {
         if FileManager.default.fileExists(atPath: join(path, "manifest.json")) {
-            return try load(from: path, model: model, table: table, params: params, optimizer: optimizer, communicator: communicator)
+            return try load(from: path, model: model, table: table, params: params, optimizer: optimizer, ema: ema,
+                            communicator: communicator)
         }
         let store = CheckpointStore(runDirectory: path)
         if let c = try store.loadLatest(allowFallback: allowFallback, model: model, table: table, params: params,
-                                        optimizer: optimizer, communicator: communicator, notes: &notes) { return c }
+                                        optimizer: optimizer, ema: ema, communicator: communicator,
+                                        notes: &notes) {
+            return c
+        }
         throw InputError(path, "not a checkpoint folder (no manifest.json) and no checkpoints of a run in it")
     }
 
@@ -489,7 +506,10 @@ public struct CheckpointStore {
                 let got = try h5 { try f.intAttribute(k) }
                 if got != v { throw InputError(file, "attribute \(k) is \(got), the manifest says \(v). \(advice)") }
             }
-            for (a, n) in [(CheckpointArray.params, s.paramEnd - s.paramStart), (.adamM, s.momentEnd - s.momentStart), (.adamV, s.momentEnd - s.momentStart)] {
+            var arrays = [(CheckpointArray.params, s.paramEnd - s.paramStart), (.adamM, s.momentEnd - s.momentStart),
+                          (.adamV, s.momentEnd - s.momentStart)]
+            if m.hasEMA == true { arrays.append((.ema, s.paramEnd - s.paramStart)) }
+            for (a, n) in arrays {
                 let shape = try h5 { try f.shape(of: a.rawValue) }
                 if shape != [n] { throw InputError(file, "'\(a.rawValue)' has shape \(shape), expected [\(n)]. \(advice)") }
             }
@@ -504,7 +524,7 @@ public struct CheckpointStore {
                             into out: UnsafeMutablePointer<Float>) throws {
         var covered = 0
         for s in manifest.shards {
-            let held = array == .params ? s.paramStart..<s.paramEnd : s.momentStart..<s.momentEnd
+            let held = array == .params || array == .ema ? s.paramStart..<s.paramEnd : s.momentStart..<s.momentEnd
             let part = clamp(range, to: held)
             if part.isEmpty { continue }
             let file = join(dir, s.file)
@@ -532,16 +552,28 @@ public struct CheckpointStore {
     /// (the one it would write), from whichever old shards hold it, and the ranks then exchange
     /// slices, so the checkpoint is read once in parallel. A damaged shard on any rank is an error
     /// on every rank, naming the file.
+    ///
+    /// `ema`: also the parameters' moving average (a checkpoint without one starts it from the
+    /// parameters, noted). `weights: .ema` reads the average into `params` instead of the weights
+    /// (an error naming the checkpoint when it has none).
     public static func load(from dir: String, model: ModelConfig, table: ParameterTable, params: FlatBuffer,
-                            optimizer: AdamW?, communicator comm: Communicator = .solo) throws -> LoadedCheckpoint {
+                            optimizer: AdamW?, ema: FlatBuffer? = nil, weights: CheckpointArray = .params,
+                            communicator comm: Communicator = .solo) throws -> LoadedCheckpoint {
         precondition(params.count == table.total, "parameter buffer has \(params.count) floats, the table \(table.total)")
         let m = try collectively(comm) { try checkLoadable(dir, model: model, table: table) }
+        if weights == .ema && m.hasEMA != true {
+            throw InputError(join(dir, "manifest.json"),
+                             "this checkpoint holds no EMA weights (trained without train.ema_decay)")
+        }
         let slices = (0..<comm.size).map { slice(rank: $0, worldSize: comm.size, count: table.total) }
         let mine = slices[comm.rank]
         var notes: [String] = []
         var steps = PerGroup(base: 0, plugin: 0)
         try collectively(comm) {
-            try read(.params, range: mine, from: dir, manifest: m, into: params.base + mine.lowerBound)
+            try read(weights, range: mine, from: dir, manifest: m, into: params.base + mine.lowerBound)
+            if let ema, m.hasEMA == true {
+                try read(.ema, range: mine, from: dir, manifest: m, into: ema.base + mine.lowerBound)
+            }
             guard let optimizer else { return }
             optimizer.m.zero()
             optimizer.v.zero()
@@ -563,6 +595,14 @@ public struct CheckpointStore {
             }
         }
         try comm.allgather(inPlace: params.base, blocks: slices)
+        if let ema {
+            if m.hasEMA == true {
+                try comm.allgather(inPlace: ema.base, blocks: slices)
+            } else {
+                ema.base.update(from: params.base, count: params.count)
+                notes.append("the checkpoint has no EMA weights: the average starts from its weights")
+            }
+        }
         if let optimizer {
             let mr = optimizer.momentRange
             let blocks = slices.map { s -> Range<Int> in

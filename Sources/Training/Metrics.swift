@@ -52,6 +52,8 @@ public enum MetricValue: Equatable, Sendable, ExpressibleByIntegerLiteral, Expre
 public final class MetricsLog {
     public let path: String
     private let handle: FileHandle
+    /// Also every record's numbers as TensorBoard scalars (train.tensorboard).
+    public var tensorboard: TensorBoardWriter?
 
     /// Opens `path` for appending (created if missing), so a resumed run continues the same file.
     public init(path: String) throws {
@@ -89,6 +91,8 @@ public final class MetricsLog {
     /// Appends one record, e.g. `log(["step": 10, "loss": 3.21, "lr_plugin": 1e-4])`.
     public func log(_ fields: KeyValuePairs<String, MetricValue>) throws {
         try handle.write(contentsOf: Data((MetricsLog.line(fields) + "\n").utf8))
+        let (step, values) = MetricsLog.scalars(fields)
+        if let tensorboard, let step, !values.isEmpty { try tensorboard.scalars(step: step, values) }
     }
 }
 

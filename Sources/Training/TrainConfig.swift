@@ -176,11 +176,29 @@ public struct TrainConfig: Codable, Equatable {
         public var logEvery: Int = 10            // steps between progress lines / metrics records
         public var valEvery: Int = 500           // steps between validation losses; 0 = only at the end
         public var maxSkippedSteps: Int = 10     // consecutive non-finite-gradient steps tolerated before stopping
+        public var emaDecay: Double? = nil       // EMA of the weights per step (LlamaGen --ema: 0.9999); none: off
+        public var tensorboard: Bool = true      // event files in <run>/tensorboard/: metrics.jsonl's numbers, samples
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case globalBatch = "global_batch", microBatch = "micro_batch", steps, seed, dropout
             case labelDrop = "label_drop", logEvery = "log_every", valEvery = "val_every"
-            case maxSkippedSteps = "max_skipped_steps"
+            case maxSkippedSteps = "max_skipped_steps", emaDecay = "ema_decay", tensorboard
+        }
+        /// As synthesized, except that `tensorboard` may be absent (manifests written before it
+        /// existed resume with it on, the default).
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            globalBatch = try c.decode(Int.self, forKey: .globalBatch)
+            microBatch = try c.decode(Int.self, forKey: .microBatch)
+            steps = try c.decode(Int.self, forKey: .steps)
+            seed = try c.decode(Int.self, forKey: .seed)
+            dropout = try c.decode(Double.self, forKey: .dropout)
+            labelDrop = try c.decode(Double.self, forKey: .labelDrop)
+            logEvery = try c.decode(Int.self, forKey: .logEvery)
+            valEvery = try c.decode(Int.self, forKey: .valEvery)
+            maxSkippedSteps = try c.decode(Int.self, forKey: .maxSkippedSteps)
+            emaDecay = try c.decodeIfPresent(Double.self, forKey: .emaDecay)
+            tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard) ?? true
         }
     }
 
@@ -441,6 +459,8 @@ extension TrainConfig {
         need(t.microBatch > 0, "train.micro_batch must be positive, got \(t.microBatch)")
         need(t.dropout >= 0 && t.dropout < 1, "train.dropout must be in [0, 1), got \(t.dropout)")
         need(t.labelDrop >= 0 && t.labelDrop <= 1, "train.label_drop must be in [0, 1], got \(t.labelDrop)")
+        need(t.emaDecay.map { $0 >= 0 && $0 <= 1 } ?? true,
+             "train.ema_decay must be in [0, 1] (or null: off), got \(t.emaDecay ?? 0)")
         need(t.logEvery > 0, "train.log_every must be positive, got \(t.logEvery)")
         need(t.valEvery >= 0, "train.val_every must be non-negative (0: only at the end), got \(t.valEvery)")
         need(t.maxSkippedSteps >= 0, "train.max_skipped_steps must be non-negative, got \(t.maxSkippedSteps)")

@@ -12,6 +12,9 @@ public final class Trainer {
     public let comm: Communicator
     public let model: Transformer
     public let optimizer: AdamW
+    /// The exponential moving average of the parameters (`train.ema_decay`; nil when off), full on
+    /// every rank like the parameters: after each applied step `ema = d ema + (1 - d) params`.
+    public let ema: FlatBuffer?
     public let loader: TokenLoader
     public let trainCache: TokenCache
     public let valCache: TokenCache?
@@ -52,6 +55,9 @@ public final class Trainer {
         let mc = try config.model.resolve(vocabSize: info.vocabSize, numClasses: info.numClasses, gridSize: info.gridH)
         if let v = valCache { try checkDataMatchesModel(v.info, mc, cachePath: v.directory) }
         model = try Trainer.buildModel(mc, config: config)
+        let params = model.params
+        ema = config.train.emaDecay.map { _ in FlatBuffer(count: params.count) }
+        ema?.base.update(from: params.base, count: params.count)  // starts at the initial weights
         _ = model.grads  // allocated now (lazy), so it counts as gradients, not as the first step's activations
         if let w = config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
         weightPerImage = model.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, mc.seqLen - $1.offset)) * Double($1.element) }
@@ -144,6 +150,7 @@ public final class Trainer {
         if report.loss.isFinite {
             let res = optimizer.step(params: model.params, grads: model.grads, lr: config.learningRates(at: step), clip: config.clipNorm)
             applied = res.applied; norm = res.gradNorm
+            if applied { updateEMA() }
         }
         let t1 = monotonicSeconds()
         let t = Timing(compute: (tOpt - tData) - commWait, allreduceWait: commWait, dataWait: tData - t0, optimizer: t1 - tOpt, steps: 1)
@@ -201,6 +208,26 @@ public final class Trainer {
             total += monotonicSeconds() - t0
         }
         return total / Double(repeats)
+    }
+
+    /// `ema = d ema + (1 - d) params` (as LlamaGen's update_ema): d = 0 copies the weights exactly,
+    /// d = 1 keeps the average exactly as it was.
+    func updateEMA() {
+        guard let ema, let decay = config.train.emaDecay else { return }
+        let d = Float(decay), keep = Float(1 - decay)
+        let e = ema.base, p = model.params.base
+        for i in 0..<ema.count { e[i] = e[i] * d + p[i] * keep }
+    }
+
+    /// `validate()` with the EMA weights in place of the parameters (nil without EMA or validation).
+    public func validateEMA() throws -> (noised: LossReport, clean: LossReport)? {
+        guard let ema, valCache != nil else { return nil }
+        let p = model.params
+        let saved = FlatBuffer(count: p.count)
+        saved.base.update(from: p.base, count: p.count)
+        p.base.update(from: ema.base, count: p.count)
+        defer { p.base.update(from: saved.base, count: p.count) }
+        return try validate()
     }
 
     /// Validation loss over the validation cache (or its first `val_samples`), split across ranks,

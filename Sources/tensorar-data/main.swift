@@ -1,11 +1,12 @@
 // tensorar-data: builds, checks and looks at token caches (SPEC 7).
 //   fashion-mnist    tokenise Fashion-MNIST with a k-means patch VQ -> OUT/train, OUT/val
-//   import-llamagen  convert LlamaGen's extracted {i}.npy codes and labels into a cache
+//   import-llamagen  convert LlamaGen's extracted codes (its --code-path roots) into a cache
 //   inspect, verify  counts and histograms; the full integrity check
 //   decode           tokens back to an image (PNG or PGM) with the cache's codebook
 //   bench            loader throughput
 // Errors in the input print `error: <file>: <problem>` and exit 1.
 import ArgumentParser
+import ARModel
 import Foundation
 import Platform
 import TokenData
@@ -76,28 +77,69 @@ struct FashionMNIST: ParsableCommand {
 struct ImportLlamaGen: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "import-llamagen",
-        abstract: "Convert LlamaGen's extracted codes (codes/{i}.npy, int64 (1, A, T)) and labels (labels/{i}.npy) into a token cache.")
+        abstract: "Convert LlamaGen's extracted codes (its --code-path folders, or codes/ and labels/) into a cache.",
+        discussion: """
+        LlamaGen's extract_codes_c2i.py writes ROOT/<dataset><size>_codes/{i}.npy (int64 (1, A, T)) and \
+        ROOT/<dataset><size>_labels/{i}.npy (int64 (1,)). Give ROOT with --code-path; give --code-path again \
+        for each further root of the same images (the flip and ten-crop folders, e.g. ..._ten_crop and \
+        ..._ten_crop_105): their views are concatenated into one cache of A = A_1 + A_2 + ... views. \
+        The vocabulary and class count have no defaults: give --vocab-size and --num-classes, or --like W \
+        with weights (.safetensors with tensorar.config) of the model the cache is for.
+        """)
 
-    @Option(help: "Folder of {i}.npy code files.") var codes: String
-    @Option(help: "Folder of {i}.npy label files.") var labels: String
+    @Option(help: "A LlamaGen --code-path folder (repeatable: one per augmentation root).") var codePath: [String] = []
+    @Option(help: "Folder of {i}.npy code files (instead of --code-path).") var codes: String?
+    @Option(help: "Folder of {i}.npy label files (with --codes).") var labels: String?
     @Option(help: "Output cache folder.") var out: String
     @Option(help: "Samples per shard.") var shardSize = 10_000
-    @Option(help: "Number of classes C.") var numClasses = 1000
-    @Option(help: "Codebook size V of the tokenizer that made the codes.") var vocabSize = 16384
+    @Option(help: "Number of classes C (or --like).") var numClasses: Int?
+    @Option(help: "Codebook size V of the tokenizer that made the codes (or --like).") var vocabSize: Int?
+    @Option(help: "Weights (.safetensors with tensorar.config) whose vocab_size and num_classes to use.")
+    var like: String?
     @Option(help: "Parallel workers (one shard each at a time).") var jobs = 2
 
     func validate() throws {
-        guard shardSize >= 1, numClasses >= 1, vocabSize >= 1, jobs >= 1 else {
+        guard shardSize >= 1, jobs >= 1, (numClasses ?? 1) >= 1, (vocabSize ?? 1) >= 1 else {
             throw ValidationError("--shard-size, --num-classes, --vocab-size and --jobs must be at least 1")
         }
+        if codePath.isEmpty == (codes == nil) {
+            throw ValidationError("give --code-path ROOT (LlamaGen's layout) or --codes with --labels")
+        }
+        if (codes == nil) != (labels == nil) { throw ValidationError("--codes and --labels go together") }
+        if like == nil && (numClasses == nil || vocabSize == nil) {
+            throw ValidationError("give --vocab-size and --num-classes (the tokenizer's codebook size and the class "
+                + "count), or --like W.safetensors")
+        }
+    }
+
+    /// V and C: the flags, else the weights' recorded shape; a flag contradicting the weights is an error.
+    func limits() throws -> (vocab: Int, classes: Int, from: String) {
+        guard let like else {
+            return (vocabSize!, numClasses!, "--vocab-size \(vocabSize!) and --num-classes \(numClasses!)")
+        }
+        guard let c = try recordedModelConfig(like) else {
+            throw InputError(like, "has no tensorar.config metadata: give --vocab-size and --num-classes")
+        }
+        let given = [("--vocab-size", vocabSize, c.vocabSize), ("--num-classes", numClasses, c.numClasses)]
+        for (flag, value, has) in given {
+            if let value, value != has { throw InputError(like, "\(flag) \(value) contradicts the weights' \(has)") }
+        }
+        return (c.vocabSize, c.numClasses, "--like \(like) (vocab_size \(c.vocabSize), num_classes \(c.numClasses))")
     }
 
     func run() throws {
         let start = Date()
-        var o = LlamaGenImportOptions(codes: codes, labels: labels, out: out)
-        o.shardSize = shardSize; o.numClasses = numClasses; o.vocabSize = vocabSize; o.jobs = jobs
+        let views = try codes.map { [LlamaGenFolders(codes: $0, labels: labels!)] }
+            ?? codePath.map { try findLlamaGenFolders(codePath: $0) }
+        let (v, c, from) = try limits()
+        var o = LlamaGenImportOptions(views: views, out: out, vocabSize: v, numClasses: c)
+        o.shardSize = shardSize
+        o.jobs = jobs
+        o.limitsFrom = from
+        for f in views { say("codes \(f.codes), labels \(f.labels)") }
         let info = try importLlamaGen(o, log: say)
-        say("wrote \(out): \(info.numSamples) samples in \(info.shards.count) shard(s), A = \(info.augmentations), grid \(info.gridH)x\(info.gridW), codes \(info.codesKind.rawValue)")
+        say("wrote \(out): \(info.numSamples) samples in \(info.shards.count) shard(s), A = \(info.augmentations), "
+            + "grid \(info.gridH)x\(info.gridW), codes \(info.codesKind.rawValue)")
         say(String(format: "time: %.1f s", Date().timeIntervalSince(start)))
     }
 }
@@ -127,8 +169,11 @@ struct Verify: ParsableCommand {
 
     func run() throws {
         let r = try verifyCache(directory: directory)
-        say(String(format: "ok: %@: %d samples in %d shard(s), %.1f MB hashed, %.2f s", directory, r.samplesChecked, r.shardsChecked,
-                   Double(r.bytesHashed) / 1e6, r.seconds))
+        let mb = Double(r.bytesHashed) / 1e6
+        say(String(format: "ok: %@: %d samples in %d shard(s), %.1f MB hashed, %.2f s (sha256 %.2f s, %.0f MB/s; "
+                   + "every value read and checked %.2f s)", directory, r.samplesChecked, r.shardsChecked, mb,
+                   r.seconds,
+                   r.hashSeconds, mb / max(r.hashSeconds, 1e-9), r.seconds - r.hashSeconds))
     }
 }
 

@@ -16,6 +16,8 @@ struct Eval: ParsableCommand {
 
     @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).") var weights: String
     @Option(help: "Token cache folder (SPEC section 7).") var data: String
+    @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
+    var weightsKind: WeightsKind = .raw
     @Option(help: "Model shape for a file without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")).") var preset: String?
     @Option(help: "none: clean inputs; train: the training noise under a fixed seed.") var noise: NoiseMode = .none
     @Option(help: "Noise type for --noise train: \(NoiseType.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.type, else replace).") var noiseType: String?
@@ -46,7 +48,7 @@ struct Eval: ParsableCommand {
         // A checkpoint folder also gives the run's settings: with --noise train, its noise and seed
         // make this the validation loss the trainer logged for that checkpoint.
         let checkpoint = try checkpointManifest(at: weights)
-        let model = try loadModel(from: checkpoint?.directory ?? weights, fallback: fallback)
+        let model = try loadModel(from: checkpoint?.directory ?? weights, fallback: fallback, kind: weightsKind)
         try checkDataMatchesModel(cache.info, model.config, cachePath: data)
         let lossNoise: LossNoise?
         if noise == .train {
@@ -85,3 +87,5 @@ struct Eval: ParsableCommand {
         }
     }
 }
+
+extension WeightsKind: ExpressibleByArgument {}

@@ -24,6 +24,8 @@ struct Weights: ParsableCommand {
 
     @Option(help: "A checkpoint folder (step-NNNNNNNN), or a run folder meaning its newest checkpoint (`latest`).") var checkpoint: String
     @Option(help: "The .safetensors file to write (replaced atomically if it exists).") var out: String
+    @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
+    var weightsKind: WeightsKind = .raw
 
     func run() throws {
         try exitingOnInputError(exitCode: 2) {
@@ -32,9 +34,14 @@ struct Weights: ParsableCommand {
                 throw InputError(checkpoint, (exists ? "a file, not a folder" : "no such folder")
                     + ": expected a checkpoint folder (step-NNNNNNNN) or a run folder with checkpoints")
             }
-            let model = try loadModel(from: dir)
-            try model.save(out, extraMetadata: ["tensorar.checkpoint": dir, "tensorar.step": String(manifest.step)])
-            print("\(out): \(model.table.total) parameters from \(dir) (step \(manifest.step)); model \(model.config.jsonString())")
+            let model = try loadModel(from: dir, kind: weightsKind)
+            try model.save(out, extraMetadata: ["tensorar.checkpoint": dir, "tensorar.step": String(manifest.step),
+                                                "tensorar.weights_kind": weightsKind.rawValue])
+            print("\(out): \(model.table.total) parameters (\(weightsKind.rawValue) weights) from \(dir) "
+                  + "(step \(manifest.step)); "
+                  + "model \(model.config.jsonString())")
         }
     }
 }
+
+extension WeightsKind: ExpressibleByArgument {}

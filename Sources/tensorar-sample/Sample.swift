@@ -29,14 +29,30 @@ struct Sample: ParsableCommand {
         """)
 
     @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).") var weights: String?
-    @Option(help: "Model shape for a .safetensors without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")) (with --vocab-size, --num-classes, --grid-size).") var preset: String?
-    @Option(help: "With --preset: codebook size V.") var vocabSize = 16384
-    @Option(help: "With --preset: number of classes C.") var numClasses = 1000
-    @Option(help: "With --preset: token grid side.") var gridSize = 16
+    @Option(help: """
+        Model shape for a .safetensors without tensorar.config metadata: \
+        \(ModelConfig.presetNames.joined(separator: ", ")) (with --vocab-size, --num-classes, --grid-size or --data).
+        """) var preset: String?
+    @Option(help: "Codebook size V: the preset's, or an error when the weights have another.") var vocabSize: Int?
+    @Option(help: "Number of classes C: the preset's, or an error when the weights have another.") var numClasses: Int?
+    @Option(help: "Token grid side: the preset's, or an error when the weights have another.") var gridSize: Int?
+    @Option(help: """
+        Token cache (SPEC section 7) the model is for: its grid, vocabulary and classes must fit the \
+        weights (as tensorar-eval checks), and they give a --preset its shape.
+        """) var data: String?
     @Option(help: "Expected window k; an error when the weights have another.") var window: Int?
+    @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
+    var weightsKind: WeightsKind = .raw
     @Option(help: "Classes to sample, comma-separated, ranges allowed (0,3,5-7); default: all of the model's classes.") var classes: String?
     @Option(help: "Images per class.") var perClass = 10
-    @Option(help: "Classifier-free guidance scale (1: no guidance, no null-class rows).") var cfgScale: Float = 1
+    @Option(help: """
+        Classifier-free guidance scale; as LlamaGen, guidance only above 1 (at 1 or below: no guidance, \
+        no null-class rows, the conditioned logits as they are).
+        """) var cfgScale: Float = 1
+    @Option(help: """
+        LlamaGen's --cfg-interval: -1 guides every step; N >= 0 guides steps 0 ... N + 1 only (LlamaGen's \
+        first token and its next N + 1), the later ones use the conditioned logits.
+        """) var cfgInterval = -1
     @Option(help: "Softmax temperature (0: greedy).") var temperature: Float = 1
     @Option(help: "Keep the K most likely tokens (0: all; 1: greedy, deterministic).") var topK = 0
     @Option(help: "Keep the smallest set of most likely tokens whose probability reaches P (1: all).") var topP: Float = 1
@@ -62,11 +78,18 @@ struct Sample: ParsableCommand {
         if topK < 0 { throw ValidationError("--top-k must be >= 0 (0: all), got \(topK)") }
         if !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1], got \(topP)") }
         if !cfgScale.isFinite { throw ValidationError("--cfg-scale must be finite, got \(cfgScale)") }
+        if cfgInterval < -1 {
+            throw ValidationError("--cfg-interval must be -1 (every step) or >= 0, got \(cfgInterval)")
+        }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if let window, window < 1 { throw ValidationError("--window must be at least 1") }
     }
 
-    var options: SamplingOptions { SamplingOptions(cfgScale: cfgScale, temperature: temperature, topK: topK, topP: topP, seed: seed) }
+    var options: SamplingOptions {
+        var o = SamplingOptions(cfgScale: cfgScale, temperature: temperature, topK: topK, topP: topP, seed: seed)
+        o.cfgInterval = cfgInterval
+        return o
+    }
 
     func run() throws {
         BLAS.ensureBestKernel()
@@ -111,9 +134,11 @@ struct Sample: ParsableCommand {
     /// Loads the model and checks every input before any work.
     func prepare(comm: Communicator) throws -> Plan {
         let w = weights!
-        let fallback = try preset.map { try ModelConfig.preset($0, vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize) }
-        let model = try loadModel(from: w, fallback: fallback)
+        let cache = try data.map { try TokenCache(directory: $0) }
+        let model = try loadModel(from: w, fallback: try presetShape(cache: cache?.info), kind: weightsKind)
         let c = model.config
+        try checkShapeFlags(c, weights: w)
+        if let cache, let data { try checkDataMatchesModel(cache.info, c, cachePath: data) }
         if let window, window != c.window {
             throw InputError(w, "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but --window \(window) was asked")
         }
@@ -127,6 +152,33 @@ struct Sample: ParsableCommand {
             try checkWritableFolder(npyDir, for: npyDir)
         }
         return Plan(model: model, classes: cls, total: cls.count * perClass)
+    }
+
+    /// The --preset shape, its V, C and grid from the flags, else from --data's cache; no silent default.
+    func presetShape(cache: CacheInfo?) throws -> ModelConfig? {
+        guard let preset else { return nil }
+        let v = vocabSize ?? cache?.vocabSize
+        let n = numClasses ?? cache?.numClasses
+        let g = gridSize ?? cache?.gridH
+        guard let v, let n, let g else {
+            throw InputError("--preset", "\(preset) needs the data's shape: give --vocab-size, --num-classes and "
+                + "--grid-size, or --data CACHE")
+        }
+        return try ModelConfig.preset(preset, vocabSize: v, numClasses: n, gridSize: g)
+    }
+
+    /// --vocab-size, --num-classes, --grid-size given beside weights of another shape: an error naming both.
+    func checkShapeFlags(_ c: ModelConfig, weights w: String) throws {
+        let given: [(String, Int?, Int)] = [
+            ("--vocab-size", vocabSize, c.vocabSize), ("--num-classes", numClasses, c.numClasses),
+            ("--grid-size", gridSize, c.gridSize),
+        ]
+        for (flag, value, has) in given {
+            if let value, value != has {
+                let key = flag.dropFirst(2).replacingOccurrences(of: "-", with: "_")
+                throw InputError(w, "\(flag) \(value) contradicts the weights' \(key) \(has)")
+            }
+        }
     }
 
     func checkWritableFolder(_ dir: String, for path: String) throws {
@@ -165,7 +217,9 @@ struct Sample: ParsableCommand {
         let lo = comm.rank * N / comm.size, hi = (comm.rank + 1) * N / comm.size
         say("tensorar-sample: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
         say("model: \(c.jsonString())")
-        say("sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); cfg \(cfgScale), temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
+        let guidance = "cfg \(cfgScale) (\(options.guided ? "guided" : "unguided"), interval \(cfgInterval))"
+        say("sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); \(guidance), "
+            + "temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
         let sampler = Sampler(model: plan.model)
         var tokens: [Int32] = [], traj: [Int32] = [], labels: [Int32] = []
         let t0 = monotonicSeconds()
@@ -224,6 +278,7 @@ struct Sample: ParsableCommand {
             try f.write("trajectories", trajectories, shape: [N, c.seqLen, c.window])
             try f.setAttribute("format_version", int: 1)
             try f.setAttribute("cfg_scale", string: "\(cfgScale)")
+            try f.setAttribute("cfg_interval", int: cfgInterval)
             try f.setAttribute("temperature", string: "\(temperature)")
             try f.setAttribute("top_p", string: "\(topP)")
             try f.setAttribute("seed", string: "\(seed)")
@@ -235,7 +290,8 @@ struct Sample: ParsableCommand {
             try f.setAttribute("num_classes", int: c.numClasses)
             try f.setAttribute("config", string: c.jsonString())
             let sampling: [String: Any] = [
-                "cfg_scale": Double(cfgScale), "temperature": Double(temperature), "top_k": topK, "top_p": Double(topP),
+                "cfg_scale": Double(cfgScale), "cfg_interval": cfgInterval, "temperature": Double(temperature),
+                "top_k": topK, "top_p": Double(topP),
                 "seed": seed, "per_class": perClass, "classes": Array(Set(labels.map { Int($0) })).sorted(), "weights": weights ?? "",
             ]
             try f.setAttribute("sampling", string: String(data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!)
@@ -252,3 +308,4 @@ struct Sample: ParsableCommand {
     }
 }
 
+extension WeightsKind: ExpressibleByArgument {}

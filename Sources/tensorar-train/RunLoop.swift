@@ -1,6 +1,7 @@
 import ARModel
 import Foundation
 import Platform
+import TokenData
 import Training
 
 /// The run loop's policy around `Trainer.trainStep` (issue 11): a step whose loss or gradient is
@@ -86,6 +87,24 @@ final class RunLoop {
         try metrics?.log(["step": .int(s), "val_loss": .double(v.noised.loss),
                           "val_slot_losses": .doubles(v.noised.slotLosses), "val_loss_clean": .double(v.clean.loss),
                           "val_slot_losses_clean": .doubles(v.clean.slotLosses)])
+        try logSamples(step: s)
+        guard let e = try trainer.validateEMA() else { return }
+        say(String(format: "validation at step %d, EMA weights: loss %.4f, clean-input loss %.4f", s, e.noised.loss,
+                   e.clean.loss))
+        try metrics?.log(["step": .int(s), "val_loss_ema": .double(e.noised.loss),
+                          "val_slot_losses_ema": .doubles(e.noised.slotLosses),
+                          "val_loss_clean_ema": .double(e.clean.loss)])
+    }
+
+    /// Rank 0, with TensorBoard and a codebook in the train cache: a strip of greedy samples of the
+    /// first classes (up to 8), decoded to pixels, as the image "samples".
+    private func logSamples(step s: Int) throws {
+        guard let tb = metrics?.tensorboard, let path = trainer.trainCache.codebookPath else { return }
+        let codebook = try Codebook.load(path: path)
+        let labels = (0..<min(8, trainer.model.config.numClasses)).map { Int32($0) }
+        let strip = try greedySampleStrip(model: trainer.model, codebook: codebook, labels: labels)
+        try tb.image(step: s, tag: "samples", png: strip.png, width: strip.width, height: strip.height,
+                     channels: strip.channels)
     }
 
     /// Every rank writes its slice of the checkpoint (SPEC section 7).
@@ -93,7 +112,8 @@ final class RunLoop {
         let t0 = monotonicSeconds()
         let m = trainer.model
         let dir = try store.save(progress: trainer.progress, config: cfg, model: m.config, table: m.table,
-                                 params: m.params, optimizer: trainer.optimizer, communicator: trainer.comm)
+                                 params: m.params, optimizer: trainer.optimizer, ema: trainer.ema,
+                                 communicator: trainer.comm)
         say(String(format: "checkpoint (%@): %@ in %.2f s", why, dir, monotonicSeconds() - t0))
     }
 }

@@ -24,7 +24,10 @@ struct Train: ParsableCommand {
     @Option(help: "Resume from this checkpoint folder (a step folder, or a run folder meaning its latest).") var resumeFrom: String?
     @Flag(help: "Start from scratch even if the run folder holds checkpoints.") var fresh = false
     @Flag(help: "When the newest checkpoint is damaged, resume from the one before it.") var fallback = false
-    @Option(help: "Initialise from weights (.safetensors): a base model under a fresh plug-in, or a full model.") var initFrom: String?
+    @Option(help: """
+        Initialise from weights (.safetensors): a base model under a fresh plug-in, or a full model. Its recorded \
+        shape (tensorar.config) is the base's unless CONFIG or --set gives one; then they must agree.
+        """) var initFrom: String?
 
     func validate() throws {
         if [resume, resumeFrom != nil, fresh].filter({ $0 }).count > 1 { throw ValidationError("--resume, --resume-from and --fresh exclude each other") }
@@ -38,6 +41,10 @@ struct Train: ParsableCommand {
         do {
             try train(comm: comm, say: say)
             try? MPI.finalize()
+        } catch is ReportedStop {
+            // A set-up error every rank agreed on: reported once already; every rank exits 1.
+            try? MPI.finalize()
+            throw ExitCode(1)
         } catch let e as CollectiveStop {
             // Every rank decided this at the same step: no rank is left waiting, so end normally
             // (one message, every rank exits 1) instead of aborting.
@@ -65,14 +72,10 @@ struct Train: ParsableCommand {
         }
         defer { signals.forEach { $0.cancel() } }
 
-        let cfg = try resolvedConfig(worldSize: comm.size)
+        let cfg = try agreedSetup(comm: comm)
         // Threads: ranks x threads must not exceed the cores of a node.
         BLAS.threads = cfg.dist.threadsPerRank.resolve(ranksOnNode: MPI.ranksOnThisNode)
         say("tensorar-train: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
-        guard FileManager.default.fileExists(atPath: cfg.data.train + "/dataset.json") else {
-            throw InputError(cfg.data.train, "no token cache here (dataset.json missing). For the built-in default run "
-                + "`Launch/quickstart.sh`, or build it with `tensorar-data fashion-mnist --out Data/fashion-mnist`")
-        }
         let trainer = try Trainer(config: cfg, comm: comm)
         describe(trainer, say: say)
         let store = CheckpointStore(config: cfg)
@@ -89,6 +92,36 @@ struct Train: ParsableCommand {
         try finish(trainer, store: store, say: say)
     }
 
+    /// Thrown once a set-up error has been printed by the one rank that reports it.
+    struct ReportedStop: Error {}
+
+    /// The config and the checks of its files, before any collective. Errors there (a bad config, a
+    /// missing cache, unreadable init weights) reach every rank alike: one allreduce agrees on them, and
+    /// only the lowest failing rank prints (rank 0 when all fail), so `-n 8` prints one line, not eight.
+    private func agreedSetup(comm: Communicator) throws -> TrainConfig {
+        var cfg: TrainConfig?
+        var failure: Error?
+        do {
+            let c = try resolvedConfig(worldSize: comm.size)
+            guard FileManager.default.fileExists(atPath: c.data.train + "/dataset.json") else {
+                throw InputError(c.data.train, "no token cache here (dataset.json missing). For the built-in default "
+                    + "run `Launch/quickstart.sh`, or build it with "
+                    + "`tensorar-data fashion-mnist --out Data/fashion-mnist`")
+            }
+            cfg = c
+        } catch {
+            failure = error
+        }
+        let none = Int64(comm.size)
+        let reporter = try comm.allreduce(failure == nil ? none : Int64(comm.rank), op: .min)
+        if reporter == none { return cfg! }
+        if reporter == Int64(comm.rank), let failure {
+            let who = comm.rank == 0 ? "" : "rank \(comm.rank) of \(comm.size) (rank 0 had no error): "
+            FileHandle.standardError.write("error: \(who)\(failure)\n".data(using: .utf8)!)
+        }
+        throw ReportedStop()
+    }
+
     /// Defaults < CONFIG < --set flags, with this command's flags as `--set`s; validated.
     private func resolvedConfig(worldSize: Int) throws -> TrainConfig {
         let shipped = "Configs/default.yaml"
@@ -99,6 +132,12 @@ struct Train: ParsableCommand {
         if let resumeFrom { extra.append("checkpoint.resume=\(resumeFrom)") }
         if fallback { extra.append("checkpoint.fallback=true") }
         var cfg = try TrainConfig.load(file: file, overrides: extra)
+        if let w = cfg.model.initFrom, let recorded = try recordedModelConfig(w) {
+            // The user's own config file and --set flags state a shape; the shipped default's preset does not.
+            let yaml = try config.map { try String(contentsOfFile: $0, encoding: .utf8) } ?? ""
+            let given = TrainConfig.givenShapeKeys(yaml: yaml, overrides: overrides)
+            cfg.model = try cfg.model.adoptingShape(of: recorded, path: w, given: given)
+        }
         if cfg.checkpoint.run == nil {
             cfg.checkpoint.run = file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension }
                 ?? "default"
@@ -133,15 +172,16 @@ struct Train: ParsableCommand {
         case "never": loaded = nil
         case "auto":
             loaded = try store.loadLatest(allowFallback: cfg.checkpoint.fallback, model: mc, table: table,
-                                          params: params, optimizer: trainer.optimizer, communicator: comm,
-                                          notes: &notes)
+                                          params: params, optimizer: trainer.optimizer, ema: trainer.ema,
+                                          communicator: comm, notes: &notes)
             if resume && loaded == nil {
                 throw InputError(store.runDirectory, "--resume: no complete checkpoint in this run folder")
             }
         default:
             loaded = try CheckpointStore.load(path: cfg.checkpoint.resume, allowFallback: cfg.checkpoint.fallback,
                                               model: mc, table: table, params: params,
-                                              optimizer: trainer.optimizer, communicator: comm, notes: &notes)
+                                              optimizer: trainer.optimizer, ema: trainer.ema, communicator: comm,
+                                              notes: &notes)
         }
         notes.forEach { say("note: \($0)") }
         if let loaded {
@@ -165,6 +205,11 @@ struct Train: ParsableCommand {
                 try MetricsLog.dropRecords(after: resumedAt, path: store.runDirectory + "/metrics.jsonl")
             }
             metrics = try MetricsLog(path: store.runDirectory + "/metrics.jsonl")
+            if cfg.train.tensorboard {
+                metrics?.tensorboard = try TensorBoardWriter(directory: store.runDirectory + "/tensorboard")
+                let folder = store.runDirectory + "/tensorboard"
+                say("TensorBoard: \(metrics!.tensorboard!.path) (tensorboard --logdir \(folder))")
+            }
             say("resolved config (saved to \(store.runDirectory)/config.yaml):\n" + cfg.yamlString())
         }
         if isRoot, let entropy = try? unigramEntropy(directory: cfg.data.train) {

@@ -184,8 +184,9 @@ final class FormatTests: XCTestCase {
     func testImportLlamaGen() throws {
         let dir = temporaryFolder(self)
         let (codes, labels) = try writeLlamaGen(dir, n: 11, a: 2, t: 16, vocab: 100, classes: 5)
-        var o = LlamaGenImportOptions(codes: codes, labels: labels, out: path(dir, "cache"))
-        o.shardSize = 4; o.numClasses = 5; o.vocabSize = 100; o.jobs = 2
+        var o = LlamaGenImportOptions(views: [LlamaGenFolders(codes: codes, labels: labels)], out: path(dir, "cache"),
+                                      vocabSize: 100, numClasses: 5)
+        o.shardSize = 4; o.jobs = 2
         let info = try importLlamaGen(o, log: { _ in })
         XCTAssertEqual(info.numSamples, 11)
         XCTAssertEqual(info.shards.map(\.numSamples), [4, 4, 3])
@@ -203,8 +204,9 @@ final class FormatTests: XCTestCase {
     func testImportLlamaGenErrors() throws {
         let dir = temporaryFolder(self)
         let (codes, labels) = try writeLlamaGen(dir, n: 6, a: 1, t: 9, vocab: 50, classes: 3)
-        var o = LlamaGenImportOptions(codes: codes, labels: labels, out: path(dir, "cache"))
-        o.shardSize = 2; o.numClasses = 3; o.vocabSize = 50; o.jobs = 3
+        var o = LlamaGenImportOptions(views: [LlamaGenFolders(codes: codes, labels: labels)], out: path(dir, "cache"),
+                                      vocabSize: 50, numClasses: 3)
+        o.shardSize = 2; o.jobs = 3
         // A sample with another shape.
         try npyData(int64: [Int64](repeating: 1, count: 18), shape: [1, 2, 9]).write(to: URL(fileURLWithPath: path(codes, "4.npy")))
         assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "codes/4.npy", contains: ["all samples need the same A and T"])
@@ -218,7 +220,70 @@ final class FormatTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: path(o.out, "dataset.json")), "a failed import leaves no dataset.json")
         // Not a square grid.
         let (c2, l2) = try writeLlamaGen(path(dir, "b"), n: 2, a: 1, t: 8, vocab: 50, classes: 3)
-        o.codes = c2; o.labels = l2
+        o.views = [LlamaGenFolders(codes: c2, labels: l2)]
         assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "0.npy", contains: ["not a square grid"])
+    }
+
+    /// LlamaGen's --code-path layout: ROOT/<name>_codes and ROOT/<name>_labels.
+    private func writeRoot(_ root: String, name: String, n: Int, a: Int, offset: Int) throws -> LlamaGenFolders {
+        let codes = path(root, "\(name)_codes"), labels = path(root, "\(name)_labels")
+        for d in [codes, labels] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        }
+        for i in 0..<n {
+            let v = (0..<a).flatMap { aa in (0..<16).map { Int64(syntheticCode(i, offset + aa, $0, vocab: 100)) } }
+            try npyData(int64: v, shape: [1, a, 16]).write(to: URL(fileURLWithPath: path(codes, "\(i).npy")))
+            let label = [Int64(syntheticLabel(i, classes: 5))]
+            try npyData(int64: label, shape: [1]).write(to: URL(fileURLWithPath: path(labels, "\(i).npy")))
+        }
+        return LlamaGenFolders(codes: codes, labels: labels)
+    }
+
+    /// A flip root (A = 2) and its ten-crop companion (A = 10) become one cache of 12 views, in order.
+    func testImportLlamaGenCodePathRootsAsViews() throws {
+        let dir = temporaryFolder(self)
+        let flip = try writeRoot(path(dir, "code_c2i_flip_ten_crop"), name: "imagenet256", n: 5, a: 2, offset: 0)
+        let wide = try writeRoot(path(dir, "code_c2i_flip_ten_crop_105"), name: "imagenet256", n: 5, a: 10, offset: 2)
+        XCTAssertEqual(try findLlamaGenFolders(codePath: path(dir, "code_c2i_flip_ten_crop")), flip)
+        var o = LlamaGenImportOptions(views: [flip, wide], out: path(dir, "cache"), vocabSize: 100, numClasses: 5)
+        o.shardSize = 2
+        let info = try importLlamaGen(o, log: { _ in })
+        XCTAssertEqual([info.numSamples, info.augmentations], [5, 12])
+        let cache = try TokenCache(directory: o.out)
+        for view in [0, 1, 2, 11] {
+            let (got, labels) = try cache.read(indices: [3], augmentations: [view])
+            XCTAssertEqual(got, (0..<16).map { syntheticCode(3, view, $0, vocab: 100) }, "view \(view)")
+            XCTAssertEqual(labels, [syntheticLabel(3, classes: 5)])
+        }
+        // --codes at a root: the hint names --code-path
+        o.views = [LlamaGenFolders(codes: path(dir, "code_c2i_flip_ten_crop"), labels: flip.labels)]
+        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "code_c2i_flip_ten_crop",
+                         contains: ["LlamaGen --code-path root", "pass it as --code-path"])
+        assertInputError({ _ = try findLlamaGenFolders(codePath: flip.codes) }, file: "imagenet256_codes",
+                         contains: ["expected one <name>_codes folder", "found none"])
+    }
+
+    func testImportLlamaGenRootsMustAgreeAndLimitsMustHoldTheData() throws {
+        let dir = temporaryFolder(self)
+        let flip = try writeRoot(path(dir, "a"), name: "imagenet256", n: 4, a: 2, offset: 0)
+        let wide = try writeRoot(path(dir, "b"), name: "imagenet256", n: 4, a: 10, offset: 2)
+        var o = LlamaGenImportOptions(views: [flip, wide], out: path(dir, "cache"), vocabSize: 100, numClasses: 5)
+        let other = syntheticLabel(2, classes: 5) == 0 ? 1 : 0
+        try npyData(int64: [Int64(other)], shape: [1]).write(to: URL(fileURLWithPath: path(wide.labels, "2.npy")))
+        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "b/imagenet256_labels/2.npy",
+                         contains: ["the roots are not views of the same images"])
+        try FileManager.default.removeItem(atPath: path(wide.codes, "3.npy"))
+        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "b/imagenet256_codes",
+                         contains: ["holds 3 samples", "sample 3 is in one only"])
+        o.views = [flip]
+        o.vocabSize = 10
+        o.limitsFrom = "--vocab-size 10 and --num-classes 5"
+        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "a/imagenet256_codes/0.npy",
+                         contains: ["vocab_size 10)",
+                                    "of --vocab-size 10 and --num-classes 5 is smaller than the data holds"])
+        o.vocabSize = 100
+        o.numClasses = 1
+        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "a/imagenet256_labels/1.npy",
+                         contains: ["num_classes 1)", "is smaller than the data holds"])
     }
 }

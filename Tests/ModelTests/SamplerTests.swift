@@ -18,10 +18,15 @@ final class SamplerTests: XCTestCase {
 
     /// The uncached path: one teacher-forced forward over the tensors the sampler produced must
     /// choose, at every position and slot, the token the cached sampler chose.
-    func checkCachedMatchesUncached(_ m: Transformer, cfg: Float) {
+    /// `interval`: LlamaGen's cfg_interval, guidance at steps 0 ... interval + 1 (-1: every step).
+    /// Returns the sampled tokens.
+    @discardableResult
+    func checkCachedMatchesUncached(_ m: Transformer, cfg: Float, interval: Int = -1) -> [Int32] {
         let c = m.config, T = c.seqLen, k = c.window, V = c.vocabSize
         let labels: [Int32] = [0, 2, 1]
-        let s = Sampler(model: m).sample(labels: labels, sampleIds: [0, 1, 2], options: SamplingOptions(cfgScale: cfg, topK: 1))
+        var options = SamplingOptions(cfgScale: cfg, topK: 1)
+        options.cfgInterval = interval
+        let s = Sampler(model: m).sample(labels: labels, sampleIds: [0, 1, 2], options: options)
         // t_p[j] = trajectory[p + j][slot j]
         var tensors = [Int32](repeating: -1, count: 3 * (T - 1) * k)
         for b in 0..<3 { for q in 0..<(T - 1) { for j in 0..<k where q + j < T { tensors[(b * (T - 1) + q) * k + j] = s.trajectories[(b * T + q + j) * k + j] } } }
@@ -36,13 +41,59 @@ final class SamplerTests: XCTestCase {
                 for j in 0..<k where q + j < T {
                     var row = (0..<V).map { v -> Float in
                         let i = ((b * T + q) * k + j) * V + v
-                        return cfg == 1 ? lc[i] : lu[i] + cfg * (lc[i] - lu[i])
+                        let guided = cfg > 1 && (interval < 0 || q <= interval + 1)
+                        return guided ? lu[i] + cfg * (lc[i] - lu[i]) : lc[i]
                     }
                     let want = Sampler.choose(&row, options: SamplingOptions(topK: 1), uniform: 0)
                     XCTAssertEqual(Int(s.trajectories[(b * T + q + j) * k + j]), want, "image \(b) step \(q) slot \(j)")
                 }
                 XCTAssertEqual(s.tokens[b * T + q], s.trajectories[(b * T + q) * k], "slot 0 of step p is the final token p")
             }
+        }
+        return s.tokens
+    }
+
+    /// A model whose class matters (large class and token embeddings), so guidance changes its samples.
+    func guidanceModel(window: Int, depth: Int) throws -> Transformer {
+        let m = try model(window: window, depth: depth, seed: 5)
+        var rng = CounterRNG(seed: 77)
+        for e in m.table.entries where e.name.hasPrefix("cls_embedding") || e.name == "tok_embeddings.weight" {
+            for i in 0..<e.count { m.params[e.offset + i] = rng.normal() }
+        }
+        return m
+    }
+
+    /// As LlamaGen: no guidance at a scale of 1 or below (at 0.5 the samples are the unguided ones,
+    /// not an extrapolation away from the condition).
+    func testNoGuidanceAtScaleOneOrBelow() throws {
+        let m = try guidanceModel(window: 3, depth: 1)
+        let unguided = checkCachedMatchesUncached(m, cfg: 1)
+        XCTAssertEqual(checkCachedMatchesUncached(m, cfg: 0.5), unguided)
+        XCTAssertEqual(checkCachedMatchesUncached(m, cfg: -2), unguided)
+        XCTAssertFalse(SamplingOptions(cfgScale: 0.5).guided)
+        // the old rule (guide at any scale but 1) extrapolated at 0.5: a different image here
+        let o = SamplingOptions(cfgScale: 0.5, topK: 1)
+        let guided = SamplingOptions(cfgScale: 1.5, topK: 1)
+        let old = Sampler(model: m).sample(labels: [0, 2, 1], sampleIds: [0, 1, 2], options: guided)
+        XCTAssertEqual(Sampler(model: m).sample(labels: [0, 2, 1], sampleIds: [0, 1, 2], options: o).tokens, unguided)
+        XCTAssertNotEqual(old.tokens, unguided, "guidance changes this model's samples, so the test can fail")
+    }
+
+    /// LlamaGen's cfg_interval: guided steps 0 ... N + 1, the rest conditioned only.
+    func testCfgIntervalGuidesTheFirstSteps() throws {
+        for (window, depth) in [(1, 0), (3, 1)] {
+            let m = try guidanceModel(window: window, depth: depth)
+            let full = checkCachedMatchesUncached(m, cfg: 4)
+            let none = checkCachedMatchesUncached(m, cfg: 1)
+            let interval = checkCachedMatchesUncached(m, cfg: 4, interval: 0)
+            let past = checkCachedMatchesUncached(m, cfg: 4, interval: 100)
+            XCTAssertEqual(past, full, "an interval past the end: every step")
+            XCTAssertNotEqual(full, none, "guidance matters for this model (k = \(window))")
+            XCTAssertNotEqual(interval, full, "steps after 1 unguided (k = \(window))")
+            XCTAssertTrue(SamplingOptions(cfgScale: 4).guides(position: 8))
+            var o = SamplingOptions(cfgScale: 4)
+            o.cfgInterval = 0
+            XCTAssertEqual((0..<4).map { o.guides(position: $0) }, [true, true, false, false])
         }
     }
 

@@ -469,7 +469,7 @@ def sample_greedy(params, cfg: Config, labels, cfg_scale: float, literal_prefix:
     labels = np.asarray(labels, dtype=np.int64)
     Bs = labels.shape[0]
     T, k, C = cfg.seq_len, cfg.window, cfg.num_classes
-    guided = cfg_scale != 1.0
+    guided = cfg_scale > 1.0                       # as LlamaGen: guidance only above 1 (SPEC 5)
     produced = np.full((Bs, T, k), PAD, dtype=np.int64)   # t_p for p = 0..T-1
     min_margin = math.inf
     lab = np.concatenate([labels, np.full(Bs, C, dtype=np.int64)]) if guided else labels

@@ -1,12 +1,7 @@
-"""Tests of Launch/convert_llamagen.py on fake torch-format zip checkpoints written here.
+"""Tests of Launch/convert_llamagen.py on fake torch-format zip checkpoints
+(llamagen_layouts.py builds them as torch.save and LlamaGen's train_c2i.py do).
 
     python3 -m pytest -q Tests/Reference/test_convert.py
-
-The fake checkpoints are built the way torch.save builds them: a zip with
-`archive/data.pkl` (pickle protocol 2) and one `archive/data/<key>` record per storage; each
-tensor pickles as REDUCE(torch._utils._rebuild_tensor_v2, (storage, offset, size, stride,
-requires_grad, OrderedDict())) and each storage as the persistent id
-('storage', torch.<Type>Storage, key, location, numel).
 """
 
 from __future__ import annotations
@@ -32,97 +27,12 @@ sys.path.insert(0, HERE)
 
 import convert_llamagen as C  # noqa: E402
 import safetensors_io  # noqa: E402
+from llamagen_layouts import (CheckpointBuilder, FakeEvil, FakeTensor, train_c2i_args,  # noqa: E402
+                              train_c2i_checkpoint)
 
 SCRIPT = os.path.join(ROOT, "Launch", "convert_llamagen.py")
 TINY = ["--dim", "32", "--n-layer", "2", "--n-head", "4", "--vocab-size", "32",
         "--num-classes", "5", "--grid-size", "4"]
-
-
-# ---------------------------------------------------------------------------- fake torch.save
-
-class FakeGlobal:
-    """Pickles as GLOBAL '<module>\\n<name>' (what a torch function or class pickles as)."""
-
-    def __init__(self, module, name):
-        self.module, self.name = module, name
-
-    def __call__(self, *args):          # pickle only checks that a reduce function is callable
-        raise RuntimeError("a stand-in, never called")
-
-
-class FakeStorage:
-    def __init__(self, type_name, key, data: bytes, numel: int):
-        self.type_name, self.key, self.data, self.numel = type_name, key, data, numel
-
-
-class FakeTensor:
-    def __init__(self, storage, offset, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
-
-    def __reduce_ex__(self, protocol):
-        return (FakeGlobal("torch._utils", "_rebuild_tensor_v2"),
-                (self.storage, self.offset, self.size, self.stride, False, collections.OrderedDict()))
-
-
-class FakeEvil:
-    def __reduce_ex__(self, protocol):
-        return (FakeGlobal("os", "system"), ("echo pwned > /tmp/convert_llamagen_pwned",))
-
-
-class TorchLikePickler(pickle._Pickler):
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_fake_global(self, obj):
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode("utf-8"))
-        self.memoize(obj)
-
-    dispatch[FakeGlobal] = _save_fake_global
-
-    def persistent_id(self, obj):
-        if isinstance(obj, FakeStorage):
-            return ("storage", FakeGlobal("torch", obj.type_name), obj.key, "cpu", obj.numel)
-        return None
-
-
-class CheckpointBuilder:
-    """Collects storages; `tensor()` adds a contiguous tensor with its own storage."""
-
-    def __init__(self):
-        self.storages = []
-
-    def storage(self, a: np.ndarray, kind="float32"):
-        key = str(len(self.storages))
-        a = np.ascontiguousarray(a).ravel()
-        if kind == "float32":
-            s = FakeStorage("FloatStorage", key, a.astype("<f4").tobytes(), a.size)
-        elif kind == "float16":
-            s = FakeStorage("HalfStorage", key, a.astype("<f2").tobytes(), a.size)
-        elif kind == "bfloat16":
-            bits = (a.astype("<f4").view("<u4") >> 16).astype("<u2")
-            s = FakeStorage("BFloat16Storage", key, bits.tobytes(), a.size)
-        elif kind == "int64":
-            s = FakeStorage("LongStorage", key, a.astype("<i8").tobytes(), a.size)
-        else:
-            raise ValueError(kind)
-        self.storages.append(s)
-        return s
-
-    def tensor(self, a: np.ndarray, kind="float32"):
-        a = np.asarray(a)
-        st = self.storage(a, kind)
-        stride = [int(np.prod(a.shape[i + 1:])) for i in range(a.ndim)]
-        return FakeTensor(st, 0, a.shape, stride)
-
-    def write(self, path, obj, prefix="archive"):
-        buf = io.BytesIO()
-        TorchLikePickler(buf, protocol=2).dump(obj)
-        with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-            z.writestr(f"{prefix}/data.pkl", buf.getvalue())
-            z.writestr(f"{prefix}/byteorder", "little")
-            for s in self.storages:
-                z.writestr(f"{prefix}/data/{s.key}", s.data)
-            z.writestr(f"{prefix}/version", "3\n")
-            z.writestr(f"{prefix}/.data/serialization_id", "0123456789")
 
 
 def model_arrays(seed=0, V=32, Cn=5, D=32, L=2, F=256):
@@ -149,7 +59,7 @@ def test_ddp_checkpoint_with_prefix_optimizer_args(tmp_path):
     sd._metadata = collections.OrderedDict([("", {"version": 1})])    # as torch state_dicts have
     opt = {"state": {0: {"step": b.tensor(np.array(3.0)), "exp_avg": b.tensor(np.ones((4, 4)))}},
            "param_groups": [{"lr": 1e-4, "params": [0]}]}
-    ns = argparse.Namespace(gpt_model="GPT-B", lr=1e-4, image_size=256)
+    ns = argparse.Namespace(lr=1e-4, global_batch_size=256)      # args without a recorded shape
     ck = {"model": sd, "optimizer": opt, "steps": 1000, "args": ns}
     src, out = tmp_path / "ck.pt", tmp_path / "out.safetensors"
     b.write(src, ck)
@@ -200,15 +110,16 @@ def test_preset_and_default_flags():
     ns = argparse.Namespace(preset="B", dim=None, n_layer=None, n_head=None, ffn_hidden=None,
                             vocab_size=16384, num_classes=1000, grid_size=16, norm_eps=1e-5,
                             rope_base=10000.0)
-    cfg = C.resolve_config(ns)
+    cfg = C.resolve_config(ns, log=lambda _: None)
     assert (cfg["dim"], cfg["n_layer"], cfg["n_head"], cfg["ffn_hidden"]) == (768, 12, 12, 2048)
     ns.preset = "L"
-    assert C.resolve_config(ns)["ffn_hidden"] == 2816
+    assert C.resolve_config(ns, log=print)["ffn_hidden"] == 2816
     ns.preset = "XL"
-    assert C.resolve_config(ns)["ffn_hidden"] == 3584
+    assert C.resolve_config(ns, log=print)["ffn_hidden"] == 3584
     ns.preset = "XXL"
-    assert C.resolve_config(ns)["ffn_hidden"] == 4096
-    n = sum(int(np.prod(s)) for _, s in C.base_table(C.resolve_config(argparse.Namespace(**{**vars(ns), "preset": "B"}))))
+    assert C.resolve_config(ns, log=print)["ffn_hidden"] == 4096
+    ns.preset = "GPT-B"                                # LlamaGen's own name for the preset
+    n = sum(int(np.prod(s)) for _, s in C.base_table(C.resolve_config(ns, log=print)))
     assert n == 110_888_448       # LlamaGen GPT-B (as SPEC's preset table says)
 
 
@@ -259,3 +170,141 @@ def test_not_a_zip(tmp_path):
     src.write_bytes(pickle.dumps({"a": 1}))
     r = run_script(src, tmp_path / "o.safetensors", *TINY)
     assert r.returncode == 2 and "not a zip-format torch checkpoint" in r.stderr
+
+
+# ---------------------------------------------------------------------------- LlamaGen's train_c2i.py layout
+
+TINY_CFG = {"vocab_size": 32, "num_classes": 5, "grid_size": 4, "dim": 32, "n_layer": 2, "n_head": 4,
+            "ffn_hidden": 256, "norm_eps": 1e-5, "rope_base": 10000.0, "window": 1, "plugin_depth": 0,
+            "residual": True}
+TINY_ARGS = dict(gpt_model="GPT-tiny-test", vocab_size=32, num_classes=5, image_size=64, downsample_size=16)
+
+
+@pytest.fixture
+def tiny_gpt(monkeypatch):
+    """A LlamaGen-style size name for the tiny test shape (GPT-B itself is 110M parameters)."""
+    monkeypatch.setitem(C.LLAMAGEN_MODELS, "GPT-tiny-test", (2, 4, 32))
+
+
+def convert_in_process(capsys, *argv):
+    status = C.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def one_line_error(err, path):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"convert_llamagen: {path}: "), err
+    return lines[0]
+
+
+def test_train_c2i_checkpoint_converts_with_no_flags(tmp_path, capsys, tiny_gpt):
+    model, ema = model_arrays(seed=2), model_arrays(seed=3)
+    src, out = tmp_path / "0005000.pt", tmp_path / "out.safetensors"
+    train_c2i_checkpoint(src, model, ema, steps=5000, **TINY_ARGS)
+    status, stdout, err = convert_in_process(capsys, src, out)
+    assert status == 0, err
+    assert "n_head 4 (args.gpt_model GPT-tiny-test)" in stdout
+    assert "grid_size 4 (args.image_size 64 / args.downsample_size 16)" in stdout
+    t, meta = safetensors_io.read(str(out))
+    assert json.loads(meta["tensorar.config"]) == TINY_CFG
+    assert meta["tensorar.source"] == "LlamaGen checkpoint 0005000.pt, model weights, step 5000"
+    for n, a in model.items():
+        np.testing.assert_array_equal(t[n], a, err_msg=n)
+    # the same checkpoint, its EMA weights
+    status, _, err = convert_in_process(capsys, src, out, "--weights", "ema")
+    assert status == 0, err
+    t, meta = safetensors_io.read(str(out))
+    assert "ema weights" in meta["tensorar.source"]
+    for n, a in ema.items():
+        np.testing.assert_array_equal(t[n], a, err_msg=n)
+    assert not np.array_equal(t["tok_embeddings.weight"], model["tok_embeddings.weight"])
+
+
+def test_weights_ema_without_ema_entry(tmp_path, capsys, tiny_gpt):
+    src = tmp_path / "noema.pt"
+    train_c2i_checkpoint(src, model_arrays(), None, **TINY_ARGS)
+    status, _, err = convert_in_process(capsys, src, tmp_path / "o.safetensors", "--weights", "ema")
+    assert status == 2
+    line = one_line_error(err, src)
+    assert "no 'ema' state_dict" in line and "model, optimizer, steps, args" in line
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_flags_agreeing_pass_contradicting_name_both_values(tmp_path, capsys, tiny_gpt):
+    src = tmp_path / "ck.pt"
+    train_c2i_checkpoint(src, model_arrays(), None, **TINY_ARGS)
+    status, _, err = convert_in_process(capsys, src, tmp_path / "a.safetensors", *TINY)
+    assert status == 0, err
+    cases = [(["--n-head", "8"],
+              "--n-head 8 contradicts the checkpoint's args.gpt_model GPT-tiny-test (n_head 8 vs 4)"),
+             (["--vocab-size", "64"],
+              "--vocab-size 64 contradicts the checkpoint's args.vocab_size (vocab_size 64 vs 32)"),
+             (["--grid-size", "16"], "--grid-size 16 contradicts the checkpoint's args.image_size 64 / "
+                                     "args.downsample_size 16 (grid_size 16 vs 4)"),
+             (["--preset", "B"],
+              "--preset B contradicts the checkpoint's args.gpt_model GPT-tiny-test (dim 768 vs 32)")]
+    for flags, message in cases:
+        status, _, err = convert_in_process(capsys, src, tmp_path / "b.safetensors", *flags)
+        assert status == 2, flags
+        assert one_line_error(err, src).endswith(message), err
+    assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_bare_state_dict_needs_head_count_and_grid(tmp_path, capsys):
+    arrays = model_arrays()
+    b = CheckpointBuilder()
+    src = tmp_path / "c2i_tiny.pt"
+    b.write(src, collections.OrderedDict((n, b.tensor(a)) for n, a in arrays.items()))
+    status, _, err = convert_in_process(capsys, src, tmp_path / "o.safetensors", "--grid-size", "4")
+    assert status == 2 and "the head count is not recorded" in one_line_error(err, src)
+    status, _, err = convert_in_process(capsys, src, tmp_path / "o.safetensors", "--n-head", "4")
+    assert status == 2 and "the grid size is not recorded" in one_line_error(err, src)
+    # vocabulary, classes, width, layers and FFN width come from the tensors themselves
+    status, stdout, err = convert_in_process(capsys, src, tmp_path / "o.safetensors", "--n-head", "4",
+                                             "--grid-size", "4")
+    assert status == 0, err
+    assert "vocab_size 32 (tok_embeddings.weight [32, 32])" in stdout
+    _, meta = safetensors_io.read(str(tmp_path / "o.safetensors"))
+    assert json.loads(meta["tensorar.config"]) == TINY_CFG
+
+
+def test_recorded_shape_of_real_llamagen_args():
+    shape = C.recorded_shape({"args": train_c2i_args(gpt_model="GPT-L", image_size=384)})
+    assert {k: v for k, (v, _) in shape.items()} == {"n_layer": 24, "n_head": 16, "dim": 1024,
+                                                      "vocab_size": 16384, "num_classes": 1000, "grid_size": 24}
+    with pytest.raises(C.ConvertError, match="cls_token_num is 120"):
+        C.recorded_shape({"args": train_c2i_args(cls_token_num=120)})
+    with pytest.raises(C.ConvertError, match="only class-to-image"):
+        C.recorded_shape({"args": train_c2i_args(gpt_type="t2i")})
+    with pytest.raises(C.ConvertError, match="'GPT-Q' is not a LlamaGen GPT size"):
+        C.recorded_shape({"args": train_c2i_args(gpt_model="GPT-Q")})
+
+
+def test_every_failure_is_one_line(tmp_path, capsys, tiny_gpt):
+    missing = tmp_path / "missing.pt"
+    status, _, err = convert_in_process(capsys, missing, tmp_path / "o.safetensors")
+    assert status == 2 and one_line_error(err, missing).endswith(": no such file")
+    broken = tmp_path / "broken.pt"
+    good = tmp_path / "good.pt"
+    train_c2i_checkpoint(good, model_arrays(), None, **TINY_ARGS)
+    with zipfile.ZipFile(good) as z, zipfile.ZipFile(broken, "w") as w:
+        for n in z.namelist():
+            if "/data/" not in n:
+                w.writestr(n, z.read(n))                 # storages lost: the records are gone
+    status, _, err = convert_in_process(capsys, broken, tmp_path / "o.safetensors")
+    assert status == 2 and "unreadable checkpoint (KeyError" in one_line_error(err, broken)
+    nowhere = tmp_path / "no-such-folder" / "o.safetensors"
+    status, _, err = convert_in_process(capsys, good, nowhere)
+    assert status == 2 and "cannot write" in one_line_error(err, nowhere)
+    arrays = model_arrays()
+    arrays["tok_embeddings.weight"] = np.zeros((30, 32), np.float32)   # two tensors wrong at once
+    arrays["layers.1.ffn_norm.weight"] = np.zeros((31,), np.float32)
+    two = tmp_path / "two.pt"
+    train_c2i_checkpoint(two, arrays, None, **{**TINY_ARGS, "vocab_size": 30})
+    status, _, err = convert_in_process(capsys, two, tmp_path / "o.safetensors")
+    line = one_line_error(err, two)
+    assert status == 2 and "output.weight" in line and "layers.1.ffn_norm.weight" in line
+    r = run_script(good, tmp_path / "o.safetensors", "--torch")        # the torch path is gone
+    assert r.returncode == 2 and r.stderr.strip() == "convert_llamagen: unrecognized arguments: --torch (see --help)"

@@ -148,3 +148,56 @@ def test_k_mismatch_in_the_weights_names_the_tensor(tmp_path):
     safetensors_io.write(path, tensors, {"tensorar.config": json.dumps(cfg)})
     r = run(["--weights", path, "--out", str(tmp_path / "s.h5")], check=False)
     assert r.returncode != 0 and "tensorar.in_pos" in r.stderr, r.stderr
+
+
+def test_guidance_as_llamagen_none_at_or_below_one_and_cfg_interval(weights, tmp_path):
+    base = ["--weights", weights, "--per-class", "2", "--quiet", "--top-k", "1"]
+    paths = {name: str(tmp_path / f"{name}.h5") for name in ["s1", "s05", "s3", "s3i0", "s3i99"]}
+    run(base + ["--cfg-scale", "1", "--out", paths["s1"]])
+    run(base + ["--cfg-scale", "0.5", "--out", paths["s05"]])
+    run(base + ["--cfg-scale", "3", "--out", paths["s3"]])
+    run(base + ["--cfg-scale", "3", "--cfg-interval", "0", "--out", paths["s3i0"]])
+    run(base + ["--cfg-scale", "3", "--cfg-interval", "99", "--out", paths["s3i99"]])
+    t = {name: read(p)[0]["tokens"] for name, p in paths.items()}
+    np.testing.assert_array_equal(t["s05"], t["s1"], err_msg="scale 0.5: no guidance, as LlamaGen")
+    assert not np.array_equal(t["s3"], t["s1"]), "guidance changes this model's samples"
+    np.testing.assert_array_equal(t["s3i99"], t["s3"], err_msg="an interval past the image: every step guided")
+    np.testing.assert_array_equal(t["s3i0"][:, :2], t["s3"][:, :2], err_msg="steps 0 and 1 guided")
+    assert not np.array_equal(t["s3i0"], t["s3"]), "later steps unguided"
+    attrs = read(paths["s3i0"])[1]
+    assert attrs["cfg_interval"] == 0 and json.loads(attrs["sampling"])["cfg_interval"] == 0
+    r = run(base + ["--cfg-interval=-2", "--out", paths["s1"]], check=False)
+    assert r.returncode != 0 and "--cfg-interval must be -1 (every step) or >= 0" in r.stderr
+
+
+@pytest.mark.parametrize("case", ["grid-flag", "vocab-flag", "classes-flag", "cache-grid", "cache-vocab", "preset"])
+def test_weights_contradicting_the_cache_or_flags(weights, tmp_path, case, monkeypatch):
+    out = str(tmp_path / "s.h5")
+    data = str(tmp_path / "cache")
+    # a consistent cache of another grid (5x5) or vocabulary (64) than the weights' (4x4, 32)
+    monkeypatch.setattr(synthetic, "GRID", 5 if case == "cache-grid" else synthetic.GRID)
+    monkeypatch.setattr(synthetic, "V", 64 if case == "cache-vocab" else synthetic.V)
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(0, 32, size=(8, synthetic.GRID ** 2))
+    synthetic.write_cache(data, tokens, rng.integers(0, synthetic.C, size=8))
+    monkeypatch.undo()
+    args, want = {
+        "grid-flag": (["--grid-size", "16"],
+                      f"error: {weights}: --grid-size 16 contradicts the weights' grid_size 4"),
+        "vocab-flag": (["--vocab-size", "16384"],
+                       f"error: {weights}: --vocab-size 16384 contradicts the weights' vocab_size 32"),
+        "classes-flag": (["--num-classes", "1000"],
+                         f"error: {weights}: --num-classes 1000 contradicts the weights' num_classes 5"),
+        "cache-grid": (["--data", data], f"error: {data}: grid 5x5 does not match the model's grid_size 4"),
+        "cache-vocab": (["--data", data], f"error: {data}: vocab_size 64 is larger than the model's 32"),
+        "preset": (["--preset", "tiny"], "error: --preset: tiny needs the data's shape"),
+    }[case]
+    r = run(["--weights", weights, "--out", out] + args, check=False)
+    assert r.returncode != 0
+    assert want in r.stderr, r.stderr
+    assert not os.path.exists(out)
+    # the same flags that agree with the weights pass
+    if case in ("grid-flag", "vocab-flag", "classes-flag"):
+        run(["--weights", weights, "--out", out, "--per-class", "1", "--quiet", "--grid-size", "4",
+             "--vocab-size", "32", "--num-classes", "5", "--data", data])
+        assert os.path.exists(out)

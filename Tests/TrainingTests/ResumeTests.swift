@@ -282,7 +282,8 @@ final class ResumeTests: XCTestCase {
         }
         let store = CheckpointStore(runDirectory: run)
         XCTAssertEqual(store.latestName(), "step-00000004")
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: run).sorted(), ["config.yaml", "latest", "metrics.jsonl", "step-00000004"])
+        let kept = ["config.yaml", "latest", "metrics.jsonl", "step-00000004", "tensorboard"]
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: run).sorted(), kept)
         try assertSameState(f.runA + "/step-00000004", run + "/step-00000004")
     }
 
