@@ -1,8 +1,7 @@
 import Kernels
 
 /// The base autoregressive model that the TensorAR plug-in wraps (SPEC section 3): LlamaGen
-/// (section 2) now; Open-MAGVIT2 (section 8) and RAR (section 9) are meant to fit the same
-/// shape. A base owns its parameter entries (the "base" group), the input embedding of a token,
+/// (section 2) and Open-MAGVIT2 (section 8); RAR (section 9) is meant to fit the same shape. A base owns its parameter entries (the "base" group), the input embedding of a token,
 /// the causal trunk over T positions, and the head from one hidden state to the loss and logits
 /// of one target token. The plug-in (`Transformer`: windows, encoder, decoder, windowed loss)
 /// and the sampler's slot loop are written against this protocol only.
@@ -49,10 +48,13 @@ protocol BaseModel: AnyObject {
     /// The head over `rows` hidden states h (rows, D) in `targets` order: fills `losses[r]` with
     /// the cross entropy against `targets[r]` (rows with target -1 get 0 and are skipped unless
     /// `logits` is given). The head sees the target itself (Open-MAGVIT2's post sub-token is
-    /// predicted from the true pre sub-token, SPEC section 8). `logits` (rows, V), when given,
-    /// receives every row's logits. Keeps what `headBackward` needs.
+    /// predicted from the true pre sub-token, SPEC section 8). `logits` (rows, sum of `headParts`), when
+    /// given, receives every row's logits, part after part (Open-MAGVIT2: pre, then post given the
+    /// target's pre). Keeps what `headBackward` needs.
+    /// `dropout`: training dropout for a head with blocks of its own (Open-MAGVIT2's factorized
+    /// stack, SPEC section 8; rows are per-sample contiguous, `rows / samples` each).
     func headForward(_ h: FlatBuffer, rows: Int, targets: [Int32], losses: inout [Float],
-                     logits: UnsafeMutablePointer<Float>?, params p: FloatPtr)
+                     logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, params p: FloatPtr)
     /// dh (rows, D) out: the gradient of sum_r dloss[r] * loss_r w.r.t. h, for the last forward.
     func headBackward(_ dh: FlatBuffer, dloss: [Float], params p: FloatPtr, grads gp: FloatPtr)
     /// Flat range of the head's parameters, final after `headBackward`.
@@ -65,14 +67,44 @@ protocol BaseModel: AnyObject {
     func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows: Int, part: Int, chosen: [[Int32]], params p: FloatPtr)
     /// The token made of one choice per part.
     func token(parts: [Int32]) -> Int32
+
+    /// Names of the parts a row's loss is the sum of (Open-MAGVIT2: ["pre", "post"], SPEC
+    /// section 8); empty when the loss is one cross entropy (LlamaGen).
+    var lossPartNames: [String] { get }
+    /// After `headForward`: per part in `lossPartNames`, each row's term (they add up to `losses`).
+    var partLosses: [[Float]] { get }
+
+    // MARK: facts for noise and FLOP counts (static: they need no weights)
+    /// The input-embedding tables a token is looked up in, for `discrete` noise (SPEC sections 4, 8).
+    static func tokenFactors(_ c: ModelConfig) -> [TokenFactor]
+    /// Forward matmul FLOPs of the head over `rows` rows, `validRows` of them with a target.
+    static func headFLOPs(_ c: ModelConfig, rows: Int, validRows: Int) -> Double
+    /// Whether `headBackward` recomputes the forward head (LlamaGen does, chunk by chunk).
+    static var recomputesHeadInBackward: Bool { get }
+    /// Matmul FLOPs of `headLogits` over every part for `rows` rows (one sampling step).
+    static func samplingHeadFLOPs(_ c: ModelConfig, rows: Int) -> Double
+}
+
+extension BaseModel {
+    var lossPartNames: [String] { [] }
+    var partLosses: [[Float]] { [] }
+}
+
+/// One embedding table a token reads (SPEC section 8): its row is (token / stride) % rows. A
+/// token is the sum over factors of row * stride. LlamaGen: one factor (tok_embeddings, V, 1).
+public struct TokenFactor: Equatable, Sendable {
+    public let name: String
+    public let rows: Int
+    public let stride: Int
 }
 
 /// `model.base` names to base types: a new base is one line here (and its own file).
 public enum BaseRegistry {
-    public static let names = ["llamagen"]
+    public static let names = ["llamagen", "open-magvit2"]
     static func type(named name: String) -> (any BaseModel.Type)? {
         switch name {
         case "llamagen": return LlamaGen.self
+        case "open-magvit2": return OpenMAGVIT2.self
         default: return nil
         }
     }

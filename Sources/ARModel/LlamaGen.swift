@@ -112,7 +112,7 @@ final class LlamaGen: BaseModel {
     }
 
     func headForward(_ h: FlatBuffer, rows n: Int, targets: [Int32], losses: inout [Float],
-                     logits: UnsafeMutablePointer<Float>?, params p: FloatPtr) {
+                     logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, params p: FloatPtr) {
         precondition(n == rows, "head bound for \(rows) rows, run on \(n)")
         self.targets = targets; input = h
         rmsnormForward(fn!.base, frstd!.base, h.base, p + oNorm, n: n, d: D, eps: config.normEps)
@@ -169,4 +169,18 @@ final class LlamaGen: BaseModel {
     private var sampleNorm, sampleRstd: FlatBuffer?
 
     func token(parts: [Int32]) -> Int32 { parts[0] }
+
+    // MARK: discrete noise tables and FLOPs
+
+    static func tokenFactors(_ c: ModelConfig) -> [TokenFactor] {
+        [TokenFactor(name: "tok_embeddings.weight", rows: c.vocabSize, stride: 1)]
+    }
+    /// The output matmul on the rows with a target only (`headForward` skips the others).
+    static func headFLOPs(_ c: ModelConfig, rows: Int, validRows: Int) -> Double {
+        2 * Double(validRows) * Double(c.dim) * Double(c.vocabSize)
+    }
+    static let recomputesHeadInBackward = true
+    static func samplingHeadFLOPs(_ c: ModelConfig, rows: Int) -> Double {
+        2 * Double(rows) * Double(c.dim) * Double(c.vocabSize)
+    }
 }

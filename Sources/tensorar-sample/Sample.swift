@@ -30,14 +30,18 @@ struct Sample: ParsableCommand {
 
     @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).") var weights: String?
     @Option(help: "Model shape for a .safetensors without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")) (with --vocab-size, --num-classes, --grid-size).") var preset: String?
+    @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).") var base = "llamagen"
     @Option(help: "With --preset: codebook size V.") var vocabSize = 16384
     @Option(help: "With --preset: number of classes C.") var numClasses = 1000
     @Option(help: "With --preset: token grid side.") var gridSize = 16
     @Option(help: "Expected window k; an error when the weights have another.") var window: Int?
     @Option(help: "Classes to sample, comma-separated, ranges allowed (0,3,5-7); default: all of the model's classes.") var classes: String?
     @Option(help: "Images per class.") var perClass = 10
-    @Option(help: "Classifier-free guidance scale (1: no guidance, no null-class rows).") var cfgScale: Float = 1
-    @Option(help: "Softmax temperature (0: greedy).") var temperature: Float = 1
+    @Option(help: """
+        Classifier-free guidance scale, A or A,B: one per sub-token for Open-MAGVIT2 (pre, post; one value \
+        means both). Guidance applies only above 1; at 1 or below there are no null-class rows.
+        """) var cfgScale = PartValues([1])
+    @Option(help: "Softmax temperature (0: greedy), A or A,B as --cfg-scale.") var temperature = PartValues([1])
     @Option(help: "Keep the K most likely tokens (0: all; 1: greedy, deterministic).") var topK = 0
     @Option(help: "Keep the smallest set of most likely tokens whose probability reaches P (1: all).") var topP: Float = 1
     @Option(help: "Seed; with the same seed a run is reproduced exactly, on any number of ranks.") var seed: UInt64 = 0
@@ -58,15 +62,24 @@ struct Sample: ParsableCommand {
         if !bench && weights == nil { throw ValidationError("--weights is required (or --bench)") }
         if perClass < 1 { throw ValidationError("--per-class must be at least 1, got \(perClass)") }
         if batchSize < 1 { throw ValidationError("--batch-size must be at least 1, got \(batchSize)") }
-        if !(temperature >= 0) || !temperature.isFinite { throw ValidationError("--temperature must be a finite number >= 0, got \(temperature)") }
+        if !temperature.values.allSatisfy({ $0 >= 0 && $0.isFinite }) {
+            throw ValidationError("--temperature must be finite numbers >= 0, got \(temperature)")
+        }
         if topK < 0 { throw ValidationError("--top-k must be >= 0 (0: all), got \(topK)") }
         if !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1], got \(topP)") }
-        if !cfgScale.isFinite { throw ValidationError("--cfg-scale must be finite, got \(cfgScale)") }
+        if !cfgScale.values.allSatisfy(\.isFinite) { throw ValidationError("--cfg-scale must be finite, got \(cfgScale)") }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if let window, window < 1 { throw ValidationError("--window must be at least 1") }
     }
 
-    var options: SamplingOptions { SamplingOptions(cfgScale: cfgScale, temperature: temperature, topK: topK, topP: topP, seed: seed) }
+    /// One value: every head part's; two: Open-MAGVIT2's pre and post (SPEC section 8).
+    var options: SamplingOptions {
+        var o = SamplingOptions(cfgScale: cfgScale.values[0], temperature: temperature.values[0], topK: topK, topP: topP,
+                                seed: seed)
+        if cfgScale.values.count > 1 { o.partCfgScales = cfgScale.values }
+        if temperature.values.count > 1 { o.partTemperatures = temperature.values }
+        return o
+    }
 
     func run() throws {
         BLAS.ensureBestKernel()
@@ -111,13 +124,19 @@ struct Sample: ParsableCommand {
     /// Loads the model and checks every input before any work.
     func prepare(comm: Communicator) throws -> Plan {
         let w = weights!
-        let fallback = try preset.map { try ModelConfig.preset($0, vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize) }
+        let fallback = try preset.map {
+            try ModelConfig.preset($0, base: base, vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize)
+        }
         let model = try loadModel(from: w, fallback: fallback)
         let c = model.config
         if let window, window != c.window {
             throw InputError(w, "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but --window \(window) was asked")
         }
         let cls = try parseClasses(classes, numClasses: c.numClasses, weights: w)
+        let parts = model.logitsWidth == c.vocabSize ? 1 : 2  // Open-MAGVIT2 chooses pre, then post
+        for (flag, v) in [("--cfg-scale", cfgScale), ("--temperature", temperature)] where v.values.count > parts {
+            throw InputError(w, "\(flag) \(v) gives \(v.values.count) values; this model chooses a token in \(parts) part(s)")
+        }
         if topK > c.vocabSize { throw InputError(w, "--top-k \(topK) exceeds the model's vocab_size \(c.vocabSize)") }
         let outDir = (out as NSString).deletingLastPathComponent
         try checkWritableFolder(outDir.isEmpty ? "." : outDir, for: out)
@@ -234,10 +253,14 @@ struct Sample: ParsableCommand {
             try f.setAttribute("vocab_size", int: c.vocabSize)
             try f.setAttribute("num_classes", int: c.numClasses)
             try f.setAttribute("config", string: c.jsonString())
-            let sampling: [String: Any] = [
-                "cfg_scale": Double(cfgScale), "temperature": Double(temperature), "top_k": topK, "top_p": Double(topP),
+            var sampling: [String: Any] = [
+                "cfg_scale": Double(cfgScale.values[0]), "temperature": Double(temperature.values[0]), "top_k": topK,
+                "top_p": Double(topP),
                 "seed": seed, "per_class": perClass, "classes": Array(Set(labels.map { Int($0) })).sorted(), "weights": weights ?? "",
             ]
+            // per sub-token values (Open-MAGVIT2, SPEC section 8) when two were given
+            if cfgScale.values.count > 1 { sampling["cfg_scales"] = cfgScale.values.map(Double.init) }
+            if temperature.values.count > 1 { sampling["temperatures"] = temperature.values.map(Double.init) }
             try f.setAttribute("sampling", string: String(data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!)
             try f.flush()
         }
@@ -252,3 +275,18 @@ struct Sample: ParsableCommand {
     }
 }
 
+
+/// A flag of one value or two, comma-separated (`--cfg-scale 1.9,2.0`): one per head part.
+struct PartValues: ExpressibleByArgument, CustomStringConvertible {
+    let values: [Float]
+    init(_ values: [Float]) { self.values = values }
+    init?(argument: String) {
+        let v = argument.split(separator: ",", omittingEmptySubsequences: false).map {
+            Float($0.trimmingCharacters(in: .whitespaces))
+        }
+        guard (1...2).contains(v.count), v.allSatisfy({ $0 != nil }) else { return nil }
+        values = v.map { $0! }
+    }
+    /// As given: "2.0" or "1.9,2.0" (the output file's attribute text).
+    var description: String { values.map { "\($0)" }.joined(separator: ",") }
+}

@@ -411,11 +411,17 @@ class AdamWConfig:
 def adamw_run(params, cfg: Config, tokens, labels, tensors, slot_weights, hp: AdamWConfig):
     """S AdamW updates on one fixed batch. Returns (losses [S], grad_norms [S], final params)."""
     groups = {n: g for n, _, g, _ in parameter_table(cfg)}
+    f = jax.jit(jax.value_and_grad(
+        lambda q: loss_fn(q, cfg, tokens, labels, tensors, slot_weights)[0]))
+    return adamw_steps(params, groups, f, hp)
+
+
+def adamw_steps(params, groups, f, hp: AdamWConfig):
+    """S AdamW updates with f(params) -> (loss, grads) (one fixed batch); groups: name -> group.
+    Returns (losses [S], grad_norms [S], final params)."""
     p = {n: np.array(v, dtype=np.float64) for n, v in params.items()}
     m = {n: np.zeros_like(v) for n, v in p.items()}
     v2 = {n: np.zeros_like(v) for n, v in p.items()}
-    f = jax.jit(jax.value_and_grad(
-        lambda q: loss_fn(q, cfg, tokens, labels, tensors, slot_weights)[0]))
     losses, norms = [], []
     b1, b2 = hp.beta1, hp.beta2
     for s in range(hp.steps):
