@@ -73,7 +73,9 @@ extension ResumeTests {
         XCTAssertEqual(r.status, 0, r.output)
         let resumed = try Metrics(run: f.checkpoints + "/R")
         XCTAssertEqual(resumed.loss.keys.sorted(), Array(5...8))
-        XCTAssertLessThanOrEqual(try maxRelativeDifference(resumed, straight), 1e-5)
+        let worst = try maxRelativeDifference(resumed, straight)
+        XCTAssertLessThanOrEqual(worst, 1e-5)
+        print("open-magvit2: losses \(first) -> \(last); resume 2 -> 1 rank(s): worst relative difference \(worst)")
 
         try checkOpenMAGVIT2Eval(f, loggedValLoss: try XCTUnwrap(straight.valLoss[8].flatMap(Double.init)))
         try checkOpenMAGVIT2Sampling(f)
@@ -94,6 +96,7 @@ extension ResumeTests {
         XCTAssertEqual(parts["pre"]! + parts["post"]!, loss, accuracy: 1e-6 * loss)
         XCTAssertLessThan(parts["pre"]!, log(64.0) + 0.5, "CE(pre) is over 64 classes")
         XCTAssertEqual(loss, loggedValLoss, accuracy: 16 * Double(Float.ulpOfOne) * loggedValLoss)
+        print("open-magvit2 eval: loss \(loss) = pre \(parts["pre"]!) + post \(parts["post"]!); logged \(loggedValLoss)")
     }
 
     /// `tensorar-sample --cfg-scale A,B --temperature A,B`: full indices in `tokens`, the same on
