@@ -165,4 +165,13 @@ final class OpenMAGVIT2ConfigTests: XCTestCase {
         // a dataset whose V is not a power of two cannot feed Open-MAGVIT2
         XCTAssertThrowsError(try c.model.resolve(vocabSize: 1000, numClasses: 1000, gridSize: 16))
     }
+
+    func testShippedOpenMAGVIT2Config() throws {
+        let c = try TrainConfig.load(file: packageRoot + "/Configs/open-magvit2-b-imagenet256.yaml")
+        XCTAssertNoThrow(try c.validate(worldSize: 8))
+        let m = try c.model.resolve(vocabSize: 262_144, numClasses: 1000, gridSize: 16)
+        XCTAssertEqual(m.base, "open-magvit2")
+        XCTAssertEqual(ParameterTable(m).count(of: .base), 343_570_432)
+        XCTAssertEqual([m.window, m.pluginDepth], [4, 2])
+    }
 }
