@@ -1,9 +1,10 @@
 import Kernels
 
 /// The base autoregressive model that the TensorAR plug-in wraps (SPEC section 3): LlamaGen
-/// (section 2) and Open-MAGVIT2 (section 8); RAR (section 9) is meant to fit the same shape. A base owns its parameter entries (the "base" group), the input embedding of a token,
-/// the causal trunk over T positions, and the head from one hidden state to the loss and logits
-/// of one target token. The plug-in (`Transformer`: windows, encoder, decoder, windowed loss)
+/// (section 2) and Open-MAGVIT2 (section 8); RAR (section 9) is meant to fit the same shape. A
+/// base owns its parameter entries (the "base" group), the input embedding of a token, the causal
+/// trunk over T positions, and the head from one hidden state to the loss and logits of one target
+/// token. The plug-in (`Transformer`: windows, encoder, decoder, windowed loss)
 /// and the sampler's slot loop are written against this protocol only.
 ///
 /// Conventions: pointers are into the flat parameter (`p`) and gradient (`gp`) buffers laid out
@@ -88,6 +89,53 @@ protocol BaseModel: AnyObject {
 extension BaseModel {
     var lossPartNames: [String] { [] }
     var partLosses: [[Float]] { [] }
+}
+
+/// A base whose class slot is one row of a table and whose trunk is a causal `BlockStack` of
+/// section 2 blocks with the 2D rotary table: LlamaGen's layers (SPEC section 2) and
+/// Open-MAGVIT2's spatial blocks (section 8). Those stages are written once, here.
+protocol RotaryTrunkBase: BaseModel {
+    var config: ModelConfig { get }
+    var D: Int { get }
+    /// Flat offset of the class table (C + 1 rows of D).
+    var oCls: Int { get }
+    var trunk: BlockStack { get }
+    /// Flat range of each trunk block's weights (one gradient bucket hand-over per block).
+    var layerRanges: [Range<Int>] { get }
+}
+
+extension RotaryTrunkBase {
+    /// The trunk of blocks `prefix.0 .. prefix.{n_layer-1}` and each block's flat range.
+    static func rotaryTrunk(_ c: ModelConfig, _ table: ParameterTable, prefix: String) -> (BlockStack, [Range<Int>]) {
+        let rot = RotaryTable(seqLen: c.seqLen, gridW: c.gridSize, headDim: c.headDim, base: c.ropeBase)
+        let weights = (0..<c.nLayer).map { BlockWeights(table, prefix: "\(prefix).\($0)") }
+        let stack = BlockStack(weights: weights, causal: true, rotary: rot, dim: c.dim, heads: c.nHead,
+                               ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
+        let ranges = (0..<c.nLayer).map {
+            table.span("\(prefix).\($0).attention_norm.weight", "\(prefix).\($0).feed_forward.w2.weight")
+        }
+        return (stack, ranges)
+    }
+
+    func embedClass(_ out: FloatPtr, label: Int, params p: FloatPtr) {
+        out.update(from: p + oCls + label * D, count: D)
+    }
+    func embedClassBackward(_ dout: ConstFloatPtr, label: Int, grads gp: FloatPtr) {
+        let c = gp + oCls + label * D
+        for i in 0..<D { c[i] += dout[i] }
+    }
+
+    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr) {
+        trunk.forward(x, params: p, sequences: sequences, seqLen: config.seqLen, dropout: dropout)
+    }
+    func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?) {
+        trunk.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }
+    }
+    var trunkRanges: [Range<Int>] { layerRanges.reversed() }
+    func makeTrunkCache(rows: Int) -> KVCache { trunk.makeCache(rows: rows, seqLen: config.seqLen) }
+    func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr) {
+        trunk.step(x, cache: cache, position: position, params: p)
+    }
 }
 
 /// One embedding table a token reads (SPEC section 8): its row is (token / stride) % rows. A

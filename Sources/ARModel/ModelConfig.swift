@@ -139,7 +139,8 @@ public struct ModelConfig: Codable, Equatable, Sendable {
     public static func preset(_ name: String, base: String = "llamagen", vocabSize: Int? = nil, numClasses: Int = 1000,
                               gridSize: Int = 16) throws -> ModelConfig {
         if base == OpenMAGVIT2.name {
-            return try openMAGVIT2Preset(name, vocabSize: vocabSize ?? 262_144, numClasses: numClasses, gridSize: gridSize)
+            return try openMAGVIT2Preset(name, vocabSize: vocabSize ?? 262_144, numClasses: numClasses,
+                                         gridSize: gridSize)
         }
         let vocabSize = vocabSize ?? 16384
         let shape: (Int, Int, Int)  // (L, NH, D)
@@ -157,7 +158,8 @@ public struct ModelConfig: Codable, Equatable, Sendable {
 
     /// SPEC section 8's table (head width 64, F from the section 2 formula), plus two small
     /// presets of the LlamaGen ones' shape for this machine (choice: Lf 1 and 2).
-    static func openMAGVIT2Preset(_ name: String, vocabSize: Int, numClasses: Int, gridSize: Int) throws -> ModelConfig {
+    static func openMAGVIT2Preset(_ name: String, vocabSize: Int, numClasses: Int,
+                                  gridSize: Int) throws -> ModelConfig {
         let shape: (Int, Int, Int, Int)  // (L, NH, D, Lf)
         switch name {
         case "tiny": shape = (2, 2, 64, 1)
@@ -170,7 +172,8 @@ public struct ModelConfig: Codable, Equatable, Sendable {
             throw InputError("--preset", "unknown Open-MAGVIT2 preset '\(name)'; known: \(known)")
         }
         guard let bits = defaultFactorizedBits(vocabSize: vocabSize) else {
-            throw InputError("--preset", "Open-MAGVIT2 needs a power-of-two vocab_size (2^18 upstream), got \(vocabSize)")
+            let problem = "Open-MAGVIT2 needs a power-of-two vocab_size (2^18 upstream), got \(vocabSize)"
+            throw InputError("--preset", problem)
         }
         var c = ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2,
                             nLayer: shape.0, nHead: shape.1)

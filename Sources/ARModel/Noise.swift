@@ -51,7 +51,10 @@ public struct NoiseTable {
     public let dim: Int
     public let stride: Int
     public init(embedding: UnsafePointer<Float>, rows: Int, dim: Int, stride: Int) {
-        self.embedding = embedding; self.rows = rows; self.dim = dim; self.stride = stride
+        self.embedding = embedding
+        self.rows = rows
+        self.dim = dim
+        self.stride = stride
     }
 }
 
@@ -82,8 +85,9 @@ public struct TensorNoiser {
 
     /// As above, `discrete` mixing and picking in each of `tables` separately (Open-MAGVIT2's
     /// pre_emb and post_emb, SPEC section 8; one table of V rows for LlamaGen or a codebook).
-    public func apply(_ tensors: inout [Int32], batch: Int, seqLen T: Int, seed: UInt64, step: Int, samplePositions: [Int],
-                      purpose: RandomPurpose = .noise, tables: [NoiseTable], modelDim: Int = 0) -> [Float]? {
+    public func apply(_ tensors: inout [Int32], batch: Int, seqLen T: Int, seed: UInt64, step: Int,
+                      samplePositions: [Int], purpose: RandomPurpose = .noise, tables: [NoiseTable],
+                      modelDim: Int = 0) -> [Float]? {
         let k = window
         switch type {
         case .none:
@@ -125,7 +129,8 @@ public struct TensorNoiser {
             }
             var tokens = [Int](repeating: 0, count: which.count)
             for (f, e) in tables.enumerated() {
-                let nearest = TensorNoiser.nearestByCosine(mix[f], rows: which.count, embedding: e.embedding, vocab: e.rows, dim: e.dim)
+                let nearest = TensorNoiser.nearestByCosine(mix[f], rows: which.count, embedding: e.embedding,
+                                                           vocab: e.rows, dim: e.dim)
                 for r in which.indices { tokens[r] += nearest[r] * e.stride }
             }
             for (r, i) in which.enumerated() { tensors[i] = Int32(tokens[r]) }

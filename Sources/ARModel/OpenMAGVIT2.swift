@@ -8,7 +8,7 @@ import Platform
 /// [h, pre_emb[pre(target)]] through the `factorized_n_layer` blocks (rotary rows 0 and 1),
 /// then one shared norm, head.0 on slot 0 (pre logits) and head.1 on slot 1 (post logits given
 /// the pre sub-token). The loss of a row is CE(pre) + CE(post).
-final class OpenMAGVIT2: BaseModel {
+final class OpenMAGVIT2: RotaryTrunkBase {
     static let name = "open-magvit2"
 
     /// SPEC section 8's table, in its order (the "base" group).
@@ -56,20 +56,13 @@ final class OpenMAGVIT2: BaseModel {
         oNorm = table.offset("norm.weight")
         oHead0 = table.offset("head.0.weight")
         oHead1 = table.offset("head.1.weight")
-        let hd = c.headDim
-        let rot = RotaryTable(seqLen: c.seqLen, gridW: c.gridSize, headDim: hd, base: c.ropeBase)
-        let spatial = (0..<c.nLayer).map { BlockWeights(table, prefix: "spatial_blocks.\($0)") }
-        trunk = BlockStack(weights: spatial, causal: true, rotary: rot, dim: D, heads: c.nHead,
-                           ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
+        (trunk, layerRanges) = OpenMAGVIT2.rotaryTrunk(c, table, prefix: "spatial_blocks")
         // Rows 0 and 1 of the section 2 table; its own 2-row copy so a 1x1 grid works too.
-        let rot2 = RotaryTable(seqLen: 2, gridW: c.gridSize, headDim: hd, base: c.ropeBase)
+        let rot2 = RotaryTable(seqLen: 2, gridW: c.gridSize, headDim: c.headDim, base: c.ropeBase)
         let fw = (0..<c.factorizedNLayer).map { BlockWeights(table, prefix: "factorized_blocks.\($0)") }
         // dropout sites of their own (SPEC 8: dropout after wo and w2 in the factorized blocks too)
         factorized = BlockStack(weights: fw, causal: true, rotary: rot2, dim: D, heads: c.nHead,
                                 ffn: c.ffnHidden, eps: c.normEps, siteBase: 40_000)
-        layerRanges = (0..<c.nLayer).map {
-            table.span("spatial_blocks.\($0).attention_norm.weight", "spatial_blocks.\($0).feed_forward.w2.weight")
-        }
         embeddingRange = table.span("class_emb.embedding_table.weight", "post_emb.weight")
         let headFirst = c.factorizedNLayer > 0 ? "factorized_blocks.0.attention_norm.weight" : "norm.weight"
         headRange = table.span(headFirst, "head.1.weight")
@@ -78,15 +71,7 @@ final class OpenMAGVIT2: BaseModel {
     @inline(__always) func pre(_ x: Int32) -> Int { Int(x & preMask) }
     @inline(__always) func post(_ x: Int32) -> Int { Int(x >> preBits) }
 
-    // MARK: inputs (SPEC section 8: position 0 the class, p >= 1 pre_emb[pre] + post_emb[post])
-
-    func embedClass(_ out: FloatPtr, label: Int, params p: FloatPtr) {
-        out.update(from: p + oCls + label * D, count: D)
-    }
-    func embedClassBackward(_ dout: ConstFloatPtr, label: Int, grads gp: FloatPtr) {
-        let c = gp + oCls + label * D
-        for i in 0..<D { c[i] += dout[i] }
-    }
+    // MARK: inputs (SPEC section 8: position 0 the class (`RotaryTrunkBase`), p >= 1 pre_emb[pre] + post_emb[post])
 
     func embedTokens(_ out: FloatPtr, _ ids: UnsafePointer<Int32>, n: Int, params p: FloatPtr) {
         for r in 0..<n {
@@ -108,19 +93,7 @@ final class OpenMAGVIT2: BaseModel {
         }
     }
 
-    // MARK: trunk (the spatial blocks, as LlamaGen's)
-
-    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr) {
-        trunk.forward(x, params: p, sequences: sequences, seqLen: config.seqLen, dropout: dropout)
-    }
-    func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?) {
-        trunk.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }
-    }
-    var trunkRanges: [Range<Int>] { layerRanges.reversed() }
-    func makeTrunkCache(rows: Int) -> KVCache { trunk.makeCache(rows: rows, seqLen: config.seqLen) }
-    func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr) {
-        trunk.step(x, cache: cache, position: position, params: p)
-    }
+    // the trunk (the spatial blocks, as LlamaGen's layers): `RotaryTrunkBase`
 
     // MARK: head: the factorized stack, norm, head.0 / head.1, CE(pre) + CE(post)
 
@@ -137,12 +110,15 @@ final class OpenMAGVIT2: BaseModel {
         let preV = 1 << c.factorizedBits[0]
         let postV = 1 << c.factorizedBits[1]
         a.add("head.seq", [n, 2, D])                               // [h, pre_emb[pre]], then the stack's output
-        a.add("head.out0", [n, D]); a.add("head.out1", [n, D])     // slot 0 and slot 1 outputs
-        a.add("head.rstd0", [n]); a.add("head.rstd1", [n])         // the shared norm's
-        a.add("head.norm0", [n, D]); a.add("head.norm1", [n, D])
-        a.add("head.logits0", [n, preV]); a.add("head.logits1", [n, postV])  // then their gradients
-        a.add("head.loss0", [n]); a.add("head.loss1", [n])         // CE(pre), CE(post)
-        a.add("head.dnorm", [n, D], .backward); a.add("head.dout", [n, D], .backward)
+        for s in 0..<2 {
+            a.add("head.out\(s)", [n, D])                           // slot s's output
+            a.add("head.rstd\(s)", [n])                             // the shared norm's
+            a.add("head.norm\(s)", [n, D])
+            a.add("head.logits\(s)", [n, s == 0 ? preV : postV])     // then their gradients
+            a.add("head.loss\(s)", [n])                             // CE(pre), CE(post)
+        }
+        a.add("head.dnorm", [n, D], .backward)
+        a.add("head.dout", [n, D], .backward)
         a.add("head.dseq", [n, 2, D], .backward)
     }
 
@@ -296,7 +272,7 @@ final class OpenMAGVIT2: BaseModel {
         let perRowBlock = 2 * (D * 3 * D + D * D + D * 2 * F + F * D)
         let attention = 2 * 2 * Double(c.nHead) * 3 * Double(c.headDim)  // positions 0, then 0 and 1
         let width = Double((1 << c.factorizedBits[0]) + (1 << c.factorizedBits[1]))
-        let stack = Double(rows) * (2 * perRowBlock * Double(c.factorizedNLayer) + attention * Double(c.factorizedNLayer))
+        let stack = Double(rows) * Double(c.factorizedNLayer) * (2 * perRowBlock + attention)
         return stack + 2 * Double(rows) * D * width
     }
 }

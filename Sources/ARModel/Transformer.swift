@@ -202,7 +202,8 @@ public final class Transformer {
         let g = decoder?.forward(hidden!.base, n: B * T, dropout: plan, params: p) ?? hidden!
         buildTargets(batch)
         var losses = [Float](repeating: 0, count: headRows)
-        base.headForward(g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, dropout: plan, params: p)
+        base.headForward(g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, dropout: plan,
+                         params: p)
         return windowedLoss(losses)
     }
 

@@ -406,7 +406,8 @@ extension TrainConfig {
              "model.base '\(m.base)' is unknown; known: \(BaseRegistry.names.joined(separator: ", "))")
         if let p = m.preset {
             let names = m.base == "open-magvit2" ? ModelConfig.openMAGVIT2PresetNames : ModelConfig.presetNames
-            need(names.contains(p), "model.preset '\(p)' is unknown for model.base \(m.base); known: \(names.joined(separator: ", "))")
+            let known = names.joined(separator: ", ")
+            need(names.contains(p), "model.preset '\(p)' is unknown for model.base \(m.base); known: \(known)")
         } else {
             need(m.dim != nil && m.nLayer != nil && m.nHead != nil, "model: without a preset, dim, n_layer and n_head are all required")
         }
@@ -522,7 +523,8 @@ extension TrainConfig.ModelSection {
         var c: ModelConfig
         if let preset {
             do {
-                c = try ModelConfig.preset(preset, base: base, vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize)
+                c = try ModelConfig.preset(preset, base: base, vocabSize: vocabSize, numClasses: numClasses,
+                                           gridSize: gridSize)
             } catch let e as InputError {
                 throw InputError(source, "model.preset: \(e.problem)")
             }

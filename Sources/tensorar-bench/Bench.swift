@@ -45,15 +45,18 @@ struct Bench: ParsableCommand {
                     if timers.count == 2 {
                         let ratio = timers[1].best / timers[0].best
                         let flopRatio = timers[1].cfg.trainingFLOPs(batch: b) / timers[0].cfg.trainingFLOPs(batch: b)
-                        print(String(format: "        plug-in k=%d d=%d: time ratio %.2fx, FLOP ratio %.2fx -> %.2f (target <= 1.10)",
-                                     window, depth, ratio, flopRatio, ratio / flopRatio))
+                        let line = "        plug-in k=%d d=%d: time ratio %.2fx, FLOP ratio %.2fx -> %.2f "
+                            + "(target <= 1.10)"
+                        print(String(format: line, window, depth, ratio, flopRatio, ratio / flopRatio))
                     }
                 }
                 for i in pairs.indices.dropFirst() {
-                    let a = pairs[0][0], o = pairs[i][0]
+                    let a = pairs[0][0]
+                    let o = pairs[i][0]
                     let flops = o.cfg.trainingFLOPs(batch: b) / a.cfg.trainingFLOPs(batch: b)
-                    print(String(format: "        %@ %@ against %@ %@: step time %.2fx, FLOP ratio %.2fx", baseNames[i] as NSString,
-                                 name as NSString, baseNames[0] as NSString, name as NSString, o.best / a.best, flops))
+                    let line = "        \(baseNames[i]) \(name) against \(baseNames[0]) \(name): "
+                        + "step time %.2fx, FLOP ratio %.2fx"
+                    print(String(format: line, o.best / a.best, flops))
                 }
             }
         }

@@ -17,7 +17,8 @@ struct Eval: ParsableCommand {
     @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).") var weights: String
     @Option(help: "Token cache folder (SPEC section 7).") var data: String
     @Option(help: "Model shape for a file without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")).") var preset: String?
-    @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).") var base = "llamagen"
+    @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).")
+    var base = "llamagen"
     @Option(help: "none: clean inputs; train: the training noise under a fixed seed.") var noise: NoiseMode = .none
     @Option(help: "Noise type for --noise train: \(NoiseType.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.type, else replace).") var noiseType: String?
     @Option(help: "Noise schedule for --noise train: \(NoiseSchedule.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.schedule, else sine).") var noiseSchedule: String?
@@ -87,7 +88,9 @@ struct Eval: ParsableCommand {
         } else {
             print(String(format: "loss %.5f over %d samples (%d tokens), noise %@", report.loss, range.count, report.tokens, noise.rawValue))
             for (j, l) in report.slotLosses.enumerated() { print(String(format: "  slot %d: %.5f", j, l)) }
-            for (name, l) in zip(model.lossPartNames, report.partLosses) { print(String(format: "  %@: %.5f", name, l)) }
+            for (name, l) in zip(model.lossPartNames, report.partLosses) {
+                print(String(format: "  %@: %.5f", name, l))
+            }
         }
     }
 }

@@ -30,7 +30,8 @@ struct Sample: ParsableCommand {
 
     @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).") var weights: String?
     @Option(help: "Model shape for a .safetensors without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")) (with --vocab-size, --num-classes, --grid-size).") var preset: String?
-    @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).") var base = "llamagen"
+    @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).")
+    var base = "llamagen"
     @Option(help: "With --preset: codebook size V.") var vocabSize = 16384
     @Option(help: "With --preset: number of classes C.") var numClasses = 1000
     @Option(help: "With --preset: token grid side.") var gridSize = 16
@@ -67,15 +68,17 @@ struct Sample: ParsableCommand {
         }
         if topK < 0 { throw ValidationError("--top-k must be >= 0 (0: all), got \(topK)") }
         if !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1], got \(topP)") }
-        if !cfgScale.values.allSatisfy(\.isFinite) { throw ValidationError("--cfg-scale must be finite, got \(cfgScale)") }
+        if !cfgScale.values.allSatisfy(\.isFinite) {
+            throw ValidationError("--cfg-scale must be finite, got \(cfgScale)")
+        }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if let window, window < 1 { throw ValidationError("--window must be at least 1") }
     }
 
     /// One value: every head part's; two: Open-MAGVIT2's pre and post (SPEC section 8).
     var options: SamplingOptions {
-        var o = SamplingOptions(cfgScale: cfgScale.values[0], temperature: temperature.values[0], topK: topK, topP: topP,
-                                seed: seed)
+        var o = SamplingOptions(cfgScale: cfgScale.values[0], temperature: temperature.values[0], topK: topK,
+                                topP: topP, seed: seed)
         if cfgScale.values.count > 1 { o.partCfgScales = cfgScale.values }
         if temperature.values.count > 1 { o.partTemperatures = temperature.values }
         return o
@@ -135,7 +138,8 @@ struct Sample: ParsableCommand {
         let cls = try parseClasses(classes, numClasses: c.numClasses, weights: w)
         let parts = model.logitsWidth == c.vocabSize ? 1 : 2  // Open-MAGVIT2 chooses pre, then post
         for (flag, v) in [("--cfg-scale", cfgScale), ("--temperature", temperature)] where v.values.count > parts {
-            throw InputError(w, "\(flag) \(v) gives \(v.values.count) values; this model chooses a token in \(parts) part(s)")
+            let problem = "\(flag) \(v) gives \(v.values.count) values; this model chooses a token in \(parts) part(s)"
+            throw InputError(w, problem)
         }
         if topK > c.vocabSize { throw InputError(w, "--top-k \(topK) exceeds the model's vocab_size \(c.vocabSize)") }
         let outDir = (out as NSString).deletingLastPathComponent

@@ -16,25 +16,10 @@ func omgFixtureFiles() -> [String] {
 }
 
 final class OpenMAGVIT2FixtureTests: XCTestCase {
-    struct Case {
-        let st: Safetensors
-        let model: Transformer
-        let batch: ModelBatch
-        let fixture: [String: Any]
-    }
-
-    func load(_ file: String) throws -> Case {
-        let path = omgFixtureDir + "/" + file
-        let st = try Safetensors.read(path)
-        let model = try Transformer.load(path, ignoring: ["input.", "output.", "grad.", "adamw.", "sample."])
-        XCTAssertEqual(model.config.base, "open-magvit2")
-        let fixture = try JSONSerialization.jsonObject(with: Data(st.metadata["fixture"]!.utf8)) as! [String: Any]
-        XCTAssertEqual(fixture["format_version"] as? Int, 1, "fixture format version")
-        model.slotWeights = try st.floats("input.slot_weights")
-        let b = st.tensors["input.tokens"]!.shape[0]
-        let batch = ModelBatch(batch: b, tokens: try st.ints("input.tokens"), labels: try st.ints("input.labels"),
-                               tensors: try st.ints("input.tensors"))
-        return Case(st: st, model: model, batch: batch, fixture: fixture)
+    func load(_ file: String) throws -> FixtureCase {
+        let c = try loadFixture(omgFixtureDir + "/" + file)
+        XCTAssertEqual(c.model.config.base, "open-magvit2")
+        return c
     }
 
     func testFixturesExist() {
@@ -54,7 +39,9 @@ final class OpenMAGVIT2FixtureTests: XCTestCase {
             XCTAssertEqual(r.loss, loss, accuracy: 1e-4 * abs(loss), "\(f): loss")
             let parts = try c.st.floats("output.part_losses").map(Double.init)
             XCTAssertEqual(r.partLosses.count, 2, "\(f): two loss parts")
-            for p in 0..<2 { XCTAssertEqual(r.partLosses[p], parts[p], accuracy: 1e-4 * abs(parts[p]), "\(f): part \(p)") }
+            for p in 0..<2 {
+                XCTAssertEqual(r.partLosses[p], parts[p], accuracy: 1e-4 * abs(parts[p]), "\(f): part \(p)")
+            }
             XCTAssertEqual(r.partLosses[0] + r.partLosses[1], r.loss, accuracy: 1e-6 * r.loss, "\(f): parts add up")
             let slots = try c.st.floats("output.slot_losses").map(Double.init)
             for j in slots.indices {
@@ -69,7 +56,9 @@ final class OpenMAGVIT2FixtureTests: XCTestCase {
             let m = c.model
             m.grads.zero()
             let T = m.config.seqLen
-            let valid = m.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, T - $1.offset)) * Double($1.element) }
+            let valid = m.slotWeights.enumerated().reduce(0.0) {
+                $0 + Double(max(0, T - $1.offset)) * Double($1.element)
+            }
             m.forward(c.batch, gradientScale: Float(1 / (valid * Double(c.batch.batch))))
             m.backward()
             for e in m.table.entries {
@@ -77,7 +66,8 @@ final class OpenMAGVIT2FixtureTests: XCTestCase {
                 let got = Array(UnsafeBufferPointer(start: m.grads.base + e.offset, count: e.count))
                 let scale = want.map { abs($0) }.max() ?? 0
                 let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, 1e-9))
-                XCTAssertLessThanOrEqual(w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
+                let what = "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])"
+                XCTAssertLessThanOrEqual(w, 1, what)
                 if e.name != "tensorar.in_pad" || m.config.window > 2 {  // no pad entry with k <= 2
                     XCTAssertGreaterThan(scale, 0, "\(f): \(e.name) has a gradient")
                 }
@@ -202,6 +192,17 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
             let gb = Array(UnsafeBufferPointer(start: plug.grads.base + e.offset, count: e.count))
             XCTAssertEqual(ga, gb, "gradient of \(e.name)")
         }
+        // and samples the same images (random sampling, a scale and a temperature per sub-token)
+        var o = SamplingOptions(topK: 0, seed: 8)
+        o.partCfgScales = [2, 1.5]
+        o.partTemperatures = [1, 0.8]
+        let sa = Sampler(model: base).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: o)
+        let sb = Sampler(model: plug).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: o)
+        XCTAssertEqual(sa.tokens, sb.tokens)
+        var other = o
+        other.partTemperatures = [1, 0.3]
+        XCTAssertNotEqual(Sampler(model: base).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: other).tokens,
+                          sa.tokens, "the post temperature matters")
     }
 
     /// The sampler's choices (greedy, a scale per sub-token) against the teacher-forced forward
@@ -218,7 +219,9 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
         var tensors = [Int32](repeating: -1, count: 3 * (T - 1) * k)
         for b in 0..<3 {
             for q in 0..<(T - 1) {
-                for j in 0..<k where q + j < T { tensors[(b * (T - 1) + q) * k + j] = s.trajectories[(b * T + q + j) * k + j] }
+                for j in 0..<k where q + j < T {
+                    tensors[(b * (T - 1) + q) * k + j] = s.trajectories[(b * T + q + j) * k + j]
+                }
             }
         }
         let W = m.logitsWidth
@@ -230,7 +233,8 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
             func run(_ lab: [Int32]) -> [Float] {
                 var out = [Float](repeating: 0, count: 3 * T * k * W)
                 out.withUnsafeMutableBufferPointer {
-                    _ = m.forward(ModelBatch(batch: 3, tokens: targets, labels: lab, tensors: tensors), logits: $0.baseAddress!)
+                    let batch = ModelBatch(batch: 3, tokens: targets, labels: lab, tensors: tensors)
+                    _ = m.forward(batch, logits: $0.baseAddress!)
                 }
                 return out
             }
@@ -246,7 +250,8 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
                             return scales[part] > 1 ? u + scales[part] * (a - u) : a
                         }
                         let got = Sampler.choose(&row, options: SamplingOptions(topK: 1), uniform: 0)
-                        XCTAssertEqual(got, want[part], "image \(b) step \(p) slot \(j) part \(part)", file: file, line: line)
+                        let what = "image \(b) step \(p) slot \(j) part \(part)"
+                        XCTAssertEqual(got, want[part], what, file: file, line: line)
                         checked += 1
                     }
                 }
@@ -269,7 +274,8 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
             let m = try Self.model(window: k, depth: d, seed: 7)
             let c = m.config, T = c.seqLen, n = 2, W = m.logitsWidth, P = m.base.headParts
             let b = batch(c, seed: 11)
-            let want = [logits(m, b).0, logits(m, ModelBatch(batch: n, tokens: b.tokens, labels: [3, 3], tensors: b.tensors)).0]
+            let null = ModelBatch(batch: n, tokens: b.tokens, labels: [3, 3], tensors: b.tensors)
+            let want = [logits(m, b).0, logits(m, null).0]
             let s = Sampler(model: m)
             s.prepare(n: n, NB: 2 * n)
             var worst: Float = 0
@@ -284,11 +290,14 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
                 let h = s.slotStates(position: pos, labels: b.labels, inputs: inputs)
                 // part 1 reads the pre sub-token of each row's target (teacher forcing)
                 var pre = [Int32](repeating: 0, count: 2 * n * k)
-                for r in 0..<(2 * n) { for j in 0..<k where pos + j < T { pre[r * k + j] = b.tokens[(r % n) * T + pos + j] % Int32(P[0]) } }
+                for r in 0..<(2 * n) {
+                    for j in 0..<k where pos + j < T { pre[r * k + j] = b.tokens[(r % n) * T + pos + j] % Int32(P[0]) }
+                }
                 for part in 0..<2 {
                     var got = [Float](repeating: 0, count: 2 * n * k * P[part])
                     got.withUnsafeMutableBufferPointer {
-                        m.base.headLogits($0.baseAddress!, h, rows: 2 * n * k, part: part, chosen: [pre], params: m.params.base)
+                        m.base.headLogits($0.baseAddress!, h, rows: 2 * n * k, part: part, chosen: [pre],
+                                          params: m.params.base)
                     }
                     for r in 0..<(2 * n) {
                         for j in 0..<k where pos + j < T {
@@ -327,7 +336,8 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
         let b = batch(c, seed: 5)
         var noised = b.tensors
         let tables = m.tokenFactors.map { f in
-            NoiseTable(embedding: UnsafePointer(m.params.base + m.table.offset(f.name)), rows: f.rows, dim: c.dim, stride: f.stride)
+            NoiseTable(embedding: UnsafePointer(m.params.base + m.table.offset(f.name)), rows: f.rows, dim: c.dim,
+                       stride: f.stride)
         }
         let noiser = TensorNoiser(type: .discrete, schedule: .linear, window: 4, vocabSize: c.vocabSize)
         _ = noiser.apply(&noised, batch: 2, seqLen: c.seqLen, seed: 1, step: 0, samplePositions: [0, 1], tables: tables)
@@ -336,5 +346,74 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
         XCTAssertGreaterThan(changed, 0, "beta 0.75 changes entries")
         for i in noised.indices where i % 4 == 0 { XCTAssertEqual(noised[i], b.tensors[i], "entry 0 is never noised") }
         XCTAssertTrue(noised.allSatisfy { $0 >= -1 && $0 < Int32(c.vocabSize) })
+    }
+
+    /// Dropout reaches the factorized blocks (SPEC section 8) and stays keyed by sample: a batch of
+    /// two gives the losses of the two samples run alone, and another step gives other masks.
+    func testHeadDropoutIsKeyedBySampleWhateverTheSplit() throws {
+        let m = try Self.model(window: 2, depth: 1)
+        let c = m.config, T = c.seqLen
+        let b = batch(c, seed: 13)
+        func loss(_ idx: [Int], step: Int, p: Float = 0.5) -> Double {
+            let tokens = idx.flatMap { Array(b.tokens[($0 * T)..<(($0 + 1) * T)]) }
+            let per = (T - 1) * c.window
+            let tensors = idx.flatMap { Array(b.tensors[($0 * per)..<(($0 + 1) * per)]) }
+            let mb = ModelBatch(batch: idx.count, tokens: tokens, labels: idx.map { b.labels[$0] }, tensors: tensors)
+            let d = DropoutSettings(p: p, seed: 3, step: step, samplePositions: idx)
+            return m.forward(mb, dropout: d).weightedSum
+        }
+        let both = loss([0, 1], step: 1)
+        XCTAssertEqual(both, loss([0], step: 1) + loss([1], step: 1), accuracy: 1e-5 * abs(both))
+        XCTAssertNotEqual(both, loss([0, 1], step: 2), "another step, other masks")
+        XCTAssertNotEqual(both, loss([0, 1], step: 1, p: 0), "dropout changes the loss")
+        // the head alone (the model bound for this batch by the forward above): its blocks' dropout
+        let rows = 2 * T * c.window
+        let h = FlatBuffer(count: rows * c.dim)
+        var rng = CounterRNG(seed: 21)
+        for i in 0..<h.count { h[i] = rng.normal() }
+        let targets = (0..<rows).map { Int32($0 * 7919 % c.vocabSize) }
+        func headLoss(_ plan: DropoutPlan?) -> [Float] {
+            var losses = [Float](repeating: 0, count: rows)
+            m.base.headForward(h, rows: rows, targets: targets, losses: &losses, logits: nil, dropout: plan,
+                               params: m.params.base)
+            return losses
+        }
+        let none = headLoss(nil)
+        XCTAssertEqual(headLoss(DropoutPlan(p: 0, seed: 1, step: 0, samplePositions: [0, 1])), none)
+        XCTAssertNotEqual(headLoss(DropoutPlan(p: 0.5, seed: 1, step: 0, samplePositions: [0, 1])), none,
+                          "dropout after wo and w2 in the factorized blocks (SPEC section 8)")
+    }
+
+    /// The activation table is what a training step allocates (SPEC section 8's head included).
+    func testActivationLayoutIsWhatAStepAllocates() throws {
+        for (k, d) in [(1, 0), (3, 1)] {
+            let m = try Self.model(window: k, depth: d)
+            _ = m.grads
+            let b = batch(m.config, seed: 4)
+            let before = FlatBuffer.liveBytes
+            m.forward(b, dropout: DropoutSettings(p: 0.1, seed: 1, step: 0, samplePositions: [0, 1]), gradientScale: 1)
+            m.backward()
+            let want = m.config.trainingActivationBytes(batch: 2, dropout: true)
+            XCTAssertEqual(FlatBuffer.liveBytes - before, want, "k \(k), d \(d)")
+        }
+    }
+
+    /// FLOPs: each factorized block costs one section-2 block over 2 slots per head row, forward
+    /// and twice that backward (no head recomputation), counted by hand here.
+    func testFactorizedFLOPsByHand() throws {
+        var c = try ModelConfig.preset("B", base: "open-magvit2")
+        let B = 2, rows = Double(B * c.seqLen * 2)
+        let D = Double(c.dim), F = Double(c.ffnHidden), hd = Double(c.headDim), NH = Double(c.nHead)
+        let block = rows * 2 * (3 * D * D + D * D + 3 * D * F) + Double(B * c.seqLen) * NH * 2 * 2 * 4 * hd
+        let two = c.trainingFLOPs(batch: B)
+        c.factorizedNLayer = 1
+        XCTAssertEqual(two - c.trainingFLOPs(batch: B), 3 * block, accuracy: 1e-9 * two)
+        // the heads: 2 D (64 + 4096) per row and pass, three passes
+        var plain = c
+        plain.factorizedNLayer = 1
+        let heads = 3 * 2 * Double(B * c.seqLen) * D * (64 + 4096)
+        let withoutHeads = plain.trainingFLOPs(batch: B) - heads
+        XCTAssertEqual(withoutHeads, 3 * (c.stackFLOPs(sequences: B, seqLen: c.seqLen, layers: c.nLayer) + block),
+                       accuracy: 1e-9 * two)
     }
 }

@@ -62,6 +62,24 @@ def i32(a):
     return np.asarray(a, dtype=np.int32)
 
 
+def fixture_tensors(names, params, inputs, outputs, grads, adamw, sample):
+    """A fixture file's tensors, in the file's order: the weights, `input.*`, `output.*` (in the
+    order given), `grad.*`, `adamw.*`, `sample.*`."""
+    tokens, labels, tensors, sw = inputs
+    losses, norms, final_names, final = adamw
+    sample_labels, s_tokens, s_traj = sample
+    out = {n: f32(params[n]) for n in names}
+    out.update({"input.tokens": i32(tokens), "input.labels": i32(labels), "input.tensors": i32(tensors),
+                "input.slot_weights": f32(sw)})
+    out.update({f"output.{k}": f32(v) for k, v in outputs.items()})
+    out.update({f"grad.{n}": f32(grads[n]) for n in names})
+    out.update({"adamw.losses": f32(losses), "adamw.grad_norms": f32(norms)})
+    out.update({f"adamw.final.{n}": f32(final[n]) for n in final_names})
+    out.update({"sample.labels": i32(sample_labels), "sample.tokens": i32(s_tokens),
+                "sample.trajectories": i32(s_traj)})
+    return out
+
+
 def build_case(index, name, k, d, residual, slot_weights, cfg_scale, log=print):
     cfg = R.Config(**BASE_SHAPE, window=k, plugin_depth=d, residual=residual)
     T, V = cfg.seq_len, cfg.vocab_size
@@ -130,26 +148,10 @@ def build_case(index, name, k, d, residual, slot_weights, cfg_scale, log=print):
     }
     config_meta = cfg.to_dict()
 
-    out = {}
-    for pname, _, _, _ in R.parameter_table(cfg):
-        out[pname] = f32(params[pname])
-    out["input.tokens"] = i32(tokens)
-    out["input.labels"] = i32(labels)
-    out["input.tensors"] = i32(tensors)
-    out["input.slot_weights"] = f32(sw)
-    out["output.logits"] = f32(logits)
-    out["output.hidden"] = f32(hidden)
-    out["output.loss"] = f32([loss])
-    out["output.slot_losses"] = f32(slot_losses)
-    for pname, _, _, _ in R.parameter_table(cfg):
-        out[f"grad.{pname}"] = f32(grads[pname])
-    out["adamw.losses"] = f32(losses)
-    out["adamw.grad_norms"] = f32(norms)
-    for pname in final_names:
-        out[f"adamw.final.{pname}"] = f32(final[pname])
-    out["sample.labels"] = i32(sample_labels)
-    out["sample.tokens"] = i32(s_tokens)
-    out["sample.trajectories"] = i32(s_traj)
+    names = [n for n, _, _, _ in R.parameter_table(cfg)]
+    outputs = {"logits": logits, "hidden": hidden, "loss": [loss], "slot_losses": slot_losses}
+    out = fixture_tensors(names, params, (tokens, labels, tensors, sw), outputs, grads,
+                          (losses, norms, final_names, final), (sample_labels, s_tokens, s_traj))
     meta = {"tensorar.config": json.dumps(config_meta, sort_keys=True),
             "fixture": json.dumps(fixture_meta, sort_keys=True)}
     log(f"  {name}: loss {loss:.6f} slot_losses {np.round(slot_losses, 4).tolist()} "
@@ -216,25 +218,11 @@ def build_omg_case(index, name, k, d, residual, slot_weights, scales, log=print)
         "seeds": {"base": 4000, "tokens": 4001, "plugin": 5000 + index, "noise": 6000 + index},
         "dtype": "reference computed in float64, stored as float32",
     }
-    out = {pname: f32(params[pname]) for pname, _, _, _ in O.parameter_table(cfg)}
-    out["input.tokens"] = i32(tokens)
-    out["input.labels"] = i32(labels)
-    out["input.tensors"] = i32(tensors)
-    out["input.slot_weights"] = f32(sw)
-    out["output.logits"] = f32(np.concatenate([lp, lq], axis=-1))
-    out["output.hidden"] = f32(hidden)
-    out["output.loss"] = f32([loss])
-    out["output.slot_losses"] = f32(slot_losses)
-    out["output.part_losses"] = f32(parts)
-    for pname, _, _, _ in O.parameter_table(cfg):
-        out[f"grad.{pname}"] = f32(grads[pname])
-    out["adamw.losses"] = f32(losses)
-    out["adamw.grad_norms"] = f32(norms)
-    for pname in final_names:
-        out[f"adamw.final.{pname}"] = f32(final[pname])
-    out["sample.labels"] = i32(sample_labels)
-    out["sample.tokens"] = i32(s_tokens)
-    out["sample.trajectories"] = i32(s_traj)
+    names = [n for n, _, _, _ in O.parameter_table(cfg)]
+    outputs = {"logits": np.concatenate([lp, lq], axis=-1), "hidden": hidden, "loss": [loss],
+               "slot_losses": slot_losses, "part_losses": parts}
+    out = fixture_tensors(names, params, (tokens, labels, tensors, sw), outputs, grads,
+                          (losses, norms, final_names, final), (sample_labels, s_tokens, s_traj))
     meta = {"tensorar.config": json.dumps(cfg.to_dict(), sort_keys=True),
             "fixture": json.dumps(fixture_meta, sort_keys=True)}
     log(f"  {name}: loss {loss:.6f} parts {np.round(parts, 4).tolist()} slot_losses "

@@ -42,8 +42,24 @@ def default_ffn_hidden(dim: int) -> int:
     return find_multiple(int(2 * 4 * dim / 3), 256)
 
 
+class Shape:
+    """What every config derives from its fields (grid_size, dim, n_head, plugin_depth)."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def has_plugin(self) -> bool:
+        return self.plugin_depth > 0
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(Shape):
     vocab_size: int
     num_classes: int
     grid_size: int
@@ -64,18 +80,6 @@ class Config:
         assert self.head_dim % 4 == 0
         assert self.window >= 1
         assert self.window == 1 or self.plugin_depth >= 1
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid_size * self.grid_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def has_plugin(self) -> bool:
-        return self.plugin_depth > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

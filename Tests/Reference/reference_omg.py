@@ -32,7 +32,7 @@ PAD = R.PAD
 
 
 @dataclass(frozen=True)
-class OMGConfig:
+class OMGConfig(R.Shape):
     num_classes: int
     grid_size: int
     dim: int
@@ -65,18 +65,6 @@ class OMGConfig:
     @property
     def post_vocab(self) -> int:
         return 1 << self.factorized_bits[1]
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid_size * self.grid_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def has_plugin(self) -> bool:
-        return self.plugin_depth > 0
 
     def to_dict(self) -> dict:
         """The tensorar.config of SPEC sections 7 and 8."""
@@ -208,21 +196,11 @@ def factorized(params, cfg: OMGConfig, g, pre):
     return lp.reshape(*lead, cfg.pre_vocab), lq.reshape(*lead, cfg.post_vocab)
 
 
-def slot_targets(tokens, cfg: OMGConfig) -> np.ndarray:
-    """[B, T, k]: x_{p+j}, 0 where p + j >= T."""
-    tokens = np.asarray(tokens)
-    B, T = tokens.shape
-    out = np.zeros((B, T, cfg.window), dtype=np.int64)
-    for j in range(cfg.window):
-        out[:, : T - j, j] = tokens[:, j:]
-    return out
-
-
 def forward(params, cfg: OMGConfig, labels, tensors, tokens):
     """(logits_pre [B,T,k,2^b0], logits_post [B,T,k,2^b1], h [B,T,D])."""
     h = trunk(params, cfg, labels, tensors)
     g = decoder_states(params, cfg, h)
-    pre, _ = split(jnp.asarray(slot_targets(tokens, cfg)), cfg)
+    pre, _ = split(jnp.asarray(R.slot_targets(tokens, cfg)), cfg)
     lp, lq = factorized(params, cfg, g, pre)
     return lp, lq, h
 
@@ -236,7 +214,7 @@ def loss_terms(lp, lq, tokens, cfg: OMGConfig, slot_weights):
     pairs; slot j's mean; each part pooled like the loss (they add up to it)."""
     tokens = np.asarray(tokens)
     B, T = tokens.shape
-    pre, post = split(slot_targets(tokens, cfg), cfg)
+    pre, post = split(R.slot_targets(tokens, cfg), cfg)
     mask = jnp.asarray(np.broadcast_to(R.valid_mask(cfg, T), (B, T, cfg.window)).astype(np.float64))
     c0 = ce(lp, jnp.asarray(pre)) * mask
     c1 = ce(lq, jnp.asarray(post)) * mask

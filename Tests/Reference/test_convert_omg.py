@@ -144,7 +144,8 @@ def test_bad_shapes_and_bad_files(tmp_path):
     src = tmp_path / "a.ckpt"
     lightning_checkpoint(src, arrays)
     r = run(src, tmp_path / "o.safetensors", *FLAGS)
-    assert r.returncode == 2 and "'transformer.factorized_blocks.0.feed_forward.w2.weight' has shape [64, 128]" in r.stderr
+    assert r.returncode == 2
+    assert "'transformer.factorized_blocks.0.feed_forward.w2.weight' has shape [64, 128]" in r.stderr
     arrays = model_arrays()
     arrays["post_emb.weight"] = np.zeros((4000, 64), np.float32)
     lightning_checkpoint(src, arrays)

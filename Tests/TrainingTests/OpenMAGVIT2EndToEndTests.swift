@@ -16,7 +16,9 @@ extension ResumeTests {
     /// Class- and position-dependent codes over the whole 2^18 range, plus a little noise.
     func writeLlamaGenCodes(_ root: String, samples n: Int, seed: UInt64) throws -> (codes: String, labels: String) {
         let codes = root + "/codes", labels = root + "/labels"
-        for d in [codes, labels] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        for d in [codes, labels] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        }
         var rng = CounterRNG(seed: seed)
         for i in 0..<n {
             let c = Int64(rng.next() % 4)
@@ -30,8 +32,9 @@ extension ResumeTests {
     func importCache(_ root: String, _ name: String, samples: Int, seed: UInt64) throws -> String {
         let src = try writeLlamaGenCodes(root + "/\(name)-npy", samples: samples, seed: seed)
         let out = root + "/\(name)"
-        let r = try runTool(try binary("tensorar-data"), ["import-llamagen", "--codes", src.codes, "--labels", src.labels,
-                                                          "--out", out, "--vocab-size", "262144", "--num-classes", "4"])
+        let args = ["import-llamagen", "--codes", src.codes, "--labels", src.labels, "--out", out,
+                    "--vocab-size", "262144", "--num-classes", "4"]
+        let r = try runTool(try binary("tensorar-data"), args)
         XCTAssertEqual(r.status, 0, r.output)
         return out
     }
@@ -51,10 +54,10 @@ extension ResumeTests {
         let cache = try TokenCache(directory: train)
         XCTAssertEqual(cache.info.vocabSize, 262_144)
         XCTAssertEqual(cache.info.codesKind, .int32, "V > 65535: int32 codes (SPEC section 7)")
-        XCTAssertGreaterThan(try cache.read(indices: Array(0..<8), augmentations: [Int](repeating: 0, count: 8)).codes.max()!,
-                             65_535, "full 18-bit indices survive the import")
-        let f = Fixture(root: root, train: train, val: val, checkpoints: root + "/Checkpoints", runA: root + "/Checkpoints/O",
-                        metricsA: Metrics())
+        let codes = try cache.read(indices: Array(0..<8), augmentations: [Int](repeating: 0, count: 8)).codes
+        XCTAssertGreaterThan(codes.max()!, 65_535, "full 18-bit indices survive the import")
+        let f = Fixture(root: root, train: train, val: val, checkpoints: root + "/Checkpoints",
+                        runA: root + "/Checkpoints/O", metricsA: Metrics())
         let a = try self.train(f, run: "O", ranks: 2, extra: openMAGVIT2Settings)
         XCTAssertEqual(a.status, 0, a.output)
         let manifest = try CheckpointStore.readManifest(f.runA + "/step-00000008")
@@ -63,13 +66,16 @@ extension ResumeTests {
         XCTAssertEqual(manifest.model.factorizedNLayer, 1)
         let straight = try Metrics(run: f.runA)
         XCTAssertEqual(straight.loss.keys.sorted(), Array(1...8))
-        let first = try XCTUnwrap(straight.loss[1].flatMap(Double.init)), last = try XCTUnwrap(straight.loss[8].flatMap(Double.init))
+        let first = try XCTUnwrap(straight.loss[1].flatMap(Double.init))
+        let last = try XCTUnwrap(straight.loss[8].flatMap(Double.init))
         XCTAssertLessThan(last, first, "training lowers the loss (\(first) -> \(last))")
         let metricsText = try String(contentsOfFile: f.runA + "/metrics.jsonl", encoding: .utf8)
-        XCTAssertTrue(metricsText.contains("\"loss_parts\": [") && metricsText.contains("\"val_loss_parts\": ["), metricsText)
+        XCTAssertTrue(metricsText.contains("\"loss_parts\": ["), metricsText)
+        XCTAssertTrue(metricsText.contains("\"val_loss_parts\": ["), metricsText)
 
         // resume the step-4 checkpoint on 1 rank: ResumeTests' tolerance on every later loss
-        let r = try self.train(f, run: "R", ranks: 1, extra: openMAGVIT2Settings + ["--resume-from", f.runA + "/step-00000004"])
+        let from = ["--resume-from", f.runA + "/step-00000004"]
+        let r = try self.train(f, run: "R", ranks: 1, extra: openMAGVIT2Settings + from)
         XCTAssertEqual(r.status, 0, r.output)
         let resumed = try Metrics(run: f.checkpoints + "/R")
         XCTAssertEqual(resumed.loss.keys.sorted(), Array(5...8))
@@ -96,7 +102,7 @@ extension ResumeTests {
         XCTAssertEqual(parts["pre"]! + parts["post"]!, loss, accuracy: 1e-6 * loss)
         XCTAssertLessThan(parts["pre"]!, log(64.0) + 0.5, "CE(pre) is over 64 classes")
         XCTAssertEqual(loss, loggedValLoss, accuracy: 16 * Double(Float.ulpOfOne) * loggedValLoss)
-        print("open-magvit2 eval: loss \(loss) = pre \(parts["pre"]!) + post \(parts["post"]!); logged \(loggedValLoss)")
+        print("open-magvit2 eval: loss \(loss) = pre \(parts["pre"]!) + post \(parts["post"]!)")
     }
 
     /// `tensorar-sample --cfg-scale A,B --temperature A,B`: full indices in `tokens`, the same on
@@ -118,7 +124,8 @@ extension ResumeTests {
         XCTAssertEqual(try HDF5File.open(two).read("tokens", as: Int32.self).values, tokens, "1 and 2 ranks")
         XCTAssertEqual(try h.stringAttribute("cfg_scale"), "1.5,3.0")
         XCTAssertTrue(try h.stringAttribute("sampling").contains("\"cfg_scales\":[1.5,3]"))
-        let bad = try runTool(try binary("tensorar-sample"), ["--weights", f.runA, "--cfg-scale", "1,2,3", "--out", one])
+        let bad = try runTool(try binary("tensorar-sample"), ["--weights", f.runA, "--cfg-scale", "1,2,3",
+                                                              "--out", one])
         XCTAssertNotEqual(bad.status, 0)
         XCTAssertTrue(bad.output.contains("--cfg-scale"), bad.output)
     }
@@ -135,8 +142,8 @@ extension ResumeTests {
         XCTAssertEqual(m.config.base, "open-magvit2")
         let manifest = try CheckpointStore.readManifest(f.runA + "/step-00000008")
         let params = FlatBuffer(count: m.table.total)
-        _ = try CheckpointStore.load(from: f.runA + "/step-00000008", model: manifest.model, table: m.table, params: params,
-                                     optimizer: nil)
+        _ = try CheckpointStore.load(from: f.runA + "/step-00000008", model: manifest.model, table: m.table,
+                                     params: params, optimizer: nil)
         XCTAssertEqual(m.params.array, params.array)
     }
 }
@@ -145,8 +152,8 @@ extension ResumeTests {
 /// factorized override, and the errors.
 final class OpenMAGVIT2ConfigTests: XCTestCase {
     func testBaseSelectsItsPresetsAndFactorizedSettings() throws {
-        let c = try TrainConfig.resolve(yaml: "model:\n  base: open-magvit2\n  preset: B\n  window: 1\n  plugin_depth: 0\n",
-                                        source: "omg.yaml")
+        let yaml = "model:\n  base: open-magvit2\n  preset: B\n  window: 1\n  plugin_depth: 0\n"
+        let c = try TrainConfig.resolve(yaml: yaml, source: "omg.yaml")
         let m = try c.model.resolve(vocabSize: 262_144, numClasses: 1000, gridSize: 16)
         XCTAssertEqual(ParameterTable(m).total, 343_570_432)
         XCTAssertEqual(m.factorizedBits, [6, 12])
@@ -160,7 +167,8 @@ final class OpenMAGVIT2ConfigTests: XCTestCase {
             try TrainConfig.resolve(yaml: "model:\n  factorized_n_layer: 2\n", source: "l.yaml").validate(worldSize: 1)
         }
         assertInputError(["XXL", "open-magvit2"]) {
-            try TrainConfig.resolve(yaml: "model:\n  base: open-magvit2\n  preset: XXL\n", source: "b.yaml").validate(worldSize: 1)
+            let yaml = "model:\n  base: open-magvit2\n  preset: XXL\n"
+            try TrainConfig.resolve(yaml: yaml, source: "b.yaml").validate(worldSize: 1)
         }
         // a dataset whose V is not a power of two cannot feed Open-MAGVIT2
         XCTAssertThrowsError(try c.model.resolve(vocabSize: 1000, numClasses: 1000, gridSize: 16))
