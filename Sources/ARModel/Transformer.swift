@@ -176,6 +176,9 @@ public final class Transformer {
     public var tokenFactors: [TokenFactor] { type(of: base).tokenFactors(config) }
     /// The parts a row's loss is the sum of (`BaseModel.lossPartNames`; empty for LlamaGen).
     public var lossPartNames: [String] { base.lossPartNames }
+    /// How many parts a token is chosen in when sampling (`BaseModel.headParts`: LlamaGen 1,
+    /// Open-MAGVIT2 2, pre then post).
+    public var headPartCount: Int { base.headParts.count }
     /// Floats of one row of `forward`'s logits: V for LlamaGen; 2^b0 + 2^b1 for Open-MAGVIT2
     /// (pre logits, then post logits given the target's pre sub-token, SPEC section 8).
     public var logitsWidth: Int { base.headParts.reduce(0, +) }

@@ -136,7 +136,7 @@ struct Sample: ParsableCommand {
             throw InputError(w, "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but --window \(window) was asked")
         }
         let cls = try parseClasses(classes, numClasses: c.numClasses, weights: w)
-        let parts = model.logitsWidth == c.vocabSize ? 1 : 2  // Open-MAGVIT2 chooses pre, then post
+        let parts = model.headPartCount  // Open-MAGVIT2 chooses pre, then post (SPEC section 8)
         for (flag, v) in [("--cfg-scale", cfgScale), ("--temperature", temperature)] where v.values.count > parts {
             let problem = "\(flag) \(v) gives \(v.values.count) values; this model chooses a token in \(parts) part(s)"
             throw InputError(w, problem)
