@@ -166,9 +166,10 @@ FIXTURE_SCALES = {
 
 
 def init_params_fixture(cfg: Config, rng_base: np.random.Generator,
-                        rng_plugin: np.random.Generator) -> Dict[str, np.ndarray]:
+                        rng_plugin: np.random.Generator, table=None) -> Dict[str, np.ndarray]:
+    """`table` (name, shape, group, kind): another base's parameter table (default: this one's)."""
     p = {}
-    for name, shape, group, kind in parameter_table(cfg):
+    for name, shape, group, kind in table or parameter_table(cfg):
         rng = rng_base if group == "base" else rng_plugin
         if kind == "norm":
             p[name] = 1.0 + rng.normal(0, 0.1, shape)
@@ -460,6 +461,19 @@ def _step_logits_fn(cfg: Config):
     return jax.jit(lambda p, lab, ten: forward(p, cfg, lab, ten)[0])
 
 
+def tokens_and_trajectories(produced):
+    """From the tensors t_p produced at each step, [Bs, T, k]: the image tokens x_p = t_p[0] [Bs, T]
+    and the trajectories [Bs, T, k], [b, q, s] = the prediction of token q made at slot s (at step
+    q - s), -1 where q - s < 0."""
+    Bs, T, k = produced.shape
+    traj = np.full((Bs, T, k), PAD, dtype=np.int64)
+    for q in range(T):
+        for s in range(k):
+            if q - s >= 0:
+                traj[:, q, s] = produced[:, q - s, s]
+    return produced[:, :, 0].copy(), traj
+
+
 def sample_greedy(params, cfg: Config, labels, cfg_scale: float, literal_prefix: bool = False):
     """Greedy (top_k = 1) sampling without a KV cache: the model is re-run from scratch at
     every step.
@@ -506,10 +520,5 @@ def sample_greedy(params, cfg: Config, labels, cfg_scale: float, literal_prefix:
                 produced[:, p, j] = np.argmax(row, axis=-1)   # lowest index on ties
                 srt = np.sort(row, axis=-1)
                 min_margin = min(min_margin, float(np.min(srt[:, -1] - srt[:, -2])))
-    tokens = produced[:, :, 0].copy()
-    traj = np.full((Bs, T, k), PAD, dtype=np.int64)
-    for q in range(T):
-        for s in range(k):
-            if q - s >= 0:
-                traj[:, q, s] = produced[:, q - s, s]
+    tokens, traj = tokens_and_trajectories(produced)
     return tokens, traj, min_margin

@@ -116,14 +116,7 @@ def parameter_count(cfg: OMGConfig) -> int:
 
 def init_params_fixture(cfg: OMGConfig, rng_base, rng_plugin) -> Dict[str, np.ndarray]:
     """As reference.init_params_fixture (O(1) activations), for this table."""
-    p = {}
-    for name, shape, group, kind in parameter_table(cfg):
-        rng = rng_base if group == "base" else rng_plugin
-        if kind == "norm":
-            p[name] = 1.0 + rng.normal(0, 0.1, shape)
-        else:
-            p[name] = rng.normal(0, R.FIXTURE_SCALES[kind], shape)
-    return p
+    return R.init_params_fixture(cfg, rng_base, rng_plugin, table=parameter_table(cfg))
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,10 +286,5 @@ def sample_greedy(params, cfg: OMGConfig, labels, scales: Tuple[float, float]):
             _, lq = heads(jp, g[:, j], both)
             post = choose(np.asarray(lq), scales[1])
             produced[:, p, j] = pre + cfg.pre_vocab * post
-    tokens = produced[:, :, 0].copy()
-    traj = np.full((Bs, T, k), PAD, dtype=np.int64)
-    for q in range(T):
-        for s in range(k):
-            if q - s >= 0:
-                traj[:, q, s] = produced[:, q - s, s]
+    tokens, traj = R.tokens_and_trajectories(produced)
     return tokens, traj, min_margin
