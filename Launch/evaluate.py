@@ -4,7 +4,7 @@
 Usage (from the repository root, after `swift build -c release`):
 
     python3 Launch/evaluate.py --weights Checkpoints/default --data Data/fashion-mnist \
-        [--out Outputs/eval] [--per-class 100] [--cfg-scale 1.5] [--temperature 1] [--top-k 0]
+        [--out Outputs/eval] [--per-class 100] [--cfg-scale 1.5[,B]] [--temperature 1[,B]] [--top-k 0]
         [--top-p 1] [--seed 0] [--ranks 1] [--classifier FILE.npz] [--no-baselines]
 
 `--weights` is a .safetensors file or a checkpoint folder (a run folder means its latest);
@@ -518,6 +518,17 @@ def plot_losses(path: str, metrics_path: str):
 
 # ----------------------------------------------------------------------------- main
 
+def part_values(text: str) -> str:
+    """A flag of one number or two, comma-separated (tensorar-sample's --cfg-scale A[,B])."""
+    parts = text.split(",")
+    try:
+        if not 1 <= len(parts) <= 2:
+            raise ValueError
+        return ",".join(repr(float(p)) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or two, comma-separated (A or A,B), got '{text}'")
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description="Offline evaluation of a TensorAR model (see the top of this file).")
     ap.add_argument("--weights", required=True, help="weights (.safetensors) or a checkpoint folder")
@@ -529,9 +540,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="Outputs/eval", help="output folder")
     ap.add_argument("--per-class", type=int, default=100, help="samples per class")
     ap.add_argument("--classes", help="classes, e.g. 0,3,5-7 (default: all)")
-    ap.add_argument("--cfg-scale", type=float, default=1.5, help="guidance scale (as LlamaGen: none at <= 1)")
+    ap.add_argument("--cfg-scale", type=part_values, default="1.5",
+                    help="guidance scale, A or A,B (Open-MAGVIT2: pre, post; one value means both; none at <= 1)")
     ap.add_argument("--cfg-interval", type=int, default=-1, help="LlamaGen's --cfg-interval (-1: every step)")
-    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--temperature", type=part_values, default="1.0", help="A or A,B as --cfg-scale")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
@@ -609,6 +621,8 @@ def main(argv=None) -> dict:
             out = run_program(cmd, capture=True)
             r = json.loads(out.strip().splitlines()[-1])
             val_loss[noise] = {"loss": r["loss"], "slot_losses": r["slot_losses"], "samples": r["samples"]}
+            if "loss_parts" in r:  # Open-MAGVIT2: loss = CE(pre) + CE(post), SPEC section 8
+                val_loss[noise]["loss_parts"] = r["loss_parts"]
             if noise == "train":
                 val_loss[noise]["noise"] = {"type": noise_cfg.get("type", "replace"), "schedule": noise_cfg.get("schedule", "sine"),
                                             "seed": int(noise_cfg.get("seed", 0))}

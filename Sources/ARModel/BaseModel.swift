@@ -1,10 +1,10 @@
 import Kernels
 
 /// The base autoregressive model that the TensorAR plug-in wraps (SPEC section 3): LlamaGen
-/// (section 2) now; Open-MAGVIT2 (section 8) and RAR (section 9) are meant to fit the same
-/// shape. A base owns its parameter entries (the "base" group), the input embedding of a token,
-/// the causal trunk over T positions, and the head from one hidden state to the loss and logits
-/// of one target token. The plug-in (`Transformer`: windows, encoder, decoder, windowed loss)
+/// (section 2) and Open-MAGVIT2 (section 8); RAR (section 9) is meant to fit the same shape. A
+/// base owns its parameter entries (the "base" group), the input embedding of a token, the causal
+/// trunk over T positions, and the head from one hidden state to the loss and logits of one target
+/// token. The plug-in (`Transformer`: windows, encoder, decoder, windowed loss)
 /// and the sampler's slot loop are written against this protocol only.
 ///
 /// Conventions: pointers are into the flat parameter (`p`) and gradient (`gp`) buffers laid out
@@ -49,12 +49,15 @@ protocol BaseModel: AnyObject {
     /// The head over `rows` hidden states h (rows, D) in `targets` order: fills `losses[r]` with
     /// the cross entropy against `targets[r]` (rows with target -1 get 0 and are skipped unless
     /// `logits` is given). The head sees the target itself (Open-MAGVIT2's post sub-token is
-    /// predicted from the true pre sub-token, SPEC section 8). `logits` (rows, V), when given,
-    /// receives every row's logits. With `gradient`, `headBackward` follows and is the gradient
-    /// of sum_r dloss[r] * loss_r: the head keeps what that needs, and may form its parameters'
-    /// gradient already (LlamaGen does, see there).
+    /// predicted from the true pre sub-token, SPEC section 8). `logits` (rows, sum of `headParts`), when
+    /// given, receives every row's logits, part after part (Open-MAGVIT2: pre, then post given the
+    /// target's pre). `dropout`: training dropout for a head with blocks of its own (Open-MAGVIT2's
+    /// factorized stack, SPEC section 8; rows are per-sample contiguous, `rows / samples` each).
+    /// With `gradient`, `headBackward` follows and is the gradient of sum_r dloss[r] * loss_r: the
+    /// head keeps what that needs, and may form its parameters' gradient already (LlamaGen does).
     func headForward(_ h: FlatBuffer, rows: Int, targets: [Int32], losses: inout [Float],
-                     logits: UnsafeMutablePointer<Float>?, gradient: HeadGradient?, params p: FloatPtr)
+                     logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, gradient: HeadGradient?,
+                     params p: FloatPtr)
     /// dh (rows, D) out: the gradient w.r.t. h of the last forward's `gradient.dloss`-weighted loss.
     func headBackward(_ dh: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr)
     /// Flat range of the head's parameters, final after `headBackward`.
@@ -67,6 +70,80 @@ protocol BaseModel: AnyObject {
     func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows: Int, part: Int, chosen: [[Int32]], params p: FloatPtr)
     /// The token made of one choice per part.
     func token(parts: [Int32]) -> Int32
+
+    /// Names of the parts a row's loss is the sum of (Open-MAGVIT2: ["pre", "post"], SPEC
+    /// section 8); empty when the loss is one cross entropy (LlamaGen).
+    var lossPartNames: [String] { get }
+    /// After `headForward`: per part in `lossPartNames`, each row's term (they add up to `losses`).
+    var partLosses: [[Float]] { get }
+
+    // MARK: facts for noise and FLOP counts (static: they need no weights)
+    /// The input-embedding tables a token is looked up in, for `discrete` noise (SPEC sections 4, 8).
+    static func tokenFactors(_ c: ModelConfig) -> [TokenFactor]
+    /// Forward matmul FLOPs of the head over `rows` rows, `validRows` of them with a target.
+    static func headFLOPs(_ c: ModelConfig, rows: Int, validRows: Int) -> Double
+    /// Matmul FLOPs of `headLogits` over every part for `rows` rows (one sampling step).
+    static func samplingHeadFLOPs(_ c: ModelConfig, rows: Int) -> Double
+}
+
+extension BaseModel {
+    var lossPartNames: [String] { [] }
+    var partLosses: [[Float]] { [] }
+}
+
+/// A base whose class slot is one row of a table and whose trunk is a causal `BlockStack` of
+/// section 2 blocks with the 2D rotary table: LlamaGen's layers (SPEC section 2) and
+/// Open-MAGVIT2's spatial blocks (section 8). Those stages are written once, here.
+protocol RotaryTrunkBase: BaseModel {
+    var config: ModelConfig { get }
+    var D: Int { get }
+    /// Flat offset of the class table (C + 1 rows of D).
+    var oCls: Int { get }
+    var trunk: BlockStack { get }
+    /// Flat range of each trunk block's weights (one gradient bucket hand-over per block).
+    var layerRanges: [Range<Int>] { get }
+}
+
+extension RotaryTrunkBase {
+    /// The trunk of blocks `prefix.0 .. prefix.{n_layer-1}` and each block's flat range.
+    static func rotaryTrunk(_ c: ModelConfig, _ table: ParameterTable, prefix: String) -> (BlockStack, [Range<Int>]) {
+        let rot = RotaryTable(seqLen: c.seqLen, gridW: c.gridSize, headDim: c.headDim, base: c.ropeBase)
+        let weights = (0..<c.nLayer).map { BlockWeights(table, prefix: "\(prefix).\($0)") }
+        let stack = BlockStack(weights: weights, causal: true, rotary: rot, dim: c.dim, heads: c.nHead,
+                               ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
+        let ranges = (0..<c.nLayer).map {
+            table.span("\(prefix).\($0).attention_norm.weight", "\(prefix).\($0).feed_forward.w2.weight")
+        }
+        return (stack, ranges)
+    }
+
+    func embedClass(_ out: FloatPtr, label: Int, params p: FloatPtr) {
+        out.update(from: p + oCls + label * D, count: D)
+    }
+    func embedClassBackward(_ dout: ConstFloatPtr, label: Int, grads gp: FloatPtr) {
+        let c = gp + oCls + label * D
+        for i in 0..<D { c[i] += dout[i] }
+    }
+
+    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr) {
+        trunk.forward(x, params: p, sequences: sequences, seqLen: config.seqLen, dropout: dropout)
+    }
+    func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?) {
+        trunk.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }
+    }
+    var trunkRanges: [Range<Int>] { layerRanges.reversed() }
+    func makeTrunkCache(rows: Int) -> KVCache { trunk.makeCache(rows: rows, seqLen: config.seqLen) }
+    func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr) {
+        trunk.step(x, cache: cache, position: position, params: p)
+    }
+}
+
+/// One embedding table a token reads (SPEC section 8): its row is (token / stride) % rows. A
+/// token is the sum over factors of row * stride. LlamaGen: one factor (tok_embeddings, V, 1).
+public struct TokenFactor: Equatable, Sendable {
+    public let name: String
+    public let rows: Int
+    public let stride: Int
 }
 
 /// What a head's forward is told when a backward will follow: the per-row weight of each loss
@@ -78,10 +155,11 @@ struct HeadGradient {
 
 /// `model.base` names to base types: a new base is one line here (and its own file).
 public enum BaseRegistry {
-    public static let names = ["llamagen"]
+    public static let names = ["llamagen", "open-magvit2"]
     static func type(named name: String) -> (any BaseModel.Type)? {
         switch name {
         case "llamagen": return LlamaGen.self
+        case "open-magvit2": return OpenMAGVIT2.self
         default: return nil
         }
     }

@@ -8,11 +8,13 @@ extension ModelConfig {
         return perBlock * Double(layers)
     }
 
-    /// The output head's matmul for a batch of B images: every valid (position, slot) row.
+    /// The base's head for a batch of B images (`BaseModel.headFLOPs`): LlamaGen's output
+    /// matmul on every valid (position, slot) row; Open-MAGVIT2's factorized stack and two heads
+    /// on every row (SPEC section 8).
     func headFLOPs(batch B: Int) -> Double {
         let T = seqLen, k = hasPlugin ? window : 1
-        let rows = (0..<T).reduce(0) { $0 + min(k, T - $1) }
-        return 2 * Double(B * rows) * Double(dim) * Double(vocabSize)
+        let valid = (0..<T).reduce(0) { $0 + min(k, T - $1) }
+        return BaseRegistry.type(named: base)!.headFLOPs(self, rows: B * T * k, validRows: B * valid)
     }
 
     /// Forward FLOPs for a batch of B images (training/teacher-forced pass).

@@ -4,7 +4,7 @@ import Platform
 /// The LlamaGen class-to-image GPT (SPEC section 2) as a TensorAR base: class and token
 /// embeddings, the causal trunk of `n_layer` blocks with the 2D rotary table, and the head
 /// `output(norm(h))` with cross entropy.
-final class LlamaGen: BaseModel {
+final class LlamaGen: RotaryTrunkBase {
     static let name = "llamagen"
 
     /// SPEC section 2's table, in LlamaGen's order (the "base" group).
@@ -31,25 +31,12 @@ final class LlamaGen: BaseModel {
         config = c; D = c.dim; V = c.vocabSize
         oCls = table.offset("cls_embedding.embedding_table.weight"); oTok = table.offset("tok_embeddings.weight")
         oNorm = table.offset("norm.weight"); oOut = table.offset("output.weight")
-        let rot = RotaryTable(seqLen: c.seqLen, gridW: c.gridSize, headDim: c.headDim, base: c.ropeBase)
-        trunk = BlockStack(weights: (0..<c.nLayer).map { BlockWeights(table, prefix: "layers.\($0)") }, causal: true,
-                           rotary: rot, dim: D, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
-        layerRanges = (0..<c.nLayer).map {
-            table.span("layers.\($0).attention_norm.weight", "layers.\($0).feed_forward.w2.weight")
-        }
+        (trunk, layerRanges) = LlamaGen.rotaryTrunk(c, table, prefix: "layers")
         embeddingRange = table.span("cls_embedding.embedding_table.weight", "tok_embeddings.weight")
         headRange = table.span("norm.weight", "output.weight")
     }
 
-    // MARK: inputs (SPEC section 2: position 0 the class, p >= 1 tok_embeddings[x_{p-1}])
-
-    func embedClass(_ out: FloatPtr, label: Int, params p: FloatPtr) {
-        out.update(from: p + oCls + label * D, count: D)
-    }
-    func embedClassBackward(_ dout: ConstFloatPtr, label: Int, grads gp: FloatPtr) {
-        let c = gp + oCls + label * D
-        for i in 0..<D { c[i] += dout[i] }
-    }
+    // MARK: inputs (SPEC section 2: position 0 the class (`RotaryTrunkBase`), p >= 1 tok_embeddings[x_{p-1}])
 
     func embedTokens(_ out: FloatPtr, _ ids: UnsafePointer<Int32>, n: Int, params p: FloatPtr) {
         embeddingForward(out, ids, p + oTok, n: n, d: D)
@@ -58,21 +45,7 @@ final class LlamaGen: BaseModel {
         embeddingBackward(gp + oTok, dout, ids, n: n, d: D)
     }
 
-    // MARK: trunk
-
-    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr) {
-        trunk.forward(x, params: p, sequences: sequences, seqLen: config.seqLen, dropout: dropout)
-    }
-    func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?) {
-        trunk.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }
-    }
-
-    var trunkRanges: [Range<Int>] { layerRanges.reversed() }
-
-    func makeTrunkCache(rows: Int) -> KVCache { trunk.makeCache(rows: rows, seqLen: config.seqLen) }
-    func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr) {
-        trunk.step(x, cache: cache, position: position, params: p)
-    }
+    // the trunk: `RotaryTrunkBase`
 
     // MARK: head: logits = output(norm(h)), cross entropy per row
 
@@ -117,7 +90,8 @@ final class LlamaGen: BaseModel {
     /// (rows, V) logits (0.5 GB there). It fills head.dfn and adds output.weight's gradient;
     /// `headBackward` finishes with the norm.
     func headForward(_ h: FlatBuffer, rows n: Int, targets: [Int32], losses: inout [Float],
-                     logits: UnsafeMutablePointer<Float>?, gradient: HeadGradient?, params p: FloatPtr) {
+                     logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, gradient: HeadGradient?,
+                     params p: FloatPtr) {
         precondition(n == rows, "head bound for \(rows) rows, run on \(n)")
         input = h
         rmsnormForward(fn!.base, frstd!.base, h.base, p + oNorm, n: n, d: D, eps: config.normEps)
@@ -185,4 +159,17 @@ final class LlamaGen: BaseModel {
     private var sampleNorm, sampleRstd: FlatBuffer?
 
     func token(parts: [Int32]) -> Int32 { parts[0] }
+
+    // MARK: discrete noise tables and FLOPs
+
+    static func tokenFactors(_ c: ModelConfig) -> [TokenFactor] {
+        [TokenFactor(name: "tok_embeddings.weight", rows: c.vocabSize, stride: 1)]
+    }
+    /// The output matmul on the rows with a target only (`headForward` skips the others).
+    static func headFLOPs(_ c: ModelConfig, rows: Int, validRows: Int) -> Double {
+        2 * Double(validRows) * Double(c.dim) * Double(c.vocabSize)
+    }
+    static func samplingHeadFLOPs(_ c: ModelConfig, rows: Int) -> Double {
+        2 * Double(rows) * Double(c.dim) * Double(c.vocabSize)
+    }
 }

@@ -21,11 +21,17 @@ public struct ModelConfig: Codable, Equatable, Sendable {
     /// The base model's type, a `BaseRegistry` name (SPEC section 7 "base"; "llamagen" when absent,
     /// and then left out of the JSON, so files written before the field existed stay identical).
     public var base: String = LlamaGen.name
+    /// Open-MAGVIT2 only (SPEC section 8): Lf, the blocks of the per-position factorized stack.
+    public var factorizedNLayer: Int = 0
+    /// Open-MAGVIT2 only (SPEC section 8): the sub-token widths in bits, pre first ([6, 12]
+    /// upstream); vocab_size is 2^(sum). Both are written only for that base (choice, SPEC 8).
+    public var factorizedBits: [Int] = []
 
     enum CodingKeys: String, CodingKey {
         case vocabSize = "vocab_size", numClasses = "num_classes", gridSize = "grid_size", dim
         case nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", normEps = "norm_eps"
         case ropeBase = "rope_base", window, pluginDepth = "plugin_depth", residual, base
+        case factorizedNLayer = "factorized_n_layer", factorizedBits = "factorized_bits"
     }
 
     public init(
@@ -53,6 +59,8 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         pluginDepth = try c.decodeIfPresent(Int.self, forKey: .pluginDepth) ?? 0
         residual = try c.decodeIfPresent(Bool.self, forKey: .residual) ?? true
         base = try c.decodeIfPresent(String.self, forKey: .base) ?? LlamaGen.name
+        factorizedNLayer = try c.decodeIfPresent(Int.self, forKey: .factorizedNLayer) ?? 0
+        factorizedBits = try c.decodeIfPresent([Int].self, forKey: .factorizedBits) ?? []
     }
 
     public func encode(to encoder: Encoder) throws {
@@ -64,6 +72,19 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         try c.encode(ropeBase, forKey: .ropeBase); try c.encode(window, forKey: .window)
         try c.encode(pluginDepth, forKey: .pluginDepth); try c.encode(residual, forKey: .residual)
         if base != LlamaGen.name { try c.encode(base, forKey: .base) }
+        if base == OpenMAGVIT2.name {
+            try c.encode(factorizedNLayer, forKey: .factorizedNLayer)
+            try c.encode(factorizedBits, forKey: .factorizedBits)
+        }
+    }
+
+    /// Open-MAGVIT2's default split of V = 2^n codes (SPEC section 8: 2^18 = 2^6 x 2^12): the pre
+    /// sub-token gets n / 3 bits, the post sub-token the rest (choice for other V; nil when V is
+    /// not a power of two).
+    public static func defaultFactorizedBits(vocabSize V: Int) -> [Int]? {
+        guard V >= 4, V & (V - 1) == 0 else { return nil }
+        let n = V.trailingZeroBitCount
+        return [max(1, n / 3), n - max(1, n / 3)]
     }
 
     /// SPEC section 2: F = find_multiple(int(2 * 4D / 3), 256).
@@ -93,12 +114,35 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         if pluginDepth < 0 { throw bad("plugin_depth must be non-negative, got \(pluginDepth)") }
         if window > 1 && pluginDepth == 0 { throw bad("window \(window) > 1 needs a plug-in (plugin_depth >= 1)") }
         if window > seqLen { throw bad("window \(window) is longer than the image (\(seqLen) tokens)") }
+        if base == OpenMAGVIT2.name { try validateFactorized(bad) }
+    }
+
+    /// SPEC section 8: two sub-tokens whose bits add up to log2(vocab_size), Lf >= 1 blocks.
+    private func validateFactorized(_ bad: (String) -> InputError) throws {
+        if factorizedBits.count != 2 || factorizedBits.contains(where: { $0 < 1 }) {
+            throw bad("factorized_bits must be two positive widths (pre, post), got \(factorizedBits)")
+        }
+        if factorizedBits.reduce(0, +) > 30 || 1 << factorizedBits.reduce(0, +) != vocabSize {
+            throw bad("vocab_size \(vocabSize) is not 2^(\(factorizedBits.map(String.init).joined(separator: " + ")))")
+        }
+        if factorizedNLayer < 1 { throw bad("factorized_n_layer must be at least 1, got \(factorizedNLayer)") }
     }
 
     /// Size presets (SPEC section 2). Parameter counts for V=16384, C=1000 beside them
     /// (base only; `tensorar-bench --params` prints them with and without the plug-in).
     public static let presetNames = ["tiny", "small", "B", "L", "XL", "XXL"]
-    public static func preset(_ name: String, vocabSize: Int = 16384, numClasses: Int = 1000, gridSize: Int = 16) throws -> ModelConfig {
+    /// Open-MAGVIT2's presets (SPEC section 8), V = 2^18, C = 1000, 16x16 grid.
+    public static let openMAGVIT2PresetNames = ["tiny", "small", "B", "L", "XL"]
+
+    /// The preset `name` of the base `base` (a `BaseRegistry` name). `vocabSize` nil: the base's
+    /// usual V (LlamaGen 16384, Open-MAGVIT2 262144).
+    public static func preset(_ name: String, base: String = "llamagen", vocabSize: Int? = nil, numClasses: Int = 1000,
+                              gridSize: Int = 16) throws -> ModelConfig {
+        if base == OpenMAGVIT2.name {
+            return try openMAGVIT2Preset(name, vocabSize: vocabSize ?? 262_144, numClasses: numClasses,
+                                         gridSize: gridSize)
+        }
+        let vocabSize = vocabSize ?? 16384
         let shape: (Int, Int, Int)  // (L, NH, D)
         switch name {
         case "tiny": shape = (2, 2, 64)       // quick tests
@@ -110,6 +154,33 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         default: throw InputError("--preset", "unknown preset '\(name)'; known: \(presetNames.joined(separator: ", "))")
         }
         return ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2, nLayer: shape.0, nHead: shape.1)
+    }
+
+    /// SPEC section 8's table (head width 64, F from the section 2 formula), plus two small
+    /// presets of the LlamaGen ones' shape for this machine (choice: Lf 1 and 2).
+    static func openMAGVIT2Preset(_ name: String, vocabSize: Int, numClasses: Int,
+                                  gridSize: Int) throws -> ModelConfig {
+        let shape: (Int, Int, Int, Int)  // (L, NH, D, Lf)
+        switch name {
+        case "tiny": shape = (2, 2, 64, 1)
+        case "small": shape = (4, 4, 128, 2)
+        case "B": shape = (24, 16, 1024, 2)      // 343,570,432
+        case "L": shape = (36, 20, 1280, 3)      // 804,362,240
+        case "XL": shape = (48, 24, 1536, 4)     // 1,486,679,040
+        default:
+            let known = openMAGVIT2PresetNames.joined(separator: ", ")
+            throw InputError("--preset", "unknown Open-MAGVIT2 preset '\(name)'; known: \(known)")
+        }
+        guard let bits = defaultFactorizedBits(vocabSize: vocabSize) else {
+            let problem = "Open-MAGVIT2 needs a power-of-two vocab_size (2^18 upstream), got \(vocabSize)"
+            throw InputError("--preset", problem)
+        }
+        var c = ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2,
+                            nLayer: shape.0, nHead: shape.1)
+        c.base = OpenMAGVIT2.name
+        c.factorizedNLayer = shape.3
+        c.factorizedBits = bits
+        return c
     }
 
     public func jsonString() -> String {

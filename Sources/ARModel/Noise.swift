@@ -43,6 +43,21 @@ public enum Windows {
     }
 }
 
+/// One embedding table `discrete` noise mixes and picks in (SPEC section 4): a token's row is
+/// (token / stride) % rows, and the noised token the sum of each table's pick times its stride.
+public struct NoiseTable {
+    public let embedding: UnsafePointer<Float>
+    public let rows: Int
+    public let dim: Int
+    public let stride: Int
+    public init(embedding: UnsafePointer<Float>, rows: Int, dim: Int, stride: Int) {
+        self.embedding = embedding
+        self.rows = rows
+        self.dim = dim
+        self.stride = stride
+    }
+}
+
 /// Applies SPEC section 4 to a batch of input tensors. Randomness: one counter stream per
 /// (seed, step, sample position, purpose), drawn in (position, entry) order with a fixed number
 /// of draws per entry, so every (sample, position, entry) has its own numbers on any rank count.
@@ -63,6 +78,16 @@ public struct TensorNoiser {
     /// E for `discrete` (the model's tok_embeddings or the codebook; read, no gradient).
     public func apply(_ tensors: inout [Int32], batch: Int, seqLen T: Int, seed: UInt64, step: Int, samplePositions: [Int],
                       purpose: RandomPurpose = .noise, embedding: UnsafePointer<Float>? = nil, embeddingDim: Int = 0, modelDim: Int = 0) -> [Float]? {
+        let tables = embedding.map { [NoiseTable(embedding: $0, rows: vocabSize, dim: embeddingDim, stride: 1)] } ?? []
+        return apply(&tensors, batch: batch, seqLen: T, seed: seed, step: step, samplePositions: samplePositions,
+                     purpose: purpose, tables: tables, modelDim: modelDim)
+    }
+
+    /// As above, `discrete` mixing and picking in each of `tables` separately (Open-MAGVIT2's
+    /// pre_emb and post_emb, SPEC section 8; one table of V rows for LlamaGen or a codebook).
+    public func apply(_ tensors: inout [Int32], batch: Int, seqLen T: Int, seed: UInt64, step: Int,
+                      samplePositions: [Int], purpose: RandomPurpose = .noise, tables: [NoiseTable],
+                      modelDim: Int = 0) -> [Float]? {
         let k = window
         switch type {
         case .none:
@@ -80,10 +105,10 @@ public struct TensorNoiser {
             }
             return nil
         case .discrete:
-            guard let E = embedding else { preconditionFailure("discrete noise needs an embedding") }
-            // gather every entry to noise (j >= 1, not pad): m = (1-beta) E[t] + beta E[n]
+            precondition(!tables.isEmpty, "discrete noise needs an embedding")
+            // gather every entry to noise (j >= 1, not pad): m = (1-beta) E[t] + beta E[n], per table
             var which: [Int] = []
-            var mix: [Float] = []
+            var mix = [[Float]](repeating: [], count: tables.count)
             for b in 0..<batch {
                 var rng = CounterRNG(seed: seed, UInt64(step), UInt64(samplePositions[b]), purpose.rawValue)
                 for q in 0..<(T - 1) {
@@ -94,12 +119,21 @@ public struct TensorNoiser {
                         if t < 0 || betas[j] == 0 { continue }
                         which.append(i)
                         let beta = Float(betas[j])
-                        for c in 0..<embeddingDim { mix.append((1 - beta) * E[t * embeddingDim + c] + beta * E[n * embeddingDim + c]) }
+                        for (f, e) in tables.enumerated() {
+                            let E = e.embedding, Dm = e.dim
+                            let tr = t / e.stride % e.rows, nr = n / e.stride % e.rows
+                            for c in 0..<Dm { mix[f].append((1 - beta) * E[tr * Dm + c] + beta * E[nr * Dm + c]) }
+                        }
                     }
                 }
             }
-            let nearest = TensorNoiser.nearestByCosine(mix, rows: which.count, embedding: E, vocab: vocabSize, dim: embeddingDim)
-            for (r, i) in which.enumerated() { tensors[i] = Int32(nearest[r]) }
+            var tokens = [Int](repeating: 0, count: which.count)
+            for (f, e) in tables.enumerated() {
+                let nearest = TensorNoiser.nearestByCosine(mix[f], rows: which.count, embedding: e.embedding,
+                                                           vocab: e.rows, dim: e.dim)
+                for r in which.indices { tokens[r] += nearest[r] * e.stride }
+            }
+            for (r, i) in which.enumerated() { tensors[i] = Int32(tokens[r]) }
             return nil
         case .continuous:
             // e_j = tok_emb[t_j] + beta_j sqrt(0.1) eps + in_pos[j]

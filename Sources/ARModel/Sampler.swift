@@ -2,7 +2,8 @@ import Foundation
 import Kernels
 import Platform
 
-/// Sampling settings (SPEC section 5).
+/// Sampling settings (SPEC section 5). A base whose tokens are chosen in parts (Open-MAGVIT2:
+/// pre, then post, SPEC section 8) may take a guidance scale and a temperature per part.
 public struct SamplingOptions: Sendable {
     /// Classifier-free guidance scale; as LlamaGen, guidance (and its null-class rows) only above 1.
     public var cfgScale: Float = 1
@@ -13,16 +14,35 @@ public struct SamplingOptions: Sendable {
     public var topK: Int = 0      // 0: all; 1: greedy (lowest index on a tie)
     public var topP: Float = 1    // 1: all
     public var seed: UInt64 = 0
+    /// Per head part (`BaseModel.headParts`); nil, or a part past the end: `cfgScale`.
+    public var partCfgScales: [Float]?
+    /// Per head part; nil, or a part past the end: `temperature`.
+    public var partTemperatures: [Float]?
     public init(cfgScale: Float = 1, temperature: Float = 1, topK: Int = 0, topP: Float = 1, seed: UInt64 = 0) {
         self.cfgScale = cfgScale; self.temperature = temperature; self.topK = topK; self.topP = topP; self.seed = seed
     }
-
-    /// Whether sampling runs null-class rows at all.
-    public var guided: Bool { cfgScale > 1 }
-
-    /// Whether step `position` mixes in the null-class logits.
-    public func guides(position: Int) -> Bool {
-        guided && (cfgInterval < 0 || position <= cfgInterval + 1)
+    /// Part `part`'s guidance scale: guidance applies only above 1 (SPEC section 5).
+    public func cfgScale(part: Int) -> Float {
+        guard let s = partCfgScales, part < s.count else { return cfgScale }
+        return s[part]
+    }
+    public func temperature(part: Int) -> Float {
+        guard let t = partTemperatures, part < t.count else { return temperature }
+        return t[part]
+    }
+    /// The settings part `part` is chosen with.
+    func forPart(_ part: Int) -> SamplingOptions {
+        var o = self
+        o.cfgScale = cfgScale(part: part)
+        o.temperature = temperature(part: part)
+        return o
+    }
+    /// Whether any of `parts` parts is guided: then null-class rows run (SPEC sections 5, 8).
+    public func guided(parts: Int) -> Bool { (0..<parts).contains { cfgScale(part: $0) > 1 } }
+    /// Whether part `part` mixes in the null-class logits at step `position`: its scale is above
+    /// 1 and the step is inside `cfgInterval`.
+    public func guides(part: Int, position: Int) -> Bool {
+        cfgScale(part: part) > 1 && (cfgInterval < 0 || position <= cfgInterval + 1)
     }
 }
 
@@ -94,7 +114,8 @@ public final class Sampler {
         let c = m.config, T = c.seqLen, k = c.window
         let n = labels.count
         precondition(sampleIds.count == n, "one sample id per label")
-        let NB = o.guided ? 2 * n : n
+        let guided = o.guided(parts: m.base.headParts.count)
+        let NB = guided ? 2 * n : n
         var tokens = [Int32](repeating: -1, count: n * T)
         var traj = [Int32](repeating: -1, count: n * T * k)
         var prev = [Int32](repeating: -1, count: n * k)  // t_{p-1} per image
@@ -163,18 +184,20 @@ public final class Sampler {
         for (part, V) in m.base.headParts.enumerated() {
             m.base.headLogits(logits, h, rows: NB * rows, part: part, chosen: chosen, params: m.params.base)
             var pick = [Int32](repeating: -1, count: NB * rows)
+            let po = o.forPart(part)
             w.row.withUnsafeMutableBufferPointer { rowBuf in
                 let row = rowBuf.baseAddress!
                 for b in 0..<n {
                     for j in 0..<rows where pos + j < T {
                         let cond = logits + (b * rows + j) * V
-                        if o.guides(position: pos) {
-                            let un = logits + ((n + b) * rows + j) * V, s = o.cfgScale
+                        if o.guides(part: part, position: pos) {
+                            let un = logits + ((n + b) * rows + j) * V, s = po.cfgScale
                             for v in 0..<V { row[v] = un[v] + s * (cond[v] - un[v]) }
                         } else {
                             row.update(from: cond, count: V)
                         }
-                        let tok = Int32(choosers[part].choose(row, options: o, uniform: rngs[b * rows + j].uniform()))
+                        let u = rngs[b * rows + j].uniform()
+                        let tok = Int32(choosers[part].choose(row, options: po, uniform: u))
                         pick[b * rows + j] = tok
                         if NB > n { pick[(n + b) * rows + j] = tok }
                     }

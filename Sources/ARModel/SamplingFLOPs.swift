@@ -2,11 +2,12 @@
 /// multiply-add, for the sampling speed figures. Per position p: the base blocks on every row
 /// (n images, 2n with guidance), attention over the p + 1 cached positions, the plug-in encoder on
 /// the n conditioned rows only (the null rows get the same tensors, so the sampler copies its
-/// output), the decoder and the output head on all k slots of every row.
+/// output), the decoder and the base's head (`BaseModel.samplingHeadFLOPs`) on all k slots of every row.
 extension ModelConfig {
     /// FLOPs of one sampling position `p` for a batch of `n` images.
     public func samplingStepFLOPs(batch n: Int, guided: Bool, position p: Int) -> Double {
-        let NB = Double(guided ? 2 * n : n), D = Double(dim), F = Double(ffnHidden), V = Double(vocabSize)
+        let NB = Double(guided ? 2 * n : n), D = Double(dim), F = Double(ffnHidden)
+        let head = BaseRegistry.type(named: base)!
         let perRowBlock = 2 * (D * 3 * D + D * D + D * 2 * F + F * D)
         let attention = 2 * 2 * Double(nHead) * Double(p + 1) * Double(headDim)
         var f = NB * (perRowBlock + attention) * Double(nLayer)
@@ -14,9 +15,9 @@ extension ModelConfig {
             let k = window
             if p > 0 { f += stackFLOPs(sequences: n, seqLen: k + 1, layers: pluginDepth) + 2 * Double(n) * D * D }
             f += stackFLOPs(sequences: Int(NB), seqLen: k + 1, layers: pluginDepth) + 2 * NB * Double(k) * D * D
-            f += 2 * NB * Double(k) * D * V
+            f += head.samplingHeadFLOPs(self, rows: Int(NB) * k)
         } else {
-            f += 2 * NB * D * V
+            f += head.samplingHeadFLOPs(self, rows: Int(NB))
         }
         return f
     }

@@ -19,25 +19,39 @@ public struct ModelBatch {
 }
 
 /// Loss sums, poolable over micro-batches and ranks (SPEC section 3: sum w_j CE / sum w_j).
+/// A base whose loss is a sum of parts (Open-MAGVIT2: CE(pre) + CE(post), SPEC section 8) also
+/// gets each part's weighted sum, pooled the same way, so the parts add up to the loss.
 public struct LossReport: Equatable {
     public var weightedSum: Double = 0
     public var weightSum: Double = 0
     public var slotSums: [Double]
     public var slotCounts: [Double]
-    public init(slots: Int) { slotSums = Array(repeating: 0, count: slots); slotCounts = slotSums }
+    /// Per loss part (`Transformer.lossPartNames`), sum of w_j times that part; empty for LlamaGen.
+    public var partSums: [Double]
+    public init(slots: Int, parts: Int = 0) {
+        slotSums = Array(repeating: 0, count: slots)
+        slotCounts = slotSums
+        partSums = Array(repeating: 0, count: parts)
+    }
     public var loss: Double { weightedSum / max(weightSum, 1e-30) }
     public var slotLosses: [Double] { zip(slotSums, slotCounts).map { $0 / max($1, 1e-30) } }
+    /// Each part's pooled mean (they add up to `loss`).
+    public var partLosses: [Double] { partSums.map { $0 / max(weightSum, 1e-30) } }
     public var tokens: Int { Int(slotCounts.reduce(0, +)) }
     public mutating func add(_ o: LossReport) {
         weightedSum += o.weightedSum; weightSum += o.weightSum
         for j in slotSums.indices { slotSums[j] += o.slotSums[j]; slotCounts[j] += o.slotCounts[j] }
+        if partSums.isEmpty { partSums = Array(repeating: 0, count: o.partSums.count) }
+        for i in o.partSums.indices { partSums[i] += o.partSums[i] }
     }
-    /// Flat form for one allreduce: [weightedSum, weightSum, slotSums..., slotCounts...].
-    public var packed: [Double] { [weightedSum, weightSum] + slotSums + slotCounts }
-    public init(packed p: [Double]) {
-        let k = (p.count - 2) / 2
+    /// Flat form for one allreduce: [weightedSum, weightSum, slotSums..., slotCounts..., partSums...].
+    public var packed: [Double] { [weightedSum, weightSum] + slotSums + slotCounts + partSums }
+    public init(packed p: [Double], parts: Int = 0) {
+        let k = (p.count - 2 - parts) / 2
         weightedSum = p[0]; weightSum = p[1]
-        slotSums = Array(p[2..<(2 + k)]); slotCounts = Array(p[(2 + k)...])
+        slotSums = Array(p[2..<(2 + k)])
+        slotCounts = Array(p[(2 + k)..<(2 + 2 * k)])
+        partSums = Array(p[(2 + 2 * k)...])
     }
 }
 
@@ -53,8 +67,9 @@ public struct DropoutSettings {
     }
 }
 
-/// A TensorAR model (SPEC section 3): a base model (`BaseModel`, chosen by `model.base`; SPEC
-/// section 2's LlamaGen now) with the optional plug-in, run as stages, each with its backward:
+/// A TensorAR model (SPEC section 3): a base model (`BaseModel`, chosen by `model.base`: SPEC
+/// section 2's LlamaGen or section 8's Open-MAGVIT2) with the optional plug-in, run as stages,
+/// each with its backward:
 /// inputs (class slot, step inputs through the base embedding or the plug-in encoder, token
 /// dropout), the base's causal trunk, the plug-in decoder (or nothing), the base's head per
 /// (position, slot) row, and the windowed loss. Parameters and gradients are flat buffers laid
@@ -157,10 +172,21 @@ public final class Transformer {
 
     // MARK: forward
 
+    /// The base's input-embedding tables (`BaseModel.tokenFactors`), for `discrete` noise.
+    public var tokenFactors: [TokenFactor] { type(of: base).tokenFactors(config) }
+    /// The parts a row's loss is the sum of (`BaseModel.lossPartNames`; empty for LlamaGen).
+    public var lossPartNames: [String] { base.lossPartNames }
+    /// How many parts a token is chosen in when sampling (`BaseModel.headParts`: LlamaGen 1,
+    /// Open-MAGVIT2 2, pre then post).
+    public var headPartCount: Int { base.headParts.count }
+    /// Floats of one row of `forward`'s logits: V for LlamaGen; 2^b0 + 2^b1 for Open-MAGVIT2
+    /// (pre logits, then post logits given the target's pre sub-token, SPEC section 8).
+    public var logitsWidth: Int { base.headParts.reduce(0, +) }
+
     /// Runs the model; returns the loss sums. With `gradientScale`, `backward()` may follow;
     /// gradients are then d(sum w CE)/dθ times gradientScale (1 / the global batch's total
-    /// weight gives the mean loss's gradient). `logits` (B, T, k, V), when given, receives every
-    /// position's logits (invalid pairs too).
+    /// weight gives the mean loss's gradient). `logits` (B, T, k, logitsWidth), when given,
+    /// receives every position's logits (invalid pairs too).
     @discardableResult
     public func forward(_ batch: ModelBatch, dropout: DropoutSettings? = nil, gradientScale: Float? = nil,
                         logits: UnsafeMutablePointer<Float>? = nil) -> LossReport {
@@ -180,7 +206,8 @@ public final class Transformer {
         buildTargets(batch)
         var losses = [Float](repeating: 0, count: headRows)
         let gradient = gradientScale.map { scale in HeadGradient(dloss: rowWeights.map { $0 * scale }, grads: grads.base) }
-        base.headForward(g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, gradient: gradient,
+        base.headForward(g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, dropout: plan,
+                         gradient: gradient,
                          params: p)
         return windowedLoss(losses)
     }
@@ -283,11 +310,13 @@ public final class Transformer {
     /// sum w_j CE / sum w_j over the valid rows, and the per-slot sums. Its backward is the
     /// per-row weight times the gradient scale (`backward`'s dloss).
     private func windowedLoss(_ losses: [Float]) -> LossReport {
-        var report = LossReport(slots: slots)
+        let parts = base.partLosses
+        var report = LossReport(slots: slots, parts: parts.count)
         for r in 0..<headRows where rowTargets[r] >= 0 {
             let j = r % slots, w = rowWeights[r]
             report.weightedSum += Double(w) * Double(losses[r]); report.weightSum += Double(w)
             report.slotSums[j] += Double(losses[r]); report.slotCounts[j] += 1
+            for i in parts.indices { report.partSums[i] += Double(w) * Double(parts[i][r]) }
         }
         return report
     }

@@ -79,8 +79,14 @@ public struct BatchBuilder {
                 // noise.embedding: codebook measures similarity in the VQ codebook (SPEC section 4)
                 embeddingNoise = cb.withUnsafeBufferPointer { apply($0.baseAddress!, noise.codebookDim) }
             } else {
-                let e = model.table.entry("tok_embeddings.weight")!
-                embeddingNoise = apply(UnsafePointer(model.params.base + e.offset), c.dim)
+                // the base's own input tables (LlamaGen: tok_embeddings; Open-MAGVIT2: pre_emb and
+                // post_emb, each mixed and picked separately, SPEC section 8)
+                let tables = model.tokenFactors.map { f in
+                    NoiseTable(embedding: UnsafePointer(model.params.base + model.table.offset(f.name)), rows: f.rows,
+                               dim: c.dim, stride: f.stride)
+                }
+                embeddingNoise = nz.apply(&tensors, batch: n, seqLen: c.seqLen, seed: noise.seed, step: step,
+                                          samplePositions: samplePositions, purpose: purpose, tables: tables)
             }
         }
         return ModelBatch(batch: n, tokens: codes, labels: labels, tensors: tensors, embeddingNoise: embeddingNoise)

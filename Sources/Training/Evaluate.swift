@@ -16,7 +16,7 @@ public func checkDataMatchesModel(_ info: CacheInfo, _ c: ModelConfig, cachePath
 /// With noise, each sample is noised keyed by its dataset index (step 0, the validation purpose):
 /// deterministic and the same on any rank count. Returns this rank's sums (reduce them across ranks).
 public func evaluateLoss(model: Transformer, cache: TokenCache, range: Range<Int>, batchSize: Int, noise: LossNoise?, progress: ((Int) -> Void)? = nil) throws -> LossReport {
-    var total = LossReport(slots: model.config.window)
+    var total = LossReport(slots: model.config.window, parts: model.lossPartNames.count)
     var done = 0
     let builder = BatchBuilder(model: model, noise: nil)
     try forEachValidationBatch(cache: cache, range: range, batchSize: batchSize) { b in

@@ -84,12 +84,19 @@ public final class MetricsLog {
     }
 
     /// The JSON line for a record (without the newline).
-    public static func line(_ fields: KeyValuePairs<String, MetricValue>) -> String {
+    public static func line<S: Sequence>(_ fields: S) -> String where S.Element == (key: String, value: MetricValue) {
         "{" + fields.map { "\(MetricValue.quote($0.key)): \($0.value.json)" }.joined(separator: ", ") + "}"
     }
 
     /// Appends one record, e.g. `log(["step": 10, "loss": 3.21, "lr_plugin": 1e-4])`.
     public func log(_ fields: KeyValuePairs<String, MetricValue>) throws {
+        try handle.write(contentsOf: Data((MetricsLog.line(fields) + "\n").utf8))
+        let (step, values) = MetricsLog.scalars(fields)
+        if let tensorboard, let step, !values.isEmpty { try tensorboard.scalars(step: step, values) }
+    }
+
+    /// The same for fields built up in order (some only for some bases).
+    public func log(_ fields: [(key: String, value: MetricValue)]) throws {
         try handle.write(contentsOf: Data((MetricsLog.line(fields) + "\n").utf8))
         let (step, values) = MetricsLog.scalars(fields)
         if let tensorboard, let step, !values.isEmpty { try tensorboard.scalars(step: step, values) }

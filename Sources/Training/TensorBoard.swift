@@ -152,7 +152,8 @@ public final class TensorBoardWriter {
 extension MetricsLog {
     /// The numbers of a metrics record as TensorBoard scalars: each number under its key, each
     /// list as key/0, key/1, ... (`step` is the event's step; strings and flags are left out).
-    static func scalars(_ fields: KeyValuePairs<String, MetricValue>) -> (step: Int?, values: [(String, Double)]) {
+    static func scalars<S: Sequence>(_ fields: S) -> (step: Int?, values: [(String, Double)])
+    where S.Element == (key: String, value: MetricValue) {
         var step: Int?
         var values: [(String, Double)] = []
         for (key, value) in fields {

@@ -94,10 +94,11 @@ public struct TrainConfig: Codable, Equatable {
         public var pluginDepth: Int = 2        // d, plug-in encoder and decoder blocks; 0 = plain base model
         public var residual: Bool = true       // residual plug-in (proj starts at zero: a fresh plug-in is the base model)
         public var initFrom: String? = nil     // safetensors weights to start from (e.g. a converted LlamaGen checkpoint)
+        public var factorizedNLayer: Int? = nil // open-magvit2: Lf, factorized blocks (overrides the preset's; SPEC 8)
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case base, preset, dim, nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", window
-            case pluginDepth = "plugin_depth", residual, initFrom = "init_from"
+            case pluginDepth = "plugin_depth", residual, initFrom = "init_from", factorizedNLayer = "factorized_n_layer"
         }
         /// As synthesized, except that `base` may be absent (manifests written before it existed
         /// resume as llamagen).
@@ -113,6 +114,7 @@ public struct TrainConfig: Codable, Equatable {
             pluginDepth = try c.decode(Int.self, forKey: .pluginDepth)
             residual = try c.decode(Bool.self, forKey: .residual)
             initFrom = try c.decodeIfPresent(String.self, forKey: .initFrom)
+            factorizedNLayer = try c.decodeIfPresent(Int.self, forKey: .factorizedNLayer)
         }
     }
 
@@ -421,7 +423,9 @@ extension TrainConfig {
         need(BaseRegistry.names.contains(m.base),
              "model.base '\(m.base)' is unknown; known: \(BaseRegistry.names.joined(separator: ", "))")
         if let p = m.preset {
-            need(ModelConfig.presetNames.contains(p), "model.preset '\(p)' is unknown; known: \(ModelConfig.presetNames.joined(separator: ", "))")
+            let names = m.base == "open-magvit2" ? ModelConfig.openMAGVIT2PresetNames : ModelConfig.presetNames
+            let known = names.joined(separator: ", ")
+            need(names.contains(p), "model.preset '\(p)' is unknown for model.base \(m.base); known: \(known)")
         } else {
             need(m.dim != nil && m.nLayer != nil && m.nHead != nil, "model: without a preset, dim, n_layer and n_head are all required")
         }
@@ -429,6 +433,10 @@ extension TrainConfig {
         if let l = m.nLayer { need(l >= 0, "model.n_layer must be non-negative, got \(l)") }
         if let h = m.nHead { need(h > 0, "model.n_head must be positive, got \(h)") }
         if let f = m.ffnHidden { need(f > 0, "model.ffn_hidden must be positive, got \(f)") }
+        if let f = m.factorizedNLayer {
+            need(m.base == "open-magvit2", "model.factorized_n_layer applies to model.base open-magvit2 only")
+            need(f >= 1, "model.factorized_n_layer must be at least 1, got \(f)")
+        }
         need(m.window >= 1, "model.window (k) must be at least 1, got \(m.window)")
         need(m.pluginDepth >= 0, "model.plugin_depth (d) must be non-negative, got \(m.pluginDepth)")
         need(m.window == 1 || m.pluginDepth >= 1, "model.window \(m.window) > 1 needs a plug-in: set model.plugin_depth >= 1")
@@ -534,7 +542,10 @@ extension TrainConfig.ModelSection {
         }
         var c: ModelConfig
         if let preset {
-            do { c = try ModelConfig.preset(preset, vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize) } catch let e as InputError {
+            do {
+                c = try ModelConfig.preset(preset, base: base, vocabSize: vocabSize, numClasses: numClasses,
+                                           gridSize: gridSize)
+            } catch let e as InputError {
                 throw InputError(source, "model.preset: \(e.problem)")
             }
         } else {
@@ -542,7 +553,13 @@ extension TrainConfig.ModelSection {
                 throw InputError(source, "model: without a preset, dim, n_layer and n_head are all required")
             }
             c = ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: dim, nLayer: nLayer, nHead: nHead)
+            if base == "open-magvit2" {
+                // SPEC section 8's split of the dataset's V (2^6 x 2^12 for 2^18); Lf 2 unless given
+                c.factorizedBits = ModelConfig.defaultFactorizedBits(vocabSize: vocabSize) ?? []
+                c.factorizedNLayer = 2
+            }
         }
+        if let factorizedNLayer { c.factorizedNLayer = factorizedNLayer }
         if let dim { c.dim = dim; c.ffnHidden = ModelConfig.defaultFFNHidden(dim: dim) }
         if let nLayer { c.nLayer = nLayer }
         if let nHead { c.nHead = nHead }

@@ -142,7 +142,7 @@ public final class Trainer {
         let commWait = try sync.finish().waitSeconds
         var packed = local.packed
         try comm.allreduce(&packed)
-        let report = LossReport(packed: packed)
+        let report = LossReport(packed: packed, parts: model.lossPartNames.count)
         let first = activationBytesMeasured == nil
         if first { activationBytesMeasured = FlatBuffer.liveBytes - liveBefore }
         let tOpt = monotonicSeconds()
@@ -172,7 +172,7 @@ public final class Trainer {
         precondition(batch.count % micro == 0, "a rank's batch of \(batch.count) is not a whole number of micro-batches of \(micro)")
         let accum = batch.count / micro
         let scale = Float(1 / (Double(config.train.globalBatch) * weightPerImage))
-        var local = LossReport(slots: c.window)
+        var local = LossReport(slots: c.window, parts: model.lossPartNames.count)
         model.grads.zero()
         // Test-only fault injection (TestHooks): a NaN added before any backward stays NaN (it
         // goes into a trained group's element: a frozen group's gradient is never looked at).
@@ -239,7 +239,8 @@ public final class Trainer {
         var clean = try evaluateLoss(model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: nil).packed
         try comm.allreduce(&noised)
         try comm.allreduce(&clean)
-        return (LossReport(packed: noised), LossReport(packed: clean))
+        let parts = model.lossPartNames.count
+        return (LossReport(packed: noised, parts: parts), LossReport(packed: clean, parts: parts))
     }
 }
 

@@ -16,6 +16,10 @@ struct Bench: ParsableCommand {
     @Option(help: "Timed steps per configuration (after one warm-up).") var steps = 2
     @Option(help: "Plug-in window k for the TensorAR comparison (0 skips it).") var window = 4
     @Option(help: "Plug-in depth d.") var depth = 2
+    @Option(help: """
+        Comma-separated base models to time, \(BaseRegistry.names.joined(separator: ", ")): with two, each preset \
+        of both in one interleaved run, and the step-time and FLOP ratios of the second to the first.
+        """) var bases = "llamagen"
     @Flag(help: "Only print parameter counts.") var params = false
 
     func run() throws {
@@ -29,25 +33,52 @@ struct Bench: ParsableCommand {
         let peak = threads == 1 ? peak1 : peakAll
         print("model runs on \(threads) thread(s); MFU is against \(String(format: "%.1f", peak)) GFLOP/s")
         print("preset  k d  batch tokens   fwd+bwd s   tokens/s   GFLOP/s   MFU    time ratio / FLOP ratio vs base")
+        let baseNames = bases.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
         for name in presets.split(separator: ",").map(String.init) {
             for b in batches.split(separator: ",").compactMap({ Int($0) }) {
-                let baseCfg = try ModelConfig.preset(name, vocabSize: name == "small" ? 512 : 16384, numClasses: name == "small" ? 10 : 1000, gridSize: name == "small" ? 7 : 16)
-                var timers = [try StepTimer(baseCfg, batch: b, noise: false)]
-                var cfg = baseCfg
-                if window > 0 {
-                    cfg.window = window; cfg.pluginDepth = depth
-                    timers.append(try StepTimer(cfg, batch: b, noise: true))
+                // every base's model and plug-in timed interleaved, so their ratios are fair
+                let pairs = try baseNames.map { try timerPair(base: $0, preset: name, batch: b) }
+                timeInterleaved(pairs.flatMap { $0 })
+                for (i, timers) in pairs.enumerated() {
+                    let label = baseNames[i] == "llamagen" ? name : "\(shortName(baseNames[i]))-\(name)"
+                    timers.forEach { $0.report(peak: peak, label: label) }
+                    if timers.count == 2 {
+                        let ratio = timers[1].best / timers[0].best
+                        let flopRatio = timers[1].cfg.trainingFLOPs(batch: b) / timers[0].cfg.trainingFLOPs(batch: b)
+                        let line = "        plug-in k=%d d=%d: time ratio %.2fx, FLOP ratio %.2fx -> %.2f "
+                            + "(target <= 1.10)"
+                        print(String(format: line, window, depth, ratio, flopRatio, ratio / flopRatio))
+                    }
                 }
-                timeInterleaved(timers)
-                timers.forEach { $0.report(peak: peak, label: name) }
-                if timers.count == 2 {
-                    let ratio = timers[1].best / timers[0].best
-                    let flopRatio = cfg.trainingFLOPs(batch: b) / baseCfg.trainingFLOPs(batch: b)
-                    print(String(format: "        plug-in k=%d d=%d: time ratio %.2fx, FLOP ratio %.2fx -> %.2f (target <= 1.10)", window, depth, ratio, flopRatio, ratio / flopRatio))
+                for i in pairs.indices.dropFirst() {
+                    let a = pairs[0][0]
+                    let o = pairs[i][0]
+                    let flops = o.cfg.trainingFLOPs(batch: b) / a.cfg.trainingFLOPs(batch: b)
+                    let line = "        \(baseNames[i]) \(name) against \(baseNames[0]) \(name): "
+                        + "step time %.2fx, FLOP ratio %.2fx"
+                    print(String(format: line, o.best / a.best, flops))
                 }
             }
         }
     }
+
+    /// A base's preset (the Fashion-MNIST shape for small), then the same with the plug-in.
+    func timerPair(base: String, preset name: String, batch b: Int) throws -> [StepTimer] {
+        let small = name == "small"
+        let V = base == "open-magvit2" ? (small ? 4096 : 262_144) : (small ? 512 : 16384)
+        let baseCfg = try ModelConfig.preset(name, base: base, vocabSize: V, numClasses: small ? 10 : 1000,
+                                             gridSize: small ? 7 : 16)
+        var timers = [try StepTimer(baseCfg, batch: b, noise: false)]
+        if window > 0 {
+            var cfg = baseCfg
+            cfg.window = window
+            cfg.pluginDepth = depth
+            timers.append(try StepTimer(cfg, batch: b, noise: true))
+        }
+        return timers
+    }
+
+    func shortName(_ base: String) -> String { base == "open-magvit2" ? "omg" : base }
 
     func printParams() {
         for name in ["B", "L", "XL", "XXL"] {
@@ -55,6 +86,13 @@ struct Bench: ParsableCommand {
             let base = ParameterTable(c).total
             c.window = 4; c.pluginDepth = 2
             print("\(name): base \(base) parameters; with plug-in k=4 d=2: \(ParameterTable(c).total)")
+        }
+        for name in ["B", "L", "XL"] {  // SPEC section 8
+            var c = try! ModelConfig.preset(name, base: "open-magvit2")
+            let base = ParameterTable(c).total
+            c.window = 4
+            c.pluginDepth = 2
+            print("open-magvit2 \(name): base \(base) parameters; with plug-in k=4 d=2: \(ParameterTable(c).total)")
         }
     }
 

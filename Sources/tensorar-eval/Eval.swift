@@ -19,6 +19,8 @@ struct Eval: ParsableCommand {
     @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
     var weightsKind: WeightsKind = .raw
     @Option(help: "Model shape for a file without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", ")).") var preset: String?
+    @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).")
+    var base = "llamagen"
     @Option(help: "none: clean inputs; train: the training noise under a fixed seed.") var noise: NoiseMode = .none
     @Option(help: "Noise type for --noise train: \(NoiseType.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.type, else replace).") var noiseType: String?
     @Option(help: "Noise schedule for --noise train: \(NoiseSchedule.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.schedule, else sine).") var noiseSchedule: String?
@@ -43,7 +45,8 @@ struct Eval: ParsableCommand {
         log(BLAS.describe())
         let cache = try TokenCache(directory: data)
         let fallback = try preset.map {
-            try ModelConfig.preset($0, vocabSize: cache.info.vocabSize, numClasses: cache.info.numClasses, gridSize: cache.info.gridH)
+            try ModelConfig.preset($0, base: base, vocabSize: cache.info.vocabSize, numClasses: cache.info.numClasses,
+                                   gridSize: cache.info.gridH)
         }
         // A checkpoint folder also gives the run's settings: with --noise train, its noise and seed
         // make this the validation loss the trainer logged for that checkpoint.
@@ -74,16 +77,22 @@ struct Eval: ParsableCommand {
             if !json || isatty(2) != 0 { FileHandle.standardError.write("\r  evaluated \(done)/\(range.count) samples".data(using: .utf8)!) }
         }
         FileHandle.standardError.write("\n".data(using: .utf8)!)
-        let out: [String: Any] = [
+        var out: [String: Any] = [
             "loss": report.loss, "slot_losses": report.slotLosses, "samples": range.count, "tokens": report.tokens,
             "noise": noise.rawValue, "weights": weights, "data": data, "seconds": Date().timeIntervalSince(t0),
             "config": try JSONSerialization.jsonObject(with: Data(model.config.jsonString().utf8)),
         ]
+        // Open-MAGVIT2 (SPEC section 8): `loss` is the per-token mean of CE(pre) + CE(post); its parts too
+        let parts = Dictionary(uniqueKeysWithValues: zip(model.lossPartNames, report.partLosses))
+        if !parts.isEmpty { out["loss_parts"] = parts }
         if json {
             print(String(data: try JSONSerialization.data(withJSONObject: out, options: [.sortedKeys]), encoding: .utf8)!)
         } else {
             print(String(format: "loss %.5f over %d samples (%d tokens), noise %@", report.loss, range.count, report.tokens, noise.rawValue))
             for (j, l) in report.slotLosses.enumerated() { print(String(format: "  slot %d: %.5f", j, l)) }
+            for (name, l) in zip(model.lossPartNames, report.partLosses) {
+                print(String(format: "  %@: %.5f", name, l))
+            }
         }
     }
 }

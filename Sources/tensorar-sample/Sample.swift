@@ -40,20 +40,23 @@ struct Sample: ParsableCommand {
         Token cache (SPEC section 7) the model is for: its grid, vocabulary and classes must fit the \
         weights (as tensorar-eval checks), and they give a --preset its shape.
         """) var data: String?
+    @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).")
+    var base = "llamagen"
     @Option(help: "Expected window k; an error when the weights have another.") var window: Int?
     @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
     var weightsKind: WeightsKind = .raw
     @Option(help: "Classes to sample, comma-separated, ranges allowed (0,3,5-7); default: all of the model's classes.") var classes: String?
     @Option(help: "Images per class.") var perClass = 10
     @Option(help: """
-        Classifier-free guidance scale; as LlamaGen, guidance only above 1 (at 1 or below: no guidance, \
-        no null-class rows, the conditioned logits as they are).
-        """) var cfgScale: Float = 1
+        Classifier-free guidance scale, A or A,B: one per sub-token for Open-MAGVIT2 (pre, post; one value \
+        means both). As LlamaGen, guidance only above 1 (at 1 or below: no guidance, no null-class rows, \
+        the conditioned logits as they are).
+        """) var cfgScale = PartValues([1])
     @Option(help: """
         LlamaGen's --cfg-interval: -1 guides every step; N >= 0 guides steps 0 ... N + 1 only (LlamaGen's \
         first token and its next N + 1), the later ones use the conditioned logits.
         """) var cfgInterval = -1
-    @Option(help: "Softmax temperature (0: greedy).") var temperature: Float = 1
+    @Option(help: "Softmax temperature (0: greedy), A or A,B as --cfg-scale.") var temperature = PartValues([1])
     @Option(help: "Keep the K most likely tokens (0: all; 1: greedy, deterministic).") var topK = 0
     @Option(help: "Keep the smallest set of most likely tokens whose probability reaches P (1: all).") var topP: Float = 1
     @Option(help: "Seed; with the same seed a run is reproduced exactly, on any number of ranks.") var seed: UInt64 = 0
@@ -74,10 +77,14 @@ struct Sample: ParsableCommand {
         if !bench && weights == nil { throw ValidationError("--weights is required (or --bench)") }
         if perClass < 1 { throw ValidationError("--per-class must be at least 1, got \(perClass)") }
         if batchSize < 1 { throw ValidationError("--batch-size must be at least 1, got \(batchSize)") }
-        if !(temperature >= 0) || !temperature.isFinite { throw ValidationError("--temperature must be a finite number >= 0, got \(temperature)") }
+        if !temperature.values.allSatisfy({ $0 >= 0 && $0.isFinite }) {
+            throw ValidationError("--temperature must be finite numbers >= 0, got \(temperature)")
+        }
         if topK < 0 { throw ValidationError("--top-k must be >= 0 (0: all), got \(topK)") }
         if !(topP > 0 && topP <= 1) { throw ValidationError("--top-p must be in (0, 1], got \(topP)") }
-        if !cfgScale.isFinite { throw ValidationError("--cfg-scale must be finite, got \(cfgScale)") }
+        if !cfgScale.values.allSatisfy(\.isFinite) {
+            throw ValidationError("--cfg-scale must be finite, got \(cfgScale)")
+        }
         if cfgInterval < -1 {
             throw ValidationError("--cfg-interval must be -1 (every step) or >= 0, got \(cfgInterval)")
         }
@@ -85,8 +92,12 @@ struct Sample: ParsableCommand {
         if let window, window < 1 { throw ValidationError("--window must be at least 1") }
     }
 
+    /// One value: every head part's; two: Open-MAGVIT2's pre and post (SPEC section 8).
     var options: SamplingOptions {
-        var o = SamplingOptions(cfgScale: cfgScale, temperature: temperature, topK: topK, topP: topP, seed: seed)
+        var o = SamplingOptions(cfgScale: cfgScale.values[0], temperature: temperature.values[0], topK: topK,
+                                topP: topP, seed: seed)
+        if cfgScale.values.count > 1 { o.partCfgScales = cfgScale.values }
+        if temperature.values.count > 1 { o.partTemperatures = temperature.values }
         o.cfgInterval = cfgInterval
         return o
     }
@@ -143,6 +154,11 @@ struct Sample: ParsableCommand {
             throw InputError(w, "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but --window \(window) was asked")
         }
         let cls = try parseClasses(classes, numClasses: c.numClasses, weights: w)
+        let parts = model.headPartCount  // Open-MAGVIT2 chooses pre, then post (SPEC section 8)
+        for (flag, v) in [("--cfg-scale", cfgScale), ("--temperature", temperature)] where v.values.count > parts {
+            let problem = "\(flag) \(v) gives \(v.values.count) values; this model chooses a token in \(parts) part(s)"
+            throw InputError(w, problem)
+        }
         if topK > c.vocabSize { throw InputError(w, "--top-k \(topK) exceeds the model's vocab_size \(c.vocabSize)") }
         let outDir = (out as NSString).deletingLastPathComponent
         try checkWritableFolder(outDir.isEmpty ? "." : outDir, for: out)
@@ -164,7 +180,7 @@ struct Sample: ParsableCommand {
             throw InputError("--preset", "\(preset) needs the data's shape: give --vocab-size, --num-classes and "
                 + "--grid-size, or --data CACHE")
         }
-        return try ModelConfig.preset(preset, vocabSize: v, numClasses: n, gridSize: g)
+        return try ModelConfig.preset(preset, base: base, vocabSize: v, numClasses: n, gridSize: g)
     }
 
     /// --vocab-size, --num-classes, --grid-size given beside weights of another shape: an error naming both.
@@ -217,7 +233,7 @@ struct Sample: ParsableCommand {
         let lo = comm.rank * N / comm.size, hi = (comm.rank + 1) * N / comm.size
         say("tensorar-sample: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
         say("model: \(c.jsonString())")
-        let guidance = "cfg \(cfgScale) (\(options.guided ? "guided" : "unguided"), interval \(cfgInterval))"
+        let guidance = "cfg \(cfgScale) (\(options.guided(parts: 2) ? "guided" : "unguided"), interval \(cfgInterval))"
         say("sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); \(guidance), "
             + "temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
         let sampler = Sampler(model: plan.model)
@@ -289,11 +305,14 @@ struct Sample: ParsableCommand {
             try f.setAttribute("vocab_size", int: c.vocabSize)
             try f.setAttribute("num_classes", int: c.numClasses)
             try f.setAttribute("config", string: c.jsonString())
-            let sampling: [String: Any] = [
-                "cfg_scale": Double(cfgScale), "cfg_interval": cfgInterval, "temperature": Double(temperature),
-                "top_k": topK, "top_p": Double(topP),
+            var sampling: [String: Any] = [
+                "cfg_scale": Double(cfgScale.values[0]), "cfg_interval": cfgInterval,
+                "temperature": Double(temperature.values[0]), "top_k": topK, "top_p": Double(topP),
                 "seed": seed, "per_class": perClass, "classes": Array(Set(labels.map { Int($0) })).sorted(), "weights": weights ?? "",
             ]
+            // per sub-token values (Open-MAGVIT2, SPEC section 8) when two were given
+            if cfgScale.values.count > 1 { sampling["cfg_scales"] = cfgScale.values.map(Double.init) }
+            if temperature.values.count > 1 { sampling["temperatures"] = temperature.values.map(Double.init) }
             try f.setAttribute("sampling", string: String(data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!)
             try f.flush()
         }
@@ -309,3 +328,18 @@ struct Sample: ParsableCommand {
 }
 
 extension WeightsKind: ExpressibleByArgument {}
+
+/// A flag of one value or two, comma-separated (`--cfg-scale 1.9,2.0`): one per head part.
+struct PartValues: ExpressibleByArgument, CustomStringConvertible {
+    let values: [Float]
+    init(_ values: [Float]) { self.values = values }
+    init?(argument: String) {
+        let v = argument.split(separator: ",", omittingEmptySubsequences: false).map {
+            Float($0.trimmingCharacters(in: .whitespaces))
+        }
+        guard (1...2).contains(v.count), v.allSatisfy({ $0 != nil }) else { return nil }
+        values = v.map { $0! }
+    }
+    /// As given: "2.0" or "1.9,2.0" (the output file's attribute text).
+    var description: String { values.map { "\($0)" }.joined(separator: ",") }
+}

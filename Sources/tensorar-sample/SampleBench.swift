@@ -29,9 +29,9 @@ extension Sample {
         let peak = BLAS.sgemmPeakGFLOPs(threads: threads, cpuTime: useCPUTime)
         print(String(format: "sgemm peak: %.1f GFLOP/s on %d thread(s), measured now; times are %@", peak, threads,
                      useCPUTime ? "CPU seconds (one thread: not inflated by other processes)" : "wall seconds"))
-        print(String(format: "sampling: batch %d images, cfg %.2f (%@), temperature %.2f, top-k %d, top-p %.2f", batchSize, cfgScale,
-                     cfgScale <= 1 ? "no null rows" : "null rows double the batch" as NSString,
-                     temperature, topK, topP))
+        let rows = options.guided(parts: 2) ? "null rows double the batch" : "no null rows"
+        print(String(format: "sampling: batch %d images, cfg %@ (%@), temperature %@, top-k %d, top-p %.2f", batchSize,
+                     cfgScale.description, rows, temperature.description, topK, topP))
         print("model    k d  batch  steps   seconds    wall s   images/s  GFLOP/s  of peak")
         for name in benchModels.split(separator: ",").map({ String($0).trimmingCharacters(in: .whitespaces) }) {
             let (plugin, base) = try benchConfigs(name)
@@ -39,7 +39,7 @@ extension Sample {
             let tb = try timeSampling(base, name: name, steps: steps, peak: peak)
             if plugin.window == 1 { continue }
             let tp = try timeSampling(plugin, name: name, steps: steps, peak: peak)
-            let guided = cfgScale > 1
+            let guided = options.guided(parts: 2)
             let flopRatio = plugin.samplingFLOPs(batch: batchSize, guided: guided, steps: steps) / base.samplingFLOPs(batch: batchSize, guided: guided, steps: steps)
             print(String(format: "         k=%d d=%d against k=1: time ratio %.2fx, FLOP ratio %.2fx -> %.2f (target <= 1.10)",
                          plugin.window, plugin.pluginDepth, tp / tb, flopRatio, tp / tb / flopRatio))
@@ -72,7 +72,7 @@ extension Sample {
             let dt = clock() - t0, wall = monotonicSeconds() - w0
             if !warm && dt < best { best = dt; bestWall = wall }
         }
-        let flops = c.samplingFLOPs(batch: batchSize, guided: cfgScale > 1, steps: steps)
+        let flops = c.samplingFLOPs(batch: batchSize, guided: options.guided(parts: 2), steps: steps)
         let gf = flops / best / 1e9
         let imagesPerS = Double(batchSize) / best * Double(steps) / Double(c.seqLen)
         print(String(format: "%-7@ %2d %d %6d %3d/%-3d %9.2f %9.2f %10.2f %8.1f %7.1f%%", name as NSString, c.window, c.pluginDepth, batchSize, steps, c.seqLen,

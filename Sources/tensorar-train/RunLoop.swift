@@ -72,10 +72,14 @@ final class RunLoop {
         say(ProgressLine.format(step: s, total: cfg.train.steps, loss: r.report.loss,
                                 tokensPerSecond: tokensPerStep / secs, secondsPerStep: secs,
                                 extra: "slots " + slots + rest))
-        try metrics?.log(["step": .int(s), "loss": .double(r.report.loss), "slot_losses": .doubles(r.report.slotLosses),
-                          "lr_plugin": .double(Double(lr.plugin)), "lr_base": .double(Double(lr.base)),
-                          "grad_norm": .double(r.gradNorm), "tokens_per_s": .double(tokensPerStep / secs),
-                          "seconds_per_step": .double(secs), "samples_seen": .int(trainer.progress.samplesSeen)])
+        var record: [(key: String, value: MetricValue)] = [
+            ("step", .int(s)), ("loss", .double(r.report.loss)), ("slot_losses", .doubles(r.report.slotLosses)),
+            ("lr_plugin", .double(Double(lr.plugin))), ("lr_base", .double(Double(lr.base))),
+            ("grad_norm", .double(r.gradNorm)), ("tokens_per_s", .double(tokensPerStep / secs)),
+            ("seconds_per_step", .double(secs)), ("samples_seen", .int(trainer.progress.samplesSeen))]
+        // a loss made of parts (Open-MAGVIT2: CE(pre) + CE(post), SPEC section 8) logs each
+        if !r.report.partSums.isEmpty { record.append(("loss_parts", .doubles(r.report.partLosses))) }
+        try metrics?.log(record)
     }
 
     /// Validation losses (training noise under a fixed seed, and clean inputs: SPEC section 4).
@@ -84,9 +88,15 @@ final class RunLoop {
         let slots = v.noised.slotLosses.map { String(format: "%.3f", $0) }.joined(separator: " ")
         say(String(format: "validation at step %d: loss %.4f (training noise, fixed seed), clean-input loss %.4f; "
                    + "slots %@", s, v.noised.loss, v.clean.loss, slots))
-        try metrics?.log(["step": .int(s), "val_loss": .double(v.noised.loss),
-                          "val_slot_losses": .doubles(v.noised.slotLosses), "val_loss_clean": .double(v.clean.loss),
-                          "val_slot_losses_clean": .doubles(v.clean.slotLosses)])
+        var record: [(key: String, value: MetricValue)] = [
+            ("step", .int(s)), ("val_loss", .double(v.noised.loss)),
+            ("val_slot_losses", .doubles(v.noised.slotLosses)), ("val_loss_clean", .double(v.clean.loss)),
+            ("val_slot_losses_clean", .doubles(v.clean.slotLosses))]
+        if !v.noised.partSums.isEmpty {
+            record.append(("val_loss_parts", .doubles(v.noised.partLosses)))
+            record.append(("val_loss_parts_clean", .doubles(v.clean.partLosses)))
+        }
+        try metrics?.log(record)
         try logSamples(step: s)
         guard let e = try trainer.validateEMA() else { return }
         say(String(format: "validation at step %d, EMA weights: loss %.4f, clean-input loss %.4f", s, e.noised.loss,

@@ -23,26 +23,31 @@ func worstError(_ a: [Float], _ e: [Float], rtol: Float, atol: Float) -> (Float,
     return (worst, wi)
 }
 
-final class FixtureTests: XCTestCase {
-    struct Case {
-        let name: String
-        let st: Safetensors
-        let model: Transformer
-        let batch: ModelBatch
-        let fixture: [String: Any]
-    }
+/// One fixture file: its tensors, the model it holds (with its slot weights), the input batch and
+/// the `fixture` metadata.
+struct FixtureCase {
+    let name: String
+    let st: Safetensors
+    let model: Transformer
+    let batch: ModelBatch
+    let fixture: [String: Any]
+}
 
-    func load(_ file: String) throws -> Case {
-        let st = try Safetensors.read(fixtureDir + "/" + file)
-        let model = try Transformer.load(fixtureDir + "/" + file, ignoring: ["input.", "output.", "grad.", "adamw.", "sample."])
-        let fixture = try JSONSerialization.jsonObject(with: Data(st.metadata["fixture"]!.utf8)) as! [String: Any]
-        XCTAssertEqual(fixture["format_version"] as? Int, 1, "fixture format version")
-        model.slotWeights = try st.floats("input.slot_weights")
-        let tokens = try st.ints("input.tokens")
-        let b = st.tensors["input.tokens"]!.shape[0]
-        let batch = ModelBatch(batch: b, tokens: tokens, labels: try st.ints("input.labels"), tensors: try st.ints("input.tensors"))
-        return Case(name: file, st: st, model: model, batch: batch, fixture: fixture)
-    }
+func loadFixture(_ path: String) throws -> FixtureCase {
+    let st = try Safetensors.read(path)
+    let model = try Transformer.load(path, ignoring: ["input.", "output.", "grad.", "adamw.", "sample."])
+    let fixture = try JSONSerialization.jsonObject(with: Data(st.metadata["fixture"]!.utf8)) as! [String: Any]
+    XCTAssertEqual(fixture["format_version"] as? Int, 1, "fixture format version")
+    model.slotWeights = try st.floats("input.slot_weights")
+    let tokens = try st.ints("input.tokens")
+    let b = st.tensors["input.tokens"]!.shape[0]
+    let batch = ModelBatch(batch: b, tokens: tokens, labels: try st.ints("input.labels"),
+                           tensors: try st.ints("input.tensors"))
+    return FixtureCase(name: (path as NSString).lastPathComponent, st: st, model: model, batch: batch, fixture: fixture)
+}
+
+final class FixtureTests: XCTestCase {
+    func load(_ file: String) throws -> FixtureCase { try loadFixture(fixtureDir + "/" + file) }
 
     func testFixturesExist() {
         XCTAssertGreaterThanOrEqual(fixtureFiles().count, 6, "reference fixtures are committed under Tests/ModelTests/Fixtures")

@@ -70,7 +70,7 @@ final class SamplerTests: XCTestCase {
         let unguided = checkCachedMatchesUncached(m, cfg: 1)
         XCTAssertEqual(checkCachedMatchesUncached(m, cfg: 0.5), unguided)
         XCTAssertEqual(checkCachedMatchesUncached(m, cfg: -2), unguided)
-        XCTAssertFalse(SamplingOptions(cfgScale: 0.5).guided)
+        XCTAssertFalse(SamplingOptions(cfgScale: 0.5).guided(parts: 1))
         // the old rule (guide at any scale but 1) extrapolated at 0.5: a different image here
         let o = SamplingOptions(cfgScale: 0.5, topK: 1)
         let guided = SamplingOptions(cfgScale: 1.5, topK: 1)
@@ -90,10 +90,10 @@ final class SamplerTests: XCTestCase {
             XCTAssertEqual(past, full, "an interval past the end: every step")
             XCTAssertNotEqual(full, none, "guidance matters for this model (k = \(window))")
             XCTAssertNotEqual(interval, full, "steps after 1 unguided (k = \(window))")
-            XCTAssertTrue(SamplingOptions(cfgScale: 4).guides(position: 8))
+            XCTAssertTrue(SamplingOptions(cfgScale: 4).guides(part: 0, position: 8))
             var o = SamplingOptions(cfgScale: 4)
             o.cfgInterval = 0
-            XCTAssertEqual((0..<4).map { o.guides(position: $0) }, [true, true, false, false])
+            XCTAssertEqual((0..<4).map { o.guides(part: 0, position: $0) }, [true, true, false, false])
         }
     }
 

@@ -42,8 +42,24 @@ def default_ffn_hidden(dim: int) -> int:
     return find_multiple(int(2 * 4 * dim / 3), 256)
 
 
+class Shape:
+    """What every config derives from its fields (grid_size, dim, n_head, plugin_depth)."""
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid_size * self.grid_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_head
+
+    @property
+    def has_plugin(self) -> bool:
+        return self.plugin_depth > 0
+
+
 @dataclass(frozen=True)
-class Config:
+class Config(Shape):
     vocab_size: int
     num_classes: int
     grid_size: int
@@ -64,18 +80,6 @@ class Config:
         assert self.head_dim % 4 == 0
         assert self.window >= 1
         assert self.window == 1 or self.plugin_depth >= 1
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid_size * self.grid_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_head
-
-    @property
-    def has_plugin(self) -> bool:
-        return self.plugin_depth > 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,9 +166,10 @@ FIXTURE_SCALES = {
 
 
 def init_params_fixture(cfg: Config, rng_base: np.random.Generator,
-                        rng_plugin: np.random.Generator) -> Dict[str, np.ndarray]:
+                        rng_plugin: np.random.Generator, table=None) -> Dict[str, np.ndarray]:
+    """`table` (name, shape, group, kind): another base's parameter table (default: this one's)."""
     p = {}
-    for name, shape, group, kind in parameter_table(cfg):
+    for name, shape, group, kind in table or parameter_table(cfg):
         rng = rng_base if group == "base" else rng_plugin
         if kind == "norm":
             p[name] = 1.0 + rng.normal(0, 0.1, shape)
@@ -411,11 +416,17 @@ class AdamWConfig:
 def adamw_run(params, cfg: Config, tokens, labels, tensors, slot_weights, hp: AdamWConfig):
     """S AdamW updates on one fixed batch. Returns (losses [S], grad_norms [S], final params)."""
     groups = {n: g for n, _, g, _ in parameter_table(cfg)}
+    f = jax.jit(jax.value_and_grad(
+        lambda q: loss_fn(q, cfg, tokens, labels, tensors, slot_weights)[0]))
+    return adamw_steps(params, groups, f, hp)
+
+
+def adamw_steps(params, groups, f, hp: AdamWConfig):
+    """S AdamW updates with f(params) -> (loss, grads) (one fixed batch); groups: name -> group.
+    Returns (losses [S], grad_norms [S], final params)."""
     p = {n: np.array(v, dtype=np.float64) for n, v in params.items()}
     m = {n: np.zeros_like(v) for n, v in p.items()}
     v2 = {n: np.zeros_like(v) for n, v in p.items()}
-    f = jax.jit(jax.value_and_grad(
-        lambda q: loss_fn(q, cfg, tokens, labels, tensors, slot_weights)[0]))
     losses, norms = [], []
     b1, b2 = hp.beta1, hp.beta2
     for s in range(hp.steps):
@@ -448,6 +459,19 @@ def adamw_run(params, cfg: Config, tokens, labels, tensors, slot_weights, hp: Ad
 def _step_logits_fn(cfg: Config):
     """jit-compiled (params, labels, tensors [N, T-1, k]) -> slot logits [N, T, k, V]."""
     return jax.jit(lambda p, lab, ten: forward(p, cfg, lab, ten)[0])
+
+
+def tokens_and_trajectories(produced):
+    """From the tensors t_p produced at each step, [Bs, T, k]: the image tokens x_p = t_p[0] [Bs, T]
+    and the trajectories [Bs, T, k], [b, q, s] = the prediction of token q made at slot s (at step
+    q - s), -1 where q - s < 0."""
+    Bs, T, k = produced.shape
+    traj = np.full((Bs, T, k), PAD, dtype=np.int64)
+    for q in range(T):
+        for s in range(k):
+            if q - s >= 0:
+                traj[:, q, s] = produced[:, q - s, s]
+    return produced[:, :, 0].copy(), traj
 
 
 def sample_greedy(params, cfg: Config, labels, cfg_scale: float, literal_prefix: bool = False):
@@ -496,10 +520,5 @@ def sample_greedy(params, cfg: Config, labels, cfg_scale: float, literal_prefix:
                 produced[:, p, j] = np.argmax(row, axis=-1)   # lowest index on ties
                 srt = np.sort(row, axis=-1)
                 min_margin = min(min_margin, float(np.min(srt[:, -1] - srt[:, -2])))
-    tokens = produced[:, :, 0].copy()
-    traj = np.full((Bs, T, k), PAD, dtype=np.int64)
-    for q in range(T):
-        for s in range(k):
-            if q - s >= 0:
-                traj[:, q, s] = produced[:, q - s, s]
+    tokens, traj = tokens_and_trajectories(produced)
     return tokens, traj, min_margin

@@ -110,3 +110,36 @@ def write_model(path: str, window: int = 2, depth: int = 1, dim: int = 16, layer
            "ffn_hidden": F, "norm_eps": 1e-5, "rope_base": 10000.0, "window": window, "plugin_depth": depth, "residual": True}
     safetensors_io.write(path, t, {"tensorar.config": json.dumps(cfg)})
     return path
+
+
+
+def write_omg_model(path: str, window: int = 2, depth: int = 1, dim: int = 16, layers: int = 2, heads: int = 2,
+                    factorized: int = 1, seed: int = 0):
+    """Random Open-MAGVIT2 weights (SPEC section 8 names) over this dataset's V = 32 = 2^2 x 2^3,
+    with a plug-in of `depth` blocks (SPEC section 3 names) when depth > 0."""
+    import convert_open_magvit2 as CO  # Launch/ on the path: its table of SPEC section 8 names
+
+    rng = np.random.default_rng(seed)
+    cfg = {"vocab_size": V, "num_classes": C, "grid_size": GRID, "dim": dim, "n_layer": layers, "n_head": heads,
+           "ffn_hidden": ffn_hidden(dim), "norm_eps": 1e-5, "rope_base": 10000.0, "window": window,
+           "plugin_depth": depth, "residual": True, "base": "open-magvit2", "factorized_n_layer": factorized,
+           "factorized_bits": [2, 3]}
+
+    def weight(name, shape):
+        if name.endswith("norm.weight"):
+            return np.ones(shape, np.float32)
+        std = 1.0 if "emb" in name else 0.2  # embeddings and the class table as write_model's
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    shapes = list(CO.model_table(cfg))
+    if depth > 0:
+        blocks = [(n, s) for n, s in shapes if n.startswith("spatial_blocks.0.")]
+        for side in ["encoder", "decoder"]:
+            shapes += [(n.replace("spatial_blocks.0", f"tensorar.{side}.layers.{i}"), s)
+                       for i in range(depth) for n, s in blocks]
+            shapes += [(f"tensorar.{side}.norm.weight", (dim,)), (f"tensorar.{side}.proj.weight", (dim, dim))]
+        shapes += [("tensorar.in_query", (dim,)), ("tensorar.in_pos", (window, dim)), ("tensorar.in_pad", (dim,)),
+                   ("tensorar.out_pos", (window, dim))]
+    t = {n: weight(n, s) for n, s in shapes}
+    safetensors_io.write(path, t, {"tensorar.config": json.dumps(cfg)})
+    return path

@@ -15,6 +15,15 @@ final class ReferenceTrainingTests: XCTestCase {
     let dir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().appendingPathComponent("ModelTests/Fixtures").path
 
     func testAdamWStepsMatchReference() throws {
+        try checkAdamWFixtures(in: dir)
+    }
+
+    /// The same on the Open-MAGVIT2 base and TensorAR over it (SPEC section 8).
+    func testOpenMAGVIT2AdamWStepsMatchReference() throws {
+        try checkAdamWFixtures(in: dir + "/OpenMAGVIT2")
+    }
+
+    func checkAdamWFixtures(in dir: String) throws {
         let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".safetensors") }.sorted()
         XCTAssertFalse(files.isEmpty)
         for f in files {
