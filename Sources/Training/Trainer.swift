@@ -51,6 +51,11 @@ public final class Trainer {
         if info.gridH != info.gridW { throw InputError(config.data.train, "grid \(info.gridH)x\(info.gridW) is not square; the 2D rotary table needs H == W (SPEC section 1)") }
         let mc = try config.model.resolve(vocabSize: info.vocabSize, numClasses: info.numClasses, gridSize: info.gridH)
         if let v = valCache { try checkDataMatchesModel(v.info, mc, cachePath: v.directory) }
+        if let n = config.data.valSamples, let v = valCache, n > v.count {
+            throw InputError(v.directory, "data.val_samples is \(n) but this validation cache holds only \(v.count) samples")
+        }
+        try MemoryCheck.check(mc, microBatch: config.train.microBatch, dropout: config.train.dropout > 0,
+                              ranksOnNode: MPI.ranksOnThisNode, source: "config (model, train.micro_batch)")
         model = try Trainer.buildModel(mc, config: config)
         _ = model.grads  // allocated now (lazy), so it counts as gradients, not as the first step's activations
         if let w = config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
@@ -106,7 +111,12 @@ public final class Trainer {
         model.initialise(seed: UInt64(config.train.seed))
         guard let path = config.model.initFrom else { return model }
         let st = try Safetensors.read(path)
-        if let json = st.metadata["tensorar.config"], let fileConfig = try? JSONDecoder().decode(ModelConfig.self, from: Data(json.utf8)) {
+        if let json = st.metadata["tensorar.config"] {
+            let fileConfig: ModelConfig
+            do { fileConfig = try JSONDecoder().decode(ModelConfig.self, from: Data(json.utf8)) } catch {
+                throw InputError(path, "metadata tensorar.config is not a valid model config: \(error)")
+            }
+            try fileConfig.validate(source: "\(path) (tensorar.config)")
             var a = fileConfig, b = mc
             a.window = 1; a.pluginDepth = 0; b.window = 1; b.pluginDepth = 0; a.residual = true; b.residual = true
             if a != b { throw InputError(path, "its base model \(fileConfig.jsonString()) does not match the configured one \(mc.jsonString())") }
@@ -241,6 +251,17 @@ extension Trainer {
     }
 
     /// Continues from a checkpoint: the step, and the data stream exactly where it was.
+    /// Whether a checkpoint's data position fits this run's training cache: data_epoch must be
+    /// data_offset / N for the N samples of the cache (else another cache, or a damaged manifest).
+    public func checkDataPosition(_ c: LoadedCheckpoint) throws {
+        let m = c.manifest, n = max(trainCache.count, 1)
+        guard m.dataEpoch == m.dataOffset / n else {
+            throw InputError((c.directory as NSString).appendingPathComponent("manifest.json"),
+                             "data_epoch \(m.dataEpoch) does not match data_offset \(m.dataOffset) over the \(n) samples "
+                             + "of \(config.data.train) (expected epoch \(m.dataOffset / n)): another cache, or a damaged manifest")
+        }
+    }
+
     public func restore(progress p: TrainingProgress) {
         step = p.step
         loader.restore(position: p.dataOffset)

@@ -73,9 +73,11 @@ struct Train: ParsableCommand {
             throw InputError(cfg.data.train, "no token cache here (dataset.json missing). For the built-in default run "
                 + "`Launch/quickstart.sh`, or build it with `tensorar-data fashion-mnist --out Data/fashion-mnist`")
         }
+        let store = CheckpointStore(config: cfg)
+        let lock = try prepareRunFolder(cfg, store: store, isRoot: comm.isRoot, say: say)
+        defer { lock?.release() }
         let trainer = try Trainer(config: cfg, comm: comm)
         describe(trainer, say: say)
-        let store = CheckpointStore(config: cfg)
         let loaded = try resumeIfAsked(trainer, store: store, say: say)
         if trainer.step >= cfg.train.steps {
             say("run '\(cfg.checkpoint.run!)' is already complete at step \(trainer.step)/\(cfg.train.steps); "
@@ -87,6 +89,22 @@ struct Train: ParsableCommand {
         let loop = RunLoop(trainer: trainer, config: cfg, store: store, metrics: metrics, say: say)
         if try loop.run() == .stopped { return }
         try finish(trainer, store: store, say: say)
+    }
+
+    /// Before anything is allocated or written (issue 17): the final weights' path must not be a
+    /// folder, `--fresh` must not start over a folder holding another run's checkpoints, and rank 0
+    /// takes the run folder's lock (a second trainer on it is refused, naming the holder).
+    private func prepareRunFolder(_ cfg: TrainConfig, store: CheckpointStore, isRoot: Bool,
+                                  say: (String) -> Void) throws -> RunLock? {
+        let weights = store.runDirectory + "/model.safetensors"
+        if pathKind(weights) == .folder {
+            throw InputError(weights, "is a folder: the run's final weights cannot be written there (nothing was removed)")
+        }
+        if cfg.checkpoint.resume == "never" { try store.refuseFreshOverExistingRun() }
+        guard isRoot else { return nil }
+        let lock = try RunLock(runDirectory: store.runDirectory)
+        if let note = lock.note { say("note: \(note)") }
+        return lock
     }
 
     /// Defaults < CONFIG < --set flags, with this command's flags as `--set`s; validated.
@@ -146,6 +164,7 @@ struct Train: ParsableCommand {
         notes.forEach { say("note: \($0)") }
         if let loaded {
             loaded.notes.forEach { say("note: \($0)") }
+            try trainer.checkDataPosition(loaded)
             trainer.restore(progress: loaded.progress)
             say("resumed from \(loaded.directory) at step \(trainer.step) "
                 + "(written by \(loaded.manifest.worldSize) rank(s))")

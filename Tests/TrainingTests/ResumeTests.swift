@@ -456,13 +456,14 @@ extension ResumeTests {
     }
 
     /// Runs a program to the end; stdout and stderr together in `output`, stdout alone in `stdout`.
-    func runTool(_ exe: String, _ args: [String]) throws -> Job.Outcome {
+    func runTool(_ exe: String, _ args: [String], directory: String? = nil) throws -> Job.Outcome {
         let errFile = NSTemporaryDirectory() + "tensorar-tool-\(UUID().uuidString).err"
         _ = FileManager.default.createFile(atPath: errFile, contents: nil)
         defer { try? FileManager.default.removeItem(atPath: errFile) }
         let p = Process()
         p.executableURL = URL(fileURLWithPath: exe)
         p.arguments = args
+        if let directory { p.currentDirectoryURL = URL(fileURLWithPath: directory) }
         let out = Pipe()
         p.standardOutput = out
         p.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: errFile))
