@@ -189,9 +189,19 @@ public struct TrainConfig: Codable, Equatable {
         public var bucketMB: Double = 25                 // gradient allreduce bucket size, MB
         public var overlap: Bool = true                  // reduce buckets on a communication thread during backward
         public var threadsPerRank: ThreadCount = .auto   // BLAS/compute threads per rank; auto = cores / ranks
+        public var collectiveTimeoutSeconds: Double = 600 // a collective not done after this ends the job (watchdog)
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case bucketMB = "bucket_mb", overlap, threadsPerRank = "threads_per_rank"
+            case collectiveTimeoutSeconds = "collective_timeout_s"
+        }
+        /// As synthesized, except that `collective_timeout_s` may be absent (older manifests).
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            bucketMB = try c.decode(Double.self, forKey: .bucketMB)
+            overlap = try c.decode(Bool.self, forKey: .overlap)
+            threadsPerRank = try c.decode(ThreadCount.self, forKey: .threadsPerRank)
+            collectiveTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .collectiveTimeoutSeconds) ?? 600
         }
     }
 
@@ -470,6 +480,7 @@ extension TrainConfig {
         }
 
         need(dist.bucketMB > 0 && dist.bucketMB <= 65536, "dist.bucket_mb must be in (0, 65536], got \(dist.bucketMB)")
+        within("dist.collective_timeout_s", dist.collectiveTimeoutSeconds, 1, 1e7)
         if case .count(let n) = dist.threadsPerRank { within("dist.threads_per_rank", n, 1, 4096, " or auto") }
 
         let c = checkpoint

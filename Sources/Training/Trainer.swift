@@ -42,6 +42,14 @@ public final class Trainer {
     /// scratch), measured; compare `memory.activations`, the estimate made before it.
     public private(set) var activationBytesMeasured: Int?
     let hooks = TestHooks.fromEnvironment()
+    /// Watches this rank's collectives (set by the program on more than one rank; nil: unwatched).
+    public var watchdog: CollectiveWatchdog?
+
+    /// `body`, a collective of step `step`, under the watchdog if there is one.
+    public func watched<T>(step: Int, _ what: String, _ body: () throws -> T) rethrows -> T {
+        guard let watchdog else { return try body() }
+        return try watchdog.wait(step: step, what: what, body)
+    }
 
     public init(config: TrainConfig, comm: Communicator) throws {
         self.config = config; self.comm = comm
@@ -143,9 +151,12 @@ public final class Trainer {
         let liveBefore = FlatBuffer.liveBytes
         try hooks.failIfAsked(rank: comm.rank, step: step + 1)
         let local = accumulateGradients(batch, sync: sync)
-        let commWait = try sync.finish().waitSeconds
         var packed = local.packed
-        try comm.allreduce(&packed)
+        let commWait = try watched(step: step + 1, "the gradient allreduce") {
+            let wait = try sync.finish().waitSeconds
+            try comm.allreduce(&packed)
+            return wait
+        }
         let report = LossReport(packed: packed)
         let first = activationBytesMeasured == nil
         if first { activationBytesMeasured = FlatBuffer.liveBytes - liveBefore }
@@ -220,8 +231,10 @@ public final class Trainer {
         let range = validationShard(cache: v, limit: config.data.valSamples, rank: comm.rank, worldSize: comm.size)
         var noised = try evaluateLoss(model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: noise).packed
         var clean = try evaluateLoss(model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: nil).packed
-        try comm.allreduce(&noised)
-        try comm.allreduce(&clean)
+        try watched(step: step, "the validation loss allreduce") {
+            try comm.allreduce(&noised)
+            try comm.allreduce(&clean)
+        }
         return (LossReport(packed: noised), LossReport(packed: clean))
     }
 }
@@ -270,7 +283,7 @@ extension Trainer {
     /// Whether any rank was asked to stop (all ranks agree, so they stop at the same step).
     public func stopAgreed() throws -> Bool {
         var flag: [Int64] = [Trainer.stopRequested.isSet ? 1 : 0]
-        try comm.allreduce(&flag, op: .max)
+        try watched(step: step, "the stop agreement") { try comm.allreduce(&flag, op: .max) }
         return flag[0] != 0
     }
 }

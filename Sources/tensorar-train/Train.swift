@@ -77,6 +77,11 @@ struct Train: ParsableCommand {
         let lock = try prepareRunFolder(cfg, store: store, isRoot: comm.isRoot, say: say)
         defer { lock?.release() }
         let trainer = try Trainer(config: cfg, comm: comm)
+        if comm.size > 1 {
+            trainer.watchdog = CollectiveWatchdog(runDirectory: store.runDirectory, rank: comm.rank, size: comm.size,
+                                                  timeout: cfg.dist.collectiveTimeoutSeconds)
+        }
+        defer { trainer.watchdog?.stop() }
         describe(trainer, say: say)
         let loaded = try resumeIfAsked(trainer, store: store, say: say)
         if trainer.step >= cfg.train.steps {

@@ -182,4 +182,31 @@ extension ResumeTests {
         XCTAssertFalse(big.output.contains("allocate"), big.output)
         XCTAssertLessThan(Date().timeIntervalSince(t0), 30, "refused before allocating anything")
     }
+
+    /// kill -STOP of rank 1 of 2 under real mpirun: rank 0's watchdog ends the job after
+    /// dist.collective_timeout_s (2 s here) naming the step and rank 1; the checkpoints written
+    /// before are intact.
+    func testAStoppedRankEndsTheJobNamingTheStepAndTheRank() throws {
+        let f = try fixture()
+        let run = f.checkpoints + "/STOP"
+        let job = try start(f, run: "STOP", ranks: 2, extra: ["--set", "train.steps=100000", "--set", "checkpoint.every=2",
+                                                              "--set", "train.val_every=0", "--set", "dist.collective_timeout_s=2"])
+        try waitFor(run + "/step-00000004/manifest.json", job)
+        let rank1 = try XCTUnwrap(try rankPIDs(job)[1])
+        XCTAssertEqual(kill(rank1, SIGSTOP), 0)
+        defer { kill(rank1, SIGKILL) }
+        let t0 = Date()
+        let r = try job.wait(timeout: 60)
+        XCTAssertNotEqual(r.status, 0, r.output)
+        XCTAssertLessThan(Date().timeIntervalSince(t0), 30, "the watchdog, not the test's timeout, ended the job")
+        let line = r.output.split(separator: "\n").first { $0.contains("(dist.collective_timeout_s)") }.map(String.init) ?? ""
+        XCTAssertTrue(line.hasPrefix("error: rank 0 of 2: step "), r.output)
+        XCTAssertTrue(line.contains("has not finished after 2 s"), line)
+        XCTAssertTrue(line.contains("rank(s) 1 (last seen at step "), line)
+        let store = CheckpointStore(runDirectory: run)
+        let latest = try XCTUnwrap(store.latestName())
+        XCTAssertNoThrow(try CheckpointStore.verify(run + "/" + latest))
+        XCTAssertGreaterThanOrEqual(Int(latest.dropFirst(5)) ?? 0, 4, "the checkpoints written before are kept")
+        print("watchdog: \(line)")
+    }
 }
