@@ -340,7 +340,8 @@ def read_samples(path: str):
     import h5py
 
     if not os.path.isfile(path):
-        raise EvalError(f"{path}: {'is a folder' if os.path.isdir(path) else 'does not exist'}; expected a tensorar-sample file")
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise EvalError(f"{path}: {what}; expected a tensorar-sample file")
     if not h5py.is_hdf5(path):
         raise EvalError(f"{path}: not an HDF5 file; expected a tensorar-sample output (tokens, labels, trajectories)")
     with h5py.File(path, "r") as h:
@@ -555,8 +556,9 @@ def parse_args(argv=None):
 
 def check_args(a):
     """Bad arguments as one EvalError naming the flag (issue 17), before any work."""
-    for flag, value, low in [("--ranks", a.ranks, 1), ("--per-class", a.per_class, 1), ("--batch-size", a.batch_size, 1),
-                             ("--val-limit", a.val_limit, 0), ("--classifier-epochs", a.classifier_epochs, 1)]:
+    counts = [("--ranks", a.ranks, 1), ("--per-class", a.per_class, 1), ("--batch-size", a.batch_size, 1),
+              ("--val-limit", a.val_limit, 0), ("--classifier-epochs", a.classifier_epochs, 1)]
+    for flag, value, low in counts:
         if value < low:
             raise EvalError(f"{flag}: must be at least {low}, got {value}")
     if os.path.exists(a.out) and not os.path.isdir(a.out):

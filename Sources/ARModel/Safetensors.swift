@@ -73,7 +73,9 @@ public struct Safetensors {
               let shape = d["shape"] as? [Int], let offs = d["data_offsets"] as? [Int], offs.count == 2 else {
             throw InputError(path, "tensor '\(name)': malformed header entry (needs dtype, shape and two data_offsets)")
         }
-        guard let es = elementSize[dtype] else { throw InputError(path, "tensor '\(name)': unsupported dtype \(dtype)") }
+        guard let es = elementSize[dtype] else {
+            throw InputError(path, "tensor '\(name)': unsupported dtype \(dtype)")
+        }
         guard shape.allSatisfy({ $0 >= 0 }) else {
             throw InputError(path, "tensor '\(name)': shape \(shape) has a negative size")
         }

@@ -193,8 +193,8 @@ public struct CheckpointStore {
             }
         }
         try phase {
-            try CheckpointStore.checkFinite(params, range: CheckpointStore.slice(rank: rank, worldSize: world, count: params.count),
-                                            table: table, file: path(step: step),
+            let mine = CheckpointStore.slice(rank: rank, worldSize: world, count: params.count)
+            try CheckpointStore.checkFinite(params, range: mine, table: table, file: path(step: step),
                                             verdict: "not saved: a checkpoint that cannot train on is not a good one; "
                                                 + "the earlier checkpoints are kept")
             if rank == 0 { try prepareStaging(step: step) }

@@ -16,10 +16,17 @@ public enum MemoryCheck {
 
     public static func available() -> Available {
         var a = Available()
-        if let m = meminfo("MemAvailable:") { a.node = m; a.nodeSource = "MemAvailable" }
-        if let limit = cgroupNumber("/sys/fs/cgroup/memory.max"), let used = cgroupNumber("/sys/fs/cgroup/memory.current") {
+        if let m = meminfo("MemAvailable:") {
+            a.node = m
+            a.nodeSource = "MemAvailable"
+        }
+        let limit = cgroupNumber("/sys/fs/cgroup/memory.max")
+        if let limit, let used = cgroupNumber("/sys/fs/cgroup/memory.current") {
             let left = max(0, limit - used)
-            if a.node.map({ left < $0 }) ?? true { a.node = left; a.nodeSource = "the cgroup's memory.max" }
+            if a.node.map({ left < $0 }) ?? true {
+                a.node = left
+                a.nodeSource = "the cgroup's memory.max"
+            }
         }
         var lim = rlimit()
         if getrlimit(__rlimit_resource_t(RLIMIT_AS.rawValue), &lim) == 0, lim.rlim_cur != rlim_t.max {
@@ -49,15 +56,18 @@ public enum MemoryCheck {
         for l in limits {
             let budget = l.bytes / l.ranks
             guard need > budget else { continue }
-            throw InputError(source, "the model needs about \(gb(need)) per rank (parameters, gradients and AdamW moments "
-                + "\(gb(fixed)), activations \(gb(act)) at train.micro_batch \(microBatch)) but \(gb(l.bytes)) is "
+            throw InputError(source, "the model needs about \(gb(need)) per rank (parameters, gradients and "
+                + "AdamW moments \(gb(fixed)), activations \(gb(act)) at train.micro_batch \(microBatch)) but "
+                + "\(gb(l.bytes)) is "
                 + "\(l.what). " + advice(mc, fixed: fixed, microBatch: microBatch, dropout: dropout, budget: budget))
         }
     }
 
     /// What would fit in `budget` bytes: the largest smaller micro-batch, or else a smaller model.
     static func advice(_ mc: ModelConfig, fixed: Int, microBatch: Int, dropout: Bool, budget: Int) -> String {
-        func fits(_ b: Int) -> Bool { fixed < budget && mc.trainingActivationBytes(batch: b, dropout: dropout) <= budget - fixed }
+        func fits(_ b: Int) -> Bool {
+            fixed < budget && mc.trainingActivationBytes(batch: b, dropout: dropout) <= budget - fixed
+        }
         if fits(1) {
             var lo = 1, hi = max(1, microBatch - 1)  // fits(lo) holds; find the largest b <= hi that fits
             while lo < hi {

@@ -79,8 +79,9 @@ extension CheckpointStore {
     public func refuseFreshOverExistingRun() throws {
         let existing = completeCheckpoints()
         guard let last = existing.last else { return }
-        throw InputError(runDirectory, "--fresh (checkpoint.resume: never): this run folder already holds \(existing.count) "
-            + "checkpoint(s) of another run, up to \((last.path as NSString).lastPathComponent); starting afresh here "
+        throw InputError(runDirectory, "--fresh (checkpoint.resume: never): this run folder already holds "
+            + "\(existing.count) checkpoint(s) of another run, up to \((last.path as NSString).lastPathComponent); "
+            + "starting afresh here "
             + "would mix the two runs. Use another run name (--set checkpoint.run=NAME), or move or remove this folder")
     }
 }

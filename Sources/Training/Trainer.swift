@@ -60,7 +60,8 @@ public final class Trainer {
         let mc = try config.model.resolve(vocabSize: info.vocabSize, numClasses: info.numClasses, gridSize: info.gridH)
         if let v = valCache { try checkDataMatchesModel(v.info, mc, cachePath: v.directory) }
         if let n = config.data.valSamples, let v = valCache, n > v.count {
-            throw InputError(v.directory, "data.val_samples is \(n) but this validation cache holds only \(v.count) samples")
+            throw InputError(v.directory, "data.val_samples is \(n) but this validation cache holds only "
+                + "\(v.count) samples")
         }
         try MemoryCheck.check(mc, microBatch: config.train.microBatch, dropout: config.train.dropout > 0,
                               ranksOnNode: MPI.ranksOnThisNode, source: "config (model, train.micro_batch)")
@@ -269,9 +270,10 @@ extension Trainer {
     public func checkDataPosition(_ c: LoadedCheckpoint) throws {
         let m = c.manifest, n = max(trainCache.count, 1)
         guard m.dataEpoch == m.dataOffset / n else {
-            throw InputError((c.directory as NSString).appendingPathComponent("manifest.json"),
-                             "data_epoch \(m.dataEpoch) does not match data_offset \(m.dataOffset) over the \(n) samples "
-                             + "of \(config.data.train) (expected epoch \(m.dataOffset / n)): another cache, or a damaged manifest")
+            let path = (c.directory as NSString).appendingPathComponent("manifest.json")
+            throw InputError(path, "data_epoch \(m.dataEpoch) does not match data_offset \(m.dataOffset) over the "
+                + "\(n) samples of \(config.data.train) (expected epoch \(m.dataOffset / n)): another cache, "
+                + "or a damaged manifest")
         }
     }
 

@@ -81,9 +81,8 @@ public final class CollectiveWatchdog: @unchecked Sendable {
     /// What every rank last announced: (seq, the rest of the line), nil when unreadable.
     func arrivals() -> [(rank: Int, seq: Int, last: String)?] {
         (0..<size).map { r in
-            guard let text = try? String(contentsOfFile: CollectiveWatchdog.file(folder, rank: r), encoding: .utf8) else {
-                return nil
-            }
+            let path = CollectiveWatchdog.file(folder, rank: r)
+            guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
             let parts = text.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: " ", maxSplits: 2)
             guard parts.count == 3, let s = Int(parts[0]), let step = Int(parts[1]) else { return nil }
             return (r, s, "step \(step), \(parts[2])")

@@ -27,7 +27,9 @@ struct Eval: ParsableCommand {
 
     func validate() throws {
         if batchSize < 1 { throw ValidationError("--batch-size must be at least 1") }
-        if let limit, limit < 1 { throw ValidationError("--limit must be at least 1 (leave it out for all samples), got \(limit)") }
+        if let limit, limit < 1 {
+            throw ValidationError("--limit must be at least 1 (leave it out for all samples), got \(limit)")
+        }
         if let t = noiseType, NoiseType(rawValue: t) == nil { throw ValidationError("unknown --noise-type '\(t)'") }
         if let s = noiseSchedule, NoiseSchedule(rawValue: s) == nil { throw ValidationError("unknown --noise-schedule '\(s)'") }
     }

@@ -23,7 +23,8 @@ struct Weights: ParsableCommand {
         discussion: "The file loads in tensorar-eval, tensorar-sample and tensorar-train --init-from, and in LlamaGen (base tensors).")
 
     @Option(help: "A checkpoint folder (step-NNNNNNNN), or a run folder meaning its newest checkpoint (`latest`).") var checkpoint: String
-    @Option(help: "The .safetensors file to write (a file is replaced atomically; a folder is refused).") var out: String
+    @Option(help: "The .safetensors file to write (a file is replaced atomically; a folder is refused).")
+    var out: String
 
     func run() throws {
         try exitingOnInputError(exitCode: 2) {

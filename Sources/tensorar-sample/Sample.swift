@@ -145,7 +145,8 @@ struct Sample: ParsableCommand {
                 e.isEmpty || !e.allSatisfy(\.isASCII) || !e.allSatisfy(\.isNumber) ? nil : Int(e)
             }
             guard numbers.count == ends.count, let a = numbers.first, let b = numbers.last, a <= b else {
-                throw InputError("--classes", "cannot read '\(part)' in '\(s)'; expected class numbers or ranges like 0,3,5-7")
+                throw InputError("--classes", "cannot read '\(part)' in '\(s)'; "
+                    + "expected class numbers or ranges like 0,3,5-7")
             }
             guard b < C else {
                 throw InputError(w, "class \(b) is outside the model's \(C) classes [0, \(C)) (--classes \(s))")

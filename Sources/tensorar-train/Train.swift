@@ -103,7 +103,8 @@ struct Train: ParsableCommand {
                                   say: (String) -> Void) throws -> RunLock? {
         let weights = store.runDirectory + "/model.safetensors"
         if pathKind(weights) == .folder {
-            throw InputError(weights, "is a folder: the run's final weights cannot be written there (nothing was removed)")
+            throw InputError(weights, "is a folder: the run's final weights cannot be written there "
+                + "(nothing was removed)")
         }
         if cfg.checkpoint.resume == "never" { try store.refuseFreshOverExistingRun() }
         guard isRoot else { return nil }

@@ -132,17 +132,21 @@ final class HostileSafetensorsTests: XCTestCase {
     func testNegativeShapesReversedAndOverlappingOffsetsAreErrorsNotTraps() throws {
         try expectRejected(#"{"a":{"dtype":"F32","shape":[-1,-4],"data_offsets":[0,16]}}"#, ["'a'", "negative"])
         try expectRejected(#"{"a":{"dtype":"F32","shape":[-4],"data_offsets":[16,0]}}"#, ["'a'", "negative"])
-        try expectRejected(#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,8]}}"#, ["'a'", "hold 8 bytes", "needs 0"], body: 8)
-        try expectRejected(#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[16,0]}}"#, ["'a'", "not an in-order range"])
-        try expectRejected(#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[-16,0]}}"#, ["'a'", "not an in-order range"])
-        try expectRejected(#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#,
-                           ["overlap", "'a'", "'b'"])
-        try expectRejected(#"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#, ["'a'", "larger than"])
+        let empty = #"{"a":{"dtype":"F32","shape":[0],"data_offsets":[0,8]}}"#
+        try expectRejected(empty, ["'a'", "hold 8 bytes", "needs 0"], body: 8)
+        try expectRejected(#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[16,0]}}"#, ["'a'", "not an in-order"])
+        try expectRejected(#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[-16,0]}}"#, ["'a'", "not an in-order"])
+        let a = #""a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}"#
+        let b = #""b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}"#
+        try expectRejected("{" + a + "," + b + "}", ["overlap", "'a'", "'b'"])
+        let huge = #"{"a":{"dtype":"F32","shape":[4611686018427387904,4],"data_offsets":[0,16]}}"#
+        try expectRejected(huge, ["'a'", "larger than"])
         try expectRejected(#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0]}}"#, ["'a'", "malformed"])
         try expectRejected(#"{"__metadata__":[1,2]}"#, ["__metadata__"])
         try expectRejected(#"[1,2,3]"#, ["not a JSON object"])
         // The same layout without the fault reads.
-        let ok = try file(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#)
+        let ok = try file(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"#
+                          + #""b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#)
         XCTAssertEqual(try Safetensors.read(ok).floats("b"), [0, 0])
     }
 
@@ -169,10 +173,14 @@ final class HostileSafetensorsTests: XCTestCase {
         let folder = dir + "/weights.safetensors"
         try FileManager.default.createDirectory(atPath: folder, withIntermediateDirectories: true)
         try Data("keep".utf8).write(to: URL(fileURLWithPath: folder + "/keep"))
-        XCTAssertThrowsError(try Safetensors.read(folder)) { XCTAssertTrue("\($0)".hasPrefix(folder + ": is a folder"), "\($0)") }
-        let m = try Transformer(config: ModelConfig(vocabSize: 16, numClasses: 3, gridSize: 2, dim: 8, nLayer: 1, nHead: 2, ffnHidden: 16))
+        XCTAssertThrowsError(try Safetensors.read(folder)) {
+            XCTAssertTrue("\($0)".hasPrefix(folder + ": is a folder"), "\($0)")
+        }
+        let shape = ModelConfig(vocabSize: 16, numClasses: 3, gridSize: 2, dim: 8, nLayer: 1, nHead: 2, ffnHidden: 16)
+        let m = try Transformer(config: shape)
         XCTAssertThrowsError(try m.save(folder)) { XCTAssertTrue("\($0)".hasPrefix(folder + ": is a folder"), "\($0)") }
-        XCTAssertEqual(try Data(contentsOf: URL(fileURLWithPath: folder + "/keep")), Data("keep".utf8), "the folder survives")
+        let kept = try Data(contentsOf: URL(fileURLWithPath: folder + "/keep"))
+        XCTAssertEqual(kept, Data("keep".utf8), "the folder survives")
         let missing = dir + "/no/such/folder/w.safetensors"
         XCTAssertThrowsError(try m.save(missing)) {
             XCTAssertTrue("\($0)".contains("the folder \(dir!)/no/such/folder does not exist"), "\($0)")

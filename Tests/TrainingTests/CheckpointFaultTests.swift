@@ -11,7 +11,8 @@ final class CheckpointFaultTests: XCTestCase {
     let model = testModel()
     lazy var table = ParameterTable(model)
 
-    func save(_ store: CheckpointStore, step: Int, params: FlatBuffer, opt: AdamW, config: TrainConfig) throws -> String {
+    func save(_ store: CheckpointStore, step: Int, params: FlatBuffer, opt: AdamW,
+              config: TrainConfig) throws -> String {
         try store.save(progress: TrainingProgress(step: step, samplesSeen: step * 8, dataOffset: step * 8, seed: 0),
                        config: config, model: model, table: table, params: params, optimizer: opt, communicator: .solo)
     }

@@ -57,7 +57,8 @@ final class ConfigBoundsTests: XCTestCase {
         let budget = fixed + m.trainingActivationBytes(batch: 16, dropout: true)
         let available = MemoryCheck.Available(node: 2 * budget, nodeSource: "MemAvailable")
         assertInputError(["config", "for 2 rank(s)", "train.micro_batch 16 or less would fit"]) {
-            try MemoryCheck.check(m, microBatch: 64, dropout: true, ranksOnNode: 2, source: "config", available: available)
+            try MemoryCheck.check(m, microBatch: 64, dropout: true, ranksOnNode: 2, source: "config",
+                                  available: available)
         }
         XCTAssertNoThrow(try MemoryCheck.check(m, microBatch: 16, dropout: true, ranksOnNode: 2, source: "config",
                                                available: available))

@@ -91,8 +91,9 @@ extension ResumeTests {
         let second = try train(f, run: "LOCK", ranks: nil)
         XCTAssertEqual(second.status, 1, second.output)
         let pid = first.process.processIdentifier
-        XCTAssertTrue(second.output.contains("\(run)/lock: the run folder is in use by another trainer: pid \(pid) on host "
-                                             + RunLock.hostName()), second.output)
+        let holder = "\(run)/lock: the run folder is in use by another trainer: pid \(pid) on host "
+            + RunLock.hostName()
+        XCTAssertTrue(second.output.contains(holder), second.output)
         XCTAssertTrue(first.process.isRunning, "the first trainer must not be disturbed")
         XCTAssertEqual(kill(pid, SIGKILL), 0)
         _ = try? first.wait(timeout: 20)
@@ -118,12 +119,14 @@ extension ResumeTests {
         let weights = try exportedWeights(f)
         let sample = try binary("tensorar-sample")
         for bad in ["-1", "3-", "2-1", "1,,2", "a", "1-2-3"] {
-            let r = try runTool(sample, ["--weights", weights, "--classes=\(bad)", "--out", f.root + "/c.h5", "--quiet"])
+            let args = ["--weights", weights, "--classes=\(bad)", "--out", f.root + "/c.h5", "--quiet"]
+            let r = try runTool(sample, args)
             XCTAssertEqual(r.status, 2, "--classes \(bad): \(r.output)")
             XCTAssertTrue(r.output.contains("error: --classes: cannot read"), "--classes \(bad): \(r.output)")
         }
         let four = try runTool(sample, ["--weights", weights, "--classes", "4", "--out", f.root + "/c.h5", "--quiet"])
-        XCTAssertTrue(four.status == 2 && four.output.contains("\(weights): class 4 is outside the model's 4 classes"), four.output)
+        XCTAssertEqual(four.status, 2, four.output)
+        XCTAssertTrue(four.output.contains("\(weights): class 4 is outside the model's 4 classes"), four.output)
         XCTAssertFalse(FileManager.default.fileExists(atPath: f.root + "/c.h5"))
         let eval = try binary("tensorar-eval")
         let zero = try runTool(eval, ["--weights", weights, "--data", f.val, "--limit", "0"])
@@ -132,9 +135,19 @@ extension ResumeTests {
         let past = try runTool(eval, ["--weights", weights, "--data", f.val, "--limit", "33"])
         XCTAssertEqual(past.status, 2, past.output)
         XCTAssertTrue(past.output.contains("\(f.val): --limit 33 is more than the 32 samples"), past.output)
+        // Weights so large the logits overflow: the loss is reported as not finite, not as a JSON failure.
+        var st = try Safetensors.read(weights)
+        let w = try st.floats("output.weight").map { $0 * 3e37 }
+        st.tensors["output.weight"] = .init(floats: w, shape: st.tensors["output.weight"]!.shape)
+        let overflowing = f.root + "/overflow.safetensors"
+        try st.write(to: overflowing)
+        let inf = try runTool(eval, ["--weights", overflowing, "--data", f.val, "--json"])
+        XCTAssertEqual(inf.status, 2, inf.output)
+        XCTAssertTrue(inf.output.contains("\(overflowing): the loss over 32 samples of \(f.val) is not finite"), inf.output)
         let t = try train(f, run: "VALN", ranks: nil, extra: ["--set", "data.val_samples=33"])
         XCTAssertEqual(t.status, 1, t.output)
-        XCTAssertTrue(t.output.contains("\(f.val): data.val_samples is 33 but this validation cache holds only 32"), t.output)
+        let message = "\(f.val): data.val_samples is 33 but this validation cache holds only 32"
+        XCTAssertTrue(t.output.contains(message), t.output)
     }
 
     /// --init-from: a folder, a broken tensorar.config, a NaN in a tensor; a config that is a
@@ -163,7 +176,8 @@ extension ResumeTests {
         try st.write(to: nan)
         let c = try train(f, run: "INIT3", ranks: nil, extra: ["--init-from", nan])
         XCTAssertEqual(c.status, 1, c.output)
-        XCTAssertTrue(c.output.contains("\(nan): tensor 'output.weight' holds a non-finite value (nan) at element 5"), c.output)
+        let nanMessage = "\(nan): tensor 'output.weight' holds a non-finite value (nan) at element 5"
+        XCTAssertTrue(c.output.contains(nanMessage), c.output)
         let s = try runTool(try binary("tensorar-sample"), ["--weights", nan, "--out", f.root + "/n.h5", "--quiet"])
         XCTAssertEqual(s.status, 2, s.output)
         XCTAssertTrue(s.output.contains("tensor 'output.weight' holds a non-finite value"), s.output)
@@ -189,8 +203,8 @@ extension ResumeTests {
     func testAStoppedRankEndsTheJobNamingTheStepAndTheRank() throws {
         let f = try fixture()
         let run = f.checkpoints + "/STOP"
-        let job = try start(f, run: "STOP", ranks: 2, extra: ["--set", "train.steps=100000", "--set", "checkpoint.every=2",
-                                                              "--set", "train.val_every=0", "--set", "dist.collective_timeout_s=2"])
+        let settings = ["train.steps=100000", "checkpoint.every=2", "train.val_every=0", "dist.collective_timeout_s=2"]
+        let job = try start(f, run: "STOP", ranks: 2, extra: settings.flatMap { ["--set", $0] })
         try waitFor(run + "/step-00000004/manifest.json", job)
         let rank1 = try XCTUnwrap(try rankPIDs(job)[1])
         XCTAssertEqual(kill(rank1, SIGSTOP), 0)
@@ -199,7 +213,8 @@ extension ResumeTests {
         let r = try job.wait(timeout: 60)
         XCTAssertNotEqual(r.status, 0, r.output)
         XCTAssertLessThan(Date().timeIntervalSince(t0), 30, "the watchdog, not the test's timeout, ended the job")
-        let line = r.output.split(separator: "\n").first { $0.contains("(dist.collective_timeout_s)") }.map(String.init) ?? ""
+        let lines = r.output.split(separator: "\n").map(String.init)
+        let line = lines.first { $0.contains("(dist.collective_timeout_s)") } ?? ""
         XCTAssertTrue(line.hasPrefix("error: rank 0 of 2: step "), r.output)
         XCTAssertTrue(line.contains("has not finished after 2 s"), line)
         XCTAssertTrue(line.contains("rank(s) 1 (last seen at step "), line)

@@ -168,10 +168,12 @@ extension FuzzTests {
         let table = ParameterTable(model)
         let params = randomBuffer(table.total, seed: 4)
         let opt = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
-        opt.step(params: params, grads: randomBuffer(table.total, seed: 5), lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1)
+        let grads = randomBuffer(table.total, seed: 5)
+        opt.step(params: params, grads: grads, lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1)
         let store = CheckpointStore(config: cfg)
-        let dir = try store.save(progress: TrainingProgress(step: 3, samplesSeen: 24, dataOffset: 24, seed: 0), config: cfg,
-                                 model: model, table: table, params: params, optimizer: opt, communicator: .solo)
+        let progress = TrainingProgress(step: 3, samplesSeen: 24, dataOffset: 24, seed: 0)
+        let dir = try store.save(progress: progress, config: cfg, model: model, table: table, params: params,
+                                 optimizer: opt, communicator: .solo)
         func load() throws -> ([Float], [Float], [Float], PerGroup<Int>, TrainingProgress) {
             let p = FlatBuffer(count: table.total)
             let o = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
@@ -182,7 +184,8 @@ extension FuzzTests {
         var tallies: [Tally] = []
         for (i, file) in [dir + "/rank-00000-of-00001.h5", dir + "/manifest.json"].enumerated() {
             let original = try Data(contentsOf: URL(fileURLWithPath: file))
-            tallies.append(try fuzz("checkpoint-" + (file as NSString).lastPathComponent, original: original, path: file,
+            let name = "checkpoint-" + (file as NSString).lastPathComponent
+            tallies.append(try fuzz(name, original: original, path: file,
                                     seed: 20 + UInt64(i), mutate: { FuzzTests.mutate(&$0, &$1) }, check: {
                 FuzzTests.judge(load) { got in
                     if got.0 != want.0 || got.1 != want.1 || got.2 != want.2 || got.3 != want.3 { return .wrong }
