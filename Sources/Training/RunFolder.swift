@@ -27,7 +27,7 @@ public final class RunLock {
         let parts = holder.split(separator: " ")
         let host = parts.first.map(String.init) ?? "?"
         let pid = parts.count > 1 ? Int32(parts[1]) : nil
-        if host == RunLock.hostName(), let pid, !RunLock.alive(pid) {
+        if host == RunLock.hostName(), let pid, RunLock.endsSoon(pid) {
             try? FileManager.default.removeItem(atPath: path)
             if try create() {
                 note = "took over the lock \(path) of pid \(pid) on \(host), which is no longer running"
@@ -68,8 +68,26 @@ public final class RunLock {
         return String(cString: buf)
     }
 
-    /// Whether process `pid` exists on this host (EPERM: it exists, owned by someone else).
-    static func alive(_ pid: Int32) -> Bool { kill(pid, 0) == 0 || errno == EPERM }
+    /// Whether process `pid` runs on this host (EPERM: it exists, owned by someone else); a zombie
+    /// (ended, not yet reaped) does not count.
+    static func alive(_ pid: Int32) -> Bool {
+        guard kill(pid, 0) == 0 || errno == EPERM else { return false }
+        guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return true }
+        let state = stat[stat.index(after: close)...].split(separator: " ").first
+        return state != "Z" && state != "X"
+    }
+
+    /// Whether `pid` is gone or goes within a few seconds (a job just killed: mpirun may return
+    /// before its ranks have ended).
+    static func endsSoon(_ pid: Int32, seconds: Double = 5) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while alive(pid) {
+            if Date() > deadline { return false }
+            usleep(100_000)
+        }
+        return true
+    }
 }
 
 extension CheckpointStore {

@@ -43,6 +43,7 @@ public final class CollectiveWatchdog: @unchecked Sendable {
         if wasStopped { return }
         if fd >= 0 { close(fd) }
         try? FileManager.default.removeItem(atPath: CollectiveWatchdog.file(folder, rank: rank))
+        rmdir(folder)  // the last rank out removes the (then empty) folder
     }
 
     static func file(_ folder: String, rank: Int) -> String {
