@@ -191,6 +191,16 @@ extension Transformer {
             throw InputError(path, "no tensorar.config metadata: give the model shape with --preset NAME (or the shape flags)")
         }
         try config.validate(source: "\(path) (tensorar.config)")
+        // Before allocating: a config asking for far more parameters than the file holds (more
+        // than 256 MB of them) is an error, not an allocation of that size; smaller shortfalls get
+        // loadWeights' message naming the missing tensor.
+        let need = ParameterTable(config).total
+        let held = st.tensors.values.reduce(0) { $0 + $1.data.count / max(1, Safetensors.elementSize[$1.dtype] ?? 1) }
+        if need > max(held, 1 << 26) {
+            throw InputError(path, "the model config asks for \(need) parameters but the file holds only "
+                + "\(held) values "
+                + "(tensorar.config or the shape flags do not fit this file)")
+        }
         let model = try Transformer(config: config)
         try model.loadWeights(st, ignoring: ignoring)
         return model

@@ -77,6 +77,11 @@ final class BadInputTests: XCTestCase {
         expectError(path, containing: ["dim 8 is not divisible by n_head 3"])
         try withConfig(#"{"vocab_size":16,"num_classes":3,"grid_size":2,"dim":12,"n_layer":1,"n_head":2,"ffn_hidden":16}"#)
         expectError(path, containing: ["head width", "6", "not divisible by 4"])
+        let shape = #""vocab_size":16,"num_classes":3,"grid_size":2,"#
+        try withConfig("{" + shape + #""dim":8,"n_layer":1,"n_head":2,"ffn_hidden":16,"norm_eps":11.5}"#)
+        expectError(path, containing: ["norm_eps must be in (0, 1], got 11.5"])
+        try withConfig("{" + shape + #""dim":65536,"n_layer":1024,"n_head":64,"ffn_hidden":16}"#)
+        expectError(path, containing: ["asks for", "parameters but the file holds only"])
         try withConfig(#"{"vocab_size":16,"grid_size":2}"#)
         expectError(path, containing: ["tensorar.config"])
         // no metadata: the shape must come from a preset or flags

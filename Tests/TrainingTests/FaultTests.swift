@@ -143,7 +143,8 @@ extension ResumeTests {
         try st.write(to: overflowing)
         let inf = try runTool(eval, ["--weights", overflowing, "--data", f.val, "--json"])
         XCTAssertEqual(inf.status, 2, inf.output)
-        XCTAssertTrue(inf.output.contains("\(overflowing): the loss over 32 samples of \(f.val) is not finite"), inf.output)
+        let notFinite = "\(overflowing): the loss over 32 samples of \(f.val) is not finite"
+        XCTAssertTrue(inf.output.contains(notFinite), inf.output)
         let t = try train(f, run: "VALN", ranks: nil, extra: ["--set", "data.val_samples=33"])
         XCTAssertEqual(t.status, 1, t.output)
         let message = "\(f.val): data.val_samples is 33 but this validation cache holds only 32"
@@ -223,5 +224,29 @@ extension ResumeTests {
         XCTAssertNoThrow(try CheckpointStore.verify(run + "/" + latest))
         XCTAssertGreaterThanOrEqual(Int(latest.dropFirst(5)) ?? 0, 4, "the checkpoints written before are kept")
         print("watchdog: \(line)")
+    }
+
+    /// A manifest whose data position does not fit the cache (data_epoch against data_offset over
+    /// its 128 samples), and a shard from another step: resume is refused naming the file; the
+    /// checkpoint folder is left as it was.
+    func testAResumeFromAnInconsistentCheckpointIsRefused() throws {
+        let f = try fixture()
+        let run = f.checkpoints + "/POS"
+        try copyRun(f, to: run, upTo: 8)
+        let manifest = run + "/step-00000008/manifest.json"
+        let text = try Data(contentsOf: URL(fileURLWithPath: manifest))
+        var json = try JSONSerialization.jsonObject(with: text) as! [String: Any]
+        json["data_epoch"] = 5
+        try JSONSerialization.data(withJSONObject: json).write(to: URL(fileURLWithPath: manifest))
+        let r = try train(f, run: "POS", ranks: nil, extra: ["--resume"])
+        XCTAssertEqual(r.status, 1, r.output)
+        XCTAssertTrue(r.output.contains("\(manifest): data_epoch 5 does not match data_offset 128"), r.output)
+        XCTAssertEqual(CheckpointStore(runDirectory: run).latestName(), "step-00000008")
+        let shard = run + "/step-00000004/rank-00000-of-00002.h5"
+        try FileManager.default.removeItem(atPath: shard)
+        try FileManager.default.copyItem(atPath: f.runA + "/step-00000008/rank-00000-of-00002.h5", toPath: shard)
+        let s = try train(f, run: "POS", ranks: nil, extra: ["--resume-from", run + "/step-00000004"])
+        XCTAssertEqual(s.status, 1, s.output)
+        XCTAssertTrue(s.output.contains("\(shard): attribute step is 8, the manifest says 4"), s.output)
     }
 }
