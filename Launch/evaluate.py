@@ -339,7 +339,15 @@ def run_program(cmd: list, ranks: int = 1, capture: bool = False) -> str:
 def read_samples(path: str):
     import h5py
 
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise EvalError(f"{path}: {what}; expected a tensorar-sample file")
+    if not h5py.is_hdf5(path):
+        raise EvalError(f"{path}: not an HDF5 file; expected a tensorar-sample output (tokens, labels, trajectories)")
     with h5py.File(path, "r") as h:
+        missing = [k for k in ["tokens", "labels", "trajectories"] if k not in h]
+        if missing:
+            raise EvalError(f"{path}: not a tensorar-sample output: no dataset {', '.join(missing)}")
         out = {k: np.asarray(h[k], dtype=np.int64) for k in ["tokens", "labels", "trajectories"]}
         out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)) for k, v in h.attrs.items()}
     return out
@@ -561,8 +569,22 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def check_args(a):
+    """Bad arguments as one EvalError naming the flag (issue 17), before any work."""
+    counts = [("--ranks", a.ranks, 1), ("--per-class", a.per_class, 1), ("--batch-size", a.batch_size, 1),
+              ("--val-limit", a.val_limit, 0), ("--classifier-epochs", a.classifier_epochs, 1)]
+    for flag, value, low in counts:
+        if value < low:
+            raise EvalError(f"{flag}: must be at least {low}, got {value}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise EvalError(f"{a.out}: --out names a file, not a folder (nothing was written)")
+    if a.samples:
+        read_samples(a.samples)
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    check_args(a)
     t_start = time.time()
     train_dir = a.train or os.path.join(a.data, "train")
     val_dir = a.val or os.path.join(a.data, "val")

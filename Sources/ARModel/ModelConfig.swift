@@ -115,6 +115,7 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         if window > 1 && pluginDepth == 0 { throw bad("window \(window) > 1 needs a plug-in (plugin_depth >= 1)") }
         if window > seqLen { throw bad("window \(window) is longer than the image (\(seqLen) tokens)") }
         if base == OpenMAGVIT2.name { try validateFactorized(bad) }
+        try checkBounds(source: source)
     }
 
     /// SPEC section 8: two sub-tokens whose bits add up to log2(vocab_size), Lf >= 1 blocks.
@@ -126,6 +127,23 @@ public struct ModelConfig: Codable, Equatable, Sendable {
             throw bad("vocab_size \(vocabSize) is not 2^(\(factorizedBits.map(String.init).joined(separator: " + ")))")
         }
         if factorizedNLayer < 1 { throw bad("factorized_n_layer must be at least 1, got \(factorizedNLayer)") }
+    }
+
+    /// Upper bounds, so a damaged or hostile config cannot ask for absurd sizes (issue 17).
+    func checkBounds(source: String) throws {
+        let ints: [(String, Int, Int)] = [("vocab_size", vocabSize, 1 << 24), ("num_classes", numClasses, 1 << 24),
+                                          ("grid_size", gridSize, 1024), ("dim", dim, 65536), ("n_layer", nLayer, 1024),
+                                          ("n_head", nHead, 1024), ("ffn_hidden", ffnHidden, 1 << 20),
+                                          ("window", window, 1024), ("plugin_depth", pluginDepth, 256)]
+        for (key, v, hi) in ints where v > hi {
+            throw InputError(source, "\(key) \(v) is larger than the most this program accepts (\(hi))")
+        }
+        guard normEps > 0 && normEps <= 1 else {
+            throw InputError(source, "norm_eps must be in (0, 1], got \(normEps)")
+        }
+        guard ropeBase > 1 && ropeBase <= 1e12 else {
+            throw InputError(source, "rope_base must be in (1, 1e12], got \(ropeBase)")
+        }
     }
 
     /// Size presets (SPEC section 2). Parameter counts for V=16384, C=1000 beside them

@@ -27,37 +27,84 @@ public struct Safetensors {
     static let elementSize: [String: Int] = ["F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U16": 2, "U8": 1, "I8": 1, "F64": 8]
 
     public static func read(_ path: String) throws -> Safetensors {
-        guard FileManager.default.fileExists(atPath: path) else { throw InputError(path, "file does not exist") }
+        try checkInputFile(path, what: "safetensors file")
         let data: Data
-        do { data = try Data(contentsOf: URL(fileURLWithPath: path), options: .alwaysMapped) } catch { throw InputError(path, "cannot read: \(error.localizedDescription)") }
-        guard data.count >= 8 else { throw InputError(path, "not a safetensors file: only \(data.count) bytes (truncated?)") }
+        do { data = try Data(contentsOf: URL(fileURLWithPath: path), options: .alwaysMapped) } catch {
+            throw InputError(path, "cannot read: \(error.localizedDescription)")
+        }
+        guard data.count >= 8 else {
+            throw InputError(path, "not a safetensors file: only \(data.count) bytes (truncated?)")
+        }
         let n = data.prefix(8).enumerated().reduce(UInt64(0)) { $0 | (UInt64($1.element) << (8 * UInt64($1.offset))) }
         guard n > 1, n < 100_000_000, 8 + Int(n) <= data.count else {
-            throw InputError(path, "not a safetensors file: header length \(n) does not fit in \(data.count) bytes (truncated or another format?)")
+            throw InputError(path, "not a safetensors file: header length \(n) does not fit in \(data.count) bytes "
+                + "(truncated or another format?)")
         }
         let headerBytes = data.subdata(in: 8..<(8 + Int(n)))
-        guard let header = try? JSONSerialization.jsonObject(with: headerBytes) as? [String: Any] else {
+        let parsed = try? JSONSerialization.jsonObject(with: headerBytes, options: [.fragmentsAllowed])
+        guard let header = parsed as? [String: Any] else {
             throw InputError(path, "not a safetensors file: the header is not a JSON object")
         }
         var st = Safetensors(path: path)
         let body = 8 + Int(n)
+        var extents: [(name: String, range: Range<Int>)] = []
         for (name, value) in header {
             if name == "__metadata__" {
-                for (k, v) in (value as? [String: Any]) ?? [:] { st.metadata[k] = "\(v)" }
+                guard let meta = value as? [String: Any] else {
+                    throw InputError(path, "__metadata__ is not a JSON object of strings")
+                }
+                for (k, v) in meta { st.metadata[k] = "\(v)" }
                 continue
             }
-            guard let d = value as? [String: Any], let dtype = d["dtype"] as? String, let shape = d["shape"] as? [Int],
-                  let offs = d["data_offsets"] as? [Int], offs.count == 2 else {
-                throw InputError(path, "tensor '\(name)': malformed header entry")
-            }
-            guard let es = elementSize[dtype] else { throw InputError(path, "tensor '\(name)': unsupported dtype \(dtype)") }
-            let bytes = shape.reduce(1, *) * es
-            guard offs[1] - offs[0] == bytes, offs[0] >= 0, body + offs[1] <= data.count else {
-                throw InputError(path, "tensor '\(name)': data \(offs) does not match shape \(shape) x \(dtype) or runs past the end of the file (\(data.count) bytes; truncated?)")
-            }
-            st.tensors[name] = Tensor(dtype: dtype, shape: shape, data: data.subdata(in: (body + offs[0])..<(body + offs[1])))
+            let entry = try headerEntry(name, value, path: path, dataBytes: data.count - body)
+            extents.append((name, entry.range))
+            let bytes = data.subdata(in: (body + entry.range.lowerBound)..<(body + entry.range.upperBound))
+            st.tensors[name] = Tensor(dtype: entry.dtype, shape: entry.shape, data: bytes)
         }
+        try checkNoOverlap(extents, path: path)
         return st
+    }
+
+    /// One tensor's header entry, checked: a known dtype, a shape of non-negative sizes whose byte
+    /// count does not overflow, and offsets [begin, end) in order, inside the data, of that size.
+    static func headerEntry(_ name: String, _ value: Any, path: String,
+                            dataBytes: Int) throws -> (dtype: String, shape: [Int], range: Range<Int>) {
+        guard let d = value as? [String: Any], let dtype = d["dtype"] as? String,
+              let shape = d["shape"] as? [Int], let offs = d["data_offsets"] as? [Int], offs.count == 2 else {
+            throw InputError(path, "tensor '\(name)': malformed header entry (needs dtype, shape and two data_offsets)")
+        }
+        guard let es = elementSize[dtype] else {
+            throw InputError(path, "tensor '\(name)': unsupported dtype \(dtype)")
+        }
+        guard shape.allSatisfy({ $0 >= 0 }) else {
+            throw InputError(path, "tensor '\(name)': shape \(shape) has a negative size")
+        }
+        var bytes = es
+        for s in shape {
+            let (p, overflow) = bytes.multipliedReportingOverflow(by: s)
+            guard !overflow, p <= dataBytes else {
+                throw InputError(path, "tensor '\(name)': shape \(shape) x \(dtype) is larger than the file's data "
+                    + "(\(dataBytes) bytes)")
+            }
+            bytes = p
+        }
+        guard offs[0] >= 0, offs[0] <= offs[1], offs[1] <= dataBytes else {
+            throw InputError(path, "tensor '\(name)': data_offsets \(offs) are not an in-order range inside the "
+                + "\(dataBytes) bytes of data (truncated or damaged?)")
+        }
+        guard offs[1] - offs[0] == bytes else {
+            throw InputError(path, "tensor '\(name)': data_offsets \(offs) hold \(offs[1] - offs[0]) bytes but shape "
+                + "\(shape) x \(dtype) needs \(bytes)")
+        }
+        return (dtype, shape, offs[0]..<offs[1])
+    }
+
+    /// Tensors' data may not share bytes (a damaged or hostile header).
+    static func checkNoOverlap(_ extents: [(name: String, range: Range<Int>)], path: String) throws {
+        let sorted = extents.filter { !$0.range.isEmpty }.sorted { $0.range.lowerBound < $1.range.lowerBound }
+        for (a, b) in zip(sorted, sorted.dropFirst()) where b.range.lowerBound < a.range.upperBound {
+            throw InputError(path, "tensors '\(a.name)' \(a.range) and '\(b.name)' \(b.range) overlap in the data")
+        }
     }
 
     public func write(to path: String) throws {
@@ -81,6 +128,7 @@ public struct Safetensors {
         var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys])
         while json.count % 8 != 0 { json.append(0x20) }
         var n = UInt64(json.count).littleEndian
+        try checkOutputFile(path, what: "safetensors file")
         let tmp = path + ".tmp"
         do {
             guard FileManager.default.createFile(atPath: tmp, contents: nil), let out = FileHandle(forWritingAtPath: tmp) else {
@@ -91,12 +139,11 @@ public struct Safetensors {
             try out.write(contentsOf: json)
             for i in entries.indices { try body(i, out) }
             try out.close()
-            _ = try? FileManager.default.removeItem(atPath: path)
-            try FileManager.default.moveItem(atPath: tmp, toPath: path)
         } catch {
             try? FileManager.default.removeItem(atPath: tmp)
             throw InputError(path, "cannot write: \(error.localizedDescription)")
         }
+        try replaceFile(path, with: tmp)
     }
 
     /// The tensor as Float32 (F32, F16 and BF16 are converted).
@@ -144,6 +191,16 @@ extension Transformer {
             throw InputError(path, "no tensorar.config metadata: give the model shape with --preset NAME (or the shape flags)")
         }
         try config.validate(source: "\(path) (tensorar.config)")
+        // Before allocating: a config asking for far more parameters than the file holds (more
+        // than 256 MB of them) is an error, not an allocation of that size; smaller shortfalls get
+        // loadWeights' message naming the missing tensor.
+        let need = ParameterTable(config).total
+        let held = st.tensors.values.reduce(0) { $0 + $1.data.count / max(1, Safetensors.elementSize[$1.dtype] ?? 1) }
+        if need > max(held, 1 << 26) {
+            throw InputError(path, "the model config asks for \(need) parameters but the file holds only "
+                + "\(held) values "
+                + "(tensorar.config or the shape flags do not fit this file)")
+        }
         let model = try Transformer(config: config)
         try model.loadWeights(st, ignoring: ignoring)
         return model
@@ -161,6 +218,10 @@ extension Transformer {
                 throw InputError(st.path, "tensor '\(e.name)' has shape \(t.shape) but the config needs \(e.shape)")
             }
             let v = try st.floats(e.name)
+            if let bad = v.firstIndex(where: { !$0.isFinite }) {
+                throw InputError(st.path, "tensor '\(e.name)' holds a non-finite value (\(v[bad])) at element \(bad): "
+                    + "such weights cannot train or sample")
+            }
             (params.base + e.offset).update(from: v, count: e.count)
         }
         let known = Set(table.entries.map(\.name))

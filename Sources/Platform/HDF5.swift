@@ -57,7 +57,28 @@ public final class HDF5File {
     public let path: String
     private let id: hid_t
 
-    private init(path: String, id: hid_t) { self.path = path; self.id = id }
+    /// The file's size when opened: a read checks the file has not shrunk since (HDF5 reads zeros
+    /// past the end of a file truncated under it instead of failing).
+    private var sizeAtOpen: Int64 = 0
+
+    private init(path: String, id: hid_t) {
+        self.path = path
+        self.id = id
+        sizeAtOpen = HDF5File.fileSize(path) ?? 0
+    }
+
+    static func fileSize(_ path: String) -> Int64? {
+        var st = stat()
+        return stat(path, &st) == 0 ? Int64(st.st_size) : nil
+    }
+
+    /// Throws when the file is now shorter than when it was opened (truncated while in use).
+    public func checkNotTruncated() throws {
+        guard let now = HDF5File.fileSize(path) else { throw InputError(path, "is gone (removed while in use)") }
+        if now < sizeAtOpen {
+            throw InputError(path, "was truncated while in use: \(now) bytes now, \(sizeAtOpen) when opened")
+        }
+    }
     deinit { hdf5Lock.lock(); H5Fclose(id); hdf5Lock.unlock() }
 
     private static func locked<T>(_ body: () throws -> T) rethrows -> T {
@@ -91,11 +112,16 @@ public final class HDF5File {
     /// Opens an existing file; a missing file, a non-HDF5 file or a truncated one is an InputError.
     public static func open(_ path: String, writable: Bool = false) throws -> HDF5File {
         try locked {
-            guard FileManager.default.fileExists(atPath: path) else { throw InputError(path, "file does not exist") }
+            try checkInputFile(path, what: "HDF5 file")
             if H5Fis_hdf5(path) <= 0 { throw InputError(path, "not an HDF5 file (or its header is damaged)") }
             let id = H5Fopen(path, writable ? tar_h5f_acc_rdwr() : tar_h5f_acc_rdonly(), tar_h5p_default())
             guard id >= 0 else { throw InputError(path, "cannot open HDF5 file (truncated or damaged?)") }
-            return HDF5File(path: path, id: id)
+            let f = HDF5File(path: path, id: id)
+            var eoa: haddr_t = 0
+            if H5Fget_eoa(id, &eoa) >= 0, Int64(eoa) > f.sizeAtOpen {
+                throw InputError(path, "truncated: \(f.sizeAtOpen) bytes, but its HDF5 structure needs \(eoa)")
+            }
+            return f
         }
     }
 
@@ -202,6 +228,7 @@ public final class HDF5File {
 
     /// Reads rows [start, start + rows) of the first axis into raw memory, converting to `kind`.
     public func readRows(_ name: String, kind: HDF5Kind, start: Int, rows: Int, into out: UnsafeMutableRawPointer) throws {
+        try checkNotTruncated()
         try withRows(name, start: start, rows: rows) { ds, mspace, fspace in
             if H5Dread(ds, nativeType(kind), mspace, fspace, tar_h5p_default(), out) < 0 {
                 throw InputError(path, "reading dataset '\(name)' failed (file truncated or damaged?)")
@@ -212,6 +239,7 @@ public final class HDF5File {
     /// Reads the block `offset ..< offset + count` (one entry per axis) into raw memory, converting
     /// to `kind`; e.g. one token row `codes[i, a, :]` is offset [i, a, 0], count [1, 1, T].
     public func readSlab(_ name: String, kind: HDF5Kind, offset: [Int], count: [Int], into out: UnsafeMutableRawPointer) throws {
+        try checkNotTruncated()
         try HDF5File.locked {
             let ds = H5Dopen2(id, name, tar_h5p_default())
             guard ds >= 0 else { throw InputError(path, "no dataset '\(name)'") }

@@ -197,7 +197,13 @@ public struct CheckpointStore {
                 throw error
             }
         }
-        try phase { if rank == 0 { try prepareStaging(step: step) } }
+        try phase {
+            let mine = CheckpointStore.slice(rank: rank, worldSize: world, count: params.count)
+            try CheckpointStore.checkFinite(params, range: mine, table: table, file: path(step: step),
+                                            verdict: "not saved: a checkpoint that cannot train on is not a good one; "
+                                                + "the earlier checkpoints are kept")
+            if rank == 0 { try prepareStaging(step: step) }
+        }
         try phase {
             try writeShard(step: step, rank: rank, worldSize: world, params: params, optimizer: optimizer, ema: ema)
         }
@@ -480,6 +486,27 @@ public struct CheckpointStore {
         return m
     }
 
+    /// The manifest's numbers inside their ranges (a damaged or hand-edited manifest is an error
+    /// naming it, not a resume at a wrong position).
+    static func checkRanges(_ m: CheckpointManifest, path mp: String) throws {
+        func need(_ ok: Bool, _ what: @autoclosure () -> String) throws {
+            if !ok { throw InputError(mp, what() + ". " + damaged) }
+        }
+        try need(m.step >= 0, "step \(m.step) is negative")
+        try need(m.worldSize >= 1 && m.worldSize <= 1 << 20, "world_size \(m.worldSize) is outside [1, \(1 << 20)]")
+        try need(m.parameterCount >= 0, "parameter_count \(m.parameterCount) is negative")
+        try need(m.seed >= 0, "seed \(m.seed) is negative")
+        try need(m.dataOffset >= 0, "data_offset \(m.dataOffset) is negative")
+        try need(m.samplesSeen >= 0, "samples_seen \(m.samplesSeen) is negative")
+        try need(m.dataEpoch >= 0, "data_epoch \(m.dataEpoch) is negative")
+        let o = m.optimizer
+        try need(o.momentStart >= 0 && o.momentStart <= o.momentEnd && o.momentEnd <= m.parameterCount,
+                 "optimizer moment range [\(o.momentStart), \(o.momentEnd)) is outside [0, \(m.parameterCount))")
+        for (name, g) in [("base", o.base), ("plugin", o.plugin)] {
+            try need(g.steps >= 0, "optimizer.\(name).steps \(g.steps) is negative")
+        }
+    }
+
     /// Checks that a checkpoint is whole: the manifest reads, each shard the manifest lists is
     /// present, names the slices the layout rules give, and holds arrays of the right lengths.
     /// Returns the manifest.
@@ -487,12 +514,13 @@ public struct CheckpointStore {
     public static func verify(_ dir: String) throws -> CheckpointManifest {
         let m = try readManifest(dir)
         let mp = join(dir, "manifest.json")
+        try checkRanges(m, path: mp)
         let expected = CheckpointManifest.Shard.layout(worldSize: m.worldSize, count: m.parameterCount,
                                                        moments: m.optimizer.momentStart..<m.optimizer.momentEnd)
         guard m.worldSize >= 1, m.shards == expected else {
             throw InputError(mp, "the shard list does not match \(m.worldSize) rank(s) over \(m.parameterCount) parameters")
         }
-        for s in m.shards {
+        for (rank, s) in m.shards.enumerated() {
             let file = join(dir, s.file)
             let advice = CheckpointStore.damaged
             guard FileManager.default.fileExists(atPath: file) else { throw InputError(file, "shard missing. \(advice)") }
@@ -501,7 +529,8 @@ public struct CheckpointStore {
                 do { return try body() } catch let e as InputError { throw InputError(file, "\(e.problem). \(advice)") }
             }
             let f = try h5 { try HDF5File.open(file) }
-            for (k, v) in [("param_start", s.paramStart), ("param_end", s.paramEnd), ("moment_start", s.momentStart),
+            for (k, v) in [("step", m.step), ("rank", rank), ("world_size", m.worldSize),
+                           ("param_start", s.paramStart), ("param_end", s.paramEnd), ("moment_start", s.momentStart),
                            ("moment_end", s.momentEnd), ("param_count", m.parameterCount)] {
                 let got = try h5 { try f.intAttribute(k) }
                 if got != v { throw InputError(file, "attribute \(k) is \(got), the manifest says \(v). \(advice)") }
@@ -574,6 +603,8 @@ public struct CheckpointStore {
             if let ema, m.hasEMA == true {
                 try read(.ema, range: mine, from: dir, manifest: m, into: ema.base + mine.lowerBound)
             }
+            try checkFinite(params, range: mine, table: table, file: dir, verdict: "the checkpoint cannot be used. "
+                + fallbackAdvice)
             guard let optimizer else { return }
             optimizer.m.zero()
             optimizer.v.zero()
@@ -614,6 +645,17 @@ public struct CheckpointStore {
             optimizer.restore(steps: steps)
         }
         return LoadedCheckpoint(directory: dir, manifest: m, notes: notes)
+    }
+
+    /// Throws (naming `file` and the tensor) when flat range `range` of `params` holds a NaN or an
+    /// infinity; `verdict` says what follows.
+    static func checkFinite(_ params: FlatBuffer, range: Range<Int>, table: ParameterTable, file: String,
+                            verdict: String) throws {
+        let p = params.base
+        guard let bad = range.first(where: { !p[$0].isFinite }) else { return }
+        let entry = table.entries.first { bad >= $0.offset && bad < $0.offset + $0.count }
+        let name = entry.map { "tensor '\($0.name)' element \(bad - $0.offset)" } ?? "flat index \(bad)"
+        throw InputError(file, "parameters are not finite (\(p[bad]) in \(name)): \(verdict)")
     }
 
     /// The manifest of `dir`, after checking the checkpoint is whole (`verify`) and holds the

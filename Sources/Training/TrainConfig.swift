@@ -209,9 +209,19 @@ public struct TrainConfig: Codable, Equatable {
         public var bucketMB: Double = 25                 // gradient allreduce bucket size, MB
         public var overlap: Bool = true                  // reduce buckets on a communication thread during backward
         public var threadsPerRank: ThreadCount = .auto   // BLAS/compute threads per rank; auto = cores / ranks
+        public var collectiveTimeoutSeconds: Double = 600 // a collective not done after this ends the job (watchdog)
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case bucketMB = "bucket_mb", overlap, threadsPerRank = "threads_per_rank"
+            case collectiveTimeoutSeconds = "collective_timeout_s"
+        }
+        /// As synthesized, except that `collective_timeout_s` may be absent (older manifests).
+        public init(from decoder: Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            bucketMB = try c.decode(Double.self, forKey: .bucketMB)
+            overlap = try c.decode(Bool.self, forKey: .overlap)
+            threadsPerRank = try c.decode(ThreadCount.self, forKey: .threadsPerRank)
+            collectiveTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .collectiveTimeoutSeconds) ?? 600
         }
     }
 
@@ -254,6 +264,7 @@ extension TrainConfig {
     public static func load(file: String?, overrides: [String] = []) throws -> TrainConfig {
         var text = ""
         if let file {
+            if pathKind(file) == .folder { throw InputError(file, "is a folder, not a config file") }
             do { text = try String(contentsOfFile: file, encoding: .utf8) } catch {
                 throw InputError(file, "cannot read the config file (\(error.localizedDescription))")
             }
@@ -429,49 +440,61 @@ extension TrainConfig {
         } else {
             need(m.dim != nil && m.nLayer != nil && m.nHead != nil, "model: without a preset, dim, n_layer and n_head are all required")
         }
-        if let d = m.dim { need(d > 0, "model.dim must be positive, got \(d)") }
-        if let l = m.nLayer { need(l >= 0, "model.n_layer must be non-negative, got \(l)") }
-        if let h = m.nHead { need(h > 0, "model.n_head must be positive, got \(h)") }
-        if let f = m.ffnHidden { need(f > 0, "model.ffn_hidden must be positive, got \(f)") }
+        // Every number within its meaningful range (issue 17): the message names the key and the range.
+        func within<T: Comparable>(_ key: String, _ v: T?, _ lo: T, _ hi: T, _ note: String = "") {
+            guard let v else { return }
+            need(v >= lo && v <= hi, "\(key) must be in [\(lo), \(hi)]\(note), got \(v)")
+        }
+        func atLeast(_ key: String, _ v: Int, _ lo: Int, _ note: String = "") {
+            need(v >= lo, "\(key) must be at least \(lo)\(note), got \(v)")
+        }
+        within("model.dim", m.dim, 1, 65536)
+        within("model.n_layer", m.nLayer, 0, 1024)
+        within("model.n_head", m.nHead, 1, 1024)
+        within("model.ffn_hidden", m.ffnHidden, 1, 1 << 20)
+        within("model.window", m.window, 1, 1024, " (k)")
+        within("model.plugin_depth", m.pluginDepth, 0, 256, " (d)")
         if let f = m.factorizedNLayer {
             need(m.base == "open-magvit2", "model.factorized_n_layer applies to model.base open-magvit2 only")
-            need(f >= 1, "model.factorized_n_layer must be at least 1, got \(f)")
+            within("model.factorized_n_layer", f, 1, 1024)
         }
-        need(m.window >= 1, "model.window (k) must be at least 1, got \(m.window)")
-        need(m.pluginDepth >= 0, "model.plugin_depth (d) must be non-negative, got \(m.pluginDepth)")
         need(m.window == 1 || m.pluginDepth >= 1, "model.window \(m.window) > 1 needs a plug-in: set model.plugin_depth >= 1")
 
         if let w = loss.slotWeights {
             need(w.count == m.window, "loss.slot_weights has \(w.count) values but model.window (k) is \(m.window): give one weight per slot")
-            need(w.allSatisfy { $0 >= 0 && $0.isFinite }, "loss.slot_weights must be non-negative numbers, got \(w)")
+            need(w.allSatisfy { $0 >= 0 && $0 <= 1000 }, "loss.slot_weights must be numbers in [0, 1000], got \(w)")
             need(w.reduce(0, +) > 0, "loss.slot_weights must not all be zero")
         }
         need(!data.train.isEmpty, "data.train must name the training token cache folder")
-        if let n = data.valSamples { need(n > 0, "data.val_samples must be positive (leave it out to use all), got \(n)") }
+        within("data.val_samples", data.valSamples, 1, 1 << 40, " (leave it out to use all)")
 
         let o = optim
-        need(o.lrPlugin >= 0 && o.lrBase >= 0, "optim.lr_plugin and optim.lr_base must be non-negative (0 freezes a group), got \(o.lrPlugin), \(o.lrBase)")
+        within("optim.lr_plugin", o.lrPlugin, 0, 1, " (0 freezes the group)")
+        within("optim.lr_base", o.lrBase, 0, 1, " (0 freezes the group)")
+        within("optim.final_lr_plugin", o.finalLrPlugin, 0, 1)
+        within("optim.final_lr_base", o.finalLrBase, 0, 1)
         need(o.lrPlugin > 0 || o.lrBase > 0 || o.finalLrPlugin > 0 || o.finalLrBase > 0, "optim: both learning rates are 0, nothing would train")
-        need(o.warmupPlugin >= 0 && o.warmupBase >= 0, "optim.warmup_plugin and optim.warmup_base must be non-negative")
+        atLeast("optim.warmup_plugin", o.warmupPlugin, 0)
+        atLeast("optim.warmup_base", o.warmupBase, 0)
         need(o.warmupPlugin < train.steps && o.warmupBase < train.steps || train.steps <= 0,
              "optim: warm-up (\(o.warmupPlugin), \(o.warmupBase) steps) must be shorter than train.steps (\(train.steps))")
-        need(o.finalLrPlugin >= 0 && o.finalLrBase >= 0, "optim.final_lr_plugin and optim.final_lr_base must be non-negative")
         need(o.betas.count == 2 && o.betas.allSatisfy { $0 >= 0 && $0 < 1 }, "optim.betas must be two numbers in [0, 1), got \(o.betas)")
-        need(o.eps > 0, "optim.eps must be positive, got \(o.eps)")
-        need(o.weightDecay >= 0, "optim.weight_decay must be non-negative, got \(o.weightDecay)")
-        need(o.clip >= 0, "optim.clip must be non-negative (0 turns clipping off), got \(o.clip)")
+        within("optim.eps", o.eps, 1e-30, 1)
+        within("optim.weight_decay", o.weightDecay, 0, 1, " (decoupled: the fraction of lr x weight removed per step)")
+        within("optim.clip", o.clip, 0, 1e6, " (0 turns clipping off)")
 
         let t = train
-        need(t.steps > 0, "train.steps must be positive, got \(t.steps)")
-        need(t.globalBatch > 0, "train.global_batch must be positive, got \(t.globalBatch)")
-        need(t.microBatch > 0, "train.micro_batch must be positive, got \(t.microBatch)")
+        within("train.steps", t.steps, 1, 1 << 40)
+        within("train.global_batch", t.globalBatch, 1, 1 << 24)
+        within("train.micro_batch", t.microBatch, 1, 1 << 20)
+        within("train.seed", t.seed, 0, Int(Int32.max))
         need(t.dropout >= 0 && t.dropout < 1, "train.dropout must be in [0, 1), got \(t.dropout)")
-        need(t.labelDrop >= 0 && t.labelDrop <= 1, "train.label_drop must be in [0, 1], got \(t.labelDrop)")
+        within("train.label_drop", t.labelDrop, 0, 1)
+        atLeast("train.log_every", t.logEvery, 1)
+        atLeast("train.val_every", t.valEvery, 0, " (0: only at the end)")
+        within("train.max_skipped_steps", t.maxSkippedSteps, 0, 1 << 20)
         need(t.emaDecay.map { $0 >= 0 && $0 <= 1 } ?? true,
              "train.ema_decay must be in [0, 1] (or null: off), got \(t.emaDecay ?? 0)")
-        need(t.logEvery > 0, "train.log_every must be positive, got \(t.logEvery)")
-        need(t.valEvery >= 0, "train.val_every must be non-negative (0: only at the end), got \(t.valEvery)")
-        need(t.maxSkippedSteps >= 0, "train.max_skipped_steps must be non-negative, got \(t.maxSkippedSteps)")
         need(worldSize >= 1, "world size must be at least 1, got \(worldSize)")
         if t.globalBatch > 0 && t.microBatch > 0 && worldSize >= 1 {
             let perStep = t.microBatch * worldSize
@@ -484,13 +507,14 @@ extension TrainConfig {
             }
         }
 
-        need(dist.bucketMB > 0, "dist.bucket_mb must be positive, got \(dist.bucketMB)")
-        if case .count(let n) = dist.threadsPerRank { need(n >= 1, "dist.threads_per_rank must be at least 1 or auto, got \(n)") }
+        need(dist.bucketMB > 0 && dist.bucketMB <= 65536, "dist.bucket_mb must be in (0, 65536], got \(dist.bucketMB)")
+        within("dist.collective_timeout_s", dist.collectiveTimeoutSeconds, 1, 1e7)
+        if case .count(let n) = dist.threadsPerRank { within("dist.threads_per_rank", n, 1, 4096, " or auto") }
 
         let c = checkpoint
-        need(c.every >= 0, "checkpoint.every must be non-negative (0: only at the end), got \(c.every)")
-        need(c.keepLast >= 1, "checkpoint.keep_last must be at least 1, got \(c.keepLast)")
-        need(c.keepEvery >= 0, "checkpoint.keep_every must be non-negative (0: none), got \(c.keepEvery)")
+        atLeast("checkpoint.every", c.every, 0, " (0: only at the end)")
+        within("checkpoint.keep_last", c.keepLast, 1, 1 << 20)
+        atLeast("checkpoint.keep_every", c.keepEvery, 0, " (0: none)")
         need(!c.dir.isEmpty, "checkpoint.dir must not be empty")
         if let r = c.run { need(!r.isEmpty && !r.contains("/") && r != "." && r != "..", "checkpoint.run must be a plain folder name, got '\(r)'") }
 

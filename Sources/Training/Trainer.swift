@@ -45,6 +45,14 @@ public final class Trainer {
     /// scratch), measured; compare `memory.activations`, the estimate made before it.
     public private(set) var activationBytesMeasured: Int?
     let hooks = TestHooks.fromEnvironment()
+    /// Watches this rank's collectives (set by the program on more than one rank; nil: unwatched).
+    public var watchdog: CollectiveWatchdog?
+
+    /// `body`, a collective of step `step`, under the watchdog if there is one.
+    public func watched<T>(step: Int, _ what: String, _ body: () throws -> T) rethrows -> T {
+        guard let watchdog else { return try body() }
+        return try watchdog.wait(step: step, what: what, body)
+    }
 
     public init(config: TrainConfig, comm: Communicator) throws {
         self.config = config; self.comm = comm
@@ -54,6 +62,12 @@ public final class Trainer {
         if info.gridH != info.gridW { throw InputError(config.data.train, "grid \(info.gridH)x\(info.gridW) is not square; the 2D rotary table needs H == W (SPEC section 1)") }
         let mc = try config.model.resolve(vocabSize: info.vocabSize, numClasses: info.numClasses, gridSize: info.gridH)
         if let v = valCache { try checkDataMatchesModel(v.info, mc, cachePath: v.directory) }
+        if let n = config.data.valSamples, let v = valCache, n > v.count {
+            throw InputError(v.directory, "data.val_samples is \(n) but this validation cache holds only "
+                + "\(v.count) samples")
+        }
+        try MemoryCheck.check(mc, microBatch: config.train.microBatch, dropout: config.train.dropout > 0,
+                              ranksOnNode: MPI.ranksOnThisNode, source: "config (model, train.micro_batch)")
         model = try Trainer.buildModel(mc, config: config)
         let params = model.params
         ema = config.train.emaDecay.map { _ in FlatBuffer(count: params.count) }
@@ -112,7 +126,12 @@ public final class Trainer {
         model.initialise(seed: UInt64(config.train.seed))
         guard let path = config.model.initFrom else { return model }
         let st = try Safetensors.read(path)
-        if let json = st.metadata["tensorar.config"], let fileConfig = try? JSONDecoder().decode(ModelConfig.self, from: Data(json.utf8)) {
+        if let json = st.metadata["tensorar.config"] {
+            let fileConfig: ModelConfig
+            do { fileConfig = try JSONDecoder().decode(ModelConfig.self, from: Data(json.utf8)) } catch {
+                throw InputError(path, "metadata tensorar.config is not a valid model config: \(error)")
+            }
+            try fileConfig.validate(source: "\(path) (tensorar.config)")
             var a = fileConfig, b = mc
             a.window = 1; a.pluginDepth = 0; b.window = 1; b.pluginDepth = 0; a.residual = true; b.residual = true
             if a != b { throw InputError(path, "its base model \(fileConfig.jsonString()) does not match the configured one \(mc.jsonString())") }
@@ -139,9 +158,12 @@ public final class Trainer {
         let liveBefore = FlatBuffer.liveBytes
         try hooks.failIfAsked(rank: comm.rank, step: step + 1)
         let local = accumulateGradients(batch, sync: sync)
-        let commWait = try sync.finish().waitSeconds
         var packed = local.packed
-        try comm.allreduce(&packed)
+        let commWait = try watched(step: step + 1, "the gradient allreduce") {
+            let wait = try sync.finish().waitSeconds
+            try comm.allreduce(&packed)
+            return wait
+        }
         let report = LossReport(packed: packed, parts: model.lossPartNames.count)
         let first = activationBytesMeasured == nil
         if first { activationBytesMeasured = FlatBuffer.liveBytes - liveBefore }
@@ -237,8 +259,10 @@ public final class Trainer {
         let range = validationShard(cache: v, limit: config.data.valSamples, rank: comm.rank, worldSize: comm.size)
         var noised = try evaluateLoss(model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: noise).packed
         var clean = try evaluateLoss(model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: nil).packed
-        try comm.allreduce(&noised)
-        try comm.allreduce(&clean)
+        try watched(step: step, "the validation loss allreduce") {
+            try comm.allreduce(&noised)
+            try comm.allreduce(&clean)
+        }
         let parts = model.lossPartNames.count
         return (LossReport(packed: noised, parts: parts), LossReport(packed: clean, parts: parts))
     }
@@ -269,6 +293,18 @@ extension Trainer {
     }
 
     /// Continues from a checkpoint: the step, and the data stream exactly where it was.
+    /// Whether a checkpoint's data position fits this run's training cache: data_epoch must be
+    /// data_offset / N for the N samples of the cache (else another cache, or a damaged manifest).
+    public func checkDataPosition(_ c: LoadedCheckpoint) throws {
+        let m = c.manifest, n = max(trainCache.count, 1)
+        guard m.dataEpoch == m.dataOffset / n else {
+            let path = (c.directory as NSString).appendingPathComponent("manifest.json")
+            throw InputError(path, "data_epoch \(m.dataEpoch) does not match data_offset \(m.dataOffset) over the "
+                + "\(n) samples of \(config.data.train) (expected epoch \(m.dataOffset / n)): another cache, "
+                + "or a damaged manifest")
+        }
+    }
+
     public func restore(progress p: TrainingProgress) {
         step = p.step
         loader.restore(position: p.dataOffset)
@@ -277,7 +313,7 @@ extension Trainer {
     /// Whether any rank was asked to stop (all ranks agree, so they stop at the same step).
     public func stopAgreed() throws -> Bool {
         var flag: [Int64] = [Trainer.stopRequested.isSet ? 1 : 0]
-        try comm.allreduce(&flag, op: .max)
+        try watched(step: step, "the stop agreement") { try comm.allreduce(&flag, op: .max) }
         return flag[0] != 0
     }
 }

@@ -31,6 +31,9 @@ struct Eval: ParsableCommand {
 
     func validate() throws {
         if batchSize < 1 { throw ValidationError("--batch-size must be at least 1") }
+        if let limit, limit < 1 {
+            throw ValidationError("--limit must be at least 1 (leave it out for all samples), got \(limit)")
+        }
         if let t = noiseType, NoiseType(rawValue: t) == nil { throw ValidationError("unknown --noise-type '\(t)'") }
         if let s = noiseSchedule, NoiseSchedule(rawValue: s) == nil { throw ValidationError("unknown --noise-schedule '\(s)'") }
     }
@@ -71,12 +74,20 @@ struct Eval: ParsableCommand {
             lossNoise = ln
             log("validation noise: \(type.rawValue), schedule \(schedule.rawValue), seed \(ln.seed)" + (checkpoint.map { " (from \($0.directory)/manifest.json unless given)" } ?? ""))
         } else { lossNoise = nil }
+        if let limit, limit > cache.count {
+            throw InputError(data, "--limit \(limit) is more than the \(cache.count) samples this cache holds")
+        }
         let range = validationShard(cache: cache, limit: limit, rank: 0, worldSize: 1)
         let t0 = Date()
         let report = try evaluateLoss(model: model, cache: cache, range: range, batchSize: batchSize, noise: lossNoise) { done in
             if !json || isatty(2) != 0 { FileHandle.standardError.write("\r  evaluated \(done)/\(range.count) samples".data(using: .utf8)!) }
         }
         FileHandle.standardError.write("\n".data(using: .utf8)!)
+        let values = [report.loss] + report.slotLosses
+        if let bad = values.first(where: { !$0.isFinite }) {
+            throw InputError(weights, "the loss over \(range.count) samples of \(data) is not finite (\(bad)): "
+                + "the model overflows on this data (weights too large, or not trained for this cache)")
+        }
         var out: [String: Any] = [
             "loss": report.loss, "slot_losses": report.slotLosses, "samples": range.count, "tokens": report.tokens,
             "noise": noise.rawValue, "weights": weights, "data": data, "seconds": Date().timeIntervalSince(t0),

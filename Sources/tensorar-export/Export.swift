@@ -23,12 +23,14 @@ struct Weights: ParsableCommand {
         discussion: "The file loads in tensorar-eval, tensorar-sample and tensorar-train --init-from, and in LlamaGen (base tensors).")
 
     @Option(help: "A checkpoint folder (step-NNNNNNNN), or a run folder meaning its newest checkpoint (`latest`).") var checkpoint: String
-    @Option(help: "The .safetensors file to write (replaced atomically if it exists).") var out: String
+    @Option(help: "The .safetensors file to write (a file is replaced atomically; a folder is refused).")
+    var out: String
     @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
     var weightsKind: WeightsKind = .raw
 
     func run() throws {
         try exitingOnInputError(exitCode: 2) {
+            try checkOutputFile(out, what: "--out weights file")
             guard let (dir, manifest) = try checkpointManifest(at: checkpoint) else {
                 let exists = FileManager.default.fileExists(atPath: checkpoint)
                 throw InputError(checkpoint, (exists ? "a file, not a folder" : "no such folder")

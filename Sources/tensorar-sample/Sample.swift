@@ -160,12 +160,14 @@ struct Sample: ParsableCommand {
             throw InputError(w, problem)
         }
         if topK > c.vocabSize { throw InputError(w, "--top-k \(topK) exceeds the model's vocab_size \(c.vocabSize)") }
-        let outDir = (out as NSString).deletingLastPathComponent
-        try checkWritableFolder(outDir.isEmpty ? "." : outDir, for: out)
+        try checkOutputFile(out, what: "--out samples file")
         if let npyDir {
+            if pathKind(npyDir) == .file {
+                throw InputError(npyDir, "--npy-dir names a file, not a folder (nothing was written)")
+            }
             if comm.isRoot { try? FileManager.default.createDirectory(atPath: npyDir, withIntermediateDirectories: true) }
             try comm.barrier()
-            try checkWritableFolder(npyDir, for: npyDir)
+            for name in ["codes.npy", "labels.npy"] { try checkOutputFile(npyDir + "/" + name, what: "--npy-dir file") }
         }
         return Plan(model: model, classes: cls, total: cls.count * perClass)
     }
@@ -205,23 +207,28 @@ struct Sample: ParsableCommand {
         guard FileManager.default.isWritableFile(atPath: dir) else { throw InputError(path, "the folder \(dir) is not writable") }
     }
 
-    /// "0,3,5-7" -> [0, 3, 5, 6, 7]; nil -> every class. Out-of-range classes name the weights.
+    /// "0,3,5-7" -> [0, 3, 5, 6, 7]; nil -> every class. Each part is a class number or a range
+    /// A-B of them (digits only: "-1", "3-", "5-2" are errors); out-of-range classes name the weights.
     func parseClasses(_ s: String?, numClasses C: Int, weights w: String) throws -> [Int] {
         guard let s else { return Array(0..<C) }
         var out: [Int] = []
-        for part in s.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !part.isEmpty {
-            let ends = part.split(separator: "-", maxSplits: 1).map { Int($0.trimmingCharacters(in: .whitespaces)) }
-            guard ends.allSatisfy({ $0 != nil }), let a = ends.first!, let b = ends.last! , a <= b else {
-                throw InputError("--classes", "cannot read '\(part)'; expected class numbers or ranges like 0,3,5-7")
+        let parts = s.split(separator: ",", omittingEmptySubsequences: false)
+        for raw in parts {
+            let part = raw.trimmingCharacters(in: .whitespaces)
+            let ends = part.split(separator: "-", maxSplits: 1, omittingEmptySubsequences: false)
+                .map { $0.trimmingCharacters(in: .whitespaces) }
+            let numbers = ends.compactMap { e -> Int? in
+                e.isEmpty || !e.allSatisfy(\.isASCII) || !e.allSatisfy(\.isNumber) ? nil : Int(e)
             }
-            for y in a...b {
-                guard y >= 0 && y < C else {
-                    throw InputError(w, "class \(y) is outside the model's \(C) classes [0, \(C)) (--classes \(s))")
-                }
-                out.append(y)
+            guard numbers.count == ends.count, let a = numbers.first, let b = numbers.last, a <= b else {
+                throw InputError("--classes", "cannot read '\(part)' in '\(s)'; "
+                    + "expected class numbers or ranges like 0,3,5-7")
             }
+            guard b < C else {
+                throw InputError(w, "class \(b) is outside the model's \(C) classes [0, \(C)) (--classes \(s))")
+            }
+            out += Array(a...b)
         }
-        if out.isEmpty { throw InputError("--classes", "no class given in '\(s)'") }
         return out
     }
 
@@ -316,14 +323,16 @@ struct Sample: ParsableCommand {
             try f.setAttribute("sampling", string: String(data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!)
             try f.flush()
         }
-        if FileManager.default.fileExists(atPath: out) { try FileManager.default.removeItem(atPath: out) }
-        do { try FileManager.default.moveItem(atPath: tmp, toPath: out) } catch { throw InputError(out, "cannot move \(tmp) into place: \(error.localizedDescription)") }
+        try replaceFile(out, with: tmp)
     }
 
     func writeNPY(_ path: String, _ values: [Int64], shape: [Int]) throws {
-        guard FileManager.default.createFile(atPath: path, contents: npyData(int64: values, shape: shape)) else {
-            throw InputError(path, "cannot write file (missing folder or no permission?)")
+        try checkOutputFile(path, what: "--npy-dir file")
+        let tmp = path + ".tmp"
+        guard FileManager.default.createFile(atPath: tmp, contents: npyData(int64: values, shape: shape)) else {
+            throw InputError(tmp, "cannot write the file (disk full?)")
         }
+        try replaceFile(path, with: tmp)
     }
 }
 

@@ -121,9 +121,10 @@ final class RunLoop {
     func save(_ why: String) throws {
         let t0 = monotonicSeconds()
         let m = trainer.model
-        let dir = try store.save(progress: trainer.progress, config: cfg, model: m.config, table: m.table,
-                                 params: m.params, optimizer: trainer.optimizer, ema: trainer.ema,
-                                 communicator: trainer.comm)
+        let dir = try trainer.watched(step: trainer.step, "the checkpoint save") {
+            try store.save(progress: trainer.progress, config: cfg, model: m.config, table: m.table,
+                           params: m.params, optimizer: trainer.optimizer, ema: trainer.ema, communicator: trainer.comm)
+        }
         say(String(format: "checkpoint (%@): %@ in %.2f s", why, dir, monotonicSeconds() - t0))
     }
 }

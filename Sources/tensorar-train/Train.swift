@@ -76,9 +76,16 @@ struct Train: ParsableCommand {
         // Threads: ranks x threads must not exceed the cores of a node.
         BLAS.threads = cfg.dist.threadsPerRank.resolve(ranksOnNode: MPI.ranksOnThisNode)
         say("tensorar-train: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
-        let trainer = try Trainer(config: cfg, comm: comm)
-        describe(trainer, say: say)
         let store = CheckpointStore(config: cfg)
+        let lock = try prepareRunFolder(cfg, store: store, isRoot: comm.isRoot, say: say)
+        defer { lock?.release() }
+        let trainer = try Trainer(config: cfg, comm: comm)
+        if comm.size > 1 {
+            trainer.watchdog = CollectiveWatchdog(runDirectory: store.runDirectory, rank: comm.rank, size: comm.size,
+                                                  timeout: cfg.dist.collectiveTimeoutSeconds)
+        }
+        defer { trainer.watchdog?.stop() }
+        describe(trainer, say: say)
         let loaded = try resumeIfAsked(trainer, store: store, say: say)
         if trainer.step >= cfg.train.steps {
             say("run '\(cfg.checkpoint.run!)' is already complete at step \(trainer.step)/\(cfg.train.steps); "
@@ -120,6 +127,23 @@ struct Train: ParsableCommand {
             FileHandle.standardError.write("error: \(who)\(failure)\n".data(using: .utf8)!)
         }
         throw ReportedStop()
+    }
+
+    /// Before anything is allocated or written (issue 17): the final weights' path must not be a
+    /// folder, `--fresh` must not start over a folder holding another run's checkpoints, and rank 0
+    /// takes the run folder's lock (a second trainer on it is refused, naming the holder).
+    private func prepareRunFolder(_ cfg: TrainConfig, store: CheckpointStore, isRoot: Bool,
+                                  say: (String) -> Void) throws -> RunLock? {
+        let weights = store.runDirectory + "/model.safetensors"
+        if pathKind(weights) == .folder {
+            throw InputError(weights, "is a folder: the run's final weights cannot be written there "
+                + "(nothing was removed)")
+        }
+        if cfg.checkpoint.resume == "never" { try store.refuseFreshOverExistingRun() }
+        guard isRoot else { return nil }
+        let lock = try RunLock(runDirectory: store.runDirectory)
+        if let note = lock.note { say("note: \(note)") }
+        return lock
     }
 
     /// Defaults < CONFIG < --set flags, with this command's flags as `--set`s; validated.
@@ -186,6 +210,7 @@ struct Train: ParsableCommand {
         notes.forEach { say("note: \($0)") }
         if let loaded {
             loaded.notes.forEach { say("note: \($0)") }
+            try trainer.checkDataPosition(loaded)
             trainer.restore(progress: loaded.progress)
             say("resumed from \(loaded.directory) at step \(trainer.step) "
                 + "(written by \(loaded.manifest.worldSize) rank(s))")

@@ -225,3 +225,34 @@ final class CacheTests: XCTestCase {
         XCTAssertTrue(r.summary().contains("unused codes: 2 of 6"))
     }
 }
+
+/// Issue 17: a shard truncated while a run reads it (HDF5 would return zeros past the end), or
+/// before it is opened, or a folder where a shard belongs.
+final class TruncatedShardTests: XCTestCase {
+    func testAShardTruncatedWhileOpenFailsTheNextReadNamingIt() throws {
+        let dir = try makeCache(temporaryFolder(self), n: 40, vocab: 300, grid: 4, augmentations: 2, shardSize: 20)
+        let cache = try TokenCache(directory: dir)
+        let shard = cache.shardPath(1)
+        XCTAssertNoThrow(try cache.read(indices: [25, 39], augmentations: [0, 1]))
+        let size = try FileManager.default.attributesOfItem(atPath: shard)[.size] as! Int
+        let h = try FileHandle(forUpdating: URL(fileURLWithPath: shard))
+        try h.truncate(atOffset: UInt64(size / 2))
+        try h.close()
+        assertInputError({ _ = try cache.read(indices: [39], augmentations: [1]) }, file: shard,
+                         contains: ["truncated while in use", "\(size / 2) bytes now", "\(size) when opened"])
+        assertInputError({ _ = try cache.readShardRows(shard: 1, start: 0, count: 2) }, file: shard,
+                         contains: ["truncated while in use"])
+        // The other shard still reads.
+        XCTAssertEqual(try cache.read(indices: [3], augmentations: [0]).codes.count, 16)
+        // Opening it now is an error too.
+        assertInputError({ _ = try TokenCache(directory: dir) }, file: shard, contains: ["truncated"])
+    }
+
+    func testAFolderWhereAShardBelongsIsNamed() throws {
+        let dir = try makeCache(temporaryFolder(self), n: 10, shardSize: 5)
+        let shard = path(dir, "shard-00001.h5")
+        try FileManager.default.removeItem(atPath: shard)
+        try FileManager.default.createDirectory(atPath: shard, withIntermediateDirectories: false)
+        assertInputError({ _ = try TokenCache(directory: dir) }, file: shard, contains: ["is a folder"])
+    }
+}

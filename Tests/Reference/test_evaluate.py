@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -171,3 +172,27 @@ def test_evaluate_end_to_end_open_magvit2(data, tmp_path):
     assert report["metrics"]["model"]["n"] == 20
     with pytest.raises(SystemExit):
         ev.parse_args(["--weights", weights, "--data", data, "--cfg-scale", "1,2,3"])
+
+
+def run_evaluate(*args):
+    """Launch/evaluate.py as a person runs it: exit status and stderr."""
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "Launch", "evaluate.py")
+    r = subprocess.run([sys.executable, script, "--weights", "w.safetensors", "--data", "nowhere", *args],
+                       capture_output=True, text=True)
+    return r.returncode, r.stderr
+
+
+def test_bad_arguments_are_one_line_errors_not_tracebacks(tmp_path):
+    # Issue 17: --out naming a file, --samples that is not HDF5, --ranks 0.
+    keep = tmp_path / "report.txt"
+    keep.write_text("do not delete\n")
+    code, err = run_evaluate("--out", str(keep))
+    assert code == 2 and f"error: {keep}: --out names a file" in err and "Traceback" not in err, err
+    assert keep.read_text() == "do not delete\n"
+    code, err = run_evaluate("--out", str(tmp_path / "o"), "--samples", str(keep))
+    assert code == 2 and f"error: {keep}: not an HDF5 file" in err and "Traceback" not in err, err
+    code, err = run_evaluate("--out", str(tmp_path / "o"), "--samples", str(tmp_path))
+    assert code == 2 and f"error: {tmp_path}: is a folder" in err, err
+    code, err = run_evaluate("--out", str(tmp_path / "o"), "--ranks", "0")
+    assert code == 2 and "error: --ranks: must be at least 1, got 0" in err, err
+    assert not (tmp_path / "o").exists(), "nothing is created before the arguments check out"
