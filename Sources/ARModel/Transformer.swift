@@ -64,6 +64,9 @@ public final class Transformer {
     public let table: ParameterTable
     public let params: FlatBuffer
     public private(set) lazy var grads = FlatBuffer(count: table.total)
+    /// Makes `grads` whole OS pages that are resident only while written and not yet handed
+    /// back (`FlatBuffer(pages:)`): ZeRO-2 releases each bucket once reduced. Call before training.
+    public func usePageBackedGradients() { grads = FlatBuffer(pages: table.total) }
     /// w_j, the per-slot loss weights (SPEC section 3; default all ones).
     public var slotWeights: [Float]
 

@@ -52,15 +52,27 @@ public final class Trainer {
         let mc = try config.model.resolve(vocabSize: info.vocabSize, numClasses: info.numClasses, gridSize: info.gridH)
         if let v = valCache { try checkDataMatchesModel(v.info, mc, cachePath: v.directory) }
         model = try Trainer.buildModel(mc, config: config)
+        let zero = config.dist.shardOptimizer
+        if zero == .statesAndGrads { model.usePageBackedGradients() }
         _ = model.grads  // allocated now (lazy), so it counts as gradients, not as the first step's activations
         if let w = config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
         weightPerImage = model.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, mc.seqLen - $1.offset)) * Double($1.element) }
-        optimizer = AdamW(table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups)
+        // ZeRO: each rank owns its checkpoint slice (SPEC section 7) of the flat buffer: its
+        // moments, its update and, after the reduce-scatter, its gradients.
+        let total = model.table.total, ranks = comm.size
+        let slices = (0..<ranks).map { CheckpointStore.slice(rank: $0, worldSize: ranks, count: total) }
+        let owned = zero == .none ? nil : slices[comm.rank]
+        optimizer = AdamW(table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups,
+                          owned: owned)
         optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
         loader = try TokenLoader(cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
                                  seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: 2)
+        let shard = zero == .none ? nil : GradientSync.Shard(
+            slices: slices, rank: comm.rank, releaseSource: zero == .statesAndGrads,
+            bucketElements: GradientSync.bucketElements(mb: config.dist.bucketMB))
         sync = try GradientSync(communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB,
-                                readyOrder: model.gradientReadyOrder, mode: config.dist.overlap ? .overlapped : .blocking)
+                                readyOrder: model.gradientReadyOrder, mode: config.dist.overlap ? .overlapped : .blocking,
+                                shard: shard)
         var codebook: [Float]?, cbDim = 0
         if config.noise.type == .discrete && config.noise.embedding == .codebook {
             guard let path = trainCache.codebookPath else { throw InputError(config.data.train, "noise.embedding: codebook needs a codebook.h5 in the cache") }
@@ -132,8 +144,9 @@ public final class Trainer {
         let tData = monotonicSeconds()
         let liveBefore = FlatBuffer.liveBytes
         try hooks.failIfAsked(rank: comm.rank, step: step + 1)
-        let local = accumulateGradients(batch, sync: sync)
-        let commWait = try sync.finish().waitSeconds
+        earlyCommWait = 0
+        let local = try accumulateGradients(batch, sync: sync)
+        let commWait = try sync.finish().waitSeconds + earlyCommWait
         var packed = local.packed
         try comm.allreduce(&packed)
         let report = LossReport(packed: packed)
@@ -142,7 +155,7 @@ public final class Trainer {
         let tOpt = monotonicSeconds()
         var applied = false, norm = Double.nan
         if report.loss.isFinite {
-            let res = optimizer.step(params: model.params, grads: model.grads, lr: config.learningRates(at: step), clip: config.clipNorm)
+            let res = try optimizerStep(lr: config.learningRates(at: step))
             applied = res.applied; norm = res.gradNorm
         }
         let t1 = monotonicSeconds()
@@ -152,14 +165,50 @@ public final class Trainer {
         return StepResult(report: report, gradNorm: norm, applied: applied, seconds: t1 - t0)
     }
 
+    /// AdamW on the averaged gradients. Sharded (ZeRO): the global norm from one allreduce of
+    /// the owners' squared sums, the update of this rank's slice only, then every slice gathered
+    /// back into the full parameters, in bucket-sized rounds (the next forward needs them all).
+    func optimizerStep(lr: PerGroup<Float>) throws -> AdamWStepResult {
+        guard let shard = sync.shard else {
+            return optimizer.step(params: model.params, grads: model.grads, lr: lr, clip: config.clipNorm)
+        }
+        let g = shard.gradients.base - shard.owned.lowerBound  // indexed by flat offset over the owned slice
+        let norm = try comm.allreduce(optimizer.squaredGradientSum(g)).squareRoot()
+        let result = optimizer.step(params: model.params, gradients: g, norm: norm, lr: lr, clip: config.clipNorm)
+        if result.applied { try gatherParameters(shard.slices) }
+        return result
+    }
+
+    /// Every rank's updated slice of the trained range, to every rank (MPI_Allgatherv rounds of
+    /// at most one bucket per rank, so MPI's scratch stays one bucket).
+    func gatherParameters(_ slices: [Range<Int>]) throws {
+        let trained = slices.map { AdamW.clamp($0, to: optimizer.trainedRange) }
+        let chunk = max(1, sync.bucketElements / max(comm.size, 1))
+        let longest = trained.map(\.count).max() ?? 0
+        let rounds = (longest + chunk - 1) / chunk
+        for i in 0..<rounds {
+            let blocks = trained.map { t -> Range<Int> in
+                let lo = min(t.upperBound, t.lowerBound + i * chunk)
+                return lo..<min(t.upperBound, lo + chunk)
+            }
+            try comm.allgather(inPlace: model.params.base, blocks: blocks)
+        }
+    }
+
+    /// ZeRO-2 (states+grads): seconds waited for the reduce-scatters of the micro-batches before
+    /// the last one, in this step.
+    private var earlyCommWait = 0.0
+
     /// This rank's part of the step's gradient: its share `batch` of the global batch, in
     /// micro-batches, summed into `model.grads` (zeroed first) and scaled by 1 / the global
     /// batch's total loss weight, so that the sum over ranks is the gradient of the global mean
     /// loss. Label drop, noise and dropout are keyed by each sample's position in the global batch,
     /// so the sum does not depend on how the batch is split over ranks. With `sync`, the last
     /// micro-batch's backward hands each finished range to it (`begin`/`markReady`); the caller
-    /// then calls `sync.finish()`. Returns this rank's loss sums.
-    func accumulateGradients(_ batch: TokenBatch, sync: GradientSync?) -> LossReport {
+    /// then calls `sync.finish()`. With ZeRO-2 (`states+grads`) every micro-batch's backward is
+    /// reduce-scattered (each rank keeps only its slice), all but the last finished here. Returns
+    /// this rank's loss sums.
+    func accumulateGradients(_ batch: TokenBatch, sync: GradientSync?) throws -> LossReport {
         let c = model.config
         let micro = config.train.microBatch
         precondition(batch.count % micro == 0, "a rank's batch of \(batch.count) is not a whole number of micro-batches of \(micro)")
@@ -167,18 +216,22 @@ public final class Trainer {
         let scale = Float(1 / (Double(config.train.globalBatch) * weightPerImage))
         var local = LossReport(slots: c.window)
         model.grads.zero()
+        sync?.shard?.gradients.zero()
+        let everyMicroBatch = sync?.shard?.releaseSource ?? false
         // Test-only fault injection (TestHooks): a NaN added before any backward stays NaN (it
         // goes into a trained group's element: a frozen group's gradient is never looked at).
         let poison = hooks.nan(rank: comm.rank, worldSize: comm.size, step: batch.step + 1)
-        if poison != nil { model.grads[optimizer.momentRange.lowerBound] = .nan }
+        if poison != nil { model.grads[optimizer.trainedRange.lowerBound] = .nan }
         for a in 0..<accum {
             let input = batches.training(batch, range: (a * micro)..<((a + 1) * micro))
             local.add(model.forward(input.batch, dropout: input.dropout, gradientScale: scale))
-            if a == accum - 1, let sync {
+            if let sync, a == accum - 1 || everyMicroBatch {
                 // Backward must not write a range after marking it, so only the last micro-batch's
-                // backward hands ranges over (GradientSync's rules).
+                // backward hands ranges over (GradientSync's rules), except with ZeRO-2, whose
+                // reduce-scatter adds each micro-batch into the owners' slices and zeroes the source.
                 sync.begin(model.grads, scale: 1)
                 model.backward { range in sync.markReady(range) }
+                if a < accum - 1 { earlyCommWait += try sync.finish().waitSeconds }
             } else {
                 model.backward()
             }

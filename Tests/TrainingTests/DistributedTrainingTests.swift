@@ -79,7 +79,7 @@ final class DistributedTrainingTests: XCTestCase {
         let trainer = try Trainer(config: cfg, comm: .solo)
         let whole = try trainer.loader.next()
         XCTAssertEqual(whole.globalPositions, Array(0..<12))
-        let lossWhole = trainer.accumulateGradients(whole, sync: nil)
+        let lossWhole = try trainer.accumulateGradients(whole, sync: nil)
         let gWhole = trainer.model.grads.array
         XCTAssertGreaterThan(gWhole.map { abs($0) }.max()!, 0)
 
@@ -94,7 +94,7 @@ final class DistributedTrainingTests: XCTestCase {
                 XCTAssertEqual(part.globalPositions, Array((r * n)..<((r + 1) * n)))
                 XCTAssertEqual(part.codes, Array(whole.codes[(r * n * 16)..<((r + 1) * n * 16)]), "rank \(r) of \(W) reads its slice of the global batch")
                 shards.append(part)
-                loss.add(trainer.accumulateGradients(part, sync: nil))
+                loss.add(try trainer.accumulateGradients(part, sync: nil))
                 for (i, g) in trainer.model.grads.array.enumerated() { sum[i] += g }
             }
             // The same per-sample float32 losses, but computed in smaller sgemm calls: OpenBLAS's
@@ -116,7 +116,7 @@ final class DistributedTrainingTests: XCTestCase {
             for part in shards {
                 let local = TokenBatch(codes: part.codes, labels: part.labels, sampleIndices: part.sampleIndices,
                                        globalPositions: Array(0..<part.count), step: part.step, epoch: part.epoch)
-                _ = trainer.accumulateGradients(local, sync: nil)
+                _ = try trainer.accumulateGradients(local, sync: nil)
                 for (i, g) in trainer.model.grads.array.enumerated() { wrong[i] += g }
             }
             XCTAssertGreaterThan(relativeMaxDifference(wrong, gWhole), 1e-2, "rank-local dropout/label-drop keys must change the gradient (the check has teeth)")
