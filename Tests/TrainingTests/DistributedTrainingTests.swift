@@ -355,20 +355,28 @@ func releaseExecutable(_ name: String, file: StaticString = #filePath, line: UIn
         XCTFail("\(path) is missing: these tests run the release build under mpirun. Run `swift build -c release` first (Launch/test.sh does).", file: file, line: line)
         throw InputError(path, "missing")
     }
-    let built = try fm.attributesOfItem(atPath: path)[.modificationDate] as! Date
-    var newest: (Date, String)? = nil
-    if let walker = fm.enumerator(atPath: packageRoot + "/Sources") {
-        for case let rel as String in walker where rel.hasSuffix(".swift") || rel.hasSuffix(".c") || rel.hasSuffix(".h") {
-            if let d = try fm.attributesOfItem(atPath: packageRoot + "/Sources/" + rel)[.modificationDate] as? Date, d > (newest?.0 ?? .distantPast) {
-                newest = (d, rel)
-            }
-        }
-    }
-    if let (d, rel) = newest, d > built {
+    if let rel = try sourceNewer(than: path, program: name) {
         XCTFail("\(path) is older than Sources/\(rel): rebuild with `swift build -c release` (Launch/test.sh does) so the tests run the current code.", file: file, line: line)
         throw InputError(path, "stale")
     }
     return path
+}
+
+/// A source file (relative to Sources/) newer than the binary at `path`, or nil. Other programs'
+/// own folders (`Sources/tensorar-*` but `program`'s) are not looked at: editing one program does
+/// not relink the others.
+func sourceNewer(than path: String, program: String) throws -> String? {
+    let fm = FileManager.default
+    let built = try fm.attributesOfItem(atPath: path)[.modificationDate] as! Date
+    guard let walker = fm.enumerator(atPath: packageRoot + "/Sources") else { return nil }
+    for case let rel as String in walker where rel.hasSuffix(".swift") || rel.hasSuffix(".c") || rel.hasSuffix(".h") {
+        let folder = rel.split(separator: "/").first.map(String.init) ?? ""
+        if folder.hasPrefix("tensorar-") && folder != program { continue }
+        if let d = try fm.attributesOfItem(atPath: packageRoot + "/Sources/" + rel)[.modificationDate] as? Date, d > built {
+            return rel
+        }
+    }
+    return nil
 }
 
 /// Runs a program to completion with its output (stdout and stderr together) in a file; kills it
