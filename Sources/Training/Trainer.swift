@@ -21,6 +21,8 @@ public final class Trainer {
     let batches: BatchBuilder
     let weightPerImage: Double
     public private(set) var step = 0
+    /// Batches the loader reads ahead.
+    static let prefetch = 2
     /// Set by a signal handler: finish the step, save, exit cleanly.
     public static let stopRequested = ManagedAtomicFlag()
 
@@ -66,7 +68,7 @@ public final class Trainer {
                           owned: owned)
         optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
         loader = try TokenLoader(cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
-                                 seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: 2)
+                                 seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: Trainer.prefetch)
         let shard = zero == .none ? nil : GradientSync.Shard(
             slices: slices, rank: comm.rank, releaseSource: zero == .statesAndGrads,
             bucketElements: GradientSync.bucketElements(mb: config.dist.bucketMB))
@@ -92,23 +94,21 @@ public final class Trainer {
         /// Token batches in flight (the loader reads ahead) and MPI's scratch for one bucket.
         public var buffers = 0
         public var total: Int { parameters + gradients + moments + activations + buffers }
+        /// With ZeRO: which stage, and the ranks the state is split over (for the description).
+        public var zero = ShardOptimizer.none
+        public var ranks = 1
         public var description: String {
             func mb(_ b: Int) -> String { String(format: b < 10_000_000 ? "%.1f MB" : "%.0f MB", Double(b) / 1e6) }
-            return "memory per rank (estimate): parameters \(mb(parameters)), gradients \(mb(gradients)), AdamW moments \(mb(moments)), "
+            let sharded = zero == .none ? "" : " (ZeRO \(zero.rawValue) over \(ranks) rank(s))"
+            return "memory per rank (estimate\(sharded)): parameters \(mb(parameters)), gradients \(mb(gradients)), "
+                + "AdamW moments \(mb(moments)), "
                 + "activations \(mb(activations)), buffers \(mb(buffers)) (data read-ahead, allreduce scratch); total \(mb(total)) "
                 + "+ the runtime, MPI and BLAS"
         }
     }
 
     public var memory: MemoryBreakdown {
-        var m = MemoryBreakdown()
-        m.parameters = model.params.count * 4
-        m.gradients = model.grads.count * 4
-        m.moments = (optimizer.m.count + optimizer.v.count) * 4
-        m.activations = model.config.trainingActivationBytes(batch: config.train.microBatch, dropout: config.train.dropout > 0)
-        let batchBytes = loader.localBatch * model.config.seqLen * 4
-        m.buffers = (loader.prefetch + 2) * batchBytes + (comm.size > 1 ? 2 * min(sync.bucketElements, model.table.total) * 4 : 0)
-        return m
+        MemoryBreakdown.estimate(model.config, config: config, ranks: comm.size)
     }
 
     /// Fresh weights from the seed (the same on every rank), or `model.init_from`: a full model,
@@ -266,6 +266,45 @@ public final class Trainer {
         try comm.allreduce(&noised)
         try comm.allreduce(&clean)
         return (LossReport(packed: noised), LossReport(packed: clean))
+    }
+}
+
+extension Trainer.MemoryBreakdown {
+    /// One rank's memory for `config` on `ranks` ranks, without allocating anything: exact for
+    /// parameters and moments (16 bytes a parameter replicated: weights, gradients, m, v; ZeRO
+    /// shards m and v, states+grads the gradients too), the activation table for activations.
+    /// states+grads keeps the rank's gradient slice plus what backward has written and not yet
+    /// reduced: at most the largest range backward completes at once (`readyOrder`) and two
+    /// buckets (measured against the resident peak in the README, Scaling).
+    public static func estimate(_ model: ModelConfig, config: TrainConfig, ranks: Int) -> Self {
+        let table = ParameterTable(model)
+        let total = table.total
+        let owned = CheckpointStore.slice(rank: 0, worldSize: ranks, count: total).count  // the largest slice
+        let trained = PerGroup<Int>.groups.filter { config.trainableGroups[$0] }.reduce(0) { $0 + table.count(of: $1) }
+        let bucket = min(GradientSync.bucketElements(mb: config.dist.bucketMB), total)
+        var m = Self()
+        m.zero = config.dist.shardOptimizer
+        m.ranks = ranks
+        m.parameters = total * 4
+        switch m.zero {
+        case .none:
+            m.gradients = total * 4
+            m.moments = 2 * trained * 4
+        case .states:
+            m.gradients = (total + owned) * 4
+            m.moments = 2 * min(owned, trained) * 4
+        case .statesAndGrads:
+            let largestRange = Transformer.gradientReadyOrder(model).map(\.count).max() ?? 0
+            let inFlight = min(total, largestRange + 2 * bucket)
+            m.gradients = (owned + inFlight) * 4
+            m.moments = 2 * min(owned, trained) * 4
+        }
+        m.activations = model.trainingActivationBytes(batch: config.train.microBatch, dropout: config.train.dropout > 0)
+        let batchBytes = config.train.globalBatch / max(ranks, 1) * model.seqLen * 4
+        // MPI's scratch for a bucket in flight (and ZeRO's receive buffer), the loader's read-ahead
+        let scratch = ranks > 1 ? (m.zero == .none ? 2 : 3) * bucket * 4 : 0
+        m.buffers = (Trainer.prefetch + 2) * batchBytes + scratch
+        return m
     }
 }
 
