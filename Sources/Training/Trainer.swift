@@ -279,7 +279,7 @@ extension Trainer.MemoryBreakdown {
     public static func estimate(_ model: ModelConfig, config: TrainConfig, ranks: Int) -> Self {
         let table = ParameterTable(model)
         let total = table.total
-        let owned = CheckpointStore.slice(rank: 0, worldSize: ranks, count: total).count  // the largest slice
+        let owned = (total + ranks - 1) / max(ranks, 1)  // the largest slice (CheckpointStore.slice)
         let trained = PerGroup<Int>.groups.filter { config.trainableGroups[$0] }.reduce(0) { $0 + table.count(of: $1) }
         let bucket = min(GradientSync.bucketElements(mb: config.dist.bucketMB), total)
         var m = Self()

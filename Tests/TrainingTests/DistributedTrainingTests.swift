@@ -140,6 +140,34 @@ final class DistributedTrainingTests: XCTestCase {
         }
     }
 
+    /// The memory estimate against the buffers a trainer really holds (one rank), and the ZeRO
+    /// split for 4 ranks: moments and (states+grads) gradients shrink to the largest slice, the
+    /// parameters stay whole.
+    func testMemoryEstimateMatchesTheBuffersAndShardsWithZeRO() throws {
+        let tmp = try temporaryFolder(self)
+        try writeTinyCache(tmp + "/cache", samples: 24)
+        let cfg = tinyTrainConfig(cache: tmp + "/cache", checkpoints: tmp + "/ckpt", globalBatch: 8, microBatch: 2)
+        let trainer = try Trainer(config: cfg, comm: .solo)
+        let m = trainer.memory
+        XCTAssertEqual(m.parameters, trainer.model.params.count * 4)
+        XCTAssertEqual(m.gradients, trainer.model.grads.count * 4)
+        XCTAssertEqual(m.moments, (trainer.optimizer.m.count + trainer.optimizer.v.count) * 4)
+        let mc = trainer.model.config, total = trainer.model.table.total
+        let slice = (total + 3) / 4
+        var c = cfg
+        c.dist.shardOptimizer = .states
+        let states = Trainer.MemoryBreakdown.estimate(mc, config: c, ranks: 4)
+        c.dist.shardOptimizer = .statesAndGrads
+        let grads = Trainer.MemoryBreakdown.estimate(mc, config: c, ranks: 4)
+        XCTAssertEqual(states.parameters, total * 4)
+        XCTAssertEqual(states.moments, 2 * slice * 4)
+        XCTAssertEqual(states.gradients, (total + slice) * 4, "states: full gradients and the reduced slice")
+        XCTAssertEqual(grads.moments, 2 * slice * 4)
+        XCTAssertLessThan(grads.gradients, states.gradients)
+        XCTAssertGreaterThan(grads.gradients, slice * 4, "the slice plus what backward has not yet reduced")
+        XCTAssertTrue(grads.description.contains("ZeRO states+grads over 4 rank(s)"), grads.description)
+    }
+
     // MARK: under mpirun, the release tensorar-train
 
     /// Losses of the same run on 1, 2 and 4 ranks (global batch 16 = 4 x 4 x 1 ... 4 x 1 x 4:
