@@ -10,8 +10,11 @@
 #     `tensorar-data import-llamagen`: the step time does not depend on the token values);
 #   - with MEMORY=1 (default): preset B, k = 4, d = 2 at micro-batch 8 (8 x 256 tokens) on one rank,
 #     its start-up memory breakdown and measured peak resident memory.
-# Environment: STEPS (default-config steps, 30), BSTEPS (preset-B steps, 3), MEMORY (1), OUT
-# (work folder, /tmp/tensorar-scaling). On 2 cores the 4- and 8-rank runs are oversubscribed.
+#   - with ZERO=1 (default): preset B, k = 4, d = 2 (micro-batch 1, one per rank) on 2 and 4 ranks
+#     with dist.shard_optimizer none, states and states+grads: the per-rank estimate beside rank 0's
+#     measured peak resident memory, and the step and AdamW times.
+# Environment: STEPS (default-config steps, 30), BSTEPS (preset-B steps, 3), MEMORY (1), ZERO (1),
+# DP (1: the step-time table), OUT (work folder, /tmp/tensorar-scaling). On 2 cores the 4- and 8-rank runs are oversubscribed.
 # Measured numbers and the 64-node estimate: README.md, section "Scaling".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +22,8 @@ source Launch/env.sh
 STEPS=${STEPS:-30}
 BSTEPS=${BSTEPS:-3}
 MEMORY=${MEMORY:-1}
+ZERO=${ZERO:-1}
+DP=${DP:-1}
 OUT=${OUT:-/tmp/tensorar-scaling}
 EXE=.build/release/tensorar-train
 [ -x "$EXE" ] || { echo "scaling: $EXE is missing: run 'swift build -c release' first" >&2; exit 1; }
@@ -43,6 +48,7 @@ EOF
     --num-classes 1000 --vocab-size 16384 >/dev/null
 fi
 
+if [ "$DP" = 1 ]; then
 echo "Step time of rank 0 in seconds (mean over the steps after the first); load: the machine's 1-minute load"
 echo "average when the run started (other work on the machine slows every figure)."
 echo
@@ -85,6 +91,7 @@ B=(Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" --set model.in
 run b-1 "B k4 d2 (140M, batch 2)" 1 blocking "${B[@]}"
 run b-2 "B k4 d2 (140M, batch 2)" 2 overlapped "${B[@]}"
 run b-2-blocking "B k4 d2 (140M, batch 2)" 2 blocking "${B[@]}"
+fi
 
 if [ "$MEMORY" = 1 ]; then
   log="$OUT/b-memory.log"
@@ -95,4 +102,35 @@ if [ "$MEMORY" = 1 ]; then
   echo
   echo "preset B, k = 4, d = 2, micro-batch 8 x 256 tokens, one rank:"
   grep -E "^memory" "$log"
+fi
+
+if [ "$ZERO" = 1 ]; then
+  echo
+  echo "ZeRO, preset B k = 4, d = 2, micro-batch 1 x 256 tokens per rank, $BSTEPS steps (rank 0; MB = 10^6 bytes):"
+  echo
+  echo "| ranks | dist.shard_optimizer | estimate MB | measured peak MB | step s | AdamW s | load |"
+  echo "|---|---|---|---|---|---|---|"
+  for ranks in 2 4; do
+    for zero in none states states+grads; do
+      log="$OUT/zero-$ranks-$zero.log"
+      load=$(cut -d' ' -f1 /proc/loadavg)
+      mpirun -n "$ranks" --bind-to none "$EXE" Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" \
+        --set data.val=null --set model.init_from=null --set train.global_batch="$ranks" --set train.micro_batch=1 \
+        --set train.steps="$BSTEPS" --set train.log_every=1 --set dist.shard_optimizer="$zero" --set dist.overlap=false \
+        --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run="zero-$ranks-$zero" --set checkpoint.resume=never \
+        --set checkpoint.every=0 >"$log" 2>&1 || { echo "scaling: ZeRO run failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
+      python3 - "$log" "$ranks" "$zero" "$load" <<'EOF'
+import re, sys
+log, ranks, zero, load = sys.argv[1:]
+text = open(log).read()
+est = re.search(r"total ([\d.]+) MB \+ the runtime", text)
+peak = re.search(r"peak resident ([\d.]+) MB", text)
+t = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s .*data wait ([\d.]+) s, optimizer ([\d.]+) s", text)
+if not (est and peak and t):
+    sys.exit(f"scaling: no memory or timing line in {log}")
+c, a, d, o = map(float, t.groups())
+print(f"| {ranks} | {zero} | {est.group(1)} | {peak.group(1)} | {c + a + d + o:.2f} | {o:.3f} | {load} |")
+EOF
+    done
+  done
 fi

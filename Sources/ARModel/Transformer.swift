@@ -79,6 +79,9 @@ public final class Transformer {
     public let table: ParameterTable
     public let params: FlatBuffer
     public private(set) lazy var grads = FlatBuffer(count: table.total)
+    /// Makes `grads` whole OS pages that are resident only while written and not yet handed
+    /// back (`FlatBuffer(pages:)`): ZeRO-2 releases each bucket once reduced. Call before training.
+    public func usePageBackedGradients() { grads = FlatBuffer(pages: table.total) }
     /// w_j, the per-slot loss weights (SPEC section 3; default all ones).
     public var slotWeights: [Float]
 
@@ -239,6 +242,19 @@ public final class Transformer {
     /// backward completes them (head, decoder, trunk, encoder, embeddings). Together they cover
     /// the flat buffer once: `GradientSync` packs its buckets from them.
     public var gradientReadyOrder: [Range<Int>] {
+        Transformer.readyOrder(base: base, encoder: encoder, decoder: decoder)
+    }
+
+    /// `gradientReadyOrder` for a model of shape `c`, without allocating it (memory estimates).
+    public static func gradientReadyOrder(_ c: ModelConfig) -> [Range<Int>] {
+        let table = ParameterTable(c)
+        let base = BaseRegistry.type(named: c.base)!.init(config: c, table: table)
+        let encoder = c.hasPlugin ? EncoderStage(base: base, config: c, table: table, siteBase: 0) : nil
+        let decoder = c.hasPlugin ? DecoderStage(config: c, table: table, siteBase: 0) : nil
+        return readyOrder(base: base, encoder: encoder, decoder: decoder)
+    }
+
+    private static func readyOrder(base: any BaseModel, encoder: EncoderStage?, decoder: DecoderStage?) -> [Range<Int>] {
         [base.headRange] + (decoder.map { [$0.range] } ?? []) + base.trunkRanges
             + (encoder.map { [$0.range] } ?? []) + [base.embeddingRange]
     }

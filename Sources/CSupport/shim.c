@@ -1,5 +1,7 @@
 #include "CSupport.h"
 #include <cpuid.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 int tar_cpu_has_avx512f(void) {
     unsigned a, b, c, d;
@@ -44,3 +46,22 @@ hid_t tar_h5p_file_access(void) { return H5P_FILE_ACCESS; }
 hid_t tar_h5s_all(void) { return H5S_ALL; }
 hid_t tar_h5p_default(void) { return H5P_DEFAULT; }
 void tar_h5_silence_errors(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+
+// ---- pages ----
+
+size_t tar_page_size(void) { return (size_t)sysconf(_SC_PAGESIZE); }
+
+void *tar_pages_alloc(size_t bytes) {
+    void *p = mmap(NULL, bytes > 0 ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
+void tar_pages_free(void *p, size_t bytes) { munmap(p, bytes > 0 ? bytes : 1); }
+
+void tar_pages_release(void *p, size_t bytes) {
+    // Callers pass whole pages (Pages.size); rounding inward keeps a wrong call harmless.
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = ((uintptr_t)p + page - 1) / page * page;
+    uintptr_t hi = ((uintptr_t)p + bytes) / page * page;
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}

@@ -239,6 +239,25 @@ public final class Communicator: @unchecked Sendable {
                   "MPI_Allgatherv(\(end) floats)")
     }
 
+    /// Sums `counts.reduce(0, +)` floats at `send` over the ranks and scatters the sum: rank r
+    /// receives block r (`counts[r]` floats; the blocks follow each other in rank order) into
+    /// `recv` (MPI_Reduce_scatter, ZeRO's gradient reduction). `recv` must not overlap `send`.
+    public func reduceScatter(_ send: UnsafeMutablePointer<Float>, into recv: UnsafeMutablePointer<Float>,
+                              counts: [Int]) throws {
+        precondition(counts.count == size, "reduceScatter: \(counts.count) counts for \(size) ranks")
+        guard let comm else {
+            recv.update(from: send, count: counts[0])
+            return
+        }
+        let total = counts.reduce(0, +)
+        guard total <= Int(Int32.max) else {
+            throw MPIError(call: "MPI_Reduce_scatter", code: -1, message: "\(total) floats is beyond MPI's int counts")
+        }
+        var c = counts.map { Int32($0) }
+        try check(MPI_Reduce_scatter(send, recv, &c, tar_mpi_float(), tar_mpi_sum(), comm),
+                  "MPI_Reduce_scatter(\(total) floats)")
+    }
+
     /// Every rank's `values` (the same count on every rank), indexed by rank.
     public func allgather(_ values: [Int64]) throws -> [[Int64]] {
         guard let comm else { return [values] }

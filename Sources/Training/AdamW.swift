@@ -74,24 +74,32 @@ public final class AdamW {
     private struct Segment { let range: Range<Int>; let group: ParameterGroup; let decay: Bool }
     private let segments: [Segment]
 
-    public init(table: ParameterTable, settings: AdamWSettings = AdamWSettings(), trainable: PerGroup<Bool>) {
+    /// Flat range of the trained groups (`momentRange` is the part of it this rank owns).
+    public let trainedRange: Range<Int>
+
+    /// `owned`: with a sharded optimizer (ZeRO, `dist.shard_optimizer`), the flat range this rank
+    /// updates; it keeps moments for that part of the trained range only. nil: all of it.
+    public init(table: ParameterTable, settings: AdamWSettings = AdamWSettings(), trainable: PerGroup<Bool>,
+                owned: Range<Int>? = nil) {
         self.table = table
         self.settings = settings
         self.trainable = trainable
         steps = PerGroup(base: 0, plugin: 0)
         var ranges = PerGroup<Range<Int>>.groups.filter { trainable[$0] }.map { table.range(of: $0) }.filter { !$0.isEmpty }
         ranges.sort { $0.lowerBound < $1.lowerBound }
+        var trained = 0..<0
         if let first = ranges.first, let last = ranges.last {
-            momentRange = first.lowerBound..<last.upperBound
-            precondition(ranges.reduce(0) { $0 + $1.count } == momentRange.count, "trained parameter groups are not contiguous")
-        } else {
-            momentRange = 0..<0
+            trained = first.lowerBound..<last.upperBound
+            precondition(ranges.reduce(0) { $0 + $1.count } == trained.count, "trained parameter groups are not contiguous")
         }
+        trainedRange = trained
+        momentRange = owned.map { AdamW.clamp(trained, to: $0) } ?? trained
         m = FlatBuffer(count: momentRange.count)
         v = FlatBuffer(count: momentRange.count)
         var segs: [Segment] = []
         for e in table.entries where trainable[e.group] && e.count > 0 {
-            let r = e.offset..<(e.offset + e.count)
+            let r = AdamW.clamp(e.offset..<(e.offset + e.count), to: momentRange)
+            if r.isEmpty { continue }
             if let last = segs.last, last.group == e.group, last.decay == e.isMatrix, last.range.upperBound == r.lowerBound {
                 segs[segs.count - 1] = Segment(range: last.range.lowerBound..<r.upperBound, group: e.group, decay: e.isMatrix)
             } else {
@@ -110,11 +118,22 @@ public final class AdamW {
         self.steps = steps
     }
 
+    static func clamp(_ r: Range<Int>, to bounds: Range<Int>) -> Range<Int> {
+        let lo = min(max(r.lowerBound, bounds.lowerBound), bounds.upperBound)
+        return lo..<max(lo, min(r.upperBound, bounds.upperBound))
+    }
+
     /// Global L2 norm of the trained groups' gradients, accumulated in Double. A frozen group's
     /// gradients are ignored (as PyTorch's clip_grad_norm_ skips parameters without gradients).
     public func gradientNorm(_ grads: FlatBuffer) -> Double {
         precondition(grads.count == table.total, "gradient buffer has \(grads.count) floats, the table \(table.total)")
-        let g = grads.base
+        return squaredGradientSum(grads.base).squareRoot()
+    }
+
+    /// The sum of squares of the gradients over `momentRange` (this rank's part with a sharded
+    /// optimizer: the global norm is the root of the sum over ranks). `g` is indexed by flat
+    /// offset and read over `momentRange` only.
+    public func squaredGradientSum(_ g: UnsafeMutablePointer<Float>) -> Double {
         var i = momentRange.lowerBound
         let end = momentRange.upperBound
         // Two independent SIMD accumulators: Swift does not reassociate floating point, so a
@@ -128,8 +147,12 @@ public final class AdamW {
             i += 8
         }
         var sum = (s0 + s1).sum()
-        while i < end { let a = Double(g[i]); sum += a * a; i += 1 }
-        return sum.squareRoot()
+        while i < end {
+            let a = Double(g[i])
+            sum += a * a
+            i += 1
+        }
+        return sum
     }
 
     /// One update of both groups. `lr` is each group's rate for this update (from its schedule);
@@ -139,10 +162,20 @@ public final class AdamW {
     public func step(params: FlatBuffer, grads: FlatBuffer, lr: PerGroup<Float>, clip: Float?) -> AdamWStepResult {
         precondition(params.count == table.total && grads.count == table.total,
                      "buffers hold \(params.count) / \(grads.count) floats, the table \(table.total)")
+        precondition(momentRange == trainedRange, "a sharded optimizer needs the global norm: step(params:gradients:norm:)")
+        return step(params: params, gradients: grads.base, norm: gradientNorm(grads), lr: lr, clip: clip)
+    }
+
+    /// The same with the global gradient norm given (a sharded optimizer: the root of the ranks'
+    /// summed `squaredGradientSum`), updating `momentRange` only. `g` is indexed by flat offset
+    /// and read over `momentRange` only (a ZeRO rank's gradient slice, offset to match).
+    @discardableResult
+    public func step(params: FlatBuffer, gradients g: UnsafeMutablePointer<Float>, norm: Double, lr: PerGroup<Float>,
+                     clip: Float?) -> AdamWStepResult {
+        precondition(params.count == table.total, "parameter buffer holds \(params.count) floats, the table \(table.total)")
         for g in PerGroup<Float>.groups where !trainable[g] {
             precondition(lr[g] == 0, "group \(g) was frozen when the optimizer was built but got lr \(lr[g])")
         }
-        let norm = gradientNorm(grads)
         guard norm.isFinite else { return AdamWStepResult(gradNorm: norm, clipScale: 1, applied: false) }
         var scale: Float = 1
         if let clip, clip > 0 { scale = Float(min(1, Double(clip) / (norm + 1e-6))) }
@@ -163,7 +196,7 @@ public final class AdamW {
 
         let work = momentRange
         let chunks = max(1, min(threads, work.count / 65536))
-        let p = params.base, g = grads.base, mb = m.base - work.lowerBound, vb = v.base - work.lowerBound
+        let p = params.base, mb = m.base - work.lowerBound, vb = v.base - work.lowerBound
         let s = settings
         let run = { (chunk: Int) in
             let lo = work.lowerBound + work.count * chunk / chunks

@@ -118,7 +118,7 @@ public struct CheckpointManifest: Codable, Equatable {
         self.worldSize = worldSize
         parameterCount = table.total
         parameters = table.entries
-        let mr = optimizer?.momentRange ?? 0..<0
+        let mr = optimizer?.trainedRange ?? 0..<0
         self.optimizer = OptimizerState(
             base: GroupState(steps: optimizer?.steps.base ?? 0, hasMoments: optimizer?.hasMoments(.base) ?? false),
             plugin: GroupState(steps: optimizer?.steps.plugin ?? 0, hasMoments: optimizer?.hasMoments(.plugin) ?? false),
@@ -258,14 +258,19 @@ public struct CheckpointStore {
                            ema: FlatBuffer? = nil) throws {
         let file = join(stagingPath(step: step), CheckpointStore.shardName(rank: rank, worldSize: worldSize))
         let s = CheckpointStore.slice(rank: rank, worldSize: worldSize, count: params.count)
-        let mr = optimizer?.momentRange ?? 0..<0
+        // The moments of the trained range inside this slice; a sharded optimizer (ZeRO) owns
+        // exactly this slice, so it holds them all (its moments start at its slice's start).
+        let mr = optimizer?.trainedRange ?? 0..<0
         let ms = CheckpointStore.clamp(s, to: mr)
+        let held = optimizer?.momentRange ?? 0..<0
+        precondition(ms.isEmpty || (ms.lowerBound >= held.lowerBound && ms.upperBound <= held.upperBound),
+                     "rank \(rank) holds moments \(held), its checkpoint slice needs \(ms)")
         do {
             let f = try HDF5File.create(file, checksummed: true)
             try injectShardWriteFailure?(file)
             CheckpointStore.testPause(rank: rank, step: step)
             try f.write(CheckpointArray.params.rawValue, floats: params.base + s.lowerBound, count: s.count)
-            let mOffset = ms.lowerBound - mr.lowerBound
+            let mOffset = ms.isEmpty ? 0 : ms.lowerBound - held.lowerBound
             try f.write(CheckpointArray.adamM.rawValue, floats: (optimizer?.m.base ?? params.base) + mOffset, count: ms.count)
             try f.write(CheckpointArray.adamV.rawValue, floats: (optimizer?.v.base ?? params.base) + mOffset, count: ms.count)
             if let ema { try f.write(CheckpointArray.ema.rawValue, floats: ema.base + s.lowerBound, count: s.count) }
@@ -634,7 +639,9 @@ public struct CheckpointStore {
                 notes.append("the checkpoint has no EMA weights: the average starts from its weights")
             }
         }
-        if let optimizer {
+        // A sharded optimizer keeps only its own slice's moments (read above); a replicated one
+        // gathers everyone's.
+        if let optimizer, optimizer.momentRange == optimizer.trainedRange {
             let mr = optimizer.momentRange
             let blocks = slices.map { s -> Range<Int> in
                 let c = clamp(s, to: mr)
@@ -642,8 +649,8 @@ public struct CheckpointStore {
             }
             try comm.allgather(inPlace: optimizer.m.base, blocks: blocks)
             try comm.allgather(inPlace: optimizer.v.base, blocks: blocks)
-            optimizer.restore(steps: steps)
         }
+        optimizer?.restore(steps: steps)
         return LoadedCheckpoint(directory: dir, manifest: m, notes: notes)
     }
 

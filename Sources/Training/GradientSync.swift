@@ -30,6 +30,28 @@ import Platform
 public final class GradientSync {
     public enum Mode: String, Codable, Sendable { case blocking, overlapped }
 
+    /// ZeRO (`dist.shard_optimizer`): instead of allreducing, each bucket is reduce-scattered
+    /// (MPI_Reduce_scatter) so rank r receives the sum of the bucket's part inside `slices[r]`
+    /// (its checkpoint slice), added into `gradients` (that slice, `slices[r].count` floats).
+    /// With `releaseSource` (ZeRO-2, `states+grads`) the bucket's pages of the full gradient
+    /// buffer are handed back right after (it must be `FlatBuffer(pages:)` to save memory).
+    public final class Shard {
+        public let slices: [Range<Int>]
+        public let rank: Int
+        /// This rank's reduced gradients, `owned.count` floats: flat offset i is at i - owned.lowerBound.
+        public let gradients: FlatBuffer
+        public let releaseSource: Bool
+        let scratch: FlatBuffer
+        public var owned: Range<Int> { slices[rank] }
+        public init(slices: [Range<Int>], rank: Int, releaseSource: Bool, bucketElements: Int) {
+            self.slices = slices
+            self.rank = rank
+            self.releaseSource = releaseSource
+            gradients = FlatBuffer(count: slices[rank].count)
+            scratch = FlatBuffer(count: min(bucketElements, slices[rank].count))
+        }
+    }
+
     /// Time spent in one step (or summed over steps in `total`).
     public struct Timings: Equatable, Sendable {
         /// Time the caller sat in `finish()` waiting for communication (the exposed cost).
@@ -54,6 +76,8 @@ public final class GradientSync {
     /// Sums over all steps since creation.
     public private(set) var total = Timings()
 
+    /// ZeRO's reduce-scatter target, nil for a plain allreduce.
+    public let shard: Shard?
     private let communicator: Communicator
     private let worker: Worker?
     // Per-step state of the calling thread.
@@ -61,6 +85,9 @@ public final class GradientSync {
     private var scale: Float = 1
     /// Elements of each bucket not yet marked; 0 once the bucket is handed over.
     private var remaining: [Int] = []
+    /// Blocking and sharded: time in reductions run from `markReady`, and the first error.
+    private var eagerSeconds = 0.0
+    private var failure: Error?
 
     /// - Parameters:
     ///   - count: floats in the gradient buffer.
@@ -71,13 +98,17 @@ public final class GradientSync {
     }
 
     /// Buckets formed from `readyOrder` (`Transformer.gradientReadyOrder`), see `packBuckets`.
+    /// With `shard`, the buckets are reduce-scattered into it (ZeRO) rather than allreduced.
     public convenience init(communicator: Communicator, count: Int, bucketMB: Double, readyOrder: [Range<Int>],
-                            mode: Mode) throws {
+                            mode: Mode, shard: Shard? = nil) throws {
         precondition(bucketMB > 0, "bucket size must be positive")
         let size = max(1, Int(bucketMB * 1e6 / 4))
         try self.init(communicator: communicator, count: count, bucketElements: size,
-                      buckets: GradientSync.packBuckets(readyOrder: readyOrder, size: size), mode: mode)
+                      buckets: GradientSync.packBuckets(readyOrder: readyOrder, size: size), mode: mode, shard: shard)
     }
+
+    /// Bucket size in floats for `bucketMB` MB.
+    public static func bucketElements(mb: Double) -> Int { max(1, Int(mb * 1e6 / 4)) }
 
     /// The same with the bucket size in floats and fixed buckets from element 0 up. Collective
     /// when overlapped on several ranks (it duplicates the communicator): every rank must create
@@ -118,11 +149,16 @@ public final class GradientSync {
     }
 
     private init(communicator: Communicator, count: Int, bucketElements size: Int, buckets: [Range<Int>],
-                 mode: Mode) throws {
+                 mode: Mode, shard: Shard? = nil) throws {
         let sorted = buckets.sorted { $0.lowerBound < $1.lowerBound }
         precondition(sorted.first?.lowerBound ?? 0 == 0 && sorted.last?.upperBound ?? 0 == count
                      && zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound },
                      "gradient buckets must cover 0..<\(count) exactly once")
+        if let shard {
+            precondition(shard.slices.count == communicator.size && shard.rank == communicator.rank
+                         && shard.slices.last?.upperBound == count, "ZeRO slices do not match the ranks and the buffer")
+        }
+        self.shard = shard
         self.count = count
         bucketElements = size
         self.buckets = buckets
@@ -141,7 +177,7 @@ public final class GradientSync {
         self.note = note
         if mode == .overlapped {
             self.communicator = try communicator.duplicate()
-            worker = Worker(communicator: self.communicator)
+            worker = Worker(communicator: self.communicator, shard: shard)
         } else {
             self.communicator = communicator
             worker = nil
@@ -157,11 +193,14 @@ public final class GradientSync {
         self.grads = grads
         self.scale = scale ?? 1 / Float(communicator.size)
         remaining = buckets.map(\.count)
+        eagerSeconds = 0
+        failure = nil
         worker?.start(grads: grads, scale: self.scale)
     }
 
     /// Marks `range` of the gradient buffer final. In overlapped mode, each bucket this completes
-    /// goes to the communication thread at once.
+    /// goes to the communication thread at once; sharded and blocking, it is reduce-scattered at
+    /// once (so that ZeRO-2 can hand its pages back before backward goes on).
     public func markReady(_ range: Range<Int>) {
         precondition(grads != nil, "markReady() outside begin()/finish()")
         precondition(range.lowerBound >= 0 && range.upperBound <= count, "range \(range) outside 0..<\(count)")
@@ -178,7 +217,16 @@ public final class GradientSync {
             precondition(remaining[b] >= overlap, "bucket \(b) marked ready twice (range \(range))")
             remaining[b] -= overlap
             if remaining[b] == 0, let worker { worker.enqueue(buckets[b]) }
+            if remaining[b] == 0, worker == nil, shard != nil { reduceNow(b) }
         }
+    }
+
+    /// Blocking and sharded: the bucket's reduce-scatter, now; a failure is kept for `finish()`.
+    private func reduceNow(_ b: Int) {
+        guard failure == nil, let grads else { return }
+        let t0 = monotonicSeconds()
+        do { try GradientSync.reduce(grads, buckets[b], scale: scale, communicator, shard: shard) } catch { failure = error }
+        eagerSeconds += monotonicSeconds() - t0
     }
 
     /// Completes the step: reduces whatever is left and waits for all buckets. Throws the first
@@ -201,10 +249,16 @@ public final class GradientSync {
             accumulate(step)
             if let error { throw error }
         } else {
-            for r in buckets { try GradientSync.reduce(grads, r, scale: scale, communicator) }
-            step.commSeconds = monotonicSeconds() - t0
-            step.waitSeconds = step.commSeconds
+            for b in buckets.indices where shard == nil || remaining[b] > 0 {
+                remaining[b] = 0
+                if failure == nil {
+                    do { try GradientSync.reduce(grads, buckets[b], scale: scale, communicator, shard: shard) } catch { failure = error }
+                }
+            }
+            step.waitSeconds = monotonicSeconds() - t0
+            step.commSeconds = step.waitSeconds + eagerSeconds
             accumulate(step)
+            if let failure { throw failure }
         }
         return step
     }
@@ -220,17 +274,33 @@ public final class GradientSync {
         total.waitSeconds += s.waitSeconds; total.commSeconds += s.commSeconds; total.buckets += s.buckets
     }
 
-    /// Allreduce one bucket in place, then scale it.
-    static func reduce(_ grads: FlatBuffer, _ r: Range<Int>, scale: Float, _ comm: Communicator) throws {
+    /// Allreduce one bucket in place, then scale it; or with `shard`, reduce-scatter it.
+    static func reduce(_ grads: FlatBuffer, _ r: Range<Int>, scale: Float, _ comm: Communicator, shard: Shard?) throws {
+        if let shard { return try reduceScatter(grads, r, scale: scale, comm, shard) }
         let p = grads.base + r.lowerBound
         if comm.size > 1 { try comm.allreduce(p, count: r.count, op: .sum) }
         if scale != 1 { for i in 0..<r.count { p[i] *= scale } }
+    }
+
+    /// ZeRO: the bucket's parts inside each rank's slice are consecutive in rank order (slices
+    /// are contiguous and ascending), which is MPI_Reduce_scatter's layout; this rank adds its
+    /// part, scaled, into its slice of gradients (adds: ZeRO-2 reduces every micro-batch).
+    static func reduceScatter(_ grads: FlatBuffer, _ r: Range<Int>, scale: Float, _ comm: Communicator,
+                              _ shard: Shard) throws {
+        let parts = shard.slices.map { CheckpointStore.clamp(r, to: $0) }
+        let mine = parts[shard.rank]
+        try comm.reduceScatter(grads.base + r.lowerBound, into: shard.scratch.base, counts: parts.map(\.count))
+        let dst = shard.gradients.base + (mine.lowerBound - shard.owned.lowerBound)
+        let src = shard.scratch.base
+        for i in 0..<mine.count { dst[i] += src[i] * scale }
+        if shard.releaseSource { grads.release(r) }
     }
 
     /// The communication thread and its queue. Separate from GradientSync so the thread's closure
     /// does not keep the GradientSync alive.
     private final class Worker {
         let communicator: Communicator
+        let shard: Shard?
         let cond = NSCondition()
         var queue: [Range<Int>] = []
         var head = 0
@@ -241,8 +311,9 @@ public final class GradientSync {
         var scale: Float = 1
         var stopping = false
 
-        init(communicator: Communicator) {
+        init(communicator: Communicator, shard: Shard?) {
             self.communicator = communicator
+            self.shard = shard
             let t = Thread { [self] in self.loop() }
             t.name = "gradient-sync"
             t.start()
@@ -288,7 +359,7 @@ public final class GradientSync {
                 let t0 = monotonicSeconds()
                 var err: Error? = nil
                 if !failed {
-                    do { try GradientSync.reduce(g, range, scale: s, communicator) } catch { err = error }
+                    do { try GradientSync.reduce(g, range, scale: s, communicator, shard: shard) } catch { err = error }
                 }
                 let dt = monotonicSeconds() - t0
 

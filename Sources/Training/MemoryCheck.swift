@@ -45,9 +45,12 @@ public enum MemoryCheck {
     }
 
     /// Throws (naming `source`) when the estimate for `ranksOnNode` ranks exceeds what is available.
+    /// `fixed`: the bytes of parameters, gradients and moments when not 16 a parameter (ZeRO shards
+    /// them: `Trainer.MemoryBreakdown.estimate`).
     public static func check(_ mc: ModelConfig, microBatch: Int, dropout: Bool, ranksOnNode: Int,
-                             source: String, available a: Available = available()) throws {
-        let (fixed, act) = perRank(mc, microBatch: microBatch, dropout: dropout)
+                             source: String, fixed given: Int? = nil, available a: Available = available()) throws {
+        var (fixed, act) = perRank(mc, microBatch: microBatch, dropout: dropout)
+        if let given { fixed = given }
         let need = fixed > Int.max - act ? Int.max : fixed + act
         let ranks = max(1, ranksOnNode)
         let limits: [(bytes: Int, ranks: Int, what: String)] =

@@ -33,6 +33,15 @@ extension NoiseSchedule: ConfigChoice {}
 public enum NoiseEmbedding: String, ConfigChoice, Sendable { case model, codebook }
 extension ScheduleKind: ConfigChoice {}
 
+/// ZeRO stages over MPI (`dist.shard_optimizer`): `states` shards the AdamW moments and the
+/// update (stage 1), `states+grads` the gradients too (stage 2). Each rank owns its checkpoint
+/// slice of the flat buffer (SPEC section 7).
+public enum ShardOptimizer: String, ConfigChoice, Sendable {
+    case none
+    case states
+    case statesAndGrads = "states+grads"
+}
+
 /// A thread count that may be left to the program: `auto` or a positive number.
 public enum ThreadCount: Codable, Equatable, Sendable, CustomStringConvertible {
     case auto
@@ -210,18 +219,22 @@ public struct TrainConfig: Codable, Equatable {
         public var overlap: Bool = true                  // reduce buckets on a communication thread during backward
         public var threadsPerRank: ThreadCount = .auto   // BLAS/compute threads per rank; auto = cores / ranks
         public var collectiveTimeoutSeconds: Double = 600 // a collective not done after this ends the job (watchdog)
+        public var shardOptimizer: ShardOptimizer = .none // ZeRO: none | states (stage 1) | states+grads (stage 2)
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case bucketMB = "bucket_mb", overlap, threadsPerRank = "threads_per_rank"
-            case collectiveTimeoutSeconds = "collective_timeout_s"
+            case collectiveTimeoutSeconds = "collective_timeout_s", shardOptimizer = "shard_optimizer"
         }
-        /// As synthesized, except that `collective_timeout_s` may be absent (older manifests).
+        /// Absent keys keep their defaults (a checkpoint's manifest from before a key existed).
         public init(from decoder: Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
-            bucketMB = try c.decode(Double.self, forKey: .bucketMB)
-            overlap = try c.decode(Bool.self, forKey: .overlap)
-            threadsPerRank = try c.decode(ThreadCount.self, forKey: .threadsPerRank)
-            collectiveTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .collectiveTimeoutSeconds) ?? 600
+            let d = DistSection()
+            bucketMB = try c.decodeIfPresent(Double.self, forKey: .bucketMB) ?? d.bucketMB
+            overlap = try c.decodeIfPresent(Bool.self, forKey: .overlap) ?? d.overlap
+            threadsPerRank = try c.decodeIfPresent(ThreadCount.self, forKey: .threadsPerRank) ?? d.threadsPerRank
+            collectiveTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .collectiveTimeoutSeconds)
+                ?? d.collectiveTimeoutSeconds
+            shardOptimizer = try c.decodeIfPresent(ShardOptimizer.self, forKey: .shardOptimizer) ?? d.shardOptimizer
         }
     }
 

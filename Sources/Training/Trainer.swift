@@ -24,6 +24,8 @@ public final class Trainer {
     let batches: BatchBuilder
     let weightPerImage: Double
     public private(set) var step = 0
+    /// Batches the loader reads ahead.
+    static let prefetch = 2
     /// Set by a signal handler: finish the step, save, exit cleanly.
     public static let stopRequested = ManagedAtomicFlag()
 
@@ -66,21 +68,36 @@ public final class Trainer {
             throw InputError(v.directory, "data.val_samples is \(n) but this validation cache holds only "
                 + "\(v.count) samples")
         }
+        let sharded = config.dist.shardOptimizer == .none ? nil
+            : MemoryBreakdown.estimate(mc, config: config, ranks: comm.size)
         try MemoryCheck.check(mc, microBatch: config.train.microBatch, dropout: config.train.dropout > 0,
-                              ranksOnNode: MPI.ranksOnThisNode, source: "config (model, train.micro_batch)")
+                              ranksOnNode: MPI.ranksOnThisNode, source: "config (model, train.micro_batch)",
+                              fixed: sharded.map { $0.parameters + $0.gradients + $0.moments })
         model = try Trainer.buildModel(mc, config: config)
         let params = model.params
         ema = config.train.emaDecay.map { _ in FlatBuffer(count: params.count) }
         ema?.base.update(from: params.base, count: params.count)  // starts at the initial weights
+        let zero = config.dist.shardOptimizer
+        if zero == .statesAndGrads { model.usePageBackedGradients() }
         _ = model.grads  // allocated now (lazy), so it counts as gradients, not as the first step's activations
         if let w = config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
         weightPerImage = model.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, mc.seqLen - $1.offset)) * Double($1.element) }
-        optimizer = AdamW(table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups)
+        // ZeRO: each rank owns its checkpoint slice (SPEC section 7) of the flat buffer: its
+        // moments, its update and, after the reduce-scatter, its gradients.
+        let total = model.table.total, ranks = comm.size
+        let slices = (0..<ranks).map { CheckpointStore.slice(rank: $0, worldSize: ranks, count: total) }
+        let owned = zero == .none ? nil : slices[comm.rank]
+        optimizer = AdamW(table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups,
+                          owned: owned)
         optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
         loader = try TokenLoader(cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
-                                 seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: 2)
+                                 seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: Trainer.prefetch)
+        let shard = zero == .none ? nil : GradientSync.Shard(
+            slices: slices, rank: comm.rank, releaseSource: zero == .statesAndGrads,
+            bucketElements: GradientSync.bucketElements(mb: config.dist.bucketMB))
         sync = try GradientSync(communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB,
-                                readyOrder: model.gradientReadyOrder, mode: config.dist.overlap ? .overlapped : .blocking)
+                                readyOrder: model.gradientReadyOrder, mode: config.dist.overlap ? .overlapped : .blocking,
+                                shard: shard)
         var codebook: [Float]?, cbDim = 0
         if config.noise.type == .discrete && config.noise.embedding == .codebook {
             guard let path = trainCache.codebookPath else { throw InputError(config.data.train, "noise.embedding: codebook needs a codebook.h5 in the cache") }
@@ -100,23 +117,21 @@ public final class Trainer {
         /// Token batches in flight (the loader reads ahead) and MPI's scratch for one bucket.
         public var buffers = 0
         public var total: Int { parameters + gradients + moments + activations + buffers }
+        /// With ZeRO: which stage, and the ranks the state is split over (for the description).
+        public var zero = ShardOptimizer.none
+        public var ranks = 1
         public var description: String {
             func mb(_ b: Int) -> String { String(format: b < 10_000_000 ? "%.1f MB" : "%.0f MB", Double(b) / 1e6) }
-            return "memory per rank (estimate): parameters \(mb(parameters)), gradients \(mb(gradients)), AdamW moments \(mb(moments)), "
+            let sharded = zero == .none ? "" : " (ZeRO \(zero.rawValue) over \(ranks) rank(s))"
+            return "memory per rank (estimate\(sharded)): parameters \(mb(parameters)), gradients \(mb(gradients)), "
+                + "AdamW moments \(mb(moments)), "
                 + "activations \(mb(activations)), buffers \(mb(buffers)) (data read-ahead, allreduce scratch); total \(mb(total)) "
                 + "+ the runtime, MPI and BLAS"
         }
     }
 
     public var memory: MemoryBreakdown {
-        var m = MemoryBreakdown()
-        m.parameters = model.params.count * 4
-        m.gradients = model.grads.count * 4
-        m.moments = (optimizer.m.count + optimizer.v.count) * 4
-        m.activations = model.config.trainingActivationBytes(batch: config.train.microBatch, dropout: config.train.dropout > 0)
-        let batchBytes = loader.localBatch * model.config.seqLen * 4
-        m.buffers = (loader.prefetch + 2) * batchBytes + (comm.size > 1 ? 2 * min(sync.bucketElements, model.table.total) * 4 : 0)
-        return m
+        MemoryBreakdown.estimate(model.config, config: config, ranks: comm.size)
     }
 
     /// Fresh weights from the seed (the same on every rank), or `model.init_from`: a full model,
@@ -157,10 +172,11 @@ public final class Trainer {
         let tData = monotonicSeconds()
         let liveBefore = FlatBuffer.liveBytes
         try hooks.failIfAsked(rank: comm.rank, step: step + 1)
-        let local = accumulateGradients(batch, sync: sync)
+        earlyCommWait = 0
+        let local = try accumulateGradients(batch, sync: sync)
         var packed = local.packed
         let commWait = try watched(step: step + 1, "the gradient allreduce") {
-            let wait = try sync.finish().waitSeconds
+            let wait = try sync.finish().waitSeconds + earlyCommWait
             try comm.allreduce(&packed)
             return wait
         }
@@ -170,7 +186,7 @@ public final class Trainer {
         let tOpt = monotonicSeconds()
         var applied = false, norm = Double.nan
         if report.loss.isFinite {
-            let res = optimizer.step(params: model.params, grads: model.grads, lr: config.learningRates(at: step), clip: config.clipNorm)
+            let res = try optimizerStep(lr: config.learningRates(at: step))
             applied = res.applied; norm = res.gradNorm
             if applied { updateEMA() }
         }
@@ -181,14 +197,50 @@ public final class Trainer {
         return StepResult(report: report, gradNorm: norm, applied: applied, seconds: t1 - t0)
     }
 
+    /// AdamW on the averaged gradients. Sharded (ZeRO): the global norm from one allreduce of
+    /// the owners' squared sums, the update of this rank's slice only, then every slice gathered
+    /// back into the full parameters, in bucket-sized rounds (the next forward needs them all).
+    func optimizerStep(lr: PerGroup<Float>) throws -> AdamWStepResult {
+        guard let shard = sync.shard else {
+            return optimizer.step(params: model.params, grads: model.grads, lr: lr, clip: config.clipNorm)
+        }
+        let g = shard.gradients.base - shard.owned.lowerBound  // indexed by flat offset over the owned slice
+        let norm = try comm.allreduce(optimizer.squaredGradientSum(g)).squareRoot()
+        let result = optimizer.step(params: model.params, gradients: g, norm: norm, lr: lr, clip: config.clipNorm)
+        if result.applied { try gatherParameters(shard.slices) }
+        return result
+    }
+
+    /// Every rank's updated slice of the trained range, to every rank (MPI_Allgatherv rounds of
+    /// at most one bucket per rank, so MPI's scratch stays one bucket).
+    func gatherParameters(_ slices: [Range<Int>]) throws {
+        let trained = slices.map { AdamW.clamp($0, to: optimizer.trainedRange) }
+        let chunk = max(1, sync.bucketElements / max(comm.size, 1))
+        let longest = trained.map(\.count).max() ?? 0
+        let rounds = (longest + chunk - 1) / chunk
+        for i in 0..<rounds {
+            let blocks = trained.map { t -> Range<Int> in
+                let lo = min(t.upperBound, t.lowerBound + i * chunk)
+                return lo..<min(t.upperBound, lo + chunk)
+            }
+            try comm.allgather(inPlace: model.params.base, blocks: blocks)
+        }
+    }
+
+    /// ZeRO-2 (states+grads): seconds waited for the reduce-scatters of the micro-batches before
+    /// the last one, in this step.
+    private var earlyCommWait = 0.0
+
     /// This rank's part of the step's gradient: its share `batch` of the global batch, in
     /// micro-batches, summed into `model.grads` (zeroed first) and scaled by 1 / the global
     /// batch's total loss weight, so that the sum over ranks is the gradient of the global mean
     /// loss. Label drop, noise and dropout are keyed by each sample's position in the global batch,
     /// so the sum does not depend on how the batch is split over ranks. With `sync`, the last
     /// micro-batch's backward hands each finished range to it (`begin`/`markReady`); the caller
-    /// then calls `sync.finish()`. Returns this rank's loss sums.
-    func accumulateGradients(_ batch: TokenBatch, sync: GradientSync?) -> LossReport {
+    /// then calls `sync.finish()`. With ZeRO-2 (`states+grads`) every micro-batch's backward is
+    /// reduce-scattered (each rank keeps only its slice), all but the last finished here. Returns
+    /// this rank's loss sums.
+    func accumulateGradients(_ batch: TokenBatch, sync: GradientSync?) throws -> LossReport {
         let c = model.config
         let micro = config.train.microBatch
         precondition(batch.count % micro == 0, "a rank's batch of \(batch.count) is not a whole number of micro-batches of \(micro)")
@@ -196,18 +248,22 @@ public final class Trainer {
         let scale = Float(1 / (Double(config.train.globalBatch) * weightPerImage))
         var local = LossReport(slots: c.window, parts: model.lossPartNames.count)
         model.grads.zero()
+        sync?.shard?.gradients.zero()
+        let everyMicroBatch = sync?.shard?.releaseSource ?? false
         // Test-only fault injection (TestHooks): a NaN added before any backward stays NaN (it
         // goes into a trained group's element: a frozen group's gradient is never looked at).
         let poison = hooks.nan(rank: comm.rank, worldSize: comm.size, step: batch.step + 1)
-        if poison != nil { model.grads[optimizer.momentRange.lowerBound] = .nan }
+        if poison != nil { model.grads[optimizer.trainedRange.lowerBound] = .nan }
         for a in 0..<accum {
             let input = batches.training(batch, range: (a * micro)..<((a + 1) * micro))
             local.add(model.forward(input.batch, dropout: input.dropout, gradientScale: scale))
-            if a == accum - 1, let sync {
+            if let sync, a == accum - 1 || everyMicroBatch {
                 // Backward must not write a range after marking it, so only the last micro-batch's
-                // backward hands ranges over (GradientSync's rules).
+                // backward hands ranges over (GradientSync's rules), except with ZeRO-2, whose
+                // reduce-scatter adds each micro-batch into the owners' slices and zeroes the source.
                 sync.begin(model.grads, scale: 1)
                 model.backward { range in sync.markReady(range) }
+                if a < accum - 1 { earlyCommWait += try sync.finish().waitSeconds }
             } else {
                 model.backward()
             }
@@ -265,6 +321,45 @@ public final class Trainer {
         }
         let parts = model.lossPartNames.count
         return (LossReport(packed: noised, parts: parts), LossReport(packed: clean, parts: parts))
+    }
+}
+
+extension Trainer.MemoryBreakdown {
+    /// One rank's memory for `config` on `ranks` ranks, without allocating anything: exact for
+    /// parameters and moments (16 bytes a parameter replicated: weights, gradients, m, v; ZeRO
+    /// shards m and v, states+grads the gradients too), the activation table for activations.
+    /// states+grads keeps the rank's gradient slice plus what backward has written and not yet
+    /// reduced: at most the largest range backward completes at once (`readyOrder`) and two
+    /// buckets (measured against the resident peak in the README, Scaling).
+    public static func estimate(_ model: ModelConfig, config: TrainConfig, ranks: Int) -> Self {
+        let table = ParameterTable(model)
+        let total = table.total
+        let owned = (total + ranks - 1) / max(ranks, 1)  // the largest slice (CheckpointStore.slice)
+        let trained = PerGroup<Int>.groups.filter { config.trainableGroups[$0] }.reduce(0) { $0 + table.count(of: $1) }
+        let bucket = min(GradientSync.bucketElements(mb: config.dist.bucketMB), total)
+        var m = Self()
+        m.zero = config.dist.shardOptimizer
+        m.ranks = ranks
+        m.parameters = total * 4
+        switch m.zero {
+        case .none:
+            m.gradients = total * 4
+            m.moments = 2 * trained * 4
+        case .states:
+            m.gradients = (total + owned) * 4
+            m.moments = 2 * min(owned, trained) * 4
+        case .statesAndGrads:
+            let largestRange = Transformer.gradientReadyOrder(model).map(\.count).max() ?? 0
+            let inFlight = min(total, largestRange + 2 * bucket)
+            m.gradients = (owned + inFlight) * 4
+            m.moments = 2 * min(owned, trained) * 4
+        }
+        m.activations = model.trainingActivationBytes(batch: config.train.microBatch, dropout: config.train.dropout > 0)
+        let batchBytes = config.train.globalBatch / max(ranks, 1) * model.seqLen * 4
+        // MPI's scratch for a bucket in flight (and ZeRO's receive buffer), the loader's read-ahead
+        let scratch = ranks > 1 ? (m.zero == .none ? 2 : 3) * bucket * 4 : 0
+        m.buffers = (Trainer.prefetch + 2) * batchBytes + scratch
+        return m
     }
 }
 

@@ -3,6 +3,7 @@ import ARModel
 import Foundation
 import Kernels
 import Platform
+import Training
 
 /// Prints speed figures measured in one run, so ratios are meaningful on a noisy shared machine:
 /// the machine's sgemm peak, then model steps against it (model FLOPs utilisation).
@@ -21,11 +22,17 @@ struct Bench: ParsableCommand {
         of both in one interleaved run, and the step-time and FLOP ratios of the second to the first.
         """) var bases = "llamagen"
     @Flag(help: "Only print parameter counts.") var params = false
+    @Option(help: "Only print one rank's memory for training this preset (nothing is allocated).") var memory: String?
+    @Option(help: "With --memory: MPI ranks.") var ranks = 1
+    @Option(help: "With --memory: samples per micro-batch.") var microBatch = 8
+    @Option(help: "With --memory: samples per rank per step (default: one micro-batch).") var localBatch: Int?
+    @Option(help: "With --memory: none | states | states+grads (dist.shard_optimizer).") var shard = "none"
 
     func run() throws {
         BLAS.ensureBestKernel()
         print(BLAS.describe())
         if params { printParams(); return }
+        if let memory { try printMemory(preset: memory); return }
         let peak1 = sgemmPeak(threads: 1)
         let peakAll = sgemmPeak(threads: ProcessInfo.processInfo.activeProcessorCount)
         print(String(format: "sgemm peak: %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads", peak1, peakAll, ProcessInfo.processInfo.activeProcessorCount))
@@ -79,6 +86,35 @@ struct Bench: ParsableCommand {
     }
 
     func shortName(_ base: String) -> String { base == "open-magvit2" ? "omg" : base }
+
+    /// `--memory`: the trainer's own per-rank estimate (`Trainer.MemoryBreakdown.estimate`) for a
+    /// preset of the 16x16 ImageNet shape (V 16384, C 1000), with the plug-in of --window/--depth.
+    func printMemory(preset: String) throws {
+        guard let zero = ShardOptimizer(rawValue: shard) else {
+            throw ValidationError("--shard must be one of none, states, states+grads, got '\(shard)'")
+        }
+        guard ranks >= 1, microBatch >= 1, window >= 0, depth >= 0 else {
+            throw ValidationError("--ranks and --micro-batch must be at least 1, --window and --depth at least 0")
+        }
+        var c = try ModelConfig.preset(preset)
+        if window > 0 {
+            c.window = window
+            c.pluginDepth = depth
+        }
+        var tc = TrainConfig()
+        tc.train.microBatch = microBatch
+        tc.train.globalBatch = (localBatch ?? microBatch) * ranks
+        tc.dist.shardOptimizer = zero
+        let m = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks)
+        let plugin = window > 0 ? "k=\(window) d=\(depth)" : "no plug-in"
+        print("\(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), micro-batch \(microBatch) x "
+              + "\(c.seqLen) tokens, shard \(zero.rawValue):")
+        for (name, bytes) in [("parameters", m.parameters), ("gradients", m.gradients), ("AdamW moments", m.moments),
+                              ("activations", m.activations), ("buffers", m.buffers)] {
+            print("  " + name.padding(toLength: 14, withPad: " ", startingAt: 0) + String(format: "%8.2f GB", Double(bytes) / 1e9))
+        }
+        print(String(format: "total: %.2f GB per rank", Double(m.total) / 1e9))
+    }
 
     func printParams() {
         for name in ["B", "L", "XL", "XXL"] {

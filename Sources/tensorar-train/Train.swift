@@ -179,7 +179,8 @@ struct Train: ParsableCommand {
             + "x \(size) rank(s) "
             + "= global batch \(cfg.train.globalBatch)")
         say(trainer.memory.description)
-        say("gradient sync: \(sync.mode) allreduce in \(sync.buckets.count) bucket(s) of up to "
+        let reduction = sync.shard == nil ? "allreduce" : "reduce-scatter (ZeRO \(cfg.dist.shardOptimizer.rawValue))"
+        say("gradient sync: \(sync.mode) \(reduction) in \(sync.buckets.count) bucket(s) of up to "
             + "\(String(format: "%.1f", Double(sync.bucketElements) * 4 / 1e6)) MB"
             + (sync.note.map { " (\($0))" } ?? ""))
     }

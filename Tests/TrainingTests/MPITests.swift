@@ -146,6 +146,7 @@ extension MPITests {
         for overlap in [true, false] {
             var tc = tinyTrainConfig(cache: env["TENSORAR_MPI_CACHE"]!, checkpoints: env["TENSORAR_MPI_CHECKPOINTS"]! + "/unused")
             tc.dist.overlap = overlap
+            try assertShardedStepMatchesReplicated(tc, comm)
             let trainer = try Trainer(config: tc, comm: comm)
             XCTAssertEqual(trainer.sync.mode, W > 1 && overlap ? .overlapped : .blocking)
             XCTAssertGreaterThan(trainer.sync.buckets.count, 10)
@@ -191,6 +192,28 @@ extension MPITests {
             XCTAssertEqual(text.contains("(reported by rank \(W - 1))"), r != W - 1, text)
         }
         XCTAssertEqual(store.latestName(), "step-00000002")
+    }
+}
+
+/// ZeRO (states, states+grads): one step's parameters are bit-identical on every rank (the
+/// allgather), close to replicated AdamW's (summation order, see ShardedOptimizerTests), and each
+/// rank holds moments for its own slice only.
+private func assertShardedStepMatchesReplicated(_ tc: TrainConfig, _ comm: Communicator) throws {
+    let replicated = try Trainer(config: tc, comm: comm)
+    let reference = try replicated.trainStep()
+    for zero in [ShardOptimizer.states, .statesAndGrads] {
+        var c = tc
+        c.dist.shardOptimizer = zero
+        let trainer = try Trainer(config: c, comm: comm)
+        let step = try trainer.trainStep()
+        XCTAssertTrue(step.applied)
+        XCTAssertEqual(step.gradNorm, reference.gradNorm, accuracy: 1e-5 * reference.gradNorm, "\(zero): global norm")
+        let slice = CheckpointStore.slice(rank: comm.rank, worldSize: comm.size, count: trainer.model.table.total)
+        XCTAssertEqual(trainer.optimizer.m.count, slice.count, "\(zero): moments of this rank's slice only")
+        let rel = relativeMaxDifference(trainer.model.params.array, replicated.model.params.array)
+        XCTAssertLessThan(rel, 1e-4, "rank \(comm.rank), \(zero): parameters vs replicated AdamW")
+        let sums = try comm.allgather([checksum(trainer.model.params)])
+        XCTAssertTrue(sums.allSatisfy { $0 == sums[0] }, "rank \(comm.rank), \(zero): parameters differ across ranks")
     }
 }
 

@@ -128,6 +128,59 @@ final class ResumeTests: XCTestCase {
         XCTAssertGreaterThan(worst, 1e-3, "losing the moments must show far beyond the tolerance")
     }
 
+    // MARK: sharded optimizer (ZeRO)
+
+    /// With `dist.shard_optimizer` each rank writes the slice it owns, in the usual format:
+    /// a states+grads run on 2 ranks resumes on 4 with states, and a states run on 4 resumes on 2
+    /// with states+grads, every later loss within the class's tolerance of the straight run.
+    /// On 2 ranks, states reduces the same two terms as the allreduce, so its run is A bit for bit.
+    func testShardedRunsResumeOnAnotherRankCount() throws {
+        let f = try fixture()
+        let states2 = try train(f, run: "S2", ranks: 2, extra: ["--set", "dist.shard_optimizer=states"])
+        XCTAssertEqual(states2.status, 0, states2.output)
+        XCTAssertEqual(try Metrics(run: f.checkpoints + "/S2").loss, f.metricsA.loss, "states on 2 ranks is A exactly")
+        for (from, to, zeroFrom, zeroTo) in [(2, 4, "states+grads", "states"), (4, 2, "states", "states+grads")] {
+            let straight = "Z\(from)"
+            let s = try train(f, run: straight, ranks: from, extra: ["--set", "dist.shard_optimizer=\(zeroFrom)"])
+            XCTAssertEqual(s.status, 0, s.output)
+            XCTAssertEqual(try CheckpointStore.verify(f.checkpoints + "/\(straight)/step-00000008").worldSize, from)
+            let resumed = "Z\(from)to\(to)"
+            let r = try train(f, run: resumed, ranks: to, extra: [
+                "--set", "dist.shard_optimizer=\(zeroTo)", "--resume-from", f.checkpoints + "/\(straight)/step-00000008",
+            ])
+            XCTAssertEqual(r.status, 0, r.output)
+            XCTAssertTrue(r.output.contains("at step 8 (written by \(from) rank(s))"), r.output)
+            let m = try Metrics(run: f.checkpoints + "/" + resumed)
+            XCTAssertEqual(m.loss.keys.sorted(), Array(9...16))
+            let straightMetrics = try Metrics(run: f.checkpoints + "/" + straight)
+            let worst = try maxRelativeDifference(m, straightMetrics)
+            XCTAssertLessThanOrEqual(worst, 1e-5, "\(zeroFrom) on \(from) -> \(zeroTo) on \(to): \(worst) relative")
+            let vsA = try maxRelativeDifference(straightMetrics, f.metricsA)
+            XCTAssertLessThanOrEqual(vsA, 1e-5, "\(zeroFrom) on \(from) rank(s) vs A (replicated, 2 ranks)")
+            print("sharded resume \(zeroFrom) x \(from) -> \(zeroTo) x \(to): worst relative loss difference \(worst); "
+                  + "straight \(zeroFrom) x \(from) vs A: \(vsA)")
+        }
+    }
+
+    /// `kill -9` of rank 1 while it writes its step-8 shard of a sharded (states) run: `latest`
+    /// still names step 4, and `--resume` continues from it with A's losses exactly.
+    func testKillNineDuringAShardedCheckpointWriteLosesNothing() throws {
+        let f = try fixture()
+        let run = f.checkpoints + "/KZ"
+        let zero = ["--set", "dist.shard_optimizer=states"]
+        let job = try start(f, run: "KZ", ranks: 2, extra: zero, env: ["TENSORAR_TEST_PAUSE_SHARD_WRITE": "1:8"])
+        try waitFor(run + "/.step-00000008.tmp/rank-00001-of-00002.h5", job)
+        XCTAssertEqual(kill(try XCTUnwrap(try rankPIDs(job)[1]), SIGKILL), 0)
+        let r = try job.wait()
+        XCTAssertNotEqual(r.status, 0, r.output)
+        XCTAssertEqual(CheckpointStore(runDirectory: run).latestName(), "step-00000004")
+        XCTAssertNoThrow(try CheckpointStore.verify(run + "/step-00000004"))
+        let again = try train(f, run: "KZ", ranks: 2, extra: zero + ["--resume"])
+        XCTAssertEqual(again.status, 0, again.output)
+        XCTAssertTrue(again.output.contains("resumed from \(run)/step-00000004 at step 4"), again.output)
+        XCTAssertEqual(try Metrics(run: run).loss, f.metricsA.loss)
+    }
+
     // MARK: signals and crashes
 
     /// SIGTERM to both ranks (as a batch system's cancel does) while the step-4 checkpoint is being
@@ -375,9 +428,7 @@ extension ResumeTests {
         guard fm.isExecutableFile(atPath: path) else {
             throw InputError(path, "missing: these tests run the release binaries; build them first with `swift build -c release` (Launch/test.sh does)")
         }
-        let built = try fm.attributesOfItem(atPath: path)[.modificationDate] as! Date
-        let sources = fm.enumerator(atPath: packageRoot + "/Sources")!.compactMap { $0 as? String }.filter { $0.hasSuffix(".swift") || $0.hasSuffix(".c") || $0.hasSuffix(".h") }
-        if let newer = try sources.first(where: { (try fm.attributesOfItem(atPath: packageRoot + "/Sources/" + $0)[.modificationDate] as! Date) > built }) {
+        if let newer = try sourceNewer(than: path, program: name) {
             throw InputError(path, "older than Sources/\(newer): rebuild with `swift build -c release` (Launch/test.sh does)")
         }
         return path

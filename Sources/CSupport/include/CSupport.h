@@ -6,6 +6,7 @@
 #include <cblas.h>
 #include <openmpi/mpi.h>
 #include <hdf5/serial/hdf5.h>
+#include <stddef.h>
 #include <stdint.h>
 
 // OpenBLAS extras (declared in openblas_config.h; repeated here so the header set stays small).
@@ -17,6 +18,14 @@ void openblas_set_num_threads(int);
 // CPU features, for choosing OPENBLAS_CORETYPE before the library is used.
 int tar_cpu_has_avx512f(void);
 int tar_cpu_has_avx2(void);
+
+// Whole pages from the OS (mmap), for buffers whose pages are handed back while they live
+// (ZeRO-2 gradients: each bucket's pages go back once its reduce-scatter is done).
+size_t tar_page_size(void);
+void *tar_pages_alloc(size_t bytes);
+void tar_pages_free(void *p, size_t bytes);
+/// Hands back the whole pages inside [p, p + bytes): they read as zeros when touched again.
+void tar_pages_release(void *p, size_t bytes);
 
 // MPI handles are macros over addresses of globals.
 MPI_Comm tar_mpi_comm_world(void);
