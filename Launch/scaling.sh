@@ -108,8 +108,8 @@ if [ "$ZERO" = 1 ]; then
   echo
   echo "ZeRO, preset B k = 4, d = 2, micro-batch 1 x 256 tokens per rank, $BSTEPS steps (rank 0; MB = 10^6 bytes):"
   echo
-  echo "| ranks | dist.shard_optimizer | estimate MB | measured peak MB | step s | AdamW s | load |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| ranks | dist.shard_optimizer | estimate MB | measured peak MB | step s | reduce wait s | AdamW s | allgather s | load |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   for ranks in 2 4; do
     for zero in none states states+grads; do
       log="$OUT/zero-$ranks-$zero.log"
@@ -126,10 +126,12 @@ text = open(log).read()
 est = re.search(r"total ([\d.]+) MB \+ the runtime", text)
 peak = re.search(r"peak resident ([\d.]+) MB", text)
 t = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s .*data wait ([\d.]+) s, optimizer ([\d.]+) s", text)
+g = re.search(r"parameter allgather ([\d.]+) s", text)
 if not (est and peak and t):
     sys.exit(f"scaling: no memory or timing line in {log}")
 c, a, d, o = map(float, t.groups())
-print(f"| {ranks} | {zero} | {est.group(1)} | {peak.group(1)} | {c + a + d + o:.2f} | {o:.3f} | {load} |")
+gather = float(g.group(1)) if g else 0.0
+print(f"| {ranks} | {zero} | {est.group(1)} | {peak.group(1)} | {c + a + d + o + gather:.2f} | {a:.3f} | {o:.3f} | {gather:.3f} | {load} |")
 EOF
     done
   done

@@ -258,6 +258,21 @@ public final class Communicator: @unchecked Sendable {
                   "MPI_Reduce_scatter(\(total) floats)")
     }
 
+    /// Sums `count` floats at `send` over the ranks into `recv` on rank `root` only (MPI_Reduce;
+    /// `recv` is not written on the other ranks and must not overlap `send`).
+    public func reduce(_ send: UnsafeMutablePointer<Float>, into recv: UnsafeMutablePointer<Float>, count: Int,
+                       root: Int) throws {
+        guard let comm else {
+            recv.update(from: send, count: count)
+            return
+        }
+        guard count <= Int(Int32.max) else {
+            throw MPIError(call: "MPI_Reduce", code: -1, message: "\(count) floats is beyond MPI's int counts")
+        }
+        try check(MPI_Reduce(send, recv, Int32(count), tar_mpi_float(), tar_mpi_sum(), Int32(root), comm),
+                  "MPI_Reduce(\(count) floats to rank \(root))")
+    }
+
     /// Every rank's `values` (the same count on every rank), indexed by rank.
     public func allgather(_ values: [Int64]) throws -> [[Int64]] {
         guard let comm else { return [values] }

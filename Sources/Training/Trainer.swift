@@ -34,9 +34,12 @@ public final class Trainer {
     /// hide otherwise; it includes waiting for a slower rank), waiting for the loader, and AdamW.
     public struct Timing {
         public var compute = 0.0, allreduceWait = 0.0, dataWait = 0.0, optimizer = 0.0, steps = 0
-        public var total: Double { compute + allreduceWait + dataWait + optimizer }
+        /// ZeRO: gathering the updated slices into every rank's parameters (after AdamW).
+        public var gather = 0.0
+        public var total: Double { compute + allreduceWait + dataWait + optimizer + gather }
         mutating func add(_ o: Timing) {
             compute += o.compute; allreduceWait += o.allreduceWait; dataWait += o.dataWait; optimizer += o.optimizer; steps += o.steps
+            gather += o.gather
         }
     }
     /// Every step of this process except its first (which allocates the activations and warms
@@ -184,6 +187,7 @@ public final class Trainer {
         let first = activationBytesMeasured == nil
         if first { activationBytesMeasured = FlatBuffer.liveBytes - liveBefore }
         let tOpt = monotonicSeconds()
+        gatherSeconds = 0
         var applied = false, norm = Double.nan
         if report.loss.isFinite {
             let res = try optimizerStep(lr: config.learningRates(at: step))
@@ -191,7 +195,9 @@ public final class Trainer {
             if applied { updateEMA() }
         }
         let t1 = monotonicSeconds()
-        let t = Timing(compute: (tOpt - tData) - commWait, allreduceWait: commWait, dataWait: tData - t0, optimizer: t1 - tOpt, steps: 1)
+        var t = Timing(compute: (tOpt - tData) - commWait, allreduceWait: commWait, dataWait: tData - t0,
+                       optimizer: t1 - tOpt - gatherSeconds, steps: 1)
+        t.gather = gatherSeconds
         if first { firstStep = t } else { timing.add(t) }
         step += 1
         return StepResult(report: report, gradNorm: norm, applied: applied, seconds: t1 - t0)
@@ -207,7 +213,9 @@ public final class Trainer {
         let g = shard.gradients.base - shard.owned.lowerBound  // indexed by flat offset over the owned slice
         let norm = try comm.allreduce(optimizer.squaredGradientSum(g)).squareRoot()
         let result = optimizer.step(params: model.params, gradients: g, norm: norm, lr: lr, clip: config.clipNorm)
+        let t0 = monotonicSeconds()
         if result.applied { try gatherParameters(shard.slices) }
+        gatherSeconds = monotonicSeconds() - t0
         return result
     }
 
@@ -226,6 +234,9 @@ public final class Trainer {
             try comm.allgather(inPlace: model.params.base, blocks: blocks)
         }
     }
+
+    /// ZeRO: seconds of this step's parameter allgather.
+    private var gatherSeconds = 0.0
 
     /// ZeRO-2 (states+grads): seconds waited for the reduce-scatters of the micro-batches before
     /// the last one, in this step.

@@ -249,11 +249,13 @@ struct Train: ParsableCommand {
         let t = trainer.timing.steps > 0 ? trainer.timing : trainer.firstStep
         let n = Double(max(t.steps, 1))
         let alone = try trainer.measureAllreduce()
+        let gather = trainer.sync.shard == nil ? "" : String(format: ", parameter allgather %.3f s", t.gather / n)
         say(String(format: "time per step: compute %.3f s, allreduce wait %.3f s (%.1f%%), data wait %.4f s, "
-                   + "optimizer %.3f s (rank 0, mean of %d step(s) after the first); "
+                   + "optimizer %.3f s%@ (rank 0, mean of %d step(s) after the first); "
                    + "allreduce alone %.3f s for %.0f MB",
                    t.compute / n, t.allreduceWait / n, 100 * t.allreduceWait / max(t.total, 1e-12), t.dataWait / n,
-                   t.optimizer / n, trainer.timing.steps, alone, Double(trainer.model.grads.count * 4) / 1e6))
+                   t.optimizer / n, gather as NSString, trainer.timing.steps, alone,
+                   Double(trainer.model.grads.count * 4) / 1e6))
         let peak = Double(ProcessMemory.peakResidentBytes() ?? 0) / 1e6
         say(String(format: "memory: peak resident %.0f MB (rank 0); activations measured %.0f MB",
                    peak, Double(trainer.activationBytesMeasured ?? 0) / 1e6))
