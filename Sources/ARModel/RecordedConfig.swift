@@ -3,7 +3,10 @@ import Platform
 
 /// The `tensorar.config` of a safetensors file, read from its header only (nil when it has none).
 public func recordedModelConfig(_ path: String) throws -> ModelConfig? {
-    guard let fh = FileHandle(forReadingAtPath: path) else { throw InputError(path, "no such file") }
+    var isFolder: ObjCBool = false
+    guard FileManager.default.fileExists(atPath: path, isDirectory: &isFolder) else { throw InputError(path, "no such file") }
+    if isFolder.boolValue { throw InputError(path, "is a folder; expected a safetensors file") }
+    guard let fh = FileHandle(forReadingAtPath: path) else { throw InputError(path, "cannot be opened for reading") }
     defer { try? fh.close() }
     let head = fh.readData(ofLength: 8)
     guard head.count == 8 else { throw InputError(path, "too short for a safetensors file") }

@@ -27,7 +27,7 @@ sys.path.insert(0, HERE)
 
 import convert_open_magvit2 as CO  # noqa: E402
 import safetensors_io  # noqa: E402
-from test_convert import CheckpointBuilder, FakeEvil, FakeGlobal  # noqa: E402
+from llamagen_layouts import CheckpointBuilder, FakeEvil, FakeGlobal  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "Launch", "convert_open_magvit2.py")
 BIN = os.path.join(ROOT, ".build", "release")
