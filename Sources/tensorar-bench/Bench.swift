@@ -88,7 +88,8 @@ struct Bench: ParsableCommand {
     func shortName(_ base: String) -> String { base == "open-magvit2" ? "omg" : base }
 
     /// `--memory`: the trainer's own per-rank estimate (`Trainer.MemoryBreakdown.estimate`) for a
-    /// preset of the 16x16 ImageNet shape (V 16384, C 1000), with the plug-in of --window/--depth.
+    /// preset of the first of --bases in its ImageNet shape (16x16 grid, C 1000; LlamaGen V 16384,
+    /// Open-MAGVIT2 V 2^18), with the plug-in of --window/--depth.
     func printMemory(preset: String) throws {
         guard let zero = ShardOptimizer(rawValue: shard) else {
             throw ValidationError("--shard must be one of none, states, states+grads, got '\(shard)'")
@@ -96,7 +97,8 @@ struct Bench: ParsableCommand {
         guard ranks >= 1, microBatch >= 1, window >= 0, depth >= 0 else {
             throw ValidationError("--ranks and --micro-batch must be at least 1, --window and --depth at least 0")
         }
-        var c = try ModelConfig.preset(preset)
+        let base = bases.split(separator: ",").first.map(String.init) ?? "llamagen"
+        var c = try ModelConfig.preset(preset, base: base)
         if window > 0 {
             c.window = window
             c.pluginDepth = depth
@@ -107,7 +109,7 @@ struct Bench: ParsableCommand {
         tc.dist.shardOptimizer = zero
         let m = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks)
         let plugin = window > 0 ? "k=\(window) d=\(depth)" : "no plug-in"
-        print("\(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), micro-batch \(microBatch) x "
+        print("\(base) \(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), micro-batch \(microBatch) x "
               + "\(c.seqLen) tokens, shard \(zero.rawValue):")
         for (name, bytes) in [("parameters", m.parameters), ("gradients", m.gradients), ("AdamW moments", m.moments),
                               ("activations", m.activations), ("buffers", m.buffers)] {
