@@ -152,8 +152,12 @@ public final class TensorBoardWriter {
 extension MetricsLog {
     /// The numbers of a metrics record as TensorBoard scalars: each number under its key, each
     /// list as key/0, key/1, ... (`step` is the event's step; strings and flags are left out).
-    static func scalars<S: Sequence>(_ fields: S) -> (step: Int?, values: [(String, Double)])
-    where S.Element == (key: String, value: MetricValue) {
+    static func scalars(_ fields: KeyValuePairs<String, MetricValue>) -> (step: Int?, values: [(String, Double)]) {
+        scalars(fields.map { (key: $0.key, value: $0.value) })
+    }
+
+    /// The same for fields built up in order.
+    static func scalars(_ fields: [(key: String, value: MetricValue)]) -> (step: Int?, values: [(String, Double)]) {
         var step: Int?
         var values: [(String, Double)] = []
         for (key, value) in fields {

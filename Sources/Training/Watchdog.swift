@@ -66,14 +66,19 @@ public final class CollectiveWatchdog: @unchecked Sendable {
         return try body()
     }
 
+    /// Seconds between the watch thread's looks, which are also this rank's heartbeats.
+    var interval: Double { max(0.05, min(1, timeout / 4)) }
+
     private func watch() {
-        let interval = max(0.05, min(1, timeout / 4))
         while true {
             usleep(UInt32(interval * 1e6))
             lock.lock()
             let (w, n, done) = (waiting, seq, stopped)
             lock.unlock()
             if done { return }
+            // Heartbeat: the file's modification time. A stopped process (kill -STOP, a hung
+            // node) stops beating even when it had entered the collective before it stopped.
+            if fd >= 0 { futimens(fd, nil) }
             guard let w, monotonicSeconds() - w.since > timeout else { continue }
             fire(w, seq: n)
         }
@@ -90,13 +95,27 @@ public final class CollectiveWatchdog: @unchecked Sendable {
         }
     }
 
+    /// Seconds since rank r's last heartbeat, nil when unknown.
+    func silence(rank r: Int) -> Double? {
+        let path = CollectiveWatchdog.file(folder, rank: r)
+        guard let d = try? FileManager.default.attributesOfItem(atPath: path)[.modificationDate] as? Date else {
+            return nil
+        }
+        return Date().timeIntervalSince(d)
+    }
+
     private func fire(_ w: (step: Int, what: String, since: Double), seq: Int) -> Never {
+        let quiet = max(2, 4 * interval)  // no heartbeat for this long: the rank has stopped
         let late = arrivals().enumerated().compactMap { r, a -> String? in
             guard let a else { return "\(r) (never announced a collective)" }
-            return a.seq < seq ? "\(r) (last seen at \(a.last))" : nil
+            if a.seq < seq { return "\(r) (last seen at \(a.last))" }
+            if r != rank, let s = silence(rank: r), s > quiet {
+                return "\(r) (last seen at \(a.last), no sign of life for " + String(format: "%.0f", s) + " s)"
+            }
+            return nil
         }
         let who = late.isEmpty ? "every rank arrived, so the collective itself is stuck (network?)"
-            : "rank(s) \(late.joined(separator: ", ")) did not arrive"
+            : "rank(s) \(late.joined(separator: ", ")) did not arrive or stopped responding"
         let msg = "error: rank \(rank) of \(size): step \(w.step): \(w.what) has not finished after "
             + String(format: "%.0f", timeout) + " s (dist.collective_timeout_s): \(who); ending the job\n"
         FileHandle.standardError.write(Data(msg.utf8))
