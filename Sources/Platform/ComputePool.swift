@@ -1,0 +1,132 @@
+import Foundation
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The rank's compute threads: one persistent pool (threads are started once, when the thread
+/// count first grows, and never per call), sized by the rank's thread setting (`BLAS.threads`
+/// sets OpenBLAS and this pool together, `dist.threads_per_rank`).
+///
+/// `run(parts:)` calls `body(part)` once for every part in `0..<parts`, spread over the pool's
+/// threads, the caller's included, and returns when all are done. Which thread runs a part is
+/// not fixed, so a kernel must make each part's result independent of who runs it and of how
+/// many parts there are next to it (split by rows, heads or columns; no shared accumulator):
+/// then its results are bit-identical at any thread count.
+///
+/// Waiting: a worker that finishes a job spins (yielding the core to others) for a short while,
+/// so that the next kernel's job, usually microseconds away, starts without a wake-up; then it
+/// sleeps on a condition variable, so idle workers cost nothing while OpenBLAS runs.
+/// Calls from inside a part, or from a second thread while a job runs, run their parts serially
+/// on the calling thread (same results, no deadlock).
+public final class ComputePool: @unchecked Sendable {
+    public static let shared = ComputePool()
+
+    /// Threads a job may use, the caller's included.
+    public private(set) var threads = 1
+    /// Jobs that ran on more than one thread so far (tests check that work was split).
+    public private(set) var parallelJobs = 0
+    /// How long an idle worker spins before it sleeps.
+    public static let spinNanoseconds: UInt64 = 100_000
+
+    /// generation * 256 + helpers: the workers 1...helpers take part in that generation's job.
+    private let ticket = Atomic<Int>(0)
+    private let nextPart = Atomic<Int>(0)
+    private let finished = Atomic<Int>(0)
+    private let sleepers = Atomic<Int>(0)
+    private let wake = NSCondition()
+    private let entry = NSLock()
+    private var started = 0  // workers started so far (never stopped)
+    private var parts = 0
+    private var body: ((Int) -> Void)?
+
+    private init() {}
+
+    /// Sets the thread count (at least 1, at most 255), starting workers if there are too few.
+    /// Call between jobs, from the thread that runs them.
+    public func setThreads(_ n: Int) {
+        let want = min(max(n, 1), 255)
+        entry.lock()
+        defer { entry.unlock() }
+        while started < want - 1 {
+            started += 1
+            let index = started
+            let seen = ticket.load(ordering: .acquiring)
+            let t = Thread { [unowned self] in self.workerLoop(index: index, seen: seen) }
+            t.stackSize = 8 << 20
+            t.name = "compute-\(index)"
+            t.start()
+        }
+        threads = want
+    }
+
+    /// Calls body(part) for every part in 0..<parts across the pool, and waits for all of them.
+    public func run(parts count: Int, _ work: (Int) -> Void) {
+        let helpers = min(threads, count) - 1
+        if helpers <= 0 || !entry.try() {
+            for part in 0..<count { work(part) }
+            return
+        }
+        defer { entry.unlock() }
+        parallelJobs += 1
+        withoutActuallyEscaping(work) { escaping in
+            body = escaping
+            parts = count
+            nextPart.store(0, ordering: .relaxed)
+            finished.store(0, ordering: .relaxed)
+            let generation = ticket.load(ordering: .relaxed) >> 8 + 1
+            wake.lock()
+            ticket.store(generation << 8 | helpers, ordering: .releasing)
+            if sleepers.load(ordering: .relaxed) > 0 { wake.broadcast() }
+            wake.unlock()
+            drain()
+            var spins = 0
+            while finished.load(ordering: .acquiring) < helpers {
+                spins += 1
+                if spins > 64 { sched_yield() }
+            }
+            body = nil
+        }
+    }
+
+    /// Runs parts until none is left.
+    private func drain() {
+        let work = body!
+        while true {
+            let part = nextPart.wrappingAdd(1, ordering: .relaxed).oldValue
+            if part >= parts { return }
+            work(part)
+        }
+    }
+
+    private func workerLoop(index: Int, seen start: Int) {
+        var seen = start
+        while true {
+            seen = awaitTicket(after: seen)
+            if index <= seen & 255 {
+                drain()
+                finished.add(1, ordering: .releasing)
+            }
+        }
+    }
+
+    /// Spins (yielding) for `spinNanoseconds`, then sleeps, until the ticket moves on.
+    private func awaitTicket(after seen: Int) -> Int {
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        var spins = 0
+        while true {
+            let t = ticket.load(ordering: .acquiring)
+            if t != seen { return t }
+            spins += 1
+            if spins < 128 { continue }
+            if spins & 15 == 0 && DispatchTime.now().uptimeNanoseconds - t0 > ComputePool.spinNanoseconds { break }
+            sched_yield()
+        }
+        wake.lock()
+        sleepers.add(1, ordering: .relaxed)
+        while ticket.load(ordering: .acquiring) == seen { wake.wait() }
+        sleepers.subtract(1, ordering: .relaxed)
+        wake.unlock()
+        return ticket.load(ordering: .acquiring)
+    }
+}
