@@ -33,11 +33,16 @@ final class ThreadTests: XCTestCase {
         return (0..<n).map { _ in r.normal() }
     }
 
-    /// `BLAS.sgemm`'s tiles give the bits of one cblas call (what main computed on one thread),
-    /// for row and column tilings, each transpose, and shapes with ragged edges.
-    func testSgemmTilesEqualOneCall() {
+    /// `BLAS.sgemm`'s tiles give the same bits at any thread count, for row and column tilings,
+    /// each transpose, and shapes with ragged edges. Against one cblas call (what main computed on
+    /// one thread): OpenBLAS's SkylakeX kernels give equal bits for any row count of a call, so
+    /// there the tiles must equal one call exactly; its Haswell/Zen kernels round the last bits of
+    /// a row differently with the rows in the call (ResumeTests' eval test), so there the tiles
+    /// agree with one call to float32 rounding (the thread-count identity above holds on both).
+    func testSgemmTilesAreThreadIndependentAndMatchOneCall() {
         var r = CounterRNG(seed: 1)
         var tiledBothWays = Set<Bool>()
+        let exact = BLAS.coreName.lowercased().hasPrefix("skylakex")
         for (m, n, k) in [(300, 96, 40), (70, 1030, 16), (200, 330, 20), (64, 2100, 8), (392, 384, 128)] {
             let tiling = BLAS.Tiling(m: m, n: n, k: k)
             XCTAssertGreaterThan(tiling.count, 1, "\(m) x \(n) x \(k) is tiled")
@@ -45,15 +50,25 @@ final class ThreadTests: XCTestCase {
             let a = (0..<(m * k)).map { _ in r.normal() }, b = (0..<(k * n)).map { _ in r.normal() }
             for (ta, tb) in [(false, true), (false, false), (true, false)] {
                 let lda = ta ? m : k, ldb = tb ? k : n
+                let what = "sgemm \(m) x \(n) x \(k) transA \(ta) transB \(tb)"
                 var one = [Float](repeating: 0.5, count: m * n)
                 BLAS.sgemmOneCall(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb, beta: 1,
                                   &one, ldc: n)
-                sameAtAnyThreadCount("sgemm \(m) x \(n) x \(k) transA \(ta) transB \(tb)") {
+                sameAtAnyThreadCount(what) {
                     var c = [Float](repeating: 0.5, count: m * n)
                     BLAS.sgemm(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb, beta: 1, &c,
                                ldc: n)
-                    let differ = zip(c, one).filter { $0.bitPattern != $1.bitPattern }.count
-                    XCTAssertEqual(differ, 0, "tiled sgemm \(m) x \(n) x \(k) (\(ta), \(tb)) differs from one call")
+                    var differ = 0
+                    var worst: Float = 0
+                    for (x, y) in zip(c, one) where x.bitPattern != y.bitPattern {
+                        differ += 1
+                        worst = max(worst, abs(x - y) / max(abs(y), 1))
+                    }
+                    if exact {
+                        XCTAssertEqual(differ, 0, "\(what): tiles differ from one call under \(BLAS.coreName)")
+                    } else {
+                        XCTAssertLessThan(worst, 1e-5, "\(what): tiles vs one call under \(BLAS.coreName)")
+                    }
                     return c
                 }
             }
