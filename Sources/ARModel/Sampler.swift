@@ -165,8 +165,8 @@ public final class Sampler {
             var pick = [Int32](repeating: -1, count: NB * rows)
             pick.withUnsafeMutableBufferPointer { pickBuf in
                 rngs.withUnsafeMutableBufferPointer { rngBuf in
-                    let choice = Choice(logits: logits, pick: pickBuf.baseAddress!, rngs: rngBuf.baseAddress!, n: n, NB: NB,
-                                        slots: rows, vocab: V, part: part, position: pos)
+                    let choice = Choice(logits: logits, pick: pickBuf.baseAddress!, rngs: rngBuf.baseAddress!, n: n,
+                                        NB: NB, slots: rows, vocab: V, part: part, position: pos)
                     parallelParts(n * rows, cost: 16 * V) { range, worker in
                         for index in range { choose(choice, index: index, slot: choosers[worker], options: o) }
                     }

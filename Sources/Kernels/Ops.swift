@@ -218,7 +218,8 @@ private let attentionScratch = PartScratch()
 /// probs (B, NH, S, S) cached. Causal or full mask. Split by (sequence, head) over the threads.
 /// Long sequences use sgemm, blocked by query rows under the causal mask; short ones (the plug-in's
 /// k+1 slots) use direct loops, where sgemm's call overhead dominates.
-public func attentionForward(_ out: FloatPtr, _ probs: FloatPtr, _ qkv: ConstFloatPtr, batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) {
+public func attentionForward(_ out: FloatPtr, _ probs: FloatPtr, _ qkv: ConstFloatPtr, batch: Int, seqLen S: Int,
+                             dim D: Int, heads NH: Int, causal: Bool) {
     let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
     let src = UnsafeMutablePointer(mutating: qkv)
     parallelParts(batch * NH, cost: 2 * S * S * a.hd) { tasks, _ in
@@ -237,8 +238,8 @@ private func headForwardBlocked(_ t: HeadView, _ a: AttentionShape) {
     for r0 in stride(from: 0, to: S, by: a.block) {
         let r1 = min(S, r0 + a.block)
         let cols = a.cols(r1)
-        BLAS.sgemm(transA: false, transB: true, m: r1 - r0, n: cols, k: a.hd, alpha: a.scale, t.q + r0 * a.ld, lda: a.ld,
-                   t.k, ldb: a.ld, beta: 0, t.P + r0 * S, ldc: S)
+        BLAS.sgemm(transA: false, transB: true, m: r1 - r0, n: cols, k: a.hd, alpha: a.scale, t.q + r0 * a.ld,
+                   lda: a.ld, t.k, ldb: a.ld, beta: 0, t.P + r0 * S, ldc: S)
         softmaxRows(t.P, r0..<r1, a)
         BLAS.sgemm(transA: false, transB: false, m: r1 - r0, n: a.hd, k: cols, t.P + r0 * S, lda: S, t.v, ldb: a.ld,
                    beta: 0, t.o + r0 * a.D, ldc: a.D)
@@ -292,7 +293,8 @@ private func softmaxRows(_ P: FloatPtr, _ rows: Range<Int>, _ a: AttentionShape)
 
 /// dqkv (B*S, 3D) += gradients through attention. Split by (sequence, head); each part has its
 /// own (S, S) scratch for the score gradients.
-public func attentionBackward(_ dqkv: FloatPtr, _ dout: ConstFloatPtr, _ qkv: ConstFloatPtr, _ probs: ConstFloatPtr, batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) {
+public func attentionBackward(_ dqkv: FloatPtr, _ dout: ConstFloatPtr, _ qkv: ConstFloatPtr, _ probs: ConstFloatPtr,
+                              batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) {
     let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
     let scratch = attentionScratch.reserve(parts: maxParts(), floats: S * S)
     let src = UnsafeMutablePointer(mutating: qkv)
@@ -470,8 +472,8 @@ public func crossEntropyForwardBackward(_ losses: FloatPtr, _ dlogits: FloatPtr?
 }
 
 @inline(__always)
-private func crossEntropyRow(_ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr, _ targets: UnsafePointer<Int32>,
-                             _ weights: ConstFloatPtr, scale: Float, row i: Int, v: Int) {
+private func crossEntropyRow(_ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr,
+                             _ targets: UnsafePointer<Int32>, _ weights: ConstFloatPtr, scale: Float, row i: Int, v: Int) {
     let row = logits + i * v
     let y = Int(targets[i])
     if y < 0 {
@@ -515,7 +517,8 @@ public func dropoutApply(_ x: FloatPtr, _ mask: ConstFloatPtr, count: Int) {
 /// whose stream is keyed (seed, step, global sample position, site), so masks do not depend on
 /// how the batch is split across ranks. Rows of one sample are drawn in row order. Split by
 /// ranges of the mask: a range inside a sample starts its stream where the draws before it end.
-public func dropoutMask(_ mask: FloatPtr, p: Float, rows: Int, d: Int, rowsPerSample: Int, samplePositions: [Int], seed: UInt64, step: Int, site: Int) {
+public func dropoutMask(_ mask: FloatPtr, p: Float, rows: Int, d: Int, rowsPerSample: Int, samplePositions: [Int],
+                        seed: UInt64, step: Int, site: Int) {
     let keep = 1 / (1 - p)
     let perSample = rowsPerSample * d
     let total = rows / rowsPerSample * perSample

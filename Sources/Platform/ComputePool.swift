@@ -14,6 +14,11 @@ import Glibc
 /// many parts there are next to it (split by rows, heads or columns; no shared accumulator):
 /// then its results are bit-identical at any thread count.
 ///
+/// A job ends when its last part is done, not when every worker has looked at it: a worker that
+/// the system has descheduled (a busy shared machine) never holds the others up unless it is in
+/// the middle of a part. Parts are claimed from one counter that also holds the job's generation,
+/// so a worker that wakes late cannot claim a part of a later job by mistake.
+///
 /// Waiting: a worker that finishes a job spins (yielding the core to others) for a short while,
 /// so that the next kernel's job, usually microseconds away, starts without a wake-up; then it
 /// sleeps on a condition variable, so idle workers cost nothing while OpenBLAS runs.
@@ -31,8 +36,10 @@ public final class ComputePool: @unchecked Sendable {
 
     /// generation * 256 + helpers: the workers 1...helpers take part in that generation's job.
     private let ticket = Atomic<Int>(0)
-    private let nextPart = Atomic<Int>(0)
-    private let finished = Atomic<Int>(0)
+    /// generation << 32 | the next part to claim.
+    private let cursor = Atomic<UInt64>(0)
+    /// Parts of the current job done.
+    private let completed = Atomic<Int>(0)
     private let sleepers = Atomic<Int>(0)
     private let wake = NSCondition()
     private let entry = NSLock()
@@ -72,16 +79,16 @@ public final class ComputePool: @unchecked Sendable {
         withoutActuallyEscaping(work) { escaping in
             body = escaping
             parts = count
-            nextPart.store(0, ordering: .relaxed)
-            finished.store(0, ordering: .relaxed)
+            completed.store(0, ordering: .relaxed)
             let generation = ticket.load(ordering: .relaxed) >> 8 + 1
+            cursor.store(UInt64(generation & 0xFFFF_FFFF) << 32, ordering: .releasing)
             wake.lock()
             ticket.store(generation << 8 | helpers, ordering: .releasing)
             if sleepers.load(ordering: .relaxed) > 0 { wake.broadcast() }
             wake.unlock()
-            drain()
+            drain(generation)
             var spins = 0
-            while finished.load(ordering: .acquiring) < helpers {
+            while completed.load(ordering: .acquiring) < count {
                 spins += 1
                 if spins > 64 { sched_yield() }
             }
@@ -89,13 +96,17 @@ public final class ComputePool: @unchecked Sendable {
         }
     }
 
-    /// Runs parts until none is left.
-    private func drain() {
-        let work = body!
+    /// Claims and runs parts of job `generation` until none is left (or a later job started).
+    private func drain(_ generation: Int) {
         while true {
-            let part = nextPart.wrappingAdd(1, ordering: .relaxed).oldValue
+            let v = cursor.load(ordering: .acquiring)
+            if Int(v >> 32) != generation & 0xFFFF_FFFF { return }  // the cursor keeps 32 bits of it
+            let part = Int(v & 0xFFFF_FFFF)
             if part >= parts { return }
-            work(part)
+            let claim = cursor.compareExchange(expected: v, desired: v + 1, ordering: .acquiringAndReleasing)
+            if !claim.exchanged { continue }
+            body!(part)
+            completed.add(1, ordering: .releasing)
         }
     }
 
@@ -103,10 +114,7 @@ public final class ComputePool: @unchecked Sendable {
         var seen = start
         while true {
             seen = awaitTicket(after: seen)
-            if index <= seen & 255 {
-                drain()
-                finished.add(1, ordering: .releasing)
-            }
+            if index <= seen & 255 { drain(seen >> 8) }
         }
     }
 

@@ -175,7 +175,8 @@ struct Bench: ParsableCommand {
             for (c, n) in counts.enumerated() {
                 let ratio = plugin.seconds[c] / base.seconds[c]
                 let flopRatio = plugin.flops / base.flops
-                print(String(format: "%@ batch %d, %d thread(s): plug-in k=%d d=%d time ratio %.2fx, FLOP ratio %.2fx -> %.2f",
+                let format = "%@ batch %d, %d thread(s): plug-in k=%d d=%d time ratio %.2fx, FLOP ratio %.2fx -> %.2f"
+                print(String(format: format,
                              base.label as NSString, base.batch, n, plugin.config.window, plugin.config.pluginDepth,
                              ratio, flopRatio, ratio / flopRatio))
             }

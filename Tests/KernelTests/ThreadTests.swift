@@ -21,16 +21,44 @@ final class ThreadTests: XCTestCase {
             BLAS.threads = threads
             let jobs = ComputePool.shared.parallelJobs
             let got = body()
-            XCTAssertGreaterThan(ComputePool.shared.parallelJobs, jobs, "\(what): no job was split", file: file, line: line)
+            XCTAssertGreaterThan(ComputePool.shared.parallelJobs, jobs, "\(what): no job was split",
+                                 file: file, line: line)
             XCTAssertEqual(got.count, want.count, what, file: file, line: line)
-            let differ = zip(got, want).enumerated().first { $0.element.0.bitPattern != $0.element.1.bitPattern }?.offset
-            XCTAssertNil(differ, "\(what): \(threads) threads differ from 1 at element \(differ ?? -1)", file: file, line: line)
+            let differ = zip(got, want).enumerated().first { $0.element.0.bitPattern != $0.element.1.bitPattern }
+            XCTAssertNil(differ, "\(what): \(threads) threads differ from 1 at element \(differ?.offset ?? -1)",
+                         file: file, line: line)
         }
     }
 
     func randoms(_ n: Int, seed: UInt64) -> [Float] {
         var r = CounterRNG(seed: seed)
         return (0..<n).map { _ in r.normal() }
+    }
+
+    /// The pool runs every part exactly once, from nested calls too, and starts no thread per
+    /// call: the process's thread count (/proc/self/task) is the same after 2000 jobs.
+    func testPoolRunsEachPartOnceAndStartsNoThreadPerCall() throws {
+        let saved = BLAS.threads
+        defer { BLAS.threads = saved }
+        BLAS.threads = 3
+        func threadCount() throws -> Int { try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count }
+        let counts = UnsafeMutablePointer<Int>.allocate(capacity: 64)
+        defer { counts.deallocate() }
+        for _ in 0..<200 { ComputePool.shared.run(parts: 3) { _ in } }  // the workers are up
+        let before = try threadCount()
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        for job in 0..<2000 {
+            let parts = 1 + job % 64
+            counts.initialize(repeating: 0, count: parts)
+            ComputePool.shared.run(parts: parts) { part in
+                counts[part] += 1
+                if part == 0 { ComputePool.shared.run(parts: 2) { _ in counts[0] += 0 } }  // nested: serial
+            }
+            XCTAssertTrue((0..<parts).allSatisfy { counts[$0] == 1 }, "job \(job): every part once")
+        }
+        let perJob = Double(DispatchTime.now().uptimeNanoseconds - t0) / 2000 / 1000
+        XCTAssertEqual(try threadCount(), before, "no thread started per call")
+        print(String(format: "compute pool: %.1f us per job of 1-64 empty parts on 3 threads", perJob))
     }
 
     /// `BLAS.sgemm`'s tiles give the same bits at any thread count, for row and column tilings,
@@ -52,12 +80,12 @@ final class ThreadTests: XCTestCase {
                 let lda = ta ? m : k, ldb = tb ? k : n
                 let what = "sgemm \(m) x \(n) x \(k) transA \(ta) transB \(tb)"
                 var one = [Float](repeating: 0.5, count: m * n)
-                BLAS.sgemmOneCall(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb, beta: 1,
-                                  &one, ldc: n)
+                BLAS.sgemmOneCall(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb,
+                                  beta: 1, &one, ldc: n)
                 sameAtAnyThreadCount(what) {
                     var c = [Float](repeating: 0.5, count: m * n)
-                    BLAS.sgemm(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb, beta: 1, &c,
-                               ldc: n)
+                    BLAS.sgemm(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb, beta: 1,
+                               &c, ldc: n)
                     var differ = 0
                     var worst: Float = 0
                     for (x, y) in zip(c, one) where x.bitPattern != y.bitPattern {
@@ -121,8 +149,10 @@ final class ThreadTests: XCTestCase {
             for p in 0..<T {
                 steps.withUnsafeBufferPointer { s in
                     out.withUnsafeMutableBufferPointer { o in
-                        attentionStepForward(o.baseAddress! + p * rows * D, &keys, &values, s.baseAddress! + p * rows * 3 * D,
-                                             rows: rows, dim: D, heads: NH, cacheLength: T, position: p)
+                        let out = o.baseAddress! + p * rows * D
+                        let qkv = s.baseAddress! + p * rows * 3 * D
+                        attentionStepForward(out, &keys, &values, qkv, rows: rows, dim: D, heads: NH, cacheLength: T,
+                                             position: p)
                     }
                 }
             }
@@ -148,7 +178,8 @@ final class ThreadTests: XCTestCase {
         }
         sameAtAnyThreadCount("add, dropout") {
             var mask = [Float](repeating: 0, count: n * f)
-            dropoutMask(&mask, p: 0.3, rows: n, d: f, rowsPerSample: 8, samplePositions: [5, 1, 7], seed: 3, step: 2, site: 1)
+            dropoutMask(&mask, p: 0.3, rows: n, d: f, rowsPerSample: 8, samplePositions: [5, 1, 7], seed: 3, step: 2,
+                        site: 1)
             var x = g
             addForward(&x, x, g, count: n * f)
             dropoutApply(&x, mask, count: n * f)
@@ -167,8 +198,8 @@ final class ThreadTests: XCTestCase {
         }
         sameAtAnyThreadCount("dropout mask") {
             var mask = [Float](repeating: 0, count: 2 * rowsPerSample * d)
-            dropoutMask(&mask, p: p, rows: 2 * rowsPerSample, d: d, rowsPerSample: rowsPerSample, samplePositions: [4, 2],
-                        seed: 3, step: 2, site: 6)
+            dropoutMask(&mask, p: p, rows: 2 * rowsPerSample, d: d, rowsPerSample: rowsPerSample,
+                        samplePositions: [4, 2], seed: 3, step: 2, site: 6)
             XCTAssertEqual(mask, want)
             return mask
         }
