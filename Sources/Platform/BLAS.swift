@@ -79,8 +79,9 @@ public enum BLAS {
             Int32(m), Int32(n), Int32(k), alpha, a, Int32(lda), b, Int32(ldb), beta, c, Int32(ldc))
     }
 
-    /// OpenBLAS on one thread, once, before its first use.
-    static let pinned: Void = openblas_set_num_threads(1)
+    /// OpenBLAS on one thread, once, before its first use (`ComputePool.shared` does it, taking
+    /// OpenBLAS's own default as the pool's first size).
+    static var pinned: Void { _ = ComputePool.shared }
 
     /// The rank's compute threads (`dist.threads_per_rank`): the size of the `ComputePool` that
     /// `sgemm` and the kernels split their work over. OpenBLAS itself stays on one thread.

@@ -1,3 +1,4 @@
+import CSupport
 import Foundation
 import Synchronization
 #if canImport(Glibc)
@@ -25,7 +26,17 @@ import Glibc
 /// Calls from inside a part, or from a second thread while a job runs, run their parts serially
 /// on the calling thread (same results, no deadlock).
 public final class ComputePool: @unchecked Sendable {
-    public static let shared = ComputePool()
+    /// Created at the first use of the pool or of BLAS: its size starts as the thread count OpenBLAS
+    /// chose by itself (the cores, or OPENBLAS_NUM_THREADS; one under a binding to one core), as
+    /// a program that never sets `BLAS.threads` (tensorar-eval, tensorar-data) had before; then
+    /// OpenBLAS is put on one thread for good.
+    public static let shared: ComputePool = {
+        let pool = ComputePool()
+        let openblasDefault = Int(openblas_get_num_threads())
+        openblas_set_num_threads(1)
+        pool.setThreads(openblasDefault)
+        return pool
+    }()
 
     /// Threads a job may use, the caller's included.
     public private(set) var threads = 1
