@@ -36,10 +36,10 @@ struct BlockCache {
 
 /// Scratch shared by all blocks of a stack during backward (R rows), views into the table.
 private struct BackwardScratch {
-    let tmp, dh, dn, dattY, dqkv, dab, dg, attn: FlatBuffer
+    let tmp, dh, dn, dattY, dqkv, dab, dg: FlatBuffer
     init(_ t: ActivationTable, _ prefix: String) {
         tmp = t["\(prefix).tmp"]; dh = t["\(prefix).dh"]; dn = t["\(prefix).dn"]; dattY = t["\(prefix).dattY"]
-        dqkv = t["\(prefix).dqkv"]; dab = t["\(prefix).dab"]; dg = t["\(prefix).dg"]; attn = t["\(prefix).attn"]
+        dqkv = t["\(prefix).dqkv"]; dab = t["\(prefix).dab"]; dg = t["\(prefix).dg"]
     }
 }
 
@@ -81,7 +81,6 @@ final class BlockStack {
         a.add("\(prefix).dh", [R, D], .backward); a.add("\(prefix).dn", [R, D], .backward)
         a.add("\(prefix).dattY", [R, D], .backward); a.add("\(prefix).dqkv", [R, 3 * D], .backward)
         a.add("\(prefix).dab", [R, 2 * F], .backward); a.add("\(prefix).dg", [R, F], .backward)
-        a.add("\(prefix).attn", [S, S], .backward)  // one (sequence, head)'s attention gradient
     }
 
     /// Uses the buffers of `addActivations(prefix, ...)` in `t` (its forward part allocated).
@@ -107,13 +106,13 @@ final class BlockStack {
             attentionForward(c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal)
             matmulForward(tmp, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
             applyDropout(tmp, "\(prefix).\(l).mask1", dropout, site: siteBase + 2 * l)
-            for i in 0..<(R * D) { c.h.base[i] = c.xIn.base[i] + tmp[i] }
+            addForward(c.h.base, c.xIn.base, tmp, count: R * D)
             rmsnormForward(c.n2.base, c.rstd2.base, c.h.base, p + w.ffnNorm, n: R, d: D, eps: eps)
             matmulForward(c.ab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F)
             swigluForward(c.g.base, c.ab.base, n: R, f: F)
             matmulForward(tmp, c.g.base, p + w.w2, n: R, ic: F, oc: D)
             applyDropout(tmp, "\(prefix).\(l).mask2", dropout, site: siteBase + 2 * l + 1)
-            for i in 0..<(R * D) { x.base[i] = c.h.base[i] + tmp[i] }
+            addForward(x.base, c.h.base, tmp, count: R * D)
         }
     }
 
@@ -149,7 +148,8 @@ final class BlockStack {
             s.dattY.zero()
             matmulBackward(s.dattY.base, gp + w.wo, s.tmp.base, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
             s.dqkv.zero()
-            attentionBackward(s.dqkv.base, s.attn.base, s.dattY.base, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal)
+            attentionBackward(s.dqkv.base, s.dattY.base, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D,
+                              heads: NH, causal: causal)
             if let rotary { rotaryApply(s.dqkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH, inverse: true) }
             s.dn.zero()
             matmulBackward(s.dn.base, gp + w.wqkv, s.dqkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
@@ -166,13 +166,13 @@ final class BlockStack {
 public final class KVCache {
     let rows, seqLen: Int
     let keys, values: FlatBuffer  // (L, NB, NH, T, hd)
-    let n1, rstd, qkv, att, tmp, ab, g, scores: FlatBuffer
+    let n1, rstd, qkv, att, tmp, ab, g: FlatBuffer
     init(layers L: Int, rows NB: Int, seqLen T: Int, dim D: Int, ffn F: Int) {
         rows = NB; seqLen = T
         keys = FlatBuffer(count: L * NB * T * D); values = FlatBuffer(count: L * NB * T * D)
         n1 = FlatBuffer(count: NB * D); rstd = FlatBuffer(count: NB)
         qkv = FlatBuffer(count: NB * 3 * D); att = FlatBuffer(count: NB * D); tmp = FlatBuffer(count: NB * D)
-        ab = FlatBuffer(count: NB * 2 * F); g = FlatBuffer(count: NB * F); scores = FlatBuffer(count: T)
+        ab = FlatBuffer(count: NB * 2 * F); g = FlatBuffer(count: NB * F)
     }
 }
 
@@ -185,39 +185,22 @@ extension BlockStack {
     /// x (NB, D) in: the inputs at `pos`; out: the stack's outputs there. The same block as
     /// `forward`, the attention reading the cached positions 0...pos.
     func step(_ x: FloatPtr, cache c: KVCache, position pos: Int, params p: FloatPtr) {
-        let NB = c.rows, hd = D / NH
-        let kC = c.keys.base, vC = c.values.base, qkv = c.qkv.base, att = c.att.base, tmp = c.tmp.base
-        let sc = c.scores.base
-        let scale = 1 / Float(hd).squareRoot()
-        let headBlock = c.seqLen * hd  // floats per (layer, row, head) in either cache
+        let NB = c.rows
+        let qkv = c.qkv.base, att = c.att.base, tmp = c.tmp.base
+        let layerBlock = NB * c.seqLen * D  // floats per layer in either cache
         for (l, bw) in weights.enumerated() {
             rmsnormForward(c.n1.base, c.rstd.base, x, p + bw.attnNorm, n: NB, d: D, eps: eps)
             matmulForward(qkv, c.n1.base, p + bw.wqkv, n: NB, ic: D, oc: 3 * D)
             if let rotary { rotaryApply(qkv, rotary, batch: NB, seqLen: 1, dim: D, heads: NH, position: pos) }
-            for r in 0..<NB {
-                for h in 0..<NH {
-                    let blk = ((l * NB + r) * NH + h) * headBlock
-                    let kh = kC + blk, vh = vC + blk
-                    let q = qkv + r * 3 * D + h * hd
-                    (kh + pos * hd).update(from: q + D, count: hd)
-                    (vh + pos * hd).update(from: q + 2 * D, count: hd)
-                    // scores over cached positions 0...pos: sc = scale K q; out = V^T softmax(sc)
-                    BLAS.sgemv(trans: false, m: pos + 1, n: hd, alpha: scale, kh, lda: hd, q, beta: 0, sc)
-                    var mx = -Float.infinity
-                    for j in 0...pos { mx = max(mx, sc[j]) }
-                    var sum: Float = 0
-                    for j in 0...pos { let e = fexp(sc[j] - mx); sc[j] = e; sum += e }
-                    let out = att + r * D + h * hd
-                    BLAS.sgemv(trans: true, m: pos + 1, n: hd, alpha: 1 / sum, vh, lda: hd, sc, beta: 0, out)
-                }
-            }
+            attentionStepForward(att, c.keys.base + l * layerBlock, c.values.base + l * layerBlock, qkv, rows: NB,
+                                 dim: D, heads: NH, cacheLength: c.seqLen, position: pos)
             matmulForward(tmp, att, p + bw.wo, n: NB, ic: D, oc: D)
-            for i in 0..<(NB * D) { x[i] += tmp[i] }
+            addForward(x, x, tmp, count: NB * D)
             rmsnormForward(c.n1.base, c.rstd.base, x, p + bw.ffnNorm, n: NB, d: D, eps: eps)
             matmulForward(c.ab.base, c.n1.base, p + bw.w13, n: NB, ic: D, oc: 2 * F)
             swigluForward(c.g.base, c.ab.base, n: NB, f: F)
             matmulForward(tmp, c.g.base, p + bw.w2, n: NB, ic: F, oc: D)
-            for i in 0..<(NB * D) { x[i] += tmp[i] }
+            addForward(x, x, tmp, count: NB * D)
         }
     }
 }

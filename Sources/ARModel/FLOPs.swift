@@ -1,11 +1,15 @@
+import Kernels
+
 /// Matmul FLOPs the implementation actually does (2 per multiply-add), for efficiency figures
-/// (SPEC section 3: "measure efficiency against the FLOPs actually done"). Causal attention is
-/// counted at its full S x S, since the sgemm path computes the masked half too.
+/// (SPEC section 3: "measure efficiency against the FLOPs actually done"). Attention counts the
+/// (row, key) pairs the kernel computes (`attentionFLOPs`): causal attention blocked by query
+/// rows skips most of the masked half; the plug-in's full-mask attention does all S x S.
 extension ModelConfig {
-    func stackFLOPs(sequences n: Int, seqLen s: Int, layers: Int) -> Double {
-        let D = Double(dim), F = Double(ffnHidden), R = Double(n * s), hd = Double(headDim), NH = Double(nHead)
-        let perBlock = 2 * R * D * 3 * D + 2 * R * D * D + 2 * R * D * 2 * F + 2 * R * F * D + 2 * 2 * Double(n) * NH * Double(s * s) * hd
-        return perBlock * Double(layers)
+    func stackFLOPs(sequences n: Int, seqLen s: Int, layers: Int, causal: Bool) -> Double {
+        let D = Double(dim), F = Double(ffnHidden), R = Double(n * s), NH = Double(nHead)
+        let linear = 2 * R * D * 3 * D + 2 * R * D * D + 2 * R * D * 2 * F + 2 * R * F * D
+        let attention = Double(n) * NH * attentionFLOPs(seqLen: s, headDim: headDim, causal: causal)
+        return (linear + attention) * Double(layers)
     }
 
     /// The base's head for a batch of B images (`BaseModel.headFLOPs`): LlamaGen's output
@@ -20,12 +24,13 @@ extension ModelConfig {
     /// Forward FLOPs for a batch of B images (training/teacher-forced pass).
     public func forwardFLOPs(batch B: Int) -> Double {
         let T = seqLen, D = Double(dim)
-        var f = stackFLOPs(sequences: B, seqLen: T, layers: nLayer) + headFLOPs(batch: B)
+        var f = stackFLOPs(sequences: B, seqLen: T, layers: nLayer, causal: true) + headFLOPs(batch: B)
         if hasPlugin {
             let k = window
             let ne = B * (T - 1)
-            f += stackFLOPs(sequences: ne, seqLen: k + 1, layers: pluginDepth) + 2 * Double(ne) * D * D
-            f += stackFLOPs(sequences: B * T, seqLen: k + 1, layers: pluginDepth) + 2 * Double(B * T * k) * D * D
+            f += stackFLOPs(sequences: ne, seqLen: k + 1, layers: pluginDepth, causal: false) + 2 * Double(ne) * D * D
+            f += stackFLOPs(sequences: B * T, seqLen: k + 1, layers: pluginDepth, causal: false)
+            f += 2 * Double(B * T * k) * D * D
         }
         return f
     }

@@ -268,7 +268,7 @@ final class OpenMAGVIT2: RotaryTrunkBase {
     /// Every head row runs the factorized stack over 2 slots and both heads (`headForward`).
     static func headFLOPs(_ c: ModelConfig, rows: Int, validRows: Int) -> Double {
         let width = Double((1 << c.factorizedBits[0]) + (1 << c.factorizedBits[1]))
-        let stack = c.stackFLOPs(sequences: rows, seqLen: 2, layers: c.factorizedNLayer)
+        let stack = c.stackFLOPs(sequences: rows, seqLen: 2, layers: c.factorizedNLayer, causal: true)
         return stack + 2 * Double(rows) * Double(c.dim) * width
     }
 

@@ -67,7 +67,8 @@ public final class Sampler {
     let encoder: EncoderStage?
     let decoder: DecoderStage?
     private var ws: Workspace?
-    private var choosers: [TokenChooser]
+    /// Per part of the token choice (`parallelParts`): its choosers (one per head part) and row.
+    private var choosers: [ChooserSlot] = []
 
     public init(model: Transformer) {
         m = model
@@ -77,7 +78,16 @@ public final class Sampler {
             encoder = EncoderStage(base: model.base, config: c, table: model.table, siteBase: 0)
             decoder = DecoderStage(config: c, table: model.table, siteBase: 0)
         } else { encoder = nil; decoder = nil }
-        choosers = model.base.headParts.map { TokenChooser(vocabSize: $0) }
+    }
+
+    /// Scratch of one part of the token choice: a chooser per head part and a guided-logits row.
+    final class ChooserSlot {
+        var choosers: [TokenChooser]
+        var row: [Float]
+        init(parts: [Int]) {
+            choosers = parts.map { TokenChooser(vocabSize: $0) }
+            row = [Float](repeating: 0, count: parts.max()!)
+        }
     }
 
     /// Every buffer one batch of NB rows (n images, times 2 with guidance) needs.
@@ -86,7 +96,6 @@ public final class Sampler {
         let cache: KVCache
         let x: FlatBuffer       // (NB, D) the trunk's rows at the current position
         let logits: FlatBuffer  // (NB, slots, widest part)
-        var row: [Float]
         /// The plug-in stages' buffers: the encoder over n images, the decoder over NB rows.
         let stages: ActivationTable
         init(_ m: Transformer, n: Int, NB: Int) {
@@ -102,7 +111,6 @@ public final class Sampler {
             cache = m.base.makeTrunkCache(rows: NB)
             x = FlatBuffer(count: NB * c.dim)
             logits = FlatBuffer(count: NB * (c.hasPlugin ? c.window : 1) * widest)
-            row = [Float](repeating: 0, count: widest)
         }
     }
 
@@ -169,43 +177,67 @@ public final class Sampler {
     }
 
     /// For each head part in turn: the logits of every (row, slot), guidance, then each valid
-    /// slot's choice (the null rows get the same choice). Returns [part][b * slots + j].
+    /// slot's choice (the null rows get the same choice). Returns [part][b * slots + j]. The
+    /// choices are split by (image, slot) over the threads, each with its own random stream.
     private func chooseTokens(_ h: ConstFloatPtr, n: Int, NB: Int, position pos: Int, sampleIds: [Int],
                               options o: SamplingOptions) -> [[Int32]] {
-        let c = m.config, T = c.seqLen, k = c.window, rows = c.hasPlugin ? k : 1
-        let w = ws!, logits = w.logits.base
+        let c = m.config, k = c.window, rows = c.hasPlugin ? k : 1
+        let logits = ws!.logits.base
         var rngs = [CounterRNG]()
         for b in 0..<n {
             for j in 0..<rows {
-                rngs.append(CounterRNG(seed: o.seed, UInt64(sampleIds[b]), RandomPurpose.sampling.rawValue, UInt64(pos * k + j)))
+                let slot = UInt64(pos * k + j)
+                rngs.append(CounterRNG(seed: o.seed, UInt64(sampleIds[b]), RandomPurpose.sampling.rawValue, slot))
             }
         }
+        while choosers.count < maxParts() { choosers.append(ChooserSlot(parts: m.base.headParts)) }
         var chosen: [[Int32]] = []
         for (part, V) in m.base.headParts.enumerated() {
             m.base.headLogits(logits, h, rows: NB * rows, part: part, chosen: chosen, params: m.params.base)
             var pick = [Int32](repeating: -1, count: NB * rows)
-            let po = o.forPart(part)
-            w.row.withUnsafeMutableBufferPointer { rowBuf in
-                let row = rowBuf.baseAddress!
-                for b in 0..<n {
-                    for j in 0..<rows where pos + j < T {
-                        let cond = logits + (b * rows + j) * V
-                        if o.guides(part: part, position: pos) {
-                            let un = logits + ((n + b) * rows + j) * V, s = po.cfgScale
-                            for v in 0..<V { row[v] = un[v] + s * (cond[v] - un[v]) }
-                        } else {
-                            row.update(from: cond, count: V)
-                        }
-                        let u = rngs[b * rows + j].uniform()
-                        let tok = Int32(choosers[part].choose(row, options: po, uniform: u))
-                        pick[b * rows + j] = tok
-                        if NB > n { pick[(n + b) * rows + j] = tok }
+            pick.withUnsafeMutableBufferPointer { pickBuf in
+                rngs.withUnsafeMutableBufferPointer { rngBuf in
+                    let choice = Choice(logits: logits, pick: pickBuf.baseAddress!, rngs: rngBuf.baseAddress!, n: n,
+                                        NB: NB, slots: rows, vocab: V, part: part, position: pos)
+                    parallelParts(n * rows, cost: 16 * V) { range, worker in
+                        for index in range { choose(choice, index: index, slot: choosers[worker], options: o) }
                     }
                 }
             }
             chosen.append(pick)
         }
         return chosen
+    }
+
+    /// Where one head part's token choice reads and writes.
+    private struct Choice {
+        let logits: ConstFloatPtr  // (NB, slots, V)
+        let pick: UnsafeMutablePointer<Int32>
+        let rngs: UnsafeMutablePointer<CounterRNG>  // one per (image, slot); head parts draw in turn
+        let n, NB, slots, vocab, part, position: Int
+    }
+
+    /// The choice for conditioned row `index` (image b, slot j) and its null row: guidance (only
+    /// above 1 and inside the cfg interval), then the chooser with the part's settings (SPEC 5, 8).
+    private func choose(_ c: Choice, index: Int, slot: ChooserSlot, options o: SamplingOptions) {
+        let (b, j) = index.quotientAndRemainder(dividingBy: c.slots)
+        if c.position + j >= m.config.seqLen { return }
+        let V = c.vocab
+        let cond = c.logits + index * V
+        let po = o.forPart(c.part)  // this part's scale and temperature (SPEC section 8)
+        let tok = slot.row.withUnsafeMutableBufferPointer { rowBuf -> Int32 in
+            let row = rowBuf.baseAddress!
+            if o.guides(part: c.part, position: c.position) {
+                let un = c.logits + ((c.n + b) * c.slots + j) * V
+                let s = po.cfgScale
+                for v in 0..<V { row[v] = un[v] + s * (cond[v] - un[v]) }
+            } else {
+                row.update(from: cond, count: V)
+            }
+            return Int32(slot.choosers[c.part].choose(row, options: po, uniform: c.rngs[index].uniform()))
+        }
+        c.pick[index] = tok
+        if c.NB > c.n { c.pick[(c.n + b) * c.slots + j] = tok }
     }
 
     /// Base-trunk input vectors (the first `rows` rows of x) for step inputs t (rows, k): the

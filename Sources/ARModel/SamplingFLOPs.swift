@@ -13,8 +13,11 @@ extension ModelConfig {
         var f = NB * (perRowBlock + attention) * Double(nLayer)
         if hasPlugin {
             let k = window
-            if p > 0 { f += stackFLOPs(sequences: n, seqLen: k + 1, layers: pluginDepth) + 2 * Double(n) * D * D }
-            f += stackFLOPs(sequences: Int(NB), seqLen: k + 1, layers: pluginDepth) + 2 * NB * Double(k) * D * D
+            if p > 0 {
+                f += stackFLOPs(sequences: n, seqLen: k + 1, layers: pluginDepth, causal: false) + 2 * Double(n) * D * D
+            }
+            f += stackFLOPs(sequences: Int(NB), seqLen: k + 1, layers: pluginDepth, causal: false)
+            f += 2 * NB * Double(k) * D * D
             f += head.samplingHeadFLOPs(self, rows: Int(NB) * k)
         } else {
             f += head.samplingHeadFLOPs(self, rows: Int(NB))

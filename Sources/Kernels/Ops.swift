@@ -5,6 +5,8 @@ import Platform
 // outputs, values cached for backward, inputs and weights, dimensions. Backward ADDS into
 // gradients (gradients are zeroed once per step). Shapes are in the comments: (N, D) means N rows
 // of D floats, row-major. Every kernel has a slow generic twin in Reference.swift and a test.
+// Every kernel runs on the rank's threads, split so that results do not depend on their number
+// (Parallel.swift).
 
 public typealias FloatPtr = UnsafeMutablePointer<Float>
 public typealias ConstFloatPtr = UnsafePointer<Float>
@@ -13,19 +15,28 @@ public typealias ConstFloatPtr = UnsafePointer<Float>
 
 /// out (N, D) = table[ids] (V, D); an id < 0 writes zeros (callers handle pads themselves).
 public func embeddingForward(_ out: FloatPtr, _ ids: UnsafePointer<Int32>, _ table: ConstFloatPtr, n: Int, d: Int) {
-    for i in 0..<n {
-        let id = Int(ids[i])
-        if id < 0 { (out + i * d).update(repeating: 0, count: d) } else { (out + i * d).update(from: table + id * d, count: d) }
+    parallelRanges(n, cost: d) { rows in
+        for i in rows {
+            let id = Int(ids[i])
+            if id < 0 {
+                (out + i * d).update(repeating: 0, count: d)
+            } else {
+                (out + i * d).update(from: table + id * d, count: d)
+            }
+        }
     }
 }
 
-/// dtable[ids[i]] += dout[i]
+/// dtable[ids[i]] += dout[i]. Split by columns: each part adds its columns over all rows in order.
 public func embeddingBackward(_ dtable: FloatPtr, _ dout: ConstFloatPtr, _ ids: UnsafePointer<Int32>, n: Int, d: Int) {
-    for i in 0..<n {
-        let id = Int(ids[i])
-        if id < 0 { continue }
-        let g = dtable + id * d, s = dout + i * d
-        for j in 0..<d { g[j] += s[j] }
+    parallelRanges(d, cost: n, align: 16) { cols in
+        for i in 0..<n {
+            let id = Int(ids[i])
+            if id < 0 { continue }
+            let g = dtable + id * d
+            let s = dout + i * d
+            for j in cols { g[j] += s[j] }
+        }
     }
 }
 
@@ -33,29 +44,58 @@ public func embeddingBackward(_ dtable: FloatPtr, _ dout: ConstFloatPtr, _ ids: 
 
 /// out (N, D), rstd (N) cached; inp (N, D), weight (D).
 public func rmsnormForward(_ out: FloatPtr, _ rstd: FloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, n: Int, d: Int, eps: Float) {
-    for i in 0..<n {
-        let x = inp + i * d, y = out + i * d
-        var ss: Float = 0
-        for j in 0..<d { ss += x[j] * x[j] }
-        let r = 1 / (ss / Float(d) + eps).squareRoot()
-        rstd[i] = r
-        for j in 0..<d { y[j] = x[j] * r * weight[j] }
+    parallelRanges(n, cost: 2 * d) { rows in
+        for i in rows {
+            let x = inp + i * d
+            let y = out + i * d
+            var ss: Float = 0
+            for j in 0..<d { ss += x[j] * x[j] }
+            let r = 1 / (ss / Float(d) + eps).squareRoot()
+            rstd[i] = r
+            for j in 0..<d { y[j] = x[j] * r * weight[j] }
+        }
     }
 }
 
-/// dx = r (w dy) - x r^3 / D * sum(w dy x);  dw += sum_rows dy x r
+/// dx = r (w dy) - x r^3 / D * sum(w dy x);  dw += sum_rows dy x r. On one thread one pass;
+/// on several, dx by rows, then dw by columns (each column summed over the rows in row order,
+/// as the single pass does: the same bits).
 public func rmsnormBackward(_ dinp: FloatPtr, _ dweight: FloatPtr, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, _ rstd: ConstFloatPtr, n: Int, d: Int) {
-    for i in 0..<n {
-        let x = inp + i * d, dy = dout + i * d, dx = dinp + i * d
-        let r = rstd[i]
-        var dot: Float = 0
-        for j in 0..<d { dot += weight[j] * dy[j] * x[j] }
-        let c = dot * r * r * r / Float(d)
-        for j in 0..<d {
-            dx[j] += r * weight[j] * dy[j] - x[j] * c
-            dweight[j] += dy[j] * x[j] * r
+    if partCount(n, cost: 3 * d) == 1 {
+        for i in 0..<n {
+            rmsnormRowBackward(dinp, dout, inp, weight, rstd, row: i, d: d)
+            let x = inp + i * d
+            let dy = dout + i * d
+            let r = rstd[i]
+            for j in 0..<d { dweight[j] += dy[j] * x[j] * r }
+        }
+        return
+    }
+    parallelRanges(n, cost: 3 * d) { rows in
+        for i in rows { rmsnormRowBackward(dinp, dout, inp, weight, rstd, row: i, d: d) }
+    }
+    parallelRanges(d, cost: n, align: 16) { cols in
+        for i in 0..<n {
+            let x = inp + i * d
+            let dy = dout + i * d
+            let r = rstd[i]
+            for j in cols { dweight[j] += dy[j] * x[j] * r }
         }
     }
+}
+
+/// One row of RMSNorm's input gradient: dx += r (w dy) - x r^3 / D * sum(w dy x).
+@inline(__always)
+private func rmsnormRowBackward(_ dinp: FloatPtr, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr,
+                                _ rstd: ConstFloatPtr, row i: Int, d: Int) {
+    let x = inp + i * d
+    let dy = dout + i * d
+    let dx = dinp + i * d
+    let r = rstd[i]
+    var dot: Float = 0
+    for j in 0..<d { dot += weight[j] * dy[j] * x[j] }
+    let c = dot * r * r * r / Float(d)
+    for j in 0..<d { dx[j] += r * weight[j] * dy[j] - x[j] * c }
 }
 
 // MARK: - linear  y = x W^T, W stored (out, in)
@@ -98,19 +138,24 @@ public struct RotaryTable {
 /// -angle (`inverse`, which is the backward pass: the rotation's transpose).
 /// `position` offsets the table: a KV-cached decoding step passes seqLen 1 and its position.
 public func rotaryApply(_ qkv: FloatPtr, _ table: RotaryTable, batch: Int, seqLen: Int, dim: Int, heads: Int, inverse: Bool = false, position: Int = 0) {
-    let hd = dim / heads, half = hd / 2
+    let hd = dim / heads
+    let half = hd / 2
     let sgn: Float = inverse ? -1 : 1
     table.cos.withUnsafeBufferPointer { cp in
         table.sin.withUnsafeBufferPointer { sp in
-            for b in 0..<batch {
-                for p in 0..<seqLen {
-                    let row = qkv + (b * seqLen + p) * 3 * dim
-                    let c = cp.baseAddress! + (p + position) * half, s = sp.baseAddress! + (p + position) * half
+            parallelRanges(batch * seqLen, cost: 4 * dim) { rows in
+                for bp in rows {
+                    let p = bp % seqLen
+                    let row = qkv + bp * 3 * dim
+                    let c = cp.baseAddress! + (p + position) * half
+                    let s = sp.baseAddress! + (p + position) * half
                     for part in 0..<2 {  // q then k
                         for h in 0..<heads {
                             let x = row + part * dim + h * hd
                             for i in 0..<half {
-                                let x0 = x[2 * i], x1 = x[2 * i + 1], si = sgn * s[i]
+                                let x0 = x[2 * i]
+                                let x1 = x[2 * i + 1]
+                                let si = sgn * s[i]
                                 x[2 * i] = x0 * c[i] - x1 * si
                                 x[2 * i + 1] = x1 * c[i] + x0 * si
                             }
@@ -124,112 +169,256 @@ public func rotaryApply(_ qkv: FloatPtr, _ table: RotaryTable, batch: Int, seqLe
 
 // MARK: - multi-head attention over qkv (B*S, 3D) -> out (B*S, D)
 
-/// probs (B, NH, S, S) cached. Causal or full mask. Long sequences use sgemm per (batch, head);
-/// short ones (the plug-in's k+1 slots) use direct loops, where sgemm's call overhead dominates.
-public func attentionForward(_ out: FloatPtr, _ probs: FloatPtr, _ qkv: ConstFloatPtr, batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) {
-    let hd = D / NH
-    let scale = 1 / Float(hd).squareRoot()
-    let ld = 3 * D
-    for b in 0..<batch {
-        let base = qkv + b * S * ld
-        for h in 0..<NH {
-            let q = base + h * hd, k = base + D + h * hd, v = base + 2 * D + h * hd
-            let P = probs + (b * NH + h) * S * S
-            let o = out + b * S * D + h * hd
-            if S >= 16 {
-                BLAS.sgemm(transA: false, transB: true, m: S, n: S, k: hd, alpha: scale, q, lda: ld, k, ldb: ld, beta: 0, P, ldc: S)
-            } else {
-                for i in 0..<S {
-                    for j in 0..<S {
-                        var s: Float = 0
-                        let qi = q + i * ld, kj = k + j * ld
-                        for t in 0..<hd { s += qi[t] * kj[t] }
-                        P[i * S + j] = s * scale
-                    }
-                }
-            }
-            for i in 0..<S {
-                let row = P + i * S
-                let last = causal ? i : S - 1
-                var mx = -Float.infinity
-                for j in 0...last { mx = max(mx, row[j]) }
-                var sum: Float = 0
-                for j in 0...last { let e = fexp(row[j] - mx); row[j] = e; sum += e }
-                let inv = 1 / sum
-                for j in 0...last { row[j] *= inv }
-                if last + 1 < S { for j in (last + 1)..<S { row[j] = 0 } }
-            }
-            if S >= 16 {
-                BLAS.sgemm(transA: false, transB: false, m: S, n: hd, k: S, P, lda: S, v, ldb: ld, beta: 0, o, ldc: D)
-            } else {
-                for i in 0..<S {
-                    let oi = o + i * D
-                    oi.update(repeating: 0, count: hd)
-                    for j in 0..<S {
-                        let p = P[i * S + j], vj = v + j * ld
-                        if p == 0 { continue }
-                        for t in 0..<hd { oi[t] += p * vj[t] }
-                    }
-                }
+/// Query rows per block of causal attention: a block multiplies only the keys up to its last
+/// row, so about half of the S x S scores (the masked ones) are never computed.
+public let attentionBlockRows = 64
+
+/// Matmul FLOPs attention's forward does for one (sequence, head), 2 per multiply-add: scores
+/// and weighted sum over the (row, key) pairs computed. Backward does twice this (dP, dV, dQ, dK
+/// over the same pairs). Short sequences (the direct loops) and full masks compute all S x S.
+public func attentionFLOPs(seqLen S: Int, headDim hd: Int, causal: Bool) -> Double {
+    if S < 16 || !causal { return 4 * Double(S * S * hd) }
+    var pairs = 0
+    for r0 in stride(from: 0, to: S, by: attentionBlockRows) {
+        let r1 = min(S, r0 + attentionBlockRows)
+        pairs += (r1 - r0) * r1
+    }
+    return 4 * Double(pairs * hd)
+}
+
+/// Where one (sequence, head) of attention reads and writes: q, k, v (and their gradients)
+/// inside qkv rows of 3D floats, o inside rows of D, P its (S, S) probabilities.
+private struct HeadView {
+    let q, k, v: FloatPtr
+    let o: FloatPtr
+    let P: FloatPtr
+}
+
+/// Scale, shape and mask of one attention call.
+private struct AttentionShape {
+    let S, D, hd, ld: Int
+    let scale: Float
+    let causal: Bool
+    init(seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) {
+        self.S = S
+        self.D = D
+        hd = D / NH
+        ld = 3 * D
+        scale = 1 / Float(D / NH).squareRoot()
+        self.causal = causal
+    }
+    /// Query rows per block: blocks only pay off under a causal mask.
+    var block: Int { causal ? attentionBlockRows : S }
+    /// The keys a block of rows ending at r1 sees.
+    func cols(_ r1: Int) -> Int { causal ? r1 : S }
+}
+
+private let attentionScratch = PartScratch()
+
+/// probs (B, NH, S, S) cached. Causal or full mask. Split by (sequence, head) over the threads.
+/// Long sequences use sgemm, blocked by query rows under the causal mask; short ones (the plug-in's
+/// k+1 slots) use direct loops, where sgemm's call overhead dominates.
+public func attentionForward(_ out: FloatPtr, _ probs: FloatPtr, _ qkv: ConstFloatPtr, batch: Int, seqLen S: Int,
+                             dim D: Int, heads NH: Int, causal: Bool) {
+    let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
+    let src = UnsafeMutablePointer(mutating: qkv)
+    parallelParts(batch * NH, cost: 2 * S * S * a.hd) { tasks, _ in
+        for task in tasks {
+            let (b, h) = task.quotientAndRemainder(dividingBy: NH)
+            let base = src + b * S * a.ld + h * a.hd
+            let view = HeadView(q: base, k: base + D, v: base + 2 * D, o: out + b * S * D + h * a.hd,
+                                P: probs + task * S * S)
+            if S >= 16 { headForwardBlocked(view, a) } else { headForwardDirect(view, a) }
+        }
+    }
+}
+
+private func headForwardBlocked(_ t: HeadView, _ a: AttentionShape) {
+    let S = a.S
+    for r0 in stride(from: 0, to: S, by: a.block) {
+        let r1 = min(S, r0 + a.block)
+        let cols = a.cols(r1)
+        BLAS.sgemm(transA: false, transB: true, m: r1 - r0, n: cols, k: a.hd, alpha: a.scale, t.q + r0 * a.ld,
+                   lda: a.ld, t.k, ldb: a.ld, beta: 0, t.P + r0 * S, ldc: S)
+        softmaxRows(t.P, r0..<r1, a)
+        BLAS.sgemm(transA: false, transB: false, m: r1 - r0, n: a.hd, k: cols, t.P + r0 * S, lda: S, t.v, ldb: a.ld,
+                   beta: 0, t.o + r0 * a.D, ldc: a.D)
+    }
+}
+
+private func headForwardDirect(_ t: HeadView, _ a: AttentionShape) {
+    let S = a.S
+    for i in 0..<S {
+        let qi = t.q + i * a.ld
+        for j in 0..<S {
+            let kj = t.k + j * a.ld
+            var s: Float = 0
+            for c in 0..<a.hd { s += qi[c] * kj[c] }
+            t.P[i * S + j] = s * a.scale
+        }
+    }
+    softmaxRows(t.P, 0..<S, a)
+    for i in 0..<S {
+        let oi = t.o + i * a.D
+        oi.update(repeating: 0, count: a.hd)
+        for j in 0..<S {
+            let p = t.P[i * S + j]
+            if p == 0 { continue }
+            let vj = t.v + j * a.ld
+            for c in 0..<a.hd { oi[c] += p * vj[c] }
+        }
+    }
+}
+
+/// Masked softmax of the score rows `rows` of P (S, S), in place; masked entries become 0.
+@inline(__always)
+private func softmaxRows(_ P: FloatPtr, _ rows: Range<Int>, _ a: AttentionShape) {
+    let S = a.S
+    for i in rows {
+        let row = P + i * S
+        let last = a.causal ? i : S - 1
+        var mx = -Float.infinity
+        for j in 0...last { mx = max(mx, row[j]) }
+        var sum: Float = 0
+        for j in 0...last {
+            let e = fexp(row[j] - mx)
+            row[j] = e
+            sum += e
+        }
+        let inv = 1 / sum
+        for j in 0...last { row[j] *= inv }
+        if last + 1 < S { (row + last + 1).update(repeating: 0, count: S - last - 1) }
+    }
+}
+
+/// dqkv (B*S, 3D) += gradients through attention. Split by (sequence, head); each part has its
+/// own (S, S) scratch for the score gradients.
+public func attentionBackward(_ dqkv: FloatPtr, _ dout: ConstFloatPtr, _ qkv: ConstFloatPtr, _ probs: ConstFloatPtr,
+                              batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) {
+    let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
+    let scratch = attentionScratch.reserve(parts: maxParts(), floats: S * S)
+    let src = UnsafeMutablePointer(mutating: qkv)
+    let dO = UnsafeMutablePointer(mutating: dout)
+    let P = UnsafeMutablePointer(mutating: probs)
+    parallelParts(batch * NH, cost: 4 * S * S * a.hd) { tasks, part in
+        for task in tasks {
+            let (b, h) = task.quotientAndRemainder(dividingBy: NH)
+            let base = src + b * S * a.ld + h * a.hd
+            let dbase = dqkv + b * S * a.ld + h * a.hd
+            let view = HeadView(q: base, k: base + D, v: base + 2 * D, o: dO + b * S * D + h * a.hd,
+                                P: P + task * S * S)
+            let grad = HeadView(q: dbase, k: dbase + D, v: dbase + 2 * D, o: dO, P: scratch[part])
+            if S >= 16 { headBackwardBlocked(view, grad, a) } else { headBackwardDirect(view, grad, a) }
+        }
+    }
+}
+
+/// One head's backward with sgemm. `t.o` is dO; `g` holds dq, dk, dv and, in g.P, dP's scratch.
+/// By query blocks: dP = dO V^T, the softmax backward, dQ += dS K (keys up to the block's last
+/// row). Then by key blocks: dV += P^T dO, dK += dS^T Q over the rows from the block's first
+/// key on (the rows above are masked: their P and dS are exactly 0).
+private func headBackwardBlocked(_ t: HeadView, _ g: HeadView, _ a: AttentionShape) {
+    let S = a.S, D = a.D, ld = a.ld, hd = a.hd
+    let dP = g.P
+    for r0 in stride(from: 0, to: S, by: a.block) {
+        let r1 = min(S, r0 + a.block)
+        let cols = a.cols(r1)
+        BLAS.sgemm(transA: false, transB: true, m: r1 - r0, n: cols, k: hd, t.o + r0 * D, lda: D, t.v, ldb: ld,
+                   beta: 0, dP + r0 * S, ldc: S)
+        softmaxRowsBackward(t.P, dP, r0..<r1, a)
+        BLAS.sgemm(transA: false, transB: false, m: r1 - r0, n: hd, k: cols, dP + r0 * S, lda: S, t.k, ldb: ld,
+                   beta: 1, g.q + r0 * ld, ldc: ld)
+    }
+    for c0 in stride(from: 0, to: S, by: a.block) {
+        let c1 = min(S, c0 + a.block)
+        let r = a.causal ? c0 : 0
+        BLAS.sgemm(transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, t.P + r * S + c0, lda: S, t.o + r * D,
+                   ldb: D, beta: 1, g.v + c0 * ld, ldc: ld)
+        BLAS.sgemm(transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, dP + r * S + c0, lda: S, t.q + r * ld,
+                   ldb: ld, beta: 1, g.k + c0 * ld, ldc: ld)
+    }
+}
+
+private func headBackwardDirect(_ t: HeadView, _ g: HeadView, _ a: AttentionShape) {
+    let S = a.S, D = a.D, ld = a.ld, hd = a.hd
+    let dP = g.P
+    for i in 0..<S {
+        let oi = t.o + i * D
+        for j in 0..<S {
+            let vj = t.v + j * ld
+            var s: Float = 0
+            for c in 0..<hd { s += oi[c] * vj[c] }
+            dP[i * S + j] = s
+            let p = t.P[i * S + j]
+            if p == 0 { continue }
+            let dvj = g.v + j * ld
+            for c in 0..<hd { dvj[c] += p * oi[c] }
+        }
+    }
+    softmaxRowsBackward(t.P, dP, 0..<S, a)
+    for i in 0..<S {
+        let dqi = g.q + i * ld
+        let qi = t.q + i * ld
+        for j in 0..<S {
+            let d = dP[i * S + j]
+            if d == 0 { continue }
+            let kj = t.k + j * ld
+            let dkj = g.k + j * ld
+            for c in 0..<hd {
+                dqi[c] += d * kj[c]
+                dkj[c] += d * qi[c]
             }
         }
     }
 }
 
-/// dqkv (B*S, 3D) += gradients through attention; scratch needs S*S floats.
-public func attentionBackward(_ dqkv: FloatPtr, _ scratch: FloatPtr, _ dout: ConstFloatPtr, _ qkv: ConstFloatPtr, _ probs: ConstFloatPtr, batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) {
+/// Softmax backward on rows `rows`, in place in dP: dS = P (dP - sum_j P dP) times the scale;
+/// masked entries become 0.
+@inline(__always)
+private func softmaxRowsBackward(_ P: ConstFloatPtr, _ dP: FloatPtr, _ rows: Range<Int>, _ a: AttentionShape) {
+    let S = a.S
+    for i in rows {
+        let pr = P + i * S
+        let dr = dP + i * S
+        let last = a.causal ? i : S - 1
+        var dot: Float = 0
+        for j in 0...last { dot += pr[j] * dr[j] }
+        for j in 0...last { dr[j] = pr[j] * (dr[j] - dot) * a.scale }
+        if last + 1 < S { (dr + last + 1).update(repeating: 0, count: S - last - 1) }
+    }
+}
+
+private let stepScratch = PartScratch()
+
+/// One KV-cached decoding position of causal attention for NB rows (SPEC section 5). keys and
+/// values (NB, NH, T, hd): one layer's cache, each (row, head) a contiguous (T, hd) block; qkv
+/// (NB, 3D) after rotary; out (NB, D). Stores each row's key and value at `position`, then
+/// attends over positions 0...position with two sgemv calls per (row, head), which stream the
+/// cache about twice as fast as plain loops. Split by (row, head) over the threads.
+public func attentionStepForward(_ out: FloatPtr, _ keys: FloatPtr, _ values: FloatPtr, _ qkv: ConstFloatPtr,
+                                 rows NB: Int, dim D: Int, heads NH: Int, cacheLength T: Int, position pos: Int) {
     let hd = D / NH
     let scale = 1 / Float(hd).squareRoot()
-    let ld = 3 * D
-    for b in 0..<batch {
-        let base = qkv + b * S * ld, dbase = dqkv + b * S * ld
-        for h in 0..<NH {
-            let q = base + h * hd, k = base + D + h * hd, v = base + 2 * D + h * hd
-            let dq = dbase + h * hd, dk = dbase + D + h * hd, dv = dbase + 2 * D + h * hd
-            let P = probs + (b * NH + h) * S * S
-            let dO = dout + b * S * D + h * hd
-            let dP = scratch
-            if S >= 16 {
-                // dP = dO V^T (S, S); dV += P^T dO
-                BLAS.sgemm(transA: false, transB: true, m: S, n: S, k: hd, dO, lda: D, v, ldb: ld, beta: 0, dP, ldc: S)
-                BLAS.sgemm(transA: true, transB: false, m: S, n: hd, k: S, P, lda: S, dO, ldb: D, beta: 1, dv, ldc: ld)
-            } else {
-                for i in 0..<S {
-                    let oi = dO + i * D
-                    for j in 0..<S {
-                        let vj = v + j * ld
-                        var s: Float = 0
-                        for t in 0..<hd { s += oi[t] * vj[t] }
-                        dP[i * S + j] = s
-                        let p = P[i * S + j]
-                        if p != 0 { let dvj = dv + j * ld; for t in 0..<hd { dvj[t] += p * oi[t] } }
-                    }
-                }
+    let scratch = stepScratch.reserve(parts: maxParts(), floats: T)
+    parallelParts(NB * NH, cost: 4 * (pos + 1) * hd) { tasks, part in
+        let sc = scratch[part]
+        for task in tasks {
+            let (r, h) = task.quotientAndRemainder(dividingBy: NH)
+            let kh = keys + task * T * hd
+            let vh = values + task * T * hd
+            let q = qkv + r * 3 * D + h * hd
+            (kh + pos * hd).update(from: q + D, count: hd)
+            (vh + pos * hd).update(from: q + 2 * D, count: hd)
+            BLAS.sgemv(trans: false, m: pos + 1, n: hd, alpha: scale, kh, lda: hd, q, beta: 0, sc)
+            var mx = -Float.infinity
+            for j in 0...pos { mx = max(mx, sc[j]) }
+            var sum: Float = 0
+            for j in 0...pos {
+                let e = fexp(sc[j] - mx)
+                sc[j] = e
+                sum += e
             }
-            // softmax backward: dS = P (dP - sum_j P dP), then times the scale
-            for i in 0..<S {
-                let pr = P + i * S, dr = dP + i * S
-                let last = causal ? i : S - 1
-                var dot: Float = 0
-                for j in 0...last { dot += pr[j] * dr[j] }
-                for j in 0...last { dr[j] = pr[j] * (dr[j] - dot) * scale }
-                if last + 1 < S { for j in (last + 1)..<S { dr[j] = 0 } }
-            }
-            if S >= 16 {
-                // dQ += dS K; dK += dS^T Q
-                BLAS.sgemm(transA: false, transB: false, m: S, n: hd, k: S, dP, lda: S, k, ldb: ld, beta: 1, dq, ldc: ld)
-                BLAS.sgemm(transA: true, transB: false, m: S, n: hd, k: S, dP, lda: S, q, ldb: ld, beta: 1, dk, ldc: ld)
-            } else {
-                for i in 0..<S {
-                    let dqi = dq + i * ld, qi = q + i * ld
-                    for j in 0..<S {
-                        let g = dP[i * S + j]
-                        if g == 0 { continue }
-                        let kj = k + j * ld, dkj = dk + j * ld
-                        for t in 0..<hd { dqi[t] += g * kj[t]; dkj[t] += g * qi[t] }
-                    }
-                }
-            }
+            BLAS.sgemv(trans: true, m: pos + 1, n: hd, alpha: 1 / sum, vh, lda: hd, sc, beta: 0, out + r * D + h * hd)
         }
     }
 }
@@ -237,21 +426,34 @@ public func attentionBackward(_ dqkv: FloatPtr, _ scratch: FloatPtr, _ dout: Con
 // MARK: - SwiGLU  out = silu(a) * b, with ab (N, 2F) holding [a | b] per row (w1 and w3 fused)
 
 public func swigluForward(_ out: FloatPtr, _ ab: ConstFloatPtr, n: Int, f: Int) {
-    for i in 0..<n {
-        let a = ab + i * 2 * f, b = a + f, o = out + i * f
-        for j in 0..<f { let x = a[j]; o[j] = x / (1 + fexp(-x)) * b[j] }
+    parallelRanges(n, cost: 8 * f) { rows in
+        for i in rows {
+            let a = ab + i * 2 * f
+            let b = a + f
+            let o = out + i * f
+            for j in 0..<f {
+                let x = a[j]
+                o[j] = x / (1 + fexp(-x)) * b[j]
+            }
+        }
     }
 }
 
 /// dab (N, 2F) = d[a | b] (overwritten, not added: it is a fresh intermediate).
 public func swigluBackward(_ dab: FloatPtr, _ dout: ConstFloatPtr, _ ab: ConstFloatPtr, n: Int, f: Int) {
-    for i in 0..<n {
-        let a = ab + i * 2 * f, b = a + f, g = dout + i * f
-        let da = dab + i * 2 * f, db = da + f
-        for j in 0..<f {
-            let x = a[j], s = 1 / (1 + fexp(-x))
-            db[j] = g[j] * x * s
-            da[j] = g[j] * b[j] * s * (1 + x * (1 - s))
+    parallelRanges(n, cost: 10 * f) { rows in
+        for i in rows {
+            let a = ab + i * 2 * f
+            let b = a + f
+            let g = dout + i * f
+            let da = dab + i * 2 * f
+            let db = da + f
+            for j in 0..<f {
+                let x = a[j]
+                let s = 1 / (1 + fexp(-x))
+                db[j] = g[j] * x * s
+                da[j] = g[j] * b[j] * s * (1 + x * (1 - s))
+            }
         }
     }
 }
@@ -262,23 +464,43 @@ public func swigluBackward(_ dab: FloatPtr, _ dout: ConstFloatPtr, _ ab: ConstFl
 /// When `dlogits` is given it is set to w_i * scale * (softmax - onehot) (may alias logits).
 /// Returns the per-row losses in `losses` (N). Rows with target < 0 get loss 0 and zero gradient.
 public func crossEntropyForwardBackward(_ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr, _ targets: UnsafePointer<Int32>, _ weights: ConstFloatPtr, scale: Float, n: Int, v: Int) {
-    for i in 0..<n {
-        let row = logits + i * v
-        let y = Int(targets[i])
-        if y < 0 { losses[i] = 0; if let d = dlogits { (d + i * v).update(repeating: 0, count: v) }; continue }
-        var mx = -Float.infinity
-        for j in 0..<v { mx = max(mx, row[j]) }
-        var sum: Float = 0
-        for j in 0..<v { sum += fexp(row[j] - mx) }
-        let logZ = mx + logf(sum)
-        let target = row[y]
-        losses[i] = logZ - target
-        if let d = dlogits {
-            let dr = d + i * v
-            let g = weights[i] * scale
-            for j in 0..<v { dr[j] = g * fexp(row[j] - logZ) }
-            dr[y] -= g
+    parallelRanges(n, cost: 6 * v) { rows in
+        for i in rows {
+            crossEntropyRow(losses, dlogits, logits, targets, weights, scale: scale, row: i, v: v)
         }
+    }
+}
+
+@inline(__always)
+private func crossEntropyRow(_ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr,
+                             _ targets: UnsafePointer<Int32>, _ weights: ConstFloatPtr, scale: Float, row i: Int, v: Int) {
+    let row = logits + i * v
+    let y = Int(targets[i])
+    if y < 0 {
+        losses[i] = 0
+        if let d = dlogits { (d + i * v).update(repeating: 0, count: v) }
+        return
+    }
+    var mx = -Float.infinity
+    for j in 0..<v { mx = max(mx, row[j]) }
+    var sum: Float = 0
+    for j in 0..<v { sum += fexp(row[j] - mx) }
+    let logZ = mx + logf(sum)
+    let target = row[y]
+    losses[i] = logZ - target
+    if let d = dlogits {
+        let dr = d + i * v
+        let g = weights[i] * scale
+        for j in 0..<v { dr[j] = g * fexp(row[j] - logZ) }
+        dr[y] -= g
+    }
+}
+
+// MARK: - residual add: out = a + b (out may be a or b); its backward passes the gradient to both
+
+public func addForward(_ out: FloatPtr, _ a: ConstFloatPtr, _ b: ConstFloatPtr, count: Int) {
+    parallelRanges(count, cost: 1, align: 16) { range in
+        for i in range { out[i] = a[i] + b[i] }
     }
 }
 
@@ -286,18 +508,32 @@ public func crossEntropyForwardBackward(_ losses: FloatPtr, _ dlogits: FloatPtr?
 
 /// Applies a precomputed mask (N*D) in place: x *= mask. The mask comes from `dropoutMask`.
 public func dropoutApply(_ x: FloatPtr, _ mask: ConstFloatPtr, count: Int) {
-    for i in 0..<count { x[i] *= mask[i] }
+    parallelRanges(count, cost: 1, align: 16) { range in
+        for i in range { x[i] *= mask[i] }
+    }
 }
 
 /// Fills mask (rows, D) for rows belonging to samples: row r belongs to sample `rowSample[r]`,
 /// whose stream is keyed (seed, step, global sample position, site), so masks do not depend on
-/// how the batch is split across ranks. Rows of one sample are drawn in row order.
-public func dropoutMask(_ mask: FloatPtr, p: Float, rows: Int, d: Int, rowsPerSample: Int, samplePositions: [Int], seed: UInt64, step: Int, site: Int) {
+/// how the batch is split across ranks. Rows of one sample are drawn in row order. Split by
+/// ranges of the mask: a range inside a sample starts its stream where the draws before it end.
+public func dropoutMask(_ mask: FloatPtr, p: Float, rows: Int, d: Int, rowsPerSample: Int, samplePositions: [Int],
+                        seed: UInt64, step: Int, site: Int) {
     let keep = 1 / (1 - p)
-    let nSamples = rows / rowsPerSample
-    for s in 0..<nSamples {
-        var rng = CounterRNG(seed: seed, UInt64(step), UInt64(samplePositions[s]), RandomPurpose.dropout.rawValue, UInt64(site))
-        let m = mask + s * rowsPerSample * d
-        for i in 0..<(rowsPerSample * d) { m[i] = rng.uniform() < p ? 0 : keep }
+    let perSample = rowsPerSample * d
+    let total = rows / rowsPerSample * perSample
+    samplePositions.withUnsafeBufferPointer { positions in
+        parallelRanges(total, cost: 4, align: 16) { range in
+            var i = range.lowerBound
+            while i < range.upperBound {
+                let (s, offset) = i.quotientAndRemainder(dividingBy: perSample)
+                let end = min(range.upperBound, (s + 1) * perSample)
+                var rng = CounterRNG(seed: seed, UInt64(step), UInt64(positions[s]), RandomPurpose.dropout.rawValue,
+                                     UInt64(site))
+                rng.skip(offset)
+                for j in i..<end { mask[j] = rng.uniform() < p ? 0 : keep }
+                i = end
+            }
+        }
     }
 }

@@ -94,6 +94,20 @@ public enum Reference {
         return out
     }
 
+    /// One KV-cached decoding step is the last row of causal attention over positions 0...p: the
+    /// reference for `attentionStepForward` is `attention` itself, row p of each sequence.
+    public static func attentionLastRow(_ qkv: [Double], batch: Int, seqLen S: Int, dim D: Int, heads NH: Int) -> [Double] {
+        let all = attention(qkv, batch: batch, seqLen: S, dim: D, heads: NH, causal: true)
+        var last: [Double] = []
+        for b in 0..<batch {
+            let start = (b * S + S - 1) * D
+            last += all[start..<(start + D)]
+        }
+        return last
+    }
+
+    public static func add(_ a: [Double], _ b: [Double]) -> [Double] { zip(a, b).map { $0 + $1 } }
+
     public static func swiglu(_ ab: [Double], n: Int, f: Int) -> [Double] {
         var y = [Double](repeating: 0, count: n * f)
         for i in 0..<n { for j in 0..<f { let a = ab[i * 2 * f + j], b = ab[i * 2 * f + f + j]; y[i * f + j] = a / (1 + exp(-a)) * b } }

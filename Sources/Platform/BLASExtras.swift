@@ -10,6 +10,7 @@ extension BLAS {
     public static func sgemv(trans: Bool, m: Int, n: Int, alpha: Float = 1, _ a: UnsafePointer<Float>, lda: Int,
                              _ x: UnsafePointer<Float>, beta: Float, _ y: UnsafeMutablePointer<Float>) {
         if m == 0 || n == 0 { return }
+        _ = BLAS.pinned
         cblas_sgemv(CblasRowMajor, trans ? CblasTrans : CblasNoTrans, Int32(m), Int32(n), alpha, a, Int32(lda), x, 1, beta, y, 1)
     }
 

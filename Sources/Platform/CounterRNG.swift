@@ -27,6 +27,10 @@ public struct CounterRNG: RandomNumberGenerator, Sendable {
         return CounterRNG.mix(state ^ (counter &* 0xD1B5_4A32_D192_ED03))
     }
 
+    /// Moves the stream on by `draws` draws at no cost (the draw is a hash of the counter): a part
+    /// of a long stream can start where it would have been had the earlier draws been made.
+    public mutating func skip(_ draws: Int) { counter &+= UInt64(draws) }
+
     /// Uniform in [0, 1) with 24 bits (exactly representable in Float).
     @inline(__always) public mutating func uniform() -> Float { Float(next() >> 40) * (1.0 / 16_777_216.0) }
     /// Uniform integer in [0, n).

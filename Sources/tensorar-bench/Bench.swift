@@ -6,17 +6,29 @@ import Platform
 import Training
 
 /// Prints speed figures measured in one run, so ratios are meaningful on a noisy shared machine:
-/// the machine's sgemm peak, then model steps against it (model FLOPs utilisation).
+/// the machine's sgemm peak (before and after the model runs), training steps and sampling at 1
+/// and N threads, interleaved, against that peak (model FLOPs utilisation), and the thread scaling.
 @main
 struct Bench: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "tensorar-bench", abstract: "Measure sgemm peak and model speed (tokens/s, GFLOP/s, ratio to peak).")
+    static let configuration = CommandConfiguration(
+        commandName: "tensorar-bench",
+        abstract: "Measure sgemm peak and model speed (tokens/s, GFLOP/s, MFU, thread scaling).")
 
-    @Option(help: "BLAS threads for the model runs (default: 1, the per-rank setting under mpirun).") var threads = 1
-    @Option(help: "Comma-separated presets to time.") var presets = "small,B"
+    @Option(help: "Threads N for the model runs, each timed beside 1 thread (default: the cores).")
+    var threads = ProcessInfo.processInfo.activeProcessorCount
+    @Option(help: "Comma-separated presets to time a training step of (empty: none).") var presets = "small,B"
     @Option(help: "Comma-separated batch sizes (images of 256 tokens for B; grid 16).") var batches = "4,8"
-    @Option(help: "Timed steps per configuration (after one warm-up).") var steps = 2
+    @Option(help: "Timed repetitions per configuration and thread count (after one warm-up); the best is kept.")
+    var steps = 2
     @Option(help: "Plug-in window k for the TensorAR comparison (0 skips it).") var window = 4
     @Option(help: "Plug-in depth d.") var depth = 2
+    @Option(help: "Comma-separated presets to time sampling of, with the plug-in (empty: none).") var samplePresets = ""
+    @Option(help: "Sampling: images per batch.") var sampleBatch = 64
+    @Option(help: "Sampling: positions sampled per timed run (the FLOP count covers exactly those).")
+    var sampleSteps = 16
+    @Option(help: "Sampling: classifier-free guidance scale (above 1: null rows double the batch).")
+    var cfgScale: Float = 4
+    @Option(help: "Seconds each sgemm peak trial runs (best of 3 trials per shape).") var peakSeconds = 0.3
     @Option(help: """
         Comma-separated base models to time, \(BaseRegistry.names.joined(separator: ", ")): with two, each preset \
         of both in one interleaved run, and the step-time and FLOP ratios of the second to the first.
@@ -28,101 +40,44 @@ struct Bench: ParsableCommand {
     @Option(help: "With --memory: samples per rank per step (default: one micro-batch).") var localBatch: Int?
     @Option(help: "With --memory: none | states | states+grads (dist.shard_optimizer).") var shard = "none"
 
+    func validate() throws {
+        if threads < 1 { throw ValidationError("--threads must be at least 1") }
+        if steps < 1 { throw ValidationError("--steps must be at least 1") }
+    }
+
     func run() throws {
         BLAS.ensureBestKernel()
         print(BLAS.describe())
-        if params { printParams(); return }
-        if let memory { try printMemory(preset: memory); return }
-        let peak1 = sgemmPeak(threads: 1)
-        let peakAll = sgemmPeak(threads: ProcessInfo.processInfo.activeProcessorCount)
-        print(String(format: "sgemm peak: %.1f GFLOP/s on 1 thread, %.1f GFLOP/s on %d threads", peak1, peakAll, ProcessInfo.processInfo.activeProcessorCount))
-        BLAS.threads = threads
-        let peak = threads == 1 ? peak1 : peakAll
-        print("model runs on \(threads) thread(s); MFU is against \(String(format: "%.1f", peak)) GFLOP/s")
-        print("preset  k d  batch tokens   fwd+bwd s   tokens/s   GFLOP/s   MFU    time ratio / FLOP ratio vs base")
-        let baseNames = bases.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) }
-        for name in presets.split(separator: ",").map(String.init) {
-            for b in batches.split(separator: ",").compactMap({ Int($0) }) {
-                // every base's model and plug-in timed interleaved, so their ratios are fair
-                let pairs = try baseNames.map { try timerPair(base: $0, preset: name, batch: b) }
-                timeInterleaved(pairs.flatMap { $0 })
-                for (i, timers) in pairs.enumerated() {
-                    let label = baseNames[i] == "llamagen" ? name : "\(shortName(baseNames[i]))-\(name)"
-                    timers.forEach { $0.report(peak: peak, label: label) }
-                    if timers.count == 2 {
-                        let ratio = timers[1].best / timers[0].best
-                        let flopRatio = timers[1].cfg.trainingFLOPs(batch: b) / timers[0].cfg.trainingFLOPs(batch: b)
-                        let line = "        plug-in k=%d d=%d: time ratio %.2fx, FLOP ratio %.2fx -> %.2f "
-                            + "(target <= 1.10)"
-                        print(String(format: line, window, depth, ratio, flopRatio, ratio / flopRatio))
-                    }
-                }
-                for i in pairs.indices.dropFirst() {
-                    let a = pairs[0][0]
-                    let o = pairs[i][0]
-                    let flops = o.cfg.trainingFLOPs(batch: b) / a.cfg.trainingFLOPs(batch: b)
-                    let line = "        \(baseNames[i]) \(name) against \(baseNames[0]) \(name): "
-                        + "step time %.2fx, FLOP ratio %.2fx"
-                    print(String(format: line, o.best / a.best, flops))
-                }
-            }
+        if params {
+            printParams()
+            return
         }
+        if let memory {
+            try printMemory(preset: memory)
+            return
+        }
+        let counts = threads == 1 ? [1] : [1, threads]
+        let before = counts.map { SgemmPeak.measure(threads: $0, seconds: peakSeconds) }
+        var rows: [Row] = []
+        for name in list(presets) {
+            for b in list(batches).compactMap({ Int($0) }) { rows += try timeTraining(name, batch: b, counts: counts) }
+        }
+        for name in list(samplePresets) { rows += try timeSampling(name, counts: counts) }
+        let after = counts.map { SgemmPeak.measure(threads: $0, seconds: peakSeconds) }
+        let peaks = report(counts: counts, before: before, after: after)
+        printRows(rows, counts: counts, peaks: peaks)
     }
 
-    /// A base's preset (the Fashion-MNIST shape for small), then the same with the plug-in.
-    func timerPair(base: String, preset name: String, batch b: Int) throws -> [StepTimer] {
-        let small = name == "small"
-        let V = base == "open-magvit2" ? (small ? 4096 : 262_144) : (small ? 512 : 16384)
-        let baseCfg = try ModelConfig.preset(name, base: base, vocabSize: V, numClasses: small ? 10 : 1000,
-                                             gridSize: small ? 7 : 16)
-        var timers = [try StepTimer(baseCfg, batch: b, noise: false)]
-        if window > 0 {
-            var cfg = baseCfg
-            cfg.window = window
-            cfg.pluginDepth = depth
-            timers.append(try StepTimer(cfg, batch: b, noise: true))
-        }
-        return timers
-    }
-
-    func shortName(_ base: String) -> String { base == "open-magvit2" ? "omg" : base }
-
-    /// `--memory`: the trainer's own per-rank estimate (`Trainer.MemoryBreakdown.estimate`) for a
-    /// preset of the first of --bases in its ImageNet shape (16x16 grid, C 1000; LlamaGen V 16384,
-    /// Open-MAGVIT2 V 2^18), with the plug-in of --window/--depth.
-    func printMemory(preset: String) throws {
-        guard let zero = ShardOptimizer(rawValue: shard) else {
-            throw ValidationError("--shard must be one of none, states, states+grads, got '\(shard)'")
-        }
-        guard ranks >= 1, microBatch >= 1, window >= 0, depth >= 0 else {
-            throw ValidationError("--ranks and --micro-batch must be at least 1, --window and --depth at least 0")
-        }
-        let base = bases.split(separator: ",").first.map(String.init) ?? "llamagen"
-        var c = try ModelConfig.preset(preset, base: base)
-        if window > 0 {
-            c.window = window
-            c.pluginDepth = depth
-        }
-        var tc = TrainConfig()
-        tc.train.microBatch = microBatch
-        tc.train.globalBatch = (localBatch ?? microBatch) * ranks
-        tc.dist.shardOptimizer = zero
-        let m = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks)
-        let plugin = window > 0 ? "k=\(window) d=\(depth)" : "no plug-in"
-        print("\(base) \(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), micro-batch \(microBatch) x "
-              + "\(c.seqLen) tokens, shard \(zero.rawValue):")
-        for (name, bytes) in [("parameters", m.parameters), ("gradients", m.gradients), ("AdamW moments", m.moments),
-                              ("activations", m.activations), ("buffers", m.buffers)] {
-            print("  " + name.padding(toLength: 14, withPad: " ", startingAt: 0) + String(format: "%8.2f GB", Double(bytes) / 1e9))
-        }
-        print(String(format: "total: %.2f GB per rank", Double(m.total) / 1e9))
+    func list(_ s: String) -> [String] {
+        s.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
     }
 
     func printParams() {
         for name in ["B", "L", "XL", "XXL"] {
             var c = try! ModelConfig.preset(name)
             let base = ParameterTable(c).total
-            c.window = 4; c.pluginDepth = 2
+            c.window = 4
+            c.pluginDepth = 2
             print("\(name): base \(base) parameters; with plug-in k=4 d=2: \(ParameterTable(c).total)")
         }
         for name in ["B", "L", "XL"] {  // SPEC section 8
@@ -134,21 +89,178 @@ struct Bench: ParsableCommand {
         }
     }
 
-    func sgemmPeak(threads: Int) -> Double {
-        BLAS.threads = threads
-        var best = 0.0
-        for (m, n, k) in [(1024, 1024, 1024), (2048, 768, 768), (1024, 2048, 768)] {
-            let a = FlatBuffer(count: m * k), b = FlatBuffer(count: k * n), c = FlatBuffer(count: m * n)
-            for i in 0..<a.count { a[i] = Float(i % 7) * 0.1 }
-            for i in 0..<b.count { b[i] = Float(i % 5) * 0.1 }
-            BLAS.sgemm(transA: false, transB: false, m: m, n: n, k: k, a.base, lda: k, b.base, ldb: n, beta: 0, c.base, ldc: n)
-            let reps = 5
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            for _ in 0..<reps { BLAS.sgemm(transA: false, transB: false, m: m, n: n, k: k, a.base, lda: k, b.base, ldb: n, beta: 0, c.base, ldc: n) }
-            let s = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-            best = max(best, 2 * Double(m * n * k) * Double(reps) / s / 1e9)
+    /// `--memory`: the trainer's own per-rank estimate (`Trainer.MemoryBreakdown.estimate`) for a
+    /// preset of the first of --bases in its ImageNet shape (16x16 grid, C 1000; LlamaGen V 16384,
+    /// Open-MAGVIT2 V 2^18), with the plug-in of --window/--depth.
+    func printMemory(preset: String) throws {
+        guard let zero = ShardOptimizer(rawValue: shard) else {
+            throw ValidationError("--shard must be one of none, states, states+grads, got '\(shard)'")
+        }
+        guard ranks >= 1, microBatch >= 1, window >= 0, depth >= 0 else {
+            throw ValidationError("--ranks and --micro-batch must be at least 1, --window and --depth at least 0")
+        }
+        let base = list(bases).first ?? "llamagen"
+        var c = try ModelConfig.preset(preset, base: base)
+        if window > 0 {
+            c.window = window
+            c.pluginDepth = depth
+        }
+        var tc = TrainConfig()
+        tc.train.microBatch = microBatch
+        tc.train.globalBatch = (localBatch ?? microBatch) * ranks
+        tc.dist.shardOptimizer = zero
+        let m = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks)
+        let plugin = window > 0 ? "k=\(window) d=\(depth)" : "no plug-in"
+        print("\(base) \(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), "
+              + "micro-batch \(microBatch) x \(c.seqLen) tokens, shard \(zero.rawValue):")
+        for (name, bytes) in [("parameters", m.parameters), ("gradients", m.gradients), ("AdamW moments", m.moments),
+                              ("activations", m.activations), ("buffers", m.buffers)] {
+            let padded = name.padding(toLength: 14, withPad: " ", startingAt: 0)
+            print("  " + padded + String(format: "%8.2f GB", Double(bytes) / 1e9))
+        }
+        print(String(format: "total: %.2f GB per rank", Double(m.total) / 1e9))
+    }
+
+    /// Prints both peak measurements; returns the peak per thread count (the higher of the two).
+    func report(counts: [Int], before: [SgemmPeak], after: [SgemmPeak]) -> [Double] {
+        var peaks: [Double] = []
+        for (i, n) in counts.enumerated() {
+            let best = max(before[i].best, after[i].best)
+            peaks.append(best)
+            print(String(format: "sgemm peak, %d thread(s): before %@, after %@ -> %.1f GFLOP/s", n,
+                         before[i].text as NSString, after[i].text as NSString, best))
+        }
+        return peaks
+    }
+
+    /// A base's preset in the shape its users train (the Fashion-MNIST shape for small).
+    func config(_ name: String, base: String = "llamagen") throws -> ModelConfig {
+        let small = name == "small"
+        let V = base == "open-magvit2" ? (small ? 4096 : 262_144) : (small ? 512 : 16384)
+        return try ModelConfig.preset(name, base: base, vocabSize: V, numClasses: small ? 10 : 1000,
+                                      gridSize: small ? 7 : 16)
+    }
+
+    func label(_ name: String, base: String) -> String {
+        "train " + (base == "llamagen" ? name : (base == "open-magvit2" ? "omg-" : base + "-") + name)
+    }
+
+    /// Training steps of each base and its plug-in model, at each thread count, all interleaved
+    /// (so ratios between bases are fair too).
+    func timeTraining(_ name: String, batch b: Int, counts: [Int]) throws -> [Row] {
+        var timers: [(String, StepTimer)] = []
+        for base in list(bases) {
+            let baseCfg = try config(name, base: base)
+            timers.append((label(name, base: base), try StepTimer(baseCfg, batch: b, noise: false)))
+            if window > 0 {
+                var cfg = baseCfg
+                cfg.window = window
+                cfg.pluginDepth = depth
+                timers.append((label(name, base: base), try StepTimer(cfg, batch: b, noise: true)))
+            }
+        }
+        let best = interleave(timers.map { t in { s in t.1.step(s) } }, counts: counts)
+        return timers.enumerated().map { i, t in
+            Row(label: t.0, config: t.1.cfg, batch: b, tokens: b * t.1.cfg.seqLen,
+                flops: t.1.cfg.trainingFLOPs(batch: b), seconds: best[i])
+        }
+    }
+
+    /// Sampling `sampleSteps` positions of a batch with the plug-in, at each thread count.
+    func timeSampling(_ name: String, counts: [Int]) throws -> [Row] {
+        var cfg = try config(name)
+        cfg.window = max(window, 1)
+        cfg.pluginDepth = window > 1 ? depth : 0
+        let model = try Transformer(config: cfg)
+        var rng = CounterRNG(seed: 2)
+        for e in model.table.entries {
+            let isNorm = e.name.hasSuffix("norm.weight")
+            for i in 0..<e.count { model.params[e.offset + i] = isNorm ? 1 : 0.0693 * (rng.uniform() - 0.5) }
+        }
+        let sampler = Sampler(model: model)
+        let labels = (0..<sampleBatch).map { Int32($0 % cfg.numClasses) }
+        let options = SamplingOptions(cfgScale: cfgScale, temperature: 1, topK: 0, topP: 1, seed: 1)
+        let positions = min(sampleSteps, cfg.seqLen)
+        let run = { (_: Int) in
+            _ = sampler.sample(labels: labels, sampleIds: Array(0..<labels.count), options: options, steps: positions)
+        }
+        let best = interleave([run], counts: counts)
+        let flops = cfg.samplingFLOPs(batch: sampleBatch, guided: cfgScale != 1, steps: positions)
+        return [Row(label: "sample \(name)", config: cfg, batch: sampleBatch, tokens: sampleBatch * positions,
+                    flops: flops, seconds: best[0])]
+    }
+
+    /// Runs every job at every thread count in turn, `steps` times after a warm-up, so that load
+    /// from other processes affects them alike; returns the best seconds [job][count].
+    func interleave(_ jobs: [(Int) -> Void], counts: [Int]) -> [[Double]] {
+        var best = jobs.map { _ in counts.map { _ in Double.infinity } }
+        for s in 0...steps {
+            for (c, n) in counts.enumerated() {
+                BLAS.threads = n
+                for (j, job) in jobs.enumerated() {
+                    let t0 = DispatchTime.now().uptimeNanoseconds
+                    job(s)
+                    let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+                    if s > 0 { best[j][c] = min(best[j][c], dt) }
+                }
+            }
         }
         return best
+    }
+
+    /// One timed configuration: seconds at each thread count.
+    struct Row {
+        let label: String
+        let config: ModelConfig
+        let batch, tokens: Int
+        let flops: Double
+        let seconds: [Double]
+    }
+
+    func printRows(_ rows: [Row], counts: [Int], peaks: [Double]) {
+        print("what            k d  batch thr    seconds   tokens/s   GFLOP/s    MFU  scaling (t1 / tN)")
+        for r in rows {
+            for (c, n) in counts.enumerated() {
+                let gf = r.flops / r.seconds[c] / 1e9
+                let scaling = c == 0 ? "" : String(format: "  %.2fx", r.seconds[0] / r.seconds[c])
+                print(String(format: "%-14@ %2d %d %6d %3d %10.3f %10.0f %9.1f %5.1f%%", r.label as NSString,
+                             r.config.window, r.config.pluginDepth, r.batch, n, r.seconds[c],
+                             Double(r.tokens) / r.seconds[c], gf, 100 * gf / peaks[c]) + scaling)
+            }
+        }
+        printPluginRatios(rows, counts: counts)
+        printBaseRatios(rows, counts: counts)
+    }
+
+    /// With several bases: each base model's step time and FLOPs against the first base's, same
+    /// preset and batch.
+    func printBaseRatios(_ rows: [Row], counts: [Int]) {
+        let baseRows = rows.filter { $0.label.hasPrefix("train") && !$0.config.hasPlugin }
+        for r in baseRows where r.config.base != baseRows.first?.config.base {
+            guard let ref = baseRows.first(where: { $0.batch == r.batch && $0.config.base != r.config.base }) else {
+                continue
+            }
+            for (c, n) in counts.enumerated() {
+                print(String(format: "%@ against %@, batch %d, %d thread(s): step time %.2fx, FLOP ratio %.2fx",
+                             r.label as NSString, ref.label as NSString, r.batch, n, r.seconds[c] / ref.seconds[c],
+                             r.flops / ref.flops))
+            }
+        }
+    }
+
+    /// For each training pair (base, plug-in): the plug-in's time ratio against its FLOP ratio.
+    func printPluginRatios(_ rows: [Row], counts: [Int]) {
+        for (base, plugin) in zip(rows, rows.dropFirst()) where base.label == plugin.label
+            && base.label.hasPrefix("train") && base.batch == plugin.batch && plugin.config.hasPlugin {
+            for (c, n) in counts.enumerated() {
+                let ratio = plugin.seconds[c] / base.seconds[c]
+                let flopRatio = plugin.flops / base.flops
+                let format = "%@ batch %d, %d thread(s): plug-in k=%d d=%d time ratio %.2fx, FLOP ratio %.2fx -> %.2f"
+                print(String(format: format,
+                             base.label as NSString, base.batch, n, plugin.config.window, plugin.config.pluginDepth,
+                             ratio, flopRatio, ratio / flopRatio))
+            }
+        }
     }
 
     /// One model's training-step timer: the noise (when asked) plus forward and backward.
@@ -156,9 +268,10 @@ struct Bench: ParsableCommand {
         let cfg: ModelConfig, model: Transformer, batch: Int, noise: Bool
         let tokens: [Int32], labels: [Int32]
         let noiser: TensorNoiser
-        var best = Double.infinity, noiseTime = 0.0
         init(_ cfg: ModelConfig, batch: Int, noise: Bool) throws {
-            self.cfg = cfg; self.batch = batch; self.noise = noise
+            self.cfg = cfg
+            self.batch = batch
+            self.noise = noise
             model = try Transformer(config: cfg)
             model.initialise(seed: 1)
             var rng = CounterRNG(seed: 7)
@@ -166,29 +279,66 @@ struct Bench: ParsableCommand {
             labels = (0..<batch).map { _ in Int32(rng.below(cfg.numClasses)) }
             noiser = TensorNoiser(type: .replace, schedule: .sine, window: cfg.window, vocabSize: cfg.vocabSize)
         }
-        func step(_ s: Int, timed: Bool) {
+        func step(_ s: Int) {
             let T = cfg.seqLen
-            let t0 = DispatchTime.now().uptimeNanoseconds
             var tensors = Windows.inputTensors(tokens: tokens, batch: batch, seqLen: T, window: cfg.window)
-            if noise { _ = noiser.apply(&tensors, batch: batch, seqLen: T, seed: 1, step: s, samplePositions: Array(0..<batch)) }
-            let tn = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+            if noise {
+                _ = noiser.apply(&tensors, batch: batch, seqLen: T, seed: 1, step: s, samplePositions: Array(0..<batch))
+            }
             model.grads.zero()
+            let dropout = DropoutSettings(p: 0.1, seed: 1, step: s, samplePositions: Array(0..<batch))
             model.forward(ModelBatch(batch: batch, tokens: tokens, labels: labels, tensors: tensors),
-                          dropout: DropoutSettings(p: 0.1, seed: 1, step: s, samplePositions: Array(0..<batch)), gradientScale: 1 / Float(batch * T))
+                          dropout: dropout, gradientScale: 1 / Float(batch * T))
             model.backward()
-            let dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-            if timed && dt < best { best = dt; noiseTime = tn }
-        }
-        func report(peak: Double, label: String) {
-            let gf = cfg.trainingFLOPs(batch: batch) / best / 1e9
-            print(String(format: "%-6@ %2d %d %5d %6d  %9.3f  %9.0f  %8.1f  %5.1f%%", label as NSString, cfg.window, cfg.pluginDepth, batch, batch * cfg.seqLen, best, Double(batch * cfg.seqLen) / best, gf, 100 * gf / peak)
-                  + (noise ? String(format: "   (noise: %.2f%% of the step)", 100 * noiseTime / best) : ""))
         }
     }
+}
 
-    /// Times the models' steps interleaved (best of `steps` after a warm-up each), so that load
-    /// from other processes on a shared machine affects them alike and their ratio stays fair.
-    func timeInterleaved(_ timers: [StepTimer]) {
-        for s in 0...steps { for t in timers { t.step(s, timed: s > 0) } }
+/// The machine's sgemm speed on n threads, robustly: square-ish transformer shapes, each run
+/// repeatedly for `seconds` per trial, best of 3 trials; both `BLAS.sgemm` (the tiles the model
+/// uses, over the pool) and OpenBLAS's own threading; the best of all is the peak.
+struct SgemmPeak {
+    let tiled, native: Double
+    var best: Double { max(tiled, native) }
+    var text: String { String(format: "%.1f (tiles) / %.1f (OpenBLAS threads)", tiled, native) }
+
+    static func measure(threads n: Int, seconds: Double) -> SgemmPeak {
+        BLAS.threads = n
+        var tiled = 0.0, native = 0.0
+        for (m, nn, k) in [(1024, 1024, 1024), (2048, 768, 768), (1024, 2304, 768)] {
+            let a = FlatBuffer(count: m * k), b = FlatBuffer(count: k * nn), c = FlatBuffer(count: m * nn)
+            for i in 0..<a.count { a[i] = Float(i % 7) * 0.1 }
+            for i in 0..<b.count { b[i] = Float(i % 5) * 0.1 }
+            let flops = 2 * Double(m * nn * k)
+            tiled = max(tiled, rate(flops, seconds) {
+                BLAS.sgemm(transA: false, transB: false, m: m, n: nn, k: k, a.base, lda: k, b.base, ldb: nn, beta: 0,
+                           c.base, ldc: nn)
+            })
+            native = max(native, BLAS.withNativeThreads(n) {
+                rate(flops, seconds) {
+                    BLAS.sgemmOneCall(transA: false, transB: false, m: m, n: nn, k: k, a.base, lda: k, b.base, ldb: nn,
+                                      beta: 0, c.base, ldc: nn)
+                }
+            })
+        }
+        return SgemmPeak(tiled: tiled, native: native)
+    }
+
+    /// GFLOP/s of `call` (flops each): one warm-up, then the best of 3 trials of `seconds` each.
+    static func rate(_ flops: Double, _ seconds: Double, _ call: () -> Void) -> Double {
+        call()
+        var best = 0.0
+        for _ in 0..<3 {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            var calls = 0
+            var dt = 0.0
+            repeat {
+                call()
+                calls += 1
+                dt = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+            } while dt < seconds
+            best = max(best, flops * Double(calls) / dt / 1e9)
+        }
+        return best
     }
 }

@@ -113,22 +113,73 @@ final class KernelTests: XCTestCase {
         }
     }
 
-    func checkAttention(S: Int, causal: Bool) {
+    func checkAttention(S: Int, causal: Bool, batch: Int = 2) {
         var g = TestRNG(UInt64(5 + S))
-        let batch = 2, D = 8, NH = 2
+        let D = 8, NH = 2
         let qkv = g.doubles(batch * S * 3 * D), dy = g.doubles(batch * S * D)
         let ref = Reference.attention(qkv, batch: batch, seqLen: S, dim: D, heads: NH, causal: causal)
         let num = Reference.numericGradient(qkv) { dot(Reference.attention($0, batch: batch, seqLen: S, dim: D, heads: NH, causal: causal), dy) }
         withFloats([qkv, [Double](repeating: 0, count: batch * S * D), [Double](repeating: 0, count: batch * NH * S * S), dy,
-                    [Double](repeating: 0, count: qkv.count), [Double](repeating: 0, count: S * S)]) { b in
+                    [Double](repeating: 0, count: qkv.count)]) { b in
             attentionForward(b[1], b[2], b[0], batch: batch, seqLen: S, dim: D, heads: NH, causal: causal)
             assertClose(read(b[1], batch * S * D), ref, "attention forward S=\(S) causal=\(causal)")
-            attentionBackward(b[4], b[5], b[3], b[0], b[2], batch: batch, seqLen: S, dim: D, heads: NH, causal: causal)
+            attentionBackward(b[4], b[3], b[0], b[2], batch: batch, seqLen: S, dim: D, heads: NH, causal: causal)
             assertClose(read(b[4], qkv.count), num, rtol: 1e-3, atol: 1e-4, "attention backward S=\(S) causal=\(causal)")
         }
     }
     func testAttentionShortAndLong() {
         for causal in [true, false] { checkAttention(S: 5, causal: causal); checkAttention(S: 20, causal: causal) }
+    }
+
+    /// Causal attention blocked by query rows: 70 rows are blocks of 64 and 6, each multiplying
+    /// only the keys up to its last row; the FLOP count follows the blocks.
+    func testCausalAttentionOverSeveralBlocks() {
+        XCTAssertLessThan(attentionBlockRows, 70, "the test must span two blocks")
+        checkAttention(S: 70, causal: true, batch: 1)
+        let full: Double = 4 * 150 * 150 * 4
+        let pairs: Int = 64 * 64 + 64 * 128 + 22 * 150
+        XCTAssertEqual(attentionFLOPs(seqLen: 150, headDim: 4, causal: true), 16 * Double(pairs))
+        XCTAssertLessThan(attentionFLOPs(seqLen: 150, headDim: 4, causal: true), 0.7 * full)
+        XCTAssertEqual(attentionFLOPs(seqLen: 150, headDim: 4, causal: false), full)
+    }
+
+    /// KV-cached decoding: stepping positions 0..S-1 one at a time gives, at each position, the
+    /// last row of causal attention over the positions so far.
+    func testAttentionStepMatchesCausalAttention() {
+        var g = TestRNG(21)
+        let rows = 3, S = 9, D = 8, NH = 2, hd = D / NH
+        let qkv = g.doubles(rows * S * 3 * D)
+        let keys = UnsafeMutablePointer<Float>.allocate(capacity: rows * NH * S * hd)
+        let values = UnsafeMutablePointer<Float>.allocate(capacity: rows * NH * S * hd)
+        defer { keys.deallocate(); values.deallocate() }
+        for p in 0..<S {
+            // the inputs of position p of every row, (rows, 3D)
+            let width = 3 * D
+            var step: [Double] = []
+            var prefix: [Double] = []
+            for r in 0..<rows {
+                let first = r * S * width
+                let at = first + p * width
+                step += qkv[at..<(at + width)]
+                prefix += qkv[first..<(at + width)]
+            }
+            let ref = Reference.attentionLastRow(prefix, batch: rows, seqLen: p + 1, dim: D, heads: NH)
+            withFloats([step, [Double](repeating: 0, count: rows * D)]) { b in
+                attentionStepForward(b[1], keys, values, b[0], rows: rows, dim: D, heads: NH, cacheLength: S, position: p)
+                assertClose(read(b[1], rows * D), ref, "attention step at position \(p)")
+            }
+        }
+    }
+
+    func testAdd() {
+        var g = TestRNG(22)
+        let a = g.doubles(100), b = g.doubles(100)
+        withFloats([a, b, [Double](repeating: 0, count: 100)]) { p in
+            addForward(p[2], p[0], p[1], count: 100)
+            assertClose(read(p[2], 100), Reference.add(a, b), "add")
+            addForward(p[0], p[0], p[1], count: 100)
+            assertClose(read(p[0], 100), Reference.add(a, b), "add in place")
+        }
     }
 
     func testSwiGLU() {

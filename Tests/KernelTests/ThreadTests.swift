@@ -1,0 +1,207 @@
+import XCTest
+import Kernels
+import Platform
+
+/// Every kernel gives the same bits on 1, 2 and 3 threads. The work threshold is lowered so that
+/// these small shapes are split into many parts, and the pool's job count proves they were.
+final class ThreadTests: XCTestCase {
+    /// Runs `body` at 1, 2 and 3 threads and compares the floats it returns bit for bit.
+    func sameAtAnyThreadCount(_ what: String, file: StaticString = #filePath, line: UInt = #line,
+                              _ body: () -> [Float]) {
+        let savedThreads = BLAS.threads
+        let savedWork = kernelSerialWork
+        defer {
+            BLAS.threads = savedThreads
+            kernelSerialWork = savedWork
+        }
+        kernelSerialWork = 16
+        BLAS.threads = 1
+        let want = body()
+        for threads in [2, 3] {
+            BLAS.threads = threads
+            let jobs = ComputePool.shared.parallelJobs
+            let got = body()
+            XCTAssertGreaterThan(ComputePool.shared.parallelJobs, jobs, "\(what): no job was split",
+                                 file: file, line: line)
+            XCTAssertEqual(got.count, want.count, what, file: file, line: line)
+            let differ = zip(got, want).enumerated().first { $0.element.0.bitPattern != $0.element.1.bitPattern }
+            XCTAssertNil(differ, "\(what): \(threads) threads differ from 1 at element \(differ?.offset ?? -1)",
+                         file: file, line: line)
+        }
+    }
+
+    func randoms(_ n: Int, seed: UInt64) -> [Float] {
+        var r = CounterRNG(seed: seed)
+        return (0..<n).map { _ in r.normal() }
+    }
+
+    /// The pool runs every part exactly once, from nested calls too, and starts no thread per
+    /// call: the process's thread count (/proc/self/task) is the same after 2000 jobs.
+    func testPoolRunsEachPartOnceAndStartsNoThreadPerCall() throws {
+        let saved = BLAS.threads
+        defer { BLAS.threads = saved }
+        BLAS.threads = 3
+        func threadCount() throws -> Int { try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count }
+        let counts = UnsafeMutablePointer<Int>.allocate(capacity: 64)
+        defer { counts.deallocate() }
+        for _ in 0..<200 { ComputePool.shared.run(parts: 3) { _ in } }  // the workers are up
+        let before = try threadCount()
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        for job in 0..<2000 {
+            let parts = 1 + job % 64
+            counts.initialize(repeating: 0, count: parts)
+            ComputePool.shared.run(parts: parts) { part in
+                counts[part] += 1
+                if part == 0 { ComputePool.shared.run(parts: 2) { _ in counts[0] += 0 } }  // nested: serial
+            }
+            XCTAssertTrue((0..<parts).allSatisfy { counts[$0] == 1 }, "job \(job): every part once")
+        }
+        let perJob = Double(DispatchTime.now().uptimeNanoseconds - t0) / 2000 / 1000
+        XCTAssertEqual(try threadCount(), before, "no thread started per call")
+        print(String(format: "compute pool: %.1f us per job of 1-64 empty parts on 3 threads", perJob))
+    }
+
+    /// `BLAS.sgemm`'s tiles give the same bits at any thread count, for row and column tilings,
+    /// each transpose, and shapes with ragged edges. Against one cblas call (what main computed on
+    /// one thread): OpenBLAS's SkylakeX kernels give equal bits for any row count of a call, so
+    /// there the tiles must equal one call exactly; its Haswell/Zen kernels round the last bits of
+    /// a row differently with the rows in the call (ResumeTests' eval test), so there the tiles
+    /// agree with one call to float32 rounding (the thread-count identity above holds on both).
+    func testSgemmTilesAreThreadIndependentAndMatchOneCall() {
+        var r = CounterRNG(seed: 1)
+        var tiledBothWays = Set<Bool>()
+        let exact = BLAS.coreName.lowercased().hasPrefix("skylakex")
+        for (m, n, k) in [(300, 96, 40), (70, 1030, 16), (200, 330, 20), (64, 2100, 8), (392, 384, 128)] {
+            let tiling = BLAS.Tiling(m: m, n: n, k: k)
+            XCTAssertGreaterThan(tiling.count, 1, "\(m) x \(n) x \(k) is tiled")
+            tiledBothWays.insert(tiling.rows)
+            let a = (0..<(m * k)).map { _ in r.normal() }, b = (0..<(k * n)).map { _ in r.normal() }
+            for (ta, tb) in [(false, true), (false, false), (true, false)] {
+                let lda = ta ? m : k, ldb = tb ? k : n
+                let what = "sgemm \(m) x \(n) x \(k) transA \(ta) transB \(tb)"
+                var one = [Float](repeating: 0.5, count: m * n)
+                BLAS.sgemmOneCall(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb,
+                                  beta: 1, &one, ldc: n)
+                sameAtAnyThreadCount(what) {
+                    var c = [Float](repeating: 0.5, count: m * n)
+                    BLAS.sgemm(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb, beta: 1,
+                               &c, ldc: n)
+                    var differ = 0
+                    var worst: Float = 0
+                    for (x, y) in zip(c, one) where x.bitPattern != y.bitPattern {
+                        differ += 1
+                        worst = max(worst, abs(x - y) / max(abs(y), 1))
+                    }
+                    if exact {
+                        XCTAssertEqual(differ, 0, "\(what): tiles differ from one call under \(BLAS.coreName)")
+                    } else {
+                        XCTAssertLessThan(worst, 1e-5, "\(what): tiles vs one call under \(BLAS.coreName)")
+                    }
+                    return c
+                }
+            }
+        }
+        XCTAssertEqual(tiledBothWays, [true, false], "row and column tilings both checked")
+    }
+
+    func testEmbeddingAndNorm() {
+        let v = 9, d = 40, n = 30
+        let ids = (0..<n).map { Int32($0 % 7 == 3 ? -1 : $0 % v) }  // repeated ids, and pads
+        let table = randoms(v * d, seed: 1), dout = randoms(n * d, seed: 2), w = randoms(d, seed: 3)
+        sameAtAnyThreadCount("embedding") {
+            var out = [Float](repeating: 0, count: n * d)
+            var grad = [Float](repeating: 0.5, count: v * d)
+            embeddingForward(&out, ids, table, n: n, d: d)
+            embeddingBackward(&grad, dout, ids, n: n, d: d)
+            return out + grad
+        }
+        sameAtAnyThreadCount("rmsnorm") {
+            var out = [Float](repeating: 0, count: n * d), rstd = [Float](repeating: 0, count: n)
+            var dx = [Float](repeating: 0.25, count: n * d), dw = [Float](repeating: 0.5, count: d)
+            rmsnormForward(&out, &rstd, dout, w, n: n, d: d, eps: 1e-5)
+            rmsnormBackward(&dx, &dw, table + table + table + table, dout, w, rstd, n: n, d: d)
+            return out + rstd + dx + dw
+        }
+    }
+
+    func testAttentionRotaryAndStep() {
+        let batch = 2, D = 16, NH = 2
+        for (S, causal) in [(5, false), (5, true), (70, true), (20, false)] {
+            let qkv0 = randoms(batch * S * 3 * D, seed: UInt64(S)), dy = randoms(batch * S * D, seed: 9)
+            let table = RotaryTable(seqLen: S, gridW: 4, headDim: D / NH, base: 10000)
+            sameAtAnyThreadCount("attention S=\(S) causal=\(causal)") {
+                var qkv = qkv0
+                rotaryApply(&qkv, table, batch: batch, seqLen: S, dim: D, heads: NH)
+                var out = [Float](repeating: 0, count: batch * S * D)
+                var probs = [Float](repeating: 0, count: batch * NH * S * S)
+                var dqkv = [Float](repeating: 0, count: qkv.count)
+                attentionForward(&out, &probs, qkv, batch: batch, seqLen: S, dim: D, heads: NH, causal: causal)
+                attentionBackward(&dqkv, dy, qkv, probs, batch: batch, seqLen: S, dim: D, heads: NH, causal: causal)
+                rotaryApply(&dqkv, table, batch: batch, seqLen: S, dim: D, heads: NH, inverse: true)
+                return out + probs + dqkv
+            }
+        }
+        let rows = 5, T = 12, hd = D / NH
+        let steps = randoms(T * rows * 3 * D, seed: 11)
+        sameAtAnyThreadCount("attention step") {
+            var keys = [Float](repeating: 0, count: rows * NH * T * hd), values = keys
+            var out = [Float](repeating: 0, count: T * rows * D)
+            for p in 0..<T {
+                steps.withUnsafeBufferPointer { s in
+                    out.withUnsafeMutableBufferPointer { o in
+                        let out = o.baseAddress! + p * rows * D
+                        let qkv = s.baseAddress! + p * rows * 3 * D
+                        attentionStepForward(out, &keys, &values, qkv, rows: rows, dim: D, heads: NH, cacheLength: T,
+                                             position: p)
+                    }
+                }
+            }
+            return out
+        }
+    }
+
+    func testElementwiseAndLoss() {
+        let n = 24, f = 20, v = 30
+        let ab = randoms(n * 2 * f, seed: 5), g = randoms(n * f, seed: 6), logits0 = randoms(n * v, seed: 7)
+        let targets = (0..<n).map { Int32($0 % 5 == 0 ? -1 : $0 % v) }, weights = randoms(n, seed: 8)
+        sameAtAnyThreadCount("swiglu") {
+            var out = [Float](repeating: 0, count: n * f), dab = [Float](repeating: 0, count: n * 2 * f)
+            swigluForward(&out, ab, n: n, f: f)
+            swigluBackward(&dab, g, ab, n: n, f: f)
+            return out + dab
+        }
+        sameAtAnyThreadCount("cross entropy") {
+            var logits = logits0, losses = [Float](repeating: 0, count: n)
+            var dlogits = [Float](repeating: 0, count: n * v)
+            crossEntropyForwardBackward(&losses, &dlogits, &logits, targets, weights, scale: 0.5, n: n, v: v)
+            return losses + dlogits
+        }
+        sameAtAnyThreadCount("add, dropout") {
+            var mask = [Float](repeating: 0, count: n * f)
+            dropoutMask(&mask, p: 0.3, rows: n, d: f, rowsPerSample: 8, samplePositions: [5, 1, 7], seed: 3, step: 2,
+                        site: 1)
+            var x = g
+            addForward(&x, x, g, count: n * f)
+            dropoutApply(&x, mask, count: n * f)
+            return mask + x
+        }
+    }
+
+    /// A mask drawn in parts (each part skipping ahead in its sample's stream) is the mask drawn
+    /// in one pass: compared with the draws made one by one here.
+    func testDropoutMaskSkipsAheadExactly() {
+        let d = 7, rowsPerSample = 5, p: Float = 0.4
+        var want: [Float] = []
+        for s in [4, 2] {
+            var rng = CounterRNG(seed: 3, 2, UInt64(s), RandomPurpose.dropout.rawValue, 6)
+            for _ in 0..<(rowsPerSample * d) { want.append(rng.uniform() < p ? 0 : 1 / (1 - p)) }
+        }
+        sameAtAnyThreadCount("dropout mask") {
+            var mask = [Float](repeating: 0, count: 2 * rowsPerSample * d)
+            dropoutMask(&mask, p: p, rows: 2 * rowsPerSample, d: d, rowsPerSample: rowsPerSample,
+                        samplePositions: [4, 2], seed: 3, step: 2, site: 6)
+            XCTAssertEqual(mask, want)
+            return mask
+        }
+    }
+}
