@@ -40,7 +40,8 @@ let package = Package(
             name: "TokenData",
             dependencies: ["Platform", .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: lang),
-        .target(name: "Training", dependencies: ["ARModel", "Kernels", "TokenData", "Platform", "Yams"], swiftSettings: lang),
+        .target(name: "Training", dependencies: ["ARModel", "Kernels", "TokenData", "Platform", "Yams"],
+                swiftSettings: lang),
         .executableTarget(name: "tensorar-train", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-eval", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(

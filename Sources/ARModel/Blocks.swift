@@ -39,7 +39,9 @@ private struct BackwardScratch {
     let tmp, dh, dn, dattY, dqkv, dab, dg: FlatBuffer
     init(_ t: ActivationTable, _ prefix: String) {
         tmp = t["\(prefix).tmp"]; dh = t["\(prefix).dh"]; dn = t["\(prefix).dn"]; dattY = t["\(prefix).dattY"]
-        dqkv = t["\(prefix).dqkv"]; dab = t["\(prefix).dab"]; dg = t["\(prefix).dg"]
+        dqkv = t["\(prefix).dqkv"]
+        dab = t["\(prefix).dab"]
+        dg = t["\(prefix).dg"]
     }
 }
 
@@ -172,7 +174,8 @@ public final class KVCache {
         keys = FlatBuffer(count: L * NB * T * D); values = FlatBuffer(count: L * NB * T * D)
         n1 = FlatBuffer(count: NB * D); rstd = FlatBuffer(count: NB)
         qkv = FlatBuffer(count: NB * 3 * D); att = FlatBuffer(count: NB * D); tmp = FlatBuffer(count: NB * D)
-        ab = FlatBuffer(count: NB * 2 * F); g = FlatBuffer(count: NB * F)
+        ab = FlatBuffer(count: NB * 2 * F)
+        g = FlatBuffer(count: NB * F)
     }
 }
 

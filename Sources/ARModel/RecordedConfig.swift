@@ -3,9 +3,11 @@ import Platform
 
 /// The `tensorar.config` of a safetensors file, read from its header only (nil when it has none).
 public func recordedModelConfig(_ path: String) throws -> ModelConfig? {
-    var isFolder: ObjCBool = false
-    guard FileManager.default.fileExists(atPath: path, isDirectory: &isFolder) else { throw InputError(path, "no such file") }
-    if isFolder.boolValue { throw InputError(path, "is a folder; expected a safetensors file") }
+    switch pathKind(path) {
+    case .missing: throw InputError(path, "no such file")
+    case .folder: throw InputError(path, "is a folder; expected a safetensors file")
+    case .file: break
+    }
     guard let fh = FileHandle(forReadingAtPath: path) else { throw InputError(path, "cannot be opened for reading") }
     defer { try? fh.close() }
     let head = fh.readData(ofLength: 8)

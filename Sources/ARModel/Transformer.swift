@@ -208,10 +208,11 @@ public final class Transformer {
         let g = decoder?.forward(hidden!.base, n: B * T, dropout: plan, params: p) ?? hidden!
         buildTargets(batch)
         var losses = [Float](repeating: 0, count: headRows)
-        let gradient = gradientScale.map { scale in HeadGradient(dloss: rowWeights.map { $0 * scale }, grads: grads.base) }
+        let gradient = gradientScale.map { scale in
+            HeadGradient(dloss: rowWeights.map { $0 * scale }, grads: grads.base)
+        }
         base.headForward(g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, dropout: plan,
-                         gradient: gradient,
-                         params: p)
+                         gradient: gradient, params: p)
         return windowedLoss(losses)
     }
 
@@ -254,7 +255,8 @@ public final class Transformer {
         return readyOrder(base: base, encoder: encoder, decoder: decoder)
     }
 
-    private static func readyOrder(base: any BaseModel, encoder: EncoderStage?, decoder: DecoderStage?) -> [Range<Int>] {
+    private static func readyOrder(base: any BaseModel, encoder: EncoderStage?,
+                                   decoder: DecoderStage?) -> [Range<Int>] {
         [base.headRange] + (decoder.map { [$0.range] } ?? []) + base.trunkRanges
             + (encoder.map { [$0.range] } ?? []) + [base.embeddingRange]
     }

@@ -46,7 +46,10 @@ public final class FlatBuffer {
     public func release(_ range: Range<Int>) {
         guard !range.isEmpty else { return }
         let p = base + range.lowerBound
-        guard pageBacked else { p.update(repeating: 0, count: range.count); return }
+        guard pageBacked else {
+            p.update(repeating: 0, count: range.count)
+            return
+        }
         let page = Pages.size / 4  // floats per page; base is page-aligned
         let lo = min(range.upperBound, (range.lowerBound + page - 1) / page * page)
         let hi = max(lo, range.upperBound / page * page)

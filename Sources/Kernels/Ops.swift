@@ -270,6 +270,21 @@ private func headForwardDirect(_ t: HeadView, _ a: AttentionShape) {
     }
 }
 
+/// row[j] = exp(row[j] - max) for j < n, in place; returns their sum (a softmax's unnormalised
+/// half, shared by the training and the cached attention).
+@inline(__always)
+private func exponentiateShifted(_ row: FloatPtr, count n: Int) -> Float {
+    var mx = -Float.infinity
+    for j in 0..<n { mx = max(mx, row[j]) }
+    var sum: Float = 0
+    for j in 0..<n {
+        let e = fexp(row[j] - mx)
+        row[j] = e
+        sum += e
+    }
+    return sum
+}
+
 /// Masked softmax of the score rows `rows` of P (S, S), in place; masked entries become 0.
 @inline(__always)
 private func softmaxRows(_ P: FloatPtr, _ rows: Range<Int>, _ a: AttentionShape) {
@@ -277,14 +292,7 @@ private func softmaxRows(_ P: FloatPtr, _ rows: Range<Int>, _ a: AttentionShape)
     for i in rows {
         let row = P + i * S
         let last = a.causal ? i : S - 1
-        var mx = -Float.infinity
-        for j in 0...last { mx = max(mx, row[j]) }
-        var sum: Float = 0
-        for j in 0...last {
-            let e = fexp(row[j] - mx)
-            row[j] = e
-            sum += e
-        }
+        let sum = exponentiateShifted(row, count: last + 1)
         let inv = 1 / sum
         for j in 0...last { row[j] *= inv }
         if last + 1 < S { (row + last + 1).update(repeating: 0, count: S - last - 1) }
@@ -410,14 +418,7 @@ public func attentionStepForward(_ out: FloatPtr, _ keys: FloatPtr, _ values: Fl
             (kh + pos * hd).update(from: q + D, count: hd)
             (vh + pos * hd).update(from: q + 2 * D, count: hd)
             BLAS.sgemv(trans: false, m: pos + 1, n: hd, alpha: scale, kh, lda: hd, q, beta: 0, sc)
-            var mx = -Float.infinity
-            for j in 0...pos { mx = max(mx, sc[j]) }
-            var sum: Float = 0
-            for j in 0...pos {
-                let e = fexp(sc[j] - mx)
-                sc[j] = e
-                sum += e
-            }
+            let sum = exponentiateShifted(sc, count: pos + 1)
             BLAS.sgemv(trans: true, m: pos + 1, n: hd, alpha: 1 / sum, vh, lda: hd, sc, beta: 0, out + r * D + h * hd)
         }
     }
@@ -473,7 +474,8 @@ public func crossEntropyForwardBackward(_ losses: FloatPtr, _ dlogits: FloatPtr?
 
 @inline(__always)
 private func crossEntropyRow(_ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr,
-                             _ targets: UnsafePointer<Int32>, _ weights: ConstFloatPtr, scale: Float, row i: Int, v: Int) {
+                             _ targets: UnsafePointer<Int32>, _ weights: ConstFloatPtr, scale: Float,
+                             row i: Int, v: Int) {
     let row = logits + i * v
     let y = Int(targets[i])
     if y < 0 {

@@ -96,7 +96,8 @@ public enum Reference {
 
     /// One KV-cached decoding step is the last row of causal attention over positions 0...p: the
     /// reference for `attentionStepForward` is `attention` itself, row p of each sequence.
-    public static func attentionLastRow(_ qkv: [Double], batch: Int, seqLen S: Int, dim D: Int, heads NH: Int) -> [Double] {
+    public static func attentionLastRow(_ qkv: [Double], batch: Int, seqLen S: Int, dim D: Int,
+                                        heads NH: Int) -> [Double] {
         let all = attention(qkv, batch: batch, seqLen: S, dim: D, heads: NH, causal: true)
         var last: [Double] = []
         for b in 0..<batch {

@@ -90,7 +90,8 @@ public final class AdamW {
         var trained = 0..<0
         if let first = ranges.first, let last = ranges.last {
             trained = first.lowerBound..<last.upperBound
-            precondition(ranges.reduce(0) { $0 + $1.count } == trained.count, "trained parameter groups are not contiguous")
+            precondition(ranges.reduce(0) { $0 + $1.count } == trained.count,
+                         "trained parameter groups are not contiguous")
         }
         trainedRange = trained
         momentRange = owned.map { AdamW.clamp(trained, to: $0) } ?? trained
@@ -162,7 +163,8 @@ public final class AdamW {
     public func step(params: FlatBuffer, grads: FlatBuffer, lr: PerGroup<Float>, clip: Float?) -> AdamWStepResult {
         precondition(params.count == table.total && grads.count == table.total,
                      "buffers hold \(params.count) / \(grads.count) floats, the table \(table.total)")
-        precondition(momentRange == trainedRange, "a sharded optimizer needs the global norm: step(params:gradients:norm:)")
+        precondition(momentRange == trainedRange,
+                     "a sharded optimizer needs the global norm: step(params:gradients:norm:)")
         return step(params: params, gradients: grads.base, norm: gradientNorm(grads), lr: lr, clip: clip)
     }
 
@@ -172,7 +174,8 @@ public final class AdamW {
     @discardableResult
     public func step(params: FlatBuffer, gradients g: UnsafeMutablePointer<Float>, norm: Double, lr: PerGroup<Float>,
                      clip: Float?) -> AdamWStepResult {
-        precondition(params.count == table.total, "parameter buffer holds \(params.count) floats, the table \(table.total)")
+        precondition(params.count == table.total,
+                     "parameter buffer holds \(params.count) floats, the table \(table.total)")
         for g in PerGroup<Float>.groups where !trainable[g] {
             precondition(lr[g] == 0, "group \(g) was frozen when the optimizer was built but got lr \(lr[g])")
         }

@@ -12,7 +12,10 @@ public struct LossNoise {
     public var codebook: [Float]?
     public var codebookDim: Int = 0
     public init(noiser: TensorNoiser, seed: UInt64, codebook: [Float]? = nil, codebookDim: Int = 0) {
-        self.noiser = noiser; self.seed = seed; self.codebook = codebook; self.codebookDim = codebookDim
+        self.noiser = noiser
+        self.seed = seed
+        self.codebook = codebook
+        self.codebookDim = codebookDim
     }
 }
 
@@ -30,7 +33,11 @@ public struct BatchBuilder {
     public var dropout: Double
 
     public init(model: Transformer, noise: LossNoise?, seed: UInt64 = 0, labelDrop: Double = 0, dropout: Double = 0) {
-        self.model = model; self.noise = noise; self.seed = seed; self.labelDrop = labelDrop; self.dropout = dropout
+        self.model = model
+        self.noise = noise
+        self.seed = seed
+        self.labelDrop = labelDrop
+        self.dropout = dropout
     }
 
     /// A training micro-batch and the dropout keys of its samples.
@@ -70,8 +77,10 @@ public struct BatchBuilder {
         if let noise, noise.noiser.type != .none {
             let nz = noise.noiser
             func apply(_ e: UnsafePointer<Float>?, _ dim: Int) -> [Float]? {
-                nz.apply(&tensors, batch: n, seqLen: c.seqLen, seed: noise.seed, step: step, samplePositions: samplePositions,
-                         purpose: purpose, embedding: e, embeddingDim: dim, modelDim: nz.type == .continuous ? c.dim : 0)
+                let modelDim = nz.type == .continuous ? c.dim : 0
+                return nz.apply(&tensors, batch: n, seqLen: c.seqLen, seed: noise.seed, step: step,
+                                samplePositions: samplePositions, purpose: purpose, embedding: e, embeddingDim: dim,
+                                modelDim: modelDim)
             }
             if nz.type != .discrete {
                 embeddingNoise = apply(nil, 0)

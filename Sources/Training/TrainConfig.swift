@@ -575,7 +575,8 @@ extension TrainConfig.ModelSection {
     /// vocabulary, classes and grid. Validated (SPEC section 2 rules); errors name `source`.
     public func resolve(vocabSize: Int, numClasses: Int, gridSize: Int, source: String = "config (model section)") throws -> ModelConfig {
         guard BaseRegistry.names.contains(base) else {
-            throw InputError(source, "model.base '\(base)' is unknown; known: \(BaseRegistry.names.joined(separator: ", "))")
+            let known = BaseRegistry.names.joined(separator: ", ")
+            throw InputError(source, "model.base '\(base)' is unknown; known: \(known)")
         }
         var c: ModelConfig
         if let preset {

@@ -94,13 +94,14 @@ public final class Trainer {
                           owned: owned)
         optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
         loader = try TokenLoader(cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
-                                 seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment, prefetch: Trainer.prefetch)
+                                 seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment,
+                                 prefetch: Trainer.prefetch)
         let shard = zero == .none ? nil : GradientSync.Shard(
             slices: slices, rank: comm.rank, releaseSource: zero == .statesAndGrads,
             bucketElements: GradientSync.bucketElements(mb: config.dist.bucketMB))
         sync = try GradientSync(communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB,
-                                readyOrder: model.gradientReadyOrder, mode: config.dist.overlap ? .overlapped : .blocking,
-                                shard: shard)
+                                readyOrder: model.gradientReadyOrder,
+                                mode: config.dist.overlap ? .overlapped : .blocking, shard: shard)
         var codebook: [Float]?, cbDim = 0
         if config.noise.type == .discrete && config.noise.embedding == .codebook {
             guard let path = trainCache.codebookPath else { throw InputError(config.data.train, "noise.embedding: codebook needs a codebook.h5 in the cache") }

@@ -199,14 +199,6 @@ struct Sample: ParsableCommand {
         }
     }
 
-    func checkWritableFolder(_ dir: String, for path: String) throws {
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: dir, isDirectory: &isDir), isDir.boolValue else {
-            throw InputError(path, "the folder \(dir) does not exist")
-        }
-        guard FileManager.default.isWritableFile(atPath: dir) else { throw InputError(path, "the folder \(dir) is not writable") }
-    }
-
     /// "0,3,5-7" -> [0, 3, 5, 6, 7]; nil -> every class. Each part is a class number or a range
     /// A-B of them (digits only: "-1", "3-", "5-2" are errors); out-of-range classes name the weights.
     func parseClasses(_ s: String?, numClasses C: Int, weights w: String) throws -> [Int] {

@@ -165,7 +165,8 @@ final class KernelTests: XCTestCase {
             }
             let ref = Reference.attentionLastRow(prefix, batch: rows, seqLen: p + 1, dim: D, heads: NH)
             withFloats([step, [Double](repeating: 0, count: rows * D)]) { b in
-                attentionStepForward(b[1], keys, values, b[0], rows: rows, dim: D, heads: NH, cacheLength: S, position: p)
+                attentionStepForward(b[1], keys, values, b[0], rows: rows, dim: D, heads: NH, cacheLength: S,
+                                     position: p)
                 assertClose(read(b[1], rows * D), ref, "attention step at position \(p)")
             }
         }

@@ -41,7 +41,9 @@ final class ThreadTests: XCTestCase {
         let saved = BLAS.threads
         defer { BLAS.threads = saved }
         BLAS.threads = 3
-        func threadCount() throws -> Int { try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count }
+        func threadCount() throws -> Int {
+            try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count
+        }
         let counts = UnsafeMutablePointer<Int>.allocate(capacity: 64)
         defer { counts.deallocate() }
         for _ in 0..<200 { ComputePool.shared.run(parts: 3) { _ in } }  // the workers are up

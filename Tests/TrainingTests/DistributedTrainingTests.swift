@@ -400,9 +400,8 @@ func sourceNewer(than path: String, program: String) throws -> String? {
     for case let rel as String in walker where rel.hasSuffix(".swift") || rel.hasSuffix(".c") || rel.hasSuffix(".h") {
         let folder = rel.split(separator: "/").first.map(String.init) ?? ""
         if folder.hasPrefix("tensorar-") && folder != program { continue }
-        if let d = try fm.attributesOfItem(atPath: packageRoot + "/Sources/" + rel)[.modificationDate] as? Date, d > built {
-            return rel
-        }
+        let modified = try fm.attributesOfItem(atPath: packageRoot + "/Sources/" + rel)[.modificationDate] as? Date
+        if let modified, modified > built { return rel }
     }
     return nil
 }
@@ -468,7 +467,8 @@ final class ShardedOptimizerTests: XCTestCase {
                 XCTAssertGreaterThan(try largestWeightDifference(control, none), 1e-2, "the control's weights differ")
             }
             for zero in ["states", "states+grads"] {
-                let r = try h.train(ranks: ranks, run: "\(zero)-\(ranks)", extra: steps + ["dist.shard_optimizer=\(zero)"])
+                let setting = ["dist.shard_optimizer=\(zero)"]
+                let r = try h.train(ranks: ranks, run: "\(zero)-\(ranks)", extra: steps + setting)
                 XCTAssertEqual(r.status, 0, r.output)
                 XCTAssertTrue(r.output.contains("reduce-scatter (ZeRO \(zero))"), r.output)
                 XCTAssertEqual(r.losses.count, 20, r.output)
@@ -488,7 +488,9 @@ final class ShardedOptimizerTests: XCTestCase {
     private func largestWeightDifference(_ a: MPIRunHarness.Result, _ b: MPIRunHarness.Result) throws -> Double {
         let x = try Safetensors.read(a.runDir + "/model.safetensors")
         let y = try Safetensors.read(b.runDir + "/model.safetensors")
-        func floats(_ t: Safetensors.Tensor) -> [Float] { t.data.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) } }
+        func floats(_ t: Safetensors.Tensor) -> [Float] {
+            t.data.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+        }
         return try y.tensors.map { name, t in
             relativeMaxDifference(floats(try XCTUnwrap(x.tensors[name], name)), floats(t))
         }.max() ?? .infinity

@@ -145,8 +145,9 @@ final class ResumeTests: XCTestCase {
             XCTAssertEqual(s.status, 0, s.output)
             XCTAssertEqual(try CheckpointStore.verify(f.checkpoints + "/\(straight)/step-00000008").worldSize, from)
             let resumed = "Z\(from)to\(to)"
+            let from8 = f.checkpoints + "/\(straight)/step-00000008"
             let r = try train(f, run: resumed, ranks: to, extra: [
-                "--set", "dist.shard_optimizer=\(zeroTo)", "--resume-from", f.checkpoints + "/\(straight)/step-00000008",
+                "--set", "dist.shard_optimizer=\(zeroTo)", "--resume-from", from8,
             ])
             XCTAssertEqual(r.status, 0, r.output)
             XCTAssertTrue(r.output.contains("at step 8 (written by \(from) rank(s))"), r.output)
