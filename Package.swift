@@ -40,8 +40,9 @@ let package = Package(
             name: "TokenData",
             dependencies: ["Platform", .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: lang),
-        .target(name: "Training", dependencies: ["ARModel", "Kernels", "TokenData", "Platform", "Yams"],
-                swiftSettings: lang),
+        .target(
+            name: "Training", dependencies: ["ARModel", "Kernels", "TokenData", "Platform", "Yams"],
+            swiftSettings: lang),
         .executableTarget(name: "tensorar-train", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(name: "tensorar-eval", dependencies: ["Training", argParser], swiftSettings: lang),
         .executableTarget(
@@ -52,6 +53,8 @@ let package = Package(
         .testTarget(name: "KernelTests", dependencies: ["Kernels"], swiftSettings: lang),
         .testTarget(name: "ModelTests", dependencies: ["ARModel"], exclude: ["Fixtures"], swiftSettings: lang),
         .testTarget(name: "DataTests", dependencies: ["TokenData"], swiftSettings: lang),
-        .testTarget(name: "TrainingTests", dependencies: ["Training", "ARModel", "Kernels", "Platform", "TokenData"], swiftSettings: lang),
+        .testTarget(
+            name: "TrainingTests", dependencies: ["Training", "ARModel", "Kernels", "Platform", "TokenData"],
+            swiftSettings: lang),
     ]
 )

@@ -58,7 +58,11 @@ final class ActivationTable {
     }
 
     /// The buffer `name` zeroed (backward scratch is zeroed at each use).
-    func zeroed(_ name: String) -> FlatBuffer { let b = self[name]; b.zero(); return b }
+    func zeroed(_ name: String) -> FlatBuffer {
+        let b = self[name]
+        b.zero()
+        return b
+    }
 
     /// Bytes held now.
     var bytes: Int { layout.bytes(allocated) }

@@ -55,9 +55,10 @@ protocol BaseModel: AnyObject {
     /// factorized stack, SPEC section 8; rows are per-sample contiguous, `rows / samples` each).
     /// With `gradient`, `headBackward` follows and is the gradient of sum_r dloss[r] * loss_r: the
     /// head keeps what that needs, and may form its parameters' gradient already (LlamaGen does).
-    func headForward(_ h: FlatBuffer, rows: Int, targets: [Int32], losses: inout [Float],
-                     logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, gradient: HeadGradient?,
-                     params p: FloatPtr)
+    func headForward(
+        _ h: FlatBuffer, rows: Int, targets: [Int32], losses: inout [Float],
+        logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, gradient: HeadGradient?,
+        params p: FloatPtr)
     /// dh (rows, D) out: the gradient w.r.t. h of the last forward's `gradient.dloss`-weighted loss.
     func headBackward(_ dh: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr)
     /// Flat range of the head's parameters, final after `headBackward`.
@@ -109,8 +110,9 @@ extension RotaryTrunkBase {
     static func rotaryTrunk(_ c: ModelConfig, _ table: ParameterTable, prefix: String) -> (BlockStack, [Range<Int>]) {
         let rot = RotaryTable(seqLen: c.seqLen, gridW: c.gridSize, headDim: c.headDim, base: c.ropeBase)
         let weights = (0..<c.nLayer).map { BlockWeights(table, prefix: "\(prefix).\($0)") }
-        let stack = BlockStack(weights: weights, causal: true, rotary: rot, dim: c.dim, heads: c.nHead,
-                               ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
+        let stack = BlockStack(
+            weights: weights, causal: true, rotary: rot, dim: c.dim, heads: c.nHead,
+            ffn: c.ffnHidden, eps: c.normEps, siteBase: 0)
         let ranges = (0..<c.nLayer).map {
             table.span("\(prefix).\($0).attention_norm.weight", "\(prefix).\($0).feed_forward.w2.weight")
         }

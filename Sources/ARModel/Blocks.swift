@@ -11,7 +11,8 @@ struct BlockWeights {
         wo = t.offset("\(prefix).attention.wo.weight")
         ffnNorm = t.offset("\(prefix).ffn_norm.weight")
         w13 = t.offset("\(prefix).feed_forward.w1.weight")
-        precondition(t.offset("\(prefix).feed_forward.w3.weight") == w13 + t.entry("\(prefix).feed_forward.w1.weight")!.count)
+        precondition(
+            t.offset("\(prefix).feed_forward.w3.weight") == w13 + t.entry("\(prefix).feed_forward.w1.weight")!.count)
         w2 = t.offset("\(prefix).feed_forward.w2.weight")
     }
 }
@@ -28,9 +29,17 @@ struct DropoutPlan {
 struct BlockCache {
     let xIn, n1, rstd1, qkv, probs, attY, h, n2, rstd2, ab, g: FlatBuffer
     init(_ t: ActivationTable, _ prefix: String) {
-        xIn = t["\(prefix).xIn"]; n1 = t["\(prefix).n1"]; rstd1 = t["\(prefix).rstd1"]; qkv = t["\(prefix).qkv"]
-        probs = t["\(prefix).probs"]; attY = t["\(prefix).attY"]; h = t["\(prefix).h"]; n2 = t["\(prefix).n2"]
-        rstd2 = t["\(prefix).rstd2"]; ab = t["\(prefix).ab"]; g = t["\(prefix).g"]
+        xIn = t["\(prefix).xIn"]
+        n1 = t["\(prefix).n1"]
+        rstd1 = t["\(prefix).rstd1"]
+        qkv = t["\(prefix).qkv"]
+        probs = t["\(prefix).probs"]
+        attY = t["\(prefix).attY"]
+        h = t["\(prefix).h"]
+        n2 = t["\(prefix).n2"]
+        rstd2 = t["\(prefix).rstd2"]
+        ab = t["\(prefix).ab"]
+        g = t["\(prefix).g"]
     }
 }
 
@@ -38,7 +47,10 @@ struct BlockCache {
 private struct BackwardScratch {
     let tmp, dh, dn, dattY, dqkv, dab, dg: FlatBuffer
     init(_ t: ActivationTable, _ prefix: String) {
-        tmp = t["\(prefix).tmp"]; dh = t["\(prefix).dh"]; dn = t["\(prefix).dn"]; dattY = t["\(prefix).dattY"]
+        tmp = t["\(prefix).tmp"]
+        dh = t["\(prefix).dh"]
+        dn = t["\(prefix).dn"]
+        dattY = t["\(prefix).dattY"]
         dqkv = t["\(prefix).dqkv"]
         dab = t["\(prefix).dab"]
         dg = t["\(prefix).dg"]
@@ -61,33 +73,59 @@ final class BlockStack {
     private var tmp: FlatBuffer?
     private var dropped = false  // the last forward applied dropout masks
 
-    init(weights: [BlockWeights], causal: Bool, rotary: RotaryTable?, dim: Int, heads: Int, ffn: Int, eps: Float, siteBase: Int) {
-        self.weights = weights; self.causal = causal; self.rotary = rotary
-        D = dim; NH = heads; F = ffn; self.eps = eps; self.siteBase = siteBase
+    init(
+        weights: [BlockWeights], causal: Bool, rotary: RotaryTable?, dim: Int, heads: Int, ffn: Int, eps: Float,
+        siteBase: Int
+    ) {
+        self.weights = weights
+        self.causal = causal
+        self.rotary = rotary
+        D = dim
+        NH = heads
+        F = ffn
+        self.eps = eps
+        self.siteBase = siteBase
     }
 
     /// The activations of L blocks over N sequences of S vectors (R = N*S rows), under `prefix`.
-    static func addActivations(_ prefix: String, layers L: Int, sequences N: Int, seqLen S: Int, _ c: ModelConfig,
-                               to a: inout ActivationLayout) {
-        let R = N * S, D = c.dim, F = c.ffnHidden
+    static func addActivations(
+        _ prefix: String, layers L: Int, sequences N: Int, seqLen S: Int, _ c: ModelConfig,
+        to a: inout ActivationLayout
+    ) {
+        let R = N * S
+        let D = c.dim
+        let F = c.ffnHidden
         for l in 0..<L {
             let b = "\(prefix).\(l)"
-            a.add("\(b).xIn", [R, D]); a.add("\(b).n1", [R, D]); a.add("\(b).rstd1", [R])  // block input, norm1
-            a.add("\(b).qkv", [R, 3 * D]); a.add("\(b).probs", [N, c.nHead, S, S])        // after rotary; softmax
-            a.add("\(b).attY", [R, D]); a.add("\(b).h", [R, D])                     // heads joined; x + attn
-            a.add("\(b).n2", [R, D]); a.add("\(b).rstd2", [R])                            // norm2
-            a.add("\(b).ab", [R, 2 * F]); a.add("\(b).g", [R, F])                         // w1|w3 outputs; swiglu
-            a.add("\(b).mask1", [R, D], .dropout); a.add("\(b).mask2", [R, D], .dropout)  // after wo; after w2
+            a.add("\(b).xIn", [R, D])
+            a.add("\(b).n1", [R, D])
+            a.add("\(b).rstd1", [R])  // block input, norm1
+            a.add("\(b).qkv", [R, 3 * D])
+            a.add("\(b).probs", [N, c.nHead, S, S])  // after rotary; softmax
+            a.add("\(b).attY", [R, D])
+            a.add("\(b).h", [R, D])  // heads joined; x + attn
+            a.add("\(b).n2", [R, D])
+            a.add("\(b).rstd2", [R])  // norm2
+            a.add("\(b).ab", [R, 2 * F])
+            a.add("\(b).g", [R, F])  // w1|w3 outputs; swiglu
+            a.add("\(b).mask1", [R, D], .dropout)
+            a.add("\(b).mask2", [R, D], .dropout)  // after wo; after w2
         }
         a.add("\(prefix).tmp", [R, D])  // wo / w2 outputs, then backward scratch
-        a.add("\(prefix).dh", [R, D], .backward); a.add("\(prefix).dn", [R, D], .backward)
-        a.add("\(prefix).dattY", [R, D], .backward); a.add("\(prefix).dqkv", [R, 3 * D], .backward)
-        a.add("\(prefix).dab", [R, 2 * F], .backward); a.add("\(prefix).dg", [R, F], .backward)
+        a.add("\(prefix).dh", [R, D], .backward)
+        a.add("\(prefix).dn", [R, D], .backward)
+        a.add("\(prefix).dattY", [R, D], .backward)
+        a.add("\(prefix).dqkv", [R, 3 * D], .backward)
+        a.add("\(prefix).dab", [R, 2 * F], .backward)
+        a.add("\(prefix).dg", [R, F], .backward)
     }
 
     /// Uses the buffers of `addActivations(prefix, ...)` in `t` (its forward part allocated).
     func bind(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
-        table = t; self.prefix = prefix; N = sequences; S = seqLen
+        table = t
+        self.prefix = prefix
+        N = sequences
+        S = seqLen
         caches = (0..<weights.count).map { BlockCache(t, "\(prefix).\($0)") }
         tmp = t["\(prefix).tmp"]
     }
@@ -105,7 +143,8 @@ final class BlockStack {
             rmsnormForward(c.n1.base, c.rstd1.base, c.xIn.base, p + w.attnNorm, n: R, d: D, eps: eps)
             matmulForward(c.qkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
             if let rotary { rotaryApply(c.qkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH) }
-            attentionForward(c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal)
+            attentionForward(
+                c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal)
             matmulForward(tmp, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
             applyDropout(tmp, "\(prefix).\(l).mask1", dropout, site: siteBase + 2 * l)
             addForward(c.h.base, c.xIn.base, tmp, count: R * D)
@@ -122,7 +161,9 @@ final class BlockStack {
         guard let plan, plan.p > 0 else { return }
         let R = N * S
         let mask = table![name]
-        dropoutMask(mask.base, p: plan.p, rows: R, d: D, rowsPerSample: R / plan.samplePositions.count, samplePositions: plan.samplePositions, seed: plan.seed, step: plan.step, site: site)
+        dropoutMask(
+            mask.base, p: plan.p, rows: R, d: D, rowsPerSample: R / plan.samplePositions.count,
+            samplePositions: plan.samplePositions, seed: plan.seed, step: plan.step, site: site)
         dropoutApply(t, mask.base, count: R * D)
     }
 
@@ -133,7 +174,8 @@ final class BlockStack {
         table!.allocate(.backward)
         let s = BackwardScratch(table!, prefix)
         for l in stride(from: weights.count - 1, through: 0, by: -1) {
-            let w = weights[l], c = caches[l]
+            let w = weights[l]
+            let c = caches[l]
             // out = h + drop(w2(swiglu(w13(norm2(h)))))
             s.dh.base.update(from: dx.base, count: R * D)
             s.tmp.base.update(from: dx.base, count: R * D)
@@ -150,8 +192,9 @@ final class BlockStack {
             s.dattY.zero()
             matmulBackward(s.dattY.base, gp + w.wo, s.tmp.base, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
             s.dqkv.zero()
-            attentionBackward(s.dqkv.base, s.dattY.base, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D,
-                              heads: NH, causal: causal)
+            attentionBackward(
+                s.dqkv.base, s.dattY.base, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D,
+                heads: NH, causal: causal)
             if let rotary { rotaryApply(s.dqkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH, inverse: true) }
             s.dn.zero()
             matmulBackward(s.dn.base, gp + w.wqkv, s.dqkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
@@ -170,10 +213,15 @@ public final class KVCache {
     let keys, values: FlatBuffer  // (L, NB, NH, T, hd)
     let n1, rstd, qkv, att, tmp, ab, g: FlatBuffer
     init(layers L: Int, rows NB: Int, seqLen T: Int, dim D: Int, ffn F: Int) {
-        rows = NB; seqLen = T
-        keys = FlatBuffer(count: L * NB * T * D); values = FlatBuffer(count: L * NB * T * D)
-        n1 = FlatBuffer(count: NB * D); rstd = FlatBuffer(count: NB)
-        qkv = FlatBuffer(count: NB * 3 * D); att = FlatBuffer(count: NB * D); tmp = FlatBuffer(count: NB * D)
+        rows = NB
+        seqLen = T
+        keys = FlatBuffer(count: L * NB * T * D)
+        values = FlatBuffer(count: L * NB * T * D)
+        n1 = FlatBuffer(count: NB * D)
+        rstd = FlatBuffer(count: NB)
+        qkv = FlatBuffer(count: NB * 3 * D)
+        att = FlatBuffer(count: NB * D)
+        tmp = FlatBuffer(count: NB * D)
         ab = FlatBuffer(count: NB * 2 * F)
         g = FlatBuffer(count: NB * F)
     }
@@ -189,14 +237,17 @@ extension BlockStack {
     /// `forward`, the attention reading the cached positions 0...pos.
     func step(_ x: FloatPtr, cache c: KVCache, position pos: Int, params p: FloatPtr) {
         let NB = c.rows
-        let qkv = c.qkv.base, att = c.att.base, tmp = c.tmp.base
+        let qkv = c.qkv.base
+        let att = c.att.base
+        let tmp = c.tmp.base
         let layerBlock = NB * c.seqLen * D  // floats per layer in either cache
         for (l, bw) in weights.enumerated() {
             rmsnormForward(c.n1.base, c.rstd.base, x, p + bw.attnNorm, n: NB, d: D, eps: eps)
             matmulForward(qkv, c.n1.base, p + bw.wqkv, n: NB, ic: D, oc: 3 * D)
             if let rotary { rotaryApply(qkv, rotary, batch: NB, seqLen: 1, dim: D, heads: NH, position: pos) }
-            attentionStepForward(att, c.keys.base + l * layerBlock, c.values.base + l * layerBlock, qkv, rows: NB,
-                                 dim: D, heads: NH, cacheLength: c.seqLen, position: pos)
+            attentionStepForward(
+                att, c.keys.base + l * layerBlock, c.values.base + l * layerBlock, qkv, rows: NB,
+                dim: D, heads: NH, cacheLength: c.seqLen, position: pos)
             matmulForward(tmp, att, p + bw.wo, n: NB, ic: D, oc: D)
             addForward(x, x, tmp, count: NB * D)
             rmsnormForward(c.n1.base, c.rstd.base, x, p + bw.ffnNorm, n: NB, d: D, eps: eps)

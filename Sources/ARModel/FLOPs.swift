@@ -6,7 +6,10 @@ import Kernels
 /// rows skips most of the masked half; the plug-in's full-mask attention does all S x S.
 extension ModelConfig {
     func stackFLOPs(sequences n: Int, seqLen s: Int, layers: Int, causal: Bool) -> Double {
-        let D = Double(dim), F = Double(ffnHidden), R = Double(n * s), NH = Double(nHead)
+        let D = Double(dim)
+        let F = Double(ffnHidden)
+        let R = Double(n * s)
+        let NH = Double(nHead)
         let linear = 2 * R * D * 3 * D + 2 * R * D * D + 2 * R * D * 2 * F + 2 * R * F * D
         let attention = Double(n) * NH * attentionFLOPs(seqLen: s, headDim: headDim, causal: causal)
         return (linear + attention) * Double(layers)
@@ -16,14 +19,16 @@ extension ModelConfig {
     /// matmul on every valid (position, slot) row; Open-MAGVIT2's factorized stack and two heads
     /// on every row (SPEC section 8).
     func headFLOPs(batch B: Int) -> Double {
-        let T = seqLen, k = hasPlugin ? window : 1
+        let T = seqLen
+        let k = hasPlugin ? window : 1
         let valid = (0..<T).reduce(0) { $0 + min(k, T - $1) }
         return BaseRegistry.type(named: base)!.headFLOPs(self, rows: B * T * k, validRows: B * valid)
     }
 
     /// Forward FLOPs for a batch of B images (training/teacher-forced pass).
     public func forwardFLOPs(batch B: Int) -> Double {
-        let T = seqLen, D = Double(dim)
+        let T = seqLen
+        let D = Double(dim)
         var f = stackFLOPs(sequences: B, seqLen: T, layers: nLayer, causal: true) + headFLOPs(batch: B)
         if hasPlugin {
             let k = window

@@ -9,7 +9,8 @@ final class LlamaGen: RotaryTrunkBase {
 
     /// SPEC section 2's table, in LlamaGen's order (the "base" group).
     static func addParameters(_ c: ModelConfig, to t: inout ParameterTable) {
-        let D = c.dim, V = c.vocabSize
+        let D = c.dim
+        let V = c.vocabSize
         t.add("cls_embedding.embedding_table.weight", [c.numClasses + 1, D], .base, .normal(0.02))
         t.add("tok_embeddings.weight", [V, D], .base, .normal(0.02))
         for l in 0..<c.nLayer { t.addBlock("layers.\(l)", c, .base) }
@@ -28,9 +29,13 @@ final class LlamaGen: RotaryTrunkBase {
     var headParts: [Int] { [V] }
 
     init(config c: ModelConfig, table: ParameterTable) {
-        config = c; D = c.dim; V = c.vocabSize
-        oCls = table.offset("cls_embedding.embedding_table.weight"); oTok = table.offset("tok_embeddings.weight")
-        oNorm = table.offset("norm.weight"); oOut = table.offset("output.weight")
+        config = c
+        D = c.dim
+        V = c.vocabSize
+        oCls = table.offset("cls_embedding.embedding_table.weight")
+        oTok = table.offset("tok_embeddings.weight")
+        oNorm = table.offset("norm.weight")
+        oOut = table.offset("output.weight")
         (trunk, layerRanges) = LlamaGen.rotaryTrunk(c, table, prefix: "layers")
         embeddingRange = table.span("cls_embedding.embedding_table.weight", "tok_embeddings.weight")
         headRange = table.span("norm.weight", "output.weight")
@@ -62,18 +67,25 @@ final class LlamaGen: RotaryTrunkBase {
     static func addActivations(_ c: ModelConfig, sequences B: Int, headRows n: Int, to a: inout ActivationLayout) {
         BlockStack.addActivations("trunk", layers: c.nLayer, sequences: B, seqLen: c.seqLen, c, to: &a)
         let D = c.dim
-        a.add("head.fn", [n, D]); a.add("head.rstd", [n])                  // norm(h) of every row
+        a.add("head.fn", [n, D])
+        a.add("head.rstd", [n])  // norm(h) of every row
         let m = chunkRows
-        a.add("head.chunkIn", [m, D]); a.add("head.chunkLoss", [m])           // one chunk's rows
-        a.add("head.chunkLogits", [m, c.vocabSize])                            // and its logits
-        a.add("head.dfn", [n, D], .backward); a.add("head.dChunkIn", [m, D], .backward)
+        a.add("head.chunkIn", [m, D])
+        a.add("head.chunkLoss", [m])  // one chunk's rows
+        a.add("head.chunkLogits", [m, c.vocabSize])  // and its logits
+        a.add("head.dfn", [n, D], .backward)
+        a.add("head.dChunkIn", [m, D], .backward)
     }
 
     func bind(_ t: ActivationTable, sequences B: Int, headRows n: Int) {
         trunk.bind(t, prefix: "trunk", sequences: B, seqLen: config.seqLen)
-        table = t; rows = n
-        fn = t["head.fn"]; frstd = t["head.rstd"]
-        chunkIn = t["head.chunkIn"]; chunkLogits = t["head.chunkLogits"]; chunkLoss = t["head.chunkLoss"]
+        table = t
+        rows = n
+        fn = t["head.fn"]
+        frstd = t["head.rstd"]
+        chunkIn = t["head.chunkIn"]
+        chunkLogits = t["head.chunkLogits"]
+        chunkLoss = t["head.chunkLoss"]
     }
 
     /// Gathers the rows `rowsOfChunk` of fn into chunkIn and runs the output matmul into chunkLogits.
@@ -89,9 +101,11 @@ final class LlamaGen: RotaryTrunkBase {
     /// are in hand costs no second output matmul (5.9% of a preset-B k4 d2 step) and keeps no
     /// (rows, V) logits (0.5 GB there). It fills head.dfn and adds output.weight's gradient;
     /// `headBackward` finishes with the norm.
-    func headForward(_ h: FlatBuffer, rows n: Int, targets: [Int32], losses: inout [Float],
-                     logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, gradient: HeadGradient?,
-                     params p: FloatPtr) {
+    func headForward(
+        _ h: FlatBuffer, rows n: Int, targets: [Int32], losses: inout [Float],
+        logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, gradient: HeadGradient?,
+        params p: FloatPtr
+    ) {
         precondition(n == rows, "head bound for \(rows) rows, run on \(n)")
         input = h
         rmsnormForward(fn!.base, frstd!.base, h.base, p + oNorm, n: n, d: D, eps: config.normEps)
@@ -120,8 +134,9 @@ final class LlamaGen: RotaryTrunkBase {
             let dlogits = gradient == nil ? nil : lg  // the gradient overwrites the logits in place
             tg.withUnsafeBufferPointer { tp in
                 wt.withUnsafeBufferPointer {
-                    crossEntropyForwardBackward(loss, dlogits, lg, tp.baseAddress!, $0.baseAddress!,
-                                                scale: gradient == nil ? 0 : 1, n: m, v: V)
+                    crossEntropyForwardBackward(
+                        loss, dlogits, lg, tp.baseAddress!, $0.baseAddress!,
+                        scale: gradient == nil ? 0 : 1, n: m, v: V)
                 }
             }
             for (i, r) in rowsOfChunk.enumerated() { losses[r] = loss[i] }
@@ -133,8 +148,10 @@ final class LlamaGen: RotaryTrunkBase {
 
     /// The output matmul's backward for one chunk: dlogits (in chunkLogits) to output.weight's
     /// gradient and to the chunk's rows of dfn.
-    private func chunkBackward(_ rowsOfChunk: ArraySlice<Int>, into dfn: FlatBuffer, params p: FloatPtr,
-                               grads gp: FloatPtr) {
+    private func chunkBackward(
+        _ rowsOfChunk: ArraySlice<Int>, into dfn: FlatBuffer, params p: FloatPtr,
+        grads gp: FloatPtr
+    ) {
         let m = rowsOfChunk.count
         let d = table!["head.dChunkIn"].base
         d.update(repeating: 0, count: m * D)
@@ -150,9 +167,14 @@ final class LlamaGen: RotaryTrunkBase {
         hasGradient = false
     }
 
-    func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]],
-                    params p: FloatPtr) {
-        if sampleNorm?.count != n * D { sampleNorm = FlatBuffer(count: n * D); sampleRstd = FlatBuffer(count: n) }
+    func headLogits(
+        _ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]],
+        params p: FloatPtr
+    ) {
+        if sampleNorm?.count != n * D {
+            sampleNorm = FlatBuffer(count: n * D)
+            sampleRstd = FlatBuffer(count: n)
+        }
         rmsnormForward(sampleNorm!.base, sampleRstd!.base, h, p + oNorm, n: n, d: D, eps: config.normEps)
         matmulForward(out, sampleNorm!.base, p + oOut, n: n, ic: D, oc: V)
     }

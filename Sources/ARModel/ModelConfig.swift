@@ -28,20 +28,36 @@ public struct ModelConfig: Codable, Equatable, Sendable {
     public var factorizedBits: [Int] = []
 
     enum CodingKeys: String, CodingKey {
-        case vocabSize = "vocab_size", numClasses = "num_classes", gridSize = "grid_size", dim
-        case nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", normEps = "norm_eps"
-        case ropeBase = "rope_base", window, pluginDepth = "plugin_depth", residual, base
-        case factorizedNLayer = "factorized_n_layer", factorizedBits = "factorized_bits"
+        case vocabSize = "vocab_size"
+        case numClasses = "num_classes"
+        case gridSize = "grid_size"
+        case dim
+        case nLayer = "n_layer"
+        case nHead = "n_head"
+        case ffnHidden = "ffn_hidden"
+        case normEps = "norm_eps"
+        case ropeBase = "rope_base"
+        case window
+        case pluginDepth = "plugin_depth"
+        case residual, base
+        case factorizedNLayer = "factorized_n_layer"
+        case factorizedBits = "factorized_bits"
     }
 
     public init(
         vocabSize: Int, numClasses: Int, gridSize: Int, dim: Int, nLayer: Int, nHead: Int,
         ffnHidden: Int? = nil, window: Int = 1, pluginDepth: Int = 0, residual: Bool = true
     ) {
-        self.vocabSize = vocabSize; self.numClasses = numClasses; self.gridSize = gridSize
-        self.dim = dim; self.nLayer = nLayer; self.nHead = nHead
+        self.vocabSize = vocabSize
+        self.numClasses = numClasses
+        self.gridSize = gridSize
+        self.dim = dim
+        self.nLayer = nLayer
+        self.nHead = nHead
         self.ffnHidden = ffnHidden ?? ModelConfig.defaultFFNHidden(dim: dim)
-        self.window = window; self.pluginDepth = pluginDepth; self.residual = residual
+        self.window = window
+        self.pluginDepth = pluginDepth
+        self.residual = residual
     }
 
     public init(from decoder: Decoder) throws {
@@ -65,12 +81,18 @@ public struct ModelConfig: Codable, Equatable, Sendable {
 
     public func encode(to encoder: Encoder) throws {
         var c = encoder.container(keyedBy: CodingKeys.self)
-        try c.encode(vocabSize, forKey: .vocabSize); try c.encode(numClasses, forKey: .numClasses)
-        try c.encode(gridSize, forKey: .gridSize); try c.encode(dim, forKey: .dim)
-        try c.encode(nLayer, forKey: .nLayer); try c.encode(nHead, forKey: .nHead)
-        try c.encode(ffnHidden, forKey: .ffnHidden); try c.encode(normEps, forKey: .normEps)
-        try c.encode(ropeBase, forKey: .ropeBase); try c.encode(window, forKey: .window)
-        try c.encode(pluginDepth, forKey: .pluginDepth); try c.encode(residual, forKey: .residual)
+        try c.encode(vocabSize, forKey: .vocabSize)
+        try c.encode(numClasses, forKey: .numClasses)
+        try c.encode(gridSize, forKey: .gridSize)
+        try c.encode(dim, forKey: .dim)
+        try c.encode(nLayer, forKey: .nLayer)
+        try c.encode(nHead, forKey: .nHead)
+        try c.encode(ffnHidden, forKey: .ffnHidden)
+        try c.encode(normEps, forKey: .normEps)
+        try c.encode(ropeBase, forKey: .ropeBase)
+        try c.encode(window, forKey: .window)
+        try c.encode(pluginDepth, forKey: .pluginDepth)
+        try c.encode(residual, forKey: .residual)
         if base != LlamaGen.name { try c.encode(base, forKey: .base) }
         if base == OpenMAGVIT2.name {
             try c.encode(factorizedNLayer, forKey: .factorizedNLayer)
@@ -106,9 +128,16 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         if vocabSize < 2 { throw bad("vocab_size must be at least 2, got \(vocabSize)") }
         if numClasses < 1 { throw bad("num_classes must be at least 1, got \(numClasses)") }
         if gridSize < 1 { throw bad("grid_size must be at least 1, got \(gridSize)") }
-        if dim < 1 || nHead < 1 || nLayer < 0 { throw bad("dim, n_head must be positive and n_layer non-negative (dim \(dim), n_head \(nHead), n_layer \(nLayer))") }
+        if dim < 1 || nHead < 1 || nLayer < 0 {
+            throw bad(
+                "dim, n_head must be positive and n_layer non-negative (dim \(dim), n_head \(nHead), n_layer \(nLayer))"
+            )
+        }
         if dim % nHead != 0 { throw bad("dim \(dim) is not divisible by n_head \(nHead)") }
-        if headDim % 4 != 0 { throw bad("head width dim/n_head = \(headDim) is not divisible by 4 (the 2D rotary table needs hd/4 frequencies)") }
+        if headDim % 4 != 0 {
+            throw bad(
+                "head width dim/n_head = \(headDim) is not divisible by 4 (the 2D rotary table needs hd/4 frequencies)")
+        }
         if ffnHidden < 1 { throw bad("ffn_hidden must be positive, got \(ffnHidden)") }
         if window < 1 { throw bad("window (k) must be at least 1, got \(window)") }
         if pluginDepth < 0 { throw bad("plugin_depth must be non-negative, got \(pluginDepth)") }
@@ -131,10 +160,12 @@ public struct ModelConfig: Codable, Equatable, Sendable {
 
     /// Upper bounds, so a damaged or hostile config cannot ask for absurd sizes (issue 17).
     func checkBounds(source: String) throws {
-        let ints: [(String, Int, Int)] = [("vocab_size", vocabSize, 1 << 24), ("num_classes", numClasses, 1 << 24),
-                                          ("grid_size", gridSize, 1024), ("dim", dim, 65536), ("n_layer", nLayer, 1024),
-                                          ("n_head", nHead, 1024), ("ffn_hidden", ffnHidden, 1 << 20),
-                                          ("window", window, 1024), ("plugin_depth", pluginDepth, 256)]
+        let ints: [(String, Int, Int)] = [
+            ("vocab_size", vocabSize, 1 << 24), ("num_classes", numClasses, 1 << 24),
+            ("grid_size", gridSize, 1024), ("dim", dim, 65536), ("n_layer", nLayer, 1024),
+            ("n_head", nHead, 1024), ("ffn_hidden", ffnHidden, 1 << 20),
+            ("window", window, 1024), ("plugin_depth", pluginDepth, 256),
+        ]
         for (key, v, hi) in ints where v > hi {
             throw InputError(source, "\(key) \(v) is larger than the most this program accepts (\(hi))")
         }
@@ -154,37 +185,44 @@ public struct ModelConfig: Codable, Equatable, Sendable {
 
     /// The preset `name` of the base `base` (a `BaseRegistry` name). `vocabSize` nil: the base's
     /// usual V (LlamaGen 16384, Open-MAGVIT2 262144).
-    public static func preset(_ name: String, base: String = "llamagen", vocabSize: Int? = nil, numClasses: Int = 1000,
-                              gridSize: Int = 16) throws -> ModelConfig {
+    public static func preset(
+        _ name: String, base: String = "llamagen", vocabSize: Int? = nil, numClasses: Int = 1000,
+        gridSize: Int = 16
+    ) throws -> ModelConfig {
         if base == OpenMAGVIT2.name {
-            return try openMAGVIT2Preset(name, vocabSize: vocabSize ?? 262_144, numClasses: numClasses,
-                                         gridSize: gridSize)
+            return try openMAGVIT2Preset(
+                name, vocabSize: vocabSize ?? 262_144, numClasses: numClasses,
+                gridSize: gridSize)
         }
         let vocabSize = vocabSize ?? 16384
         let shape: (Int, Int, Int)  // (L, NH, D)
         switch name {
-        case "tiny": shape = (2, 2, 64)       // quick tests
-        case "small": shape = (4, 4, 128)     // the default Fashion-MNIST run
-        case "B": shape = (12, 12, 768)       // 110,888,448 (LlamaGen GPT-B)
-        case "L": shape = (24, 16, 1024)      // 343M
-        case "XL": shape = (36, 20, 1280)     // 775M
-        case "XXL": shape = (48, 24, 1536)    // 1.4B
+        case "tiny": shape = (2, 2, 64)  // quick tests
+        case "small": shape = (4, 4, 128)  // the default Fashion-MNIST run
+        case "B": shape = (12, 12, 768)  // 110,888,448 (LlamaGen GPT-B)
+        case "L": shape = (24, 16, 1024)  // 343M
+        case "XL": shape = (36, 20, 1280)  // 775M
+        case "XXL": shape = (48, 24, 1536)  // 1.4B
         default: throw InputError("--preset", "unknown preset '\(name)'; known: \(presetNames.joined(separator: ", "))")
         }
-        return ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2, nLayer: shape.0, nHead: shape.1)
+        return ModelConfig(
+            vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2, nLayer: shape.0,
+            nHead: shape.1)
     }
 
     /// SPEC section 8's table (head width 64, F from the section 2 formula), plus two small
     /// presets of the LlamaGen ones' shape for this machine (choice: Lf 1 and 2).
-    static func openMAGVIT2Preset(_ name: String, vocabSize: Int, numClasses: Int,
-                                  gridSize: Int) throws -> ModelConfig {
+    static func openMAGVIT2Preset(
+        _ name: String, vocabSize: Int, numClasses: Int,
+        gridSize: Int
+    ) throws -> ModelConfig {
         let shape: (Int, Int, Int, Int)  // (L, NH, D, Lf)
         switch name {
         case "tiny": shape = (2, 2, 64, 1)
         case "small": shape = (4, 4, 128, 2)
-        case "B": shape = (24, 16, 1024, 2)      // 343,570,432
-        case "L": shape = (36, 20, 1280, 3)      // 804,362,240
-        case "XL": shape = (48, 24, 1536, 4)     // 1,486,679,040
+        case "B": shape = (24, 16, 1024, 2)  // 343,570,432
+        case "L": shape = (36, 20, 1280, 3)  // 804,362,240
+        case "XL": shape = (48, 24, 1536, 4)  // 1,486,679,040
         default:
             let known = openMAGVIT2PresetNames.joined(separator: ", ")
             throw InputError("--preset", "unknown Open-MAGVIT2 preset '\(name)'; known: \(known)")
@@ -193,8 +231,9 @@ public struct ModelConfig: Codable, Equatable, Sendable {
             let problem = "Open-MAGVIT2 needs a power-of-two vocab_size (2^18 upstream), got \(vocabSize)"
             throw InputError("--preset", problem)
         }
-        var c = ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2,
-                            nLayer: shape.0, nHead: shape.1)
+        var c = ModelConfig(
+            vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2,
+            nLayer: shape.0, nHead: shape.1)
         c.base = OpenMAGVIT2.name
         c.factorizedNLayer = shape.3
         c.factorizedBits = bits

@@ -34,7 +34,9 @@ public enum Windows {
 
     /// Class label replaced by the null class C with probability p (SPEC section 2), keyed by
     /// (seed, step, global sample position): the same on any rank count.
-    public static func dropLabels(_ labels: [Int32], nullClass: Int, p: Double, seed: UInt64, step: Int, samplePositions: [Int]) -> [Int32] {
+    public static func dropLabels(
+        _ labels: [Int32], nullClass: Int, p: Double, seed: UInt64, step: Int, samplePositions: [Int]
+    ) -> [Int32] {
         guard p > 0 else { return labels }
         return labels.enumerated().map { i, c in
             var rng = CounterRNG(seed: seed, UInt64(step), UInt64(samplePositions[i]), RandomPurpose.labelDrop.rawValue)
@@ -69,25 +71,34 @@ public struct TensorNoiser {
     public let betas: [Double]
 
     public init(type: NoiseType, schedule: NoiseSchedule, window: Int, vocabSize: Int) {
-        self.type = type; self.schedule = schedule; self.window = window; self.vocabSize = vocabSize
+        self.type = type
+        self.schedule = schedule
+        self.window = window
+        self.vocabSize = vocabSize
         betas = schedule.strengths(window: window)
     }
 
     /// Noises `tensors` (B, T-1, k) in place for `replace` and `discrete`; returns the additive
     /// embedding noise (B, T-1, k, D) for `continuous`. `embedding` (V, Dm) is the noise embedding
     /// E for `discrete` (the model's tok_embeddings or the codebook; read, no gradient).
-    public func apply(_ tensors: inout [Int32], batch: Int, seqLen T: Int, seed: UInt64, step: Int, samplePositions: [Int],
-                      purpose: RandomPurpose = .noise, embedding: UnsafePointer<Float>? = nil, embeddingDim: Int = 0, modelDim: Int = 0) -> [Float]? {
+    public func apply(
+        _ tensors: inout [Int32], batch: Int, seqLen T: Int, seed: UInt64, step: Int, samplePositions: [Int],
+        purpose: RandomPurpose = .noise, embedding: UnsafePointer<Float>? = nil, embeddingDim: Int = 0,
+        modelDim: Int = 0
+    ) -> [Float]? {
         let tables = embedding.map { [NoiseTable(embedding: $0, rows: vocabSize, dim: embeddingDim, stride: 1)] } ?? []
-        return apply(&tensors, batch: batch, seqLen: T, seed: seed, step: step, samplePositions: samplePositions,
-                     purpose: purpose, tables: tables, modelDim: modelDim)
+        return apply(
+            &tensors, batch: batch, seqLen: T, seed: seed, step: step, samplePositions: samplePositions,
+            purpose: purpose, tables: tables, modelDim: modelDim)
     }
 
     /// As above, `discrete` mixing and picking in each of `tables` separately (Open-MAGVIT2's
     /// pre_emb and post_emb, SPEC section 8; one table of V rows for LlamaGen or a codebook).
-    public func apply(_ tensors: inout [Int32], batch: Int, seqLen T: Int, seed: UInt64, step: Int,
-                      samplePositions: [Int], purpose: RandomPurpose = .noise, tables: [NoiseTable],
-                      modelDim: Int = 0) -> [Float]? {
+    public func apply(
+        _ tensors: inout [Int32], batch: Int, seqLen T: Int, seed: UInt64, step: Int,
+        samplePositions: [Int], purpose: RandomPurpose = .noise, tables: [NoiseTable],
+        modelDim: Int = 0
+    ) -> [Float]? {
         let k = window
         switch type {
         case .none:
@@ -97,7 +108,8 @@ public struct TensorNoiser {
                 var rng = CounterRNG(seed: seed, UInt64(step), UInt64(samplePositions[b]), purpose.rawValue)
                 for q in 0..<(T - 1) {
                     for j in 1..<max(k, 1) {
-                        let u = rng.uniform(), n = rng.below(vocabSize)
+                        let u = rng.uniform()
+                        let n = rng.below(vocabSize)
                         let i = (b * (T - 1) + q) * k + j
                         if tensors[i] >= 0 && Double(u) < betas[j] { tensors[i] = Int32(n) }
                     }
@@ -120,8 +132,10 @@ public struct TensorNoiser {
                         which.append(i)
                         let beta = Float(betas[j])
                         for (f, e) in tables.enumerated() {
-                            let E = e.embedding, Dm = e.dim
-                            let tr = t / e.stride % e.rows, nr = n / e.stride % e.rows
+                            let E = e.embedding
+                            let Dm = e.dim
+                            let tr = t / e.stride % e.rows
+                            let nr = n / e.stride % e.rows
                             for c in 0..<Dm { mix[f].append((1 - beta) * E[tr * Dm + c] + beta * E[nr * Dm + c]) }
                         }
                     }
@@ -129,8 +143,9 @@ public struct TensorNoiser {
             }
             var tokens = [Int](repeating: 0, count: which.count)
             for (f, e) in tables.enumerated() {
-                let nearest = TensorNoiser.nearestByCosine(mix[f], rows: which.count, embedding: e.embedding,
-                                                           vocab: e.rows, dim: e.dim)
+                let nearest = TensorNoiser.nearestByCosine(
+                    mix[f], rows: which.count, embedding: e.embedding,
+                    vocab: e.rows, dim: e.dim)
                 for r in which.indices { tokens[r] += nearest[r] * e.stride }
             }
             for (r, i) in which.enumerated() { tensors[i] = Int32(tokens[r]) }
@@ -157,7 +172,9 @@ public struct TensorNoiser {
 
     /// argmax_v cos(m_r, E[v]) for each row: one sgemm against the row-normalised embedding
     /// (norms clamped at 1e-8), lowest index on a tie. |m_r| does not change the argmax.
-    public static func nearestByCosine(_ m: [Float], rows: Int, embedding E: UnsafePointer<Float>, vocab V: Int, dim Dm: Int) -> [Int] {
+    public static func nearestByCosine(
+        _ m: [Float], rows: Int, embedding E: UnsafePointer<Float>, vocab V: Int, dim Dm: Int
+    ) -> [Int] {
         if rows == 0 { return [] }
         var En = [Float](repeating: 0, count: V * Dm)
         for v in 0..<V {
@@ -175,10 +192,15 @@ public struct TensorNoiser {
                     var start = 0
                     while start < rows {
                         let n = min(chunk, rows - start)
-                        matmulForward(sp.baseAddress!, mp.baseAddress! + start * Dm, ep.baseAddress!, n: n, ic: Dm, oc: V)
+                        matmulForward(
+                            sp.baseAddress!, mp.baseAddress! + start * Dm, ep.baseAddress!, n: n, ic: Dm, oc: V)
                         for r in 0..<n {
-                            var best = 0, bestScore = -Float.infinity
-                            for v in 0..<V where sp[r * V + v] > bestScore { bestScore = sp[r * V + v]; best = v }
+                            var best = 0
+                            var bestScore = -Float.infinity
+                            for v in 0..<V where sp[r * V + v] > bestScore {
+                                bestScore = sp[r * V + v]
+                                best = v
+                            }
                             result[start + r] = best
                         }
                         start += n

@@ -61,8 +61,9 @@ final class OpenMAGVIT2: RotaryTrunkBase {
         let rot2 = RotaryTable(seqLen: 2, gridW: c.gridSize, headDim: c.headDim, base: c.ropeBase)
         let fw = (0..<c.factorizedNLayer).map { BlockWeights(table, prefix: "factorized_blocks.\($0)") }
         // dropout sites of their own (SPEC 8: dropout after wo and w2 in the factorized blocks too)
-        factorized = BlockStack(weights: fw, causal: true, rotary: rot2, dim: D, heads: c.nHead,
-                                ffn: c.ffnHidden, eps: c.normEps, siteBase: 40_000)
+        factorized = BlockStack(
+            weights: fw, causal: true, rotary: rot2, dim: D, heads: c.nHead,
+            ffn: c.ffnHidden, eps: c.normEps, siteBase: 40_000)
         embeddingRange = table.span("class_emb.embedding_table.weight", "post_emb.weight")
         let headFirst = c.factorizedNLayer > 0 ? "factorized_blocks.0.attention_norm.weight" : "norm.weight"
         headRange = table.span(headFirst, "head.1.weight")
@@ -109,13 +110,13 @@ final class OpenMAGVIT2: RotaryTrunkBase {
         let D = c.dim
         let preV = 1 << c.factorizedBits[0]
         let postV = 1 << c.factorizedBits[1]
-        a.add("head.seq", [n, 2, D])                               // [h, pre_emb[pre]], then the stack's output
+        a.add("head.seq", [n, 2, D])  // [h, pre_emb[pre]], then the stack's output
         for s in 0..<2 {
-            a.add("head.out\(s)", [n, D])                           // slot s's output
-            a.add("head.rstd\(s)", [n])                             // the shared norm's
+            a.add("head.out\(s)", [n, D])  // slot s's output
+            a.add("head.rstd\(s)", [n])  // the shared norm's
             a.add("head.norm\(s)", [n, D])
-            a.add("head.logits\(s)", [n, s == 0 ? preV : postV])     // then their gradients
-            a.add("head.loss\(s)", [n])                             // CE(pre), CE(post)
+            a.add("head.logits\(s)", [n, s == 0 ? preV : postV])  // then their gradients
+            a.add("head.loss\(s)", [n])  // CE(pre), CE(post)
         }
         a.add("head.dnorm", [n, D], .backward)
         a.add("head.dout", [n, D], .backward)
@@ -133,9 +134,11 @@ final class OpenMAGVIT2: RotaryTrunkBase {
     /// (rows past the image end; choice: any fixed value, their loss is not used).
     private func slotOnePre(_ target: Int32) -> Int32 { target >= 0 ? target & preMask : 0 }
 
-    func headForward(_ h: FlatBuffer, rows n: Int, targets: [Int32], losses: inout [Float],
-                     logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, gradient: HeadGradient?,
-                     params p: FloatPtr) {
+    func headForward(
+        _ h: FlatBuffer, rows n: Int, targets: [Int32], losses: inout [Float],
+        logits: UnsafeMutablePointer<Float>?, dropout: DropoutPlan?, gradient: HeadGradient?,
+        params p: FloatPtr
+    ) {
         precondition(n == rows, "head bound for \(rows) rows, run on \(n)")
         let t = table!
         self.targets = targets
@@ -150,8 +153,10 @@ final class OpenMAGVIT2: RotaryTrunkBase {
         // per-sample layout); the loss skips them.
         factorized.forward(seq, params: p, sequences: n, seqLen: 2, dropout: dropout)
         for s in 0..<2 { slotHeadForward(slot: s, n: n, params: p) }
-        let l0 = t["head.loss0"].base, l1 = t["head.loss1"].base
-        let lg0 = t["head.logits0"].base, lg1 = t["head.logits1"].base
+        let l0 = t["head.loss0"].base
+        let l1 = t["head.loss1"].base
+        let lg0 = t["head.logits0"].base
+        let lg1 = t["head.logits1"].base
         if let logits {
             let W = preV + postV
             for r in 0..<n {
@@ -159,7 +164,8 @@ final class OpenMAGVIT2: RotaryTrunkBase {
                 (logits + r * W + preV).update(from: lg1 + r * postV, count: postV)
             }
         }
-        var pre = [Int32](repeating: -1, count: n), post = pre
+        var pre = [Int32](repeating: -1, count: n)
+        var post = pre
         for r in 0..<n where targets[r] >= 0 {
             pre[r] = targets[r] & preMask
             post[r] = targets[r] >> preBits
@@ -193,7 +199,8 @@ final class OpenMAGVIT2: RotaryTrunkBase {
         t.allocate(.backward)
         let n = rows
         let dseq = t.zeroed("head.dseq")
-        var pre = [Int32](repeating: -1, count: n), post = pre
+        var pre = [Int32](repeating: -1, count: n)
+        var post = pre
         for r in 0..<n where targets[r] >= 0 {
             pre[r] = targets[r] & preMask
             post[r] = targets[r] >> preBits
@@ -211,8 +218,10 @@ final class OpenMAGVIT2: RotaryTrunkBase {
     }
 
     /// CE of slot s (logits turned into their gradient in place), head.s, the norm, into dseq.
-    private func slotHeadBackward(slot s: Int, targets tg: [Int32], dloss: [Float], into dseq: FlatBuffer,
-                                  params p: FloatPtr, grads gp: FloatPtr) {
+    private func slotHeadBackward(
+        slot s: Int, targets tg: [Int32], dloss: [Float], into dseq: FlatBuffer,
+        params p: FloatPtr, grads gp: FloatPtr
+    ) {
         let t = table!
         let n = rows
         let V = s == 0 ? preV : postV
@@ -222,8 +231,9 @@ final class OpenMAGVIT2: RotaryTrunkBase {
         let w = s == 0 ? oHead0 : oHead1
         matmulBackward(dnorm.base, gp + w, lg, t["head.norm\(s)"].base, p + w, n: n, ic: D, oc: V)
         let dout = t.zeroed("head.dout")
-        rmsnormBackward(dout.base, gp + oNorm, dnorm.base, t["head.out\(s)"].base, p + oNorm, t["head.rstd\(s)"].base,
-                        n: n, d: D)
+        rmsnormBackward(
+            dout.base, gp + oNorm, dnorm.base, t["head.out\(s)"].base, p + oNorm, t["head.rstd\(s)"].base,
+            n: n, d: D)
         for r in 0..<n { (dseq.base + (2 * r + s) * D).update(from: dout.base + r * D, count: D) }
     }
 
@@ -232,8 +242,10 @@ final class OpenMAGVIT2: RotaryTrunkBase {
     private var sampleCache: KVCache?
     private var sampleX, sampleNorm, sampleRstd: FlatBuffer?
 
-    func headLogits(_ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]],
-                    params p: FloatPtr) {
+    func headLogits(
+        _ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]],
+        params p: FloatPtr
+    ) {
         if sampleCache?.rows != n {
             sampleCache = factorized.makeCache(rows: n, seqLen: 2)
             sampleX = FlatBuffer(count: n * D)
@@ -261,8 +273,10 @@ final class OpenMAGVIT2: RotaryTrunkBase {
 
     static func tokenFactors(_ c: ModelConfig) -> [TokenFactor] {
         let b0 = c.factorizedBits[0]
-        return [TokenFactor(name: "pre_emb.weight", rows: 1 << b0, stride: 1),
-                TokenFactor(name: "post_emb.weight", rows: 1 << c.factorizedBits[1], stride: 1 << b0)]
+        return [
+            TokenFactor(name: "pre_emb.weight", rows: 1 << b0, stride: 1),
+            TokenFactor(name: "post_emb.weight", rows: 1 << c.factorizedBits[1], stride: 1 << b0),
+        ]
     }
 
     /// Every head row runs the factorized stack over 2 slots and both heads (`headForward`).
@@ -274,7 +288,8 @@ final class OpenMAGVIT2: RotaryTrunkBase {
 
     /// Two cached steps of the factorized stack and both heads per row.
     static func samplingHeadFLOPs(_ c: ModelConfig, rows: Int) -> Double {
-        let D = Double(c.dim), F = Double(c.ffnHidden)
+        let D = Double(c.dim)
+        let F = Double(c.ffnHidden)
         let perRowBlock = 2 * (D * 3 * D + D * D + D * 2 * F + F * D)
         let attention = 2 * 2 * Double(c.nHead) * 3 * Double(c.headDim)  // positions 0, then 0 and 1
         let width = Double((1 << c.factorizedBits[0]) + (1 << c.factorizedBits[1]))

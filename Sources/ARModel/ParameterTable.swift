@@ -4,7 +4,10 @@ import Kernels
 public enum ParameterGroup: String, Codable, Sendable { case base, plugin }
 
 /// How a parameter starts (SPEC tables, "init" column).
-public enum ParameterInit: Equatable, Sendable { case normal(Float), ones, zeros }
+public enum ParameterInit: Equatable, Sendable {
+    case normal(Float)
+    case ones, zeros
+}
 
 /// One named view into the flat parameter buffer.
 public struct ParameterEntry: Codable, Equatable, Sendable {
@@ -42,7 +45,8 @@ public struct ParameterTable: Sendable {
 
     /// A SPEC section 2 block's entries under `prefix` (w1 right before w3: see `BlockWeights`).
     mutating func addBlock(_ prefix: String, _ c: ModelConfig, _ g: ParameterGroup) {
-        let D = c.dim, F = c.ffnHidden
+        let D = c.dim
+        let F = c.ffnHidden
         add("\(prefix).attention_norm.weight", [D], g, .ones)
         add("\(prefix).attention.wqkv.weight", [3 * D, D], g, .normal(0.02))
         add("\(prefix).attention.wo.weight", [D, D], g, .normal(0.02))

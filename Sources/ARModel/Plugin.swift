@@ -4,7 +4,9 @@ import Platform
 extension Transformer {
     /// SPEC section 3's plug-in table (the "plugin" group), after the base's entries.
     static func addPluginParameters(_ c: ModelConfig, to t: inout ParameterTable) {
-        let D = c.dim, k = c.window, d = c.pluginDepth
+        let D = c.dim
+        let k = c.window
+        let d = c.pluginDepth
         let projInit: ParameterInit = c.residual ? .zeros : .normal(0.02)
         t.add("tensorar.in_query", [D], .plugin, .normal(0.02))
         t.add("tensorar.in_pos", [k, D], .plugin, .normal(0.02))
@@ -21,8 +23,9 @@ extension Transformer {
 
 /// The plug-in blocks: base blocks with a full mask and no rotary (SPEC section 3).
 private func pluginBlocks(_ prefix: String, _ c: ModelConfig, _ t: ParameterTable, siteBase: Int) -> BlockStack {
-    BlockStack(weights: (0..<c.pluginDepth).map { BlockWeights(t, prefix: "\(prefix).layers.\($0)") }, causal: false,
-               rotary: nil, dim: c.dim, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: siteBase)
+    BlockStack(
+        weights: (0..<c.pluginDepth).map { BlockWeights(t, prefix: "\(prefix).layers.\($0)") }, causal: false,
+        rotary: nil, dim: c.dim, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: siteBase)
 }
 
 /// The input encoder (SPEC section 3), for n tensors t (n, k): per tensor the sequence
@@ -43,44 +46,64 @@ final class EncoderStage {
     private var table: ActivationTable?
 
     init(base: any BaseModel, config c: ModelConfig, table t: ParameterTable, siteBase: Int) {
-        self.base = base; D = c.dim; k = c.window; eps = c.normEps; residual = c.residual
+        self.base = base
+        D = c.dim
+        k = c.window
+        eps = c.normEps
+        residual = c.residual
         blocks = pluginBlocks("tensorar.encoder", c, t, siteBase: siteBase)
-        oQuery = t.offset("tensorar.in_query"); oPos = t.offset("tensorar.in_pos"); oPad = t.offset("tensorar.in_pad")
-        oNorm = t.offset("tensorar.encoder.norm.weight"); oProj = t.offset("tensorar.encoder.proj.weight")
+        oQuery = t.offset("tensorar.in_query")
+        oPos = t.offset("tensorar.in_pos")
+        oPad = t.offset("tensorar.in_pad")
+        oNorm = t.offset("tensorar.encoder.norm.weight")
+        oProj = t.offset("tensorar.encoder.proj.weight")
         range = t.span("tensorar.in_query", "tensorar.encoder.proj.weight")
     }
 
     /// The activations for n tensors.
     static func addActivations(_ c: ModelConfig, n: Int, to a: inout ActivationLayout) {
-        let D = c.dim, S = c.window + 1
+        let D = c.dim
+        let S = c.window + 1
         BlockStack.addActivations("encoder.blocks", layers: c.pluginDepth, sequences: n, seqLen: S, c, to: &a)
-        a.add("encoder.seqs", [n, S, D])                                   // [in_query, e_0..e_{k-1}]
-        a.add("encoder.slot0", [n, D]); a.add("encoder.rstd", [n]); a.add("encoder.normed", [n, D])
-        a.add("encoder.u", [n, D])                                         // proj(norm(slot 0))
-        a.add("encoder.du", [n, D], .backward); a.add("encoder.dNormed", [n, D], .backward)
-        a.add("encoder.dSlot0", [n, D], .backward); a.add("encoder.dSeqs", [n, S, D], .backward)
+        a.add("encoder.seqs", [n, S, D])  // [in_query, e_0..e_{k-1}]
+        a.add("encoder.slot0", [n, D])
+        a.add("encoder.rstd", [n])
+        a.add("encoder.normed", [n, D])
+        a.add("encoder.u", [n, D])  // proj(norm(slot 0))
+        a.add("encoder.du", [n, D], .backward)
+        a.add("encoder.dNormed", [n, D], .backward)
+        a.add("encoder.dSlot0", [n, D], .backward)
+        a.add("encoder.dSeqs", [n, S, D], .backward)
     }
 
     func bind(_ t: ActivationTable, n count: Int) {
         blocks.bind(t, prefix: "encoder.blocks", sequences: count, seqLen: k + 1)
-        table = t; n = count
-        seqs = t["encoder.seqs"]; slot0 = t["encoder.slot0"]; rstd = t["encoder.rstd"]
-        normed = t["encoder.normed"]; u = t["encoder.u"]
+        table = t
+        n = count
+        seqs = t["encoder.seqs"]
+        slot0 = t["encoder.slot0"]
+        rstd = t["encoder.rstd"]
+        normed = t["encoder.normed"]
+        u = t["encoder.u"]
     }
 
     /// Writes tensor s's base input to `output(s)`. `noise` (n, k, D): "continuous" noise on the
     /// token entries (SPEC section 4).
-    func forward(_ t: [Int32], n count: Int, noise: [Float]?, dropout: DropoutPlan?, params p: FloatPtr,
-                 output: (Int) -> FloatPtr) {
+    func forward(
+        _ t: [Int32], n count: Int, noise: [Float]?, dropout: DropoutPlan?, params p: FloatPtr,
+        output: (Int) -> FloatPtr
+    ) {
         precondition(count == n, "encoder bound for \(n) tensors, run on \(count)")
         tensors = t
-        let S = k + 1, ex = seqs!.base
+        let S = k + 1
+        let ex = seqs!.base
         t.withUnsafeBufferPointer { tp in
             for s in 0..<n {
                 let seq = ex + s * S * D
                 seq.update(from: p + oQuery, count: D)
                 for j in 0..<k {
-                    let e = seq + (j + 1) * D, pos = p + oPos + j * D
+                    let e = seq + (j + 1) * D
+                    let pos = p + oPos + j * D
                     if tp[s * k + j] < 0 {
                         e.update(from: p + oPad, count: D)
                     } else {
@@ -100,7 +123,8 @@ final class EncoderStage {
             rmsnormForward(normed!.base, rstd!.base, slot0!.base, p + oNorm, n: n, d: D, eps: eps)
             matmulForward(u!.base, normed!.base, p + oProj, n: n, ic: D, oc: D)
             for s in 0..<n {
-                let dst = output(s), us = u!.base + s * D
+                let dst = output(s)
+                let us = u!.base + s * D
                 if residual {
                     base.embedTokens(dst, tp.baseAddress! + s * k, n: 1, params: p)
                     for i in 0..<D { dst[i] += us[i] }
@@ -114,7 +138,8 @@ final class EncoderStage {
     /// `doutput(s)`: the gradient w.r.t. tensor s's base input. Adds every encoder gradient and
     /// the token embeddings' (the residual's first, then the entries', as before the refactor).
     func backward(_ doutput: (Int) -> ConstFloatPtr, params p: FloatPtr, grads gp: FloatPtr) {
-        let S = k + 1, a = table!
+        let S = k + 1
+        let a = table!
         a.allocate(.backward)
         let du = a.zeroed("encoder.du")
         tensors.withUnsafeBufferPointer { tp in
@@ -131,10 +156,12 @@ final class EncoderStage {
             for s in 0..<n { (dSeqs.base + s * S * D).update(from: dSlot0.base + s * D, count: D) }
             blocks.backward(dSeqs, params: p, grads: gp)
             for s in 0..<n {
-                let seq = dSeqs.base + s * S * D, q = gp + oQuery
+                let seq = dSeqs.base + s * S * D
+                let q = gp + oQuery
                 for i in 0..<D { q[i] += seq[i] }
                 for j in 0..<k {
-                    let e = seq + (j + 1) * D, pos = gp + oPos + j * D
+                    let e = seq + (j + 1) * D
+                    let pos = gp + oPos + j * D
                     if tp[s * k + j] < 0 {
                         let pad = gp + oPad
                         for i in 0..<D { pad[i] += e[i] }
@@ -163,35 +190,49 @@ final class DecoderStage {
     private var table: ActivationTable?
 
     init(config c: ModelConfig, table t: ParameterTable, siteBase: Int) {
-        D = c.dim; k = c.window; eps = c.normEps; residual = c.residual
+        D = c.dim
+        k = c.window
+        eps = c.normEps
+        residual = c.residual
         blocks = pluginBlocks("tensorar.decoder", c, t, siteBase: siteBase)
-        oPos = t.offset("tensorar.out_pos"); oNorm = t.offset("tensorar.decoder.norm.weight")
+        oPos = t.offset("tensorar.out_pos")
+        oNorm = t.offset("tensorar.decoder.norm.weight")
         oProj = t.offset("tensorar.decoder.proj.weight")
         range = t.span("tensorar.out_pos", "tensorar.decoder.proj.weight")
     }
 
     /// The activations for n hidden states.
     static func addActivations(_ c: ModelConfig, n: Int, to a: inout ActivationLayout) {
-        let D = c.dim, k = c.window, S = k + 1
+        let D = c.dim
+        let k = c.window
+        let S = k + 1
         BlockStack.addActivations("decoder.blocks", layers: c.pluginDepth, sequences: n, seqLen: S, c, to: &a)
-        a.add("decoder.seqs", [n, S, D])                                   // [h, out_pos_0..out_pos_{k-1}]
-        a.add("decoder.slots", [n, k, D]); a.add("decoder.rstd", [n, k]); a.add("decoder.normed", [n, k, D])
-        a.add("decoder.g", [n, k, D])                                      // the output g_j
-        a.add("decoder.dNormed", [n, k, D], .backward); a.add("decoder.dSlots", [n, k, D], .backward)
+        a.add("decoder.seqs", [n, S, D])  // [h, out_pos_0..out_pos_{k-1}]
+        a.add("decoder.slots", [n, k, D])
+        a.add("decoder.rstd", [n, k])
+        a.add("decoder.normed", [n, k, D])
+        a.add("decoder.g", [n, k, D])  // the output g_j
+        a.add("decoder.dNormed", [n, k, D], .backward)
+        a.add("decoder.dSlots", [n, k, D], .backward)
         a.add("decoder.dSeqs", [n, S, D], .backward)
     }
 
     func bind(_ t: ActivationTable, n count: Int) {
         blocks.bind(t, prefix: "decoder.blocks", sequences: count, seqLen: k + 1)
-        table = t; n = count
-        seqs = t["decoder.seqs"]; slots = t["decoder.slots"]; rstd = t["decoder.rstd"]
-        normed = t["decoder.normed"]; g = t["decoder.g"]
+        table = t
+        n = count
+        seqs = t["decoder.seqs"]
+        slots = t["decoder.slots"]
+        rstd = t["decoder.rstd"]
+        normed = t["decoder.normed"]
+        g = t["decoder.g"]
     }
 
     @discardableResult
     func forward(_ h: ConstFloatPtr, n count: Int, dropout: DropoutPlan?, params p: FloatPtr) -> FlatBuffer {
         precondition(count == n, "decoder bound for \(n) states, run on \(count)")
-        let S = k + 1, dx = seqs!.base
+        let S = k + 1
+        let dx = seqs!.base
         for r in 0..<n {
             let seq = dx + r * S * D
             seq.update(from: h + r * D, count: D)
@@ -205,7 +246,10 @@ final class DecoderStage {
         if residual {
             for r in 0..<n {
                 let hr = h + r * D
-                for j in 0..<k { let gr = gp + (r * k + j) * D; for i in 0..<D { gr[i] += hr[i] } }
+                for j in 0..<k {
+                    let gr = gp + (r * k + j) * D
+                    for i in 0..<D { gr[i] += hr[i] }
+                }
             }
         }
         return g!
@@ -217,7 +261,10 @@ final class DecoderStage {
         if residual {
             for r in 0..<n {
                 let d = dh.base + r * D
-                for j in 0..<k { let s = dg.base + (r * k + j) * D; for i in 0..<D { d[i] += s[i] } }
+                for j in 0..<k {
+                    let s = dg.base + (r * k + j) * D
+                    for i in 0..<D { d[i] += s[i] }
+                }
             }
         }
         let a = table!
@@ -230,7 +277,8 @@ final class DecoderStage {
         for r in 0..<n { (dSeqs.base + (r * S + 1) * D).update(from: dSlots.base + r * k * D, count: k * D) }
         blocks.backward(dSeqs, params: p, grads: gp)
         for r in 0..<n {
-            let s = dSeqs.base + r * S * D, d = dh.base + r * D
+            let s = dSeqs.base + r * S * D
+            let d = dh.base + r * D
             for i in 0..<D { d[i] += s[i] }
             let dpos = gp + oPos
             for i in 0..<(k * D) { dpos[i] += s[D + i] }

@@ -18,7 +18,8 @@ public func recordedModelConfig(_ path: String) throws -> ModelConfig? {
     }
     let json = fh.readData(ofLength: Int(length))
     guard json.count == Int(length),
-          let header = try? JSONSerialization.jsonObject(with: json) as? [String: Any] else {
+        let header = try? JSONSerialization.jsonObject(with: json) as? [String: Any]
+    else {
         throw InputError(path, "unreadable safetensors header")
     }
     guard let meta = header["__metadata__"] as? [String: Any], let text = meta["tensorar.config"] as? String else {

@@ -10,7 +10,11 @@ public struct Safetensors {
         public let shape: [Int]
         public let data: Data  // raw bytes, little-endian
         public var count: Int { shape.reduce(1, *) }
-        public init(dtype: String, shape: [Int], data: Data) { self.dtype = dtype; self.shape = shape; self.data = data }
+        public init(dtype: String, shape: [Int], data: Data) {
+            self.dtype = dtype
+            self.shape = shape
+            self.data = data
+        }
         public init(floats: [Float], shape: [Int]) {
             self.init(dtype: "F32", shape: shape, data: floats.withUnsafeBufferPointer { Data(buffer: $0) })
         }
@@ -24,7 +28,9 @@ public struct Safetensors {
 
     public init(path: String = "") { self.path = path }
 
-    static let elementSize: [String: Int] = ["F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U16": 2, "U8": 1, "I8": 1, "F64": 8]
+    static let elementSize: [String: Int] = [
+        "F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I64": 8, "U16": 2, "U8": 1, "I8": 1, "F64": 8,
+    ]
 
     public static func read(_ path: String) throws -> Safetensors {
         try checkInputFile(path, what: "safetensors file")
@@ -37,8 +43,10 @@ public struct Safetensors {
         }
         let n = data.prefix(8).enumerated().reduce(UInt64(0)) { $0 | (UInt64($1.element) << (8 * UInt64($1.offset))) }
         guard n > 1, n < 100_000_000, 8 + Int(n) <= data.count else {
-            throw InputError(path, "not a safetensors file: header length \(n) does not fit in \(data.count) bytes "
-                + "(truncated or another format?)")
+            throw InputError(
+                path,
+                "not a safetensors file: header length \(n) does not fit in \(data.count) bytes "
+                    + "(truncated or another format?)")
         }
         let headerBytes = data.subdata(in: 8..<(8 + Int(n)))
         let parsed = try? JSONSerialization.jsonObject(with: headerBytes, options: [.fragmentsAllowed])
@@ -67,10 +75,13 @@ public struct Safetensors {
 
     /// One tensor's header entry, checked: a known dtype, a shape of non-negative sizes whose byte
     /// count does not overflow, and offsets [begin, end) in order, inside the data, of that size.
-    static func headerEntry(_ name: String, _ value: Any, path: String,
-                            dataBytes: Int) throws -> (dtype: String, shape: [Int], range: Range<Int>) {
+    static func headerEntry(
+        _ name: String, _ value: Any, path: String,
+        dataBytes: Int
+    ) throws -> (dtype: String, shape: [Int], range: Range<Int>) {
         guard let d = value as? [String: Any], let dtype = d["dtype"] as? String,
-              let shape = d["shape"] as? [Int], let offs = d["data_offsets"] as? [Int], offs.count == 2 else {
+            let shape = d["shape"] as? [Int], let offs = d["data_offsets"] as? [Int], offs.count == 2
+        else {
             throw InputError(path, "tensor '\(name)': malformed header entry (needs dtype, shape and two data_offsets)")
         }
         guard let es = elementSize[dtype] else {
@@ -83,18 +94,24 @@ public struct Safetensors {
         for s in shape {
             let (p, overflow) = bytes.multipliedReportingOverflow(by: s)
             guard !overflow, p <= dataBytes else {
-                throw InputError(path, "tensor '\(name)': shape \(shape) x \(dtype) is larger than the file's data "
-                    + "(\(dataBytes) bytes)")
+                throw InputError(
+                    path,
+                    "tensor '\(name)': shape \(shape) x \(dtype) is larger than the file's data "
+                        + "(\(dataBytes) bytes)")
             }
             bytes = p
         }
         guard offs[0] >= 0, offs[0] <= offs[1], offs[1] <= dataBytes else {
-            throw InputError(path, "tensor '\(name)': data_offsets \(offs) are not an in-order range inside the "
-                + "\(dataBytes) bytes of data (truncated or damaged?)")
+            throw InputError(
+                path,
+                "tensor '\(name)': data_offsets \(offs) are not an in-order range inside the "
+                    + "\(dataBytes) bytes of data (truncated or damaged?)")
         }
         guard offs[1] - offs[0] == bytes else {
-            throw InputError(path, "tensor '\(name)': data_offsets \(offs) hold \(offs[1] - offs[0]) bytes but shape "
-                + "\(shape) x \(dtype) needs \(bytes)")
+            throw InputError(
+                path,
+                "tensor '\(name)': data_offsets \(offs) hold \(offs[1] - offs[0]) bytes but shape "
+                    + "\(shape) x \(dtype) needs \(bytes)")
         }
         return (dtype, shape, offs[0]..<offs[1])
     }
@@ -109,15 +126,23 @@ public struct Safetensors {
 
     public func write(to path: String) throws {
         let names = tensors.keys.sorted()
-        try Safetensors.write(to: path, names.map { (name: $0, dtype: tensors[$0]!.dtype, shape: tensors[$0]!.shape, byteCount: tensors[$0]!.data.count) },
-                              metadata: metadata) { i, out in try out.write(contentsOf: tensors[names[i]]!.data) }
+        try Safetensors.write(
+            to: path,
+            names.map {
+                (name: $0, dtype: tensors[$0]!.dtype, shape: tensors[$0]!.shape, byteCount: tensors[$0]!.data.count)
+            },
+            metadata: metadata
+        ) { i, out in try out.write(contentsOf: tensors[names[i]]!.data) }
     }
 
     /// Writes a safetensors file tensor by tensor (in the order given, which should be sorted by
     /// name), through a temporary file renamed at the end. `body(i, handle)` writes tensor i's
     /// `byteCount` bytes, so large models are written straight from memory without a copy.
-    public static func write(to path: String, _ entries: [(name: String, dtype: String, shape: [Int], byteCount: Int)], metadata: [String: String],
-                             body: (Int, FileHandle) throws -> Void) throws {
+    public static func write(
+        to path: String, _ entries: [(name: String, dtype: String, shape: [Int], byteCount: Int)],
+        metadata: [String: String],
+        body: (Int, FileHandle) throws -> Void
+    ) throws {
         var header: [String: Any] = [:]
         var offset = 0
         for e in entries {
@@ -131,7 +156,9 @@ public struct Safetensors {
         try checkOutputFile(path, what: "safetensors file")
         let tmp = path + ".tmp"
         do {
-            guard FileManager.default.createFile(atPath: tmp, contents: nil), let out = FileHandle(forWritingAtPath: tmp) else {
+            guard FileManager.default.createFile(atPath: tmp, contents: nil),
+                let out = FileHandle(forWritingAtPath: tmp)
+            else {
                 throw CocoaError(.fileWriteNoPermission, userInfo: [NSFilePathErrorKey: tmp])
             }
             defer { try? out.close() }
@@ -178,7 +205,8 @@ extension Transformer {
     /// Loads weights. The model shape comes from the `tensorar.config` metadata, or from
     /// `fallback` (a preset or flags) when the file has none (a converted LlamaGen checkpoint).
     /// Every tensor is checked against the config; extra tensors are an error too.
-    public static func load(_ path: String, fallback: ModelConfig? = nil, ignoring: [String] = []) throws -> Transformer {
+    public static func load(_ path: String, fallback: ModelConfig? = nil, ignoring: [String] = []) throws -> Transformer
+    {
         let st = try Safetensors.read(path)
         let config: ModelConfig
         if let json = st.metadata["tensorar.config"] {
@@ -188,7 +216,8 @@ extension Transformer {
         } else if let fallback {
             config = fallback
         } else {
-            throw InputError(path, "no tensorar.config metadata: give the model shape with --preset NAME (or the shape flags)")
+            throw InputError(
+                path, "no tensorar.config metadata: give the model shape with --preset NAME (or the shape flags)")
         }
         try config.validate(source: "\(path) (tensorar.config)")
         // Before allocating: a config asking for far more parameters than the file holds (more
@@ -197,9 +226,11 @@ extension Transformer {
         let need = ParameterTable(config).total
         let held = st.tensors.values.reduce(0) { $0 + $1.data.count / max(1, Safetensors.elementSize[$1.dtype] ?? 1) }
         if need > max(held, 1 << 26) {
-            throw InputError(path, "the model config asks for \(need) parameters but the file holds only "
-                + "\(held) values "
-                + "(tensorar.config or the shape flags do not fit this file)")
+            throw InputError(
+                path,
+                "the model config asks for \(need) parameters but the file holds only "
+                    + "\(held) values "
+                    + "(tensorar.config or the shape flags do not fit this file)")
         }
         let model = try Transformer(config: config)
         try model.loadWeights(st, ignoring: ignoring)
@@ -212,23 +243,31 @@ extension Transformer {
         for e in table.entries {
             guard let t = st.tensors[e.name] else {
                 if allowMissingPlugin && e.group == .plugin { continue }
-                throw InputError(st.path, "missing tensor '\(e.name)' (expected shape \(e.shape) for config \(config.jsonString()))")
+                throw InputError(
+                    st.path, "missing tensor '\(e.name)' (expected shape \(e.shape) for config \(config.jsonString()))")
             }
             guard t.shape == e.shape else {
                 throw InputError(st.path, "tensor '\(e.name)' has shape \(t.shape) but the config needs \(e.shape)")
             }
             let v = try st.floats(e.name)
             if let bad = v.firstIndex(where: { !$0.isFinite }) {
-                throw InputError(st.path, "tensor '\(e.name)' holds a non-finite value (\(v[bad])) at element \(bad): "
-                    + "such weights cannot train or sample")
+                throw InputError(
+                    st.path,
+                    "tensor '\(e.name)' holds a non-finite value (\(v[bad])) at element \(bad): "
+                        + "such weights cannot train or sample")
             }
             (params.base + e.offset).update(from: v, count: e.count)
         }
         let known = Set(table.entries.map(\.name))
-        let unexpected = st.tensors.keys.filter { name in !known.contains(name) && !ignoring.contains { name.hasPrefix($0) } }
+        let unexpected = st.tensors.keys.filter { name in
+            !known.contains(name) && !ignoring.contains { name.hasPrefix($0) }
+        }
         if let name = unexpected.sorted().first {
-            let hint = name.hasPrefix("tensorar.") ? " (the file has a plug-in: its tensorar.config must say window and plugin_depth)" : ""
-            throw InputError(st.path, "unexpected tensor '\(name)' not in the model of config \(config.jsonString())\(hint)")
+            let hint =
+                name.hasPrefix("tensorar.")
+                ? " (the file has a plug-in: its tensorar.config must say window and plugin_depth)" : ""
+            throw InputError(
+                st.path, "unexpected tensor '\(name)' not in the model of config \(config.jsonString())\(hint)")
         }
     }
 
@@ -240,7 +279,10 @@ extension Transformer {
         // Straight from the parameter buffer: no copy of the weights (for a 140M model that was
         // 1.1 GB more at the end of a run).
         let entries = table.entries.sorted { $0.name < $1.name }
-        try Safetensors.write(to: path, entries.map { (name: $0.name, dtype: "F32", shape: $0.shape, byteCount: $0.count * 4) }, metadata: metadata) { i, out in
+        try Safetensors.write(
+            to: path, entries.map { (name: $0.name, dtype: "F32", shape: $0.shape, byteCount: $0.count * 4) },
+            metadata: metadata
+        ) { i, out in
             let e = entries[i]
             try out.write(contentsOf: Data(bytesNoCopy: params.base + e.offset, count: e.count * 4, deallocator: .none))
         }

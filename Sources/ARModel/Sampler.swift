@@ -11,15 +11,19 @@ public struct SamplingOptions: Sendable {
     /// (LlamaGen's prefill step and its decode steps 0 ... N), later steps use the conditioned logits.
     public var cfgInterval = -1
     public var temperature: Float = 1
-    public var topK: Int = 0      // 0: all; 1: greedy (lowest index on a tie)
-    public var topP: Float = 1    // 1: all
+    public var topK: Int = 0  // 0: all; 1: greedy (lowest index on a tie)
+    public var topP: Float = 1  // 1: all
     public var seed: UInt64 = 0
     /// Per head part (`BaseModel.headParts`); nil, or a part past the end: `cfgScale`.
     public var partCfgScales: [Float]?
     /// Per head part; nil, or a part past the end: `temperature`.
     public var partTemperatures: [Float]?
     public init(cfgScale: Float = 1, temperature: Float = 1, topK: Int = 0, topP: Float = 1, seed: UInt64 = 0) {
-        self.cfgScale = cfgScale; self.temperature = temperature; self.topK = topK; self.topP = topP; self.seed = seed
+        self.cfgScale = cfgScale
+        self.temperature = temperature
+        self.topK = topK
+        self.topP = topP
+        self.seed = seed
     }
     /// Part `part`'s guidance scale: guidance applies only above 1 (SPEC section 5).
     public func cfgScale(part: Int) -> Float {
@@ -77,7 +81,10 @@ public final class Sampler {
         if c.hasPlugin {
             encoder = EncoderStage(base: model.base, config: c, table: model.table, siteBase: 0)
             decoder = DecoderStage(config: c, table: model.table, siteBase: 0)
-        } else { encoder = nil; decoder = nil }
+        } else {
+            encoder = nil
+            decoder = nil
+        }
     }
 
     /// Scratch of one part of the token choice: a chooser per head part and a guided-logits row.
@@ -94,13 +101,15 @@ public final class Sampler {
     final class Workspace {
         let n, NB: Int
         let cache: KVCache
-        let x: FlatBuffer       // (NB, D) the trunk's rows at the current position
+        let x: FlatBuffer  // (NB, D) the trunk's rows at the current position
         let logits: FlatBuffer  // (NB, slots, widest part)
         /// The plug-in stages' buffers: the encoder over n images, the decoder over NB rows.
         let stages: ActivationTable
         init(_ m: Transformer, n: Int, NB: Int) {
-            let c = m.config, widest = m.base.headParts.max()!
-            self.n = n; self.NB = NB
+            let c = m.config
+            let widest = m.base.headParts.max()!
+            self.n = n
+            self.NB = NB
             var a = ActivationLayout()
             if c.hasPlugin {
                 EncoderStage.addActivations(c, n: n, to: &a)
@@ -117,9 +126,13 @@ public final class Sampler {
     /// Samples one image per label; `sampleIds` (global, e.g. the index in the whole run) key the
     /// randomness. `onStep(p)` reports progress. `steps` (benchmarks only) stops after that many
     /// positions, leaving the rest of the image unsampled (-1).
-    public func sample(labels: [Int32], sampleIds: [Int], options o: SamplingOptions, steps: Int? = nil,
-                       onStep: ((Int) -> Void)? = nil) -> SampleResult {
-        let c = m.config, T = c.seqLen, k = c.window
+    public func sample(
+        labels: [Int32], sampleIds: [Int], options o: SamplingOptions, steps: Int? = nil,
+        onStep: ((Int) -> Void)? = nil
+    ) -> SampleResult {
+        let c = m.config
+        let T = c.seqLen
+        let k = c.window
         let n = labels.count
         precondition(sampleIds.count == n, "one sample id per label")
         let guided = o.guided(parts: m.base.headParts.count)
@@ -136,7 +149,10 @@ public final class Sampler {
             let chosen = chooseTokens(h, n: n, NB: NB, position: pos, sampleIds: sampleIds, options: o)
             for b in 0..<n {
                 for j in 0..<rows {
-                    if pos + j >= T { prev[b * k + j] = -1; continue }
+                    if pos + j >= T {
+                        prev[b * k + j] = -1
+                        continue
+                    }
                     let tok = m.base.token(parts: chosen.map { $0[b * rows + j] })
                     prev[b * k + j] = tok
                     traj[(b * T + pos + j) * k + j] = tok
@@ -163,8 +179,13 @@ public final class Sampler {
     /// the null rows), one cached trunk step, then the decoder. Returns the hidden states of
     /// every (row, slot), (NB, slots, D), for the head. Rows n..<NB hold the null class.
     func slotStates(position pos: Int, labels: [Int32], inputs: [Int32]) -> ConstFloatPtr {
-        let c = m.config, D = c.dim, p = m.params.base
-        let w = ws!, n = w.n, NB = w.NB, x = w.x.base
+        let c = m.config
+        let D = c.dim
+        let p = m.params.base
+        let w = ws!
+        let n = w.n
+        let NB = w.NB
+        let x = w.x.base
         if pos == 0 {
             for r in 0..<NB { m.base.embedClass(x + r * D, label: r < n ? Int(labels[r]) : c.numClasses, params: p) }
         } else {
@@ -179,9 +200,13 @@ public final class Sampler {
     /// For each head part in turn: the logits of every (row, slot), guidance, then each valid
     /// slot's choice (the null rows get the same choice). Returns [part][b * slots + j]. The
     /// choices are split by (image, slot) over the threads, each with its own random stream.
-    private func chooseTokens(_ h: ConstFloatPtr, n: Int, NB: Int, position pos: Int, sampleIds: [Int],
-                              options o: SamplingOptions) -> [[Int32]] {
-        let c = m.config, k = c.window, rows = c.hasPlugin ? k : 1
+    private func chooseTokens(
+        _ h: ConstFloatPtr, n: Int, NB: Int, position pos: Int, sampleIds: [Int],
+        options o: SamplingOptions
+    ) -> [[Int32]] {
+        let c = m.config
+        let k = c.window
+        let rows = c.hasPlugin ? k : 1
         let logits = ws!.logits.base
         var rngs = [CounterRNG]()
         for b in 0..<n {
@@ -197,8 +222,9 @@ public final class Sampler {
             var pick = [Int32](repeating: -1, count: NB * rows)
             pick.withUnsafeMutableBufferPointer { pickBuf in
                 rngs.withUnsafeMutableBufferPointer { rngBuf in
-                    let choice = Choice(logits: logits, pick: pickBuf.baseAddress!, rngs: rngBuf.baseAddress!, n: n,
-                                        NB: NB, slots: rows, vocab: V, part: part, position: pos)
+                    let choice = Choice(
+                        logits: logits, pick: pickBuf.baseAddress!, rngs: rngBuf.baseAddress!, n: n,
+                        NB: NB, slots: rows, vocab: V, part: part, position: pos)
                     parallelParts(n * rows, cost: 16 * V) { range, worker in
                         for index in range { choose(choice, index: index, slot: choosers[worker], options: o) }
                     }
@@ -243,7 +269,8 @@ public final class Sampler {
     /// Base-trunk input vectors (the first `rows` rows of x) for step inputs t (rows, k): the
     /// plug-in encoder or the base's token embedding (SPEC section 3).
     func embedInputs(_ t: [Int32], rows: Int, into x: FloatPtr) {
-        let D = m.config.dim, p = m.params.base
+        let D = m.config.dim
+        let p = m.params.base
         guard let encoder else {
             t.withUnsafeBufferPointer { m.base.embedTokens(x, $0.baseAddress!, n: rows, params: p) }
             return
@@ -296,14 +323,16 @@ struct TokenChooser {
         return keys.withUnsafeMutableBufferPointer { kb -> Int in
             spare.withUnsafeMutableBufferPointer { sb -> Int in
                 probs.withUnsafeMutableBufferPointer { pb -> Int in
-                    let key = kb.baseAddress!, pr = pb.baseAddress!
+                    let key = kb.baseAddress!
+                    let pr = pb.baseAddress!
                     // unnormalised probabilities in index order (vectorised exp)
                     for v in 0..<V { pr[v] = fexp((logits[v] - mx) * invT) }
                     for v in 0..<V { key[v] = UInt64(TokenChooser.descendingKey(logits[v])) << 32 | UInt64(v) }
                     if K < V {
                         // selection scrambles the index order: sort by the index bits too
                         TokenChooser.selectSmallest(key, count: V, k: K)
-                        TokenChooser.radixSort(key, spare: sb.baseAddress!, count: K, lowBits: Int.bitWidth - (V - 1).leadingZeroBitCount)
+                        TokenChooser.radixSort(
+                            key, spare: sb.baseAddress!, count: K, lowBits: Int.bitWidth - (V - 1).leadingZeroBitCount)
                     } else {
                         TokenChooser.radixSort(key, spare: sb.baseAddress!, count: K)
                     }
@@ -315,13 +344,22 @@ struct TokenChooser {
                         // the smallest prefix whose normalised mass reaches top_p
                         let target = o.topP * z
                         var cum: Float = 0
-                        for i in 0..<K { cum += p(i); if cum >= target { keep = i + 1; break } }
+                        for i in 0..<K {
+                            cum += p(i)
+                            if cum >= target {
+                                keep = i + 1
+                                break
+                            }
+                        }
                         z = 0
                         for i in 0..<keep { z += p(i) }
                     }
                     let target = u * z
                     var cum: Float = 0
-                    for i in 0..<keep { cum += p(i); if target < cum { return Int(key[i] & 0xFFFF_FFFF) } }
+                    for i in 0..<keep {
+                        cum += p(i)
+                        if target < cum { return Int(key[i] & 0xFFFF_FFFF) }
+                    }
                     return Int(key[keep - 1] & 0xFFFF_FFFF)
                 }
             }
@@ -331,11 +369,14 @@ struct TokenChooser {
     /// LSD radix sort of a[0..<n] by the upper 32 bits and the lowest `lowBits` bits (passes of 11
     /// bits, low digits first; a pass where every key has the same digit is skipped). Stable, so
     /// with lowBits 0 keys equal in the upper half keep their order. `spare` holds n keys.
-    static func radixSort(_ a: UnsafeMutablePointer<UInt64>, spare: UnsafeMutablePointer<UInt64>, count n: Int, lowBits: Int = 0) {
+    static func radixSort(
+        _ a: UnsafeMutablePointer<UInt64>, spare: UnsafeMutablePointer<UInt64>, count n: Int, lowBits: Int = 0
+    ) {
         if n < 2 { return }
         var shifts: [UInt64] = stride(from: 0, to: lowBits, by: 11).map { UInt64($0) }
         shifts += [32, 43, 54]
-        var src = a, dst = spare
+        var src = a
+        var dst = spare
         withUnsafeTemporaryAllocation(of: Int.self, capacity: 2048) { cb in
             let cnt = cb.baseAddress!
             for shift in shifts {
@@ -343,8 +384,17 @@ struct TokenChooser {
                 for i in 0..<n { cnt[Int((src[i] >> shift) & 0x7FF)] += 1 }
                 if cnt[Int((src[0] >> shift) & 0x7FF)] == n { continue }
                 var total = 0
-                for b in 0..<2048 { let c = cnt[b]; cnt[b] = total; total += c }
-                for i in 0..<n { let kv = src[i], b = Int((kv >> shift) & 0x7FF); dst[cnt[b]] = kv; cnt[b] += 1 }
+                for b in 0..<2048 {
+                    let c = cnt[b]
+                    cnt[b] = total
+                    total += c
+                }
+                for i in 0..<n {
+                    let kv = src[i]
+                    let b = Int((kv >> shift) & 0x7FF)
+                    dst[cnt[b]] = kv
+                    cnt[b] += 1
+                }
                 swap(&src, &dst)
             }
         }
@@ -354,20 +404,30 @@ struct TokenChooser {
     /// Moves the k smallest of a[0..<n] (distinct values) to a[0..<k], in any order (quickselect,
     /// median-of-three pivots).
     static func selectSmallest(_ a: UnsafeMutablePointer<UInt64>, count n: Int, k: Int) {
-        var lo = 0, hi = n - 1  // the k-th smallest (index k - 1) lies in [lo, hi]
+        var lo = 0
+        var hi = n - 1  // the k-th smallest (index k - 1) lies in [lo, hi]
         let target = k - 1
         while hi > lo {
             let mid = lo + (hi - lo) / 2
-            var x = a[lo], y = a[mid], z = a[hi]
+            var x = a[lo]
+            var y = a[mid]
+            var z = a[hi]
             if x > y { swap(&x, &y) }
             if y > z { swap(&y, &z) }
             if x > y { swap(&x, &y) }
             let pivot = y
-            var i = lo, j = hi
+            var i = lo
+            var j = hi
             while i <= j {
                 while a[i] < pivot { i += 1 }
                 while a[j] > pivot { j -= 1 }
-                if i <= j { let t = a[i]; a[i] = a[j]; a[j] = t; i += 1; j -= 1 }
+                if i <= j {
+                    let t = a[i]
+                    a[i] = a[j]
+                    a[j] = t
+                    i += 1
+                    j -= 1
+                }
             }
             if target <= j { hi = j } else if target >= i { lo = i } else { return }
         }

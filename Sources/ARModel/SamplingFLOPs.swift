@@ -6,7 +6,9 @@
 extension ModelConfig {
     /// FLOPs of one sampling position `p` for a batch of `n` images.
     public func samplingStepFLOPs(batch n: Int, guided: Bool, position p: Int) -> Double {
-        let NB = Double(guided ? 2 * n : n), D = Double(dim), F = Double(ffnHidden)
+        let NB = Double(guided ? 2 * n : n)
+        let D = Double(dim)
+        let F = Double(ffnHidden)
         let head = BaseRegistry.type(named: base)!
         let perRowBlock = 2 * (D * 3 * D + D * D + D * 2 * F + F * D)
         let attention = 2 * 2 * Double(nHead) * Double(p + 1) * Double(headDim)
@@ -27,6 +29,8 @@ extension ModelConfig {
 
     /// FLOPs of sampling the first `steps` positions (default: the whole image) of `n` images.
     public func samplingFLOPs(batch n: Int, guided: Bool, steps: Int? = nil) -> Double {
-        (0..<min(seqLen, steps ?? seqLen)).reduce(0.0) { $0 + samplingStepFLOPs(batch: n, guided: guided, position: $1) }
+        (0..<min(seqLen, steps ?? seqLen)).reduce(0.0) {
+            $0 + samplingStepFLOPs(batch: n, guided: guided, position: $1)
+        }
     }
 }

@@ -14,7 +14,11 @@ public struct ModelBatch {
     /// (B, T-1, k, D) optional additive noise on the encoder's token embeddings ("continuous").
     public var embeddingNoise: [Float]?
     public init(batch: Int, tokens: [Int32], labels: [Int32], tensors: [Int32], embeddingNoise: [Float]? = nil) {
-        self.batch = batch; self.tokens = tokens; self.labels = labels; self.tensors = tensors; self.embeddingNoise = embeddingNoise
+        self.batch = batch
+        self.tokens = tokens
+        self.labels = labels
+        self.tensors = tensors
+        self.embeddingNoise = embeddingNoise
     }
 }
 
@@ -39,8 +43,12 @@ public struct LossReport: Equatable {
     public var partLosses: [Double] { partSums.map { $0 / max(weightSum, 1e-30) } }
     public var tokens: Int { Int(slotCounts.reduce(0, +)) }
     public mutating func add(_ o: LossReport) {
-        weightedSum += o.weightedSum; weightSum += o.weightSum
-        for j in slotSums.indices { slotSums[j] += o.slotSums[j]; slotCounts[j] += o.slotCounts[j] }
+        weightedSum += o.weightedSum
+        weightSum += o.weightSum
+        for j in slotSums.indices {
+            slotSums[j] += o.slotSums[j]
+            slotCounts[j] += o.slotCounts[j]
+        }
         if partSums.isEmpty { partSums = Array(repeating: 0, count: o.partSums.count) }
         for i in o.partSums.indices { partSums[i] += o.partSums[i] }
     }
@@ -48,7 +56,8 @@ public struct LossReport: Equatable {
     public var packed: [Double] { [weightedSum, weightSum] + slotSums + slotCounts + partSums }
     public init(packed p: [Double], parts: Int = 0) {
         let k = (p.count - 2 - parts) / 2
-        weightedSum = p[0]; weightSum = p[1]
+        weightedSum = p[0]
+        weightSum = p[1]
         slotSums = Array(p[2..<(2 + k)])
         slotCounts = Array(p[(2 + k)..<(2 + 2 * k)])
         partSums = Array(p[(2 + 2 * k)...])
@@ -63,7 +72,10 @@ public struct DropoutSettings {
     public var step: Int
     public var samplePositions: [Int]
     public init(p: Float, seed: UInt64, step: Int, samplePositions: [Int]) {
-        self.p = p; self.seed = seed; self.step = step; self.samplePositions = samplePositions
+        self.p = p
+        self.seed = seed
+        self.step = step
+        self.samplePositions = samplePositions
     }
 }
 
@@ -95,15 +107,23 @@ public final class Transformer {
         self.config = config
         let table = ParameterTable(config)
         self.table = table
-        if let params { precondition(params.count == table.total); self.params = params } else { self.params = FlatBuffer(count: table.total) }
-        T = config.seqLen; D = config.dim; k = config.window
+        if let params {
+            precondition(params.count == table.total)
+            self.params = params
+        } else {
+            self.params = FlatBuffer(count: table.total)
+        }
+        T = config.seqLen
+        D = config.dim
+        k = config.window
         slotWeights = Array(repeating: 1, count: k)
         base = BaseRegistry.type(named: config.base)!.init(config: config, table: table)
         if config.hasPlugin {
             encoder = EncoderStage(base: base, config: config, table: table, siteBase: 10_000)
             decoder = DecoderStage(config: config, table: table, siteBase: 20_000)
         } else {
-            encoder = nil; decoder = nil
+            encoder = nil
+            decoder = nil
         }
     }
 
@@ -145,13 +165,15 @@ public final class Transformer {
     /// The activation buffers of every stage for a batch of B: what a model allocates, and
     /// what `ModelConfig.trainingActivationBytes` reports.
     static func activationLayout(_ c: ModelConfig, batch B: Int) -> ActivationLayout {
-        let T = c.seqLen, D = c.dim, rows = B * T * (c.hasPlugin ? c.window : 1)
+        let T = c.seqLen
+        let D = c.dim
+        let rows = B * T * (c.hasPlugin ? c.window : 1)
         var a = ActivationLayout()
-        a.add("x", [B, T, D])                    // the trunk's input, then its output (in place)
-        a.add("hidden", [B, T, D])               // h: the trunk's output, kept for the decoder
-        a.add("tokMask", [B, T, D], .dropout)    // token dropout (SPEC section 2)
-        a.add("dg", [rows, D], .backward)        // gradient w.r.t. the head's input rows
-        a.add("dx", [B, T, D], .backward)        // gradient w.r.t. h, then the trunk's input
+        a.add("x", [B, T, D])  // the trunk's input, then its output (in place)
+        a.add("hidden", [B, T, D])  // h: the trunk's output, kept for the decoder
+        a.add("tokMask", [B, T, D], .dropout)  // token dropout (SPEC section 2)
+        a.add("dg", [rows, D], .backward)  // gradient w.r.t. the head's input rows
+        a.add("dx", [B, T, D], .backward)  // gradient w.r.t. h, then the trunk's input
         BaseRegistry.type(named: c.base)!.addActivations(c, sequences: B, headRows: rows, to: &a)
         if c.hasPlugin {
             EncoderStage.addActivations(c, n: B * (T - 1), to: &a)
@@ -167,7 +189,8 @@ public final class Transformer {
         let t = ActivationTable(Transformer.activationLayout(config, batch: b))
         t.allocate(.forward)
         activations = t
-        x = t["x"]; hidden = t["hidden"]
+        x = t["x"]
+        hidden = t["hidden"]
         base.bind(t, sequences: B, headRows: headRows)
         encoder?.bind(t, n: B * (T - 1))
         decoder?.bind(t, n: B * T)
@@ -191,10 +214,14 @@ public final class Transformer {
     /// weight gives the mean loss's gradient). `logits` (B, T, k, logitsWidth), when given,
     /// receives every position's logits (invalid pairs too).
     @discardableResult
-    public func forward(_ batch: ModelBatch, dropout: DropoutSettings? = nil, gradientScale: Float? = nil,
-                        logits: UnsafeMutablePointer<Float>? = nil) -> LossReport {
-        precondition(batch.tokens.count == batch.batch * T && batch.labels.count == batch.batch && batch.tensors.count == batch.batch * (T - 1) * k,
-                     "batch arrays do not match B=\(batch.batch), T=\(T), k=\(k)")
+    public func forward(
+        _ batch: ModelBatch, dropout: DropoutSettings? = nil, gradientScale: Float? = nil,
+        logits: UnsafeMutablePointer<Float>? = nil
+    ) -> LossReport {
+        precondition(
+            batch.tokens.count == batch.batch * T && batch.labels.count == batch.batch
+                && batch.tensors.count == batch.batch * (T - 1) * k,
+            "batch arrays do not match B=\(batch.batch), T=\(T), k=\(k)")
         prepare(batch.batch)
         batchCopy = batch
         let drop = (dropout?.p ?? 0) > 0 ? dropout : nil
@@ -211,8 +238,9 @@ public final class Transformer {
         let gradient = gradientScale.map { scale in
             HeadGradient(dloss: rowWeights.map { $0 * scale }, grads: grads.base)
         }
-        base.headForward(g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, dropout: plan,
-                         gradient: gradient, params: p)
+        base.headForward(
+            g, rows: headRows, targets: rowTargets, losses: &losses, logits: logits, dropout: plan,
+            gradient: gradient, params: p)
         return windowedLoss(losses)
     }
 
@@ -222,7 +250,9 @@ public final class Transformer {
     /// backward goes on.
     public func backward(onReady: ((Range<Int>) -> Void)? = nil) {
         precondition(gradientScale != nil, "backward() needs a forward(gradientScale:) first")
-        let p = params.base, gp = grads.base, a = activations!
+        let p = params.base
+        let gp = grads.base
+        let a = activations!
         a.allocate(.backward)
         let dg = a.zeroed("dg")
         base.headBackward(dg, params: p, grads: gp)
@@ -255,8 +285,10 @@ public final class Transformer {
         return readyOrder(base: base, encoder: encoder, decoder: decoder)
     }
 
-    private static func readyOrder(base: any BaseModel, encoder: EncoderStage?,
-                                   decoder: DecoderStage?) -> [Range<Int>] {
+    private static func readyOrder(
+        base: any BaseModel, encoder: EncoderStage?,
+        decoder: DecoderStage?
+    ) -> [Range<Int>] {
         [base.headRange] + (decoder.map { [$0.range] } ?? []) + base.trunkRanges
             + (encoder.map { [$0.range] } ?? []) + [base.embeddingRange]
     }
@@ -266,7 +298,10 @@ public final class Transformer {
     /// x (B, T, D): position 0 the class, p >= 1 the input for step p, then the token dropout on
     /// the whole sequence, class slot included (SPEC section 2).
     private func inputsForward(_ batch: ModelBatch, dropout plan: DropoutPlan?) {
-        let p = params.base, x = self.x!.base, T = T, D = D
+        let p = params.base
+        let x = self.x!.base
+        let T = T
+        let D = D
         for b in 0..<B { base.embedClass(x + b * T * D, label: Int(batch.labels[b]), params: p) }
         if let encoder {
             encoder.forward(batch.tensors, n: B * (T - 1), noise: batch.embeddingNoise, dropout: plan, params: p) { s in
@@ -282,15 +317,19 @@ public final class Transformer {
         if let plan {
             activations!.allocate(.dropout)
             let tokMask = activations!["tokMask"]
-            dropoutMask(tokMask.base, p: plan.p, rows: B * T, d: D, rowsPerSample: T, samplePositions: plan.samplePositions,
-                        seed: plan.seed, step: plan.step, site: 30_000)
+            dropoutMask(
+                tokMask.base, p: plan.p, rows: B * T, d: D, rowsPerSample: T, samplePositions: plan.samplePositions,
+                seed: plan.seed, step: plan.step, site: 30_000)
             dropoutApply(x, tokMask.base, count: B * T * D)
         }
     }
 
     /// dx (B, T, D): the gradient w.r.t. the trunk's input.
     private func inputsBackward(_ dx: FlatBuffer, onReady: ((Range<Int>) -> Void)?) {
-        let gp = grads.base, batch = batchCopy!, T = T, D = D
+        let gp = grads.base
+        let batch = batchCopy!
+        let T = T
+        let D = D
         if dropoutUsed != nil { dropoutApply(dx.base, activations!["tokMask"].base, count: B * T * D) }
         for b in 0..<B { base.embedClassBackward(dx.base + b * T * D, label: Int(batch.labels[b]), grads: gp) }
         if let encoder {
@@ -300,7 +339,8 @@ public final class Transformer {
         } else {
             batch.tensors.withUnsafeBufferPointer { tp in
                 for b in 0..<B {
-                    base.embedTokensBackward(dx.base + (b * T + 1) * D, tp.baseAddress! + b * (T - 1), n: T - 1, grads: gp)
+                    base.embedTokensBackward(
+                        dx.base + (b * T + 1) * D, tp.baseAddress! + b * (T - 1), n: T - 1, grads: gp)
                 }
             }
         }
@@ -331,9 +371,12 @@ public final class Transformer {
         let parts = base.partLosses
         var report = LossReport(slots: slots, parts: parts.count)
         for r in 0..<headRows where rowTargets[r] >= 0 {
-            let j = r % slots, w = rowWeights[r]
-            report.weightedSum += Double(w) * Double(losses[r]); report.weightSum += Double(w)
-            report.slotSums[j] += Double(losses[r]); report.slotCounts[j] += 1
+            let j = r % slots
+            let w = rowWeights[r]
+            report.weightedSum += Double(w) * Double(losses[r])
+            report.weightSum += Double(w)
+            report.slotSums[j] += Double(losses[r])
+            report.slotCounts[j] += 1
             for i in parts.indices { report.partSums[i] += Double(w) * Double(parts[i][r]) }
         }
         return report

@@ -61,10 +61,18 @@ public final class FlatBuffer {
     /// Bytes held by all FlatBuffers alive in this process: the trainer measures its activations
     /// with it (the buffers a training step allocates), and a test checks the activation estimate
     /// against it. Buffers are allocated rarely (once per shape), so the lock costs nothing.
-    public static var liveBytes: Int { accountLock.lock(); defer { accountLock.unlock() }; return live }
+    public static var liveBytes: Int {
+        accountLock.lock()
+        defer { accountLock.unlock() }
+        return live
+    }
     private static let accountLock = NSLock()
     private static var live = 0
-    private static func account(_ bytes: Int) { accountLock.lock(); live += bytes; accountLock.unlock() }
+    private static func account(_ bytes: Int) {
+        accountLock.lock()
+        live += bytes
+        accountLock.unlock()
+    }
 
     public subscript(i: Int) -> Float {
         get { base[i] }

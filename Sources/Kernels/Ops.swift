@@ -43,7 +43,9 @@ public func embeddingBackward(_ dtable: FloatPtr, _ dout: ConstFloatPtr, _ ids: 
 // MARK: - RMSNorm  y = x / sqrt(mean(x^2) + eps) * w
 
 /// out (N, D), rstd (N) cached; inp (N, D), weight (D).
-public func rmsnormForward(_ out: FloatPtr, _ rstd: FloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, n: Int, d: Int, eps: Float) {
+public func rmsnormForward(
+    _ out: FloatPtr, _ rstd: FloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, n: Int, d: Int, eps: Float
+) {
     parallelRanges(n, cost: 2 * d) { rows in
         for i in rows {
             let x = inp + i * d
@@ -60,7 +62,10 @@ public func rmsnormForward(_ out: FloatPtr, _ rstd: FloatPtr, _ inp: ConstFloatP
 /// dx = r (w dy) - x r^3 / D * sum(w dy x);  dw += sum_rows dy x r. On one thread one pass;
 /// on several, dx by rows, then dw by columns (each column summed over the rows in row order,
 /// as the single pass does: the same bits).
-public func rmsnormBackward(_ dinp: FloatPtr, _ dweight: FloatPtr, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, _ rstd: ConstFloatPtr, n: Int, d: Int) {
+public func rmsnormBackward(
+    _ dinp: FloatPtr, _ dweight: FloatPtr, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr,
+    _ rstd: ConstFloatPtr, n: Int, d: Int
+) {
     if partCount(n, cost: 3 * d) == 1 {
         for i in 0..<n {
             rmsnormRowBackward(dinp, dout, inp, weight, rstd, row: i, d: d)
@@ -86,8 +91,10 @@ public func rmsnormBackward(_ dinp: FloatPtr, _ dweight: FloatPtr, _ dout: Const
 
 /// One row of RMSNorm's input gradient: dx += r (w dy) - x r^3 / D * sum(w dy x).
 @inline(__always)
-private func rmsnormRowBackward(_ dinp: FloatPtr, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr,
-                                _ rstd: ConstFloatPtr, row i: Int, d: Int) {
+private func rmsnormRowBackward(
+    _ dinp: FloatPtr, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr,
+    _ rstd: ConstFloatPtr, row i: Int, d: Int
+) {
     let x = inp + i * d
     let dy = dout + i * d
     let dx = dinp + i * d
@@ -101,14 +108,27 @@ private func rmsnormRowBackward(_ dinp: FloatPtr, _ dout: ConstFloatPtr, _ inp: 
 // MARK: - linear  y = x W^T, W stored (out, in)
 
 /// out (N, OC) = inp (N, IC) W^T, weight (OC, IC). `accumulate` adds into out.
-public func matmulForward(_ out: FloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, n: Int, ic: Int, oc: Int, accumulate: Bool = false) {
-    BLAS.sgemm(transA: false, transB: true, m: n, n: oc, k: ic, inp, lda: ic, weight, ldb: ic, beta: accumulate ? 1 : 0, out, ldc: oc)
+public func matmulForward(
+    _ out: FloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, n: Int, ic: Int, oc: Int, accumulate: Bool = false
+) {
+    BLAS.sgemm(
+        transA: false, transB: true, m: n, n: oc, k: ic, inp, lda: ic, weight, ldb: ic, beta: accumulate ? 1 : 0, out,
+        ldc: oc)
 }
 
 /// dinp (N, IC) += dout W; dweight (OC, IC) += dout^T inp. Either may be nil (not needed).
-public func matmulBackward(_ dinp: FloatPtr?, _ dweight: FloatPtr?, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, n: Int, ic: Int, oc: Int) {
-    if let dinp { BLAS.sgemm(transA: false, transB: false, m: n, n: ic, k: oc, dout, lda: oc, weight, ldb: ic, beta: 1, dinp, ldc: ic) }
-    if let dweight { BLAS.sgemm(transA: true, transB: false, m: oc, n: ic, k: n, dout, lda: oc, inp, ldb: ic, beta: 1, dweight, ldc: ic) }
+public func matmulBackward(
+    _ dinp: FloatPtr?, _ dweight: FloatPtr?, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr,
+    n: Int, ic: Int, oc: Int
+) {
+    if let dinp {
+        BLAS.sgemm(
+            transA: false, transB: false, m: n, n: ic, k: oc, dout, lda: oc, weight, ldb: ic, beta: 1, dinp, ldc: ic)
+    }
+    if let dweight {
+        BLAS.sgemm(
+            transA: true, transB: false, m: oc, n: ic, k: n, dout, lda: oc, inp, ldb: ic, beta: 1, dweight, ldc: ic)
+    }
 }
 
 // MARK: - 2D rotary embedding (LlamaGen), applied in place to q and k inside qkv
@@ -119,25 +139,37 @@ public struct RotaryTable {
     public let cos: [Float], sin: [Float]
     public let seqLen: Int, half: Int
     public init(seqLen: Int, gridW: Int, headDim: Int, base: Float) {
-        let n = headDim / 4, half = headDim / 2
-        var c = [Float](repeating: 0, count: seqLen * half), s = c
+        let n = headDim / 4
+        let half = headDim / 2
+        var c = [Float](repeating: 0, count: seqLen * half)
+        var s = c
         for p in 1..<max(seqLen, 1) {
-            let r = Double((p - 1) / gridW), col = Double((p - 1) % gridW)
+            let r = Double((p - 1) / gridW)
+            let col = Double((p - 1) % gridW)
             for i in 0..<n {
                 let f = pow(Double(base), -4.0 * Double(i) / Double(headDim))
-                let a1 = r * f, a2 = col * f
-                c[p * half + i] = Float(Foundation.cos(a1)); s[p * half + i] = Float(Foundation.sin(a1))
-                c[p * half + n + i] = Float(Foundation.cos(a2)); s[p * half + n + i] = Float(Foundation.sin(a2))
+                let a1 = r * f
+                let a2 = col * f
+                c[p * half + i] = Float(Foundation.cos(a1))
+                s[p * half + i] = Float(Foundation.sin(a1))
+                c[p * half + n + i] = Float(Foundation.cos(a2))
+                s[p * half + n + i] = Float(Foundation.sin(a2))
             }
         }
-        self.cos = c; self.sin = s; self.seqLen = seqLen; self.half = half
+        self.cos = c
+        self.sin = s
+        self.seqLen = seqLen
+        self.half = half
     }
 }
 
 /// Rotates q and k (the first 2D columns of each qkv row (B*S, 3D)) by +angle (forward) or by
 /// -angle (`inverse`, which is the backward pass: the rotation's transpose).
 /// `position` offsets the table: a KV-cached decoding step passes seqLen 1 and its position.
-public func rotaryApply(_ qkv: FloatPtr, _ table: RotaryTable, batch: Int, seqLen: Int, dim: Int, heads: Int, inverse: Bool = false, position: Int = 0) {
+public func rotaryApply(
+    _ qkv: FloatPtr, _ table: RotaryTable, batch: Int, seqLen: Int, dim: Int, heads: Int, inverse: Bool = false,
+    position: Int = 0
+) {
     let hd = dim / heads
     let half = hd / 2
     let sgn: Float = inverse ? -1 : 1
@@ -218,16 +250,19 @@ private let attentionScratch = PartScratch()
 /// probs (B, NH, S, S) cached. Causal or full mask. Split by (sequence, head) over the threads.
 /// Long sequences use sgemm, blocked by query rows under the causal mask; short ones (the plug-in's
 /// k+1 slots) use direct loops, where sgemm's call overhead dominates.
-public func attentionForward(_ out: FloatPtr, _ probs: FloatPtr, _ qkv: ConstFloatPtr, batch: Int, seqLen S: Int,
-                             dim D: Int, heads NH: Int, causal: Bool) {
+public func attentionForward(
+    _ out: FloatPtr, _ probs: FloatPtr, _ qkv: ConstFloatPtr, batch: Int, seqLen S: Int,
+    dim D: Int, heads NH: Int, causal: Bool
+) {
     let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
     let src = UnsafeMutablePointer(mutating: qkv)
     parallelParts(batch * NH, cost: 2 * S * S * a.hd) { tasks, _ in
         for task in tasks {
             let (b, h) = task.quotientAndRemainder(dividingBy: NH)
             let base = src + b * S * a.ld + h * a.hd
-            let view = HeadView(q: base, k: base + D, v: base + 2 * D, o: out + b * S * D + h * a.hd,
-                                P: probs + task * S * S)
+            let view = HeadView(
+                q: base, k: base + D, v: base + 2 * D, o: out + b * S * D + h * a.hd,
+                P: probs + task * S * S)
             if S >= 16 { headForwardBlocked(view, a) } else { headForwardDirect(view, a) }
         }
     }
@@ -238,11 +273,13 @@ private func headForwardBlocked(_ t: HeadView, _ a: AttentionShape) {
     for r0 in stride(from: 0, to: S, by: a.block) {
         let r1 = min(S, r0 + a.block)
         let cols = a.cols(r1)
-        BLAS.sgemm(transA: false, transB: true, m: r1 - r0, n: cols, k: a.hd, alpha: a.scale, t.q + r0 * a.ld,
-                   lda: a.ld, t.k, ldb: a.ld, beta: 0, t.P + r0 * S, ldc: S)
+        BLAS.sgemm(
+            transA: false, transB: true, m: r1 - r0, n: cols, k: a.hd, alpha: a.scale, t.q + r0 * a.ld,
+            lda: a.ld, t.k, ldb: a.ld, beta: 0, t.P + r0 * S, ldc: S)
         softmaxRows(t.P, r0..<r1, a)
-        BLAS.sgemm(transA: false, transB: false, m: r1 - r0, n: a.hd, k: cols, t.P + r0 * S, lda: S, t.v, ldb: a.ld,
-                   beta: 0, t.o + r0 * a.D, ldc: a.D)
+        BLAS.sgemm(
+            transA: false, transB: false, m: r1 - r0, n: a.hd, k: cols, t.P + r0 * S, lda: S, t.v, ldb: a.ld,
+            beta: 0, t.o + r0 * a.D, ldc: a.D)
     }
 }
 
@@ -301,8 +338,10 @@ private func softmaxRows(_ P: FloatPtr, _ rows: Range<Int>, _ a: AttentionShape)
 
 /// dqkv (B*S, 3D) += gradients through attention. Split by (sequence, head); each part has its
 /// own (S, S) scratch for the score gradients.
-public func attentionBackward(_ dqkv: FloatPtr, _ dout: ConstFloatPtr, _ qkv: ConstFloatPtr, _ probs: ConstFloatPtr,
-                              batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) {
+public func attentionBackward(
+    _ dqkv: FloatPtr, _ dout: ConstFloatPtr, _ qkv: ConstFloatPtr, _ probs: ConstFloatPtr,
+    batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool
+) {
     let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
     let scratch = attentionScratch.reserve(parts: maxParts(), floats: S * S)
     let src = UnsafeMutablePointer(mutating: qkv)
@@ -313,8 +352,9 @@ public func attentionBackward(_ dqkv: FloatPtr, _ dout: ConstFloatPtr, _ qkv: Co
             let (b, h) = task.quotientAndRemainder(dividingBy: NH)
             let base = src + b * S * a.ld + h * a.hd
             let dbase = dqkv + b * S * a.ld + h * a.hd
-            let view = HeadView(q: base, k: base + D, v: base + 2 * D, o: dO + b * S * D + h * a.hd,
-                                P: P + task * S * S)
+            let view = HeadView(
+                q: base, k: base + D, v: base + 2 * D, o: dO + b * S * D + h * a.hd,
+                P: P + task * S * S)
             let grad = HeadView(q: dbase, k: dbase + D, v: dbase + 2 * D, o: dO, P: scratch[part])
             if S >= 16 { headBackwardBlocked(view, grad, a) } else { headBackwardDirect(view, grad, a) }
         }
@@ -326,29 +366,39 @@ public func attentionBackward(_ dqkv: FloatPtr, _ dout: ConstFloatPtr, _ qkv: Co
 /// row). Then by key blocks: dV += P^T dO, dK += dS^T Q over the rows from the block's first
 /// key on (the rows above are masked: their P and dS are exactly 0).
 private func headBackwardBlocked(_ t: HeadView, _ g: HeadView, _ a: AttentionShape) {
-    let S = a.S, D = a.D, ld = a.ld, hd = a.hd
+    let S = a.S
+    let D = a.D
+    let ld = a.ld
+    let hd = a.hd
     let dP = g.P
     for r0 in stride(from: 0, to: S, by: a.block) {
         let r1 = min(S, r0 + a.block)
         let cols = a.cols(r1)
-        BLAS.sgemm(transA: false, transB: true, m: r1 - r0, n: cols, k: hd, t.o + r0 * D, lda: D, t.v, ldb: ld,
-                   beta: 0, dP + r0 * S, ldc: S)
+        BLAS.sgemm(
+            transA: false, transB: true, m: r1 - r0, n: cols, k: hd, t.o + r0 * D, lda: D, t.v, ldb: ld,
+            beta: 0, dP + r0 * S, ldc: S)
         softmaxRowsBackward(t.P, dP, r0..<r1, a)
-        BLAS.sgemm(transA: false, transB: false, m: r1 - r0, n: hd, k: cols, dP + r0 * S, lda: S, t.k, ldb: ld,
-                   beta: 1, g.q + r0 * ld, ldc: ld)
+        BLAS.sgemm(
+            transA: false, transB: false, m: r1 - r0, n: hd, k: cols, dP + r0 * S, lda: S, t.k, ldb: ld,
+            beta: 1, g.q + r0 * ld, ldc: ld)
     }
     for c0 in stride(from: 0, to: S, by: a.block) {
         let c1 = min(S, c0 + a.block)
         let r = a.causal ? c0 : 0
-        BLAS.sgemm(transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, t.P + r * S + c0, lda: S, t.o + r * D,
-                   ldb: D, beta: 1, g.v + c0 * ld, ldc: ld)
-        BLAS.sgemm(transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, dP + r * S + c0, lda: S, t.q + r * ld,
-                   ldb: ld, beta: 1, g.k + c0 * ld, ldc: ld)
+        BLAS.sgemm(
+            transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, t.P + r * S + c0, lda: S, t.o + r * D,
+            ldb: D, beta: 1, g.v + c0 * ld, ldc: ld)
+        BLAS.sgemm(
+            transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, dP + r * S + c0, lda: S, t.q + r * ld,
+            ldb: ld, beta: 1, g.k + c0 * ld, ldc: ld)
     }
 }
 
 private func headBackwardDirect(_ t: HeadView, _ g: HeadView, _ a: AttentionShape) {
-    let S = a.S, D = a.D, ld = a.ld, hd = a.hd
+    let S = a.S
+    let D = a.D
+    let ld = a.ld
+    let hd = a.hd
     let dP = g.P
     for i in 0..<S {
         let oi = t.o + i * D
@@ -403,8 +453,10 @@ private let stepScratch = PartScratch()
 /// (NB, 3D) after rotary; out (NB, D). Stores each row's key and value at `position`, then
 /// attends over positions 0...position with two sgemv calls per (row, head), which stream the
 /// cache about twice as fast as plain loops. Split by (row, head) over the threads.
-public func attentionStepForward(_ out: FloatPtr, _ keys: FloatPtr, _ values: FloatPtr, _ qkv: ConstFloatPtr,
-                                 rows NB: Int, dim D: Int, heads NH: Int, cacheLength T: Int, position pos: Int) {
+public func attentionStepForward(
+    _ out: FloatPtr, _ keys: FloatPtr, _ values: FloatPtr, _ qkv: ConstFloatPtr,
+    rows NB: Int, dim D: Int, heads NH: Int, cacheLength T: Int, position pos: Int
+) {
     let hd = D / NH
     let scale = 1 / Float(hd).squareRoot()
     let scratch = stepScratch.reserve(parts: maxParts(), floats: T)
@@ -464,7 +516,10 @@ public func swigluBackward(_ dab: FloatPtr, _ dout: ConstFloatPtr, _ ab: ConstFl
 /// For each row i with target y_i >= 0 and weight w_i: loss_i = -log softmax(logits_i)[y_i].
 /// When `dlogits` is given it is set to w_i * scale * (softmax - onehot) (may alias logits).
 /// Returns the per-row losses in `losses` (N). Rows with target < 0 get loss 0 and zero gradient.
-public func crossEntropyForwardBackward(_ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr, _ targets: UnsafePointer<Int32>, _ weights: ConstFloatPtr, scale: Float, n: Int, v: Int) {
+public func crossEntropyForwardBackward(
+    _ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr, _ targets: UnsafePointer<Int32>,
+    _ weights: ConstFloatPtr, scale: Float, n: Int, v: Int
+) {
     parallelRanges(n, cost: 6 * v) { rows in
         for i in rows {
             crossEntropyRow(losses, dlogits, logits, targets, weights, scale: scale, row: i, v: v)
@@ -473,9 +528,11 @@ public func crossEntropyForwardBackward(_ losses: FloatPtr, _ dlogits: FloatPtr?
 }
 
 @inline(__always)
-private func crossEntropyRow(_ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr,
-                             _ targets: UnsafePointer<Int32>, _ weights: ConstFloatPtr, scale: Float,
-                             row i: Int, v: Int) {
+private func crossEntropyRow(
+    _ losses: FloatPtr, _ dlogits: FloatPtr?, _ logits: FloatPtr,
+    _ targets: UnsafePointer<Int32>, _ weights: ConstFloatPtr, scale: Float,
+    row i: Int, v: Int
+) {
     let row = logits + i * v
     let y = Int(targets[i])
     if y < 0 {
@@ -519,8 +576,10 @@ public func dropoutApply(_ x: FloatPtr, _ mask: ConstFloatPtr, count: Int) {
 /// whose stream is keyed (seed, step, global sample position, site), so masks do not depend on
 /// how the batch is split across ranks. Rows of one sample are drawn in row order. Split by
 /// ranges of the mask: a range inside a sample starts its stream where the draws before it end.
-public func dropoutMask(_ mask: FloatPtr, p: Float, rows: Int, d: Int, rowsPerSample: Int, samplePositions: [Int],
-                        seed: UInt64, step: Int, site: Int) {
+public func dropoutMask(
+    _ mask: FloatPtr, p: Float, rows: Int, d: Int, rowsPerSample: Int, samplePositions: [Int],
+    seed: UInt64, step: Int, site: Int
+) {
     let keep = 1 / (1 - p)
     let perSample = rowsPerSample * d
     let total = rows / rowsPerSample * perSample
@@ -530,8 +589,9 @@ public func dropoutMask(_ mask: FloatPtr, p: Float, rows: Int, d: Int, rowsPerSa
             while i < range.upperBound {
                 let (s, offset) = i.quotientAndRemainder(dividingBy: perSample)
                 let end = min(range.upperBound, (s + 1) * perSample)
-                var rng = CounterRNG(seed: seed, UInt64(step), UInt64(positions[s]), RandomPurpose.dropout.rawValue,
-                                     UInt64(site))
+                var rng = CounterRNG(
+                    seed: seed, UInt64(step), UInt64(positions[s]), RandomPurpose.dropout.rawValue,
+                    UInt64(site))
                 rng.skip(offset)
                 for j in i..<end { mask[j] = rng.uniform() < p ? 0 : keep }
                 i = end

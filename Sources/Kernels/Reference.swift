@@ -24,8 +24,11 @@ public enum Reference {
         return y
     }
     /// Returns (dx, dw) by the chain rule written out per element.
-    public static func rmsnormBackward(_ dy: [Double], _ x: [Double], _ w: [Double], n: Int, d: Int, eps: Double) -> ([Double], [Double]) {
-        var dx = [Double](repeating: 0, count: n * d), dw = [Double](repeating: 0, count: d)
+    public static func rmsnormBackward(
+        _ dy: [Double], _ x: [Double], _ w: [Double], n: Int, d: Int, eps: Double
+    ) -> ([Double], [Double]) {
+        var dx = [Double](repeating: 0, count: n * d)
+        var dw = [Double](repeating: 0, count: d)
         for i in 0..<n {
             let ms = (0..<d).reduce(0.0) { $0 + x[i * d + $1] * x[i * d + $1] } / Double(d)
             let r = 1 / (ms + eps).squareRoot()
@@ -43,28 +46,54 @@ public enum Reference {
     /// y (n, oc) = x (n, ic) W^T, W (oc, ic)
     public static func linear(_ x: [Double], _ w: [Double], n: Int, ic: Int, oc: Int) -> [Double] {
         var y = [Double](repeating: 0, count: n * oc)
-        for i in 0..<n { for o in 0..<oc { var s = 0.0; for c in 0..<ic { s += x[i * ic + c] * w[o * ic + c] }; y[i * oc + o] = s } }
+        for i in 0..<n {
+            for o in 0..<oc {
+                var s = 0.0
+                for c in 0..<ic { s += x[i * ic + c] * w[o * ic + c] }
+                y[i * oc + o] = s
+            }
+        }
         return y
     }
-    public static func linearBackward(_ dy: [Double], _ x: [Double], _ w: [Double], n: Int, ic: Int, oc: Int) -> ([Double], [Double]) {
-        var dx = [Double](repeating: 0, count: n * ic), dw = [Double](repeating: 0, count: oc * ic)
-        for i in 0..<n { for o in 0..<oc { let g = dy[i * oc + o]; for c in 0..<ic { dx[i * ic + c] += g * w[o * ic + c]; dw[o * ic + c] += g * x[i * ic + c] } } }
+    public static func linearBackward(
+        _ dy: [Double], _ x: [Double], _ w: [Double], n: Int, ic: Int, oc: Int
+    ) -> ([Double], [Double]) {
+        var dx = [Double](repeating: 0, count: n * ic)
+        var dw = [Double](repeating: 0, count: oc * ic)
+        for i in 0..<n {
+            for o in 0..<oc {
+                let g = dy[i * oc + o]
+                for c in 0..<ic {
+                    dx[i * ic + c] += g * w[o * ic + c]
+                    dw[o * ic + c] += g * x[i * ic + c]
+                }
+            }
+        }
         return (dx, dw)
     }
 
     /// LlamaGen 2D rotary on one vector of width hd at sequence position p (class slot p = 0).
-    public static func rotate(_ x: [Double], position p: Int, gridW: Int, base: Double, inverse: Bool = false) -> [Double] {
-        let hd = x.count, n = hd / 4
+    public static func rotate(
+        _ x: [Double], position p: Int, gridW: Int, base: Double, inverse: Bool = false
+    ) -> [Double] {
+        let hd = x.count
+        let n = hd / 4
         var angles = [Double](repeating: 0, count: hd / 2)
         var zero = true
         if p >= 1 {
             zero = false
-            let r = Double((p - 1) / gridW), c = Double((p - 1) % gridW)
-            for i in 0..<n { let f = pow(base, -4.0 * Double(i) / Double(hd)); angles[i] = r * f; angles[n + i] = c * f }
+            let r = Double((p - 1) / gridW)
+            let c = Double((p - 1) % gridW)
+            for i in 0..<n {
+                let f = pow(base, -4.0 * Double(i) / Double(hd))
+                angles[i] = r * f
+                angles[n + i] = c * f
+            }
         }
         var y = x
         for i in 0..<(hd / 2) {
-            let co = zero ? 0 : cos(angles[i]), si = zero ? 0 : (inverse ? -1 : 1) * sin(angles[i])
+            let co = zero ? 0 : cos(angles[i])
+            let si = zero ? 0 : (inverse ? -1 : 1) * sin(angles[i])
             y[2 * i] = x[2 * i] * co - x[2 * i + 1] * si
             y[2 * i + 1] = x[2 * i + 1] * co + x[2 * i] * si
         }
@@ -72,7 +101,9 @@ public enum Reference {
     }
 
     /// Multi-head attention from qkv (B*S, 3D) to (B*S, D); q and k already rotated.
-    public static func attention(_ qkv: [Double], batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool) -> [Double] {
+    public static func attention(
+        _ qkv: [Double], batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool
+    ) -> [Double] {
         let hd = D / NH
         var out = [Double](repeating: 0, count: batch * S * D)
         for b in 0..<batch {
@@ -81,13 +112,20 @@ public enum Reference {
                     var scores = [Double](repeating: -.infinity, count: S)
                     for j in 0..<S where !causal || j <= i {
                         var s = 0.0
-                        for t in 0..<hd { s += qkv[(b * S + i) * 3 * D + h * hd + t] * qkv[(b * S + j) * 3 * D + D + h * hd + t] }
+                        for t in 0..<hd {
+                            s += qkv[(b * S + i) * 3 * D + h * hd + t] * qkv[(b * S + j) * 3 * D + D + h * hd + t]
+                        }
                         scores[j] = s / Double(hd).squareRoot()
                     }
                     let mx = scores.max()!
                     let e = scores.map { $0 == -.infinity ? 0 : exp($0 - mx) }
                     let z = e.reduce(0, +)
-                    for j in 0..<S { for t in 0..<hd { out[(b * S + i) * D + h * hd + t] += e[j] / z * qkv[(b * S + j) * 3 * D + 2 * D + h * hd + t] } }
+                    for j in 0..<S {
+                        for t in 0..<hd {
+                            out[(b * S + i) * D + h * hd + t] +=
+                                e[j] / z * qkv[(b * S + j) * 3 * D + 2 * D + h * hd + t]
+                        }
+                    }
                 }
             }
         }
@@ -96,8 +134,10 @@ public enum Reference {
 
     /// One KV-cached decoding step is the last row of causal attention over positions 0...p: the
     /// reference for `attentionStepForward` is `attention` itself, row p of each sequence.
-    public static func attentionLastRow(_ qkv: [Double], batch: Int, seqLen S: Int, dim D: Int,
-                                        heads NH: Int) -> [Double] {
+    public static func attentionLastRow(
+        _ qkv: [Double], batch: Int, seqLen S: Int, dim D: Int,
+        heads NH: Int
+    ) -> [Double] {
         let all = attention(qkv, batch: batch, seqLen: S, dim: D, heads: NH, causal: true)
         var last: [Double] = []
         for b in 0..<batch {
@@ -111,7 +151,13 @@ public enum Reference {
 
     public static func swiglu(_ ab: [Double], n: Int, f: Int) -> [Double] {
         var y = [Double](repeating: 0, count: n * f)
-        for i in 0..<n { for j in 0..<f { let a = ab[i * 2 * f + j], b = ab[i * 2 * f + f + j]; y[i * f + j] = a / (1 + exp(-a)) * b } }
+        for i in 0..<n {
+            for j in 0..<f {
+                let a = ab[i * 2 * f + j]
+                let b = ab[i * 2 * f + f + j]
+                y[i * f + j] = a / (1 + exp(-a)) * b
+            }
+        }
         return y
     }
 
@@ -130,8 +176,10 @@ public enum Reference {
         var x = x
         return (0..<x.count).map { i in
             let old = x[i]
-            x[i] = old + h; let a = f(x)
-            x[i] = old - h; let b = f(x)
+            x[i] = old + h
+            let a = f(x)
+            x[i] = old - h
+            let b = f(x)
             x[i] = old
             return (a - b) / (2 * h)
         }

@@ -20,8 +20,9 @@ public enum BLAS {
         if m == 0 || n == 0 { return }
         let tiling = Tiling(m: m, n: n, k: k)
         if tiling.count == 1 {
-            sgemmOneCall(transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a, lda: lda, b, ldb: ldb,
-                         beta: beta, c, ldc: ldc)
+            sgemmOneCall(
+                transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a, lda: lda, b, ldb: ldb,
+                beta: beta, c, ldc: ldc)
             return
         }
         ComputePool.shared.run(parts: tiling.count) { t in
@@ -29,12 +30,14 @@ public enum BLAS {
             let hi = min(tiling.extent, lo + tiling.size)
             if tiling.rows {
                 let at = transA ? a + lo : a + lo * lda
-                sgemmOneCall(transA: transA, transB: transB, m: hi - lo, n: n, k: k, alpha: alpha, at, lda: lda, b,
-                             ldb: ldb, beta: beta, c + lo * ldc, ldc: ldc)
+                sgemmOneCall(
+                    transA: transA, transB: transB, m: hi - lo, n: n, k: k, alpha: alpha, at, lda: lda, b,
+                    ldb: ldb, beta: beta, c + lo * ldc, ldc: ldc)
             } else {
                 let bt = transB ? b + lo * ldb : b + lo
-                sgemmOneCall(transA: transA, transB: transB, m: m, n: hi - lo, k: k, alpha: alpha, a, lda: lda, bt,
-                             ldb: ldb, beta: beta, c + lo, ldc: ldc)
+                sgemmOneCall(
+                    transA: transA, transB: transB, m: m, n: hi - lo, k: k, alpha: alpha, a, lda: lda, bt,
+                    ldb: ldb, beta: beta, c + lo, ldc: ldc)
             }
         }
     }
@@ -123,13 +126,21 @@ public enum BLAS {
         let weak = ["prescott", "core2", "penryn", "dunnington", "nehalem", "atom", "generic", "barcelona", "katmai"]
         guard weak.contains(where: { core.hasPrefix($0) }) else { return }
         let want: String
-        if tar_cpu_has_avx512f() != 0 { want = "SkylakeX" } else if tar_cpu_has_avx2() != 0 { want = "Haswell" } else { return }
+        if tar_cpu_has_avx512f() != 0 {
+            want = "SkylakeX"
+        } else if tar_cpu_has_avx2() != 0 {
+            want = "Haswell"
+        } else {
+            return
+        }
         setenv("OPENBLAS_CORETYPE", want, 1)
         setenv("TENSORAR_NO_REEXEC", "1", 1)  // never loop
         var args = CommandLine.arguments.map { strdup($0) }
         args.append(nil)
         execv("/proc/self/exe", &args)
         // execv only returns on failure: carry on with the slow kernel, but say so.
-        FileHandle.standardError.write("warning: could not re-exec with OPENBLAS_CORETYPE=\(want); BLAS runs the slow \(coreName) kernel\n".data(using: .utf8)!)
+        FileHandle.standardError.write(
+            "warning: could not re-exec with OPENBLAS_CORETYPE=\(want); BLAS runs the slow \(coreName) kernel\n".data(
+                using: .utf8)!)
     }
 }

@@ -45,6 +45,6 @@ public struct CounterRNG: RandomNumberGenerator, Sendable {
 
 /// Purposes: distinct stream ids so that, e.g., dropout and noise never share numbers.
 public enum RandomPurpose: UInt64, Sendable {
-    case initialise = 1, shuffle, augmentation, labelDrop, dropout, noise, sampling, validationNoise
+    case initialise = 1
+    case shuffle, augmentation, labelDrop, dropout, noise, sampling, validationNoise
 }
-

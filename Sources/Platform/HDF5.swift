@@ -35,7 +35,11 @@ public struct HDF5StoredType: Equatable, CustomStringConvertible, Sendable {
     public let isFloat: Bool
     public let isSigned: Bool
     public let bytes: Int
-    public init(isFloat: Bool, isSigned: Bool, bytes: Int) { self.isFloat = isFloat; self.isSigned = isSigned; self.bytes = bytes }
+    public init(isFloat: Bool, isSigned: Bool, bytes: Int) {
+        self.isFloat = isFloat
+        self.isSigned = isSigned
+        self.bytes = bytes
+    }
     /// How `kind` is stored by this wrapper (for comparing with `storedType(of:)`).
     public init(_ kind: HDF5Kind) {
         switch kind {
@@ -79,10 +83,15 @@ public final class HDF5File {
             throw InputError(path, "was truncated while in use: \(now) bytes now, \(sizeAtOpen) when opened")
         }
     }
-    deinit { hdf5Lock.lock(); H5Fclose(id); hdf5Lock.unlock() }
+    deinit {
+        hdf5Lock.lock()
+        H5Fclose(id)
+        hdf5Lock.unlock()
+    }
 
     private static func locked<T>(_ body: () throws -> T) rethrows -> T {
-        hdf5Lock.lock(); defer { hdf5Lock.unlock() }
+        hdf5Lock.lock()
+        defer { hdf5Lock.unlock() }
         tar_h5_silence_errors()
         return try body()
     }
@@ -97,7 +106,9 @@ public final class HDF5File {
             defer { H5Pclose(fapl) }
             if checksummed { H5Pset_libver_bounds(fapl, H5F_LIBVER_V110, H5F_LIBVER_V110) }
             let id = H5Fcreate(path, tar_h5f_acc_trunc(), tar_h5p_default(), fapl)
-            guard id >= 0 else { throw InputError(path, "cannot create HDF5 file (missing folder, no permission or disk full?)") }
+            guard id >= 0 else {
+                throw InputError(path, "cannot create HDF5 file (missing folder, no permission or disk full?)")
+            }
             let f = HDF5File(path: path, id: id)
             f.checksummed = checksummed
             return f
@@ -171,8 +182,10 @@ public final class HDF5File {
             guard !dims.isEmpty, start >= 0, start + rows <= Int(dims[0]) else {
                 throw InputError(path, "rows \(start)..<\(start + rows) outside dataset '\(name)' of shape \(dims)")
             }
-            var off = [hsize_t](repeating: 0, count: dims.count); off[0] = hsize_t(start)
-            var cnt = dims; cnt[0] = hsize_t(rows)
+            var off = [hsize_t](repeating: 0, count: dims.count)
+            off[0] = hsize_t(start)
+            var cnt = dims
+            cnt[0] = hsize_t(rows)
             H5Sselect_hyperslab(fspace, H5S_SELECT_SET, &off, nil, &cnt, nil)
             let mspace = H5Screate_simple(Int32(cnt.count), &cnt, nil)
             defer { H5Sclose(mspace) }
@@ -193,7 +206,9 @@ public final class HDF5File {
         precondition(shape.reduce(1, *) == values.count, "shape \(shape) does not match \(values.count) values")
         try createDataset(name, kind: T.hdf5Kind, shape: shape, chunkRows: chunkRows)
         if values.isEmpty { return }
-        try values.withUnsafeBytes { try writeRows(name, kind: T.hdf5Kind, start: 0, rows: shape.first ?? 1, from: $0.baseAddress!) }
+        try values.withUnsafeBytes {
+            try writeRows(name, kind: T.hdf5Kind, start: 0, rows: shape.first ?? 1, from: $0.baseAddress!)
+        }
     }
 
     /// Writes raw memory as a 1-D float32 dataset (checkpoint slices).
@@ -227,7 +242,9 @@ public final class HDF5File {
     }
 
     /// Reads rows [start, start + rows) of the first axis into raw memory, converting to `kind`.
-    public func readRows(_ name: String, kind: HDF5Kind, start: Int, rows: Int, into out: UnsafeMutableRawPointer) throws {
+    public func readRows(
+        _ name: String, kind: HDF5Kind, start: Int, rows: Int, into out: UnsafeMutableRawPointer
+    ) throws {
         try checkNotTruncated()
         try withRows(name, start: start, rows: rows) { ds, mspace, fspace in
             if H5Dread(ds, nativeType(kind), mspace, fspace, tar_h5p_default(), out) < 0 {
@@ -238,7 +255,9 @@ public final class HDF5File {
 
     /// Reads the block `offset ..< offset + count` (one entry per axis) into raw memory, converting
     /// to `kind`; e.g. one token row `codes[i, a, :]` is offset [i, a, 0], count [1, 1, T].
-    public func readSlab(_ name: String, kind: HDF5Kind, offset: [Int], count: [Int], into out: UnsafeMutableRawPointer) throws {
+    public func readSlab(
+        _ name: String, kind: HDF5Kind, offset: [Int], count: [Int], into out: UnsafeMutableRawPointer
+    ) throws {
         try checkNotTruncated()
         try HDF5File.locked {
             let ds = H5Dopen2(id, name, tar_h5p_default())
@@ -246,7 +265,8 @@ public final class HDF5File {
             defer { H5Dclose(ds) }
             let (fspace, dims) = try dataspace(ds, name)
             defer { H5Sclose(fspace) }
-            let inside = offset.count == dims.count && count.count == dims.count
+            let inside =
+                offset.count == dims.count && count.count == dims.count
                 && zip(zip(offset, count), dims).allSatisfy { oc, d in oc.0 >= 0 && oc.1 >= 0 && oc.0 + oc.1 <= Int(d) }
             guard inside else {
                 throw InputError(path, "block at \(offset) of size \(count) outside dataset '\(name)' of shape \(dims)")
@@ -264,12 +284,15 @@ public final class HDF5File {
     }
 
     /// Reads a whole dataset, converted to T.
-    public func read<T: HDF5Scalar & Numeric>(_ name: String, as: T.Type = T.self) throws -> (values: [T], shape: [Int]) {
+    public func read<T: HDF5Scalar & Numeric>(_ name: String, as: T.Type = T.self) throws -> (values: [T], shape: [Int])
+    {
         let shape = try shape(of: name)
         let n = shape.reduce(1, *)
         var out = [T](repeating: 0, count: n)
         if n > 0 {
-            try out.withUnsafeMutableBytes { try readRows(name, kind: T.hdf5Kind, start: 0, rows: shape.first ?? 1, into: $0.baseAddress!) }
+            try out.withUnsafeMutableBytes {
+                try readRows(name, kind: T.hdf5Kind, start: 0, rows: shape.first ?? 1, into: $0.baseAddress!)
+            }
         }
         return (out, shape)
     }
@@ -339,7 +362,9 @@ public final class HDF5File {
                 guard a >= 0 else { throw InputError(path, "cannot open attribute '\(name)'") }
                 defer { H5Aclose(a) }
                 var v: Int64 = 0
-                if H5Aread(a, tar_h5t_native_int64(), &v) < 0 { throw InputError(path, "attribute '\(name)' is not an integer") }
+                if H5Aread(a, tar_h5t_native_int64(), &v) < 0 {
+                    throw InputError(path, "attribute '\(name)' is not an integer")
+                }
                 return Int(v)
             }
         }
@@ -354,7 +379,9 @@ public final class HDF5File {
                 defer { H5Aclose(a) }
                 let t = H5Aget_type(a)
                 defer { H5Tclose(t) }
-                guard H5Tget_class(t) == H5T_STRING else { throw InputError(path, "attribute '\(name)' is not a string") }
+                guard H5Tget_class(t) == H5T_STRING else {
+                    throw InputError(path, "attribute '\(name)' is not a string")
+                }
                 let n = Int(H5Tget_size(t))
                 var buf = [UInt8](repeating: 0, count: n + 1)
                 H5Aread(a, t, &buf)

@@ -23,7 +23,9 @@ public enum MPI {
     public enum ThreadLevel: Int, Comparable, Sendable, CustomStringConvertible {
         case single = 0, funneled, serialized, multiple
         public static func < (a: ThreadLevel, b: ThreadLevel) -> Bool { a.rawValue < b.rawValue }
-        public var description: String { ["MPI_THREAD_SINGLE", "MPI_THREAD_FUNNELED", "MPI_THREAD_SERIALIZED", "MPI_THREAD_MULTIPLE"][rawValue] }
+        public var description: String {
+            ["MPI_THREAD_SINGLE", "MPI_THREAD_FUNNELED", "MPI_THREAD_SERIALIZED", "MPI_THREAD_MULTIPLE"][rawValue]
+        }
     }
 
     private static let lock = NSLock()
@@ -41,28 +43,40 @@ public enum MPI {
 
     /// Whether MPI_Init has run (by us or anyone) and MPI_Finalize has not.
     public static var isActive: Bool {
-        var initialised: Int32 = 0, finalised: Int32 = 0
+        var initialised: Int32 = 0
+        var finalised: Int32 = 0
         MPI_Initialized(&initialised)
         MPI_Finalized(&finalised)
         return initialised != 0 && finalised == 0
     }
 
     /// The thread level granted at initialisation (`.single` before it).
-    public static var threadLevel: ThreadLevel { lock.lock(); defer { lock.unlock() }; return grantedLevel }
+    public static var threadLevel: ThreadLevel {
+        lock.lock()
+        defer { lock.unlock() }
+        return grantedLevel
+    }
 
     /// The world communicator once `initialize()` has run, else nil.
-    public static var world: Communicator? { lock.lock(); defer { lock.unlock() }; return worldCommunicator }
+    public static var world: Communicator? {
+        lock.lock()
+        defer { lock.unlock() }
+        return worldCommunicator
+    }
 
     /// Initialises MPI once, requesting MPI_THREAD_MULTIPLE (the gradient thread of `GradientSync`
     /// makes MPI calls while the main thread may make others). A lower granted level is accepted and
     /// recorded in `threadLevel`; users that need more check it. Later calls return the same world
     /// communicator. Works without `mpirun` (a singleton of size 1; takes 0.2-0.5 s).
     public static func initialize() throws -> Communicator {
-        lock.lock(); defer { lock.unlock() }
+        lock.lock()
+        defer { lock.unlock() }
         if let w = worldCommunicator { return w }
         var finalised: Int32 = 0
         MPI_Finalized(&finalised)
-        if finalised != 0 { throw MPIError(call: "MPI_Init_thread", code: -1, message: "MPI was already finalised in this process") }
+        if finalised != 0 {
+            throw MPIError(call: "MPI_Init_thread", code: -1, message: "MPI was already finalised in this process")
+        }
         var initialised: Int32 = 0
         MPI_Initialized(&initialised)
         var provided: Int32 = 0
@@ -81,7 +95,8 @@ public enum MPI {
         let comm = tar_mpi_comm_world()
         // Errors come back as codes (and become Swift errors) instead of MPI killing the process.
         try check(MPI_Comm_set_errhandler(comm, tar_mpi_errors_return()), "MPI_Comm_set_errhandler")
-        var rank: Int32 = 0, size: Int32 = 0
+        var rank: Int32 = 0
+        var size: Int32 = 0
         try check(MPI_Comm_rank(comm, &rank), "MPI_Comm_rank")
         try check(MPI_Comm_size(comm, &size), "MPI_Comm_size")
         let w = Communicator(comm: comm, rank: Int(rank), size: Int(size), owned: false)
@@ -92,7 +107,8 @@ public enum MPI {
     /// Finalises MPI (once; later calls do nothing). Every rank must call it before exiting, or
     /// `mpirun` reports the job as failed. No MPI call may follow.
     public static func finalize() throws {
-        lock.lock(); defer { lock.unlock() }
+        lock.lock()
+        defer { lock.unlock() }
         guard isActive else { return }
         try check(MPI_Finalize(), "MPI_Finalize")
         worldCommunicator = nil
@@ -134,11 +150,17 @@ public final class Communicator: @unchecked Sendable {
     public static let solo = Communicator(comm: nil, rank: 0, size: 1, owned: false)
 
     init(comm: MPI_Comm?, rank: Int, size: Int, owned: Bool) {
-        self.comm = comm; self.rank = rank; self.size = size; self.owned = owned
+        self.comm = comm
+        self.rank = rank
+        self.size = size
+        self.owned = owned
     }
 
     deinit {
-        if owned, MPI.isActive { var c: MPI_Comm? = comm; MPI_Comm_free(&c) }
+        if owned, MPI.isActive {
+            var c: MPI_Comm? = comm
+            MPI_Comm_free(&c)
+        }
     }
 
     /// Whether collectives go through MPI (false for `solo`).
@@ -170,13 +192,16 @@ public final class Communicator: @unchecked Sendable {
     }
 
     /// In-place allreduce of raw memory, in pieces of at most Int32.max elements (MPI counts are int).
-    private func allreduceRaw(_ buffer: UnsafeMutableRawPointer, count: Int, stride: Int, type: MPI_Datatype?, op o: ReduceOp) throws {
+    private func allreduceRaw(
+        _ buffer: UnsafeMutableRawPointer, count: Int, stride: Int, type: MPI_Datatype?, op o: ReduceOp
+    ) throws {
         guard let comm, count > 0 else { return }
         var done = 0
         while done < count {
             let n = min(count - done, Int(Int32.max))
-            try check(MPI_Allreduce(tar_mpi_in_place(), buffer + done * stride, Int32(n), type, op(o), comm),
-                      "MPI_Allreduce(\(n) elements)")
+            try check(
+                MPI_Allreduce(tar_mpi_in_place(), buffer + done * stride, Int32(n), type, op(o), comm),
+                "MPI_Allreduce(\(n) elements)")
             done += n
         }
     }
@@ -205,10 +230,14 @@ public final class Communicator: @unchecked Sendable {
     }
     /// One value reduced across ranks (e.g. a loss sum, or an "any rank failed" flag with `.min`).
     public func allreduce(_ value: Double, op: ReduceOp = .sum) throws -> Double {
-        var v = [value]; try allreduce(&v, op: op); return v[0]
+        var v = [value]
+        try allreduce(&v, op: op)
+        return v[0]
     }
     public func allreduce(_ value: Int64, op: ReduceOp = .sum) throws -> Int64 {
-        var v = [value]; try allreduce(&v, op: op); return v[0]
+        var v = [value]
+        try allreduce(&v, op: op)
+        return v[0]
     }
 
     /// Root's bytes, delivered to every rank (other ranks' `bytes` are ignored; lengths may differ).
@@ -216,7 +245,9 @@ public final class Communicator: @unchecked Sendable {
         guard let comm else { return bytes }
         var length = Int64(bytes.count)
         try check(MPI_Bcast(&length, 1, tar_mpi_int64(), Int32(root), comm), "MPI_Bcast(length)")
-        guard length <= Int64(Int32.max) else { throw MPIError(call: "MPI_Bcast", code: -1, message: "payload of \(length) bytes is too large") }
+        guard length <= Int64(Int32.max) else {
+            throw MPIError(call: "MPI_Bcast", code: -1, message: "payload of \(length) bytes is too large")
+        }
         var out = rank == root ? bytes : [UInt8](repeating: 0, count: Int(length))
         if length > 0 {
             try check(MPI_Bcast(&out, Int32(length), tar_mpi_byte(), Int32(root), comm), "MPI_Bcast(\(length) bytes)")
@@ -231,19 +262,24 @@ public final class Communicator: @unchecked Sendable {
         guard let comm else { return }
         precondition(blocks.count == size, "allgather: \(blocks.count) blocks for \(size) ranks")
         guard let end = blocks.last?.upperBound, end <= Int(Int32.max) else {
-            throw MPIError(call: "MPI_Allgatherv", code: -1, message: "buffer of \(blocks.last?.upperBound ?? 0) floats is beyond MPI's int counts")
+            throw MPIError(
+                call: "MPI_Allgatherv", code: -1,
+                message: "buffer of \(blocks.last?.upperBound ?? 0) floats is beyond MPI's int counts")
         }
         var counts = blocks.map { Int32($0.count) }
         var displs = blocks.map { Int32($0.lowerBound) }
-        try check(MPI_Allgatherv(tar_mpi_in_place(), 0, tar_mpi_float(), buffer, &counts, &displs, tar_mpi_float(), comm),
-                  "MPI_Allgatherv(\(end) floats)")
+        try check(
+            MPI_Allgatherv(tar_mpi_in_place(), 0, tar_mpi_float(), buffer, &counts, &displs, tar_mpi_float(), comm),
+            "MPI_Allgatherv(\(end) floats)")
     }
 
     /// Sums `counts.reduce(0, +)` floats at `send` over the ranks and scatters the sum: rank r
     /// receives block r (`counts[r]` floats; the blocks follow each other in rank order) into
     /// `recv` (MPI_Reduce_scatter, ZeRO's gradient reduction). `recv` must not overlap `send`.
-    public func reduceScatter(_ send: UnsafeMutablePointer<Float>, into recv: UnsafeMutablePointer<Float>,
-                              counts: [Int]) throws {
+    public func reduceScatter(
+        _ send: UnsafeMutablePointer<Float>, into recv: UnsafeMutablePointer<Float>,
+        counts: [Int]
+    ) throws {
         precondition(counts.count == size, "reduceScatter: \(counts.count) counts for \(size) ranks")
         guard let comm else {
             recv.update(from: send, count: counts[0])
@@ -254,14 +290,17 @@ public final class Communicator: @unchecked Sendable {
             throw MPIError(call: "MPI_Reduce_scatter", code: -1, message: "\(total) floats is beyond MPI's int counts")
         }
         var c = counts.map { Int32($0) }
-        try check(MPI_Reduce_scatter(send, recv, &c, tar_mpi_float(), tar_mpi_sum(), comm),
-                  "MPI_Reduce_scatter(\(total) floats)")
+        try check(
+            MPI_Reduce_scatter(send, recv, &c, tar_mpi_float(), tar_mpi_sum(), comm),
+            "MPI_Reduce_scatter(\(total) floats)")
     }
 
     /// Sums `count` floats at `send` over the ranks into `recv` on rank `root` only (MPI_Reduce;
     /// `recv` is not written on the other ranks and must not overlap `send`).
-    public func reduce(_ send: UnsafeMutablePointer<Float>, into recv: UnsafeMutablePointer<Float>, count: Int,
-                       root: Int) throws {
+    public func reduce(
+        _ send: UnsafeMutablePointer<Float>, into recv: UnsafeMutablePointer<Float>, count: Int,
+        root: Int
+    ) throws {
         guard let comm else {
             recv.update(from: send, count: count)
             return
@@ -269,8 +308,9 @@ public final class Communicator: @unchecked Sendable {
         guard count <= Int(Int32.max) else {
             throw MPIError(call: "MPI_Reduce", code: -1, message: "\(count) floats is beyond MPI's int counts")
         }
-        try check(MPI_Reduce(send, recv, Int32(count), tar_mpi_float(), tar_mpi_sum(), Int32(root), comm),
-                  "MPI_Reduce(\(count) floats to rank \(root))")
+        try check(
+            MPI_Reduce(send, recv, Int32(count), tar_mpi_float(), tar_mpi_sum(), Int32(root), comm),
+            "MPI_Reduce(\(count) floats to rank \(root))")
     }
 
     /// Every rank's `values` (the same count on every rank), indexed by rank.
@@ -280,7 +320,8 @@ public final class Communicator: @unchecked Sendable {
         var out = [Int64](repeating: 0, count: n * size)
         var send = values
         if n > 0 {
-            try check(MPI_Allgather(&send, Int32(n), tar_mpi_int64(), &out, Int32(n), tar_mpi_int64(), comm), "MPI_Allgather")
+            try check(
+                MPI_Allgather(&send, Int32(n), tar_mpi_int64(), &out, Int32(n), tar_mpi_int64(), comm), "MPI_Allgather")
         }
         return (0..<size).map { Array(out[($0 * n)..<(($0 + 1) * n)]) }
     }

@@ -12,9 +12,15 @@ public struct ShardInfo: Codable, Equatable, Sendable {
     public var sha256: String
 
     public init(file: String, numSamples: Int, sha256: String) {
-        self.file = file; self.numSamples = numSamples; self.sha256 = sha256
+        self.file = file
+        self.numSamples = numSamples
+        self.sha256 = sha256
     }
-    enum CodingKeys: String, CodingKey { case file, numSamples = "num_samples", sha256 }
+    enum CodingKeys: String, CodingKey {
+        case file
+        case numSamples = "num_samples"
+        case sha256
+    }
 }
 
 /// The cache's `dataset.json` (snake_case keys on disk).
@@ -32,15 +38,29 @@ public struct CacheInfo: Codable, Equatable, Sendable {
     public var numSamples: Int  // N, summed over shards
     public var shards: [ShardInfo]
 
-    public init(vocabSize: Int, gridH: Int, gridW: Int, numClasses: Int, augmentations: Int, numSamples: Int, shards: [ShardInfo]) {
+    public init(
+        vocabSize: Int, gridH: Int, gridW: Int, numClasses: Int, augmentations: Int, numSamples: Int,
+        shards: [ShardInfo]
+    ) {
         formatVersion = CacheInfo.currentFormatVersion
-        self.vocabSize = vocabSize; self.gridH = gridH; self.gridW = gridW; self.numClasses = numClasses
-        self.augmentations = augmentations; self.numSamples = numSamples; self.shards = shards
+        self.vocabSize = vocabSize
+        self.gridH = gridH
+        self.gridW = gridW
+        self.numClasses = numClasses
+        self.augmentations = augmentations
+        self.numSamples = numSamples
+        self.shards = shards
     }
 
     enum CodingKeys: String, CodingKey {
-        case formatVersion = "format_version", vocabSize = "vocab_size", gridH = "grid_h", gridW = "grid_w"
-        case numClasses = "num_classes", augmentations, numSamples = "num_samples", shards
+        case formatVersion = "format_version"
+        case vocabSize = "vocab_size"
+        case gridH = "grid_h"
+        case gridW = "grid_w"
+        case numClasses = "num_classes"
+        case augmentations
+        case numSamples = "num_samples"
+        case shards
     }
 
     /// Tokens per image, T = grid_h * grid_w.
@@ -52,8 +72,10 @@ public struct CacheInfo: Codable, Equatable, Sendable {
 
     /// The facts every shard repeats as attributes, in SPEC order (num_samples is per shard).
     func shardAttributes(numSamples n: Int) -> [(String, Int)] {
-        [("format_version", formatVersion), ("vocab_size", vocabSize), ("grid_h", gridH), ("grid_w", gridW),
-         ("num_classes", numClasses), ("augmentations", augmentations), ("num_samples", n)]
+        [
+            ("format_version", formatVersion), ("vocab_size", vocabSize), ("grid_h", gridH), ("grid_w", gridW),
+            ("num_classes", numClasses), ("augmentations", augmentations), ("num_samples", n),
+        ]
     }
 
     /// Checks the fields make sense on their own and together; `path` names dataset.json in errors.
@@ -67,7 +89,9 @@ public struct CacheInfo: Codable, Equatable, Sendable {
                 throw bad("shard file name '\(s.file)' must be a plain file name inside the cache folder")
             }
             guard seen.insert(s.file).inserted else { throw bad("shard '\(s.file)' is listed twice") }
-            guard s.numSamples >= 1 else { throw bad("shard '\(s.file)' has num_samples \(s.numSamples); it must be at least 1") }
+            guard s.numSamples >= 1 else {
+                throw bad("shard '\(s.file)' has num_samples \(s.numSamples); it must be at least 1")
+            }
             guard s.sha256.count == 64, s.sha256.allSatisfy({ $0.isHexDigit }) else {
                 throw bad("shard '\(s.file)' has sha256 '\(s.sha256)', not 64 hex digits")
             }
@@ -80,9 +104,14 @@ public struct CacheInfo: Codable, Equatable, Sendable {
     func validateFields(path: String, requireSamples: Bool = true) throws {
         func bad(_ problem: String) -> InputError { InputError(path, problem) }
         guard formatVersion == CacheInfo.currentFormatVersion else {
-            throw bad("format_version is \(formatVersion); this program reads format_version \(CacheInfo.currentFormatVersion) (SPEC 7)")
+            throw bad(
+                "format_version is \(formatVersion); this program reads format_version \(CacheInfo.currentFormatVersion) (SPEC 7)"
+            )
         }
-        var counts = [("vocab_size", vocabSize), ("grid_h", gridH), ("grid_w", gridW), ("num_classes", numClasses), ("augmentations", augmentations)]
+        var counts = [
+            ("vocab_size", vocabSize), ("grid_h", gridH), ("grid_w", gridW), ("num_classes", numClasses),
+            ("augmentations", augmentations),
+        ]
         if requireSamples { counts.append(("num_samples", numSamples)) }
         for (name, v) in counts where v < 1 { throw bad("\(name) is \(v); it must be at least 1") }
         guard vocabSize <= Int(Int32.max) else { throw bad("vocab_size \(vocabSize) does not fit int32 codes") }
@@ -129,13 +158,16 @@ func writeAtomically(path: String, data: Data) throws {
 
 /// rename(2): atomically replaces `path` by the finished temporary file `tmp`.
 func moveIntoPlace(_ tmp: String, _ path: String) throws {
-    guard rename(tmp, path) == 0 else { throw InputError(path, "cannot rename \(tmp) into place: \(String(cString: strerror(errno)))") }
+    guard rename(tmp, path) == 0 else {
+        throw InputError(path, "cannot rename \(tmp) into place: \(String(cString: strerror(errno)))")
+    }
 }
 
 /// A DecodingError as one sentence a person can act on.
 func describe(_ e: DecodingError) -> String {
     func at(_ path: [CodingKey]) -> String {
-        path.isEmpty ? "the top level" : path.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
+        path.isEmpty
+            ? "the top level" : path.map { $0.intValue.map { "[\($0)]" } ?? $0.stringValue }.joined(separator: ".")
     }
     switch e {
     case .keyNotFound(let key, let ctx):
@@ -144,7 +176,8 @@ func describe(_ e: DecodingError) -> String {
     case .typeMismatch(_, let ctx), .valueNotFound(_, let ctx):
         return "field '\(at(ctx.codingPath))' has the wrong type (\(ctx.debugDescription))"
     case .dataCorrupted(let ctx):
-        return ctx.codingPath.isEmpty ? "not valid JSON" : "field '\(at(ctx.codingPath))' is invalid (\(ctx.debugDescription))"
+        return ctx.codingPath.isEmpty
+            ? "not valid JSON" : "field '\(at(ctx.codingPath))' is invalid (\(ctx.debugDescription))"
     @unknown default:
         return "cannot decode: \(e)"
     }

@@ -20,12 +20,15 @@ public final class CacheWriter {
     private var nextAppendShard = 0
 
     /// Creates `directory` if needed and removes an old dataset.json and old shards in it.
-    public init(directory: String, vocabSize: Int, gridH: Int, gridW: Int, numClasses: Int, augmentations: Int,
-                shardSize: Int = 10_000) throws {
+    public init(
+        directory: String, vocabSize: Int, gridH: Int, gridW: Int, numClasses: Int, augmentations: Int,
+        shardSize: Int = 10_000
+    ) throws {
         self.directory = directory
         self.shardSize = shardSize
-        info = CacheInfo(vocabSize: vocabSize, gridH: gridH, gridW: gridW, numClasses: numClasses,
-                         augmentations: augmentations, numSamples: 0, shards: [])
+        info = CacheInfo(
+            vocabSize: vocabSize, gridH: gridH, gridW: gridW, numClasses: numClasses,
+            augmentations: augmentations, numSamples: 0, shards: [])
         guard shardSize >= 1 else { throw InputError(directory, "shard size must be at least 1, got \(shardSize)") }
         try info.validateFields(path: directory, requireSamples: false)  // the field checks a reader applies
         let fm = FileManager.default
@@ -34,7 +37,9 @@ public final class CacheWriter {
         }
         // Old contents go first, dataset.json before the shards it names.
         let old = (try? fm.contentsOfDirectory(atPath: directory)) ?? []
-        for name in [CacheInfo.fileName] + old.filter({ $0.hasPrefix("shard-") && ($0.hasSuffix(".h5") || $0.hasSuffix(".h5.tmp")) }) {
+        for name in [CacheInfo.fileName]
+            + old.filter({ $0.hasPrefix("shard-") && ($0.hasSuffix(".h5") || $0.hasSuffix(".h5.tmp")) })
+        {
             let p = (directory as NSString).appendingPathComponent(name)
             if fm.fileExists(atPath: p) { try? fm.removeItem(atPath: p) }
         }
@@ -46,7 +51,9 @@ public final class CacheWriter {
     public func append(codes: [Int32], labels: [Int32]) throws {
         let row = info.augmentations * info.seqLen
         guard codes.count == labels.count * row else {
-            throw InputError(directory, "append: \(codes.count) codes for \(labels.count) samples; expected \(labels.count) x \(row)")
+            throw InputError(
+                directory, "append: \(codes.count) codes for \(labels.count) samples; expected \(labels.count) x \(row)"
+            )
         }
         pendingCodes += codes
         pendingLabels += labels
@@ -55,7 +62,8 @@ public final class CacheWriter {
 
     private func flushPending(count n: Int) throws {
         let row = info.augmentations * info.seqLen
-        try writeShard(index: nextAppendShard, codes: Array(pendingCodes[0..<n * row]), labels: Array(pendingLabels[0..<n]))
+        try writeShard(
+            index: nextAppendShard, codes: Array(pendingCodes[0..<n * row]), labels: Array(pendingLabels[0..<n]))
         pendingCodes.removeFirst(n * row)
         pendingLabels.removeFirst(n)
         nextAppendShard += 1
@@ -68,7 +76,8 @@ public final class CacheWriter {
         let n = labels.count
         let (a, t, v, c) = (info.augmentations, info.seqLen, info.vocabSize, info.numClasses)
         guard n >= 1, codes.count == n * a * t else {
-            throw InputError(path, "shard needs n >= 1 samples with n x \(a) x \(t) codes; got \(n) labels and \(codes.count) codes")
+            throw InputError(
+                path, "shard needs n >= 1 samples with n x \(a) x \(t) codes; got \(n) labels and \(codes.count) codes")
         }
         // Refuse out-of-range values here, so every cache this writer makes is valid.
         for i in 0..<n where labels[i] < 0 || Int(labels[i]) >= c {
@@ -86,7 +95,8 @@ public final class CacheWriter {
             let rowBytes = a * t * (info.codesKind == .uint16 ? 2 : 4)
             let chunkRows = max(1, min(n, 32_768 / rowBytes))
             if info.codesKind == .uint16 {
-                try f.write("codes", codes.map { UInt16(truncatingIfNeeded: $0) }, shape: [n, a, t], chunkRows: chunkRows)
+                try f.write(
+                    "codes", codes.map { UInt16(truncatingIfNeeded: $0) }, shape: [n, a, t], chunkRows: chunkRows)
             } else {
                 try f.write("codes", codes, shape: [n, a, t], chunkRows: chunkRows)
             }
@@ -96,7 +106,8 @@ public final class CacheWriter {
         }  // closed here, before hashing
         let sha = try SHA256.hash(file: tmp)
         try moveIntoPlace(tmp, path)
-        lock.lock(); defer { lock.unlock() }
+        lock.lock()
+        defer { lock.unlock() }
         guard written[index] == nil else { throw InputError(path, "shard \(index) written twice") }
         written[index] = ShardInfo(file: name, numSamples: n, sha256: sha)
     }
@@ -109,7 +120,9 @@ public final class CacheWriter {
         let shards = written.keys.sorted().map { written[$0]! }
         let contiguous = written.keys.sorted() == Array(0..<written.count)
         lock.unlock()
-        guard !shards.isEmpty else { throw InputError(directory, "no samples were written; a cache needs at least one") }
+        guard !shards.isEmpty else {
+            throw InputError(directory, "no samples were written; a cache needs at least one")
+        }
         guard contiguous else { throw InputError(directory, "shard indices are not 0..<\(shards.count)") }
         info.shards = shards
         info.numSamples = shards.reduce(0) { $0 + $1.numSamples }

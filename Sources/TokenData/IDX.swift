@@ -11,7 +11,10 @@ public struct IDXArray: Sendable {
 public func parseIDX(_ data: Data, path: String) throws -> IDXArray {
     let b = [UInt8](data)
     guard b.count >= 4, b[0] == 0, b[1] == 0 else { throw InputError(path, "not an IDX file (bad magic number)") }
-    guard b[2] == 0x08 else { throw InputError(path, String(format: "IDX element type 0x%02X is not supported (only 0x08, unsigned byte)", b[2])) }
+    guard b[2] == 0x08 else {
+        throw InputError(
+            path, String(format: "IDX element type 0x%02X is not supported (only 0x08, unsigned byte)", b[2]))
+    }
     let ndim = Int(b[3])
     guard ndim >= 1, b.count >= 4 + 4 * ndim else { throw InputError(path, "IDX header is truncated") }
     var shape: [Int] = []
@@ -21,7 +24,9 @@ public func parseIDX(_ data: Data, path: String) throws -> IDXArray {
     }
     let count = shape.reduce(1, *)
     let body = b.count - 4 - 4 * ndim
-    guard body == count else { throw InputError(path, "IDX header says shape \(shape) (\(count) values) but the file holds \(body)") }
+    guard body == count else {
+        throw InputError(path, "IDX header says shape \(shape) (\(count) values) but the file holds \(body)")
+    }
     return IDXArray(shape: shape, values: Array(b[(4 + 4 * ndim)...]))
 }
 
@@ -43,7 +48,8 @@ public func readMaybeGzip(path: String) throws -> Data {
     let proc = Process()
     proc.executableURL = URL(fileURLWithPath: gzip)
     proc.arguments = ["-dc", path]
-    let out = Pipe(), err = Pipe()
+    let out = Pipe()
+    let err = Pipe()
     proc.standardOutput = out
     proc.standardError = err
     do { try proc.run() } catch { throw InputError(path, "cannot run gzip: \(error.localizedDescription)") }
@@ -64,5 +70,7 @@ func findMaybeGzip(folder: String, names: [String]) throws -> String {
             if FileManager.default.fileExists(atPath: p) { return p }
         }
     }
-    throw InputError((folder as NSString).appendingPathComponent(names[0]), "not found (also looked for \(names.map { $0 + "[.gz]" }.joined(separator: ", ")))")
+    throw InputError(
+        (folder as NSString).appendingPathComponent(names[0]),
+        "not found (also looked for \(names.map { $0 + "[.gz]" }.joined(separator: ", ")))")
 }

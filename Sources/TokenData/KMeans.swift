@@ -5,12 +5,18 @@ import Platform
 /// of rows one sgemm gives -2 x.c; the argmin of |c|^2 - 2 x.c is a SIMD min then a scan for its
 /// first occurrence, so ties go to the lower index.
 /// points [n, d], centroids [k, d] -> index [n], squared distance [n].
-public func nearestCentroids(points: UnsafePointer<Float>, n: Int, dim d: Int, centroids: [Float], k: Int) -> (index: [Int32], distance: [Float]) {
+public func nearestCentroids(
+    points: UnsafePointer<Float>, n: Int, dim d: Int, centroids: [Float], k: Int
+) -> (index: [Int32], distance: [Float]) {
     precondition(centroids.count == k * d && k >= 1)
     var index = [Int32](repeating: 0, count: n)
     var distance = [Float](repeating: 0, count: n)
     var cnorm = [Float](repeating: 0, count: k)  // [k] |c|^2
-    for j in 0..<k { var s: Float = 0; for t in 0..<d { s += centroids[j * d + t] * centroids[j * d + t] }; cnorm[j] = s }
+    for j in 0..<k {
+        var s: Float = 0
+        for t in 0..<d { s += centroids[j * d + t] * centroids[j * d + t] }
+        cnorm[j] = s
+    }
     let chunk = 4096
     var scores = [Float](repeating: 0, count: chunk * k)  // [chunk, k] -2 x.c
     centroids.withUnsafeBufferPointer { c in
@@ -20,7 +26,9 @@ public func nearestCentroids(points: UnsafePointer<Float>, n: Int, dim d: Int, c
             while start < n {
                 let m = min(chunk, n - start)
                 let x = points + start * d
-                BLAS.sgemm(transA: false, transB: true, m: m, n: k, k: d, alpha: -2, x, lda: d, c.baseAddress!, ldb: d, beta: 0, sc, ldc: k)
+                BLAS.sgemm(
+                    transA: false, transB: true, m: m, n: k, k: d, alpha: -2, x, lda: d, c.baseAddress!, ldb: d,
+                    beta: 0, sc, ldc: k)
                 cnorm.withUnsafeBufferPointer { cn in
                     for i in 0..<m {
                         let (best, score) = argminFirst(sc + i * k, plus: cn.baseAddress!, k)
@@ -41,14 +49,20 @@ public func nearestCentroids(points: UnsafePointer<Float>, n: Int, dim d: Int, c
 @inline(__always) func argminFirst(_ v: UnsafePointer<Float>, plus b: UnsafePointer<Float>, _ k: Int) -> (Int, Float) {
     var lanes = SIMD16<Float>(repeating: .infinity)
     var j = 0
-    let rv = UnsafeRawPointer(v), rb = UnsafeRawPointer(b)
+    let rv = UnsafeRawPointer(v)
+    let rb = UnsafeRawPointer(b)
     while j + 16 <= k {
-        let x = rv.loadUnaligned(fromByteOffset: j * 4, as: SIMD16<Float>.self) + rb.loadUnaligned(fromByteOffset: j * 4, as: SIMD16<Float>.self)
+        let x =
+            rv.loadUnaligned(fromByteOffset: j * 4, as: SIMD16<Float>.self)
+            + rb.loadUnaligned(fromByteOffset: j * 4, as: SIMD16<Float>.self)
         lanes.replace(with: x, where: x .< lanes)  // compare and blend (pointwiseMin does not vectorise)
         j += 16
     }
     var m = lanes.min()
-    while j < k { m = min(m, v[j] + b[j]); j += 1 }
+    while j < k {
+        m = min(m, v[j] + b[j])
+        j += 1
+    }
     var i = 0
     while i < k - 1 && v[i] + b[i] != m { i += 1 }  // the same float sums, so equality is exact
     return (i, v[i] + b[i])
@@ -65,19 +79,26 @@ public struct KMeansStep: Sendable {
 /// deterministic for a given seed. Stops early when no assignment changes. An empty cluster is
 /// re-seeded with the point currently farthest from its centroid.
 /// points [n, d] -> centroids [k, d].
-public func kMeans(points: [Float], dim d: Int, k: Int, iterations: Int, seed: UInt64, initSample: Int = 20_000,
-                   progress: (KMeansStep) -> Void = { _ in }) -> [Float] {
+public func kMeans(
+    points: [Float], dim d: Int, k: Int, iterations: Int, seed: UInt64, initSample: Int = 20_000,
+    progress: (KMeansStep) -> Void = { _ in }
+) -> [Float] {
     let n = points.count / d
     precondition(n >= 1 && k >= 1 && points.count == n * d)
     var rng = CounterRNG(seed: seed, RandomPurpose.initialise.rawValue, 0x6B6D_6561_6E73)  // "kmeans"
     var centroids = kMeansPlusPlus(points: points, n: n, dim: d, k: k, sample: min(n, max(k, initSample)), rng: &rng)
     var assign = [Int32](repeating: -1, count: n)
     for it in 1...max(1, iterations) {
-        let (idx, dist) = points.withUnsafeBufferPointer { nearestCentroids(points: $0.baseAddress!, n: n, dim: d, centroids: centroids, k: k) }
+        let (idx, dist) = points.withUnsafeBufferPointer {
+            nearestCentroids(points: $0.baseAddress!, n: n, dim: d, centroids: centroids, k: k)
+        }
         var changed = 0
         for i in 0..<n where idx[i] != assign[i] { changed += 1 }
         assign = idx
-        progress(KMeansStep(iteration: it, meanSquaredError: dist.reduce(0.0) { $0 + Double($1) } / Double(n * d), changed: changed))
+        progress(
+            KMeansStep(
+                iteration: it, meanSquaredError: dist.reduce(0.0) { $0 + Double($1) } / Double(n * d), changed: changed)
+        )
         if changed == 0 || it == iterations { break }
         // Update: centroid = mean of its points, sums in Double.
         var sums = [Double](repeating: 0, count: k * d)
@@ -87,7 +108,8 @@ public func kMeans(points: [Float], dim d: Int, k: Int, iterations: Int, seed: U
             counts[j] += 1
             for t in 0..<d { sums[j * d + t] += Double(points[i * d + t]) }
         }
-        var far = (counts.contains(0) ? (0..<n).sorted { dist[$0] != dist[$1] ? dist[$0] > dist[$1] : $0 < $1 } : []).makeIterator()
+        var far = (counts.contains(0) ? (0..<n).sorted { dist[$0] != dist[$1] ? dist[$0] > dist[$1] : $0 < $1 } : [])
+            .makeIterator()
         for j in 0..<k {
             if counts[j] > 0 {
                 for t in 0..<d { centroids[j * d + t] = Float(sums[j * d + t] / Double(counts[j])) }
@@ -115,7 +137,10 @@ func kMeansPlusPlus(points: [Float], n: Int, dim d: Int, k: Int, sample m: Int, 
         var total = 0.0
         for (s, p) in sub.enumerated() {
             var acc: Float = 0
-            for t in 0..<d { let u = points[p * d + t] - centroids[(j - 1) * d + t]; acc += u * u }
+            for t in 0..<d {
+                let u = points[p * d + t] - centroids[(j - 1) * d + t]
+                acc += u * u
+            }
             d2[s] = min(d2[s], Double(acc))
             total += d2[s]
         }

@@ -16,12 +16,16 @@ public func parseNPY(_ data: Data, path: String) throws -> NPYArray {
         throw InputError(path, "not a .npy file (bad magic)")
     }
     let major = b[6]
-    let headerStart: Int, headerLen: Int
+    let headerStart: Int
+    let headerLen: Int
     switch major {
-    case 1: headerStart = 10; headerLen = Int(b[8]) | Int(b[9]) << 8
+    case 1:
+        headerStart = 10
+        headerLen = Int(b[8]) | Int(b[9]) << 8
     case 2, 3:
         guard b.count >= 12 else { throw InputError(path, ".npy header is truncated") }
-        headerStart = 12; headerLen = Int(b[8]) | Int(b[9]) << 8 | Int(b[10]) << 16 | Int(b[11]) << 24
+        headerStart = 12
+        headerLen = Int(b[8]) | Int(b[9]) << 8 | Int(b[10]) << 16 | Int(b[11]) << 24
     default: throw InputError(path, ".npy version \(major) is not supported")
     }
     guard b.count >= headerStart + headerLen else { throw InputError(path, ".npy header is truncated") }
@@ -29,7 +33,9 @@ public func parseNPY(_ data: Data, path: String) throws -> NPYArray {
 
     // The three keys, read with plain string scanning (the header is a fixed-form Python literal).
     func value(of key: String) throws -> Substring {
-        guard let k = header.range(of: "'\(key)'") else { throw InputError(path, ".npy header has no '\(key)': \(header)") }
+        guard let k = header.range(of: "'\(key)'") else {
+            throw InputError(path, ".npy header has no '\(key)': \(header)")
+        }
         var rest = header[k.upperBound...].drop { $0 == " " }
         guard rest.first == ":" else { throw InputError(path, ".npy header is malformed near '\(key)'") }
         rest = rest.dropFirst().drop { $0 == " " }
@@ -43,7 +49,9 @@ public func parseNPY(_ data: Data, path: String) throws -> NPYArray {
     let fortran = try value(of: "fortran_order")
     if fortran.hasPrefix("True") { throw InputError(path, ".npy array is in Fortran order; only C order is supported") }
     let shapeRest = try value(of: "shape")
-    guard shapeRest.first == "(", let close = shapeRest.firstIndex(of: ")") else { throw InputError(path, ".npy header: cannot read 'shape'") }
+    guard shapeRest.first == "(", let close = shapeRest.firstIndex(of: ")") else {
+        throw InputError(path, ".npy header: cannot read 'shape'")
+    }
     let dims = shapeRest[shapeRest.index(after: shapeRest.startIndex)..<close].split(separator: ",")
         .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
     var shape: [Int] = []
@@ -52,7 +60,8 @@ public func parseNPY(_ data: Data, path: String) throws -> NPYArray {
         shape.append(v)
     }
 
-    let width: Int, signed: Bool
+    let width: Int
+    let signed: Bool
     switch descr {
     case "<i8": (width, signed) = (8, true)
     case "<i4": (width, signed) = (4, true)
@@ -60,12 +69,16 @@ public func parseNPY(_ data: Data, path: String) throws -> NPYArray {
     case "<u2": (width, signed) = (2, false)
     case "|u1", "<u1": (width, signed) = (1, false)
     case "|i1", "<i1": (width, signed) = (1, true)
-    default: throw InputError(path, ".npy dtype '\(descr)' is not supported (expected little-endian integers, e.g. '<i8')")
+    default:
+        throw InputError(path, ".npy dtype '\(descr)' is not supported (expected little-endian integers, e.g. '<i8')")
     }
     let count = shape.reduce(1, *)
     let body = headerStart + headerLen
     guard b.count - body == count * width else {
-        throw InputError(path, ".npy shape \(shape) of \(descr) needs \(count * width) data bytes but the file has \(b.count - body) (truncated?)")
+        throw InputError(
+            path,
+            ".npy shape \(shape) of \(descr) needs \(count * width) data bytes but the file has \(b.count - body) (truncated?)"
+        )
     }
     var values = [Int64](repeating: 0, count: count)
     for i in 0..<count {
@@ -78,7 +91,9 @@ public func parseNPY(_ data: Data, path: String) throws -> NPYArray {
 }
 
 public func readNPY(path: String) throws -> NPYArray {
-    guard let d = FileManager.default.contents(atPath: path) else { throw InputError(path, "cannot read file (missing?)") }
+    guard let d = FileManager.default.contents(atPath: path) else {
+        throw InputError(path, "cannot read file (missing?)")
+    }
     return try parseNPY(d, path: path)
 }
 

@@ -15,7 +15,8 @@ public func pngData(pixels: [UInt8], width: Int, height: Int, channels: Int, pat
     let colorType: [Int: UInt8] = [1: 0, 2: 4, 3: 2, 4: 6]
     guard let ct = colorType[channels] else { throw InputError(path, "PNG needs 1 to 4 channels, got \(channels)") }
     guard width >= 1, height >= 1, pixels.count == width * height * channels else {
-        throw InputError(path, "PNG of \(width)x\(height)x\(channels) needs \(width * height * channels) bytes, got \(pixels.count)")
+        throw InputError(
+            path, "PNG of \(width)x\(height)x\(channels) needs \(width * height * channels) bytes, got \(pixels.count)")
     }
     // Scanlines, each led by filter type 0 (none).
     let stride = width * channels
@@ -48,7 +49,9 @@ public func pngData(pixels: [UInt8], width: Int, height: Int, channels: Int, pat
     return Data(png)
 }
 
-private func bigEndian32(_ v: UInt32) -> [UInt8] { [UInt8(v >> 24), UInt8((v >> 16) & 0xFF), UInt8((v >> 8) & 0xFF), UInt8(v & 0xFF)] }
+private func bigEndian32(_ v: UInt32) -> [UInt8] {
+    [UInt8(v >> 24), UInt8((v >> 16) & 0xFF), UInt8((v >> 8) & 0xFF), UInt8(v & 0xFF)]
+}
 
 private let crcTable: [UInt32] = (0..<256).map { n in
     var c = UInt32(n)
@@ -65,8 +68,12 @@ public func crc32<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 
 
 /// Adler-32 (RFC 1950).
 public func adler32<C: Collection>(_ bytes: C) -> UInt32 where C.Element == UInt8 {
-    var a: UInt32 = 1, b: UInt32 = 0
-    for x in bytes { a = (a + UInt32(x)) % 65521; b = (b + a) % 65521 }
+    var a: UInt32 = 1
+    var b: UInt32 = 0
+    for x in bytes {
+        a = (a + UInt32(x)) % 65521
+        b = (b + a) % 65521
+    }
     return b << 16 | a
 }
 
@@ -76,7 +83,9 @@ public func writePNM(path: String, pixels: [UInt8], width: Int, height: Int, cha
         throw InputError(path, "PGM/PPM needs 1 or 3 channels and width x height x channels bytes")
     }
     let data = Data("\(channels == 1 ? "P5" : "P6")\n\(width) \(height)\n255\n".utf8) + Data(pixels)
-    guard FileManager.default.createFile(atPath: path, contents: data) else { throw InputError(path, "cannot write file") }
+    guard FileManager.default.createFile(atPath: path, contents: data) else {
+        throw InputError(path, "cannot write file")
+    }
 }
 
 /// Floats in [0, 1] to bytes (rounded, clamped).
@@ -86,14 +95,20 @@ public func toBytes(_ pixels: [Float]) -> [UInt8] {
 
 /// Tiles images (each [h, w, channels], floats in [0, 1]) into a grid of `columns`, `pad`
 /// pixels of `background` between them, each pixel enlarged `scale` times. Returns bytes and size.
-public func imageGrid(_ images: [[Float]], height h: Int, width w: Int, channels c: Int, columns: Int,
-                      pad: Int = 2, scale: Int = 1, background: Float = 1) -> (pixels: [UInt8], width: Int, height: Int) {
-    let cols = max(1, min(columns, images.count)), rows = (images.count + cols - 1) / cols
-    let cw = w * scale + pad, ch = h * scale + pad
-    let width = cols * cw + pad, height = rows * ch + pad
+public func imageGrid(
+    _ images: [[Float]], height h: Int, width w: Int, channels c: Int, columns: Int,
+    pad: Int = 2, scale: Int = 1, background: Float = 1
+) -> (pixels: [UInt8], width: Int, height: Int) {
+    let cols = max(1, min(columns, images.count))
+    let rows = (images.count + cols - 1) / cols
+    let cw = w * scale + pad
+    let ch = h * scale + pad
+    let width = cols * cw + pad
+    let height = rows * ch + pad
     var out = [UInt8](repeating: toBytes([background])[0], count: width * height * c)
     for (k, img) in images.enumerated() where img.count == h * w * c {
-        let ox = pad + (k % cols) * cw, oy = pad + (k / cols) * ch
+        let ox = pad + (k % cols) * cw
+        let oy = pad + (k / cols) * ch
         for y in 0..<(h * scale) {
             for x in 0..<(w * scale) {
                 for z in 0..<c {

@@ -53,14 +53,16 @@ public final class TokenCache {
         let n = entry.numSamples
         let codesShape = try f.shape(of: "codes")
         guard codesShape == [n, info.augmentations, info.seqLen] else {
-            throw InputError(path, "codes has shape \(codesShape); expected [\(n), \(info.augmentations), \(info.seqLen)] (N, A, T)")
+            throw InputError(
+                path, "codes has shape \(codesShape); expected [\(n), \(info.augmentations), \(info.seqLen)] (N, A, T)")
         }
         let labelsShape = try f.shape(of: "labels")
         guard labelsShape == [n] else { throw InputError(path, "labels has shape \(labelsShape); expected [\(n)]") }
         let wantCodes = HDF5StoredType(info.codesKind)
         let codesType = try f.storedType(of: "codes")
         guard codesType == wantCodes else {
-            throw InputError(path, "codes are stored as \(codesType); vocab_size \(info.vocabSize) needs \(wantCodes) (SPEC 7)")
+            throw InputError(
+                path, "codes are stored as \(codesType); vocab_size \(info.vocabSize) needs \(wantCodes) (SPEC 7)")
         }
         let labelsType = try f.storedType(of: "labels")
         guard labelsType == HDF5StoredType(.int32) else {
@@ -70,7 +72,8 @@ public final class TokenCache {
 
     /// Shard holding global sample `i`, and the row inside it.
     @inline(__always) func locate(_ i: Int) -> (shard: Int, row: Int) {
-        var lo = 0, hi = files.count - 1  // last shard whose start <= i
+        var lo = 0
+        var hi = files.count - 1  // last shard whose start <= i
         while lo < hi {
             let mid = (lo + hi + 1) / 2
             if starts[mid] <= i { lo = mid } else { hi = mid - 1 }
@@ -84,7 +87,8 @@ public final class TokenCache {
     /// their labels [n]. Reads one row at a time in file order (TOOLCHAIN.md: faster than one
     /// union hyperslab, which also returns rows in file order).
     public func read(indices: [Int], augmentations: [Int]) throws -> (codes: [Int32], labels: [Int32]) {
-        let n = indices.count, t = seqLen
+        let n = indices.count
+        let t = seqLen
         guard augmentations.count == n else {
             throw InputError(directory, "read: \(n) indices but \(augmentations.count) augmentation indices")
         }
@@ -104,13 +108,18 @@ public final class TokenCache {
                 let dst = out.baseAddress! + k * t
                 if info.codesKind == .uint16 {
                     try row16.withUnsafeMutableBytes {
-                        try files[s].readSlab("codes", kind: .uint16, offset: [r, augmentations[k], 0], count: [1, 1, t], into: $0.baseAddress!)
+                        try files[s].readSlab(
+                            "codes", kind: .uint16, offset: [r, augmentations[k], 0], count: [1, 1, t],
+                            into: $0.baseAddress!)
                     }
                     for j in 0..<t { dst[j] = Int32(row16[j]) }
                 } else {
-                    try files[s].readSlab("codes", kind: .int32, offset: [r, augmentations[k], 0], count: [1, 1, t], into: UnsafeMutableRawPointer(dst))
+                    try files[s].readSlab(
+                        "codes", kind: .int32, offset: [r, augmentations[k], 0], count: [1, 1, t],
+                        into: UnsafeMutableRawPointer(dst))
                 }
-                try checkTokens(UnsafeBufferPointer(start: dst, count: t), shard: s, row: r, augmentation: augmentations[k])
+                try checkTokens(
+                    UnsafeBufferPointer(start: dst, count: t), shard: s, row: r, augmentation: augmentations[k])
                 outLabels[k] = try label(shard: s, row: r)
             }
         }
@@ -123,17 +132,22 @@ public final class TokenCache {
         var codes = [Int32](repeating: 0, count: n * row)
         if info.codesKind == .uint16 {
             var raw = [UInt16](repeating: 0, count: n * row)
-            try raw.withUnsafeMutableBytes { try files[s].readRows("codes", kind: .uint16, start: start, rows: n, into: $0.baseAddress!) }
+            try raw.withUnsafeMutableBytes {
+                try files[s].readRows("codes", kind: .uint16, start: start, rows: n, into: $0.baseAddress!)
+            }
             for j in 0..<raw.count { codes[j] = Int32(raw[j]) }
         } else {
-            try codes.withUnsafeMutableBytes { try files[s].readRows("codes", kind: .int32, start: start, rows: n, into: $0.baseAddress!) }
+            try codes.withUnsafeMutableBytes {
+                try files[s].readRows("codes", kind: .int32, start: start, rows: n, into: $0.baseAddress!)
+            }
         }
         var outLabels = [Int32](repeating: 0, count: n)
         try codes.withUnsafeBufferPointer { all in
             for i in 0..<n {
                 for a in 0..<info.augmentations {
                     let base = all.baseAddress! + i * row + a * seqLen
-                    try checkTokens(UnsafeBufferPointer(start: base, count: seqLen), shard: s, row: start + i, augmentation: a)
+                    try checkTokens(
+                        UnsafeBufferPointer(start: base, count: seqLen), shard: s, row: start + i, augmentation: a)
                 }
                 outLabels[i] = try label(shard: s, row: start + i)
             }
@@ -148,14 +162,19 @@ public final class TokenCache {
     private func checkTokens(_ row: UnsafeBufferPointer<Int32>, shard s: Int, row r: Int, augmentation a: Int) throws {
         let v = Int32(truncatingIfNeeded: info.vocabSize)
         for (j, x) in row.enumerated() where x < 0 || x >= v {
-            throw InputError(files[s].path, "sample \(r) (global \(starts[s] + r)), augmentation \(a), position \(j): token \(x) outside [0, vocab_size \(info.vocabSize))")
+            throw InputError(
+                files[s].path,
+                "sample \(r) (global \(starts[s] + r)), augmentation \(a), position \(j): token \(x) outside [0, vocab_size \(info.vocabSize))"
+            )
         }
     }
 
     private func label(shard s: Int, row r: Int) throws -> Int32 {
         let y = labels[s][r]
         guard y >= 0 && Int(y) < info.numClasses else {
-            throw InputError(files[s].path, "sample \(r) (global \(starts[s] + r)): label \(y) outside [0, num_classes \(info.numClasses))")
+            throw InputError(
+                files[s].path,
+                "sample \(r) (global \(starts[s] + r)): label \(y) outside [0, num_classes \(info.numClasses))")
         }
         return y
     }

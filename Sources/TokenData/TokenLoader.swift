@@ -12,8 +12,12 @@ public struct TokenBatch: Sendable {
     public var count: Int { labels.count }
 
     public init(codes: [Int32], labels: [Int32], sampleIndices: [Int], globalPositions: [Int], step: Int, epoch: Int) {
-        self.codes = codes; self.labels = labels; self.sampleIndices = sampleIndices
-        self.globalPositions = globalPositions; self.step = step; self.epoch = epoch
+        self.codes = codes
+        self.labels = labels
+        self.sampleIndices = sampleIndices
+        self.globalPositions = globalPositions
+        self.step = step
+        self.epoch = epoch
     }
 }
 
@@ -44,14 +48,21 @@ public final class TokenLoader {
     private var pending: [PendingBatch] = []  // batches in flight, in stream order
     private var scheduled = 0  // stream position of the next batch to schedule
 
-    public init(cache: TokenCache, globalBatch: Int, rank: Int, worldSize: Int, seed: UInt64,
-                shuffle: Bool = true, augment: Bool = true, prefetch: Int = 2) throws {
-        guard globalBatch >= 1 else { throw InputError(cache.directory, "global batch must be at least 1, got \(globalBatch)") }
+    public init(
+        cache: TokenCache, globalBatch: Int, rank: Int, worldSize: Int, seed: UInt64,
+        shuffle: Bool = true, augment: Bool = true, prefetch: Int = 2
+    ) throws {
+        guard globalBatch >= 1 else {
+            throw InputError(cache.directory, "global batch must be at least 1, got \(globalBatch)")
+        }
         guard worldSize >= 1, rank >= 0, rank < worldSize else {
             throw InputError(cache.directory, "rank \(rank) is not in 0..<\(worldSize)")
         }
         guard globalBatch % worldSize == 0 else {
-            throw InputError(cache.directory, "global batch \(globalBatch) is not divisible by the number of ranks \(worldSize): every rank must read the same number of samples")
+            throw InputError(
+                cache.directory,
+                "global batch \(globalBatch) is not divisible by the number of ranks \(worldSize): every rank must read the same number of samples"
+            )
         }
         guard prefetch >= 0 else { throw InputError(cache.directory, "prefetch must be 0 or more, got \(prefetch)") }
         self.cache = cache
@@ -63,8 +74,9 @@ public final class TokenLoader {
         self.shuffle = shuffle
         self.augment = augment
         self.prefetch = prefetch
-        stream = SampleStream(cache: cache, globalBatch: globalBatch, slice: rank * localBatch..<(rank + 1) * localBatch,
-                              seed: seed, shuffle: shuffle, augment: augment)
+        stream = SampleStream(
+            cache: cache, globalBatch: globalBatch, slice: rank * localBatch..<(rank + 1) * localBatch,
+            seed: seed, shuffle: shuffle, augment: augment)
     }
 
     deinit { pending.forEach { $0.item.cancel() } }
@@ -137,16 +149,19 @@ struct SampleStream {
 
     /// This rank's slice of the global batch starting at stream position `start`.
     func readBatch(at start: Int) throws -> TokenBatch {
-        var indices: [Int] = [], augs: [Int] = []
-        indices.reserveCapacity(slice.count); augs.reserveCapacity(slice.count)
+        var indices: [Int] = []
+        var augs: [Int] = []
+        indices.reserveCapacity(slice.count)
+        augs.reserveCapacity(slice.count)
         for p in slice {
             let (e, i) = sample(at: start + p)
             indices.append(i)
             augs.append(augmentation(epoch: e, index: i))
         }
         let (codes, labels) = try cache.read(indices: indices, augmentations: augs)
-        return TokenBatch(codes: codes, labels: labels, sampleIndices: indices, globalPositions: Array(slice),
-                          step: start / globalBatch, epoch: start / cache.count)
+        return TokenBatch(
+            codes: codes, labels: labels, sampleIndices: indices, globalPositions: Array(slice),
+            step: start / globalBatch, epoch: start / cache.count)
     }
 }
 
@@ -162,7 +177,8 @@ final class PermutationCache {
     private var cached: [(epoch: Int, perm: [Int32])] = []
 
     func get(epoch: Int, n: Int, seed: UInt64) -> [Int32] {
-        lock.lock(); defer { lock.unlock() }
+        lock.lock()
+        defer { lock.unlock() }
         if let hit = cached.first(where: { $0.epoch == epoch }) { return hit.perm }
         let perm = shufflePermutation(n: n, seed: seed, epoch: epoch)
         cached.append((epoch, perm))
@@ -190,20 +206,25 @@ public func shufflePermutation(n: Int, seed: UInt64, epoch: Int) -> [Int32] {
 /// their counts when combining.
 public func validationShard(cache: TokenCache, limit: Int? = nil, rank: Int, worldSize: Int) -> Range<Int> {
     let n = min(max(0, limit ?? cache.count), cache.count)
-    let w = max(1, worldSize), r = min(max(0, rank), w - 1)
+    let w = max(1, worldSize)
+    let r = min(max(0, rank), w - 1)
     return (r * n / w)..<((r + 1) * n / w)
 }
 
 /// Reads `range` in order, augmentation 0, in batches of up to `batchSize`. `globalPositions` are
 /// the dataset indices (stable keys for per-sample validation randomness); step and epoch are 0.
-public func forEachValidationBatch(cache: TokenCache, range: Range<Int>, batchSize: Int,
-                                   _ body: (TokenBatch) throws -> Void) throws {
+public func forEachValidationBatch(
+    cache: TokenCache, range: Range<Int>, batchSize: Int,
+    _ body: (TokenBatch) throws -> Void
+) throws {
     guard batchSize >= 1 else { throw InputError(cache.directory, "validation batch size must be at least 1") }
     var start = range.lowerBound
     while start < range.upperBound {
         let indices = Array(start..<min(start + batchSize, range.upperBound))
         let (codes, labels) = try cache.read(indices: indices, augmentations: [Int](repeating: 0, count: indices.count))
-        try body(TokenBatch(codes: codes, labels: labels, sampleIndices: indices, globalPositions: indices, step: 0, epoch: 0))
+        try body(
+            TokenBatch(
+                codes: codes, labels: labels, sampleIndices: indices, globalPositions: indices, step: 0, epoch: 0))
         start += batchSize
     }
 }

@@ -7,7 +7,10 @@ import Kernels
 public struct PerGroup<T> {
     public var base: T
     public var plugin: T
-    public init(base: T, plugin: T) { self.base = base; self.plugin = plugin }
+    public init(base: T, plugin: T) {
+        self.base = base
+        self.plugin = plugin
+    }
     public subscript(_ g: ParameterGroup) -> T {
         get { g == .base ? base : plugin }
         set { if g == .base { base = newValue } else { plugin = newValue } }
@@ -24,7 +27,10 @@ public struct AdamWSettings: Equatable, Sendable {
     public var eps: Float = 1e-8
     public var weightDecay: Float = 0.05
     public init(beta1: Float = 0.9, beta2: Float = 0.95, eps: Float = 1e-8, weightDecay: Float = 0.05) {
-        self.beta1 = beta1; self.beta2 = beta2; self.eps = eps; self.weightDecay = weightDecay
+        self.beta1 = beta1
+        self.beta2 = beta2
+        self.eps = eps
+        self.weightDecay = weightDecay
     }
 }
 
@@ -71,7 +77,11 @@ public final class AdamW {
 
     /// Runs of consecutive parameters with the same group and the same decay rule, so the update
     /// loop sees a few long ranges instead of hundreds of small entries.
-    private struct Segment { let range: Range<Int>; let group: ParameterGroup; let decay: Bool }
+    private struct Segment {
+        let range: Range<Int>
+        let group: ParameterGroup
+        let decay: Bool
+    }
     private let segments: [Segment]
 
     /// Flat range of the trained groups (`momentRange` is the part of it this rank owns).
@@ -79,19 +89,24 @@ public final class AdamW {
 
     /// `owned`: with a sharded optimizer (ZeRO, `dist.shard_optimizer`), the flat range this rank
     /// updates; it keeps moments for that part of the trained range only. nil: all of it.
-    public init(table: ParameterTable, settings: AdamWSettings = AdamWSettings(), trainable: PerGroup<Bool>,
-                owned: Range<Int>? = nil) {
+    public init(
+        table: ParameterTable, settings: AdamWSettings = AdamWSettings(), trainable: PerGroup<Bool>,
+        owned: Range<Int>? = nil
+    ) {
         self.table = table
         self.settings = settings
         self.trainable = trainable
         steps = PerGroup(base: 0, plugin: 0)
-        var ranges = PerGroup<Range<Int>>.groups.filter { trainable[$0] }.map { table.range(of: $0) }.filter { !$0.isEmpty }
+        var ranges = PerGroup<Range<Int>>.groups.filter { trainable[$0] }.map { table.range(of: $0) }.filter {
+            !$0.isEmpty
+        }
         ranges.sort { $0.lowerBound < $1.lowerBound }
         var trained = 0..<0
         if let first = ranges.first, let last = ranges.last {
             trained = first.lowerBound..<last.upperBound
-            precondition(ranges.reduce(0) { $0 + $1.count } == trained.count,
-                         "trained parameter groups are not contiguous")
+            precondition(
+                ranges.reduce(0) { $0 + $1.count } == trained.count,
+                "trained parameter groups are not contiguous")
         }
         trainedRange = trained
         momentRange = owned.map { AdamW.clamp(trained, to: $0) } ?? trained
@@ -101,8 +116,11 @@ public final class AdamW {
         for e in table.entries where trainable[e.group] && e.count > 0 {
             let r = AdamW.clamp(e.offset..<(e.offset + e.count), to: momentRange)
             if r.isEmpty { continue }
-            if let last = segs.last, last.group == e.group, last.decay == e.isMatrix, last.range.upperBound == r.lowerBound {
-                segs[segs.count - 1] = Segment(range: last.range.lowerBound..<r.upperBound, group: e.group, decay: e.isMatrix)
+            if let last = segs.last, last.group == e.group, last.decay == e.isMatrix,
+                last.range.upperBound == r.lowerBound
+            {
+                segs[segs.count - 1] = Segment(
+                    range: last.range.lowerBound..<r.upperBound, group: e.group, decay: e.isMatrix)
             } else {
                 segs.append(Segment(range: r, group: e.group, decay: e.isMatrix))
             }
@@ -139,7 +157,8 @@ public final class AdamW {
         let end = momentRange.upperBound
         // Two independent SIMD accumulators: Swift does not reassociate floating point, so a
         // single scalar sum would serialise on the add latency.
-        var s0 = SIMD4<Double>(), s1 = SIMD4<Double>()
+        var s0 = SIMD4<Double>()
+        var s1 = SIMD4<Double>()
         while i + 8 <= end {
             let a = SIMD4<Double>(UnsafeRawPointer(g + i).loadUnaligned(as: SIMD4<Float>.self))
             let b = SIMD4<Double>(UnsafeRawPointer(g + i + 4).loadUnaligned(as: SIMD4<Float>.self))
@@ -161,10 +180,12 @@ public final class AdamW {
     /// The gradient buffer is read, never written: clipping is folded into the update.
     @discardableResult
     public func step(params: FlatBuffer, grads: FlatBuffer, lr: PerGroup<Float>, clip: Float?) -> AdamWStepResult {
-        precondition(params.count == table.total && grads.count == table.total,
-                     "buffers hold \(params.count) / \(grads.count) floats, the table \(table.total)")
-        precondition(momentRange == trainedRange,
-                     "a sharded optimizer needs the global norm: step(params:gradients:norm:)")
+        precondition(
+            params.count == table.total && grads.count == table.total,
+            "buffers hold \(params.count) / \(grads.count) floats, the table \(table.total)")
+        precondition(
+            momentRange == trainedRange,
+            "a sharded optimizer needs the global norm: step(params:gradients:norm:)")
         return step(params: params, gradients: grads.base, norm: gradientNorm(grads), lr: lr, clip: clip)
     }
 
@@ -172,10 +193,13 @@ public final class AdamW {
     /// summed `squaredGradientSum`), updating `momentRange` only. `g` is indexed by flat offset
     /// and read over `momentRange` only (a ZeRO rank's gradient slice, offset to match).
     @discardableResult
-    public func step(params: FlatBuffer, gradients g: UnsafeMutablePointer<Float>, norm: Double, lr: PerGroup<Float>,
-                     clip: Float?) -> AdamWStepResult {
-        precondition(params.count == table.total,
-                     "parameter buffer holds \(params.count) floats, the table \(table.total)")
+    public func step(
+        params: FlatBuffer, gradients g: UnsafeMutablePointer<Float>, norm: Double, lr: PerGroup<Float>,
+        clip: Float?
+    ) -> AdamWStepResult {
+        precondition(
+            params.count == table.total,
+            "parameter buffer holds \(params.count) floats, the table \(table.total)")
         for g in PerGroup<Float>.groups where !trainable[g] {
             precondition(lr[g] == 0, "group \(g) was frozen when the optimizer was built but got lr \(lr[g])")
         }
@@ -184,8 +208,14 @@ public final class AdamW {
         if let clip, clip > 0 { scale = Float(min(1, Double(clip) / (norm + 1e-6))) }
 
         // Per-group constants, in Double where powers are taken.
-        struct Constants { var decay: Float; var stepSize: Float; var invSqrtBC2: Float }
-        var constants = PerGroup(base: Constants(decay: 1, stepSize: 0, invSqrtBC2: 1), plugin: Constants(decay: 1, stepSize: 0, invSqrtBC2: 1))
+        struct Constants {
+            var decay: Float
+            var stepSize: Float
+            var invSqrtBC2: Float
+        }
+        var constants = PerGroup(
+            base: Constants(decay: 1, stepSize: 0, invSqrtBC2: 1),
+            plugin: Constants(decay: 1, stepSize: 0, invSqrtBC2: 1))
         for g in PerGroup<Float>.groups where trainable[g] {
             steps[g] += 1
             let t = Double(steps[g])
@@ -199,17 +229,21 @@ public final class AdamW {
 
         let work = momentRange
         let chunks = max(1, min(threads, work.count / 65536))
-        let p = params.base, mb = m.base - work.lowerBound, vb = v.base - work.lowerBound
+        let p = params.base
+        let mb = m.base - work.lowerBound
+        let vb = v.base - work.lowerBound
         let s = settings
         let run = { (chunk: Int) in
             let lo = work.lowerBound + work.count * chunk / chunks
             let hi = work.lowerBound + work.count * (chunk + 1) / chunks
             for seg in self.segments where seg.range.upperBound > lo && seg.range.lowerBound < hi {
                 let c = constants[seg.group]
-                let from = max(lo, seg.range.lowerBound), to = min(hi, seg.range.upperBound)
-                AdamW.update(p + from, g + from, mb + from, vb + from, count: to - from,
-                             decay: seg.decay ? c.decay : 1, gradScale: scale, beta1: s.beta1, beta2: s.beta2,
-                             stepSize: c.stepSize, invSqrtBC2: c.invSqrtBC2, eps: s.eps)
+                let from = max(lo, seg.range.lowerBound)
+                let to = min(hi, seg.range.upperBound)
+                AdamW.update(
+                    p + from, g + from, mb + from, vb + from, count: to - from,
+                    decay: seg.decay ? c.decay : 1, gradScale: scale, beta1: s.beta1, beta2: s.beta2,
+                    stepSize: c.stepSize, invSqrtBC2: c.invSqrtBC2, eps: s.eps)
             }
         }
         if chunks == 1 { run(0) } else { DispatchQueue.concurrentPerform(iterations: chunks, execute: run) }
@@ -226,13 +260,16 @@ public final class AdamW {
         stepSize: Float, invSqrtBC2: Float, eps: Float
     ) {
         typealias V8 = SIMD8<Float>
-        let a1 = 1 - beta1, a2 = 1 - beta2
+        let a1 = 1 - beta1
+        let a2 = 1 - beta2
         var i = 0
         while i + 8 <= count {
             let gi = UnsafeRawPointer(g + i).loadUnaligned(as: V8.self) * gradScale
             let mi = beta1 * UnsafeRawPointer(m + i).loadUnaligned(as: V8.self) + a1 * gi
             let vi = beta2 * UnsafeRawPointer(v + i).loadUnaligned(as: V8.self) + a2 * gi * gi
-            let pi = UnsafeRawPointer(p + i).loadUnaligned(as: V8.self) * decay - stepSize * mi / (vi.squareRoot() * invSqrtBC2 + eps)
+            let pi =
+                UnsafeRawPointer(p + i).loadUnaligned(as: V8.self) * decay - stepSize * mi
+                / (vi.squareRoot() * invSqrtBC2 + eps)
             UnsafeMutableRawPointer(m + i).storeBytes(of: mi, as: V8.self)
             UnsafeMutableRawPointer(v + i).storeBytes(of: vi, as: V8.self)
             UnsafeMutableRawPointer(p + i).storeBytes(of: pi, as: V8.self)

@@ -49,13 +49,16 @@ public struct BatchBuilder {
     /// Samples `range` of a rank's share `batch` of a global batch, keyed by their global positions
     /// and the batch's step.
     public func training(_ batch: TokenBatch, range r: Range<Int>) -> Training {
-        let c = model.config, T = c.seqLen
+        let c = model.config
+        let T = c.seqLen
         let positions = Array(batch.globalPositions[r])
-        let labels = Windows.dropLabels(Array(batch.labels[r]), nullClass: c.numClasses, p: labelDrop, seed: seed,
-                                        step: batch.step, samplePositions: positions)
+        let labels = Windows.dropLabels(
+            Array(batch.labels[r]), nullClass: c.numClasses, p: labelDrop, seed: seed,
+            step: batch.step, samplePositions: positions)
         let codes = Array(batch.codes[(r.lowerBound * T)..<(r.upperBound * T)])
-        let mb = assemble(codes: codes, labels: labels, noise: noise, step: batch.step, samplePositions: positions,
-                          purpose: .noise)
+        let mb = assemble(
+            codes: codes, labels: labels, noise: noise, step: batch.step, samplePositions: positions,
+            purpose: .noise)
         let keys = DropoutSettings(p: Float(dropout), seed: seed, step: batch.step, samplePositions: positions)
         return Training(batch: mb, dropout: keys)
     }
@@ -63,13 +66,16 @@ public struct BatchBuilder {
     /// An evaluation batch: the labels as they are, `noise` keyed by each sample's dataset index at
     /// step 0 (SPEC section 4 "Validation loss": the same on any rank count).
     public func evaluation(codes: [Int32], labels: [Int32], sampleIndices: [Int], noise: LossNoise?) -> ModelBatch {
-        assemble(codes: codes, labels: labels, noise: noise, step: 0, samplePositions: sampleIndices,
-                 purpose: .validationNoise)
+        assemble(
+            codes: codes, labels: labels, noise: noise, step: 0, samplePositions: sampleIndices,
+            purpose: .validationNoise)
     }
 
     /// Windows (SPEC section 3), then noise (SPEC section 4) keyed by `samplePositions` and `step`.
-    func assemble(codes: [Int32], labels: [Int32], noise: LossNoise?, step: Int, samplePositions: [Int],
-                  purpose: RandomPurpose) -> ModelBatch {
+    func assemble(
+        codes: [Int32], labels: [Int32], noise: LossNoise?, step: Int, samplePositions: [Int],
+        purpose: RandomPurpose
+    ) -> ModelBatch {
         let c = model.config
         let n = labels.count
         var tensors = Windows.inputTensors(tokens: codes, batch: n, seqLen: c.seqLen, window: c.window)
@@ -78,9 +84,10 @@ public struct BatchBuilder {
             let nz = noise.noiser
             func apply(_ e: UnsafePointer<Float>?, _ dim: Int) -> [Float]? {
                 let modelDim = nz.type == .continuous ? c.dim : 0
-                return nz.apply(&tensors, batch: n, seqLen: c.seqLen, seed: noise.seed, step: step,
-                                samplePositions: samplePositions, purpose: purpose, embedding: e, embeddingDim: dim,
-                                modelDim: modelDim)
+                return nz.apply(
+                    &tensors, batch: n, seqLen: c.seqLen, seed: noise.seed, step: step,
+                    samplePositions: samplePositions, purpose: purpose, embedding: e, embeddingDim: dim,
+                    modelDim: modelDim)
             }
             if nz.type != .discrete {
                 embeddingNoise = apply(nil, 0)
@@ -91,11 +98,13 @@ public struct BatchBuilder {
                 // the base's own input tables (LlamaGen: tok_embeddings; Open-MAGVIT2: pre_emb and
                 // post_emb, each mixed and picked separately, SPEC section 8)
                 let tables = model.tokenFactors.map { f in
-                    NoiseTable(embedding: UnsafePointer(model.params.base + model.table.offset(f.name)), rows: f.rows,
-                               dim: c.dim, stride: f.stride)
+                    NoiseTable(
+                        embedding: UnsafePointer(model.params.base + model.table.offset(f.name)), rows: f.rows,
+                        dim: c.dim, stride: f.stride)
                 }
-                embeddingNoise = nz.apply(&tensors, batch: n, seqLen: c.seqLen, seed: noise.seed, step: step,
-                                          samplePositions: samplePositions, purpose: purpose, tables: tables)
+                embeddingNoise = nz.apply(
+                    &tensors, batch: n, seqLen: c.seqLen, seed: noise.seed, step: step,
+                    samplePositions: samplePositions, purpose: purpose, tables: tables)
             }
         }
         return ModelBatch(batch: n, tokens: codes, labels: labels, tensors: tensors, embeddingNoise: embeddingNoise)

@@ -37,7 +37,11 @@ public struct TrainingProgress: Equatable, Sendable {
     public var seed: Int
 
     public init(step: Int, samplesSeen: Int, dataEpoch: Int = 0, dataOffset: Int = 0, seed: Int) {
-        self.step = step; self.samplesSeen = samplesSeen; self.dataEpoch = dataEpoch; self.dataOffset = dataOffset; self.seed = seed
+        self.step = step
+        self.samplesSeen = samplesSeen
+        self.dataEpoch = dataEpoch
+        self.dataOffset = dataOffset
+        self.seed = seed
     }
 }
 
@@ -50,7 +54,10 @@ public struct CheckpointManifest: Codable, Equatable {
         public var steps: Int
         /// Whether the group's moments are in the shards (false: it was frozen).
         public var hasMoments: Bool
-        enum CodingKeys: String, CodingKey { case steps, hasMoments = "has_moments" }
+        enum CodingKeys: String, CodingKey {
+            case steps
+            case hasMoments = "has_moments"
+        }
     }
     public struct OptimizerState: Codable, Equatable, Sendable {
         public var base: GroupState
@@ -58,7 +65,11 @@ public struct CheckpointManifest: Codable, Equatable {
         /// The flat parameter range [moment_start, moment_end) the moments cover.
         public var momentStart: Int
         public var momentEnd: Int
-        enum CodingKeys: String, CodingKey { case base, plugin, momentStart = "moment_start", momentEnd = "moment_end" }
+        enum CodingKeys: String, CodingKey {
+            case base, plugin
+            case momentStart = "moment_start"
+            case momentEnd = "moment_end"
+        }
     }
     /// One rank's file and the flat ranges it holds.
     public struct Shard: Codable, Equatable, Sendable {
@@ -68,7 +79,11 @@ public struct CheckpointManifest: Codable, Equatable {
         public var momentStart: Int
         public var momentEnd: Int
         enum CodingKeys: String, CodingKey {
-            case file, paramStart = "param_start", paramEnd = "param_end", momentStart = "moment_start", momentEnd = "moment_end"
+            case file
+            case paramStart = "param_start"
+            case paramEnd = "param_end"
+            case momentStart = "moment_start"
+            case momentEnd = "moment_end"
         }
     }
 
@@ -96,9 +111,17 @@ public struct CheckpointManifest: Codable, Equatable {
     public var hasEMA: Bool?
 
     enum CodingKeys: String, CodingKey {
-        case formatVersion = "format_version", step, samplesSeen = "samples_seen", dataEpoch = "data_epoch"
-        case dataOffset = "data_offset", seed, worldSize = "world_size", parameterCount = "parameter_count"
-        case parameters, optimizer, shards, model, config, createdAt = "created_at", hasEMA = "has_ema"
+        case formatVersion = "format_version"
+        case step
+        case samplesSeen = "samples_seen"
+        case dataEpoch = "data_epoch"
+        case dataOffset = "data_offset"
+        case seed
+        case worldSize = "world_size"
+        case parameterCount = "parameter_count"
+        case parameters, optimizer, shards, model, config
+        case createdAt = "created_at"
+        case hasEMA = "has_ema"
     }
 
     public var progress: TrainingProgress {
@@ -106,8 +129,10 @@ public struct CheckpointManifest: Codable, Equatable {
     }
 
     /// The manifest of a checkpoint written by `worldSize` ranks now.
-    public init(progress: TrainingProgress, worldSize: Int, model: ModelConfig, config: TrainConfig,
-                table: ParameterTable, optimizer: AdamW?, ema: Bool = false) {
+    public init(
+        progress: TrainingProgress, worldSize: Int, model: ModelConfig, config: TrainConfig,
+        table: ParameterTable, optimizer: AdamW?, ema: Bool = false
+    ) {
         hasEMA = ema ? true : nil
         formatVersion = CheckpointManifest.currentFormatVersion
         step = progress.step
@@ -121,7 +146,8 @@ public struct CheckpointManifest: Codable, Equatable {
         let mr = optimizer?.trainedRange ?? 0..<0
         self.optimizer = OptimizerState(
             base: GroupState(steps: optimizer?.steps.base ?? 0, hasMoments: optimizer?.hasMoments(.base) ?? false),
-            plugin: GroupState(steps: optimizer?.steps.plugin ?? 0, hasMoments: optimizer?.hasMoments(.plugin) ?? false),
+            plugin: GroupState(
+                steps: optimizer?.steps.plugin ?? 0, hasMoments: optimizer?.hasMoments(.plugin) ?? false),
             momentStart: mr.lowerBound, momentEnd: mr.upperBound)
         shards = Shard.layout(worldSize: worldSize, count: table.total, moments: mr)
         self.model = model
@@ -143,7 +169,10 @@ public struct LoadedCheckpoint {
 
 /// The flat arrays stored in a shard.
 public enum CheckpointArray: String, CaseIterable, Sendable {
-    case params, adamM = "adam_m", adamV = "adam_v", ema
+    case params
+    case adamM = "adam_m"
+    case adamV = "adam_v"
+    case ema
 }
 
 /// One run's checkpoint folder, `<dir>/<run>`: saving, retention, `latest`, loading.
@@ -161,7 +190,9 @@ public struct CheckpointStore {
     // MARK: names
 
     public static func folderName(step: Int) -> String { String(format: "step-%08d", step) }
-    public static func shardName(rank: Int, worldSize: Int) -> String { String(format: "rank-%05d-of-%05d.h5", rank, worldSize) }
+    public static func shardName(rank: Int, worldSize: Int) -> String {
+        String(format: "rank-%05d-of-%05d.h5", rank, worldSize)
+    }
     /// Rank `rank`'s slice of `count` floats: [rank*count/W, (rank+1)*count/W).
     public static func slice(rank: Int, worldSize: Int, count: Int) -> Range<Int> {
         (rank * count / worldSize)..<((rank + 1) * count / worldSize)
@@ -172,7 +203,9 @@ public struct CheckpointStore {
     }
 
     public func path(step: Int) -> String { join(runDirectory, CheckpointStore.folderName(step: step)) }
-    public func stagingPath(step: Int) -> String { join(runDirectory, "." + CheckpointStore.folderName(step: step) + ".tmp") }
+    public func stagingPath(step: Int) -> String {
+        join(runDirectory, "." + CheckpointStore.folderName(step: step) + ".tmp")
+    }
     public var latestFile: String { join(runDirectory, "latest") }
 
     // MARK: saving
@@ -183,10 +216,14 @@ public struct CheckpointStore {
     /// If any rank fails, the temporary folder is removed, the previous checkpoints and `latest`
     /// are untouched, and every rank throws the failing rank's error. Returns the checkpoint's folder.
     @discardableResult
-    public func save(progress: TrainingProgress, config: TrainConfig, model: ModelConfig, table: ParameterTable,
-                     params: FlatBuffer, optimizer: AdamW?, ema: FlatBuffer? = nil,
-                     communicator: Communicator) throws -> String {
-        let step = progress.step, rank = communicator.rank, world = communicator.size
+    public func save(
+        progress: TrainingProgress, config: TrainConfig, model: ModelConfig, table: ParameterTable,
+        params: FlatBuffer, optimizer: AdamW?, ema: FlatBuffer? = nil,
+        communicator: Communicator
+    ) throws -> String {
+        let step = progress.step
+        let rank = communicator.rank
+        let world = communicator.size
         // Each phase ends with every rank learning whether every rank succeeded (also the barrier
         // between phases); after a failure anywhere, rank 0 removes the temporary folder while the
         // others wait (a rank that then aborts the job must not cut that short).
@@ -199,9 +236,10 @@ public struct CheckpointStore {
         }
         try phase {
             let mine = CheckpointStore.slice(rank: rank, worldSize: world, count: params.count)
-            try CheckpointStore.checkFinite(params, range: mine, table: table, file: path(step: step),
-                                            verdict: "not saved: a checkpoint that cannot train on is not a good one; "
-                                                + "the earlier checkpoints are kept")
+            try CheckpointStore.checkFinite(
+                params, range: mine, table: table, file: path(step: step),
+                verdict: "not saved: a checkpoint that cannot train on is not a good one; "
+                    + "the earlier checkpoints are kept")
             if rank == 0 { try prepareStaging(step: step) }
         }
         try phase {
@@ -209,8 +247,9 @@ public struct CheckpointStore {
         }
         try phase {
             if rank == 0 {
-                let manifest = CheckpointManifest(progress: progress, worldSize: world, model: model, config: config,
-                                                  table: table, optimizer: optimizer, ema: ema != nil)
+                let manifest = CheckpointManifest(
+                    progress: progress, worldSize: world, model: model, config: config,
+                    table: table, optimizer: optimizer, ema: ema != nil)
                 try commit(manifest, keepLast: config.checkpoint.keepLast, keepEvery: config.checkpoint.keepEvery)
             }
         }
@@ -221,7 +260,8 @@ public struct CheckpointStore {
     /// If any failed, every rank throws the error of the lowest failing rank, so each rank's
     /// output names the file and the problem even when the job is aborted right after.
     static func collectively<T>(_ comm: Communicator, _ body: () throws -> T) throws -> T {
-        var result: T?, failure: Error?
+        var result: T?
+        var failure: Error?
         do { result = try body() } catch { failure = error }
         if comm.size == 1 {
             if let failure { throw failure }
@@ -248,14 +288,17 @@ public struct CheckpointStore {
             }
             try fm.createDirectory(atPath: stagingPath(step: step), withIntermediateDirectories: false)
         } catch {
-            throw InputError(stagingPath(step: step), "cannot create the checkpoint folder (\(error.localizedDescription))")
+            throw InputError(
+                stagingPath(step: step), "cannot create the checkpoint folder (\(error.localizedDescription))")
         }
     }
 
     /// Every rank: writes its slice of the parameters and of both moments (the part of its slice
     /// the moments cover) into the temporary folder, then fsyncs the file.
-    public func writeShard(step: Int, rank: Int, worldSize: Int, params: FlatBuffer, optimizer: AdamW?,
-                           ema: FlatBuffer? = nil) throws {
+    public func writeShard(
+        step: Int, rank: Int, worldSize: Int, params: FlatBuffer, optimizer: AdamW?,
+        ema: FlatBuffer? = nil
+    ) throws {
         let file = join(stagingPath(step: step), CheckpointStore.shardName(rank: rank, worldSize: worldSize))
         let s = CheckpointStore.slice(rank: rank, worldSize: worldSize, count: params.count)
         // The moments of the trained range inside this slice; a sharded optimizer (ZeRO) owns
@@ -263,27 +306,34 @@ public struct CheckpointStore {
         let mr = optimizer?.trainedRange ?? 0..<0
         let ms = CheckpointStore.clamp(s, to: mr)
         let held = optimizer?.momentRange ?? 0..<0
-        precondition(ms.isEmpty || (ms.lowerBound >= held.lowerBound && ms.upperBound <= held.upperBound),
-                     "rank \(rank) holds moments \(held), its checkpoint slice needs \(ms)")
+        precondition(
+            ms.isEmpty || (ms.lowerBound >= held.lowerBound && ms.upperBound <= held.upperBound),
+            "rank \(rank) holds moments \(held), its checkpoint slice needs \(ms)")
         do {
             let f = try HDF5File.create(file, checksummed: true)
             try injectShardWriteFailure?(file)
             CheckpointStore.testPause(rank: rank, step: step)
             try f.write(CheckpointArray.params.rawValue, floats: params.base + s.lowerBound, count: s.count)
             let mOffset = ms.isEmpty ? 0 : ms.lowerBound - held.lowerBound
-            try f.write(CheckpointArray.adamM.rawValue, floats: (optimizer?.m.base ?? params.base) + mOffset, count: ms.count)
-            try f.write(CheckpointArray.adamV.rawValue, floats: (optimizer?.v.base ?? params.base) + mOffset, count: ms.count)
+            try f.write(
+                CheckpointArray.adamM.rawValue, floats: (optimizer?.m.base ?? params.base) + mOffset, count: ms.count)
+            try f.write(
+                CheckpointArray.adamV.rawValue, floats: (optimizer?.v.base ?? params.base) + mOffset, count: ms.count)
             if let ema { try f.write(CheckpointArray.ema.rawValue, floats: ema.base + s.lowerBound, count: s.count) }
-            for (k, v) in [("format_version", CheckpointManifest.currentFormatVersion), ("step", step), ("rank", rank),
-                           ("world_size", worldSize), ("param_count", params.count), ("param_start", s.lowerBound),
-                           ("param_end", s.upperBound), ("moment_start", ms.lowerBound), ("moment_end", ms.upperBound)] {
+            for (k, v) in [
+                ("format_version", CheckpointManifest.currentFormatVersion), ("step", step), ("rank", rank),
+                ("world_size", worldSize), ("param_count", params.count), ("param_start", s.lowerBound),
+                ("param_end", s.upperBound), ("moment_start", ms.lowerBound), ("moment_end", ms.upperBound),
+            ] {
                 try f.setAttribute(k, int: v)
             }
             try f.flush()
         } catch {
             let why = (error as? InputError)?.problem ?? "\(error)"
-            throw InputError(file, "writing the checkpoint shard failed: \(why). \(freeSpace(at: runDirectory)) "
-                + "The checkpoint is abandoned; earlier ones are intact.")
+            throw InputError(
+                file,
+                "writing the checkpoint shard failed: \(why). \(freeSpace(at: runDirectory)) "
+                    + "The checkpoint is abandoned; earlier ones are intact.")
         }
         try fsyncPath(file)
     }
@@ -303,7 +353,8 @@ public struct CheckpointStore {
     /// On failure the temporary folder is removed and `latest` is unchanged.
     public func commit(_ manifest: CheckpointManifest, keepLast: Int, keepEvery: Int) throws {
         let step = manifest.step
-        let staging = stagingPath(step: step), final = path(step: step)
+        let staging = stagingPath(step: step)
+        let final = path(step: step)
         do {
             for s in manifest.shards where !FileManager.default.fileExists(atPath: join(staging, s.file)) {
                 throw InputError(join(staging, s.file), "shard missing at commit: a rank did not write it")
@@ -353,7 +404,9 @@ public struct CheckpointStore {
     public func completeCheckpoints() -> [(step: Int, path: String)] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: runDirectory)) ?? []
         return names.compactMap { name -> (Int, String)? in
-            guard name.hasPrefix("step-"), let step = Int(name.dropFirst(5)), name == CheckpointStore.folderName(step: step) else { return nil }
+            guard name.hasPrefix("step-"), let step = Int(name.dropFirst(5)),
+                name == CheckpointStore.folderName(step: step)
+            else { return nil }
             let p = join(runDirectory, name)
             return FileManager.default.fileExists(atPath: join(p, "manifest.json")) ? (step, p) : nil
         }.sorted { $0.0 < $1.0 }
@@ -374,7 +427,8 @@ public struct CheckpointStore {
         let latest = latestName()
         var removed: [String] = []
         for (i, c) in all.enumerated() {
-            let keep = i >= all.count - keepLast || (keepEvery > 0 && c.step % keepEvery == 0)
+            let keep =
+                i >= all.count - keepLast || (keepEvery > 0 && c.step % keepEvery == 0)
                 || (c.path as NSString).lastPathComponent == latest
             if keep { continue }
             do { try FileManager.default.removeItem(atPath: c.path) } catch {
@@ -396,13 +450,16 @@ public struct CheckpointStore {
     /// The verdict on a shard that is missing, unreadable or fails its checksum.
     static let damaged = "The checkpoint is damaged (missing, truncated or corrupted data); use an earlier one."
     /// What to tell a person whose newest checkpoint cannot be used.
-    static let fallbackAdvice = "The run's newest checkpoint cannot be used. Resume from the one before it with --fallback "
+    static let fallbackAdvice =
+        "The run's newest checkpoint cannot be used. Resume from the one before it with --fallback "
         + "(checkpoint.fallback: true), or start a new run (--set checkpoint.run=NAME)."
 
     /// Tries `candidates` in order with `attempt` (which throws for a damaged checkpoint). The first
     /// is the one wanted: its failure is an error saying what to do, unless `allowFallback`; then
     /// the next is tried, and so on. `notes` receives what was skipped and why.
-    static func firstUsable<T>(_ candidates: [String], allowFallback: Bool, notes: inout [String], _ attempt: (String) throws -> T) throws -> T {
+    static func firstUsable<T>(
+        _ candidates: [String], allowFallback: Bool, notes: inout [String], _ attempt: (String) throws -> T
+    ) throws -> T {
         for (i, dir) in candidates.enumerated() {
             do {
                 let r = try attempt(dir)
@@ -414,8 +471,9 @@ public struct CheckpointStore {
                 notes.append("skipped \(dir): \(e)")
             }
         }
-        throw InputError(candidates.first.map { ($0 as NSString).deletingLastPathComponent } ?? "checkpoint",
-                         "no usable checkpoint: \(notes.joined(separator: "; "))")
+        throw InputError(
+            candidates.first.map { ($0 as NSString).deletingLastPathComponent } ?? "checkpoint",
+            "no usable checkpoint: \(notes.joined(separator: "; "))")
     }
 
     /// The checkpoint to resume from, or nil when the run has none yet: the first of
@@ -433,14 +491,17 @@ public struct CheckpointStore {
     /// Collective: loads the run's newest checkpoint into `params` and `optimizer` (see `load`),
     /// or returns nil when the run has none. A damaged checkpoint (including data that fails its
     /// checksum) is an error, unless `allowFallback`: then the newest older one that loads is used.
-    public func loadLatest(allowFallback: Bool, model: ModelConfig, table: ParameterTable, params: FlatBuffer, optimizer: AdamW?,
-                           ema: FlatBuffer? = nil, communicator: Communicator = .solo,
-                           notes: inout [String]) throws -> LoadedCheckpoint? {
+    public func loadLatest(
+        allowFallback: Bool, model: ModelConfig, table: ParameterTable, params: FlatBuffer, optimizer: AdamW?,
+        ema: FlatBuffer? = nil, communicator: Communicator = .solo,
+        notes: inout [String]
+    ) throws -> LoadedCheckpoint? {
         let candidates = resumeCandidates()
         if candidates.isEmpty { return nil }
         return try CheckpointStore.firstUsable(candidates, allowFallback: allowFallback, notes: &notes) { dir in
-            try CheckpointStore.load(from: dir, model: model, table: table, params: params, optimizer: optimizer,
-                                     ema: ema, communicator: communicator)
+            try CheckpointStore.load(
+                from: dir, model: model, table: table, params: params, optimizer: optimizer,
+                ema: ema, communicator: communicator)
         }
     }
 
@@ -455,17 +516,22 @@ public struct CheckpointStore {
 
     /// Collective: loads the checkpoint at `path`, a checkpoint folder or a run folder (its newest
     /// checkpoint, with `loadLatest`'s fallback rule).
-    public static func load(path: String, allowFallback: Bool, model: ModelConfig, table: ParameterTable, params: FlatBuffer,
-                            optimizer: AdamW?, ema: FlatBuffer? = nil, communicator: Communicator = .solo,
-                            notes: inout [String]) throws -> LoadedCheckpoint {
+    public static func load(
+        path: String, allowFallback: Bool, model: ModelConfig, table: ParameterTable, params: FlatBuffer,
+        optimizer: AdamW?, ema: FlatBuffer? = nil, communicator: Communicator = .solo,
+        notes: inout [String]
+    ) throws -> LoadedCheckpoint {
         if FileManager.default.fileExists(atPath: join(path, "manifest.json")) {
-            return try load(from: path, model: model, table: table, params: params, optimizer: optimizer, ema: ema,
-                            communicator: communicator)
+            return try load(
+                from: path, model: model, table: table, params: params, optimizer: optimizer, ema: ema,
+                communicator: communicator)
         }
         let store = CheckpointStore(runDirectory: path)
-        if let c = try store.loadLatest(allowFallback: allowFallback, model: model, table: table, params: params,
-                                        optimizer: optimizer, ema: ema, communicator: communicator,
-                                        notes: &notes) {
+        if let c = try store.loadLatest(
+            allowFallback: allowFallback, model: model, table: table, params: params,
+            optimizer: optimizer, ema: ema, communicator: communicator,
+            notes: &notes)
+        {
             return c
         }
         throw InputError(path, "not a checkpoint folder (no manifest.json) and no checkpoints of a run in it")
@@ -480,13 +546,18 @@ public struct CheckpointStore {
             throw InputError(p, "missing: \(dir) is not a complete checkpoint")
         }
         let m: CheckpointManifest
-        do { m = try JSONDecoder().decode(CheckpointManifest.self, from: Data(contentsOf: URL(fileURLWithPath: p))) } catch let e as DecodingError {
+        do {
+            m = try JSONDecoder().decode(CheckpointManifest.self, from: Data(contentsOf: URL(fileURLWithPath: p)))
+        } catch let e as DecodingError {
             throw InputError(p, "cannot be read as a checkpoint manifest: \(TrainConfig.describe(e))")
         } catch {
             throw InputError(p, "cannot be read (\(error.localizedDescription))")
         }
         guard m.formatVersion == CheckpointManifest.currentFormatVersion else {
-            throw InputError(p, "format_version \(m.formatVersion); this program reads version \(CheckpointManifest.currentFormatVersion)")
+            throw InputError(
+                p,
+                "format_version \(m.formatVersion); this program reads version \(CheckpointManifest.currentFormatVersion)"
+            )
         }
         return m
     }
@@ -505,8 +576,9 @@ public struct CheckpointStore {
         try need(m.samplesSeen >= 0, "samples_seen \(m.samplesSeen) is negative")
         try need(m.dataEpoch >= 0, "data_epoch \(m.dataEpoch) is negative")
         let o = m.optimizer
-        try need(o.momentStart >= 0 && o.momentStart <= o.momentEnd && o.momentEnd <= m.parameterCount,
-                 "optimizer moment range [\(o.momentStart), \(o.momentEnd)) is outside [0, \(m.parameterCount))")
+        try need(
+            o.momentStart >= 0 && o.momentStart <= o.momentEnd && o.momentEnd <= m.parameterCount,
+            "optimizer moment range [\(o.momentStart), \(o.momentEnd)) is outside [0, \(m.parameterCount))")
         for (name, g) in [("base", o.base), ("plugin", o.plugin)] {
             try need(g.steps >= 0, "optimizer.\(name).steps \(g.steps) is negative")
         }
@@ -520,32 +592,42 @@ public struct CheckpointStore {
         let m = try readManifest(dir)
         let mp = join(dir, "manifest.json")
         try checkRanges(m, path: mp)
-        let expected = CheckpointManifest.Shard.layout(worldSize: m.worldSize, count: m.parameterCount,
-                                                       moments: m.optimizer.momentStart..<m.optimizer.momentEnd)
+        let expected = CheckpointManifest.Shard.layout(
+            worldSize: m.worldSize, count: m.parameterCount,
+            moments: m.optimizer.momentStart..<m.optimizer.momentEnd)
         guard m.worldSize >= 1, m.shards == expected else {
-            throw InputError(mp, "the shard list does not match \(m.worldSize) rank(s) over \(m.parameterCount) parameters")
+            throw InputError(
+                mp, "the shard list does not match \(m.worldSize) rank(s) over \(m.parameterCount) parameters")
         }
         for (rank, s) in m.shards.enumerated() {
             let file = join(dir, s.file)
             let advice = CheckpointStore.damaged
-            guard FileManager.default.fileExists(atPath: file) else { throw InputError(file, "shard missing. \(advice)") }
+            guard FileManager.default.fileExists(atPath: file) else {
+                throw InputError(file, "shard missing. \(advice)")
+            }
             // HDF5's own errors (unreadable, truncated) get the verdict too.
             func h5<T>(_ body: () throws -> T) throws -> T {
                 do { return try body() } catch let e as InputError { throw InputError(file, "\(e.problem). \(advice)") }
             }
             let f = try h5 { try HDF5File.open(file) }
-            for (k, v) in [("step", m.step), ("rank", rank), ("world_size", m.worldSize),
-                           ("param_start", s.paramStart), ("param_end", s.paramEnd), ("moment_start", s.momentStart),
-                           ("moment_end", s.momentEnd), ("param_count", m.parameterCount)] {
+            for (k, v) in [
+                ("step", m.step), ("rank", rank), ("world_size", m.worldSize),
+                ("param_start", s.paramStart), ("param_end", s.paramEnd), ("moment_start", s.momentStart),
+                ("moment_end", s.momentEnd), ("param_count", m.parameterCount),
+            ] {
                 let got = try h5 { try f.intAttribute(k) }
                 if got != v { throw InputError(file, "attribute \(k) is \(got), the manifest says \(v). \(advice)") }
             }
-            var arrays = [(CheckpointArray.params, s.paramEnd - s.paramStart), (.adamM, s.momentEnd - s.momentStart),
-                          (.adamV, s.momentEnd - s.momentStart)]
+            var arrays = [
+                (CheckpointArray.params, s.paramEnd - s.paramStart), (.adamM, s.momentEnd - s.momentStart),
+                (.adamV, s.momentEnd - s.momentStart),
+            ]
             if m.hasEMA == true { arrays.append((.ema, s.paramEnd - s.paramStart)) }
             for (a, n) in arrays {
                 let shape = try h5 { try f.shape(of: a.rawValue) }
-                if shape != [n] { throw InputError(file, "'\(a.rawValue)' has shape \(shape), expected [\(n)]. \(advice)") }
+                if shape != [n] {
+                    throw InputError(file, "'\(a.rawValue)' has shape \(shape), expected [\(n)]. \(advice)")
+                }
             }
         }
         return m
@@ -554,8 +636,10 @@ public struct CheckpointStore {
     /// Reads flat range `range` of one array from a checkpoint's shards into `out` (range.count
     /// floats), from however many shards it spans. For params any range in [0, P); for the
     /// moments a range inside the manifest's [moment_start, moment_end).
-    public static func read(_ array: CheckpointArray, range: Range<Int>, from dir: String, manifest: CheckpointManifest,
-                            into out: UnsafeMutablePointer<Float>) throws {
+    public static func read(
+        _ array: CheckpointArray, range: Range<Int>, from dir: String, manifest: CheckpointManifest,
+        into out: UnsafeMutablePointer<Float>
+    ) throws {
         var covered = 0
         for s in manifest.shards {
             let held = array == .params || array == .ema ? s.paramStart..<s.paramEnd : s.momentStart..<s.momentEnd
@@ -564,15 +648,18 @@ public struct CheckpointStore {
             let file = join(dir, s.file)
             do {
                 let f = try HDF5File.open(file)
-                try f.readRows(array.rawValue, kind: .float32, start: part.lowerBound - held.lowerBound, rows: part.count,
-                               into: out + (part.lowerBound - range.lowerBound))
+                try f.readRows(
+                    array.rawValue, kind: .float32, start: part.lowerBound - held.lowerBound, rows: part.count,
+                    into: out + (part.lowerBound - range.lowerBound))
             } catch let e as InputError {
                 throw InputError(file, "\(e.problem). \(damaged)")
             }
             covered += part.count
         }
         guard covered == range.count else {
-            throw InputError(join(dir, "manifest.json"), "the shards hold only \(covered) of the \(range.count) values of '\(array.rawValue)' in \(range)")
+            throw InputError(
+                join(dir, "manifest.json"),
+                "the shards hold only \(covered) of the \(range.count) values of '\(array.rawValue)' in \(range)")
         }
     }
 
@@ -590,14 +677,18 @@ public struct CheckpointStore {
     /// `ema`: also the parameters' moving average (a checkpoint without one starts it from the
     /// parameters, noted). `weights: .ema` reads the average into `params` instead of the weights
     /// (an error naming the checkpoint when it has none).
-    public static func load(from dir: String, model: ModelConfig, table: ParameterTable, params: FlatBuffer,
-                            optimizer: AdamW?, ema: FlatBuffer? = nil, weights: CheckpointArray = .params,
-                            communicator comm: Communicator = .solo) throws -> LoadedCheckpoint {
-        precondition(params.count == table.total, "parameter buffer has \(params.count) floats, the table \(table.total)")
+    public static func load(
+        from dir: String, model: ModelConfig, table: ParameterTable, params: FlatBuffer,
+        optimizer: AdamW?, ema: FlatBuffer? = nil, weights: CheckpointArray = .params,
+        communicator comm: Communicator = .solo
+    ) throws -> LoadedCheckpoint {
+        precondition(
+            params.count == table.total, "parameter buffer has \(params.count) floats, the table \(table.total)")
         let m = try collectively(comm) { try checkLoadable(dir, model: model, table: table) }
         if weights == .ema && m.hasEMA != true {
-            throw InputError(join(dir, "manifest.json"),
-                             "this checkpoint holds no EMA weights (trained without train.ema_decay)")
+            throw InputError(
+                join(dir, "manifest.json"),
+                "this checkpoint holds no EMA weights (trained without train.ema_decay)")
         }
         let slices = (0..<comm.size).map { slice(rank: $0, worldSize: comm.size, count: table.total) }
         let mine = slices[comm.rank]
@@ -608,8 +699,10 @@ public struct CheckpointStore {
             if let ema, m.hasEMA == true {
                 try read(.ema, range: mine, from: dir, manifest: m, into: ema.base + mine.lowerBound)
             }
-            try checkFinite(params, range: mine, table: table, file: dir, verdict: "the checkpoint cannot be used. "
-                + fallbackAdvice)
+            try checkFinite(
+                params, range: mine, table: table, file: dir,
+                verdict: "the checkpoint cannot be used. "
+                    + fallbackAdvice)
             guard let optimizer else { return }
             optimizer.m.zero()
             optimizer.v.zero()
@@ -618,12 +711,14 @@ public struct CheckpointStore {
                 if optimizer.trainable[g] {
                     let r = table.range(of: g)
                     if saved.hasMoments {
-                        let part = clamp(r, to: mine), dst = part.lowerBound - optimizer.momentRange.lowerBound
+                        let part = clamp(r, to: mine)
+                        let dst = part.lowerBound - optimizer.momentRange.lowerBound
                         try read(.adamM, range: part, from: dir, manifest: m, into: optimizer.m.base + dst)
                         try read(.adamV, range: part, from: dir, manifest: m, into: optimizer.v.base + dst)
                         steps[g] = saved.steps
                     } else if !r.isEmpty {
-                        notes.append("group \(g.rawValue) was frozen in the checkpoint: its AdamW moments start from zero")
+                        notes.append(
+                            "group \(g.rawValue) was frozen in the checkpoint: its AdamW moments start from zero")
                     }
                 } else if saved.hasMoments {
                     notes.append("group \(g.rawValue) is frozen now: its saved AdamW moments are not used")
@@ -656,8 +751,10 @@ public struct CheckpointStore {
 
     /// Throws (naming `file` and the tensor) when flat range `range` of `params` holds a NaN or an
     /// infinity; `verdict` says what follows.
-    static func checkFinite(_ params: FlatBuffer, range: Range<Int>, table: ParameterTable, file: String,
-                            verdict: String) throws {
+    static func checkFinite(
+        _ params: FlatBuffer, range: Range<Int>, table: ParameterTable, file: String,
+        verdict: String
+    ) throws {
         let p = params.base
         guard let bad = range.first(where: { !p[$0].isFinite }) else { return }
         let entry = table.entries.first { bad >= $0.offset && bad < $0.offset + $0.count }
@@ -671,14 +768,20 @@ public struct CheckpointStore {
         let m = try verify(dir)
         let mp = join(dir, "manifest.json")
         if m.model != model {
-            throw InputError(mp, "the checkpoint's model shape \(m.model.jsonString()) differs from the config's \(model.jsonString()). "
-                + "Resume with the checkpoint's model settings, or start a new run (another checkpoint.run).")
+            throw InputError(
+                mp,
+                "the checkpoint's model shape \(m.model.jsonString()) differs from the config's \(model.jsonString()). "
+                    + "Resume with the checkpoint's model settings, or start a new run (another checkpoint.run).")
         }
         if m.parameterCount != table.total || m.parameters != table.entries {
             let diff = zip(m.parameters, table.entries).first { $0 != $1 }
-            throw InputError(mp, "the parameter table differs from this program's "
-                + (diff.map { "(first difference: checkpoint \($0.0.name) \($0.0.shape) at \($0.0.offset), program \($0.1.name) \($0.1.shape) at \($0.1.offset))" }
-                    ?? "(\(m.parameterCount) vs \(table.total) parameters)"))
+            throw InputError(
+                mp,
+                "the parameter table differs from this program's "
+                    + (diff.map {
+                        "(first difference: checkpoint \($0.0.name) \($0.0.shape) at \($0.0.offset), program \($0.1.name) \($0.1.shape) at \($0.1.offset))"
+                    }
+                        ?? "(\(m.parameterCount) vs \(table.total) parameters)"))
         }
         return m
     }
@@ -690,8 +793,9 @@ extension CheckpointManifest.Shard {
         (0..<max(worldSize, 0)).map { r in
             let s = CheckpointStore.slice(rank: r, worldSize: worldSize, count: count)
             let m = CheckpointStore.clamp(s, to: moments)
-            return .init(file: CheckpointStore.shardName(rank: r, worldSize: worldSize),
-                         paramStart: s.lowerBound, paramEnd: s.upperBound, momentStart: m.lowerBound, momentEnd: m.upperBound)
+            return .init(
+                file: CheckpointStore.shardName(rank: r, worldSize: worldSize),
+                paramStart: s.lowerBound, paramEnd: s.upperBound, momentStart: m.lowerBound, momentEnd: m.upperBound)
         }
     }
 }

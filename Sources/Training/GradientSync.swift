@@ -98,17 +98,21 @@ public final class GradientSync {
     ///   - bucketMB: bucket size in MB (10^6 bytes) of Float32; 25 is a good default.
     public convenience init(communicator: Communicator, count: Int, bucketMB: Double, mode: Mode) throws {
         precondition(bucketMB > 0, "bucket size must be positive")
-        try self.init(communicator: communicator, count: count, bucketElements: max(1, Int(bucketMB * 1e6 / 4)), mode: mode)
+        try self.init(
+            communicator: communicator, count: count, bucketElements: max(1, Int(bucketMB * 1e6 / 4)), mode: mode)
     }
 
     /// Buckets formed from `readyOrder` (`Transformer.gradientReadyOrder`), see `packBuckets`.
     /// With `shard`, the buckets are reduce-scattered into it (ZeRO) rather than allreduced.
-    public convenience init(communicator: Communicator, count: Int, bucketMB: Double, readyOrder: [Range<Int>],
-                            mode: Mode, shard: Shard? = nil) throws {
+    public convenience init(
+        communicator: Communicator, count: Int, bucketMB: Double, readyOrder: [Range<Int>],
+        mode: Mode, shard: Shard? = nil
+    ) throws {
         precondition(bucketMB > 0, "bucket size must be positive")
         let size = max(1, Int(bucketMB * 1e6 / 4))
-        try self.init(communicator: communicator, count: count, bucketElements: size,
-                      buckets: GradientSync.packBuckets(readyOrder: readyOrder, size: size), mode: mode, shard: shard)
+        try self.init(
+            communicator: communicator, count: count, bucketElements: size,
+            buckets: GradientSync.packBuckets(readyOrder: readyOrder, size: size), mode: mode, shard: shard)
     }
 
     /// Bucket size in floats for `bucketMB` MB.
@@ -119,8 +123,9 @@ public final class GradientSync {
     /// it, in the same order.
     public convenience init(communicator: Communicator, count: Int, bucketElements size: Int, mode: Mode) throws {
         precondition(size > 0, "bucket size must be positive")
-        try self.init(communicator: communicator, count: count, bucketElements: size,
-                      buckets: stride(from: 0, to: count, by: size).map { $0..<min(count, $0 + size) }, mode: mode)
+        try self.init(
+            communicator: communicator, count: count, bucketElements: size,
+            buckets: stride(from: 0, to: count, by: size).map { $0..<min(count, $0 + size) }, mode: mode)
     }
 
     /// Buckets in the order backward completes them, as PyTorch DDP builds its buckets: walks
@@ -137,14 +142,17 @@ public final class GradientSync {
             while !rest.isEmpty {
                 if let c = cur, c.count < size, c.lowerBound == rest.upperBound {
                     let take = min(size - c.count, rest.count)
-                    cur = (c.lowerBound - take)..<c.upperBound; rest = rest.lowerBound..<(rest.upperBound - take)
+                    cur = (c.lowerBound - take)..<c.upperBound
+                    rest = rest.lowerBound..<(rest.upperBound - take)
                 } else if let c = cur, c.count < size, c.upperBound == rest.lowerBound {
                     let take = min(size - c.count, rest.count)
-                    cur = c.lowerBound..<(c.upperBound + take); rest = (rest.lowerBound + take)..<rest.upperBound
+                    cur = c.lowerBound..<(c.upperBound + take)
+                    rest = (rest.lowerBound + take)..<rest.upperBound
                 } else {
                     if let c = cur { out.append(c) }
                     let take = min(size, rest.count)
-                    cur = (rest.upperBound - take)..<rest.upperBound; rest = rest.lowerBound..<(rest.upperBound - take)
+                    cur = (rest.upperBound - take)..<rest.upperBound
+                    rest = rest.lowerBound..<(rest.upperBound - take)
                 }
             }
         }
@@ -152,15 +160,19 @@ public final class GradientSync {
         return out
     }
 
-    private init(communicator: Communicator, count: Int, bucketElements size: Int, buckets: [Range<Int>],
-                 mode: Mode, shard: Shard? = nil) throws {
+    private init(
+        communicator: Communicator, count: Int, bucketElements size: Int, buckets: [Range<Int>],
+        mode: Mode, shard: Shard? = nil
+    ) throws {
         let sorted = buckets.sorted { $0.lowerBound < $1.lowerBound }
-        precondition(sorted.first?.lowerBound ?? 0 == 0 && sorted.last?.upperBound ?? 0 == count
-                     && zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound },
-                     "gradient buckets must cover 0..<\(count) exactly once")
+        precondition(
+            sorted.first?.lowerBound ?? 0 == 0 && sorted.last?.upperBound ?? 0 == count
+                && zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound },
+            "gradient buckets must cover 0..<\(count) exactly once")
         if let shard {
-            precondition(shard.slices.count == communicator.size && shard.rank == communicator.rank
-                         && shard.slices.last?.upperBound == count, "ZeRO slices do not match the ranks and the buffer")
+            precondition(
+                shard.slices.count == communicator.size && shard.rank == communicator.rank
+                    && shard.slices.last?.upperBound == count, "ZeRO slices do not match the ranks and the buffer")
         }
         self.shard = shard
         self.count = count
@@ -170,10 +182,12 @@ public final class GradientSync {
         var mode = mode
         var note: String? = nil
         if mode == .overlapped && communicator.size == 1 {
-            mode = .blocking; note = "one rank: no gradient communication to overlap"
+            mode = .blocking
+            note = "one rank: no gradient communication to overlap"
         } else if mode == .overlapped && communicator.usesMPI && MPI.threadLevel < .serialized {
             mode = .blocking
-            note = "MPI granted only \(MPI.threadLevel); overlapped gradient sync needs a communication thread, using blocking"
+            note =
+                "MPI granted only \(MPI.threadLevel); overlapped gradient sync needs a communication thread, using blocking"
         } else if mode == .overlapped && MPI.threadLevel < .multiple {
             note = "MPI granted \(MPI.threadLevel): do not run MPI calls on other threads between begin() and finish()"
         }
@@ -210,7 +224,8 @@ public final class GradientSync {
         precondition(range.lowerBound >= 0 && range.upperBound <= count, "range \(range) outside 0..<\(count)")
         if range.isEmpty { return }
         // the first bucket (by start) ending after range.lowerBound, then on while they overlap
-        var lo = 0, hi = byStart.count
+        var lo = 0
+        var hi = byStart.count
         while lo < hi {
             let mid = (lo + hi) / 2
             if buckets[byStart[mid]].upperBound <= range.lowerBound { lo = mid + 1 } else { hi = mid }
@@ -283,7 +298,9 @@ public final class GradientSync {
     }
 
     private func accumulate(_ s: Timings) {
-        total.waitSeconds += s.waitSeconds; total.commSeconds += s.commSeconds; total.buckets += s.buckets
+        total.waitSeconds += s.waitSeconds
+        total.commSeconds += s.commSeconds
+        total.buckets += s.buckets
     }
 
     /// Allreduce one bucket in place, then scale it; or with `shard`, reduce-scatter it.
@@ -297,8 +314,10 @@ public final class GradientSync {
     /// ZeRO: the bucket's parts inside each rank's slice are consecutive in rank order (slices
     /// are contiguous and ascending), which is MPI_Reduce_scatter's layout; this rank adds its
     /// part, scaled, into its slice of gradients (adds: ZeRO-2 reduces every micro-batch).
-    static func reduceScatter(_ grads: FlatBuffer, _ r: Range<Int>, scale: Float, _ comm: Communicator,
-                              _ shard: Shard) throws {
+    static func reduceScatter(
+        _ grads: FlatBuffer, _ r: Range<Int>, scale: Float, _ comm: Communicator,
+        _ shard: Shard
+    ) throws {
         let parts = shard.slices.map { CheckpointStore.clamp(r, to: $0) }
         let mine = parts[shard.rank]
         let owners = parts.indices.filter { !parts[$0].isEmpty }
@@ -341,8 +360,13 @@ public final class GradientSync {
 
         func start(grads: FlatBuffer, scale: Float) {
             cond.lock()
-            self.grads = grads; self.scale = scale
-            queue.removeAll(keepingCapacity: true); head = 0; done = 0; commSeconds = 0; error = nil
+            self.grads = grads
+            self.scale = scale
+            queue.removeAll(keepingCapacity: true)
+            head = 0
+            done = 0
+            commSeconds = 0
+            error = nil
             cond.unlock()
         }
 
@@ -363,17 +387,25 @@ public final class GradientSync {
         }
 
         func stop() {
-            cond.lock(); stopping = true; cond.broadcast(); cond.unlock()
+            cond.lock()
+            stopping = true
+            cond.broadcast()
+            cond.unlock()
         }
 
         private func loop() {
             while true {
                 cond.lock()
                 while head == queue.count && !stopping { cond.wait() }
-                if head == queue.count && stopping { cond.unlock(); return }
+                if head == queue.count && stopping {
+                    cond.unlock()
+                    return
+                }
                 let range = queue[head]
                 head += 1
-                let g = grads!, s = scale, failed = error != nil
+                let g = grads!
+                let s = scale
+                let failed = error != nil
                 cond.unlock()
 
                 let t0 = monotonicSeconds()

@@ -49,17 +49,21 @@ extension TrainConfig.ModelSection {
             section.nHead = section.nHead ?? recorded.nHead
             if given["dim"] == nil && given["ffn_hidden"] == nil { section.ffnHidden = recorded.ffnHidden }
         }
-        let mine = try section.resolve(vocabSize: recorded.vocabSize, numClasses: recorded.numClasses,
-                                       gridSize: recorded.gridSize)
+        let mine = try section.resolve(
+            vocabSize: recorded.vocabSize, numClasses: recorded.numClasses,
+            gridSize: recorded.gridSize)
         let pairs: [(String, Int, Int)] = [
             ("dim", mine.dim, recorded.dim), ("n_layer", mine.nLayer, recorded.nLayer),
             ("n_head", mine.nHead, recorded.nHead), ("ffn_hidden", mine.ffnHidden, recorded.ffnHidden),
         ]
         for (key, configured, theirs) in pairs where configured != theirs {
-            let source = given[key].map { "model.\(key) in \($0)" }
+            let source =
+                given[key].map { "model.\(key) in \($0)" }
                 ?? "model.preset \(preset ?? "") in \(given["preset"] ?? "the config")"
-            throw InputError(path, "its recorded \(key) \(theirs) contradicts the config's \(key) \(configured) "
-                + "(\(source)); leave the shape out of the config to take the weights' own")
+            throw InputError(
+                path,
+                "its recorded \(key) \(theirs) contradicts the config's \(key) \(configured) "
+                    + "(\(source)); leave the shape out of the config to take the weights' own")
         }
         return section
     }

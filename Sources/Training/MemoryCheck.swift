@@ -47,22 +47,29 @@ public enum MemoryCheck {
     /// Throws (naming `source`) when the estimate for `ranksOnNode` ranks exceeds what is available.
     /// `fixed`: the bytes of parameters, gradients and moments when not 16 a parameter (ZeRO shards
     /// them: `Trainer.MemoryBreakdown.estimate`).
-    public static func check(_ mc: ModelConfig, microBatch: Int, dropout: Bool, ranksOnNode: Int,
-                             source: String, fixed given: Int? = nil, available a: Available = available()) throws {
+    public static func check(
+        _ mc: ModelConfig, microBatch: Int, dropout: Bool, ranksOnNode: Int,
+        source: String, fixed given: Int? = nil, available a: Available = available()
+    ) throws {
         var (fixed, act) = perRank(mc, microBatch: microBatch, dropout: dropout)
         if let given { fixed = given }
         let need = fixed > Int.max - act ? Int.max : fixed + act
         let ranks = max(1, ranksOnNode)
         let limits: [(bytes: Int, ranks: Int, what: String)] =
-            [a.node.map { ($0, ranks, "available on this node (\(a.nodeSource)) for \(ranks) rank(s)") },
-             a.process.map { ($0, 1, "left under this process's address-space limit (ulimit -v)") }].compactMap { $0 }
+            [
+                a.node.map { ($0, ranks, "available on this node (\(a.nodeSource)) for \(ranks) rank(s)") },
+                a.process.map { ($0, 1, "left under this process's address-space limit (ulimit -v)") },
+            ].compactMap { $0 }
         for l in limits {
             let budget = l.bytes / l.ranks
             guard need > budget else { continue }
-            throw InputError(source, "the model needs about \(gb(need)) per rank (parameters, gradients and "
-                + "AdamW moments \(gb(fixed)), activations \(gb(act)) at train.micro_batch \(microBatch)) but "
-                + "\(gb(l.bytes)) is "
-                + "\(l.what). " + advice(mc, fixed: fixed, microBatch: microBatch, dropout: dropout, budget: budget))
+            throw InputError(
+                source,
+                "the model needs about \(gb(need)) per rank (parameters, gradients and "
+                    + "AdamW moments \(gb(fixed)), activations \(gb(act)) at train.micro_batch \(microBatch)) but "
+                    + "\(gb(l.bytes)) is "
+                    + "\(l.what). " + advice(mc, fixed: fixed, microBatch: microBatch, dropout: dropout, budget: budget)
+            )
         }
     }
 
@@ -72,7 +79,8 @@ public enum MemoryCheck {
             fixed < budget && mc.trainingActivationBytes(batch: b, dropout: dropout) <= budget - fixed
         }
         if fits(1) {
-            var lo = 1, hi = max(1, microBatch - 1)  // fits(lo) holds; find the largest b <= hi that fits
+            var lo = 1
+            var hi = max(1, microBatch - 1)  // fits(lo) holds; find the largest b <= hi that fits
             while lo < hi {
                 let mid = (lo + hi + 1) / 2
                 if fits(mid) { lo = mid } else { hi = mid - 1 }

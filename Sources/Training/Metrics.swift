@@ -12,7 +12,11 @@ public func monotonicSeconds() -> Double {
 public enum MetricValue: Equatable, Sendable, ExpressibleByIntegerLiteral, ExpressibleByFloatLiteral,
     ExpressibleByStringLiteral, ExpressibleByBooleanLiteral
 {
-    case int(Int), double(Double), string(String), bool(Bool), doubles([Double])
+    case int(Int)
+    case double(Double)
+    case string(String)
+    case bool(Bool)
+    case doubles([Double])
     public init(integerLiteral v: Int) { self = .int(v) }
     public init(floatLiteral v: Double) { self = .double(v) }
     public init(stringLiteral v: String) { self = .string(v) }
@@ -61,7 +65,9 @@ public final class MetricsLog {
         let fm = FileManager.default
         try fm.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
         if !fm.fileExists(atPath: path) { _ = fm.createFile(atPath: path, contents: nil) }
-        guard let h = FileHandle(forWritingAtPath: path) else { throw CocoaError(.fileWriteNoPermission, userInfo: [NSFilePathErrorKey: path]) }
+        guard let h = FileHandle(forWritingAtPath: path) else {
+            throw CocoaError(.fileWriteNoPermission, userInfo: [NSFilePathErrorKey: path])
+        }
         handle = h
         try handle.seekToEnd()
     }
@@ -78,7 +84,9 @@ public final class MetricsLog {
             return ((record?["step"] as? Int) ?? Int.min) <= step
         }
         if kept.count == lines.count { return }
-        do { try Data(kept.map { $0 + "\n" }.joined().utf8).write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
+        do {
+            try Data(kept.map { $0 + "\n" }.joined().utf8).write(to: URL(fileURLWithPath: path), options: .atomic)
+        } catch {
             throw InputError(path, "cannot rewrite the metrics log (\(error.localizedDescription))")
         }
     }
@@ -107,7 +115,9 @@ public final class MetricsLog {
 public enum ProgressLine {
     /// e.g. `step   120/500 (24.0%) | loss 3.2145 | 12.3k tok/s | 0.412 s/step | ETA 2m37s`.
     /// `secondsPerStep` is the recent average; the ETA is `(total - step) * secondsPerStep`.
-    public static func format(step: Int, total: Int, loss: Double, tokensPerSecond: Double, secondsPerStep: Double, extra: String = "") -> String {
+    public static func format(
+        step: Int, total: Int, loss: Double, tokensPerSecond: Double, secondsPerStep: Double, extra: String = ""
+    ) -> String {
         let width = String(total).count
         let pct = total > 0 ? 100 * Double(step) / Double(total) : 0
         var s = "step \(pad(String(step), width))/\(total) (\(String(format: "%.1f", pct))%)"
@@ -148,7 +158,9 @@ public enum ProcessMemory {
     public static func residentBytes() -> Int? { field("VmRSS:") }
 
     static func field(_ name: String, status: String? = nil) -> Int? {
-        guard let text = status ?? (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) else { return nil }
+        guard let text = status ?? (try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) else {
+            return nil
+        }
         for line in text.split(separator: "\n") where line.hasPrefix(name) {
             // "VmHWM:\t  123456 kB"
             let parts = line.dropFirst(name.count).split(separator: " ", omittingEmptySubsequences: true)

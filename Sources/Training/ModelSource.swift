@@ -16,8 +16,10 @@ public func loadModel(from path: String, fallback: ModelConfig? = nil, kind: Wei
     }
     if !isDir.boolValue {
         if kind == .ema {
-            throw InputError(path, "--weights-kind ema needs a checkpoint folder: a .safetensors file holds one set of "
-                + "weights (export the EMA ones with tensorar-export --weights-kind ema)")
+            throw InputError(
+                path,
+                "--weights-kind ema needs a checkpoint folder: a .safetensors file holds one set of "
+                    + "weights (export the EMA ones with tensorar-export --weights-kind ema)")
         }
         return try Transformer.load(path, fallback: fallback)
     }
@@ -25,8 +27,9 @@ public func loadModel(from path: String, fallback: ModelConfig? = nil, kind: Wei
     let dir = try CheckpointStore.resolve(path: path, allowFallback: false, notes: &notes)
     let manifest = try CheckpointStore.readManifest(dir)
     let model = try Transformer(config: manifest.model)
-    _ = try CheckpointStore.load(from: dir, model: manifest.model, table: model.table, params: model.params,
-                                 optimizer: nil, weights: kind == .ema ? .ema : .params)
+    _ = try CheckpointStore.load(
+        from: dir, model: manifest.model, table: model.table, params: model.params,
+        optimizer: nil, weights: kind == .ema ? .ema : .params)
     if let w = manifest.config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
     return model
 }

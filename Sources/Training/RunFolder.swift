@@ -22,7 +22,8 @@ public final class RunLock {
             throw InputError(runDirectory, "cannot create the run folder (\(error.localizedDescription))")
         }
         if try create() { return }
-        let holder = (try? String(contentsOfFile: path, encoding: .utf8))?
+        let holder =
+            (try? String(contentsOfFile: path, encoding: .utf8))?
             .trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
         let parts = holder.split(separator: " ")
         let host = parts.first.map(String.init) ?? "?"
@@ -34,9 +35,11 @@ public final class RunLock {
                 return
             }
         }
-        throw InputError(path, "the run folder is in use by another trainer: pid \(pid.map(String.init) ?? "?") "
-            + "on host \(host). Wait for it to end, or use another run (--set checkpoint.run=NAME); "
-            + "if that job has ended, remove this lock file")
+        throw InputError(
+            path,
+            "the run folder is in use by another trainer: pid \(pid.map(String.init) ?? "?") "
+                + "on host \(host). Wait for it to end, or use another run (--set checkpoint.run=NAME); "
+                + "if that job has ended, remove this lock file")
     }
 
     deinit { release() }
@@ -73,7 +76,8 @@ public final class RunLock {
     static func alive(_ pid: Int32) -> Bool {
         guard kill(pid, 0) == 0 || errno == EPERM else { return false }
         guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return true }
+            let close = stat.lastIndex(of: ")")
+        else { return true }
         let state = stat[stat.index(after: close)...].split(separator: " ").first
         return state != "Z" && state != "X"
     }
@@ -97,9 +101,12 @@ extension CheckpointStore {
     public func refuseFreshOverExistingRun() throws {
         let existing = completeCheckpoints()
         guard let last = existing.last else { return }
-        throw InputError(runDirectory, "--fresh (checkpoint.resume: never): this run folder already holds "
-            + "\(existing.count) checkpoint(s) of another run, up to \((last.path as NSString).lastPathComponent); "
-            + "starting afresh here "
-            + "would mix the two runs. Use another run name (--set checkpoint.run=NAME), or move or remove this folder")
+        throw InputError(
+            runDirectory,
+            "--fresh (checkpoint.resume: never): this run folder already holds "
+                + "\(existing.count) checkpoint(s) of another run, up to \((last.path as NSString).lastPathComponent); "
+                + "starting afresh here "
+                + "would mix the two runs. Use another run name (--set checkpoint.run=NAME), or move or remove this folder"
+        )
     }
 }

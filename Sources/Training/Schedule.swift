@@ -26,7 +26,11 @@ public struct LRSchedule: Equatable, Sendable, CustomStringConvertible {
     public var total: Int
 
     public init(kind: ScheduleKind, peak: Double, final: Double = 0, warmup: Int = 0, total: Int) {
-        self.kind = kind; self.peak = peak; self.final = final; self.warmup = warmup; self.total = total
+        self.kind = kind
+        self.peak = peak
+        self.final = final
+        self.warmup = warmup
+        self.total = total
     }
 
     public func lr(at step: Int) -> Double {

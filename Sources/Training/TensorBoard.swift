@@ -88,7 +88,8 @@ public final class TensorBoardWriter {
         let name = "events.out.tfevents.\(Int(now)).\(host).\(getpid()).tensorar"
         path = (directory as NSString).appendingPathComponent(name)
         guard FileManager.default.createFile(atPath: path, contents: nil),
-              let h = FileHandle(forWritingAtPath: path) else {
+            let h = FileHandle(forWritingAtPath: path)
+        else {
             throw InputError(path, "cannot create the TensorBoard event file")
         }
         handle = h
@@ -175,11 +176,15 @@ extension MetricsLog {
 
 /// Greedy samples (top-k 1), one per label, decoded through the cache's codebook and put side by
 /// side: the picture TensorBoard shows at each validation. Returns a PNG and its size.
-public func greedySampleStrip(model: Transformer, codebook: Codebook, labels: [Int32]) throws
-    -> (png: Data, width: Int, height: Int, channels: Int) {
+public func greedySampleStrip(
+    model: Transformer, codebook: Codebook, labels: [Int32]
+) throws
+    -> (png: Data, width: Int, height: Int, channels: Int)
+{
     let c = model.config
-    let result = Sampler(model: model).sample(labels: labels, sampleIds: Array(labels.indices),
-                                              options: SamplingOptions(topK: 1))
+    let result = Sampler(model: model).sample(
+        labels: labels, sampleIds: Array(labels.indices),
+        options: SamplingOptions(topK: 1))
     let (h, w, ch) = (codebook.imageH, codebook.imageW, codebook.channels)
     let n = labels.count
     var pixels = [UInt8](repeating: 0, count: h * w * n * ch)

@@ -49,8 +49,14 @@ public enum ThreadCount: Codable, Equatable, Sendable, CustomStringConvertible {
 
     public init(from decoder: Decoder) throws {
         let c = try decoder.singleValueContainer()
-        if let n = try? c.decode(Int.self) { self = .count(n); return }
-        if let s = try? c.decode(String.self), s == "auto" { self = .auto; return }
+        if let n = try? c.decode(Int.self) {
+            self = .count(n)
+            return
+        }
+        if let s = try? c.decode(String.self), s == "auto" {
+            self = .auto
+            return
+        }
         throw DecodingError.dataCorruptedError(in: c, debugDescription: "expected 'auto' or a number of threads")
     }
     public func encode(to encoder: Encoder) throws {
@@ -93,21 +99,28 @@ public struct TrainConfig: Codable, Equatable {
 
     /// The model's shape (SPEC sections 2-3). Vocabulary, classes and grid come from the dataset.
     public struct ModelSection: Codable, Equatable {
-        public var base: String = "llamagen"   // base model type, a BaseRegistry name (SPEC section 7 "base")
-        public var preset: String? = "small"   // size preset: tiny, small, B, L, XL, XXL; the fields below override it
-        public var dim: Int? = nil             // D, model width (overrides the preset's)
-        public var nLayer: Int? = nil          // L, transformer blocks
-        public var nHead: Int? = nil           // NH, attention heads
-        public var ffnHidden: Int? = nil       // F, feed-forward width; default from dim (SPEC 2)
-        public var window: Int = 4             // k, tokens per tensor (SPEC 3)
-        public var pluginDepth: Int = 2        // d, plug-in encoder and decoder blocks; 0 = plain base model
-        public var residual: Bool = true       // residual plug-in (proj starts at zero: a fresh plug-in is the base model)
-        public var initFrom: String? = nil     // safetensors weights to start from (e.g. a converted LlamaGen checkpoint)
-        public var factorizedNLayer: Int? = nil // open-magvit2: Lf, factorized blocks (overrides the preset's; SPEC 8)
+        public var base: String = "llamagen"  // base model type, a BaseRegistry name (SPEC section 7 "base")
+        public var preset: String? = "small"  // size preset: tiny, small, B, L, XL, XXL; the fields below override it
+        public var dim: Int? = nil  // D, model width (overrides the preset's)
+        public var nLayer: Int? = nil  // L, transformer blocks
+        public var nHead: Int? = nil  // NH, attention heads
+        public var ffnHidden: Int? = nil  // F, feed-forward width; default from dim (SPEC 2)
+        public var window: Int = 4  // k, tokens per tensor (SPEC 3)
+        public var pluginDepth: Int = 2  // d, plug-in encoder and decoder blocks; 0 = plain base model
+        public var residual: Bool = true  // residual plug-in (proj starts at zero: a fresh plug-in is the base model)
+        public var initFrom: String? = nil  // safetensors weights to start from (e.g. a converted LlamaGen checkpoint)
+        public var factorizedNLayer: Int? = nil  // open-magvit2: Lf, factorized blocks (overrides the preset's; SPEC 8)
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
-            case base, preset, dim, nLayer = "n_layer", nHead = "n_head", ffnHidden = "ffn_hidden", window
-            case pluginDepth = "plugin_depth", residual, initFrom = "init_from", factorizedNLayer = "factorized_n_layer"
+            case base, preset, dim
+            case nLayer = "n_layer"
+            case nHead = "n_head"
+            case ffnHidden = "ffn_hidden"
+            case window
+            case pluginDepth = "plugin_depth"
+            case residual
+            case initFrom = "init_from"
+            case factorizedNLayer = "factorized_n_layer"
         }
         /// As synthesized, except that `base` may be absent (manifests written before it existed
         /// resume as llamagen).
@@ -129,71 +142,87 @@ public struct TrainConfig: Codable, Equatable {
 
     /// Discrete tensor noising of the plug-in's inputs (SPEC section 4).
     public struct NoiseSection: Codable, Equatable {
-        public var type: NoiseType = .replace             // replace | discrete | continuous | none
-        public var schedule: NoiseSchedule = .sine        // beta_j = gamma(j / k): sine | linear | sqrt | exponential
-        public var embedding: NoiseEmbedding = .model     // discrete noise's embedding: model | codebook
+        public var type: NoiseType = .replace  // replace | discrete | continuous | none
+        public var schedule: NoiseSchedule = .sine  // beta_j = gamma(j / k): sine | linear | sqrt | exponential
+        public var embedding: NoiseEmbedding = .model  // discrete noise's embedding: model | codebook
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable { case type, schedule, embedding }
     }
 
     /// The loss over the k slots (SPEC section 3).
     public struct LossSection: Codable, Equatable {
-        public var slotWeights: [Double]? = nil   // w_j for the k slots; default all 1
+        public var slotWeights: [Double]? = nil  // w_j for the k slots; default all 1
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable { case slotWeights = "slot_weights" }
     }
 
     /// Token caches (SPEC section 7) written by `tensorar-data`.
     public struct DataSection: Codable, Equatable {
-        public var train: String = "Data/fashion-mnist/train"   // training token cache folder
-        public var val: String? = nil                           // validation token cache folder; none: no validation
-        public var augment: Bool = true                         // use the cache's augmented views (else view 0 only)
-        public var valSamples: Int? = nil                       // validate on the first N samples; default all
+        public var train: String = "Data/fashion-mnist/train"  // training token cache folder
+        public var val: String? = nil  // validation token cache folder; none: no validation
+        public var augment: Bool = true  // use the cache's augmented views (else view 0 only)
+        public var valSamples: Int? = nil  // validate on the first N samples; default all
         public init() {}
-        enum CodingKeys: String, CodingKey, CaseIterable { case train, val, augment, valSamples = "val_samples" }
+        enum CodingKeys: String, CodingKey, CaseIterable {
+            case train, val, augment
+            case valSamples = "val_samples"
+        }
     }
 
     /// AdamW and the two learning-rate schedules (SPEC section 6).
     public struct OptimSection: Codable, Equatable {
-        public var lrPlugin: Double = 1e-4                 // plug-in group peak learning rate
-        public var lrBase: Double = 1e-5                   // base group peak learning rate (0 freezes the base)
+        public var lrPlugin: Double = 1e-4  // plug-in group peak learning rate
+        public var lrBase: Double = 1e-5  // base group peak learning rate (0 freezes the base)
         public var schedulePlugin: ScheduleKind = .linear  // constant | linear | cosine
         public var scheduleBase: ScheduleKind = .constant  // constant | linear | cosine
-        public var warmupPlugin: Int = 0                   // linear warm-up steps, plug-in group
-        public var warmupBase: Int = 0                     // linear warm-up steps, base group
-        public var finalLrPlugin: Double = 0               // where linear/cosine decay ends, plug-in group
-        public var finalLrBase: Double = 0                 // where linear/cosine decay ends, base group
-        public var betas: [Double] = [0.9, 0.95]           // AdamW (beta1, beta2)
-        public var eps: Double = 1e-8                      // AdamW epsilon (outside the square root)
-        public var weightDecay: Double = 0.05              // decoupled weight decay, matrices only
-        public var clip: Double = 1.0                      // global gradient-norm clip; 0 = off
+        public var warmupPlugin: Int = 0  // linear warm-up steps, plug-in group
+        public var warmupBase: Int = 0  // linear warm-up steps, base group
+        public var finalLrPlugin: Double = 0  // where linear/cosine decay ends, plug-in group
+        public var finalLrBase: Double = 0  // where linear/cosine decay ends, base group
+        public var betas: [Double] = [0.9, 0.95]  // AdamW (beta1, beta2)
+        public var eps: Double = 1e-8  // AdamW epsilon (outside the square root)
+        public var weightDecay: Double = 0.05  // decoupled weight decay, matrices only
+        public var clip: Double = 1.0  // global gradient-norm clip; 0 = off
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
-            case lrPlugin = "lr_plugin", lrBase = "lr_base", schedulePlugin = "schedule_plugin"
-            case scheduleBase = "schedule_base", warmupPlugin = "warmup_plugin", warmupBase = "warmup_base"
-            case finalLrPlugin = "final_lr_plugin", finalLrBase = "final_lr_base", betas, eps
-            case weightDecay = "weight_decay", clip
+            case lrPlugin = "lr_plugin"
+            case lrBase = "lr_base"
+            case schedulePlugin = "schedule_plugin"
+            case scheduleBase = "schedule_base"
+            case warmupPlugin = "warmup_plugin"
+            case warmupBase = "warmup_base"
+            case finalLrPlugin = "final_lr_plugin"
+            case finalLrBase = "final_lr_base"
+            case betas, eps
+            case weightDecay = "weight_decay"
+            case clip
         }
     }
 
     /// The run: batch, length, regularisation, logging.
     public struct TrainSection: Codable, Equatable {
-        public var globalBatch: Int = 256        // samples per optimizer step, all ranks together
-        public var microBatch: Int = 32          // samples per forward/backward on one rank
-        public var steps: Int = 1000             // optimizer steps in the run
-        public var seed: Int = 0                 // all randomness derives from it (CounterRNG)
-        public var dropout: Double = 0.1         // token, attention-output and FFN-output dropout (SPEC 2)
-        public var labelDrop: Double = 0.1       // probability of replacing the class by the null class
-        public var logEvery: Int = 10            // steps between progress lines / metrics records
-        public var valEvery: Int = 500           // steps between validation losses; 0 = only at the end
-        public var maxSkippedSteps: Int = 10     // consecutive non-finite-gradient steps tolerated before stopping
-        public var emaDecay: Double? = nil       // EMA of the weights per step (LlamaGen --ema: 0.9999); none: off
-        public var tensorboard: Bool = true      // event files in <run>/tensorboard/: metrics.jsonl's numbers, samples
+        public var globalBatch: Int = 256  // samples per optimizer step, all ranks together
+        public var microBatch: Int = 32  // samples per forward/backward on one rank
+        public var steps: Int = 1000  // optimizer steps in the run
+        public var seed: Int = 0  // all randomness derives from it (CounterRNG)
+        public var dropout: Double = 0.1  // token, attention-output and FFN-output dropout (SPEC 2)
+        public var labelDrop: Double = 0.1  // probability of replacing the class by the null class
+        public var logEvery: Int = 10  // steps between progress lines / metrics records
+        public var valEvery: Int = 500  // steps between validation losses; 0 = only at the end
+        public var maxSkippedSteps: Int = 10  // consecutive non-finite-gradient steps tolerated before stopping
+        public var emaDecay: Double? = nil  // EMA of the weights per step (LlamaGen --ema: 0.9999); none: off
+        public var tensorboard: Bool = true  // event files in <run>/tensorboard/: metrics.jsonl's numbers, samples
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
-            case globalBatch = "global_batch", microBatch = "micro_batch", steps, seed, dropout
-            case labelDrop = "label_drop", logEvery = "log_every", valEvery = "val_every"
-            case maxSkippedSteps = "max_skipped_steps", emaDecay = "ema_decay", tensorboard
+            case globalBatch = "global_batch"
+            case microBatch = "micro_batch"
+            case steps, seed, dropout
+            case labelDrop = "label_drop"
+            case logEvery = "log_every"
+            case valEvery = "val_every"
+            case maxSkippedSteps = "max_skipped_steps"
+            case emaDecay = "ema_decay"
+            case tensorboard
         }
         /// As synthesized, except that `tensorboard` may be absent (manifests written before it
         /// existed resume with it on, the default).
@@ -215,15 +244,18 @@ public struct TrainConfig: Codable, Equatable {
 
     /// Data parallelism over MPI.
     public struct DistSection: Codable, Equatable {
-        public var bucketMB: Double = 25                 // gradient allreduce bucket size, MB
-        public var overlap: Bool = true                  // reduce buckets on a communication thread during backward
-        public var threadsPerRank: ThreadCount = .auto   // BLAS/compute threads per rank; auto = cores / ranks
-        public var collectiveTimeoutSeconds: Double = 600 // a collective not done after this ends the job (watchdog)
-        public var shardOptimizer: ShardOptimizer = .none // ZeRO: none | states (stage 1) | states+grads (stage 2)
+        public var bucketMB: Double = 25  // gradient allreduce bucket size, MB
+        public var overlap: Bool = true  // reduce buckets on a communication thread during backward
+        public var threadsPerRank: ThreadCount = .auto  // BLAS/compute threads per rank; auto = cores / ranks
+        public var collectiveTimeoutSeconds: Double = 600  // a collective not done after this ends the job (watchdog)
+        public var shardOptimizer: ShardOptimizer = .none  // ZeRO: none | states (stage 1) | states+grads (stage 2)
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
-            case bucketMB = "bucket_mb", overlap, threadsPerRank = "threads_per_rank"
-            case collectiveTimeoutSeconds = "collective_timeout_s", shardOptimizer = "shard_optimizer"
+            case bucketMB = "bucket_mb"
+            case overlap
+            case threadsPerRank = "threads_per_rank"
+            case collectiveTimeoutSeconds = "collective_timeout_s"
+            case shardOptimizer = "shard_optimizer"
         }
         /// Absent keys keep their defaults (a checkpoint's manifest from before a key existed).
         public init(from decoder: Decoder) throws {
@@ -232,7 +264,8 @@ public struct TrainConfig: Codable, Equatable {
             bucketMB = try c.decodeIfPresent(Double.self, forKey: .bucketMB) ?? d.bucketMB
             overlap = try c.decodeIfPresent(Bool.self, forKey: .overlap) ?? d.overlap
             threadsPerRank = try c.decodeIfPresent(ThreadCount.self, forKey: .threadsPerRank) ?? d.threadsPerRank
-            collectiveTimeoutSeconds = try c.decodeIfPresent(Double.self, forKey: .collectiveTimeoutSeconds)
+            collectiveTimeoutSeconds =
+                try c.decodeIfPresent(Double.self, forKey: .collectiveTimeoutSeconds)
                 ?? d.collectiveTimeoutSeconds
             shardOptimizer = try c.decodeIfPresent(ShardOptimizer.self, forKey: .shardOptimizer) ?? d.shardOptimizer
         }
@@ -240,16 +273,19 @@ public struct TrainConfig: Codable, Equatable {
 
     /// Checkpoints (SPEC section 7): `<dir>/<run>/step-NNNNNNNN/`.
     public struct CheckpointSection: Codable, Equatable {
-        public var every: Int = 1000           // steps between checkpoints; 0 = only at the end
-        public var keepLast: Int = 3           // keep the newest N checkpoints
-        public var keepEvery: Int = 0          // also keep those whose step is a multiple of N; 0 = none
-        public var dir: String = "Checkpoints" // root folder of all runs
-        public var run: String? = nil          // run name; default: the config file's name
-        public var resume: String = "auto"     // auto: newest complete checkpoint of the run, if any; never; or a checkpoint folder
-        public var fallback: Bool = false      // if the newest checkpoint is damaged, resume from the one before
+        public var every: Int = 1000  // steps between checkpoints; 0 = only at the end
+        public var keepLast: Int = 3  // keep the newest N checkpoints
+        public var keepEvery: Int = 0  // also keep those whose step is a multiple of N; 0 = none
+        public var dir: String = "Checkpoints"  // root folder of all runs
+        public var run: String? = nil  // run name; default: the config file's name
+        public var resume: String = "auto"  // auto: newest complete checkpoint of the run, if any; never; or a checkpoint folder
+        public var fallback: Bool = false  // if the newest checkpoint is damaged, resume from the one before
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
-            case every, keepLast = "keep_last", keepEvery = "keep_every", dir, run, resume, fallback
+            case every
+            case keepLast = "keep_last"
+            case keepEvery = "keep_every"
+            case dir, run, resume, fallback
         }
     }
 
@@ -284,7 +320,8 @@ extension TrainConfig {
         }
         var config = try resolve(yaml: text, source: file ?? "defaults", overrides: overrides)
         if config.checkpoint.run == nil {
-            config.checkpoint.run = file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default"
+            config.checkpoint.run =
+                file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default"
         }
         return config
     }
@@ -303,11 +340,13 @@ extension TrainConfig {
             for (key, value) in pairs {
                 let section = key.string ?? "\(key)"
                 guard knownKeys[section] != nil else {
-                    throw InputError(source, "unknown key '\(section)'; sections are: \(sectionNames.joined(separator: ", "))")
+                    throw InputError(
+                        source, "unknown key '\(section)'; sections are: \(sectionNames.joined(separator: ", "))")
                 }
                 if value.null != nil { continue }  // "section:" with nothing under it
                 guard let fields = value.mapping else {
-                    throw InputError(source, "'\(section)' must be a mapping of keys, got '\(value.string ?? "\(value)")'")
+                    throw InputError(
+                        source, "'\(section)' must be a mapping of keys, got '\(value.string ?? "\(value)")'")
                 }
                 for (k, v) in fields {
                     let name = k.string ?? "\(k)"
@@ -339,10 +378,14 @@ extension TrainConfig {
 
     private static func checkKnown(_ section: String, _ key: String, source: String) throws {
         guard let keys = knownKeys[section] else {
-            throw InputError(source, "unknown key '\(section).\(key)': there is no section '\(section)'; sections are: \(sectionNames.joined(separator: ", "))")
+            throw InputError(
+                source,
+                "unknown key '\(section).\(key)': there is no section '\(section)'; sections are: \(sectionNames.joined(separator: ", "))"
+            )
         }
         guard keys.contains(key) else {
-            throw InputError(source, "unknown key '\(section).\(key)'; keys of '\(section)' are: \(keys.joined(separator: ", "))")
+            throw InputError(
+                source, "unknown key '\(section).\(key)'; keys of '\(section)' are: \(keys.joined(separator: ", "))")
         }
     }
 
@@ -376,10 +419,16 @@ extension TrainConfig {
         func value(at p: [CodingKey]) -> String {
             var node = tree
             for k in p {
-                if let i = k.intValue { node = node?.sequence.flatMap { i < $0.count ? $0[i] : nil } } else { node = node?.mapping?[k.stringValue] }
+                if let i = k.intValue {
+                    node = node?.sequence.flatMap { i < $0.count ? $0[i] : nil }
+                } else {
+                    node = node?.mapping?[k.stringValue]
+                }
             }
             guard let node else { return "" }
-            let text = node.scalar?.string ?? ((try? Yams.serialize(node: node))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
+            let text =
+                node.scalar?.string
+                ?? ((try? Yams.serialize(node: node))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "")
             return ", got '\(text)'"
         }
         func expected(_ t: Any.Type) -> String {
@@ -396,7 +445,8 @@ extension TrainConfig {
             }
         }
         switch e {
-        case .typeMismatch(let t, let c): return "\(path(c.codingPath)): expected \(expected(t))\(value(at: c.codingPath))"
+        case .typeMismatch(let t, let c):
+            return "\(path(c.codingPath)): expected \(expected(t))\(value(at: c.codingPath))"
         case .valueNotFound(let t, let c): return "\(path(c.codingPath)): expected \(expected(t)), got nothing (null)"
         case .keyNotFound(let k, let c): return "\(path(c.codingPath + [k])): required key is missing"
         case .dataCorrupted(let c): return "\(path(c.codingPath)): \(c.debugDescription)\(value(at: c.codingPath))"
@@ -422,7 +472,8 @@ extension TrainConfig {
             }
         }
         guard let text = try? YAMLEncoder().encode(self), let node = try? Yams.compose(yaml: text),
-              let out = try? Yams.serialize(node: tidy(node)) else { return "# could not encode the config\n" }
+            let out = try? Yams.serialize(node: tidy(node))
+        else { return "# could not encode the config\n" }
         return out
     }
 
@@ -444,14 +495,17 @@ extension TrainConfig {
         func need(_ ok: Bool, _ s: @autoclosure () -> String) { if !ok { problems.append(s()) } }
 
         let m = model
-        need(BaseRegistry.names.contains(m.base),
-             "model.base '\(m.base)' is unknown; known: \(BaseRegistry.names.joined(separator: ", "))")
+        need(
+            BaseRegistry.names.contains(m.base),
+            "model.base '\(m.base)' is unknown; known: \(BaseRegistry.names.joined(separator: ", "))")
         if let p = m.preset {
             let names = m.base == "open-magvit2" ? ModelConfig.openMAGVIT2PresetNames : ModelConfig.presetNames
             let known = names.joined(separator: ", ")
             need(names.contains(p), "model.preset '\(p)' is unknown for model.base \(m.base); known: \(known)")
         } else {
-            need(m.dim != nil && m.nLayer != nil && m.nHead != nil, "model: without a preset, dim, n_layer and n_head are all required")
+            need(
+                m.dim != nil && m.nLayer != nil && m.nHead != nil,
+                "model: without a preset, dim, n_layer and n_head are all required")
         }
         // Every number within its meaningful range (issue 17): the message names the key and the range.
         func within<T: Comparable>(_ key: String, _ v: T?, _ lo: T, _ hi: T, _ note: String = "") {
@@ -471,10 +525,14 @@ extension TrainConfig {
             need(m.base == "open-magvit2", "model.factorized_n_layer applies to model.base open-magvit2 only")
             within("model.factorized_n_layer", f, 1, 1024)
         }
-        need(m.window == 1 || m.pluginDepth >= 1, "model.window \(m.window) > 1 needs a plug-in: set model.plugin_depth >= 1")
+        need(
+            m.window == 1 || m.pluginDepth >= 1,
+            "model.window \(m.window) > 1 needs a plug-in: set model.plugin_depth >= 1")
 
         if let w = loss.slotWeights {
-            need(w.count == m.window, "loss.slot_weights has \(w.count) values but model.window (k) is \(m.window): give one weight per slot")
+            need(
+                w.count == m.window,
+                "loss.slot_weights has \(w.count) values but model.window (k) is \(m.window): give one weight per slot")
             need(w.allSatisfy { $0 >= 0 && $0 <= 1000 }, "loss.slot_weights must be numbers in [0, 1000], got \(w)")
             need(w.reduce(0, +) > 0, "loss.slot_weights must not all be zero")
         }
@@ -486,12 +544,18 @@ extension TrainConfig {
         within("optim.lr_base", o.lrBase, 0, 1, " (0 freezes the group)")
         within("optim.final_lr_plugin", o.finalLrPlugin, 0, 1)
         within("optim.final_lr_base", o.finalLrBase, 0, 1)
-        need(o.lrPlugin > 0 || o.lrBase > 0 || o.finalLrPlugin > 0 || o.finalLrBase > 0, "optim: both learning rates are 0, nothing would train")
+        need(
+            o.lrPlugin > 0 || o.lrBase > 0 || o.finalLrPlugin > 0 || o.finalLrBase > 0,
+            "optim: both learning rates are 0, nothing would train")
         atLeast("optim.warmup_plugin", o.warmupPlugin, 0)
         atLeast("optim.warmup_base", o.warmupBase, 0)
-        need(o.warmupPlugin < train.steps && o.warmupBase < train.steps || train.steps <= 0,
-             "optim: warm-up (\(o.warmupPlugin), \(o.warmupBase) steps) must be shorter than train.steps (\(train.steps))")
-        need(o.betas.count == 2 && o.betas.allSatisfy { $0 >= 0 && $0 < 1 }, "optim.betas must be two numbers in [0, 1), got \(o.betas)")
+        need(
+            o.warmupPlugin < train.steps && o.warmupBase < train.steps || train.steps <= 0,
+            "optim: warm-up (\(o.warmupPlugin), \(o.warmupBase) steps) must be shorter than train.steps (\(train.steps))"
+        )
+        need(
+            o.betas.count == 2 && o.betas.allSatisfy { $0 >= 0 && $0 < 1 },
+            "optim.betas must be two numbers in [0, 1), got \(o.betas)")
         within("optim.eps", o.eps, 1e-30, 1)
         within("optim.weight_decay", o.weightDecay, 0, 1, " (decoupled: the fraction of lr x weight removed per step)")
         within("optim.clip", o.clip, 0, 1e6, " (0 turns clipping off)")
@@ -506,17 +570,21 @@ extension TrainConfig {
         atLeast("train.log_every", t.logEvery, 1)
         atLeast("train.val_every", t.valEvery, 0, " (0: only at the end)")
         within("train.max_skipped_steps", t.maxSkippedSteps, 0, 1 << 20)
-        need(t.emaDecay.map { $0 >= 0 && $0 <= 1 } ?? true,
-             "train.ema_decay must be in [0, 1] (or null: off), got \(t.emaDecay ?? 0)")
+        need(
+            t.emaDecay.map { $0 >= 0 && $0 <= 1 } ?? true,
+            "train.ema_decay must be in [0, 1] (or null: off), got \(t.emaDecay ?? 0)")
         need(worldSize >= 1, "world size must be at least 1, got \(worldSize)")
         if t.globalBatch > 0 && t.microBatch > 0 && worldSize >= 1 {
             let perStep = t.microBatch * worldSize
             if t.globalBatch % perStep != 0 {
                 let fits = (1...t.globalBatch).filter { t.globalBatch % ($0 * worldSize) == 0 }
-                problems.append("train.global_batch \(t.globalBatch) is not a multiple of train.micro_batch \(t.microBatch) x \(worldSize) rank(s) = \(perStep): "
-                    + "gradient accumulation needs a whole number of micro-batches. "
-                    + (fits.isEmpty ? "No micro_batch works with \(worldSize) ranks: change global_batch or the rank count."
-                                    : "micro_batch values that work with \(worldSize) rank(s): \(fits.map(String.init).joined(separator: ", "))"))
+                problems.append(
+                    "train.global_batch \(t.globalBatch) is not a multiple of train.micro_batch \(t.microBatch) x \(worldSize) rank(s) = \(perStep): "
+                        + "gradient accumulation needs a whole number of micro-batches. "
+                        + (fits.isEmpty
+                            ? "No micro_batch works with \(worldSize) ranks: change global_batch or the rank count."
+                            : "micro_batch values that work with \(worldSize) rank(s): \(fits.map(String.init).joined(separator: ", "))")
+                )
             }
         }
 
@@ -529,10 +597,17 @@ extension TrainConfig {
         within("checkpoint.keep_last", c.keepLast, 1, 1 << 20)
         atLeast("checkpoint.keep_every", c.keepEvery, 0, " (0: none)")
         need(!c.dir.isEmpty, "checkpoint.dir must not be empty")
-        if let r = c.run { need(!r.isEmpty && !r.contains("/") && r != "." && r != "..", "checkpoint.run must be a plain folder name, got '\(r)'") }
+        if let r = c.run {
+            need(
+                !r.isEmpty && !r.contains("/") && r != "." && r != "..",
+                "checkpoint.run must be a plain folder name, got '\(r)'")
+        }
 
         if !problems.isEmpty {
-            throw InputError(source, problems.count == 1 ? problems[0] : "\(problems.count) problems:\n  - " + problems.joined(separator: "\n  - "))
+            throw InputError(
+                source,
+                problems.count == 1
+                    ? problems[0] : "\(problems.count) problems:\n  - " + problems.joined(separator: "\n  - "))
         }
     }
 
@@ -544,8 +619,13 @@ extension TrainConfig {
     public func schedule(_ g: ParameterGroup) -> LRSchedule {
         let o = optim
         switch g {
-        case .base: return LRSchedule(kind: o.scheduleBase, peak: o.lrBase, final: o.finalLrBase, warmup: o.warmupBase, total: train.steps)
-        case .plugin: return LRSchedule(kind: o.schedulePlugin, peak: o.lrPlugin, final: o.finalLrPlugin, warmup: o.warmupPlugin, total: train.steps)
+        case .base:
+            return LRSchedule(
+                kind: o.scheduleBase, peak: o.lrBase, final: o.finalLrBase, warmup: o.warmupBase, total: train.steps)
+        case .plugin:
+            return LRSchedule(
+                kind: o.schedulePlugin, peak: o.lrPlugin, final: o.finalLrPlugin, warmup: o.warmupPlugin,
+                total: train.steps)
         }
     }
 
@@ -560,7 +640,9 @@ extension TrainConfig {
     }
 
     public var adamWSettings: AdamWSettings {
-        AdamWSettings(beta1: Float(optim.betas[0]), beta2: Float(optim.betas[1]), eps: Float(optim.eps), weightDecay: Float(optim.weightDecay))
+        AdamWSettings(
+            beta1: Float(optim.betas[0]), beta2: Float(optim.betas[1]), eps: Float(optim.eps),
+            weightDecay: Float(optim.weightDecay))
     }
 
     /// Gradient clip for `AdamW.step`: nil when off.
@@ -573,7 +655,9 @@ extension TrainConfig {
 extension TrainConfig.ModelSection {
     /// The model's full shape: the preset (if any), the explicit fields over it, and the dataset's
     /// vocabulary, classes and grid. Validated (SPEC section 2 rules); errors name `source`.
-    public func resolve(vocabSize: Int, numClasses: Int, gridSize: Int, source: String = "config (model section)") throws -> ModelConfig {
+    public func resolve(
+        vocabSize: Int, numClasses: Int, gridSize: Int, source: String = "config (model section)"
+    ) throws -> ModelConfig {
         guard BaseRegistry.names.contains(base) else {
             let known = BaseRegistry.names.joined(separator: ", ")
             throw InputError(source, "model.base '\(base)' is unknown; known: \(known)")
@@ -581,8 +665,9 @@ extension TrainConfig.ModelSection {
         var c: ModelConfig
         if let preset {
             do {
-                c = try ModelConfig.preset(preset, base: base, vocabSize: vocabSize, numClasses: numClasses,
-                                           gridSize: gridSize)
+                c = try ModelConfig.preset(
+                    preset, base: base, vocabSize: vocabSize, numClasses: numClasses,
+                    gridSize: gridSize)
             } catch let e as InputError {
                 throw InputError(source, "model.preset: \(e.problem)")
             }
@@ -590,7 +675,9 @@ extension TrainConfig.ModelSection {
             guard let dim, let nLayer, let nHead else {
                 throw InputError(source, "model: without a preset, dim, n_layer and n_head are all required")
             }
-            c = ModelConfig(vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: dim, nLayer: nLayer, nHead: nHead)
+            c = ModelConfig(
+                vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: dim, nLayer: nLayer, nHead: nHead
+            )
             if base == "open-magvit2" {
                 // SPEC section 8's split of the dataset's V (2^6 x 2^12 for 2^18); Lf 2 unless given
                 c.factorizedBits = ModelConfig.defaultFactorizedBits(vocabSize: vocabSize) ?? []
@@ -598,7 +685,10 @@ extension TrainConfig.ModelSection {
             }
         }
         if let factorizedNLayer { c.factorizedNLayer = factorizedNLayer }
-        if let dim { c.dim = dim; c.ffnHidden = ModelConfig.defaultFFNHidden(dim: dim) }
+        if let dim {
+            c.dim = dim
+            c.ffnHidden = ModelConfig.defaultFFNHidden(dim: dim)
+        }
         if let nLayer { c.nLayer = nLayer }
         if let nHead { c.nHead = nHead }
         if let ffnHidden { c.ffnHidden = ffnHidden }

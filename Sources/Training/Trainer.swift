@@ -38,7 +38,11 @@ public final class Trainer {
         public var gather = 0.0
         public var total: Double { compute + allreduceWait + dataWait + optimizer + gather }
         mutating func add(_ o: Timing) {
-            compute += o.compute; allreduceWait += o.allreduceWait; dataWait += o.dataWait; optimizer += o.optimizer; steps += o.steps
+            compute += o.compute
+            allreduceWait += o.allreduceWait
+            dataWait += o.dataWait
+            optimizer += o.optimizer
+            steps += o.steps
             gather += o.gather
         }
     }
@@ -60,22 +64,32 @@ public final class Trainer {
     }
 
     public init(config: TrainConfig, comm: Communicator) throws {
-        self.config = config; self.comm = comm
+        self.config = config
+        self.comm = comm
         trainCache = try TokenCache(directory: config.data.train)
         valCache = try config.data.val.map { try TokenCache(directory: $0) }
         let info = trainCache.info
-        if info.gridH != info.gridW { throw InputError(config.data.train, "grid \(info.gridH)x\(info.gridW) is not square; the 2D rotary table needs H == W (SPEC section 1)") }
+        if info.gridH != info.gridW {
+            throw InputError(
+                config.data.train,
+                "grid \(info.gridH)x\(info.gridW) is not square; the 2D rotary table needs H == W (SPEC section 1)")
+        }
         let mc = try config.model.resolve(vocabSize: info.vocabSize, numClasses: info.numClasses, gridSize: info.gridH)
         if let v = valCache { try checkDataMatchesModel(v.info, mc, cachePath: v.directory) }
         if let n = config.data.valSamples, let v = valCache, n > v.count {
-            throw InputError(v.directory, "data.val_samples is \(n) but this validation cache holds only "
-                + "\(v.count) samples")
+            throw InputError(
+                v.directory,
+                "data.val_samples is \(n) but this validation cache holds only "
+                    + "\(v.count) samples")
         }
-        let sharded = config.dist.shardOptimizer == .none ? nil
+        let sharded =
+            config.dist.shardOptimizer == .none
+            ? nil
             : MemoryBreakdown.estimate(mc, config: config, ranks: comm.size)
-        try MemoryCheck.check(mc, microBatch: config.train.microBatch, dropout: config.train.dropout > 0,
-                              ranksOnNode: MPI.ranksOnThisNode, source: "config (model, train.micro_batch)",
-                              fixed: sharded.map { $0.parameters + $0.gradients + $0.moments })
+        try MemoryCheck.check(
+            mc, microBatch: config.train.microBatch, dropout: config.train.dropout > 0,
+            ranksOnNode: MPI.ranksOnThisNode, source: "config (model, train.micro_batch)",
+            fixed: sharded.map { $0.parameters + $0.gradients + $0.moments })
         model = try Trainer.buildModel(mc, config: config)
         let params = model.params
         ema = config.train.emaDecay.map { _ in FlatBuffer(count: params.count) }
@@ -84,34 +98,50 @@ public final class Trainer {
         if zero == .statesAndGrads { model.usePageBackedGradients() }
         _ = model.grads  // allocated now (lazy), so it counts as gradients, not as the first step's activations
         if let w = config.loss.slotWeights { model.slotWeights = w.map { Float($0) } }
-        weightPerImage = model.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, mc.seqLen - $1.offset)) * Double($1.element) }
+        weightPerImage = model.slotWeights.enumerated().reduce(0.0) {
+            $0 + Double(max(0, mc.seqLen - $1.offset)) * Double($1.element)
+        }
         // ZeRO: each rank owns its checkpoint slice (SPEC section 7) of the flat buffer: its
         // moments, its update and, after the reduce-scatter, its gradients.
-        let total = model.table.total, ranks = comm.size
+        let total = model.table.total
+        let ranks = comm.size
         let slices = (0..<ranks).map { CheckpointStore.slice(rank: $0, worldSize: ranks, count: total) }
         let owned = zero == .none ? nil : slices[comm.rank]
-        optimizer = AdamW(table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups,
-                          owned: owned)
+        optimizer = AdamW(
+            table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups,
+            owned: owned)
         optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
-        loader = try TokenLoader(cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
-                                 seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment,
-                                 prefetch: Trainer.prefetch)
-        let shard = zero == .none ? nil : GradientSync.Shard(
-            slices: slices, rank: comm.rank, releaseSource: zero == .statesAndGrads,
-            bucketElements: GradientSync.bucketElements(mb: config.dist.bucketMB))
-        sync = try GradientSync(communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB,
-                                readyOrder: model.gradientReadyOrder,
-                                mode: config.dist.overlap ? .overlapped : .blocking, shard: shard)
-        var codebook: [Float]?, cbDim = 0
+        loader = try TokenLoader(
+            cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
+            seed: UInt64(config.train.seed), shuffle: true, augment: config.data.augment,
+            prefetch: Trainer.prefetch)
+        let shard =
+            zero == .none
+            ? nil
+            : GradientSync.Shard(
+                slices: slices, rank: comm.rank, releaseSource: zero == .statesAndGrads,
+                bucketElements: GradientSync.bucketElements(mb: config.dist.bucketMB))
+        sync = try GradientSync(
+            communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB,
+            readyOrder: model.gradientReadyOrder,
+            mode: config.dist.overlap ? .overlapped : .blocking, shard: shard)
+        var codebook: [Float]?
+        var cbDim = 0
         if config.noise.type == .discrete && config.noise.embedding == .codebook {
-            guard let path = trainCache.codebookPath else { throw InputError(config.data.train, "noise.embedding: codebook needs a codebook.h5 in the cache") }
+            guard let path = trainCache.codebookPath else {
+                throw InputError(config.data.train, "noise.embedding: codebook needs a codebook.h5 in the cache")
+            }
             let cb = try Codebook.load(path: path)
-            codebook = cb.vectors; cbDim = cb.Dc
+            codebook = cb.vectors
+            cbDim = cb.Dc
         }
-        noise = LossNoise(noiser: TensorNoiser(type: config.noise.type, schedule: config.noise.schedule, window: mc.window, vocabSize: mc.vocabSize),
-                          seed: UInt64(config.train.seed), codebook: codebook, codebookDim: cbDim)
-        batches = BatchBuilder(model: model, noise: noise, seed: UInt64(config.train.seed),
-                               labelDrop: config.train.labelDrop, dropout: config.train.dropout)
+        noise = LossNoise(
+            noiser: TensorNoiser(
+                type: config.noise.type, schedule: config.noise.schedule, window: mc.window, vocabSize: mc.vocabSize),
+            seed: UInt64(config.train.seed), codebook: codebook, codebookDim: cbDim)
+        batches = BatchBuilder(
+            model: model, noise: noise, seed: UInt64(config.train.seed),
+            labelDrop: config.train.labelDrop, dropout: config.train.dropout)
     }
 
     /// Memory of one rank by purpose, in bytes: exact for parameters, gradients and moments, an
@@ -151,11 +181,27 @@ public final class Trainer {
                 throw InputError(path, "metadata tensorar.config is not a valid model config: \(error)")
             }
             try fileConfig.validate(source: "\(path) (tensorar.config)")
-            var a = fileConfig, b = mc
-            a.window = 1; a.pluginDepth = 0; b.window = 1; b.pluginDepth = 0; a.residual = true; b.residual = true
-            if a != b { throw InputError(path, "its base model \(fileConfig.jsonString()) does not match the configured one \(mc.jsonString())") }
-            if fileConfig.hasPlugin && (fileConfig.window != mc.window || fileConfig.pluginDepth != mc.pluginDepth || fileConfig.residual != mc.residual) {
-                throw InputError(path, "its plug-in (window \(fileConfig.window), depth \(fileConfig.pluginDepth), residual \(fileConfig.residual)) does not match the config's (\(mc.window), \(mc.pluginDepth), \(mc.residual))")
+            var a = fileConfig
+            var b = mc
+            a.window = 1
+            a.pluginDepth = 0
+            b.window = 1
+            b.pluginDepth = 0
+            a.residual = true
+            b.residual = true
+            if a != b {
+                throw InputError(
+                    path,
+                    "its base model \(fileConfig.jsonString()) does not match the configured one \(mc.jsonString())")
+            }
+            if fileConfig.hasPlugin
+                && (fileConfig.window != mc.window || fileConfig.pluginDepth != mc.pluginDepth
+                    || fileConfig.residual != mc.residual)
+            {
+                throw InputError(
+                    path,
+                    "its plug-in (window \(fileConfig.window), depth \(fileConfig.pluginDepth), residual \(fileConfig.residual)) does not match the config's (\(mc.window), \(mc.pluginDepth), \(mc.residual))"
+                )
             }
         }
         let hasPlugin = st.tensors.keys.contains { $0.hasPrefix("tensorar.") }
@@ -165,7 +211,12 @@ public final class Trainer {
 
     // MARK: one step
 
-    public struct StepResult { public var report: LossReport; public var gradNorm: Double; public var applied: Bool; public var seconds: Double }
+    public struct StepResult {
+        public var report: LossReport
+        public var gradNorm: Double
+        public var applied: Bool
+        public var seconds: Double
+    }
 
     /// One optimizer step over one global batch: micro-batches with gradient accumulation, the
     /// last one's backward overlapped with the allreduce, then AdamW. A step whose loss or
@@ -189,15 +240,18 @@ public final class Trainer {
         if first { activationBytesMeasured = FlatBuffer.liveBytes - liveBefore }
         let tOpt = monotonicSeconds()
         gatherSeconds = 0
-        var applied = false, norm = Double.nan
+        var applied = false
+        var norm = Double.nan
         if report.loss.isFinite {
             let res = try optimizerStep(lr: config.learningRates(at: step))
-            applied = res.applied; norm = res.gradNorm
+            applied = res.applied
+            norm = res.gradNorm
             if applied { updateEMA() }
         }
         let t1 = monotonicSeconds()
-        var t = Timing(compute: (tOpt - tData) - commWait, allreduceWait: commWait, dataWait: tData - t0,
-                       optimizer: t1 - tOpt - gatherSeconds, steps: 1)
+        var t = Timing(
+            compute: (tOpt - tData) - commWait, allreduceWait: commWait, dataWait: tData - t0,
+            optimizer: t1 - tOpt - gatherSeconds, steps: 1)
         t.gather = gatherSeconds
         if first { firstStep = t } else { timing.add(t) }
         step += 1
@@ -255,7 +309,9 @@ public final class Trainer {
     func accumulateGradients(_ batch: TokenBatch, sync: GradientSync?) throws -> LossReport {
         let c = model.config
         let micro = config.train.microBatch
-        precondition(batch.count % micro == 0, "a rank's batch of \(batch.count) is not a whole number of micro-batches of \(micro)")
+        precondition(
+            batch.count % micro == 0,
+            "a rank's batch of \(batch.count) is not a whole number of micro-batches of \(micro)")
         let accum = batch.count / micro
         let scale = Float(1 / (Double(config.train.globalBatch) * weightPerImage))
         var local = LossReport(slots: c.window, parts: model.lossPartNames.count)
@@ -304,8 +360,10 @@ public final class Trainer {
     /// d = 1 keeps the average exactly as it was.
     func updateEMA() {
         guard let ema, let decay = config.train.emaDecay else { return }
-        let d = Float(decay), keep = Float(1 - decay)
-        let e = ema.base, p = model.params.base
+        let d = Float(decay)
+        let keep = Float(1 - decay)
+        let e = ema.base
+        let p = model.params.base
         for i in 0..<ema.count { e[i] = e[i] * d + p[i] * keep }
     }
 
@@ -325,8 +383,12 @@ public final class Trainer {
     public func validate() throws -> (noised: LossReport, clean: LossReport)? {
         guard let v = valCache else { return nil }
         let range = validationShard(cache: v, limit: config.data.valSamples, rank: comm.rank, worldSize: comm.size)
-        var noised = try evaluateLoss(model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: noise).packed
-        var clean = try evaluateLoss(model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: nil).packed
+        var noised = try evaluateLoss(
+            model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: noise
+        ).packed
+        var clean = try evaluateLoss(
+            model: model, cache: v, range: range, batchSize: config.train.microBatch, noise: nil
+        ).packed
         try watched(step: step, "the validation loss allreduce") {
             try comm.allreduce(&noised)
             try comm.allreduce(&clean)
@@ -387,8 +449,16 @@ public final class ManagedAtomicFlag: @unchecked Sendable {
     private var value: Int32 = 0
     private let lock = NSLock()
     public init() {}
-    public func set() { lock.lock(); value = 1; lock.unlock() }
-    public var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value != 0 }
+    public func set() {
+        lock.lock()
+        value = 1
+        lock.unlock()
+    }
+    public var isSet: Bool {
+        lock.lock()
+        defer { lock.unlock() }
+        return value != 0
+    }
 }
 
 extension Trainer {
@@ -396,19 +466,24 @@ extension Trainer {
     /// position in the global sample stream (SPEC section 7).
     public var progress: TrainingProgress {
         let pos = loader.position
-        return TrainingProgress(step: step, samplesSeen: pos, dataEpoch: pos / max(trainCache.count, 1), dataOffset: pos, seed: config.train.seed)
+        return TrainingProgress(
+            step: step, samplesSeen: pos, dataEpoch: pos / max(trainCache.count, 1), dataOffset: pos,
+            seed: config.train.seed)
     }
 
     /// Continues from a checkpoint: the step, and the data stream exactly where it was.
     /// Whether a checkpoint's data position fits this run's training cache: data_epoch must be
     /// data_offset / N for the N samples of the cache (else another cache, or a damaged manifest).
     public func checkDataPosition(_ c: LoadedCheckpoint) throws {
-        let m = c.manifest, n = max(trainCache.count, 1)
+        let m = c.manifest
+        let n = max(trainCache.count, 1)
         guard m.dataEpoch == m.dataOffset / n else {
             let path = (c.directory as NSString).appendingPathComponent("manifest.json")
-            throw InputError(path, "data_epoch \(m.dataEpoch) does not match data_offset \(m.dataOffset) over the "
-                + "\(n) samples of \(config.data.train) (expected epoch \(m.dataOffset / n)): another cache, "
-                + "or a damaged manifest")
+            throw InputError(
+                path,
+                "data_epoch \(m.dataEpoch) does not match data_offset \(m.dataOffset) over the "
+                    + "\(n) samples of \(config.data.train) (expected epoch \(m.dataOffset / n)): another cache, "
+                    + "or a damaged manifest")
         }
     }
 
@@ -447,7 +522,11 @@ struct TestHooks {
     static func fromEnvironment(_ env: [String: String] = ProcessInfo.processInfo.environment) -> TestHooks {
         var h = TestHooks()
         if let s = env["TENSORAR_TEST_NAN_AT_STEP"] {
-            if s.hasSuffix("-"), let from = Int(s.dropLast()) { h.nanSteps = from...Int.max } else if let n = Int(s) { h.nanSteps = n...n }
+            if s.hasSuffix("-"), let from = Int(s.dropLast()) {
+                h.nanSteps = from...Int.max
+            } else if let n = Int(s) {
+                h.nanSteps = n...n
+            }
         }
         if let s = env["TENSORAR_TEST_NAN_IN"], let p = Poison(rawValue: s) { h.nanIn = p }
         h.nanRank = env["TENSORAR_TEST_NAN_RANK"].flatMap { Int($0) }
@@ -464,7 +543,8 @@ struct TestHooks {
 
     func failIfAsked(rank: Int, step: Int) throws {
         if let f = failRank, f == rank, step == failStep {
-            throw InputError("TENSORAR_TEST_FAIL_RANK", "rank \(rank) fails at step \(step) on purpose (test-only fault injection)")
+            throw InputError(
+                "TENSORAR_TEST_FAIL_RANK", "rank \(rank) fails at step \(step) on purpose (test-only fault injection)")
         }
     }
 }

@@ -114,9 +114,12 @@ public final class CollectiveWatchdog: @unchecked Sendable {
             }
             return nil
         }
-        let who = late.isEmpty ? "every rank arrived, so the collective itself is stuck (network?)"
+        let who =
+            late.isEmpty
+            ? "every rank arrived, so the collective itself is stuck (network?)"
             : "rank(s) \(late.joined(separator: ", ")) did not arrive or stopped responding"
-        let msg = "error: rank \(rank) of \(size): step \(w.step): \(w.what) has not finished after "
+        let msg =
+            "error: rank \(rank) of \(size): step \(w.step): \(w.what) has not finished after "
             + String(format: "%.0f", timeout) + " s (dist.collective_timeout_s): \(who); ending the job\n"
         FileHandle.standardError.write(Data(msg.utf8))
         MPI.abort(1)

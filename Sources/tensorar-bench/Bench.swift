@@ -1,5 +1,5 @@
-import ArgumentParser
 import ARModel
+import ArgumentParser
 import Foundation
 import Kernels
 import Platform
@@ -29,10 +29,11 @@ struct Bench: ParsableCommand {
     @Option(help: "Sampling: classifier-free guidance scale (above 1: null rows double the batch).")
     var cfgScale: Float = 4
     @Option(help: "Seconds each sgemm peak trial runs (best of 3 trials per shape).") var peakSeconds = 0.3
-    @Option(help: """
-        Comma-separated base models to time, \(BaseRegistry.names.joined(separator: ", ")): with two, each preset \
-        of both in one interleaved run, and the step-time and FLOP ratios of the second to the first.
-        """) var bases = "llamagen"
+    @Option(
+        help: """
+            Comma-separated base models to time, \(BaseRegistry.names.joined(separator: ", ")): with two, each preset \
+            of both in one interleaved run, and the step-time and FLOP ratios of the second to the first.
+            """) var bases = "llamagen"
     @Flag(help: "Only print parameter counts.") var params = false
     @Option(help: "Only print one rank's memory for training this preset (nothing is allocated).") var memory: String?
     @Option(help: "With --memory: MPI ranks.") var ranks = 1
@@ -111,10 +112,13 @@ struct Bench: ParsableCommand {
         tc.dist.shardOptimizer = zero
         let m = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks)
         let plugin = window > 0 ? "k=\(window) d=\(depth)" : "no plug-in"
-        print("\(base) \(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), "
-              + "micro-batch \(microBatch) x \(c.seqLen) tokens, shard \(zero.rawValue):")
-        for (name, bytes) in [("parameters", m.parameters), ("gradients", m.gradients), ("AdamW moments", m.moments),
-                              ("activations", m.activations), ("buffers", m.buffers)] {
+        print(
+            "\(base) \(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), "
+                + "micro-batch \(microBatch) x \(c.seqLen) tokens, shard \(zero.rawValue):")
+        for (name, bytes) in [
+            ("parameters", m.parameters), ("gradients", m.gradients), ("AdamW moments", m.moments),
+            ("activations", m.activations), ("buffers", m.buffers),
+        ] {
             let padded = name.padding(toLength: 14, withPad: " ", startingAt: 0)
             print("  " + padded + String(format: "%8.2f GB", Double(bytes) / 1e9))
         }
@@ -127,8 +131,10 @@ struct Bench: ParsableCommand {
         for (i, n) in counts.enumerated() {
             let best = max(before[i].best, after[i].best)
             peaks.append(best)
-            print(String(format: "sgemm peak, %d thread(s): before %@, after %@ -> %.1f GFLOP/s", n,
-                         before[i].text as NSString, after[i].text as NSString, best))
+            print(
+                String(
+                    format: "sgemm peak, %d thread(s): before %@, after %@ -> %.1f GFLOP/s", n,
+                    before[i].text as NSString, after[i].text as NSString, best))
         }
         return peaks
     }
@@ -137,8 +143,9 @@ struct Bench: ParsableCommand {
     func config(_ name: String, base: String = "llamagen") throws -> ModelConfig {
         let small = name == "small"
         let V = base == "open-magvit2" ? (small ? 4096 : 262_144) : (small ? 512 : 16384)
-        return try ModelConfig.preset(name, base: base, vocabSize: V, numClasses: small ? 10 : 1000,
-                                      gridSize: small ? 7 : 16)
+        return try ModelConfig.preset(
+            name, base: base, vocabSize: V, numClasses: small ? 10 : 1000,
+            gridSize: small ? 7 : 16)
     }
 
     func label(_ name: String, base: String) -> String {
@@ -161,7 +168,8 @@ struct Bench: ParsableCommand {
         }
         let best = interleave(timers.map { t in { s in t.1.step(s) } }, counts: counts)
         return timers.enumerated().map { i, t in
-            Row(label: t.0, config: t.1.cfg, batch: b, tokens: b * t.1.cfg.seqLen,
+            Row(
+                label: t.0, config: t.1.cfg, batch: b, tokens: b * t.1.cfg.seqLen,
                 flops: t.1.cfg.trainingFLOPs(batch: b), seconds: best[i])
         }
     }
@@ -186,8 +194,11 @@ struct Bench: ParsableCommand {
         }
         let best = interleave([run], counts: counts)
         let flops = cfg.samplingFLOPs(batch: sampleBatch, guided: cfgScale != 1, steps: positions)
-        return [Row(label: "sample \(name)", config: cfg, batch: sampleBatch, tokens: sampleBatch * positions,
-                    flops: flops, seconds: best[0])]
+        return [
+            Row(
+                label: "sample \(name)", config: cfg, batch: sampleBatch, tokens: sampleBatch * positions,
+                flops: flops, seconds: best[0])
+        ]
     }
 
     /// Runs every job at every thread count in turn, `steps` times after a warm-up, so that load
@@ -223,9 +234,11 @@ struct Bench: ParsableCommand {
             for (c, n) in counts.enumerated() {
                 let gf = r.flops / r.seconds[c] / 1e9
                 let scaling = c == 0 ? "" : String(format: "  %.2fx", r.seconds[0] / r.seconds[c])
-                print(String(format: "%-14@ %2d %d %6d %3d %10.3f %10.0f %9.1f %5.1f%%", r.label as NSString,
-                             r.config.window, r.config.pluginDepth, r.batch, n, r.seconds[c],
-                             Double(r.tokens) / r.seconds[c], gf, 100 * gf / peaks[c]) + scaling)
+                print(
+                    String(
+                        format: "%-14@ %2d %d %6d %3d %10.3f %10.0f %9.1f %5.1f%%", r.label as NSString,
+                        r.config.window, r.config.pluginDepth, r.batch, n, r.seconds[c],
+                        Double(r.tokens) / r.seconds[c], gf, 100 * gf / peaks[c]) + scaling)
             }
         }
         printPluginRatios(rows, counts: counts)
@@ -241,24 +254,30 @@ struct Bench: ParsableCommand {
                 continue
             }
             for (c, n) in counts.enumerated() {
-                print(String(format: "%@ against %@, batch %d, %d thread(s): step time %.2fx, FLOP ratio %.2fx",
-                             r.label as NSString, ref.label as NSString, r.batch, n, r.seconds[c] / ref.seconds[c],
-                             r.flops / ref.flops))
+                print(
+                    String(
+                        format: "%@ against %@, batch %d, %d thread(s): step time %.2fx, FLOP ratio %.2fx",
+                        r.label as NSString, ref.label as NSString, r.batch, n, r.seconds[c] / ref.seconds[c],
+                        r.flops / ref.flops))
             }
         }
     }
 
     /// For each training pair (base, plug-in): the plug-in's time ratio against its FLOP ratio.
     func printPluginRatios(_ rows: [Row], counts: [Int]) {
-        for (base, plugin) in zip(rows, rows.dropFirst()) where base.label == plugin.label
-            && base.label.hasPrefix("train") && base.batch == plugin.batch && plugin.config.hasPlugin {
+        for (base, plugin) in zip(rows, rows.dropFirst())
+        where base.label == plugin.label
+            && base.label.hasPrefix("train") && base.batch == plugin.batch && plugin.config.hasPlugin
+        {
             for (c, n) in counts.enumerated() {
                 let ratio = plugin.seconds[c] / base.seconds[c]
                 let flopRatio = plugin.flops / base.flops
                 let format = "%@ batch %d, %d thread(s): plug-in k=%d d=%d time ratio %.2fx, FLOP ratio %.2fx -> %.2f"
-                print(String(format: format,
-                             base.label as NSString, base.batch, n, plugin.config.window, plugin.config.pluginDepth,
-                             ratio, flopRatio, ratio / flopRatio))
+                print(
+                    String(
+                        format: format,
+                        base.label as NSString, base.batch, n, plugin.config.window, plugin.config.pluginDepth,
+                        ratio, flopRatio, ratio / flopRatio))
             }
         }
     }
@@ -287,8 +306,9 @@ struct Bench: ParsableCommand {
             }
             model.grads.zero()
             let dropout = DropoutSettings(p: 0.1, seed: 1, step: s, samplePositions: Array(0..<batch))
-            model.forward(ModelBatch(batch: batch, tokens: tokens, labels: labels, tensors: tensors),
-                          dropout: dropout, gradientScale: 1 / Float(batch * T))
+            model.forward(
+                ModelBatch(batch: batch, tokens: tokens, labels: labels, tensors: tensors),
+                dropout: dropout, gradientScale: 1 / Float(batch * T))
             model.backward()
         }
     }
@@ -304,22 +324,31 @@ struct SgemmPeak {
 
     static func measure(threads n: Int, seconds: Double) -> SgemmPeak {
         BLAS.threads = n
-        var tiled = 0.0, native = 0.0
+        var tiled = 0.0
+        var native = 0.0
         for (m, nn, k) in [(1024, 1024, 1024), (2048, 768, 768), (1024, 2304, 768)] {
-            let a = FlatBuffer(count: m * k), b = FlatBuffer(count: k * nn), c = FlatBuffer(count: m * nn)
+            let a = FlatBuffer(count: m * k)
+            let b = FlatBuffer(count: k * nn)
+            let c = FlatBuffer(count: m * nn)
             for i in 0..<a.count { a[i] = Float(i % 7) * 0.1 }
             for i in 0..<b.count { b[i] = Float(i % 5) * 0.1 }
             let flops = 2 * Double(m * nn * k)
-            tiled = max(tiled, rate(flops, seconds) {
-                BLAS.sgemm(transA: false, transB: false, m: m, n: nn, k: k, a.base, lda: k, b.base, ldb: nn, beta: 0,
-                           c.base, ldc: nn)
-            })
-            native = max(native, BLAS.withNativeThreads(n) {
+            tiled = max(
+                tiled,
                 rate(flops, seconds) {
-                    BLAS.sgemmOneCall(transA: false, transB: false, m: m, n: nn, k: k, a.base, lda: k, b.base, ldb: nn,
-                                      beta: 0, c.base, ldc: nn)
-                }
-            })
+                    BLAS.sgemm(
+                        transA: false, transB: false, m: m, n: nn, k: k, a.base, lda: k, b.base, ldb: nn, beta: 0,
+                        c.base, ldc: nn)
+                })
+            native = max(
+                native,
+                BLAS.withNativeThreads(n) {
+                    rate(flops, seconds) {
+                        BLAS.sgemmOneCall(
+                            transA: false, transB: false, m: m, n: nn, k: k, a.base, lda: k, b.base, ldb: nn,
+                            beta: 0, c.base, ldc: nn)
+                    }
+                })
         }
         return SgemmPeak(tiled: tiled, native: native)
     }

@@ -1,5 +1,5 @@
-import ArgumentParser
 import ARModel
+import ArgumentParser
 import Foundation
 import Platform
 import Training
@@ -20,9 +20,12 @@ struct Weights: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "weights",
         abstract: "Write a checkpoint's model as .safetensors (the default command).",
-        discussion: "The file loads in tensorar-eval, tensorar-sample and tensorar-train --init-from, and in LlamaGen (base tensors).")
+        discussion:
+            "The file loads in tensorar-eval, tensorar-sample and tensorar-train --init-from, and in LlamaGen (base tensors)."
+    )
 
-    @Option(help: "A checkpoint folder (step-NNNNNNNN), or a run folder meaning its newest checkpoint (`latest`).") var checkpoint: String
+    @Option(help: "A checkpoint folder (step-NNNNNNNN), or a run folder meaning its newest checkpoint (`latest`).")
+    var checkpoint: String
     @Option(help: "The .safetensors file to write (a file is replaced atomically; a folder is refused).")
     var out: String
     @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
@@ -33,15 +36,22 @@ struct Weights: ParsableCommand {
             try checkOutputFile(out, what: "--out weights file")
             guard let (dir, manifest) = try checkpointManifest(at: checkpoint) else {
                 let exists = FileManager.default.fileExists(atPath: checkpoint)
-                throw InputError(checkpoint, (exists ? "a file, not a folder" : "no such folder")
-                    + ": expected a checkpoint folder (step-NNNNNNNN) or a run folder with checkpoints")
+                throw InputError(
+                    checkpoint,
+                    (exists ? "a file, not a folder" : "no such folder")
+                        + ": expected a checkpoint folder (step-NNNNNNNN) or a run folder with checkpoints")
             }
             let model = try loadModel(from: dir, kind: weightsKind)
-            try model.save(out, extraMetadata: ["tensorar.checkpoint": dir, "tensorar.step": String(manifest.step),
-                                                "tensorar.weights_kind": weightsKind.rawValue])
-            print("\(out): \(model.table.total) parameters (\(weightsKind.rawValue) weights) from \(dir) "
-                  + "(step \(manifest.step)); "
-                  + "model \(model.config.jsonString())")
+            try model.save(
+                out,
+                extraMetadata: [
+                    "tensorar.checkpoint": dir, "tensorar.step": String(manifest.step),
+                    "tensorar.weights_kind": weightsKind.rawValue,
+                ])
+            print(
+                "\(out): \(model.table.total) parameters (\(weightsKind.rawValue) weights) from \(dir) "
+                    + "(step \(manifest.step)); "
+                    + "model \(model.config.jsonString())")
         }
     }
 }

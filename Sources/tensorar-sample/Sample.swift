@@ -1,5 +1,5 @@
-import ArgumentParser
 import ARModel
+import ArgumentParser
 import Foundation
 import Platform
 import TokenData
@@ -16,61 +16,76 @@ import Training
 struct Sample: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "tensorar-sample",
-        abstract: "Sample images (tokens and refinement trajectories) from a TensorAR model, data-parallel over MPI ranks.",
+        abstract:
+            "Sample images (tokens and refinement trajectories) from a TensorAR model, data-parallel over MPI ranks.",
         discussion: """
-        Output (HDF5): tokens int32 [N, T], labels int32 [N], trajectories int32 [N, T, k] (entry [n, q, s] \
-        is the prediction of token q made at slot s, at step q - s; -1 where none), and attributes: the \
-        sampling settings (cfg_scale, temperature, top_p and seed as text, top_k and per_class as integers, \
-        all of them in `sampling` as JSON) and the model shape in `config` (JSON, SPEC section 7).
+            Output (HDF5): tokens int32 [N, T], labels int32 [N], trajectories int32 [N, T, k] (entry [n, q, s] \
+            is the prediction of token q made at slot s, at step q - s; -1 where none), and attributes: the \
+            sampling settings (cfg_scale, temperature, top_p and seed as text, top_k and per_class as integers, \
+            all of them in `sampling` as JSON) and the model shape in `config` (JSON, SPEC section 7).
 
-        --npy-dir also writes LlamaGen-compatible codes: codes.npy int64 [N, T] and labels.npy int64 [N].
+            --npy-dir also writes LlamaGen-compatible codes: codes.npy int64 [N, T] and labels.npy int64 [N].
 
-        --bench measures sampling speed instead (random weights; no --weights needed).
-        """)
+            --bench measures sampling speed instead (random weights; no --weights needed).
+            """)
 
-    @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).") var weights: String?
-    @Option(help: """
-        Model shape for a .safetensors without tensorar.config metadata: \
-        \(ModelConfig.presetNames.joined(separator: ", ")) (with --vocab-size, --num-classes, --grid-size or --data).
-        """) var preset: String?
+    @Option(help: "Weights (.safetensors) or a checkpoint folder (a step folder, or a run folder meaning its latest).")
+    var weights: String?
+    @Option(
+        help: """
+            Model shape for a .safetensors without tensorar.config metadata: \
+            \(ModelConfig.presetNames.joined(separator: ", ")) (with --vocab-size, --num-classes, --grid-size or --data).
+            """) var preset: String?
     @Option(help: "Codebook size V: the preset's, or an error when the weights have another.") var vocabSize: Int?
     @Option(help: "Number of classes C: the preset's, or an error when the weights have another.") var numClasses: Int?
     @Option(help: "Token grid side: the preset's, or an error when the weights have another.") var gridSize: Int?
-    @Option(help: """
-        Token cache (SPEC section 7) the model is for: its grid, vocabulary and classes must fit the \
-        weights (as tensorar-eval checks), and they give a --preset its shape.
-        """) var data: String?
+    @Option(
+        help: """
+            Token cache (SPEC section 7) the model is for: its grid, vocabulary and classes must fit the \
+            weights (as tensorar-eval checks), and they give a --preset its shape.
+            """) var data: String?
     @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).")
     var base = "llamagen"
     @Option(help: "Expected window k; an error when the weights have another.") var window: Int?
     @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
     var weightsKind: WeightsKind = .raw
-    @Option(help: "Classes to sample, comma-separated, ranges allowed (0,3,5-7); default: all of the model's classes.") var classes: String?
+    @Option(help: "Classes to sample, comma-separated, ranges allowed (0,3,5-7); default: all of the model's classes.")
+    var classes: String?
     @Option(help: "Images per class.") var perClass = 10
-    @Option(help: """
-        Classifier-free guidance scale, A or A,B: one per sub-token for Open-MAGVIT2 (pre, post; one value \
-        means both). As LlamaGen, guidance only above 1 (at 1 or below: no guidance, no null-class rows, \
-        the conditioned logits as they are).
-        """) var cfgScale = PartValues([1])
-    @Option(help: """
-        LlamaGen's --cfg-interval: -1 guides every step; N >= 0 guides steps 0 ... N + 1 only (LlamaGen's \
-        first token and its next N + 1), the later ones use the conditioned logits.
-        """) var cfgInterval = -1
+    @Option(
+        help: """
+            Classifier-free guidance scale, A or A,B: one per sub-token for Open-MAGVIT2 (pre, post; one value \
+            means both). As LlamaGen, guidance only above 1 (at 1 or below: no guidance, no null-class rows, \
+            the conditioned logits as they are).
+            """) var cfgScale = PartValues([1])
+    @Option(
+        help: """
+            LlamaGen's --cfg-interval: -1 guides every step; N >= 0 guides steps 0 ... N + 1 only (LlamaGen's \
+            first token and its next N + 1), the later ones use the conditioned logits.
+            """) var cfgInterval = -1
     @Option(help: "Softmax temperature (0: greedy), A or A,B as --cfg-scale.") var temperature = PartValues([1])
     @Option(help: "Keep the K most likely tokens (0: all; 1: greedy, deterministic).") var topK = 0
-    @Option(help: "Keep the smallest set of most likely tokens whose probability reaches P (1: all).") var topP: Float = 1
+    @Option(help: "Keep the smallest set of most likely tokens whose probability reaches P (1: all).") var topP: Float =
+        1
     @Option(help: "Seed; with the same seed a run is reproduced exactly, on any number of ranks.") var seed: UInt64 = 0
     @Option(help: "Images sampled together per rank (guidance doubles the rows).") var batchSize = 64
     @Option(help: "Output HDF5 file.") var out = "samples.h5"
-    @Option(help: "Also write LlamaGen-compatible codes here: codes.npy int64 [N, T], labels.npy int64 [N].") var npyDir: String?
+    @Option(help: "Also write LlamaGen-compatible codes here: codes.npy int64 [N, T], labels.npy int64 [N].")
+    var npyDir: String?
     @Option(help: "BLAS threads per rank (default: cores / ranks on the node).") var threads: Int?
     @Flag(help: "Only errors on stderr; no progress lines.") var quiet = false
 
-    @Flag(help: "Measure sampling speed (images/s, GFLOP/s against the sgemm peak, k against k = 1) instead of sampling.") var bench = false
-    @Option(help: "--bench: models, comma-separated: default (the Fashion-MNIST default shape: small, V 512, grid 7, k 4, d 1) and presets (V 16384, C 1000, grid 16, k = --bench-window, d = --bench-depth).") var benchModels = "default,B"
+    @Flag(
+        help: "Measure sampling speed (images/s, GFLOP/s against the sgemm peak, k against k = 1) instead of sampling.")
+    var bench = false
+    @Option(
+        help:
+            "--bench: models, comma-separated: default (the Fashion-MNIST default shape: small, V 512, grid 7, k 4, d 1) and presets (V 16384, C 1000, grid 16, k = --bench-window, d = --bench-depth)."
+    ) var benchModels = "default,B"
     @Option(help: "--bench: plug-in window k for presets.") var benchWindow = 4
     @Option(help: "--bench: plug-in depth d for presets.") var benchDepth = 2
-    @Option(help: "--bench: positions to sample for presets (0: the whole image); the FLOP count covers exactly those.") var benchSteps = 0
+    @Option(help: "--bench: positions to sample for presets (0: the whole image); the FLOP count covers exactly those.")
+    var benchSteps = 0
     @Option(help: "--bench: timed repetitions per model (best is kept), after one warm-up.") var benchReps = 1
 
     func validate() throws {
@@ -94,8 +109,9 @@ struct Sample: ParsableCommand {
 
     /// One value: every head part's; two: Open-MAGVIT2's pre and post (SPEC section 8).
     var options: SamplingOptions {
-        var o = SamplingOptions(cfgScale: cfgScale.values[0], temperature: temperature.values[0], topK: topK,
-                                topP: topP, seed: seed)
+        var o = SamplingOptions(
+            cfgScale: cfgScale.values[0], temperature: temperature.values[0], topK: topK,
+            topP: topP, seed: seed)
         if cfgScale.values.count > 1 { o.partCfgScales = cfgScale.values }
         if temperature.values.count > 1 { o.partTemperatures = temperature.values }
         o.cfgInterval = cfgInterval
@@ -105,7 +121,10 @@ struct Sample: ParsableCommand {
     func run() throws {
         BLAS.ensureBestKernel()
         let comm: Communicator
-        do { comm = try MPI.initialize() } catch { FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!); throw ExitCode(1) }
+        do { comm = try MPI.initialize() } catch {
+            FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!)
+            throw ExitCode(1)
+        }
         let local = MPI.ranksOnThisNode
         BLAS.threads = threads ?? max(1, ProcessInfo.processInfo.activeProcessorCount / max(1, local))
         if bench {
@@ -151,7 +170,10 @@ struct Sample: ParsableCommand {
         try checkShapeFlags(c, weights: w)
         if let cache, let data { try checkDataMatchesModel(cache.info, c, cachePath: data) }
         if let window, window != c.window {
-            throw InputError(w, "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but --window \(window) was asked")
+            throw InputError(
+                w,
+                "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but --window \(window) was asked"
+            )
         }
         let cls = try parseClasses(classes, numClasses: c.numClasses, weights: w)
         let parts = model.headPartCount  // Open-MAGVIT2 chooses pre, then post (SPEC section 8)
@@ -165,7 +187,9 @@ struct Sample: ParsableCommand {
             if pathKind(npyDir) == .file {
                 throw InputError(npyDir, "--npy-dir names a file, not a folder (nothing was written)")
             }
-            if comm.isRoot { try? FileManager.default.createDirectory(atPath: npyDir, withIntermediateDirectories: true) }
+            if comm.isRoot {
+                try? FileManager.default.createDirectory(atPath: npyDir, withIntermediateDirectories: true)
+            }
             try comm.barrier()
             for name in ["codes.npy", "labels.npy"] { try checkOutputFile(npyDir + "/" + name, what: "--npy-dir file") }
         }
@@ -179,8 +203,10 @@ struct Sample: ParsableCommand {
         let n = numClasses ?? cache?.numClasses
         let g = gridSize ?? cache?.gridH
         guard let v, let n, let g else {
-            throw InputError("--preset", "\(preset) needs the data's shape: give --vocab-size, --num-classes and "
-                + "--grid-size, or --data CACHE")
+            throw InputError(
+                "--preset",
+                "\(preset) needs the data's shape: give --vocab-size, --num-classes and "
+                    + "--grid-size, or --data CACHE")
         }
         return try ModelConfig.preset(preset, base: base, vocabSize: v, numClasses: n, gridSize: g)
     }
@@ -213,8 +239,10 @@ struct Sample: ParsableCommand {
                 e.isEmpty || !e.allSatisfy(\.isASCII) || !e.allSatisfy(\.isNumber) ? nil : Int(e)
             }
             guard numbers.count == ends.count, let a = numbers.first, let b = numbers.last, a <= b else {
-                throw InputError("--classes", "cannot read '\(part)' in '\(s)'; "
-                    + "expected class numbers or ranges like 0,3,5-7")
+                throw InputError(
+                    "--classes",
+                    "cannot read '\(part)' in '\(s)'; "
+                        + "expected class numbers or ranges like 0,3,5-7")
             }
             guard b < C else {
                 throw InputError(w, "class \(b) is outside the model's \(C) classes [0, \(C)) (--classes \(s))")
@@ -227,16 +255,28 @@ struct Sample: ParsableCommand {
     func partPath(rank r: Int, size: Int) -> String { out + String(format: ".rank-%05d-of-%05d.h5", r, size) }
 
     func sample(_ plan: Plan, comm: Communicator) throws {
-        let say: (String) -> Void = { s in if comm.isRoot && !quiet { print(s); fflush(stdout) } }
-        let c = plan.model.config, T = c.seqLen, k = c.window, N = plan.total
-        let lo = comm.rank * N / comm.size, hi = (comm.rank + 1) * N / comm.size
+        let say: (String) -> Void = { s in
+            if comm.isRoot && !quiet {
+                print(s)
+                fflush(stdout)
+            }
+        }
+        let c = plan.model.config
+        let T = c.seqLen
+        let k = c.window
+        let N = plan.total
+        let lo = comm.rank * N / comm.size
+        let hi = (comm.rank + 1) * N / comm.size
         say("tensorar-sample: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
         say("model: \(c.jsonString())")
         let guidance = "cfg \(cfgScale) (\(options.guided(parts: 2) ? "guided" : "unguided"), interval \(cfgInterval))"
-        say("sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); \(guidance), "
-            + "temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
+        say(
+            "sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); \(guidance), "
+                + "temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
         let sampler = Sampler(model: plan.model)
-        var tokens: [Int32] = [], traj: [Int32] = [], labels: [Int32] = []
+        var tokens: [Int32] = []
+        var traj: [Int32] = []
+        var labels: [Int32] = []
         let t0 = monotonicSeconds()
         var start = lo
         while start < hi {
@@ -244,9 +284,14 @@ struct Sample: ParsableCommand {
             let ids = Array(start..<end)
             let lab = ids.map { Int32(plan.classes[$0 / perClass]) }
             let r = sampler.sample(labels: lab, sampleIds: ids, options: options)
-            tokens += r.tokens; traj += r.trajectories; labels += lab
+            tokens += r.tokens
+            traj += r.trajectories
+            labels += lab
             let dt = monotonicSeconds() - t0
-            say(String(format: "  rank 0: %d/%d of its images, %.2f images/s per rank (%.0f s)", end - lo, hi - lo, Double(end - lo) / dt, dt))
+            say(
+                String(
+                    format: "  rank 0: %d/%d of its images, %.2f images/s per rank (%.0f s)", end - lo, hi - lo,
+                    Double(end - lo) / dt, dt))
             start = end
         }
         // this rank's part, then rank 0 merges every part in rank order
@@ -261,11 +306,15 @@ struct Sample: ParsableCommand {
         }
         try comm.barrier()
         if comm.isRoot {
-            var allTokens: [Int32] = [], allTraj: [Int32] = [], allLabels: [Int32] = []
+            var allTokens: [Int32] = []
+            var allTraj: [Int32] = []
+            var allLabels: [Int32] = []
             for r in 0..<comm.size {
                 let p = partPath(rank: r, size: comm.size)
                 let f = try HDF5File.open(p)
-                guard try f.intAttribute("start") == r * N / comm.size else { throw InputError(p, "part starts at the wrong image") }
+                guard try f.intAttribute("start") == r * N / comm.size else {
+                    throw InputError(p, "part starts at the wrong image")
+                }
                 allTokens += try f.read("tokens", as: Int32.self).values
                 allLabels += try f.read("labels", as: Int32.self).values
                 allTraj += try f.read("trajectories", as: Int32.self).values
@@ -279,12 +328,17 @@ struct Sample: ParsableCommand {
                 say("wrote \(npyDir)/codes.npy (int64 [\(N), \(T)]) and \(npyDir)/labels.npy (int64 [\(N)])")
             }
             let dt = monotonicSeconds() - t0
-            say(String(format: "wrote %@: %d images in %.1f s (%.2f images/s on %d rank(s))", out, N, dt, Double(N) / dt, comm.size))
+            say(
+                String(
+                    format: "wrote %@: %d images in %.1f s (%.2f images/s on %d rank(s))", out, N, dt, Double(N) / dt,
+                    comm.size))
         }
         try comm.barrier()
     }
 
-    func writeOutput(tokens: [Int32], labels: [Int32], trajectories: [Int32], config c: ModelConfig, total N: Int) throws {
+    func writeOutput(
+        tokens: [Int32], labels: [Int32], trajectories: [Int32], config c: ModelConfig, total N: Int
+    ) throws {
         let tmp = out + ".tmp"
         do {
             let f = try HDF5File.create(tmp)
@@ -307,12 +361,17 @@ struct Sample: ParsableCommand {
             var sampling: [String: Any] = [
                 "cfg_scale": Double(cfgScale.values[0]), "cfg_interval": cfgInterval,
                 "temperature": Double(temperature.values[0]), "top_k": topK, "top_p": Double(topP),
-                "seed": seed, "per_class": perClass, "classes": Array(Set(labels.map { Int($0) })).sorted(), "weights": weights ?? "",
+                "seed": seed, "per_class": perClass, "classes": Array(Set(labels.map { Int($0) })).sorted(),
+                "weights": weights ?? "",
             ]
             // per sub-token values (Open-MAGVIT2, SPEC section 8) when two were given
             if cfgScale.values.count > 1 { sampling["cfg_scales"] = cfgScale.values.map(Double.init) }
             if temperature.values.count > 1 { sampling["temperatures"] = temperature.values.map(Double.init) }
-            try f.setAttribute("sampling", string: String(data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!)
+            try f.setAttribute(
+                "sampling",
+                string: String(
+                    data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!
+            )
             try f.flush()
         }
         try replaceFile(out, with: tmp)

@@ -12,13 +12,16 @@ extension Sample {
         var plugin: ModelConfig
         if name == "default" {
             plugin = try ModelConfig.preset("small", vocabSize: 512, numClasses: 10, gridSize: 7)
-            plugin.window = 4; plugin.pluginDepth = 1
+            plugin.window = 4
+            plugin.pluginDepth = 1
         } else {
             plugin = try ModelConfig.preset(name, vocabSize: 16384, numClasses: 1000, gridSize: 16)
-            plugin.window = benchWindow; plugin.pluginDepth = benchWindow > 1 ? benchDepth : 0
+            plugin.window = benchWindow
+            plugin.pluginDepth = benchWindow > 1 ? benchDepth : 0
         }
         var base = plugin
-        base.window = 1; base.pluginDepth = 0
+        base.window = 1
+        base.pluginDepth = 0
         return (plugin, base)
     }
 
@@ -27,11 +30,15 @@ extension Sample {
         let threads = BLAS.threads
         print(BLAS.describe())
         let peak = BLAS.sgemmPeakGFLOPs(threads: threads, cpuTime: useCPUTime)
-        print(String(format: "sgemm peak: %.1f GFLOP/s on %d thread(s), measured now; times are %@", peak, threads,
-                     useCPUTime ? "CPU seconds (one thread: not inflated by other processes)" : "wall seconds"))
+        print(
+            String(
+                format: "sgemm peak: %.1f GFLOP/s on %d thread(s), measured now; times are %@", peak, threads,
+                useCPUTime ? "CPU seconds (one thread: not inflated by other processes)" : "wall seconds"))
         let rows = options.guided(parts: 2) ? "null rows double the batch" : "no null rows"
-        print(String(format: "sampling: batch %d images, cfg %@ (%@), temperature %@, top-k %d, top-p %.2f", batchSize,
-                     cfgScale.description, rows, temperature.description, topK, topP))
+        print(
+            String(
+                format: "sampling: batch %d images, cfg %@ (%@), temperature %@, top-k %d, top-p %.2f", batchSize,
+                cfgScale.description, rows, temperature.description, topK, topP))
         print("model    k d  batch  steps   seconds    wall s   images/s  GFLOP/s  of peak")
         for name in benchModels.split(separator: ",").map({ String($0).trimmingCharacters(in: .whitespaces) }) {
             let (plugin, base) = try benchConfigs(name)
@@ -40,9 +47,14 @@ extension Sample {
             if plugin.window == 1 { continue }
             let tp = try timeSampling(plugin, name: name, steps: steps, peak: peak)
             let guided = options.guided(parts: 2)
-            let flopRatio = plugin.samplingFLOPs(batch: batchSize, guided: guided, steps: steps) / base.samplingFLOPs(batch: batchSize, guided: guided, steps: steps)
-            print(String(format: "         k=%d d=%d against k=1: time ratio %.2fx, FLOP ratio %.2fx -> %.2f (target <= 1.10)",
-                         plugin.window, plugin.pluginDepth, tp / tb, flopRatio, tp / tb / flopRatio))
+            let flopRatio =
+                plugin.samplingFLOPs(batch: batchSize, guided: guided, steps: steps)
+                / base.samplingFLOPs(batch: batchSize, guided: guided, steps: steps)
+            print(
+                String(
+                    format:
+                        "         k=%d d=%d against k=1: time ratio %.2fx, FLOP ratio %.2fx -> %.2f (target <= 1.10)",
+                    plugin.window, plugin.pluginDepth, tp / tb, flopRatio, tp / tb / flopRatio))
         }
     }
 
@@ -64,19 +76,28 @@ extension Sample {
         let sampler = Sampler(model: model)
         let labels = (0..<batchSize).map { Int32($0 % c.numClasses) }
         let ids = Array(0..<batchSize)
-        var best = Double.infinity, bestWall = Double.infinity
+        var best = Double.infinity
+        var bestWall = Double.infinity
         for rep in 0...benchReps {
             let warm = rep == 0
-            let t0 = clock(), w0 = monotonicSeconds()
+            let t0 = clock()
+            let w0 = monotonicSeconds()
             _ = sampler.sample(labels: labels, sampleIds: ids, options: options, steps: warm ? min(steps, 4) : steps)
-            let dt = clock() - t0, wall = monotonicSeconds() - w0
-            if !warm && dt < best { best = dt; bestWall = wall }
+            let dt = clock() - t0
+            let wall = monotonicSeconds() - w0
+            if !warm && dt < best {
+                best = dt
+                bestWall = wall
+            }
         }
         let flops = c.samplingFLOPs(batch: batchSize, guided: options.guided(parts: 2), steps: steps)
         let gf = flops / best / 1e9
         let imagesPerS = Double(batchSize) / best * Double(steps) / Double(c.seqLen)
-        print(String(format: "%-7@ %2d %d %6d %3d/%-3d %9.2f %9.2f %10.2f %8.1f %7.1f%%", name as NSString, c.window, c.pluginDepth, batchSize, steps, c.seqLen,
-                     best, bestWall, imagesPerS, gf, 100 * gf / peak))
+        print(
+            String(
+                format: "%-7@ %2d %d %6d %3d/%-3d %9.2f %9.2f %10.2f %8.1f %7.1f%%", name as NSString, c.window,
+                c.pluginDepth, batchSize, steps, c.seqLen,
+                best, bestWall, imagesPerS, gf, 100 * gf / peak))
         fflush(stdout)
         return best
     }

@@ -1,5 +1,5 @@
-import ArgumentParser
 import ARModel
+import ArgumentParser
 import Dispatch
 import Foundation
 import Platform
@@ -13,31 +13,44 @@ struct Train: ParsableCommand {
         commandName: "tensorar-train",
         abstract: "Train a TensorAR model, data-parallel over MPI ranks.",
         discussion: """
-        With no arguments: the default config (Configs/default.yaml) on the built-in Fashion-MNIST cache
-        (Launch/quickstart.sh prepares it). Precedence: built-in defaults < CONFIG < --set flags.
-        A run continues from its newest complete checkpoint when there is one (checkpoint.resume: auto).
-        """)
+            With no arguments: the default config (Configs/default.yaml) on the built-in Fashion-MNIST cache
+            (Launch/quickstart.sh prepares it). Precedence: built-in defaults < CONFIG < --set flags.
+            A run continues from its newest complete checkpoint when there is one (checkpoint.resume: auto).
+            """)
 
     @Argument(help: "YAML config (default: Configs/default.yaml when it exists).") var config: String?
-    @Option(name: .customLong("set"), help: "Override one setting, e.g. --set train.steps=100 (repeatable).") var overrides: [String] = []
+    @Option(name: .customLong("set"), help: "Override one setting, e.g. --set train.steps=100 (repeatable).")
+    var overrides: [String] = []
     @Flag(help: "Resume from the run's newest complete checkpoint (an error when there is none).") var resume = false
-    @Option(help: "Resume from this checkpoint folder (a step folder, or a run folder meaning its latest).") var resumeFrom: String?
+    @Option(help: "Resume from this checkpoint folder (a step folder, or a run folder meaning its latest).")
+    var resumeFrom: String?
     @Flag(help: "Start from scratch even if the run folder holds checkpoints.") var fresh = false
     @Flag(help: "When the newest checkpoint is damaged, resume from the one before it.") var fallback = false
-    @Option(help: """
-        Initialise from weights (.safetensors): a base model under a fresh plug-in, or a full model. Its recorded \
-        shape (tensorar.config) is the base's unless CONFIG or --set gives one; then they must agree.
-        """) var initFrom: String?
+    @Option(
+        help: """
+            Initialise from weights (.safetensors): a base model under a fresh plug-in, or a full model. Its recorded \
+            shape (tensorar.config) is the base's unless CONFIG or --set gives one; then they must agree.
+            """) var initFrom: String?
 
     func validate() throws {
-        if [resume, resumeFrom != nil, fresh].filter({ $0 }).count > 1 { throw ValidationError("--resume, --resume-from and --fresh exclude each other") }
+        if [resume, resumeFrom != nil, fresh].filter({ $0 }).count > 1 {
+            throw ValidationError("--resume, --resume-from and --fresh exclude each other")
+        }
     }
 
     func run() throws {
         BLAS.ensureBestKernel()
         let comm: Communicator
-        do { comm = try MPI.initialize() } catch { FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!); throw ExitCode(1) }
-        let say: (String) -> Void = { s in if comm.isRoot { print(s); fflush(stdout) } }
+        do { comm = try MPI.initialize() } catch {
+            FileHandle.standardError.write("error: \(error)\n".data(using: .utf8)!)
+            throw ExitCode(1)
+        }
+        let say: (String) -> Void = { s in
+            if comm.isRoot {
+                print(s)
+                fflush(stdout)
+            }
+        }
         do {
             try train(comm: comm, say: say)
             try? MPI.finalize()
@@ -81,19 +94,22 @@ struct Train: ParsableCommand {
         defer { lock?.release() }
         let trainer = try Trainer(config: cfg, comm: comm)
         if comm.size > 1 {
-            trainer.watchdog = CollectiveWatchdog(runDirectory: store.runDirectory, rank: comm.rank, size: comm.size,
-                                                  timeout: cfg.dist.collectiveTimeoutSeconds)
+            trainer.watchdog = CollectiveWatchdog(
+                runDirectory: store.runDirectory, rank: comm.rank, size: comm.size,
+                timeout: cfg.dist.collectiveTimeoutSeconds)
         }
         defer { trainer.watchdog?.stop() }
         describe(trainer, say: say)
         let loaded = try resumeIfAsked(trainer, store: store, say: say)
         if trainer.step >= cfg.train.steps {
-            say("run '\(cfg.checkpoint.run!)' is already complete at step \(trainer.step)/\(cfg.train.steps); "
-                + "start another with --set checkpoint.run=NAME, or --fresh")
+            say(
+                "run '\(cfg.checkpoint.run!)' is already complete at step \(trainer.step)/\(cfg.train.steps); "
+                    + "start another with --set checkpoint.run=NAME, or --fresh")
             return
         }
-        let metrics = try openRunFolder(cfg, store: store, resumedAt: loaded?.progress.step, isRoot: comm.isRoot,
-                                        say: say)
+        let metrics = try openRunFolder(
+            cfg, store: store, resumedAt: loaded?.progress.step, isRoot: comm.isRoot,
+            say: say)
         let loop = RunLoop(trainer: trainer, config: cfg, store: store, metrics: metrics, say: say)
         if try loop.run() == .stopped { return }
         try finish(trainer, store: store, say: say)
@@ -111,9 +127,11 @@ struct Train: ParsableCommand {
         do {
             let c = try resolvedConfig(worldSize: comm.size)
             guard FileManager.default.fileExists(atPath: c.data.train + "/dataset.json") else {
-                throw InputError(c.data.train, "no token cache here (dataset.json missing). For the built-in default "
-                    + "run `Launch/quickstart.sh`, or build it with "
-                    + "`tensorar-data fashion-mnist --out Data/fashion-mnist`")
+                throw InputError(
+                    c.data.train,
+                    "no token cache here (dataset.json missing). For the built-in default "
+                        + "run `Launch/quickstart.sh`, or build it with "
+                        + "`tensorar-data fashion-mnist --out Data/fashion-mnist`")
             }
             cfg = c
         } catch {
@@ -132,12 +150,16 @@ struct Train: ParsableCommand {
     /// Before anything is allocated or written (issue 17): the final weights' path must not be a
     /// folder, `--fresh` must not start over a folder holding another run's checkpoints, and rank 0
     /// takes the run folder's lock (a second trainer on it is refused, naming the holder).
-    private func prepareRunFolder(_ cfg: TrainConfig, store: CheckpointStore, isRoot: Bool,
-                                  say: (String) -> Void) throws -> RunLock? {
+    private func prepareRunFolder(
+        _ cfg: TrainConfig, store: CheckpointStore, isRoot: Bool,
+        say: (String) -> Void
+    ) throws -> RunLock? {
         let weights = store.runDirectory + "/model.safetensors"
         if pathKind(weights) == .folder {
-            throw InputError(weights, "is a folder: the run's final weights cannot be written there "
-                + "(nothing was removed)")
+            throw InputError(
+                weights,
+                "is a folder: the run's final weights cannot be written there "
+                    + "(nothing was removed)")
         }
         if cfg.checkpoint.resume == "never" { try store.refuseFreshOverExistingRun() }
         guard isRoot else { return nil }
@@ -163,7 +185,8 @@ struct Train: ParsableCommand {
             cfg.model = try cfg.model.adoptingShape(of: recorded, path: w, given: given)
         }
         if cfg.checkpoint.run == nil {
-            cfg.checkpoint.run = file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension }
+            cfg.checkpoint.run =
+                file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension }
                 ?? "default"
         }
         try cfg.validate(worldSize: worldSize, source: file ?? "built-in defaults")
@@ -172,57 +195,71 @@ struct Train: ParsableCommand {
 
     /// The model, its parameters, the batch split, memory and gradient sync.
     private func describe(_ trainer: Trainer, say: (String) -> Void) {
-        let cfg = trainer.config, size = trainer.comm.size, table = trainer.model.table, sync = trainer.sync
+        let cfg = trainer.config
+        let size = trainer.comm.size
+        let table = trainer.model.table
+        let sync = trainer.sync
         say("model: \(trainer.model.config.jsonString())")
-        say("parameters: \(table.total) (base \(table.count(of: .base)), plug-in \(table.count(of: .plugin))); "
-            + "accumulation \(cfg.accumulationSteps(worldSize: size)) x micro-batch \(cfg.train.microBatch) "
-            + "x \(size) rank(s) "
-            + "= global batch \(cfg.train.globalBatch)")
+        say(
+            "parameters: \(table.total) (base \(table.count(of: .base)), plug-in \(table.count(of: .plugin))); "
+                + "accumulation \(cfg.accumulationSteps(worldSize: size)) x micro-batch \(cfg.train.microBatch) "
+                + "x \(size) rank(s) "
+                + "= global batch \(cfg.train.globalBatch)")
         say(trainer.memory.description)
         let reduction = sync.shard == nil ? "allreduce" : "reduce-scatter (ZeRO \(cfg.dist.shardOptimizer.rawValue))"
-        say("gradient sync: \(sync.mode) \(reduction) in \(sync.buckets.count) bucket(s) of up to "
-            + "\(String(format: "%.1f", Double(sync.bucketElements) * 4 / 1e6)) MB"
-            + (sync.note.map { " (\($0))" } ?? ""))
+        say(
+            "gradient sync: \(sync.mode) \(reduction) in \(sync.buckets.count) bucket(s) of up to "
+                + "\(String(format: "%.1f", Double(sync.bucketElements) * 4 / 1e6)) MB"
+                + (sync.note.map { " (\($0))" } ?? ""))
     }
 
     /// Resume (checkpoint.resume): every rank reads its slice of the checkpoint, whatever rank
     /// count wrote it.
-    private func resumeIfAsked(_ trainer: Trainer, store: CheckpointStore,
-                               say: (String) -> Void) throws -> LoadedCheckpoint? {
-        let cfg = trainer.config, comm = trainer.comm, mc = trainer.model.config
+    private func resumeIfAsked(
+        _ trainer: Trainer, store: CheckpointStore,
+        say: (String) -> Void
+    ) throws -> LoadedCheckpoint? {
+        let cfg = trainer.config
+        let comm = trainer.comm
+        let mc = trainer.model.config
         var notes: [String] = []
         let loaded: LoadedCheckpoint?
         let (params, table) = (trainer.model.params, trainer.model.table)
         switch cfg.checkpoint.resume {
         case "never": loaded = nil
         case "auto":
-            loaded = try store.loadLatest(allowFallback: cfg.checkpoint.fallback, model: mc, table: table,
-                                          params: params, optimizer: trainer.optimizer, ema: trainer.ema,
-                                          communicator: comm, notes: &notes)
+            loaded = try store.loadLatest(
+                allowFallback: cfg.checkpoint.fallback, model: mc, table: table,
+                params: params, optimizer: trainer.optimizer, ema: trainer.ema,
+                communicator: comm, notes: &notes)
             if resume && loaded == nil {
                 throw InputError(store.runDirectory, "--resume: no complete checkpoint in this run folder")
             }
         default:
-            loaded = try CheckpointStore.load(path: cfg.checkpoint.resume, allowFallback: cfg.checkpoint.fallback,
-                                              model: mc, table: table, params: params,
-                                              optimizer: trainer.optimizer, ema: trainer.ema, communicator: comm,
-                                              notes: &notes)
+            loaded = try CheckpointStore.load(
+                path: cfg.checkpoint.resume, allowFallback: cfg.checkpoint.fallback,
+                model: mc, table: table, params: params,
+                optimizer: trainer.optimizer, ema: trainer.ema, communicator: comm,
+                notes: &notes)
         }
         notes.forEach { say("note: \($0)") }
         if let loaded {
             loaded.notes.forEach { say("note: \($0)") }
             try trainer.checkDataPosition(loaded)
             trainer.restore(progress: loaded.progress)
-            say("resumed from \(loaded.directory) at step \(trainer.step) "
-                + "(written by \(loaded.manifest.worldSize) rank(s))")
+            say(
+                "resumed from \(loaded.directory) at step \(trainer.step) "
+                    + "(written by \(loaded.manifest.worldSize) rank(s))")
         }
         return loaded
     }
 
     /// Run folder (root only): the resolved config, and the metrics log (a resumed run logs the
     /// steps after its checkpoint again: the old records of those go).
-    private func openRunFolder(_ cfg: TrainConfig, store: CheckpointStore, resumedAt: Int?, isRoot: Bool,
-                               say: (String) -> Void) throws -> MetricsLog? {
+    private func openRunFolder(
+        _ cfg: TrainConfig, store: CheckpointStore, resumedAt: Int?, isRoot: Bool,
+        say: (String) -> Void
+    ) throws -> MetricsLog? {
         var metrics: MetricsLog?
         if isRoot {
             try FileManager.default.createDirectory(atPath: store.runDirectory, withIntermediateDirectories: true)
@@ -250,15 +287,19 @@ struct Train: ParsableCommand {
         let n = Double(max(t.steps, 1))
         let alone = try trainer.measureAllreduce()
         let gather = trainer.sync.shard == nil ? "" : String(format: ", parameter allgather %.3f s", t.gather / n)
-        say(String(format: "time per step: compute %.3f s, allreduce wait %.3f s (%.1f%%), data wait %.4f s, "
-                   + "optimizer %.3f s%@ (rank 0, mean of %d step(s) after the first); "
-                   + "allreduce alone %.3f s for %.0f MB",
-                   t.compute / n, t.allreduceWait / n, 100 * t.allreduceWait / max(t.total, 1e-12), t.dataWait / n,
-                   t.optimizer / n, gather as NSString, trainer.timing.steps, alone,
-                   Double(trainer.model.grads.count * 4) / 1e6))
+        say(
+            String(
+                format: "time per step: compute %.3f s, allreduce wait %.3f s (%.1f%%), data wait %.4f s, "
+                    + "optimizer %.3f s%@ (rank 0, mean of %d step(s) after the first); "
+                    + "allreduce alone %.3f s for %.0f MB",
+                t.compute / n, t.allreduceWait / n, 100 * t.allreduceWait / max(t.total, 1e-12), t.dataWait / n,
+                t.optimizer / n, gather as NSString, trainer.timing.steps, alone,
+                Double(trainer.model.grads.count * 4) / 1e6))
         let peak = Double(ProcessMemory.peakResidentBytes() ?? 0) / 1e6
-        say(String(format: "memory: peak resident %.0f MB (rank 0); activations measured %.0f MB",
-                   peak, Double(trainer.activationBytesMeasured ?? 0) / 1e6))
+        say(
+            String(
+                format: "memory: peak resident %.0f MB (rank 0); activations measured %.0f MB",
+                peak, Double(trainer.activationBytesMeasured ?? 0) / 1e6))
         if trainer.comm.isRoot {
             let out = store.runDirectory + "/model.safetensors"
             try trainer.model.save(out)

@@ -9,15 +9,24 @@ final class FormatTests: XCTestCase {
     // FIPS 180-2 examples and the usual extras.
     func testSHA256KnownVectors() throws {
         XCTAssertEqual(SHA256.hash(Array("".utf8)), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-        XCTAssertEqual(SHA256.hash(Array("abc".utf8)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
-        XCTAssertEqual(SHA256.hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)),
-                       "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
-        XCTAssertEqual(SHA256.hash([UInt8](repeating: 0x61, count: 1_000_000)),
-                       "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
+        XCTAssertEqual(
+            SHA256.hash(Array("abc".utf8)), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        XCTAssertEqual(
+            SHA256.hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+        XCTAssertEqual(
+            SHA256.hash([UInt8](repeating: 0x61, count: 1_000_000)),
+            "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0")
         // 55, 56 and 64 bytes: the padding edge cases.
-        XCTAssertEqual(SHA256.hash([UInt8](repeating: 0x61, count: 55)), "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318")
-        XCTAssertEqual(SHA256.hash([UInt8](repeating: 0x61, count: 56)), "b35439a4ac6f0948b6d6f9e3c6af0f5f590ce20f1bde7090ef7970686ec6738a")
-        XCTAssertEqual(SHA256.hash([UInt8](repeating: 0x61, count: 64)), "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb")
+        XCTAssertEqual(
+            SHA256.hash([UInt8](repeating: 0x61, count: 55)),
+            "9f4390f8d30c2dd92ec9f095b65e2b9ae9b0a925a5258e241c9f1e910f734318")
+        XCTAssertEqual(
+            SHA256.hash([UInt8](repeating: 0x61, count: 56)),
+            "b35439a4ac6f0948b6d6f9e3c6af0f5f590ce20f1bde7090ef7970686ec6738a")
+        XCTAssertEqual(
+            SHA256.hash([UInt8](repeating: 0x61, count: 64)),
+            "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb")
     }
 
     func testSHA256StreamingAndFile() throws {
@@ -51,7 +60,9 @@ final class FormatTests: XCTestCase {
             XCTAssertEqual(Array(png[0..<8]), [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A])
             var o = 8
             var chunks: [(String, [UInt8])] = []
-            func be32(_ i: Int) -> Int { Int(png[i]) << 24 | Int(png[i + 1]) << 16 | Int(png[i + 2]) << 8 | Int(png[i + 3]) }
+            func be32(_ i: Int) -> Int {
+                Int(png[i]) << 24 | Int(png[i + 1]) << 16 | Int(png[i + 2]) << 8 | Int(png[i + 3])
+            }
             while o < png.count {
                 let n = be32(o)
                 let type = String(decoding: png[(o + 4)..<(o + 8)], as: UTF8.self)
@@ -62,8 +73,11 @@ final class FormatTests: XCTestCase {
             }
             XCTAssertEqual(chunks.map(\.0), ["IHDR", "IDAT", "IEND"])
             let ihdr = chunks[0].1
-            XCTAssertEqual([Int(ihdr[0]) << 24 | Int(ihdr[1]) << 16 | Int(ihdr[2]) << 8 | Int(ihdr[3]),
-                            Int(ihdr[4]) << 24 | Int(ihdr[5]) << 16 | Int(ihdr[6]) << 8 | Int(ihdr[7])], [w, h])
+            XCTAssertEqual(
+                [
+                    Int(ihdr[0]) << 24 | Int(ihdr[1]) << 16 | Int(ihdr[2]) << 8 | Int(ihdr[3]),
+                    Int(ihdr[4]) << 24 | Int(ihdr[5]) << 16 | Int(ihdr[6]) << 8 | Int(ihdr[7]),
+                ], [w, h])
             XCTAssertEqual(Array(ihdr[8...]), [8, [1: 0, 2: 4, 3: 2, 4: 6][c]!, 0, 0, 0])  // depth, colour type, ...
             // zlib: 78 01, stored blocks, Adler-32.
             let z = chunks[1].1
@@ -78,7 +92,8 @@ final class FormatTests: XCTestCase {
                 p += 5 + len
                 if final == 1 { break }
             }
-            XCTAssertEqual(UInt32(z[p]) << 24 | UInt32(z[p + 1]) << 16 | UInt32(z[p + 2]) << 8 | UInt32(z[p + 3]), adler32(raw))
+            XCTAssertEqual(
+                UInt32(z[p]) << 24 | UInt32(z[p + 1]) << 16 | UInt32(z[p + 2]) << 8 | UInt32(z[p + 3]), adler32(raw))
             var back: [UInt8] = []
             let line = w * c + 1  // filter byte + one row
             for y in 0..<h {
@@ -87,11 +102,14 @@ final class FormatTests: XCTestCase {
             }
             XCTAssertEqual(back, pixels)
         }
-        assertInputError({ _ = try pngData(pixels: [1, 2], width: 3, height: 1, channels: 1, path: "x.png") }, file: "x.png", contains: ["needs 3 bytes"])
+        assertInputError(
+            { _ = try pngData(pixels: [1, 2], width: 3, height: 1, channels: 1, path: "x.png") }, file: "x.png",
+            contains: ["needs 3 bytes"])
     }
 
     func testImageGrid() {
-        let a: [Float] = [0, 1, 1, 0], b: [Float] = [1, 1, 1, 1]
+        let a: [Float] = [0, 1, 1, 0]
+        let b: [Float] = [1, 1, 1, 1]
         let g = imageGrid([a, b], height: 2, width: 2, channels: 1, columns: 2, pad: 1, scale: 1, background: 0.5)
         XCTAssertEqual(g.width, 7)
         XCTAssertEqual(g.height, 4)
@@ -102,7 +120,9 @@ final class FormatTests: XCTestCase {
 
     private func idx(_ shape: [Int], _ values: [UInt8]) -> Data {
         var d = Data([0, 0, 0x08, UInt8(shape.count)])
-        for s in shape { d += Data([UInt8(s >> 24), UInt8((s >> 16) & 0xFF), UInt8((s >> 8) & 0xFF), UInt8(s & 0xFF)]) }
+        for s in shape {
+            d += Data([UInt8(s >> 24), UInt8((s >> 16) & 0xFF), UInt8((s >> 8) & 0xFF), UInt8(s & 0xFF)])
+        }
         return d + Data(values)
     }
 
@@ -117,7 +137,8 @@ final class FormatTests: XCTestCase {
         let gz = Process()
         gz.executableURL = URL(fileURLWithPath: "/bin/sh")
         gz.arguments = ["-c", "gzip -k '\(plain)'"]
-        try gz.run(); gz.waitUntilExit()
+        try gz.run()
+        gz.waitUntilExit()
         XCTAssertEqual(try readIDX(path: plain + ".gz").values, values)
         XCTAssertEqual(try findMaybeGzip(folder: dir, names: ["nothing", "images-idx3-ubyte"]), plain)
     }
@@ -125,12 +146,17 @@ final class FormatTests: XCTestCase {
     func testIDXErrors() throws {
         let dir = temporaryFolder(self)
         assertInputError({ _ = try parseIDX(Data([1, 2, 3, 4]), path: "a") }, file: "a", contains: ["bad magic"])
-        assertInputError({ _ = try parseIDX(Data([0, 0, 0x0D, 1, 0, 0, 0, 1, 0, 0, 0, 0]), path: "b") }, file: "b", contains: ["0x0D"])
-        assertInputError({ _ = try parseIDX(self.idx([4, 4], [1, 2, 3]), path: "c") }, file: "c", contains: ["16 values", "holds 3"])
+        assertInputError(
+            { _ = try parseIDX(Data([0, 0, 0x0D, 1, 0, 0, 0, 1, 0, 0, 0, 0]), path: "b") }, file: "b",
+            contains: ["0x0D"])
+        assertInputError(
+            { _ = try parseIDX(self.idx([4, 4], [1, 2, 3]), path: "c") }, file: "c", contains: ["16 values", "holds 3"])
         let broken = path(dir, "x.gz")
         try Data("not gzip".utf8).write(to: URL(fileURLWithPath: broken))
         assertInputError({ _ = try readIDX(path: broken) }, file: "x.gz", contains: ["gzip -dc failed"])
-        assertInputError({ _ = try findMaybeGzip(folder: dir, names: ["train-images-idx3-ubyte"]) }, file: "train-images-idx3-ubyte", contains: ["not found"])
+        assertInputError(
+            { _ = try findMaybeGzip(folder: dir, names: ["train-images-idx3-ubyte"]) }, file: "train-images-idx3-ubyte",
+            contains: ["not found"])
     }
 
     // MARK: npy
@@ -153,7 +179,8 @@ final class FormatTests: XCTestCase {
 
     func testNPYErrors() throws {
         let good = npyData(int64: [1, 2, 3], shape: [3])
-        assertInputError({ _ = try parseNPY(Data("hello world".utf8), path: "a.npy") }, file: "a.npy", contains: ["not a .npy"])
+        assertInputError(
+            { _ = try parseNPY(Data("hello world".utf8), path: "a.npy") }, file: "a.npy", contains: ["not a .npy"])
         // Same-length edits of the header bytes.
         func edit(_ from: String, _ to: String) -> Data {
             var b = [UInt8](good)
@@ -162,20 +189,29 @@ final class FormatTests: XCTestCase {
             b.replaceSubrange(at..<(at + f.count), with: Array(to.utf8))
             return Data(b)
         }
-        assertInputError({ _ = try parseNPY(edit("<i8", "<f4"), path: "b.npy") }, file: "b.npy", contains: ["'<f4' is not supported"])
-        assertInputError({ _ = try parseNPY(edit("False", "True "), path: "c.npy") }, file: "c.npy", contains: ["Fortran order"])
+        assertInputError(
+            { _ = try parseNPY(edit("<i8", "<f4"), path: "b.npy") }, file: "b.npy", contains: ["'<f4' is not supported"]
+        )
+        assertInputError(
+            { _ = try parseNPY(edit("False", "True "), path: "c.npy") }, file: "c.npy", contains: ["Fortran order"])
         assertInputError({ _ = try parseNPY(good.dropLast(5), path: "d.npy") }, file: "d.npy", contains: ["truncated"])
     }
 
     // MARK: LlamaGen import
 
-    private func writeLlamaGen(_ dir: String, n: Int, a: Int, t: Int, vocab: Int, classes: Int) throws -> (String, String) {
-        let codes = path(dir, "codes"), labels = path(dir, "labels")
-        for d in [codes, labels] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+    private func writeLlamaGen(
+        _ dir: String, n: Int, a: Int, t: Int, vocab: Int, classes: Int
+    ) throws -> (String, String) {
+        let codes = path(dir, "codes")
+        let labels = path(dir, "labels")
+        for d in [codes, labels] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        }
         for i in 0..<n {
             let v = (0..<a).flatMap { aa in (0..<t).map { Int64(syntheticCode(i, aa, $0, vocab: vocab)) } }
             try npyData(int64: v, shape: [1, a, t]).write(to: URL(fileURLWithPath: path(codes, "\(i).npy")))
-            try npyData(int64: [Int64(syntheticLabel(i, classes: classes))], shape: [1]).write(to: URL(fileURLWithPath: path(labels, "\(i).npy")))
+            try npyData(int64: [Int64(syntheticLabel(i, classes: classes))], shape: [1]).write(
+                to: URL(fileURLWithPath: path(labels, "\(i).npy")))
         }
         try Data().write(to: URL(fileURLWithPath: path(codes, "README.txt")))  // ignored: not {i}.npy
         return (codes, labels)
@@ -184,9 +220,11 @@ final class FormatTests: XCTestCase {
     func testImportLlamaGen() throws {
         let dir = temporaryFolder(self)
         let (codes, labels) = try writeLlamaGen(dir, n: 11, a: 2, t: 16, vocab: 100, classes: 5)
-        var o = LlamaGenImportOptions(views: [LlamaGenFolders(codes: codes, labels: labels)], out: path(dir, "cache"),
-                                      vocabSize: 100, numClasses: 5)
-        o.shardSize = 4; o.jobs = 2
+        var o = LlamaGenImportOptions(
+            views: [LlamaGenFolders(codes: codes, labels: labels)], out: path(dir, "cache"),
+            vocabSize: 100, numClasses: 5)
+        o.shardSize = 4
+        o.jobs = 2
         let info = try importLlamaGen(o, log: { _ in })
         XCTAssertEqual(info.numSamples, 11)
         XCTAssertEqual(info.shards.map(\.numSamples), [4, 4, 3])
@@ -196,7 +234,8 @@ final class FormatTests: XCTestCase {
         // Numeric order (10 after 9), not name order.
         let (got, gotLabels) = try cache.read(indices: Array(0..<11), augmentations: (0..<11).map { $0 % 2 })
         for i in 0..<11 {
-            XCTAssertEqual(Array(got[(i * 16)..<((i + 1) * 16)]), (0..<16).map { syntheticCode(i, i % 2, $0, vocab: 100) })
+            XCTAssertEqual(
+                Array(got[(i * 16)..<((i + 1) * 16)]), (0..<16).map { syntheticCode(i, i % 2, $0, vocab: 100) })
             XCTAssertEqual(gotLabels[i], syntheticLabel(i, classes: 5))
         }
     }
@@ -204,20 +243,30 @@ final class FormatTests: XCTestCase {
     func testImportLlamaGenErrors() throws {
         let dir = temporaryFolder(self)
         let (codes, labels) = try writeLlamaGen(dir, n: 6, a: 1, t: 9, vocab: 50, classes: 3)
-        var o = LlamaGenImportOptions(views: [LlamaGenFolders(codes: codes, labels: labels)], out: path(dir, "cache"),
-                                      vocabSize: 50, numClasses: 3)
-        o.shardSize = 2; o.jobs = 3
+        var o = LlamaGenImportOptions(
+            views: [LlamaGenFolders(codes: codes, labels: labels)], out: path(dir, "cache"),
+            vocabSize: 50, numClasses: 3)
+        o.shardSize = 2
+        o.jobs = 3
         // A sample with another shape.
-        try npyData(int64: [Int64](repeating: 1, count: 18), shape: [1, 2, 9]).write(to: URL(fileURLWithPath: path(codes, "4.npy")))
-        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "codes/4.npy", contains: ["all samples need the same A and T"])
+        try npyData(int64: [Int64](repeating: 1, count: 18), shape: [1, 2, 9]).write(
+            to: URL(fileURLWithPath: path(codes, "4.npy")))
+        assertInputError(
+            { _ = try importLlamaGen(o, log: { _ in }) }, file: "codes/4.npy",
+            contains: ["all samples need the same A and T"])
         // A token out of range.
-        try npyData(int64: [Int64](repeating: 50, count: 9), shape: [1, 1, 9]).write(to: URL(fileURLWithPath: path(codes, "4.npy")))
-        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "codes/4.npy", contains: ["token 50", "vocab_size 50"])
+        try npyData(int64: [Int64](repeating: 50, count: 9), shape: [1, 1, 9]).write(
+            to: URL(fileURLWithPath: path(codes, "4.npy")))
+        assertInputError(
+            { _ = try importLlamaGen(o, log: { _ in }) }, file: "codes/4.npy", contains: ["token 50", "vocab_size 50"])
         // A missing label.
-        try npyData(int64: [Int64](repeating: 1, count: 9), shape: [1, 1, 9]).write(to: URL(fileURLWithPath: path(codes, "4.npy")))
+        try npyData(int64: [Int64](repeating: 1, count: 9), shape: [1, 1, 9]).write(
+            to: URL(fileURLWithPath: path(codes, "4.npy")))
         try FileManager.default.removeItem(atPath: path(labels, "2.npy"))
         assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "labels/2.npy", contains: ["missing"])
-        XCTAssertFalse(FileManager.default.fileExists(atPath: path(o.out, "dataset.json")), "a failed import leaves no dataset.json")
+        XCTAssertFalse(
+            FileManager.default.fileExists(atPath: path(o.out, "dataset.json")),
+            "a failed import leaves no dataset.json")
         // Not a square grid.
         let (c2, l2) = try writeLlamaGen(path(dir, "b"), n: 2, a: 1, t: 8, vocab: 50, classes: 3)
         o.views = [LlamaGenFolders(codes: c2, labels: l2)]
@@ -226,7 +275,8 @@ final class FormatTests: XCTestCase {
 
     /// LlamaGen's --code-path layout: ROOT/<name>_codes and ROOT/<name>_labels.
     private func writeRoot(_ root: String, name: String, n: Int, a: Int, offset: Int) throws -> LlamaGenFolders {
-        let codes = path(root, "\(name)_codes"), labels = path(root, "\(name)_labels")
+        let codes = path(root, "\(name)_codes")
+        let labels = path(root, "\(name)_labels")
         for d in [codes, labels] {
             try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
         }
@@ -257,10 +307,12 @@ final class FormatTests: XCTestCase {
         }
         // --codes at a root: the hint names --code-path
         o.views = [LlamaGenFolders(codes: path(dir, "code_c2i_flip_ten_crop"), labels: flip.labels)]
-        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "code_c2i_flip_ten_crop",
-                         contains: ["LlamaGen --code-path root", "pass it as --code-path"])
-        assertInputError({ _ = try findLlamaGenFolders(codePath: flip.codes) }, file: "imagenet256_codes",
-                         contains: ["expected one <name>_codes folder", "found none"])
+        assertInputError(
+            { _ = try importLlamaGen(o, log: { _ in }) }, file: "code_c2i_flip_ten_crop",
+            contains: ["LlamaGen --code-path root", "pass it as --code-path"])
+        assertInputError(
+            { _ = try findLlamaGenFolders(codePath: flip.codes) }, file: "imagenet256_codes",
+            contains: ["expected one <name>_codes folder", "found none"])
     }
 
     func testImportLlamaGenRootsMustAgreeAndLimitsMustHoldTheData() throws {
@@ -270,20 +322,26 @@ final class FormatTests: XCTestCase {
         var o = LlamaGenImportOptions(views: [flip, wide], out: path(dir, "cache"), vocabSize: 100, numClasses: 5)
         let other = syntheticLabel(2, classes: 5) == 0 ? 1 : 0
         try npyData(int64: [Int64(other)], shape: [1]).write(to: URL(fileURLWithPath: path(wide.labels, "2.npy")))
-        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "b/imagenet256_labels/2.npy",
-                         contains: ["the roots are not views of the same images"])
+        assertInputError(
+            { _ = try importLlamaGen(o, log: { _ in }) }, file: "b/imagenet256_labels/2.npy",
+            contains: ["the roots are not views of the same images"])
         try FileManager.default.removeItem(atPath: path(wide.codes, "3.npy"))
-        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "b/imagenet256_codes",
-                         contains: ["holds 3 samples", "sample 3 is in one only"])
+        assertInputError(
+            { _ = try importLlamaGen(o, log: { _ in }) }, file: "b/imagenet256_codes",
+            contains: ["holds 3 samples", "sample 3 is in one only"])
         o.views = [flip]
         o.vocabSize = 10
         o.limitsFrom = "--vocab-size 10 and --num-classes 5"
-        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "a/imagenet256_codes/0.npy",
-                         contains: ["vocab_size 10)",
-                                    "of --vocab-size 10 and --num-classes 5 is smaller than the data holds"])
+        assertInputError(
+            { _ = try importLlamaGen(o, log: { _ in }) }, file: "a/imagenet256_codes/0.npy",
+            contains: [
+                "vocab_size 10)",
+                "of --vocab-size 10 and --num-classes 5 is smaller than the data holds",
+            ])
         o.vocabSize = 100
         o.numClasses = 1
-        assertInputError({ _ = try importLlamaGen(o, log: { _ in }) }, file: "a/imagenet256_labels/1.npy",
-                         contains: ["num_classes 1)", "is smaller than the data holds"])
+        assertInputError(
+            { _ = try importLlamaGen(o, log: { _ in }) }, file: "a/imagenet256_labels/1.npy",
+            contains: ["num_classes 1)", "is smaller than the data holds"])
     }
 }

@@ -13,22 +13,28 @@ func temporaryFolder(_ test: XCTestCase) -> String {
 }
 
 /// Synthetic codes: a fixed function of (sample, augmentation, position), so any read can be checked.
-func syntheticCode(_ i: Int, _ a: Int, _ t: Int, vocab: Int) -> Int32 { Int32((i * 7919 + a * 104_729 + t * 31) % vocab) }
+func syntheticCode(_ i: Int, _ a: Int, _ t: Int, vocab: Int) -> Int32 {
+    Int32((i * 7919 + a * 104_729 + t * 31) % vocab)
+}
 func syntheticLabel(_ i: Int, classes: Int) -> Int32 { Int32((i * 3) % classes) }
 
 /// Writes a cache of `n` synthetic samples in shards of `shardSize` through `append` calls of
 /// uneven sizes; returns its folder.
 @discardableResult
-func makeCache(_ dir: String, n: Int, vocab: Int = 16, grid: Int = 2, classes: Int = 5, augmentations: Int = 3,
-               shardSize: Int = 7) throws -> String {
+func makeCache(
+    _ dir: String, n: Int, vocab: Int = 16, grid: Int = 2, classes: Int = 5, augmentations: Int = 3,
+    shardSize: Int = 7
+) throws -> String {
     let t = grid * grid
-    let w = try CacheWriter(directory: dir, vocabSize: vocab, gridH: grid, gridW: grid, numClasses: classes,
-                            augmentations: augmentations, shardSize: shardSize)
+    let w = try CacheWriter(
+        directory: dir, vocabSize: vocab, gridH: grid, gridW: grid, numClasses: classes,
+        augmentations: augmentations, shardSize: shardSize)
     var i = 0
     var piece = 1
     while i < n {
         let m = min(piece, n - i)
-        var codes: [Int32] = [], labels: [Int32] = []
+        var codes: [Int32] = []
+        var labels: [Int32] = []
         for s in i..<(i + m) {
             for a in 0..<augmentations { for p in 0..<t { codes.append(syntheticCode(s, a, p, vocab: vocab)) } }
             labels.append(syntheticLabel(s, classes: classes))
@@ -42,13 +48,16 @@ func makeCache(_ dir: String, n: Int, vocab: Int = 16, grid: Int = 2, classes: I
 }
 
 /// Asserts `body` throws an InputError whose file ends with `file` and whose text has every piece.
-func assertInputError(_ body: () throws -> Void, file: String, contains pieces: [String],
-                      sourceFile: StaticString = #filePath, line: UInt = #line) {
+func assertInputError(
+    _ body: () throws -> Void, file: String, contains pieces: [String],
+    sourceFile: StaticString = #filePath, line: UInt = #line
+) {
     do {
         try body()
         XCTFail("expected an error about \(file)", file: sourceFile, line: line)
     } catch let e as InputError {
-        XCTAssertTrue(e.file.hasSuffix(file), "error names \(e.file), expected …\(file): \(e)", file: sourceFile, line: line)
+        XCTAssertTrue(
+            e.file.hasSuffix(file), "error names \(e.file), expected …\(file): \(e)", file: sourceFile, line: line)
         for p in pieces {
             XCTAssertTrue(e.problem.contains(p), "'\(e.problem)' does not mention '\(p)'", file: sourceFile, line: line)
         }

@@ -11,16 +11,22 @@ final class LoaderTests: XCTestCase {
     private var cache: TokenCache!
 
     override func setUpWithError() throws {
-        cache = try TokenCache(directory: makeCache(temporaryFolder(self), n: LoaderTests.n, augmentations: 3, shardSize: 7))
+        cache = try TokenCache(
+            directory: makeCache(temporaryFolder(self), n: LoaderTests.n, augmentations: 3, shardSize: 7))
     }
 
-    private func loader(rank: Int = 0, world: Int = 1, seed: UInt64 = 42, prefetch: Int = 0, shuffle: Bool = true,
-                        augment: Bool = true) throws -> TokenLoader {
-        try TokenLoader(cache: cache, globalBatch: LoaderTests.g, rank: rank, worldSize: world, seed: seed,
-                        shuffle: shuffle, augment: augment, prefetch: prefetch)
+    private func loader(
+        rank: Int = 0, world: Int = 1, seed: UInt64 = 42, prefetch: Int = 0, shuffle: Bool = true,
+        augment: Bool = true
+    ) throws -> TokenLoader {
+        try TokenLoader(
+            cache: cache, globalBatch: LoaderTests.g, rank: rank, worldSize: world, seed: seed,
+            shuffle: shuffle, augment: augment, prefetch: prefetch)
     }
 
-    private func batches(_ l: TokenLoader, _ count: Int) throws -> [TokenBatch] { try (0..<count).map { _ in try l.next() } }
+    private func batches(_ l: TokenLoader, _ count: Int) throws -> [TokenBatch] {
+        try (0..<count).map { _ in try l.next() }
+    }
 
     private func assertSame(_ a: TokenBatch, _ b: TokenBatch, _ what: String, line: UInt = #line) {
         XCTAssertEqual(a.sampleIndices, b.sampleIndices, what, line: line)
@@ -40,12 +46,15 @@ final class LoaderTests: XCTestCase {
             for step in 0..<steps {
                 let parts = try ranks.map { try $0.next() }
                 XCTAssertTrue(parts.allSatisfy { $0.count == LoaderTests.g / world })
-                let joined = TokenBatch(codes: parts.flatMap(\.codes), labels: parts.flatMap(\.labels),
-                                        sampleIndices: parts.flatMap(\.sampleIndices), globalPositions: parts.flatMap(\.globalPositions),
-                                        step: parts[0].step, epoch: parts[0].epoch)
+                let joined = TokenBatch(
+                    codes: parts.flatMap(\.codes), labels: parts.flatMap(\.labels),
+                    sampleIndices: parts.flatMap(\.sampleIndices), globalPositions: parts.flatMap(\.globalPositions),
+                    step: parts[0].step, epoch: parts[0].epoch)
                 assertSame(joined, reference[step], "W = \(world), step \(step)")
                 for part in parts {
-                    for (p, i) in zip(part.globalPositions, part.sampleIndices) { seen[(step * LoaderTests.g + p) / LoaderTests.n].append(i) }
+                    for (p, i) in zip(part.globalPositions, part.sampleIndices) {
+                        seen[(step * LoaderTests.g + p) / LoaderTests.n].append(i)
+                    }
                 }
             }
             XCTAssertEqual(seen[0].sorted(), Array(0..<LoaderTests.n), "W = \(world), epoch 0")
@@ -67,14 +76,16 @@ final class LoaderTests: XCTestCase {
                 var rng = CounterRNG(seed: 42, UInt64(e), UInt64(i), RandomPurpose.augmentation.rawValue)
                 let a = rng.below(3)
                 used.insert(a)
-                XCTAssertEqual(Array(b.codes[(k * 4)..<((k + 1) * 4)]), (0..<4).map { syntheticCode(i, a, $0, vocab: 16) })
+                XCTAssertEqual(
+                    Array(b.codes[(k * 4)..<((k + 1) * 4)]), (0..<4).map { syntheticCode(i, a, $0, vocab: 16) })
                 XCTAssertEqual(b.labels[k], syntheticLabel(i, classes: 5))
             }
         }
         XCTAssertEqual(used, [0, 1, 2])
         for b in try batches(loader(augment: false), 3) {
             for (k, i) in b.sampleIndices.enumerated() {
-                XCTAssertEqual(Array(b.codes[(k * 4)..<((k + 1) * 4)]), (0..<4).map { syntheticCode(i, 0, $0, vocab: 16) })
+                XCTAssertEqual(
+                    Array(b.codes[(k * 4)..<((k + 1) * 4)]), (0..<4).map { syntheticCode(i, 0, $0, vocab: 16) })
             }
         }
     }
@@ -100,7 +111,9 @@ final class LoaderTests: XCTestCase {
         for prefetch in [0, 2] {
             let fresh = try loader(prefetch: prefetch)
             fresh.restore(position: 3 * LoaderTests.g)
-            for (k, b) in try batches(fresh, 4).enumerated() { assertSame(b, run[3 + k], "fresh loader, prefetch \(prefetch)") }
+            for (k, b) in try batches(fresh, 4).enumerated() {
+                assertSame(b, run[3 + k], "fresh loader, prefetch \(prefetch)")
+            }
             // Restoring a loader in mid-stream, backwards and forwards, drops what it read ahead.
             let used = try loader(prefetch: prefetch)
             _ = try batches(used, 2)
@@ -133,17 +146,22 @@ final class LoaderTests: XCTestCase {
     }
 
     func testBadLoaderArguments() {
-        assertInputError({ _ = try self.loader(world: 5) }, file: cache.directory, contains: ["global batch 24 is not divisible by the number of ranks 5"])
-        assertInputError({ _ = try self.loader(rank: 2, world: 2) }, file: cache.directory, contains: ["rank 2 is not in 0..<2"])
+        assertInputError(
+            { _ = try self.loader(world: 5) }, file: cache.directory,
+            contains: ["global batch 24 is not divisible by the number of ranks 5"])
+        assertInputError(
+            { _ = try self.loader(rank: 2, world: 2) }, file: cache.directory, contains: ["rank 2 is not in 0..<2"])
     }
 
     func testReadErrorSurfacesThroughPrefetch() throws {
         let dir = try makeCache(temporaryFolder(self), n: 10, shardSize: 4)
         var bad: [Int32] = [9, 9, 9, 9]
         try bad.withUnsafeMutableBytes {
-            try HDF5File.open(path(dir, "shard-00001.h5"), writable: true).writeRows("labels", kind: .int32, start: 0, rows: 4, from: $0.baseAddress!)
+            try HDF5File.open(path(dir, "shard-00001.h5"), writable: true).writeRows(
+                "labels", kind: .int32, start: 0, rows: 4, from: $0.baseAddress!)
         }
-        let l = try TokenLoader(cache: TokenCache(directory: dir), globalBatch: 10, rank: 0, worldSize: 1, seed: 1, prefetch: 2)
+        let l = try TokenLoader(
+            cache: TokenCache(directory: dir), globalBatch: 10, rank: 0, worldSize: 1, seed: 1, prefetch: 2)
         assertInputError({ _ = try l.next() }, file: "shard-00001.h5", contains: ["label 9"])
         XCTAssertEqual(l.position, 0)
     }
@@ -160,7 +178,8 @@ final class LoaderTests: XCTestCase {
         try forEachValidationBatch(cache: cache, range: 5..<22, batchSize: 8) { b in
             XCTAssertLessThanOrEqual(b.count, 8)
             for (k, i) in b.sampleIndices.enumerated() {
-                XCTAssertEqual(Array(b.codes[(k * 4)..<((k + 1) * 4)]), (0..<4).map { syntheticCode(i, 0, $0, vocab: 16) })
+                XCTAssertEqual(
+                    Array(b.codes[(k * 4)..<((k + 1) * 4)]), (0..<4).map { syntheticCode(i, 0, $0, vocab: 16) })
             }
             seen += b.sampleIndices
         }

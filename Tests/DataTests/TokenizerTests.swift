@@ -12,20 +12,32 @@ final class TokenizerTests: XCTestCase {
         let (n, d, k) = (5000, 6, 37)  // more than one 4096-row chunk
         let points = (0..<(n * d)).map { _ in rng.uniform() }
         let centroids = (0..<(k * d)).map { _ in rng.uniform() }
-        let (idx, dist) = points.withUnsafeBufferPointer { nearestCentroids(points: $0.baseAddress!, n: n, dim: d, centroids: centroids, k: k) }
+        let (idx, dist) = points.withUnsafeBufferPointer {
+            nearestCentroids(points: $0.baseAddress!, n: n, dim: d, centroids: centroids, k: k)
+        }
         var worst: Float = 0
         for i in stride(from: 0, to: n, by: 7) {
-            var best = Float.infinity, bestJ = -1
+            var best = Float.infinity
+            var bestJ = -1
             for j in 0..<k {
                 var s: Float = 0
-                for t in 0..<d { let u = points[i * d + t] - centroids[j * d + t]; s += u * u }
-                if s < best { best = s; bestJ = j }
+                for t in 0..<d {
+                    let u = points[i * d + t] - centroids[j * d + t]
+                    s += u * u
+                }
+                if s < best {
+                    best = s
+                    bestJ = j
+                }
             }
             worst = max(worst, abs(dist[i] - best))
             // Float rounding may swap near ties: then the two distances must agree closely.
             if Int(idx[i]) != bestJ {
                 var s: Float = 0
-                for t in 0..<d { let u = points[i * d + t] - centroids[Int(idx[i]) * d + t]; s += u * u }
+                for t in 0..<d {
+                    let u = points[i * d + t] - centroids[Int(idx[i]) * d + t]
+                    s += u * u
+                }
                 XCTAssertEqual(s, best, accuracy: 1e-5, "point \(i)")
             }
         }
@@ -35,12 +47,15 @@ final class TokenizerTests: XCTestCase {
     func testArgminFirstTakesTheLowestIndexOnTies() {
         func argmin(_ v: [Float], _ b: [Float]? = nil) -> (Int, Float) {
             let bias = b ?? [Float](repeating: 0, count: v.count)
-            return v.withUnsafeBufferPointer { vp in bias.withUnsafeBufferPointer { argminFirst(vp.baseAddress!, plus: $0.baseAddress!, v.count) } }
+            return v.withUnsafeBufferPointer { vp in
+                bias.withUnsafeBufferPointer { argminFirst(vp.baseAddress!, plus: $0.baseAddress!, v.count) }
+            }
         }
         XCTAssertEqual(argmin([Float](repeating: 1, count: 37)).0, 0)
         XCTAssertEqual(argmin((0..<37).map { Float(($0 * 7) % 37) }).0, 0)
         var v = [Float](repeating: 2, count: 37)
-        v[33] = -1; v[20] = -1  // tie between the SIMD part and the tail
+        v[33] = -1
+        v[20] = -1  // tie between the SIMD part and the tail
         XCTAssertEqual(argmin(v).0, 20)
         v[35] = -3  // minimum only in the tail
         XCTAssertEqual(argmin(v).0, 35)
@@ -51,7 +66,10 @@ final class TokenizerTests: XCTestCase {
     func testKMeansRecoversSeparatedClusters() {
         let (d, k, per) = (8, 5, 80)
         var centres = [Float](repeating: 0, count: k * d)
-        for j in 0..<k { centres[j * d + j] = 10; centres[j * d + (j + 3) % d] = -5 }
+        for j in 0..<k {
+            centres[j * d + j] = 10
+            centres[j * d + (j + 3) % d] = -5
+        }
         var rng = CounterRNG(seed: 11)
         var points: [Float] = []
         for i in 0..<(k * per) {
@@ -62,8 +80,8 @@ final class TokenizerTests: XCTestCase {
         var matched = Set<Int>()
         for j in 0..<k {
             let near = (0..<k).min { a, b in
-                (0..<d).reduce(Float(0)) { $0 + pow(found[a * d + $1] - centres[j * d + $1], 2) } <
-                    (0..<d).reduce(Float(0)) { $0 + pow(found[b * d + $1] - centres[j * d + $1], 2) }
+                (0..<d).reduce(Float(0)) { $0 + pow(found[a * d + $1] - centres[j * d + $1], 2) }
+                    < (0..<d).reduce(Float(0)) { $0 + pow(found[b * d + $1] - centres[j * d + $1], 2) }
             }!
             matched.insert(near)
             for t in 0..<d { XCTAssertEqual(found[near * d + t], centres[j * d + t], accuracy: 0.05, "centre \(j)") }
@@ -95,7 +113,9 @@ final class TokenizerTests: XCTestCase {
         XCTAssertEqual(cb.decode(tokens: enc, gridH: 2, gridW: 3), image)
         // Flipping while encoding equals encoding the flipped image.
         var flipped = image
-        for y in 0..<h { for x in 0..<w { for c in 0..<ch { flipped[(y * w + x) * ch + c] = image[(y * w + w - 1 - x) * ch + c] } } }
+        for y in 0..<h {
+            for x in 0..<w { for c in 0..<ch { flipped[(y * w + x) * ch + c] = image[(y * w + w - 1 - x) * ch + c] } }
+        }
         let a = image.withUnsafeBufferPointer { cb.encode(images: $0, count: 1, flip: true).tokens }
         let b = flipped.withUnsafeBufferPointer { cb.encode(images: $0, count: 1).tokens }
         XCTAssertEqual(a, b)
@@ -105,16 +125,20 @@ final class TokenizerTests: XCTestCase {
 
     func testCodebookFile() throws {
         let dir = temporaryFolder(self)
-        let cb = try Codebook(vectors: (0..<(5 * 16)).map { Float($0) / 80 }, patchSize: 4, imageH: 8, imageW: 12, channels: 1)
+        let cb = try Codebook(
+            vectors: (0..<(5 * 16)).map { Float($0) / 80 }, patchSize: 4, imageH: 8, imageW: 12, channels: 1)
         let file = path(dir, "codebook.h5")
         try cb.save(path: file, description: "test")
         let back = try Codebook.load(path: file)
         XCTAssertEqual(back.vectors, cb.vectors)
-        XCTAssertEqual([back.V, back.Dc, back.patchSize, back.imageH, back.imageW, back.channels], [5, 16, 4, 8, 12, 1])
+        XCTAssertEqual(
+            [back.V, back.Dc, back.patchSize, back.imageH, back.imageW, back.channels], [5, 16, 4, 8, 12, 1])
         try HDF5File.open(file, writable: true).setAttribute("patch_size", int: 3)
-        assertInputError({ _ = try Codebook.load(path: file) }, file: "codebook.h5", contains: ["shape [5, 16]", "[V, 9]"])
-        assertInputError({ _ = try Codebook(vectors: [0, 1], patchSize: 3, imageH: 8, imageW: 8, channels: 1, path: "cb") },
-                         file: "cb", contains: ["3x3 patches"])
+        assertInputError(
+            { _ = try Codebook.load(path: file) }, file: "codebook.h5", contains: ["shape [5, 16]", "[V, 9]"])
+        assertInputError(
+            { _ = try Codebook(vectors: [0, 1], patchSize: 3, imageH: 8, imageW: 8, channels: 1, path: "cb") },
+            file: "cb", contains: ["3x3 patches"])
     }
 
     // MARK: the Fashion-MNIST build, on tiny fake IDX files
@@ -124,7 +148,9 @@ final class TokenizerTests: XCTestCase {
         var pixels = [UInt8](repeating: 0, count: n * 28 * 28)
         for i in 0..<n {
             let (y0, x0, size) = (i % 9, (i * 5) % 11, 8 + i % 10)
-            for y in y0..<min(28, y0 + size) { for x in x0..<min(28, x0 + size) { pixels[i * 784 + y * 28 + x] = UInt8(80 + (i * 37 + x) % 170) } }
+            for y in y0..<min(28, y0 + size) {
+                for x in x0..<min(28, x0 + size) { pixels[i * 784 + y * 28 + x] = UInt8(80 + (i * 37 + x) % 170) }
+            }
         }
         func write(_ name: String, _ header: [UInt8], _ body: [UInt8]) throws {
             let p = path(dir, name)
@@ -133,7 +159,8 @@ final class TokenizerTests: XCTestCase {
                 let z = Process()
                 z.executableURL = URL(fileURLWithPath: "/bin/sh")
                 z.arguments = ["-c", "gzip -f '\(p)'"]
-                try z.run(); z.waitUntilExit()
+                try z.run()
+                z.waitUntilExit()
             }
         }
         let n4: [UInt8] = [0, 0, UInt8(n >> 8), UInt8(n & 0xFF)]
@@ -142,11 +169,15 @@ final class TokenizerTests: XCTestCase {
     }
 
     func testFashionMNISTBuildOnFakeData() throws {
-        let src = temporaryFolder(self), out = path(temporaryFolder(self), "fm")
+        let src = temporaryFolder(self)
+        let out = path(temporaryFolder(self), "fm")
         try writeFakeSplit(src, prefix: "train", n: 50, gzip: true)
         try writeFakeSplit(src, prefix: "t10k", n: 12, gzip: false)
         var o = PatchVQOptions()
-        o.codebookSize = 32; o.kmeansSamples = 2000; o.kmeansIterations = 4; o.shardSize = 20
+        o.codebookSize = 32
+        o.kmeansSamples = 2000
+        o.kmeansIterations = 4
+        o.shardSize = 20
         var lines: [String] = []
         let (r, reused) = try buildFashionMNIST(source: src, out: out, options: o, log: { lines.append($0) })
         XCTAssertFalse(reused)
@@ -176,7 +207,8 @@ final class TokenizerTests: XCTestCase {
         XCTAssertFalse(other.reused)
         XCTAssertEqual(try TokenCache(directory: path(out, "val")).info.vocabSize, 16)
         // Missing source files name what was looked for.
-        assertInputError({ _ = try buildFashionMNIST(source: out, out: path(out, "x"), options: o, log: { _ in }) },
-                         file: "train-images-idx3-ubyte", contains: ["not found"])
+        assertInputError(
+            { _ = try buildFashionMNIST(source: out, out: path(out, "x"), options: o, log: { _ in }) },
+            file: "train-images-idx3-ubyte", contains: ["not found"])
     }
 }

@@ -1,13 +1,15 @@
-import XCTest
 import Kernels
 import Platform
+import XCTest
 
 /// Every kernel gives the same bits on 1, 2 and 3 threads. The work threshold is lowered so that
 /// these small shapes are split into many parts, and the pool's job count proves they were.
 final class ThreadTests: XCTestCase {
     /// Runs `body` at 1, 2 and 3 threads and compares the floats it returns bit for bit.
-    func sameAtAnyThreadCount(_ what: String, file: StaticString = #filePath, line: UInt = #line,
-                              _ body: () -> [Float]) {
+    func sameAtAnyThreadCount(
+        _ what: String, file: StaticString = #filePath, line: UInt = #line,
+        _ body: () -> [Float]
+    ) {
         let savedThreads = BLAS.threads
         let savedWork = kernelSerialWork
         defer {
@@ -21,12 +23,14 @@ final class ThreadTests: XCTestCase {
             BLAS.threads = threads
             let jobs = ComputePool.shared.parallelJobs
             let got = body()
-            XCTAssertGreaterThan(ComputePool.shared.parallelJobs, jobs, "\(what): no job was split",
-                                 file: file, line: line)
+            XCTAssertGreaterThan(
+                ComputePool.shared.parallelJobs, jobs, "\(what): no job was split",
+                file: file, line: line)
             XCTAssertEqual(got.count, want.count, what, file: file, line: line)
             let differ = zip(got, want).enumerated().first { $0.element.0.bitPattern != $0.element.1.bitPattern }
-            XCTAssertNil(differ, "\(what): \(threads) threads differ from 1 at element \(differ?.offset ?? -1)",
-                         file: file, line: line)
+            XCTAssertNil(
+                differ, "\(what): \(threads) threads differ from 1 at element \(differ?.offset ?? -1)",
+                file: file, line: line)
         }
     }
 
@@ -77,17 +81,21 @@ final class ThreadTests: XCTestCase {
             let tiling = BLAS.Tiling(m: m, n: n, k: k)
             XCTAssertGreaterThan(tiling.count, 1, "\(m) x \(n) x \(k) is tiled")
             tiledBothWays.insert(tiling.rows)
-            let a = (0..<(m * k)).map { _ in r.normal() }, b = (0..<(k * n)).map { _ in r.normal() }
+            let a = (0..<(m * k)).map { _ in r.normal() }
+            let b = (0..<(k * n)).map { _ in r.normal() }
             for (ta, tb) in [(false, true), (false, false), (true, false)] {
-                let lda = ta ? m : k, ldb = tb ? k : n
+                let lda = ta ? m : k
+                let ldb = tb ? k : n
                 let what = "sgemm \(m) x \(n) x \(k) transA \(ta) transB \(tb)"
                 var one = [Float](repeating: 0.5, count: m * n)
-                BLAS.sgemmOneCall(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb,
-                                  beta: 1, &one, ldc: n)
+                BLAS.sgemmOneCall(
+                    transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb,
+                    beta: 1, &one, ldc: n)
                 sameAtAnyThreadCount(what) {
                     var c = [Float](repeating: 0.5, count: m * n)
-                    BLAS.sgemm(transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb, beta: 1,
-                               &c, ldc: n)
+                    BLAS.sgemm(
+                        transA: ta, transB: tb, m: m, n: n, k: k, alpha: 0.7, a, lda: lda, b, ldb: ldb, beta: 1,
+                        &c, ldc: n)
                     var differ = 0
                     var worst: Float = 0
                     for (x, y) in zip(c, one) where x.bitPattern != y.bitPattern {
@@ -107,9 +115,13 @@ final class ThreadTests: XCTestCase {
     }
 
     func testEmbeddingAndNorm() {
-        let v = 9, d = 40, n = 30
+        let v = 9
+        let d = 40
+        let n = 30
         let ids = (0..<n).map { Int32($0 % 7 == 3 ? -1 : $0 % v) }  // repeated ids, and pads
-        let table = randoms(v * d, seed: 1), dout = randoms(n * d, seed: 2), w = randoms(d, seed: 3)
+        let table = randoms(v * d, seed: 1)
+        let dout = randoms(n * d, seed: 2)
+        let w = randoms(d, seed: 3)
         sameAtAnyThreadCount("embedding") {
             var out = [Float](repeating: 0, count: n * d)
             var grad = [Float](repeating: 0.5, count: v * d)
@@ -118,8 +130,10 @@ final class ThreadTests: XCTestCase {
             return out + grad
         }
         sameAtAnyThreadCount("rmsnorm") {
-            var out = [Float](repeating: 0, count: n * d), rstd = [Float](repeating: 0, count: n)
-            var dx = [Float](repeating: 0.25, count: n * d), dw = [Float](repeating: 0.5, count: d)
+            var out = [Float](repeating: 0, count: n * d)
+            var rstd = [Float](repeating: 0, count: n)
+            var dx = [Float](repeating: 0.25, count: n * d)
+            var dw = [Float](repeating: 0.5, count: d)
             rmsnormForward(&out, &rstd, dout, w, n: n, d: d, eps: 1e-5)
             rmsnormBackward(&dx, &dw, table + table + table + table, dout, w, rstd, n: n, d: d)
             return out + rstd + dx + dw
@@ -127,9 +141,12 @@ final class ThreadTests: XCTestCase {
     }
 
     func testAttentionRotaryAndStep() {
-        let batch = 2, D = 16, NH = 2
+        let batch = 2
+        let D = 16
+        let NH = 2
         for (S, causal) in [(5, false), (5, true), (70, true), (20, false)] {
-            let qkv0 = randoms(batch * S * 3 * D, seed: UInt64(S)), dy = randoms(batch * S * D, seed: 9)
+            let qkv0 = randoms(batch * S * 3 * D, seed: UInt64(S))
+            let dy = randoms(batch * S * D, seed: 9)
             let table = RotaryTable(seqLen: S, gridW: 4, headDim: D / NH, base: 10000)
             sameAtAnyThreadCount("attention S=\(S) causal=\(causal)") {
                 var qkv = qkv0
@@ -143,18 +160,22 @@ final class ThreadTests: XCTestCase {
                 return out + probs + dqkv
             }
         }
-        let rows = 5, T = 12, hd = D / NH
+        let rows = 5
+        let T = 12
+        let hd = D / NH
         let steps = randoms(T * rows * 3 * D, seed: 11)
         sameAtAnyThreadCount("attention step") {
-            var keys = [Float](repeating: 0, count: rows * NH * T * hd), values = keys
+            var keys = [Float](repeating: 0, count: rows * NH * T * hd)
+            var values = keys
             var out = [Float](repeating: 0, count: T * rows * D)
             for p in 0..<T {
                 steps.withUnsafeBufferPointer { s in
                     out.withUnsafeMutableBufferPointer { o in
                         let out = o.baseAddress! + p * rows * D
                         let qkv = s.baseAddress! + p * rows * 3 * D
-                        attentionStepForward(out, &keys, &values, qkv, rows: rows, dim: D, heads: NH, cacheLength: T,
-                                             position: p)
+                        attentionStepForward(
+                            out, &keys, &values, qkv, rows: rows, dim: D, heads: NH, cacheLength: T,
+                            position: p)
                     }
                 }
             }
@@ -163,25 +184,33 @@ final class ThreadTests: XCTestCase {
     }
 
     func testElementwiseAndLoss() {
-        let n = 24, f = 20, v = 30
-        let ab = randoms(n * 2 * f, seed: 5), g = randoms(n * f, seed: 6), logits0 = randoms(n * v, seed: 7)
-        let targets = (0..<n).map { Int32($0 % 5 == 0 ? -1 : $0 % v) }, weights = randoms(n, seed: 8)
+        let n = 24
+        let f = 20
+        let v = 30
+        let ab = randoms(n * 2 * f, seed: 5)
+        let g = randoms(n * f, seed: 6)
+        let logits0 = randoms(n * v, seed: 7)
+        let targets = (0..<n).map { Int32($0 % 5 == 0 ? -1 : $0 % v) }
+        let weights = randoms(n, seed: 8)
         sameAtAnyThreadCount("swiglu") {
-            var out = [Float](repeating: 0, count: n * f), dab = [Float](repeating: 0, count: n * 2 * f)
+            var out = [Float](repeating: 0, count: n * f)
+            var dab = [Float](repeating: 0, count: n * 2 * f)
             swigluForward(&out, ab, n: n, f: f)
             swigluBackward(&dab, g, ab, n: n, f: f)
             return out + dab
         }
         sameAtAnyThreadCount("cross entropy") {
-            var logits = logits0, losses = [Float](repeating: 0, count: n)
+            var logits = logits0
+            var losses = [Float](repeating: 0, count: n)
             var dlogits = [Float](repeating: 0, count: n * v)
             crossEntropyForwardBackward(&losses, &dlogits, &logits, targets, weights, scale: 0.5, n: n, v: v)
             return losses + dlogits
         }
         sameAtAnyThreadCount("add, dropout") {
             var mask = [Float](repeating: 0, count: n * f)
-            dropoutMask(&mask, p: 0.3, rows: n, d: f, rowsPerSample: 8, samplePositions: [5, 1, 7], seed: 3, step: 2,
-                        site: 1)
+            dropoutMask(
+                &mask, p: 0.3, rows: n, d: f, rowsPerSample: 8, samplePositions: [5, 1, 7], seed: 3, step: 2,
+                site: 1)
             var x = g
             addForward(&x, x, g, count: n * f)
             dropoutApply(&x, mask, count: n * f)
@@ -192,7 +221,9 @@ final class ThreadTests: XCTestCase {
     /// A mask drawn in parts (each part skipping ahead in its sample's stream) is the mask drawn
     /// in one pass: compared with the draws made one by one here.
     func testDropoutMaskSkipsAheadExactly() {
-        let d = 7, rowsPerSample = 5, p: Float = 0.4
+        let d = 7
+        let rowsPerSample = 5
+        let p: Float = 0.4
         var want: [Float] = []
         for s in [4, 2] {
             var rng = CounterRNG(seed: 3, 2, UInt64(s), RandomPurpose.dropout.rawValue, 6)
@@ -200,8 +231,9 @@ final class ThreadTests: XCTestCase {
         }
         sameAtAnyThreadCount("dropout mask") {
             var mask = [Float](repeating: 0, count: 2 * rowsPerSample * d)
-            dropoutMask(&mask, p: p, rows: 2 * rowsPerSample, d: d, rowsPerSample: rowsPerSample,
-                        samplePositions: [4, 2], seed: 3, step: 2, site: 6)
+            dropoutMask(
+                &mask, p: p, rows: 2 * rowsPerSample, d: d, rowsPerSample: rowsPerSample,
+                samplePositions: [4, 2], seed: 3, step: 2, site: 6)
             XCTAssertEqual(mask, want)
             return mask
         }

@@ -1,7 +1,8 @@
 import Foundation
-import XCTest
-@testable import ARModel
 import Platform
+import XCTest
+
+@testable import ARModel
 
 /// Bad weights and configs give an InputError naming the file and the problem (issue: core).
 final class BadInputTests: XCTestCase {
@@ -14,13 +15,18 @@ final class BadInputTests: XCTestCase {
 
     let config = ModelConfig(vocabSize: 16, numClasses: 3, gridSize: 2, dim: 8, nLayer: 1, nHead: 2, ffnHidden: 16)
 
-    func expectError(_ path: String, containing words: [String], fallback: ModelConfig? = nil, file: StaticString = #filePath, line: UInt = #line) {
+    func expectError(
+        _ path: String, containing words: [String], fallback: ModelConfig? = nil, file: StaticString = #filePath,
+        line: UInt = #line
+    ) {
         do {
             _ = try Transformer.load(path, fallback: fallback)
             XCTFail("loading \(path) should fail", file: file, line: line)
         } catch let e as InputError {
             XCTAssertTrue(e.file.hasPrefix(path), "the error names the file: \(e.file)", file: file, line: line)
-            for w in words { XCTAssertTrue(e.problem.contains(w), "'\(e.problem)' should mention '\(w)'", file: file, line: line) }
+            for w in words {
+                XCTAssertTrue(e.problem.contains(w), "'\(e.problem)' should mention '\(w)'", file: file, line: line)
+            }
         } catch { XCTFail("unexpected error \(error)", file: file, line: line) }
     }
 
@@ -34,7 +40,8 @@ final class BadInputTests: XCTestCase {
 
     func testRoundTripKeepsEveryByteAndTheConfig() throws {
         let path = try savedModel()
-        let a = try Transformer(config: config); a.initialise(seed: 1)
+        let a = try Transformer(config: config)
+        a.initialise(seed: 1)
         let b = try Transformer.load(path)
         XCTAssertEqual(b.config, config)
         XCTAssertEqual(a.params.array, b.params.array)
@@ -51,7 +58,8 @@ final class BadInputTests: XCTestCase {
 
     func testNotSafetensors() throws {
         let path = dir + "/model.pt"
-        try Data("PK\u{3}\u{4} this is a zip, not safetensors, and it is long enough".utf8).write(to: URL(fileURLWithPath: path))
+        try Data("PK\u{3}\u{4} this is a zip, not safetensors, and it is long enough".utf8).write(
+            to: URL(fileURLWithPath: path))
         expectError(path, containing: ["not a safetensors file"])
         expectError(dir + "/missing.safetensors", containing: ["does not exist"])
     }
@@ -72,10 +80,15 @@ final class BadInputTests: XCTestCase {
     func testConfigProblems() throws {
         var st = try Safetensors.read(try savedModel())
         let path = dir + "/bad.safetensors"
-        func withConfig(_ json: String) throws { st.metadata["tensorar.config"] = json; try st.write(to: path) }
-        try withConfig(#"{"vocab_size":16,"num_classes":3,"grid_size":2,"dim":8,"n_layer":1,"n_head":3,"ffn_hidden":16}"#)
+        func withConfig(_ json: String) throws {
+            st.metadata["tensorar.config"] = json
+            try st.write(to: path)
+        }
+        try withConfig(
+            #"{"vocab_size":16,"num_classes":3,"grid_size":2,"dim":8,"n_layer":1,"n_head":3,"ffn_hidden":16}"#)
         expectError(path, containing: ["dim 8 is not divisible by n_head 3"])
-        try withConfig(#"{"vocab_size":16,"num_classes":3,"grid_size":2,"dim":12,"n_layer":1,"n_head":2,"ffn_hidden":16}"#)
+        try withConfig(
+            #"{"vocab_size":16,"num_classes":3,"grid_size":2,"dim":12,"n_layer":1,"n_head":2,"ffn_hidden":16}"#)
         expectError(path, containing: ["head width", "6", "not divisible by 4"])
         let shape = #""vocab_size":16,"num_classes":3,"grid_size":2,"#
         try withConfig("{" + shape + #""dim":8,"n_layer":1,"n_head":2,"ffn_hidden":16,"norm_eps":11.5}"#)
@@ -89,15 +102,20 @@ final class BadInputTests: XCTestCase {
         try st.write(to: path)
         expectError(path, containing: ["--preset"])
         // with a fallback config that contradicts the tensors
-        var other = config; other.dim = 16; other.ffnHidden = 16
+        var other = config
+        other.dim = 16
+        other.ffnHidden = 16
         expectError(path, containing: ["shape"], fallback: other)
         XCTAssertNoThrow(try Transformer.load(path, fallback: config))
     }
 
     func testWindowWithoutPluginAndOtherValidation() {
-        var c = config; c.window = 2
+        var c = config
+        c.window = 2
         XCTAssertThrowsError(try c.validate()) { XCTAssertTrue("\($0)".contains("plug-in")) }
-        var p = config; p.window = 20; p.pluginDepth = 1
+        var p = config
+        p.window = 20
+        p.pluginDepth = 1
         XCTAssertThrowsError(try p.validate()) { XCTAssertTrue("\($0)".contains("longer than the image")) }
         XCTAssertThrowsError(try ModelConfig.preset("huge")) { XCTAssertTrue("\($0)".contains("unknown preset")) }
     }
@@ -150,8 +168,9 @@ final class HostileSafetensorsTests: XCTestCase {
         try expectRejected(#"{"__metadata__":[1,2]}"#, ["__metadata__"])
         try expectRejected(#"[1,2,3]"#, ["not a JSON object"])
         // The same layout without the fault reads.
-        let ok = try file(#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"#
-                          + #""b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#)
+        let ok = try file(
+            #"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"#
+                + #""b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}"#)
         XCTAssertEqual(try Safetensors.read(ok).floats("b"), [0, 0])
     }
 

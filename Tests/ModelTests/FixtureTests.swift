@@ -1,7 +1,8 @@
 import Foundation
-import XCTest
-@testable import ARModel
 import Kernels
+import XCTest
+
+@testable import ARModel
 
 /// The model against the independent JAX reference (Tests/Reference): logits, loss, per-slot
 /// losses, every parameter's gradient, and greedy guided sampling, for every fixture file.
@@ -11,14 +12,19 @@ import Kernels
 let fixtureDir = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures").path
 
 func fixtureFiles() -> [String] {
-    ((try? FileManager.default.contentsOfDirectory(atPath: fixtureDir)) ?? []).filter { $0.hasSuffix(".safetensors") }.sorted()
+    ((try? FileManager.default.contentsOfDirectory(atPath: fixtureDir)) ?? []).filter { $0.hasSuffix(".safetensors") }
+        .sorted()
 }
 
 func worstError(_ a: [Float], _ e: [Float], rtol: Float, atol: Float) -> (Float, Int) {
-    var worst: Float = 0, wi = 0
+    var worst: Float = 0
+    var wi = 0
     for i in 0..<min(a.count, e.count) {
         let err = abs(a[i] - e[i]) / (atol + rtol * abs(e[i]))
-        if err > worst || a[i].isNaN { worst = a[i].isNaN ? .infinity : err; wi = i }
+        if err > worst || a[i].isNaN {
+            worst = a[i].isNaN ? .infinity : err
+            wi = i
+        }
     }
     return (worst, wi)
 }
@@ -41,8 +47,9 @@ func loadFixture(_ path: String) throws -> FixtureCase {
     model.slotWeights = try st.floats("input.slot_weights")
     let tokens = try st.ints("input.tokens")
     let b = st.tensors["input.tokens"]!.shape[0]
-    let batch = ModelBatch(batch: b, tokens: tokens, labels: try st.ints("input.labels"),
-                           tensors: try st.ints("input.tensors"))
+    let batch = ModelBatch(
+        batch: b, tokens: tokens, labels: try st.ints("input.labels"),
+        tensors: try st.ints("input.tensors"))
     return FixtureCase(name: (path as NSString).lastPathComponent, st: st, model: model, batch: batch, fixture: fixture)
 }
 
@@ -50,7 +57,8 @@ final class FixtureTests: XCTestCase {
     func load(_ file: String) throws -> FixtureCase { try loadFixture(fixtureDir + "/" + file) }
 
     func testFixturesExist() {
-        XCTAssertGreaterThanOrEqual(fixtureFiles().count, 6, "reference fixtures are committed under Tests/ModelTests/Fixtures")
+        XCTAssertGreaterThanOrEqual(
+            fixtureFiles().count, 6, "reference fixtures are committed under Tests/ModelTests/Fixtures")
     }
 
     func testForwardLogitsAndLossesMatchReference() throws {
@@ -64,7 +72,10 @@ final class FixtureTests: XCTestCase {
             let loss = try c.st.floats("output.loss")[0]
             XCTAssertEqual(r.loss, Double(loss), accuracy: 1e-4 * Double(abs(loss)), "\(f): loss")
             let slots = try c.st.floats("output.slot_losses")
-            for j in slots.indices { XCTAssertEqual(r.slotLosses[j], Double(slots[j]), accuracy: 1e-4 * Double(abs(slots[j])), "\(f): slot \(j) loss") }
+            for j in slots.indices {
+                XCTAssertEqual(
+                    r.slotLosses[j], Double(slots[j]), accuracy: 1e-4 * Double(abs(slots[j])), "\(f): slot \(j) loss")
+            }
         }
     }
 
@@ -73,7 +84,10 @@ final class FixtureTests: XCTestCase {
             let c = try load(f)
             let m = c.model
             m.grads.zero()
-            let valid = Double(m.slotWeights.enumerated().reduce(Float(0)) { acc, jw in acc + Float(max(0, m.config.seqLen - jw.offset)) * jw.element })
+            let valid = Double(
+                m.slotWeights.enumerated().reduce(Float(0)) { acc, jw in
+                    acc + Float(max(0, m.config.seqLen - jw.offset)) * jw.element
+                })
             m.forward(c.batch, gradientScale: Float(1 / (valid * Double(c.batch.batch))))
             m.backward()
             for e in m.table.entries {
@@ -81,7 +95,8 @@ final class FixtureTests: XCTestCase {
                 let got = Array(UnsafeBufferPointer(start: m.grads.base + e.offset, count: e.count))
                 let scale = want.map { abs($0) }.max() ?? 0
                 let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, 1e-9))
-                XCTAssertLessThanOrEqual(w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
+                XCTAssertLessThanOrEqual(
+                    w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
             }
         }
     }

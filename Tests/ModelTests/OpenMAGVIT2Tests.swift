@@ -1,8 +1,9 @@
 import Foundation
-import XCTest
-@testable import ARModel
 import Kernels
 import Platform
+import XCTest
+
+@testable import ARModel
 
 /// The Open-MAGVIT2 base (SPEC section 8) against the independent JAX reference
 /// (Tests/Reference/reference_omg.py, fixtures in Fixtures/OpenMAGVIT2): logits (pre, then post
@@ -156,8 +157,9 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
     func batch(_ c: ModelConfig, seed: UInt64) -> ModelBatch {
         var rng = CounterRNG(seed: seed)
         let tokens = (0..<(2 * c.seqLen)).map { _ in Int32(rng.below(c.vocabSize)) }
-        return ModelBatch(batch: 2, tokens: tokens, labels: [1, 3],
-                          tensors: Windows.inputTensors(tokens: tokens, batch: 2, seqLen: c.seqLen, window: c.window))
+        return ModelBatch(
+            batch: 2, tokens: tokens, labels: [1, 3],
+            tensors: Windows.inputTensors(tokens: tokens, batch: 2, seqLen: c.seqLen, window: c.window))
     }
 
     func logits(_ m: Transformer, _ b: ModelBatch) -> ([Float], LossReport) {
@@ -201,17 +203,23 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
         XCTAssertEqual(sa.tokens, sb.tokens)
         var other = o
         other.partTemperatures = [1, 0.3]
-        XCTAssertNotEqual(Sampler(model: base).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: other).tokens,
-                          sa.tokens, "the post temperature matters")
+        XCTAssertNotEqual(
+            Sampler(model: base).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: other).tokens,
+            sa.tokens, "the post temperature matters")
     }
 
     /// The sampler's choices (greedy, a scale per sub-token) against the teacher-forced forward
     /// over the tensors it produced: slot j of step p predicted t_p[j] = trajectory[p + j][j], so
     /// a forward whose targets are the slot-j predictions gives, at (p, j), the pre logits and the
     /// post logits given the sampled pre.
-    func checkSamplerMatchesTeacherForcing(_ m: Transformer, scales: [Float], file: StaticString = #filePath,
-                                           line: UInt = #line) {
-        let c = m.config, T = c.seqLen, k = c.window, P = m.base.headParts
+    func checkSamplerMatchesTeacherForcing(
+        _ m: Transformer, scales: [Float], file: StaticString = #filePath,
+        line: UInt = #line
+    ) {
+        let c = m.config
+        let T = c.seqLen
+        let k = c.window
+        let P = m.base.headParts
         let labels: [Int32] = [0, 2, 1]
         var o = SamplingOptions(topK: 1)
         o.partCfgScales = scales
@@ -238,7 +246,8 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
                 }
                 return out
             }
-            let lc = run(labels), lu = run([Int32](repeating: Int32(c.numClasses), count: 3))
+            let lc = run(labels)
+            let lu = run([Int32](repeating: Int32(c.numClasses), count: 3))
             for b in 0..<3 {
                 for p in 0..<(T - j) {
                     let tok = s.trajectories[(b * T + p + j) * k + j]
@@ -246,7 +255,8 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
                     for part in 0..<2 {
                         let off = ((b * T + p) * k + j) * W + (part == 0 ? 0 : P[0])
                         var row = (0..<P[part]).map { v -> Float in
-                            let a = lc[off + v], u = lu[off + v]
+                            let a = lc[off + v]
+                            let u = lu[off + v]
                             return scales[part] > 1 ? u + scales[part] * (a - u) : a
                         }
                         let got = Sampler.choose(&row, options: SamplingOptions(topK: 1), uniform: 0)
@@ -272,7 +282,11 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
     func testSamplerStepMatchesTrainingForwardAtEveryStepSlotAndPart() throws {
         for (k, d) in [(1, 0), (3, 1), (9, 2)] {
             let m = try Self.model(window: k, depth: d, seed: 7)
-            let c = m.config, T = c.seqLen, n = 2, W = m.logitsWidth, P = m.base.headParts
+            let c = m.config
+            let T = c.seqLen
+            let n = 2
+            let W = m.logitsWidth
+            let P = m.base.headParts
             let b = batch(c, seed: 11)
             let null = ModelBatch(batch: n, tokens: b.tokens, labels: [3, 3], tensors: b.tensors)
             let want = [logits(m, b).0, logits(m, null).0]
@@ -296,8 +310,9 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
                 for part in 0..<2 {
                     var got = [Float](repeating: 0, count: 2 * n * k * P[part])
                     got.withUnsafeMutableBufferPointer {
-                        m.base.headLogits($0.baseAddress!, h, rows: 2 * n * k, part: part, chosen: [pre],
-                                          params: m.params.base)
+                        m.base.headLogits(
+                            $0.baseAddress!, h, rows: 2 * n * k, part: part, chosen: [pre],
+                            params: m.params.base)
                     }
                     for r in 0..<(2 * n) {
                         for j in 0..<k where pos + j < T {
@@ -336,11 +351,13 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
         let b = batch(c, seed: 5)
         var noised = b.tensors
         let tables = m.tokenFactors.map { f in
-            NoiseTable(embedding: UnsafePointer(m.params.base + m.table.offset(f.name)), rows: f.rows, dim: c.dim,
-                       stride: f.stride)
+            NoiseTable(
+                embedding: UnsafePointer(m.params.base + m.table.offset(f.name)), rows: f.rows, dim: c.dim,
+                stride: f.stride)
         }
         let noiser = TensorNoiser(type: .discrete, schedule: .linear, window: 4, vocabSize: c.vocabSize)
-        _ = noiser.apply(&noised, batch: 2, seqLen: c.seqLen, seed: 1, step: 0, samplePositions: [0, 1], tables: tables)
+        _ = noiser.apply(
+            &noised, batch: 2, seqLen: c.seqLen, seed: 1, step: 0, samplePositions: [0, 1], tables: tables)
         var changed = 0
         for i in noised.indices where i % 4 == 3 && noised[i] != b.tensors[i] { changed += 1 }
         XCTAssertGreaterThan(changed, 0, "beta 0.75 changes entries")
@@ -352,7 +369,8 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
     /// two gives the losses of the two samples run alone, and another step gives other masks.
     func testHeadDropoutIsKeyedBySampleWhateverTheSplit() throws {
         let m = try Self.model(window: 2, depth: 1)
-        let c = m.config, T = c.seqLen
+        let c = m.config
+        let T = c.seqLen
         let b = batch(c, seed: 13)
         func loss(_ idx: [Int], step: Int, p: Float = 0.5) -> Double {
             let tokens = idx.flatMap { Array(b.tokens[($0 * T)..<(($0 + 1) * T)]) }
@@ -374,14 +392,16 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
         let targets = (0..<rows).map { Int32($0 * 7919 % c.vocabSize) }
         func headLoss(_ plan: DropoutPlan?) -> [Float] {
             var losses = [Float](repeating: 0, count: rows)
-            m.base.headForward(h, rows: rows, targets: targets, losses: &losses, logits: nil, dropout: plan,
-                               gradient: nil, params: m.params.base)
+            m.base.headForward(
+                h, rows: rows, targets: targets, losses: &losses, logits: nil, dropout: plan,
+                gradient: nil, params: m.params.base)
             return losses
         }
         let none = headLoss(nil)
         XCTAssertEqual(headLoss(DropoutPlan(p: 0, seed: 1, step: 0, samplePositions: [0, 1])), none)
-        XCTAssertNotEqual(headLoss(DropoutPlan(p: 0.5, seed: 1, step: 0, samplePositions: [0, 1])), none,
-                          "dropout after wo and w2 in the factorized blocks (SPEC section 8)")
+        XCTAssertNotEqual(
+            headLoss(DropoutPlan(p: 0.5, seed: 1, step: 0, samplePositions: [0, 1])), none,
+            "dropout after wo and w2 in the factorized blocks (SPEC section 8)")
     }
 
     /// The activation table is what a training step allocates (SPEC section 8's head included).
@@ -402,8 +422,12 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
     /// and twice that backward (no head recomputation), counted by hand here.
     func testFactorizedFLOPsByHand() throws {
         var c = try ModelConfig.preset("B", base: "open-magvit2")
-        let B = 2, rows = Double(B * c.seqLen * 2)
-        let D = Double(c.dim), F = Double(c.ffnHidden), hd = Double(c.headDim), NH = Double(c.nHead)
+        let B = 2
+        let rows = Double(B * c.seqLen * 2)
+        let D = Double(c.dim)
+        let F = Double(c.ffnHidden)
+        let hd = Double(c.headDim)
+        let NH = Double(c.nHead)
         let block = rows * 2 * (3 * D * D + D * D + 3 * D * F) + Double(B * c.seqLen) * NH * 2 * 2 * 4 * hd
         let two = c.trainingFLOPs(batch: B)
         c.factorizedNLayer = 1
@@ -414,7 +438,8 @@ final class OpenMAGVIT2ModelTests: XCTestCase {
         let heads = 3 * 2 * Double(B * c.seqLen) * D * (64 + 4096)
         let withoutHeads = plain.trainingFLOPs(batch: B) - heads
         let trunk = c.stackFLOPs(sequences: B, seqLen: c.seqLen, layers: c.nLayer, causal: true)
-        XCTAssertEqual(withoutHeads, 3 * (trunk + block),
-                       accuracy: 1e-9 * two)
+        XCTAssertEqual(
+            withoutHeads, 3 * (trunk + block),
+            accuracy: 1e-9 * two)
     }
 }

@@ -1,11 +1,14 @@
-import XCTest
-@testable import ARModel
 import Kernels
 import Platform
+import XCTest
+
+@testable import ARModel
 
 final class SamplerTests: XCTestCase {
     func model(window: Int, depth: Int, seed: UInt64 = 1, residual: Bool = true) throws -> Transformer {
-        let c = ModelConfig(vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32, window: window, pluginDepth: depth, residual: residual)
+        let c = ModelConfig(
+            vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32, window: window,
+            pluginDepth: depth, residual: residual)
         let m = try Transformer(config: c)
         m.initialise(seed: seed)
         // non-trivial plug-in and head so the test means something
@@ -22,20 +25,33 @@ final class SamplerTests: XCTestCase {
     /// Returns the sampled tokens.
     @discardableResult
     func checkCachedMatchesUncached(_ m: Transformer, cfg: Float, interval: Int = -1) -> [Int32] {
-        let c = m.config, T = c.seqLen, k = c.window, V = c.vocabSize
+        let c = m.config
+        let T = c.seqLen
+        let k = c.window
+        let V = c.vocabSize
         let labels: [Int32] = [0, 2, 1]
         var options = SamplingOptions(cfgScale: cfg, topK: 1)
         options.cfgInterval = interval
         let s = Sampler(model: m).sample(labels: labels, sampleIds: [0, 1, 2], options: options)
         // t_p[j] = trajectory[p + j][slot j]
         var tensors = [Int32](repeating: -1, count: 3 * (T - 1) * k)
-        for b in 0..<3 { for q in 0..<(T - 1) { for j in 0..<k where q + j < T { tensors[(b * (T - 1) + q) * k + j] = s.trajectories[(b * T + q + j) * k + j] } } }
+        for b in 0..<3 {
+            for q in 0..<(T - 1) {
+                for j in 0..<k where q + j < T {
+                    tensors[(b * (T - 1) + q) * k + j] = s.trajectories[(b * T + q + j) * k + j]
+                }
+            }
+        }
         func logits(_ lab: [Int32]) -> [Float] {
             var out = [Float](repeating: 0, count: 3 * T * k * V)
-            out.withUnsafeMutableBufferPointer { _ = m.forward(ModelBatch(batch: 3, tokens: s.tokens, labels: lab, tensors: tensors), logits: $0.baseAddress!) }
+            out.withUnsafeMutableBufferPointer {
+                _ = m.forward(
+                    ModelBatch(batch: 3, tokens: s.tokens, labels: lab, tensors: tensors), logits: $0.baseAddress!)
+            }
             return out
         }
-        let lc = logits(labels), lu = logits([Int32](repeating: Int32(c.numClasses), count: 3))
+        let lc = logits(labels)
+        let lu = logits([Int32](repeating: Int32(c.numClasses), count: 3))
         for b in 0..<3 {
             for q in 0..<T {
                 for j in 0..<k where q + j < T {
@@ -47,7 +63,8 @@ final class SamplerTests: XCTestCase {
                     let want = Sampler.choose(&row, options: SamplingOptions(topK: 1), uniform: 0)
                     XCTAssertEqual(Int(s.trajectories[(b * T + q + j) * k + j]), want, "image \(b) step \(q) slot \(j)")
                 }
-                XCTAssertEqual(s.tokens[b * T + q], s.trajectories[(b * T + q) * k], "slot 0 of step p is the final token p")
+                XCTAssertEqual(
+                    s.tokens[b * T + q], s.trajectories[(b * T + q) * k], "slot 0 of step p is the final token p")
             }
         }
         return s.tokens
@@ -107,10 +124,12 @@ final class SamplerTests: XCTestCase {
         let m = try model(window: 2, depth: 1)
         let s = Sampler(model: m)
         let a = s.sample(labels: [1, 2], sampleIds: [0, 1], options: SamplingOptions(cfgScale: 1.5, topK: 1))
-        let b = s.sample(labels: [1, 2], sampleIds: [0, 1], options: SamplingOptions(cfgScale: 1.5, topK: 1, seed: 99))
+        let b = s.sample(
+            labels: [1, 2], sampleIds: [0, 1], options: SamplingOptions(cfgScale: 1.5, topK: 1, seed: 99))
         XCTAssertEqual(a.tokens, b.tokens, "greedy ignores the seed")
         let o = SamplingOptions(cfgScale: 1.5, temperature: 1.0, topK: 10, topP: 0.9, seed: 5)
-        let c1 = s.sample(labels: [1, 2], sampleIds: [0, 1], options: o), c2 = s.sample(labels: [1, 2], sampleIds: [0, 1], options: o)
+        let c1 = s.sample(labels: [1, 2], sampleIds: [0, 1], options: o)
+        let c2 = s.sample(labels: [1, 2], sampleIds: [0, 1], options: o)
         XCTAssertEqual(c1.tokens, c2.tokens)
         XCTAssertEqual(c1.trajectories, c2.trajectories)
         // a sample does not depend on its batch-mates. Equal tokens, though the logits may differ
@@ -119,16 +138,21 @@ final class SamplerTests: XCTestCase {
         // the cumulative distribution, about 1e-7 per draw, so about 1e-5 over this test's draws.
         let single = s.sample(labels: [2], sampleIds: [1], options: o)
         XCTAssertEqual(single.tokens, Array(c1.tokens[9...]))
-        var o2 = o; o2.seed = 6
+        var o2 = o
+        o2.seed = 6
         XCTAssertNotEqual(s.sample(labels: [1, 2], sampleIds: [0, 1], options: o2).tokens, c1.tokens)
     }
 
     func testFreshPluginWindowOneSamplesWhatTheBaseSamples() throws {
         let base = try model(window: 1, depth: 0, seed: 3)
-        var c = base.config; c.window = 1; c.pluginDepth = 2
+        var c = base.config
+        c.window = 1
+        c.pluginDepth = 2
         let plug = try Transformer(config: c)
         plug.initialise(seed: 4)
-        for e in base.table.entries { plug.view(e.name).baseAddress!.update(from: base.view(e.name).baseAddress!, count: e.count) }
+        for e in base.table.entries {
+            plug.view(e.name).baseAddress!.update(from: base.view(e.name).baseAddress!, count: e.count)
+        }
         let o = SamplingOptions(cfgScale: 2, temperature: 1, topK: 0, topP: 1, seed: 8)
         let a = Sampler(model: base).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: o)
         let b = Sampler(model: plug).sample(labels: [0, 1, 2], sampleIds: [0, 1, 2], options: o)
@@ -137,13 +161,17 @@ final class SamplerTests: XCTestCase {
 
     func testChooseRespectsTopKAndTopP() {
         var logits: [Float] = [0, 5, 5, 1, -2]
-        XCTAssertEqual(Sampler.choose(&logits, options: SamplingOptions(topK: 1), uniform: 0.7), 1, "greedy tie goes to the lower index")
+        XCTAssertEqual(
+            Sampler.choose(&logits, options: SamplingOptions(topK: 1), uniform: 0.7), 1,
+            "greedy tie goes to the lower index")
         for u in stride(from: Float(0), to: 1, by: 0.05) {
             var l = logits
             let t = Sampler.choose(&l, options: SamplingOptions(topK: 2), uniform: u)
             XCTAssertTrue(t == 1 || t == 2)
             var l2: [Float] = [0, 10, 0, 0, 0]
-            XCTAssertEqual(Sampler.choose(&l2, options: SamplingOptions(topP: 0.5), uniform: u), 1, "top-p 0.5 keeps only the dominant token")
+            XCTAssertEqual(
+                Sampler.choose(&l2, options: SamplingOptions(topP: 0.5), uniform: u), 1,
+                "top-p 0.5 keeps only the dominant token")
         }
     }
 
@@ -160,27 +188,42 @@ final class SamplerTests: XCTestCase {
         var z = probs.reduce(0, +)
         probs = probs.map { $0 / z }
         if o.topP < 1 {
-            var cum = 0.0, keep = probs.count
-            for (i, q) in probs.enumerated() { cum += q; if cum >= Double(o.topP) { keep = i + 1; break } }
-            probs = Array(probs.prefix(keep)); order = Array(order.prefix(keep))
+            var cum = 0.0
+            var keep = probs.count
+            for (i, q) in probs.enumerated() {
+                cum += q
+                if cum >= Double(o.topP) {
+                    keep = i + 1
+                    break
+                }
+            }
+            probs = Array(probs.prefix(keep))
+            order = Array(order.prefix(keep))
             z = probs.reduce(0, +)
             probs = probs.map { $0 / z }
         }
         var cum = 0.0
-        for (i, q) in probs.enumerated() { cum += q; if Double(u) < cum { return order[i] } }
+        for (i, q) in probs.enumerated() {
+            cum += q
+            if Double(u) < cum { return order[i] }
+        }
         return order[order.count - 1]
     }
 
     func testFastChooserMatchesTheDefinition() {
         var rng = CounterRNG(seed: 42)
-        var mismatches = 0, total = 0
+        var mismatches = 0
+        var total = 0
         for trial in 0..<40 {
             let V = [7, 50, 600, 2000][trial % 4]
             // coarse logits (many exact ties), negative and positive
             var logits = (0..<V).map { _ in Float(Int(rng.below(40)) - 20) * 0.25 }
             if trial % 5 == 0 { logits = logits.map { -$0 } }
-            let options = [SamplingOptions(temperature: 1), SamplingOptions(temperature: 0.7, topK: 5),
-                           SamplingOptions(temperature: 1.3, topP: 0.8), SamplingOptions(temperature: 1, topK: V / 2 + 1, topP: 0.9)]
+            let options = [
+                SamplingOptions(temperature: 1), SamplingOptions(temperature: 0.7, topK: 5),
+                SamplingOptions(temperature: 1.3, topP: 0.8),
+                SamplingOptions(temperature: 1, topK: V / 2 + 1, topP: 0.9),
+            ]
             for o in options {
                 for _ in 0..<10 {
                     let u = rng.uniform()
@@ -190,7 +233,9 @@ final class SamplerTests: XCTestCase {
                     total += 1
                     // Float against Double sums: only at a CDF boundary may the two differ, and
                     // then the fast choice is the definition's for a slightly different u
-                    if fast != slow && fast != naiveChoose(logits, o, u - 1e-5) && fast != naiveChoose(logits, o, u + 1e-5) {
+                    if fast != slow && fast != naiveChoose(logits, o, u - 1e-5)
+                        && fast != naiveChoose(logits, o, u + 1e-5)
+                    {
                         mismatches += 1
                     }
                     if o.topK > 0 {
@@ -206,18 +251,24 @@ final class SamplerTests: XCTestCase {
     func testRadixSortAndSelection() {
         var rng = CounterRNG(seed: 9)
         for n in [1, 2, 17, 1000, 5000] {
-            var keys = (0..<n).map { i in UInt64(TokenChooser.descendingKey(Float(Int(rng.below(64)) - 32) * 0.5)) << 32 | UInt64(i) }
+            var keys = (0..<n).map { i in
+                UInt64(TokenChooser.descendingKey(Float(Int(rng.below(64)) - 32) * 0.5)) << 32 | UInt64(i)
+            }
             let want = keys.sorted()
             var spare = keys
             keys.withUnsafeMutableBufferPointer { kb in
-                spare.withUnsafeMutableBufferPointer { TokenChooser.radixSort(kb.baseAddress!, spare: $0.baseAddress!, count: n) }
+                spare.withUnsafeMutableBufferPointer {
+                    TokenChooser.radixSort(kb.baseAddress!, spare: $0.baseAddress!, count: n)
+                }
             }
             XCTAssertEqual(keys, want, "radix sort of \(n) keys")
             var scrambled = want
             scrambled.shuffle(using: &rng)
             var spare2 = scrambled
             scrambled.withUnsafeMutableBufferPointer { kb in
-                spare2.withUnsafeMutableBufferPointer { TokenChooser.radixSort(kb.baseAddress!, spare: $0.baseAddress!, count: n, lowBits: 13) }
+                spare2.withUnsafeMutableBufferPointer {
+                    TokenChooser.radixSort(kb.baseAddress!, spare: $0.baseAddress!, count: n, lowBits: 13)
+                }
             }
             XCTAssertEqual(scrambled, want, "radix sort of \(n) scrambled keys with the index bits")
             for k in Set([1, n / 3 + 1, n]) {
@@ -229,7 +280,9 @@ final class SamplerTests: XCTestCase {
         }
         // the key order is the logit order, high first, NaN-free floats of both signs
         let values: [Float] = [3, -0.0, 0, -2, 1e-30, -1e30, .infinity, -.infinity]
-        let sorted = values.indices.sorted { TokenChooser.descendingKey(values[$0]) < TokenChooser.descendingKey(values[$1]) }
+        let sorted = values.indices.sorted {
+            TokenChooser.descendingKey(values[$0]) < TokenChooser.descendingKey(values[$1])
+        }
         XCTAssertEqual(sorted.map { values[$0] }, [.infinity, 3, 1e-30, 0, -0.0, -2, -1e30, -.infinity])
     }
 

@@ -1,30 +1,39 @@
-import XCTest
-@testable import ARModel
 import Kernels
 import Platform
+import XCTest
+
+@testable import ARModel
 
 /// The sampler's step (`Sampler.slotStates`: the base's class and token embedding or the plug-in
 /// encoder, one KV-cached trunk step, the decoder; then the base's head) against the training
 /// forward over the same teacher-forced tensors: the same logits, within float rounding (the
 /// two run different sgemm shapes), at every step and slot, conditioned and null rows alike.
 final class StageTests: XCTestCase {
-    func check(window k: Int, depth: Int, residual: Bool = true, file: StaticString = #filePath, line: UInt = #line) throws {
-        let c = ModelConfig(vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32,
-                            window: k, pluginDepth: depth, residual: residual)
+    func check(
+        window k: Int, depth: Int, residual: Bool = true, file: StaticString = #filePath, line: UInt = #line
+    ) throws {
+        let c = ModelConfig(
+            vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32,
+            window: k, pluginDepth: depth, residual: residual)
         let m = try Transformer(config: c)
         m.initialise(seed: 7)
         var rng = CounterRNG(seed: 107)
         for e in m.table.entries where e.name.hasSuffix("proj.weight") || e.name == "output.weight" {
             for i in 0..<e.count { m.params[e.offset + i] = 0.3 * rng.normal() }
         }
-        let n = 2, T = c.seqLen, V = c.vocabSize, slots = depth > 0 ? k : 1
-        let labels: [Int32] = [1, 2], null = [Int32](repeating: Int32(c.numClasses), count: n)
+        let n = 2
+        let T = c.seqLen
+        let V = c.vocabSize
+        let slots = depth > 0 ? k : 1
+        let labels: [Int32] = [1, 2]
+        let null = [Int32](repeating: Int32(c.numClasses), count: n)
         let tokens = (0..<(n * T)).map { _ in Int32(rng.next() % UInt64(V)) }
         let tensors = Windows.inputTensors(tokens: tokens, batch: n, seqLen: T, window: k)
         func trainingLogits(_ lab: [Int32]) -> [Float] {
             var out = [Float](repeating: 0, count: n * T * slots * V)
             out.withUnsafeMutableBufferPointer {
-                _ = m.forward(ModelBatch(batch: n, tokens: tokens, labels: lab, tensors: tensors), logits: $0.baseAddress!)
+                _ = m.forward(
+                    ModelBatch(batch: n, tokens: tokens, labels: lab, tensors: tensors), logits: $0.baseAddress!)
             }
             return out
         }
@@ -49,15 +58,18 @@ final class StageTests: XCTestCase {
             }
             for r in 0..<(2 * n) {
                 for j in 0..<slots where pos + j < T {
-                    let b = r % n, set = r / n
+                    let b = r % n
+                    let set = r / n
                     for v in 0..<V {
-                        let a = got[(r * slots + j) * V + v], e = want[set][((b * T + pos) * slots + j) * V + v]
+                        let a = got[(r * slots + j) * V + v]
+                        let e = want[set][((b * T + pos) * slots + j) * V + v]
                         worst = max(worst, abs(a - e) / max(1, abs(e)))
                     }
                 }
             }
         }
-        XCTAssertLessThan(worst, 1e-5, "window \(k), depth \(depth): worst relative logit difference", file: file, line: line)
+        XCTAssertLessThan(
+            worst, 1e-5, "window \(k), depth \(depth): worst relative logit difference", file: file, line: line)
     }
 
     func testSamplerStepMatchesTrainingForwardAtEveryStepAndSlot() throws {
@@ -71,12 +83,15 @@ final class StageTests: XCTestCase {
     /// gradient once (what `GradientSync.packBuckets` needs).
     func testBackwardReportsTheReadyOrderCoveringEveryParameterOnce() throws {
         for (k, d) in [(1, 0), (3, 1), (2, 2)] {
-            let c = ModelConfig(vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32, window: k, pluginDepth: d)
+            let c = ModelConfig(
+                vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32, window: k,
+                pluginDepth: d)
             let m = try Transformer(config: c)
             m.initialise(seed: 1)
             let tokens = (0..<(2 * c.seqLen)).map { Int32($0 % 20) }
-            let batch = ModelBatch(batch: 2, tokens: tokens, labels: [0, 3],
-                                   tensors: Windows.inputTensors(tokens: tokens, batch: 2, seqLen: c.seqLen, window: k))
+            let batch = ModelBatch(
+                batch: 2, tokens: tokens, labels: [0, 3],
+                tensors: Windows.inputTensors(tokens: tokens, batch: 2, seqLen: c.seqLen, window: k))
             m.forward(batch, gradientScale: 1)
             var seen: [Range<Int>] = []
             m.backward { seen.append($0) }
@@ -84,7 +99,9 @@ final class StageTests: XCTestCase {
             let sorted = seen.sorted { $0.lowerBound < $1.lowerBound }
             XCTAssertEqual(sorted.first?.lowerBound, 0)
             XCTAssertEqual(sorted.last?.upperBound, m.table.total)
-            XCTAssertTrue(zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound }, "k \(k), d \(d): gaps or overlaps")
+            XCTAssertTrue(
+                zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound },
+                "k \(k), d \(d): gaps or overlaps")
         }
     }
 }

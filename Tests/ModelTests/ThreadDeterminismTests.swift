@@ -1,14 +1,16 @@
-import XCTest
-@testable import ARModel
 import Kernels
 import Platform
+import XCTest
+
+@testable import ARModel
 
 /// A training step (loss and every gradient) and sampling (tokens, trajectories and logits) give
 /// the same bits on 1, 2 and 3 threads. The kernels' work threshold is lowered so that this small
 /// model's kernels are all split; the image is 9 x 9 so that causal attention spans two blocks.
 final class ThreadDeterminismTests: XCTestCase {
-    let config = ModelConfig(vocabSize: 48, numClasses: 3, gridSize: 9, dim: 32, nLayer: 2, nHead: 2, ffnHidden: 64,
-                             window: 3, pluginDepth: 1)
+    let config = ModelConfig(
+        vocabSize: 48, numClasses: 3, gridSize: 9, dim: 32, nLayer: 2, nHead: 2, ffnHidden: 64,
+        window: 3, pluginDepth: 1)
 
     func model() throws -> Transformer {
         let m = try Transformer(config: config)
@@ -44,7 +46,8 @@ final class ThreadDeterminismTests: XCTestCase {
     }
 
     func testTrainingStepIsBitIdenticalAtAnyThreadCount() throws {
-        let B = 2, T = config.seqLen
+        let B = 2
+        let T = config.seqLen
         var rng = CounterRNG(seed: 5)
         let tokens = (0..<(B * T)).map { _ in Int32(rng.below(config.vocabSize)) }
         var tensors = Windows.inputTensors(tokens: tokens, batch: B, seqLen: T, window: config.window)
@@ -53,8 +56,9 @@ final class ThreadDeterminismTests: XCTestCase {
         let batch = ModelBatch(batch: B, tokens: tokens, labels: [2, 3], tensors: tensors)
         try sameAtAnyThreadCount("training step") {
             let m = try model()
-            let report = m.forward(batch, dropout: DropoutSettings(p: 0.1, seed: 2, step: 4, samplePositions: [3, 8]),
-                                   gradientScale: 1 / Float(B * T))
+            let report = m.forward(
+                batch, dropout: DropoutSettings(p: 0.1, seed: 2, step: 4, samplePositions: [3, 8]),
+                gradientScale: 1 / Float(B * T))
             m.backward()
             XCTAssertTrue(report.loss.isFinite && report.loss > 0)
             return report.packed.map { Float($0) } + [Float(report.loss)] + m.grads.array
@@ -72,7 +76,9 @@ final class ThreadDeterminismTests: XCTestCase {
         try sameAtAnyThreadCount("sampling logits") {
             let m = try model()
             let s = Sampler(model: m)
-            let n = labels.count, k = config.window, V = config.vocabSize
+            let n = labels.count
+            let k = config.window
+            let V = config.vocabSize
             s.prepare(n: n, NB: 2 * n)
             var logits = [Float](repeating: 0, count: 2 * n * k * V)
             var all: [Float] = []

@@ -2,6 +2,7 @@ import ARModel
 import Kernels
 import Platform
 import XCTest
+
 @testable import Training
 
 /// PyTorch's AdamW written out element by element in Double: the slow, obvious reference.
@@ -13,9 +14,12 @@ private struct ReferenceAdamW {
     var t = PerGroup(base: 0, plugin: 0)
 
     init(table: ParameterTable, settings: AdamWSettings, trainable: PerGroup<Bool>, params: [Float]) {
-        self.table = table; s = settings; self.trainable = trainable
+        self.table = table
+        s = settings
+        self.trainable = trainable
         p = params.map(Double.init)
-        m = Array(repeating: 0, count: params.count); v = m
+        m = Array(repeating: 0, count: params.count)
+        v = m
     }
 
     /// Returns the pre-clip norm.
@@ -27,15 +31,18 @@ private struct ReferenceAdamW {
         let norm = sq.squareRoot()
         let scale = clip.map { min(1, $0 / (norm + 1e-6)) } ?? 1
         for g in PerGroup<Int>.groups where trainable[g] { t[g] += 1 }
-        let b1 = Double(s.beta1), b2 = Double(s.beta2)
+        let b1 = Double(s.beta1)
+        let b2 = Double(s.beta2)
         for e in table.entries where trainable[e.group] {
-            let rate = Double(lr[e.group]), step = Double(t[e.group])
+            let rate = Double(lr[e.group])
+            let step = Double(t[e.group])
             for i in e.offset..<(e.offset + e.count) {
                 let g = Double(grads[i]) * scale
                 m[i] = b1 * m[i] + (1 - b1) * g
                 v[i] = b2 * v[i] + (1 - b2) * g * g
                 if e.shape.count >= 2 { p[i] *= 1 - rate * Double(s.weightDecay) }
-                let mHat = m[i] / (1 - pow(b1, step)), vHat = v[i] / (1 - pow(b2, step))
+                let mHat = m[i] / (1 - pow(b1, step))
+                let vHat = v[i] / (1 - pow(b2, step))
                 p[i] -= rate * mHat / (vHat.squareRoot() + Double(s.eps))
             }
         }
@@ -52,8 +59,11 @@ final class AdamWTests: XCTestCase {
         let params = randomBuffer(table.total, seed: 1, scale: 0.5)
         let opt = AdamW(table: table, settings: settings, trainable: PerGroup(base: true, plugin: true))
         var ref = ReferenceAdamW(table: table, settings: settings, trainable: opt.trainable, params: params.array)
-        let lrs = [PerGroup<Float>(base: 1e-3, plugin: 3e-3), PerGroup(base: 2e-3, plugin: 1e-3), PerGroup(base: 5e-4, plugin: 5e-4),
-                   PerGroup(base: 1e-3, plugin: 0), PerGroup(base: 1e-2, plugin: 2e-3)]
+        let lrs = [
+            PerGroup<Float>(base: 1e-3, plugin: 3e-3), PerGroup(base: 2e-3, plugin: 1e-3),
+            PerGroup(base: 5e-4, plugin: 5e-4),
+            PerGroup(base: 1e-3, plugin: 0), PerGroup(base: 1e-2, plugin: 2e-3),
+        ]
         for (k, lr) in lrs.enumerated() {
             let grads = randomBuffer(table.total, seed: 100 + UInt64(k))
             let result = opt.step(params: params, grads: grads, lr: lr, clip: nil)
@@ -78,7 +88,8 @@ final class AdamWTests: XCTestCase {
         for e in table.entries {
             let factor: Float = e.isMatrix ? 1 - (e.group == .base ? 0.1 : 0.2) * 0.05 : 1
             for i in e.offset..<(e.offset + e.count) where params[i] != before[i] * factor {
-                XCTFail("\(e.name)[\(i - e.offset)]: \(params[i]) != \(before[i]) * \(factor)"); return
+                XCTFail("\(e.name)[\(i - e.offset)]: \(params[i]) != \(before[i]) * \(factor)")
+                return
             }
         }
     }
@@ -95,7 +106,8 @@ final class AdamWTests: XCTestCase {
         for k in 0..<3 {
             let grads = randomBuffer(table.total, seed: 200 + UInt64(k))
             let r = opt.step(params: params, grads: grads, lr: PerGroup(base: 0, plugin: 1e-3), clip: 1.0)
-            XCTAssertEqual(r.gradNorm, ref.step(grads.array, lr: PerGroup(base: 0, plugin: 1e-3), clip: 1.0), accuracy: 1e-9)
+            XCTAssertEqual(
+                r.gradNorm, ref.step(grads.array, lr: PerGroup(base: 0, plugin: 1e-3), clip: 1.0), accuracy: 1e-9)
         }
         let base = table.range(of: .base)
         XCTAssertTrue(base.allSatisfy { params[$0].bitPattern == before[$0].bitPattern }, "a frozen parameter changed")
@@ -121,14 +133,16 @@ final class AdamWTests: XCTestCase {
         }
         // Below the threshold nothing is scaled.
         let small = randomBuffer(table.total, seed: 9, scale: 1e-4)
-        XCTAssertEqual(opt.step(params: params, grads: small, lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1.0).clipScale, 1)
+        XCTAssertEqual(
+            opt.step(params: params, grads: small, lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1.0).clipScale, 1)
     }
 
     func testNonFiniteGradientIsReportedAndNothingChanges() {
         let table = ParameterTable(testModel())
         let params = randomBuffer(table.total, seed: 5)
         let opt = AdamW(table: table, settings: settings, trainable: PerGroup(base: true, plugin: true))
-        opt.step(params: params, grads: randomBuffer(table.total, seed: 6), lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1)
+        opt.step(
+            params: params, grads: randomBuffer(table.total, seed: 6), lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1)
         let (p0, m0, v0) = (params.array, opt.m.array, opt.v.array)
         for bad in [Float.nan, .infinity] {
             let grads = randomBuffer(table.total, seed: 7)
@@ -147,7 +161,8 @@ final class AdamWTests: XCTestCase {
         // Large enough that three threads each get a chunk (chunks are at least 65536 floats).
         let table = ParameterTable(testModel(dim: 32, ffn: 512, layers: 2, vocab: 64))
         XCTAssertGreaterThan(table.total, 3 * 65536)
-        let a = randomBuffer(table.total, seed: 8), b = randomBuffer(table.total, seed: 8)
+        let a = randomBuffer(table.total, seed: 8)
+        let b = randomBuffer(table.total, seed: 8)
         let one = AdamW(table: table, settings: settings, trainable: PerGroup(base: true, plugin: true))
         let three = AdamW(table: table, settings: settings, trainable: PerGroup(base: true, plugin: true))
         three.threads = 3

@@ -3,6 +3,7 @@ import Foundation
 import Kernels
 import Platform
 import XCTest
+
 @testable import Training
 
 /// Issue 17: checkpoints that used to be accepted although wrong: a shard from another step,
@@ -11,10 +12,13 @@ final class CheckpointFaultTests: XCTestCase {
     let model = testModel()
     lazy var table = ParameterTable(model)
 
-    func save(_ store: CheckpointStore, step: Int, params: FlatBuffer, opt: AdamW,
-              config: TrainConfig) throws -> String {
-        try store.save(progress: TrainingProgress(step: step, samplesSeen: step * 8, dataOffset: step * 8, seed: 0),
-                       config: config, model: model, table: table, params: params, optimizer: opt, communicator: .solo)
+    func save(
+        _ store: CheckpointStore, step: Int, params: FlatBuffer, opt: AdamW,
+        config: TrainConfig
+    ) throws -> String {
+        try store.save(
+            progress: TrainingProgress(step: step, samplesSeen: step * 8, dataOffset: step * 8, seed: 0),
+            config: config, model: model, table: table, params: params, optimizer: opt, communicator: .solo)
     }
 
     func setUpRun() throws -> (CheckpointStore, TrainConfig, FlatBuffer, AdamW) {
@@ -42,10 +46,12 @@ final class CheckpointFaultTests: XCTestCase {
         let dir = try save(store, step: 4, params: params, opt: opt, config: cfg)
         let path = dir + "/manifest.json"
         let original = try Data(contentsOf: URL(fileURLWithPath: path))
-        let cases: [(String, Any, String)] = [("data_offset", -5, "data_offset -5 is negative"),
-                                              ("step", -1, "step -1 is negative"),
-                                              ("world_size", 0, "world_size 0 is outside"),
-                                              ("samples_seen", -3, "samples_seen -3 is negative")]
+        let cases: [(String, Any, String)] = [
+            ("data_offset", -5, "data_offset -5 is negative"),
+            ("step", -1, "step -1 is negative"),
+            ("world_size", 0, "world_size 0 is outside"),
+            ("samples_seen", -3, "samples_seen -3 is negative"),
+        ]
         for (key, value, words) in cases {
             var json = try JSONSerialization.jsonObject(with: original) as! [String: Any]
             json[key] = value

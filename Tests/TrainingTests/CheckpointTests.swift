@@ -3,6 +3,7 @@ import Foundation
 import Kernels
 import Platform
 import XCTest
+
 @testable import Training
 
 final class CheckpointTests: XCTestCase {
@@ -10,7 +11,9 @@ final class CheckpointTests: XCTestCase {
     lazy var table = ParameterTable(model)
 
     /// Parameters and an optimizer with non-trivial moments after two steps.
-    func trainedState(seed: UInt64, trainable: PerGroup<Bool> = PerGroup(base: true, plugin: true)) -> (FlatBuffer, AdamW) {
+    func trainedState(
+        seed: UInt64, trainable: PerGroup<Bool> = PerGroup(base: true, plugin: true)
+    ) -> (FlatBuffer, AdamW) {
         let params = randomBuffer(table.total, seed: seed)
         let opt = AdamW(table: table, trainable: trainable)
         for k in 0..<2 {
@@ -29,13 +32,19 @@ final class CheckpointTests: XCTestCase {
 
     /// Writes a checkpoint as `worldSize` ranks would, in-process: each rank's writer, then rank 0's commit.
     @discardableResult
-    func saveAsRanks(_ store: CheckpointStore, step: Int, worldSize: Int, params: FlatBuffer, opt: AdamW?,
-                     config: TrainConfig, keepLast: Int = 10, keepEvery: Int = 0) throws -> String {
+    func saveAsRanks(
+        _ store: CheckpointStore, step: Int, worldSize: Int, params: FlatBuffer, opt: AdamW?,
+        config: TrainConfig, keepLast: Int = 10, keepEvery: Int = 0
+    ) throws -> String {
         try store.prepareStaging(step: step)
-        for r in 0..<worldSize { try store.writeShard(step: step, rank: r, worldSize: worldSize, params: params, optimizer: opt) }
+        for r in 0..<worldSize {
+            try store.writeShard(step: step, rank: r, worldSize: worldSize, params: params, optimizer: opt)
+        }
         let progress = TrainingProgress(step: step, samplesSeen: step * 64, dataEpoch: 1, dataOffset: 17, seed: 5)
-        try store.commit(CheckpointManifest(progress: progress, worldSize: worldSize, model: model, config: config, table: table, optimizer: opt),
-                         keepLast: keepLast, keepEvery: keepEvery)
+        try store.commit(
+            CheckpointManifest(
+                progress: progress, worldSize: worldSize, model: model, config: config, table: table, optimizer: opt),
+            keepLast: keepLast, keepEvery: keepEvery)
         return store.path(step: step)
     }
 
@@ -63,7 +72,8 @@ final class CheckpointTests: XCTestCase {
             XCTAssertEqual(o2.m.array, opt.m.array)
             XCTAssertEqual(o2.v.array, opt.v.array)
             XCTAssertEqual(o2.steps, opt.steps)
-            XCTAssertEqual(loaded.progress, TrainingProgress(step: 20, samplesSeen: 1280, dataEpoch: 1, dataOffset: 17, seed: 5))
+            XCTAssertEqual(
+                loaded.progress, TrainingProgress(step: 20, samplesSeen: 1280, dataEpoch: 1, dataOffset: 17, seed: 5))
             XCTAssertEqual(loaded.manifest.config, cfg)
             XCTAssertEqual(loaded.manifest.worldSize, 2)
             XCTAssertTrue(loaded.notes.isEmpty)
@@ -74,7 +84,9 @@ final class CheckpointTests: XCTestCase {
             for r in 0..<newWorld {
                 let s = CheckpointStore.slice(rank: r, worldSize: newWorld, count: table.total)
                 var got = [Float](repeating: .nan, count: s.count)
-                try got.withUnsafeMutableBufferPointer { try CheckpointStore.read(.params, range: s, from: dir, manifest: manifest, into: $0.baseAddress!) }
+                try got.withUnsafeMutableBufferPointer {
+                    try CheckpointStore.read(.params, range: s, from: dir, manifest: manifest, into: $0.baseAddress!)
+                }
                 XCTAssertEqual(got, Array(params.array[s]), "new world \(newWorld) rank \(r)")
             }
         }
@@ -98,7 +110,8 @@ final class CheckpointTests: XCTestCase {
         let loaded = try CheckpointStore.load(from: dir, model: model, table: table, params: p2, optimizer: o2)
         XCTAssertEqual(p2.array, params.array)
         XCTAssertEqual(o2.steps, PerGroup(base: 0, plugin: 2))
-        let base = table.range(of: .base), plugin = table.range(of: .plugin)
+        let base = table.range(of: .base)
+        let plugin = table.range(of: .plugin)
         XCTAssertTrue(base.allSatisfy { o2.m[$0] == 0 && o2.v[$0] == 0 })
         XCTAssertEqual(Array(o2.m.array[plugin]), opt.m.array)
         XCTAssertEqual(Array(o2.v.array[plugin]), opt.v.array)
@@ -115,7 +128,9 @@ final class CheckpointTests: XCTestCase {
         func load(_ dir: String, model m: ModelConfig? = nil) throws {
             let mm = m ?? model
             let t = ParameterTable(mm)
-            _ = try CheckpointStore.load(from: dir, model: mm, table: t, params: FlatBuffer(count: t.total), optimizer: AdamW(table: t, trainable: PerGroup(base: true, plugin: true)))
+            _ = try CheckpointStore.load(
+                from: dir, model: mm, table: t, params: FlatBuffer(count: t.total),
+                optimizer: AdamW(table: t, trainable: PerGroup(base: true, plugin: true)))
         }
 
         // Missing shard.
@@ -134,8 +149,11 @@ final class CheckpointTests: XCTestCase {
         dir = try saveAsRanks(store, step: 3, worldSize: 2, params: params, opt: opt, config: cfg)
         var other = model
         other.dim = 32
-        assertInputError([dir + "/manifest.json", "model shape", "\"dim\":16", "\"dim\":32"]) { try load(dir, model: other) }
-        try "{\"format_version\": 1, \"step\": ".write(toFile: dir + "/manifest.json", atomically: false, encoding: .utf8)
+        assertInputError([dir + "/manifest.json", "model shape", "\"dim\":16", "\"dim\":32"]) {
+            try load(dir, model: other)
+        }
+        try "{\"format_version\": 1, \"step\": ".write(
+            toFile: dir + "/manifest.json", atomically: false, encoding: .utf8)
         assertInputError([dir + "/manifest.json", "cannot be read"]) { try load(dir) }
         try fm.removeItem(atPath: dir + "/manifest.json")
         assertInputError([dir + "/manifest.json", "missing"]) { try load(dir) }
@@ -160,17 +178,21 @@ final class CheckpointTests: XCTestCase {
         try corruptMiddle(of: shard)
         XCTAssertNoThrow(try CheckpointStore.verify(dir))
 
-        func fresh() -> (FlatBuffer, AdamW) { (FlatBuffer(count: table.total), AdamW(table: table, trainable: PerGroup(base: true, plugin: true))) }
+        func fresh() -> (FlatBuffer, AdamW) {
+            (FlatBuffer(count: table.total), AdamW(table: table, trainable: PerGroup(base: true, plugin: true)))
+        }
         var (p2, o2) = fresh()
         assertInputError([shard, "reading dataset", "checkpoint is damaged"]) {
             _ = try CheckpointStore.load(from: dir, model: model, table: table, params: p2, optimizer: o2)
         }
         var notes: [String] = []
         assertInputError([shard, "--fallback", "checkpoint.fallback: true"]) {
-            _ = try store.loadLatest(allowFallback: false, model: model, table: table, params: p2, optimizer: o2, notes: &notes)
+            _ = try store.loadLatest(
+                allowFallback: false, model: model, table: table, params: p2, optimizer: o2, notes: &notes)
         }
         (p2, o2) = fresh()
-        let loaded = try store.loadLatest(allowFallback: true, model: model, table: table, params: p2, optimizer: o2, notes: &notes)
+        let loaded = try store.loadLatest(
+            allowFallback: true, model: model, table: table, params: p2, optimizer: o2, notes: &notes)
         XCTAssertEqual(loaded?.directory, first)
         XCTAssertEqual(p2.array, params.array)
         XCTAssertEqual(o2.m.array, opt.m.array)
@@ -182,7 +204,10 @@ final class CheckpointTests: XCTestCase {
         let cfg = config("keep", root: root)
         let store = CheckpointStore(config: cfg)
         let (params, opt) = trainedState(seed: 4)
-        for step in 1...7 { try saveAsRanks(store, step: step * 10, worldSize: 1, params: params, opt: opt, config: cfg, keepLast: 2, keepEvery: 30) }
+        for step in 1...7 {
+            try saveAsRanks(
+                store, step: step * 10, worldSize: 1, params: params, opt: opt, config: cfg, keepLast: 2, keepEvery: 30)
+        }
         XCTAssertEqual(store.completeCheckpoints().map(\.step), [30, 60, 70])
         XCTAssertEqual(store.latestName(), "step-00000070")
     }
@@ -192,15 +217,21 @@ final class CheckpointTests: XCTestCase {
         let cfg = config("full", root: root)
         var store = CheckpointStore(config: cfg)
         let (params, opt) = trainedState(seed: 5)
-        let good = try store.save(progress: TrainingProgress(step: 5, samplesSeen: 320, seed: 0), config: cfg, model: model, table: table,
-                                  params: params, optimizer: opt, communicator: .solo)
+        let good = try store.save(
+            progress: TrainingProgress(step: 5, samplesSeen: 320, seed: 0), config: cfg, model: model, table: table,
+            params: params, optimizer: opt, communicator: .solo)
         struct DiskFull: Error, CustomStringConvertible { var description: String { "No space left on device" } }
         store.injectShardWriteFailure = { _ in throw DiskFull() }
-        assertInputError(["rank-00000-of-00001.h5", "No space left on device", "MB free on that disk", "earlier ones are intact"]) {
-            try store.save(progress: TrainingProgress(step: 6, samplesSeen: 384, seed: 0), config: cfg, model: model, table: table,
-                           params: params, optimizer: opt, communicator: .solo)
+        assertInputError([
+            "rank-00000-of-00001.h5", "No space left on device", "MB free on that disk", "earlier ones are intact",
+        ]) {
+            try store.save(
+                progress: TrainingProgress(step: 6, samplesSeen: 384, seed: 0), config: cfg, model: model, table: table,
+                params: params, optimizer: opt, communicator: .solo)
         }
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: store.runDirectory).sorted(), ["latest", "step-00000005"])
+        XCTAssertEqual(
+            try FileManager.default.contentsOfDirectory(atPath: store.runDirectory).sorted(),
+            ["latest", "step-00000005"])
         XCTAssertEqual(store.latestName(), "step-00000005")
         XCTAssertNoThrow(try CheckpointStore.verify(good))
         var notes: [String] = []
@@ -220,19 +251,23 @@ final class CheckpointTests: XCTestCase {
         try store.prepareStaging(step: 300)
         try store.writeShard(step: 300, rank: 0, worldSize: 2, params: params, optimizer: opt)
         XCTAssertEqual(try store.resolveLatest(allowFallback: false, notes: &notes), second)
-        XCTAssertEqual(try CheckpointStore.resolve(path: store.runDirectory, allowFallback: false, notes: &notes), second)
+        XCTAssertEqual(
+            try CheckpointStore.resolve(path: store.runDirectory, allowFallback: false, notes: &notes), second)
         XCTAssertEqual(try CheckpointStore.resolve(path: first, allowFallback: false, notes: &notes), first)
 
         // The newest is damaged: an error that says how to fall back, or the fallback when allowed.
         try FileManager.default.removeItem(atPath: second + "/rank-00000-of-00002.h5")
-        assertInputError([second, "checkpoint.fallback"]) { _ = try store.resolveLatest(allowFallback: false, notes: &notes) }
+        assertInputError([second, "checkpoint.fallback"]) {
+            _ = try store.resolveLatest(allowFallback: false, notes: &notes)
+        }
         notes = []
         XCTAssertEqual(try store.resolveLatest(allowFallback: true, notes: &notes), first)
         XCTAssertEqual(notes.count, 2)
 
         // A save after the interrupted one cleans its leftovers.
         try saveAsRanks(store, step: 400, worldSize: 1, params: params, opt: opt, config: cfg)
-        XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: store.runDirectory).contains { $0.hasPrefix(".") })
+        XCTAssertFalse(
+            try FileManager.default.contentsOfDirectory(atPath: store.runDirectory).contains { $0.hasPrefix(".") })
     }
 
     func testResavingAnExistingStepReplacesIt() throws {
@@ -247,6 +282,8 @@ final class CheckpointTests: XCTestCase {
         let loaded = try CheckpointStore.load(from: dir, model: model, table: table, params: p2, optimizer: nil)
         XCTAssertEqual(loaded.manifest.worldSize, 3)
         XCTAssertEqual(p2[0], 42)
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: store.runDirectory).sorted(), ["latest", "step-00000009"])
+        XCTAssertEqual(
+            try FileManager.default.contentsOfDirectory(atPath: store.runDirectory).sorted(),
+            ["latest", "step-00000009"])
     }
 }

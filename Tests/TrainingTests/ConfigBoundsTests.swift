@@ -2,6 +2,7 @@ import ARModel
 import Foundation
 import Platform
 import XCTest
+
 @testable import Training
 
 /// Issue 17: numbers that parse but make no sense are errors naming the key and the range; a
@@ -46,10 +47,13 @@ final class ConfigBoundsTests: XCTestCase {
         huge.dim = 65536
         huge.nLayer = 48
         huge.ffnHidden = 4 * 65536
-        assertInputError(["config", "the model needs about", "per rank", "Even the weights do not fit",
-                          "parameters or less would"]) {
-            try MemoryCheck.check(huge, microBatch: 4, dropout: false, ranksOnNode: 1, source: "config",
-                                  available: .init(node: 64_000_000_000, nodeSource: "MemAvailable"))
+        assertInputError([
+            "config", "the model needs about", "per rank", "Even the weights do not fit",
+            "parameters or less would",
+        ]) {
+            try MemoryCheck.check(
+                huge, microBatch: 4, dropout: false, ranksOnNode: 1, source: "config",
+                available: .init(node: 64_000_000_000, nodeSource: "MemAvailable"))
         }
         // Weights fit, activations do not: a smaller micro-batch is suggested, and it does fit.
         let m = testModel(dim: 256, ffn: 1024, layers: 4, vocab: 512)
@@ -57,14 +61,18 @@ final class ConfigBoundsTests: XCTestCase {
         let budget = fixed + m.trainingActivationBytes(batch: 16, dropout: true)
         let available = MemoryCheck.Available(node: 2 * budget, nodeSource: "MemAvailable")
         assertInputError(["config", "for 2 rank(s)", "train.micro_batch 16 or less would fit"]) {
-            try MemoryCheck.check(m, microBatch: 64, dropout: true, ranksOnNode: 2, source: "config",
-                                  available: available)
+            try MemoryCheck.check(
+                m, microBatch: 64, dropout: true, ranksOnNode: 2, source: "config",
+                available: available)
         }
-        XCTAssertNoThrow(try MemoryCheck.check(m, microBatch: 16, dropout: true, ranksOnNode: 2, source: "config",
-                                               available: available))
+        XCTAssertNoThrow(
+            try MemoryCheck.check(
+                m, microBatch: 16, dropout: true, ranksOnNode: 2, source: "config",
+                available: available))
         assertInputError(["ulimit -v"]) {
-            try MemoryCheck.check(m, microBatch: 64, dropout: true, ranksOnNode: 1, source: "config",
-                                  available: .init(node: nil, process: budget))
+            try MemoryCheck.check(
+                m, microBatch: 64, dropout: true, ranksOnNode: 1, source: "config",
+                available: .init(node: nil, process: budget))
         }
     }
 }

@@ -4,6 +4,7 @@ import Kernels
 import Platform
 import TokenData
 import XCTest
+
 @testable import Training
 
 // Data-parallel training, proven two ways:
@@ -19,9 +20,11 @@ import XCTest
 /// A tiny token cache: `samples` images of 4x4 tokens from V = 32 codes, C = 4 classes, two
 /// augmented views, in two shards. Tokens follow a pattern (plus noise) so there is something to learn.
 func writeTinyCache(_ dir: String, samples: Int = 96, seed: UInt64 = 5) throws {
-    let w = try CacheWriter(directory: dir, vocabSize: 32, gridH: 4, gridW: 4, numClasses: 4, augmentations: 2, shardSize: 64)
+    let w = try CacheWriter(
+        directory: dir, vocabSize: 32, gridH: 4, gridW: 4, numClasses: 4, augmentations: 2, shardSize: 64)
     var rng = CounterRNG(seed: seed)
-    var codes: [Int32] = [], labels: [Int32] = []
+    var codes: [Int32] = []
+    var labels: [Int32] = []
     for _ in 0..<samples {
         let c = rng.below(4)
         labels.append(Int32(c))
@@ -41,12 +44,19 @@ func tinyTrainConfig(cache: String, checkpoints: String, globalBatch: Int = 12, 
     var c = TrainConfig()
     c.data.train = cache
     c.model.preset = nil
-    c.model.dim = 16; c.model.nLayer = 2; c.model.nHead = 2; c.model.ffnHidden = 32
-    c.model.window = 2; c.model.pluginDepth = 1
-    c.train.globalBatch = globalBatch; c.train.microBatch = microBatch
-    c.train.dropout = 0.1; c.train.labelDrop = 0.3
+    c.model.dim = 16
+    c.model.nLayer = 2
+    c.model.nHead = 2
+    c.model.ffnHidden = 32
+    c.model.window = 2
+    c.model.pluginDepth = 1
+    c.train.globalBatch = globalBatch
+    c.train.microBatch = microBatch
+    c.train.dropout = 0.1
+    c.train.labelDrop = 0.3
     c.train.steps = 4
-    c.optim.lrPlugin = 3e-3; c.optim.lrBase = 1e-3
+    c.optim.lrPlugin = 3e-3
+    c.optim.lrBase = 1e-3
     c.dist.bucketMB = 0.002  // 500 floats: many buckets
     c.checkpoint.dir = checkpoints
     return c
@@ -56,7 +66,8 @@ func tinyTrainConfig(cache: String, checkpoints: String, globalBatch: Int = 12, 
 /// by a few ulps of the largest partial sums, so this is the scale-free way to compare them.
 func relativeMaxDifference(_ a: [Float], _ b: [Float]) -> Double {
     precondition(a.count == b.count)
-    var diff = 0.0, scale = 0.0
+    var diff = 0.0
+    var scale = 0.0
     for i in a.indices {
         diff = max(diff, abs(Double(a[i]) - Double(b[i])))
         scale = max(scale, abs(Double(b[i])))
@@ -88,11 +99,15 @@ final class DistributedTrainingTests: XCTestCase {
             var loss = LossReport(slots: 2)
             var shards: [TokenBatch] = []
             for r in 0..<W {
-                let loader = try TokenLoader(cache: trainer.trainCache, globalBatch: 12, rank: r, worldSize: W, seed: 0, shuffle: true, augment: true, prefetch: 0)
+                let loader = try TokenLoader(
+                    cache: trainer.trainCache, globalBatch: 12, rank: r, worldSize: W, seed: 0, shuffle: true,
+                    augment: true, prefetch: 0)
                 let part = try loader.next()
                 let n = 12 / W
                 XCTAssertEqual(part.globalPositions, Array((r * n)..<((r + 1) * n)))
-                XCTAssertEqual(part.codes, Array(whole.codes[(r * n * 16)..<((r + 1) * n * 16)]), "rank \(r) of \(W) reads its slice of the global batch")
+                XCTAssertEqual(
+                    part.codes, Array(whole.codes[(r * n * 16)..<((r + 1) * n * 16)]),
+                    "rank \(r) of \(W) reads its slice of the global batch")
                 shards.append(part)
                 loss.add(try trainer.accumulateGradients(part, sync: nil))
                 for (i, g) in trainer.model.grads.array.enumerated() { sum[i] += g }
@@ -114,12 +129,15 @@ final class DistributedTrainingTests: XCTestCase {
             // The same with masks keyed by the shard-local position (a rank-dependent bug): far off.
             var wrong = [Float](repeating: 0, count: gWhole.count)
             for part in shards {
-                let local = TokenBatch(codes: part.codes, labels: part.labels, sampleIndices: part.sampleIndices,
-                                       globalPositions: Array(0..<part.count), step: part.step, epoch: part.epoch)
+                let local = TokenBatch(
+                    codes: part.codes, labels: part.labels, sampleIndices: part.sampleIndices,
+                    globalPositions: Array(0..<part.count), step: part.step, epoch: part.epoch)
                 _ = try trainer.accumulateGradients(local, sync: nil)
                 for (i, g) in trainer.model.grads.array.enumerated() { wrong[i] += g }
             }
-            XCTAssertGreaterThan(relativeMaxDifference(wrong, gWhole), 1e-2, "rank-local dropout/label-drop keys must change the gradient (the check has teeth)")
+            XCTAssertGreaterThan(
+                relativeMaxDifference(wrong, gWhole), 1e-2,
+                "rank-local dropout/label-drop keys must change the gradient (the check has teeth)")
         }
     }
 
@@ -130,7 +148,9 @@ final class DistributedTrainingTests: XCTestCase {
         try writeTinyCache(tmp + "/cache", samples: 24)
         for (window, depth, dropout) in [(2, 1, 0.1), (2, 2, 0.0), (1, 0, 0.1)] {
             var cfg = tinyTrainConfig(cache: tmp + "/cache", checkpoints: tmp + "/ckpt", globalBatch: 6, microBatch: 3)
-            cfg.model.window = window; cfg.model.pluginDepth = depth; cfg.train.dropout = dropout
+            cfg.model.window = window
+            cfg.model.pluginDepth = depth
+            cfg.train.dropout = dropout
             let trainer = try Trainer(config: cfg, comm: .solo)
             let estimate = trainer.memory.activations
             _ = try trainer.trainStep()
@@ -152,7 +172,8 @@ final class DistributedTrainingTests: XCTestCase {
         XCTAssertEqual(m.parameters, trainer.model.params.count * 4)
         XCTAssertEqual(m.gradients, trainer.model.grads.count * 4)
         XCTAssertEqual(m.moments, (trainer.optimizer.m.count + trainer.optimizer.v.count) * 4)
-        let mc = trainer.model.config, total = trainer.model.table.total
+        let mc = trainer.model.config
+        let total = trainer.model.table.total
         let slice = (total + 3) / 4
         var c = cfg
         c.dist.shardOptimizer = .states
@@ -205,7 +226,8 @@ final class DistributedTrainingTests: XCTestCase {
             }
         }
         XCTAssertEqual(blocking.losses, two.losses, "overlapped and blocking allreduce give bit-identical losses")
-        XCTAssertGreaterThan(one.losses[1]! - one.losses[4]!, 0.005, "the run learns (otherwise equal losses prove little)")
+        XCTAssertGreaterThan(
+            one.losses[1]! - one.losses[4]!, 0.005, "the run learns (otherwise equal losses prove little)")
         print("world-size invariance: largest relative loss difference vs 1 rank over 4 steps: \(worst)")
     }
 
@@ -222,7 +244,8 @@ final class DistributedTrainingTests: XCTestCase {
     ///   are the only plug-in tensors with a gradient: everything before them gets none yet).
     func testParameterGroupsGetTheirOwnLearningRates() throws {
         let h = try MPIRunHarness(self)
-        let baseConfig = ModelConfig(vocabSize: 32, numClasses: 4, gridSize: 4, dim: 32, nLayer: 2, nHead: 2, ffnHidden: 64)
+        let baseConfig = ModelConfig(
+            vocabSize: 32, numClasses: 4, gridSize: 4, dim: 32, nLayer: 2, nHead: 2, ffnHidden: 64)
         let pretrained = try Transformer(config: baseConfig)
         pretrained.initialise(seed: 7)
         var rng = CounterRNG(seed: 8)
@@ -235,15 +258,19 @@ final class DistributedTrainingTests: XCTestCase {
         XCTAssertEqual(frozen.status, 0, frozen.output)
         XCTAssertTrue(frozen.output.contains("lr 3.00e-03/0.00e+00"), frozen.output)
         let st = try Safetensors.read(frozen.runDir + "/model.safetensors")
-        let mc = try JSONDecoder().decode(ModelConfig.self, from: Data(try XCTUnwrap(st.metadata["tensorar.config"]).utf8))
+        let mc = try JSONDecoder().decode(
+            ModelConfig.self, from: Data(try XCTUnwrap(st.metadata["tensorar.config"]).utf8))
         let freshPlugin = try Transformer(config: mc)
         freshPlugin.initialise(seed: 0)
-        var base = 0, plugin = 0
+        var base = 0
+        var plugin = 0
         for e in freshPlugin.table.entries {
             let saved = try st.floats(e.name)
             if e.group == .base {
                 base += 1
-                XCTAssertEqual(saved.map(\.bitPattern), try baseWeights.floats(e.name).map(\.bitPattern), "base tensor \(e.name) changed although lr_base = 0")
+                XCTAssertEqual(
+                    saved.map(\.bitPattern), try baseWeights.floats(e.name).map(\.bitPattern),
+                    "base tensor \(e.name) changed although lr_base = 0")
             } else {
                 plugin += 1
                 XCTAssertNotEqual(saved, Array(freshPlugin.view(e.name)), "plug-in tensor \(e.name) did not train")
@@ -253,14 +280,20 @@ final class DistributedTrainingTests: XCTestCase {
         XCTAssertGreaterThan(plugin, 10)
         XCTAssertLessThan(frozen.losses[4]!, frozen.losses[1]!, "the plug-in learns on the frozen base")
 
-        let rates = try h.train(ranks: 2, run: "rates", extra: ["train.steps=1", "model.init_from=\(baseFile)", "optim.lr_base=1e-3", "optim.lr_plugin=3e-3",
-                                                                "optim.schedule_plugin=constant"])
+        let rates = try h.train(
+            ranks: 2, run: "rates",
+            extra: [
+                "train.steps=1", "model.init_from=\(baseFile)", "optim.lr_base=1e-3", "optim.lr_plugin=3e-3",
+                "optim.schedule_plugin=constant",
+            ])
         XCTAssertEqual(rates.status, 0, rates.output)
         let after = try Safetensors.read(rates.runDir + "/model.safetensors")
         // Tolerance 1e-3 of the rate: a norm weight near 1.0 is stored with a float32 spacing of
         // 1.2e-7, about 1e-4 of a 1e-3 step; eps / |g| is smaller still.
-        for (name, group, lr) in [("layers.1.ffn_norm.weight", "base", 1e-3), ("norm.weight", "base", 1e-3),
-                                  ("tensorar.encoder.proj.weight", "plugin", 3e-3), ("tensorar.decoder.proj.weight", "plugin", 3e-3)] {
+        for (name, group, lr) in [
+            ("layers.1.ffn_norm.weight", "base", 1e-3), ("norm.weight", "base", 1e-3),
+            ("tensorar.encoder.proj.weight", "plugin", 3e-3), ("tensorar.decoder.proj.weight", "plugin", 3e-3),
+        ] {
             let before = group == "base" ? try baseWeights.floats(name) : Array(freshPlugin.view(name))
             let moved = zip(try after.floats(name), before).map { Double(abs($0 - $1)) }
             XCTAssertEqual(moved.max()!, lr, accuracy: 1e-3 * lr, "\(name) (\(group)): largest step")
@@ -271,27 +304,38 @@ final class DistributedTrainingTests: XCTestCase {
     /// allreduce, every rank skips the step, the run goes on and ends normally with finite weights.
     func testOneNonFiniteStepIsSkippedAndTheRunContinues() throws {
         let h = try MPIRunHarness(self)
-        let r = try h.train(ranks: 2, run: "nan-once", env: ["TENSORAR_TEST_NAN_AT_STEP": "2", "TENSORAR_TEST_NAN_IN": "grad"])
+        let r = try h.train(
+            ranks: 2, run: "nan-once", env: ["TENSORAR_TEST_NAN_AT_STEP": "2", "TENSORAR_TEST_NAN_IN": "grad"])
         XCTAssertEqual(r.status, 0, r.output)
         XCTAssertTrue(r.output.contains("step 2: loss"), r.output)
         XCTAssertTrue(r.output.contains("not finite, step skipped (1 in a row)"), r.output)
         XCTAssertEqual(r.output.components(separatedBy: "step skipped").count - 1, 1, r.output)
         XCTAssertTrue(r.output.contains("step 4/4"), r.output)
         let st = try Safetensors.read(r.runDir + "/model.safetensors")
-        for name in st.tensors.keys { XCTAssertTrue(try st.floats(name).allSatisfy(\.isFinite), "\(name) has a non-finite value") }
+        for name in st.tensors.keys {
+            XCTAssertTrue(try st.floats(name).allSatisfy(\.isFinite), "\(name) has a non-finite value")
+        }
     }
 
     /// NaN losses from step 2 on with train.max_skipped_steps = 2: steps 2 and 3 are skipped,
     /// step 4 stops the run: one clear message, every rank exits 1 (not killed), no hang.
     func testTooManyNonFiniteStepsStopEveryRank() throws {
         let h = try MPIRunHarness(self)
-        let r = try h.train(ranks: 2, run: "nan-stop", extra: ["train.max_skipped_steps=2", "train.steps=6"],
-                            env: ["TENSORAR_TEST_NAN_AT_STEP": "2-"], reportEachRank: true)
+        let r = try h.train(
+            ranks: 2, run: "nan-stop", extra: ["train.max_skipped_steps=2", "train.steps=6"],
+            env: ["TENSORAR_TEST_NAN_AT_STEP": "2-"], reportEachRank: true)
         XCTAssertNotEqual(r.status, 0, r.output)
         XCTAssertTrue(r.output.contains("step skipped (2 in a row)"), r.output)
-        XCTAssertTrue(r.output.contains("error: step 4: 3 steps in a row had a non-finite loss or gradient (train.max_skipped_steps is 2): stopping"), r.output)
-        XCTAssertEqual(r.output.components(separatedBy: "steps in a row had a non-finite").count - 1, 1, "one message, from rank 0:\n\(r.output)")
-        XCTAssertTrue(r.output.contains("rank 0 exit 1") && r.output.contains("rank 1 exit 1"), "every rank exits 1:\n\(r.output)")
+        XCTAssertTrue(
+            r.output.contains(
+                "error: step 4: 3 steps in a row had a non-finite loss or gradient (train.max_skipped_steps is 2): stopping"
+            ), r.output)
+        XCTAssertEqual(
+            r.output.components(separatedBy: "steps in a row had a non-finite").count - 1, 1,
+            "one message, from rank 0:\n\(r.output)")
+        XCTAssertTrue(
+            r.output.contains("rank 0 exit 1") && r.output.contains("rank 1 exit 1"), "every rank exits 1:\n\(r.output)"
+        )
         XCTAssertFalse(r.output.contains("weights:"), r.output)
         XCTAssertLessThan(r.seconds, 60)
     }
@@ -300,9 +344,12 @@ final class DistributedTrainingTests: XCTestCase {
     /// job ends at once, with a message naming the rank and a non-zero status.
     func testFailureOnOneRankEndsTheWholeJob() throws {
         let h = try MPIRunHarness(self)
-        let r = try h.train(ranks: 3, run: "fail", extra: ["train.global_batch=12"], env: ["TENSORAR_TEST_FAIL_RANK": "1"])
+        let r = try h.train(
+            ranks: 3, run: "fail", extra: ["train.global_batch=12"], env: ["TENSORAR_TEST_FAIL_RANK": "1"])
         XCTAssertNotEqual(r.status, 0, r.output)
-        XCTAssertTrue(r.output.contains("error: rank 1 of 3: TENSORAR_TEST_FAIL_RANK: rank 1 fails at step 2 on purpose"), r.output)
+        XCTAssertTrue(
+            r.output.contains("error: rank 1 of 3: TENSORAR_TEST_FAIL_RANK: rank 1 fails at step 2 on purpose"),
+            r.output)
         XCTAssertFalse(r.output.contains("step 3/"), r.output)
         XCTAssertLessThan(r.seconds, 60, "the job must end soon after the failure, not hang")
     }
@@ -327,7 +374,11 @@ struct MPIRunHarness {
     init(_ test: XCTestCase) throws {
         self.test = test
         exe = try releaseExecutable("tensorar-train")
-        guard let m = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+        guard
+            let m = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: {
+                FileManager.default.isExecutableFile(atPath: $0)
+            })
+        else {
             XCTFail("mpirun not found: install openmpi-bin (Launch/setup.sh does)")
             throw InputError("mpirun", "not found")
         }
@@ -339,34 +390,46 @@ struct MPIRunHarness {
     /// A 4-step run of a tiny model (D 32, 2 layers, k 3 (so input tensors have pad entries), d 1) on `ranks` ranks, global batch 16
     /// of micro-batches of 4; dropout 0.1 and label drop 0.2 on; small buckets (many of them).
     /// `reportEachRank` wraps every rank in a shell that prints "rank R exit S" when it ends.
-    func train(ranks: Int, run: String, extra: [String] = [], env: [String: String] = [:], reportEachRank: Bool = false,
-               timeout: Double = 90) throws -> Result {
-        let settings = [
-            "data.train=\(folder)/cache", "model.preset=null", "model.dim=32", "model.n_layer=2", "model.n_head=2",
-            "model.ffn_hidden=64", "model.window=3", "model.plugin_depth=1", "train.global_batch=16", "train.micro_batch=4",
-            "train.steps=4", "train.log_every=1", "train.dropout=0.1", "train.label_drop=0.2", "optim.lr_plugin=3e-3",
-            "optim.lr_base=1e-3", "dist.bucket_mb=0.004", "dist.threads_per_rank=1", "checkpoint.dir=\(folder)/ckpt",
-            "checkpoint.run=\(run)", "checkpoint.every=0",
-        ] + extra
+    func train(
+        ranks: Int, run: String, extra: [String] = [], env: [String: String] = [:], reportEachRank: Bool = false,
+        timeout: Double = 90
+    ) throws -> Result {
+        let settings =
+            [
+                "data.train=\(folder)/cache", "model.preset=null", "model.dim=32", "model.n_layer=2", "model.n_head=2",
+                "model.ffn_hidden=64", "model.window=3", "model.plugin_depth=1", "train.global_batch=16",
+                "train.micro_batch=4",
+                "train.steps=4", "train.log_every=1", "train.dropout=0.1", "train.label_drop=0.2",
+                "optim.lr_plugin=3e-3",
+                "optim.lr_base=1e-3", "dist.bucket_mb=0.004", "dist.threads_per_rank=1",
+                "checkpoint.dir=\(folder)/ckpt",
+                "checkpoint.run=\(run)", "checkpoint.every=0",
+            ] + extra
         var args = ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", String(ranks)]
         let trainArgs = settings.flatMap { ["--set", $0] }
         if reportEachRank {
-            args += ["/bin/sh", "-c", "\"$0\" \"$@\"; s=$?; echo \"rank $OMPI_COMM_WORLD_RANK exit $s\"; exit $s", exe] + trainArgs
+            args +=
+                ["/bin/sh", "-c", "\"$0\" \"$@\"; s=$?; echo \"rank $OMPI_COMM_WORLD_RANK exit $s\"; exit $s", exe]
+                + trainArgs
         } else {
             args += [exe] + trainArgs
         }
-        var environment = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("OMPI_COMM_WORLD") && !$0.key.hasPrefix("PMIX_") }
+        var environment = ProcessInfo.processInfo.environment.filter {
+            !$0.key.hasPrefix("OMPI_COMM_WORLD") && !$0.key.hasPrefix("PMIX_")
+        }
         for (k, v) in env { environment[k] = v }
         // A folder of its own as the working directory: no Configs/default.yaml is picked up.
         let cwd = folder + "/cwd-\(run)"
         try FileManager.default.createDirectory(atPath: cwd, withIntermediateDirectories: true)
-        let (status, output, seconds) = try runProcess(mpirun, args, environment: environment, directory: cwd, timeout: timeout)
+        let (status, output, seconds) = try runProcess(
+            mpirun, args, environment: environment, directory: cwd, timeout: timeout)
         let runDir = "\(folder)/ckpt/\(run)"
         var losses: [Int: Double] = [:]
         if let text = try? String(contentsOfFile: runDir + "/metrics.jsonl", encoding: .utf8) {
             for line in text.split(separator: "\n") {
                 guard let obj = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
-                      let step = obj["step"] as? Int, let loss = obj["loss"] as? Double else { continue }
+                    let step = obj["step"] as? Int, let loss = obj["loss"] as? Double
+                else { continue }
                 losses[step] = loss
             }
         }
@@ -380,11 +443,15 @@ func releaseExecutable(_ name: String, file: StaticString = #filePath, line: UIn
     let path = packageRoot + "/.build/release/" + name
     let fm = FileManager.default
     guard fm.isExecutableFile(atPath: path) else {
-        XCTFail("\(path) is missing: these tests run the release build under mpirun. Run `swift build -c release` first (Launch/test.sh does).", file: file, line: line)
+        XCTFail(
+            "\(path) is missing: these tests run the release build under mpirun. Run `swift build -c release` first (Launch/test.sh does).",
+            file: file, line: line)
         throw InputError(path, "missing")
     }
     if let rel = try sourceNewer(than: path, program: name) {
-        XCTFail("\(path) is older than Sources/\(rel): rebuild with `swift build -c release` (Launch/test.sh does) so the tests run the current code.", file: file, line: line)
+        XCTFail(
+            "\(path) is older than Sources/\(rel): rebuild with `swift build -c release` (Launch/test.sh does) so the tests run the current code.",
+            file: file, line: line)
         throw InputError(path, "stale")
     }
     return path
@@ -408,8 +475,10 @@ func sourceNewer(than path: String, program: String) throws -> String? {
 
 /// Runs a program to completion with its output (stdout and stderr together) in a file; kills it
 /// (SIGTERM, then SIGKILL) and fails if it runs past `timeout`: a hung MPI job must not hang the tests.
-func runProcess(_ exe: String, _ args: [String], environment: [String: String], directory: String, timeout: Double,
-                file: StaticString = #filePath, line: UInt = #line) throws -> (Int32, String, Double) {
+func runProcess(
+    _ exe: String, _ args: [String], environment: [String: String], directory: String, timeout: Double,
+    file: StaticString = #filePath, line: UInt = #line
+) throws -> (Int32, String, Double) {
     let log = directory + "/output-\(UUID().uuidString).log"
     _ = FileManager.default.createFile(atPath: log, contents: nil)
     let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
@@ -438,7 +507,11 @@ func runProcess(_ exe: String, _ args: [String], environment: [String: String], 
     try handle.close()
     let seconds = monotonicSeconds() - t0
     let output = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
-    if timedOut { XCTFail("\(exe) \(args.joined(separator: " ")) ran past \(Int(timeout)) s and was killed:\n\(output)", file: file, line: line) }
+    if timedOut {
+        XCTFail(
+            "\(exe) \(args.joined(separator: " ")) ran past \(Int(timeout)) s and was killed:\n\(output)", file: file,
+            line: line)
+    }
     return (p.terminationStatus, output, seconds)
 }
 
@@ -457,7 +530,8 @@ final class ShardedOptimizerTests: XCTestCase {
         let steps = ["train.steps=20"]
         let control = try h.train(ranks: 2, run: "seed", extra: steps + ["train.seed=99"])
         XCTAssertEqual(control.status, 0, control.output)
-        var worst = 0.0, worstWeights = 0.0
+        var worst = 0.0
+        var worstWeights = 0.0
         for ranks in [1, 2, 4] {
             let none = try h.train(ranks: ranks, run: "none-\(ranks)", extra: steps)
             XCTAssertEqual(none.status, 0, none.output)
@@ -480,8 +554,9 @@ final class ShardedOptimizerTests: XCTestCase {
                 XCTAssertLessThan(weights, 1e-4, "\(zero) on \(ranks) rank(s): weights vs replicated AdamW")
             }
         }
-        print("ZeRO vs replicated AdamW over 20 steps on 1, 2, 4 ranks: worst relative loss difference \(worst), "
-              + "weights \(worstWeights)")
+        print(
+            "ZeRO vs replicated AdamW over 20 steps on 1, 2, 4 ranks: worst relative loss difference \(worst), "
+                + "weights \(worstWeights)")
     }
 
     /// The largest difference of any exported tensor, over that tensor's largest value.

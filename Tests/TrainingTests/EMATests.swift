@@ -3,6 +3,7 @@ import Foundation
 import Kernels
 import Platform
 import XCTest
+
 @testable import Training
 
 /// `train.ema_decay`: the moving average of the weights, its checkpoint and its uses.
@@ -58,15 +59,17 @@ final class EMATests: XCTestCase {
         for _ in 0..<2 { _ = try a.trainStep() }
         let store = CheckpointStore(config: a.config)
         let m = a.model
-        let dir = try store.save(progress: a.progress, config: a.config, model: m.config, table: m.table,
-                                 params: m.params, optimizer: a.optimizer, ema: a.ema, communicator: .solo)
+        let dir = try store.save(
+            progress: a.progress, config: a.config, model: m.config, table: m.table,
+            params: m.params, optimizer: a.optimizer, ema: a.ema, communicator: .solo)
         XCTAssertEqual(try CheckpointStore.verify(dir).hasEMA, true)
         let emaAtSave = a.ema!.array
         for _ in 0..<2 { _ = try a.trainStep() }
 
         let b = try trainer(decay: 0.9, tmp)
-        let loaded = try CheckpointStore.load(from: dir, model: b.model.config, table: b.model.table,
-                                              params: b.model.params, optimizer: b.optimizer, ema: b.ema)
+        let loaded = try CheckpointStore.load(
+            from: dir, model: b.model.config, table: b.model.table,
+            params: b.model.params, optimizer: b.optimizer, ema: b.ema)
         b.restore(progress: loaded.progress)
         XCTAssertEqual(b.ema!.array, emaAtSave)
         for _ in 0..<2 { _ = try b.trainStep() }
@@ -82,15 +85,17 @@ final class EMATests: XCTestCase {
         let a = try trainer(decay: nil, tmp)
         _ = try a.trainStep()
         let m = a.model
-        let dir = try CheckpointStore(config: a.config).save(progress: a.progress, config: a.config, model: m.config,
-                                                              table: m.table, params: m.params, optimizer: a.optimizer,
-                                                              communicator: .solo)
+        let dir = try CheckpointStore(config: a.config).save(
+            progress: a.progress, config: a.config, model: m.config,
+            table: m.table, params: m.params, optimizer: a.optimizer,
+            communicator: .solo)
         XCTAssertNil(try CheckpointStore.readManifest(dir).hasEMA)
         assertInputError(["holds no EMA weights"]) { _ = try loadModel(from: dir, kind: .ema) }
         // turning EMA on at resume: the average starts from the checkpoint's weights (noted)
         let b = try trainer(decay: 0.5, tmp)
-        let loaded = try CheckpointStore.load(from: dir, model: b.model.config, table: b.model.table,
-                                              params: b.model.params, optimizer: b.optimizer, ema: b.ema)
+        let loaded = try CheckpointStore.load(
+            from: dir, model: b.model.config, table: b.model.table,
+            params: b.model.params, optimizer: b.optimizer, ema: b.ema)
         XCTAssertEqual(b.ema!.array, a.model.params.array)
         XCTAssertTrue(loaded.notes.contains { $0.contains("no EMA weights") })
     }

@@ -2,6 +2,7 @@ import ARModel
 import Foundation
 import Platform
 import XCTest
+
 @testable import Training
 
 /// Issue 17 ("nothing lost, nothing silent"): the faults and bad inputs that used to get through,
@@ -18,8 +19,9 @@ extension ResumeTests {
     }
 
     func assertStillThere(_ path: String, file: StaticString = #filePath, line: UInt = #line) {
-        XCTAssertEqual(try? String(contentsOfFile: path, encoding: .utf8), "do not delete\n",
-                       "\(path) must survive", file: file, line: line)
+        XCTAssertEqual(
+            try? String(contentsOfFile: path, encoding: .utf8), "do not delete\n",
+            "\(path) must survive", file: file, line: line)
     }
 
     /// tensorar-export, tensorar-sample (--out DIR, --out ., --npy-dir naming a file) and the
@@ -91,7 +93,8 @@ extension ResumeTests {
         let second = try train(f, run: "LOCK", ranks: nil)
         XCTAssertEqual(second.status, 1, second.output)
         let pid = first.process.processIdentifier
-        let holder = "\(run)/lock: the run folder is in use by another trainer: pid \(pid) on host "
+        let holder =
+            "\(run)/lock: the run folder is in use by another trainer: pid \(pid) on host "
             + RunLock.hostName()
         XCTAssertTrue(second.output.contains(holder), second.output)
         XCTAssertTrue(first.process.isRunning, "the first trainer must not be disturbed")
@@ -189,8 +192,12 @@ extension ResumeTests {
         XCTAssertEqual(cfg.status, 1, cfg.output)
         XCTAssertTrue(cfg.output.contains("\(folder): is a folder, not a config file"), cfg.output)
         let t0 = Date()
-        let big = try train(f, run: "HUGE", ranks: nil, extra: ["--set", "model.dim=65536", "--set", "model.n_layer=48",
-                                                                 "--set", "model.n_head=64"])
+        let big = try train(
+            f, run: "HUGE", ranks: nil,
+            extra: [
+                "--set", "model.dim=65536", "--set", "model.n_layer=48",
+                "--set", "model.n_head=64",
+            ])
         XCTAssertEqual(big.status, 1, big.output)
         XCTAssertTrue(big.output.contains("config (model, train.micro_batch): the model needs about"), big.output)
         XCTAssertTrue(big.output.contains("Even the weights do not fit"), big.output)

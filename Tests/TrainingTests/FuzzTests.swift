@@ -4,6 +4,7 @@ import Kernels
 import Platform
 import TokenData
 import XCTest
+
 @testable import Training
 
 /// Issue 17's fuzzer: random mutations of valid files, for a fixed time, against the readers of
@@ -16,7 +17,10 @@ import XCTest
 /// CI runs it briefly (TENSORAR_FUZZ_SECONDS, default 6 s in all); by hand, e.g.
 /// `TENSORAR_FUZZ_SECONDS=600 swift test --skip-build --filter FuzzTests`.
 final class FuzzTests: XCTestCase {
-    enum Verdict: Int32 { case rejected = 0, same, undetectable, wrong, unclean }
+    enum Verdict: Int32 {
+        case rejected = 0
+        case same, undetectable, wrong, unclean
+    }
 
     struct Tally: CustomStringConvertible {
         var counts = [Int](repeating: 0, count: 5)
@@ -52,8 +56,10 @@ final class FuzzTests: XCTestCase {
     /// Mutates `d` with 1-4 random edits (bit flips, interesting bytes, extreme numbers in text,
     /// deleted or repeated spans, truncation) inside `region` when given.
     static func mutate(_ d: inout Data, _ rng: inout CounterRNG, region: Range<Int>? = nil) {
-        let interesting: [UInt8] = [0, 0xFF, 0x7F, 0x80, UInt8(ascii: "-"), UInt8(ascii: "9"), UInt8(ascii: "\""),
-                                    UInt8(ascii: "]"), UInt8(ascii: "{"), UInt8(ascii: ","), UInt8(ascii: "e")]
+        let interesting: [UInt8] = [
+            0, 0xFF, 0x7F, 0x80, UInt8(ascii: "-"), UInt8(ascii: "9"), UInt8(ascii: "\""),
+            UInt8(ascii: "]"), UInt8(ascii: "{"), UInt8(ascii: ","), UInt8(ascii: "e"),
+        ]
         let numbers = ["-1", "0", "1e308", "-1e308", "99999999999999999999", ".nan", ".inf", "4294967296", "1.5"]
         for _ in 0..<(1 + Int(rng.next() % 4)) where !d.isEmpty {
             let r = region.map { $0.clamped(to: 0..<d.count) } ?? 0..<d.count
@@ -74,8 +80,10 @@ final class FuzzTests: XCTestCase {
     }
 
     /// Mutates `original` (written to `path`) and runs `check` in a child, for the time budget.
-    func fuzz(_ name: String, original: Data, path: String, seed: UInt64,
-              mutate: (inout Data, inout CounterRNG) -> Void, check: () -> Verdict) throws -> Tally {
+    func fuzz(
+        _ name: String, original: Data, path: String, seed: UInt64,
+        mutate: (inout Data, inout CounterRNG) -> Void, check: () -> Verdict
+    ) throws -> Tally {
         var tally = Tally()
         var rng = CounterRNG(seed: seed)
         let end = Date().addingTimeInterval(FuzzTests.secondsPerTarget)
@@ -121,18 +129,21 @@ extension FuzzTests {
         let headerEnd = 8 + Int(original.prefix(8).withUnsafeBytes { $0.loadUnaligned(as: UInt64.self) })
         let want = (m.config, m.params.array)
         var inHeader = true
-        let t = try fuzz("safetensors", original: original, path: path, seed: 1, mutate: { d, rng in
-            inHeader = rng.next() % 4 != 0
-            FuzzTests.mutate(&d, &rng, region: inHeader ? 0..<headerEnd : headerEnd..<original.count)
-        }, check: {
-            FuzzTests.judge({ try Transformer.load(path) }) { got in
-                if got.config == want.0 && got.params.array == want.1 { return .same }
-                // No checksum in the format: changed data bytes, or a header value changed to
-                // another valid one (e.g. rope_base), cannot be told from a real file. Different
-                // numbers from a changed header (offsets pointing elsewhere) would be wrong.
-                return inHeader && got.params.array != want.1 ? .wrong : .undetectable
-            }
-        })
+        let t = try fuzz(
+            "safetensors", original: original, path: path, seed: 1,
+            mutate: { d, rng in
+                inHeader = rng.next() % 4 != 0
+                FuzzTests.mutate(&d, &rng, region: inHeader ? 0..<headerEnd : headerEnd..<original.count)
+            },
+            check: {
+                FuzzTests.judge({ try Transformer.load(path) }) { got in
+                    if got.config == want.0 && got.params.array == want.1 { return .same }
+                    // No checksum in the format: changed data bytes, or a header value changed to
+                    // another valid one (e.g. rope_base), cannot be told from a real file. Different
+                    // numbers from a changed header (offsets pointing elsewhere) would be wrong.
+                    return inHeader && got.params.array != want.1 ? .wrong : .undetectable
+                }
+            })
         assertClean(t, "safetensors")
     }
 
@@ -155,15 +166,18 @@ extension FuzzTests {
         var tallies: [Tally] = []
         for (i, file) in [shard, json].enumerated() {
             let original = try Data(contentsOf: URL(fileURLWithPath: file))
-            tallies.append(try fuzz("cache-" + (file as NSString).lastPathComponent, original: original, path: file,
-                                    seed: 10 + UInt64(i), mutate: { FuzzTests.mutate(&$0, &$1) }, check: {
-                FuzzTests.judge(readAll) { got in
-                    if got == want { return .same }
-                    // Open and read check structure and ranges, not every byte: the sha256 of
-                    // dataset.json (tensorar-data verify) must catch the rest.
-                    return (try? verifyCache(directory: dir)) == nil ? .undetectable : .wrong
-                }
-            }))
+            tallies.append(
+                try fuzz(
+                    "cache-" + (file as NSString).lastPathComponent, original: original, path: file,
+                    seed: 10 + UInt64(i), mutate: { FuzzTests.mutate(&$0, &$1) },
+                    check: {
+                        FuzzTests.judge(readAll) { got in
+                            if got == want { return .same }
+                            // Open and read check structure and ranges, not every byte: the sha256 of
+                            // dataset.json (tensorar-data verify) must catch the rest.
+                            return (try? verifyCache(directory: dir)) == nil ? .undetectable : .wrong
+                        }
+                    }))
         }
         for (t, name) in zip(tallies, ["cache shard", "dataset.json"]) { assertClean(t, name) }
     }
@@ -180,8 +194,9 @@ extension FuzzTests {
         opt.step(params: params, grads: grads, lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1)
         let store = CheckpointStore(config: cfg)
         let progress = TrainingProgress(step: 3, samplesSeen: 24, dataOffset: 24, seed: 0)
-        let dir = try store.save(progress: progress, config: cfg, model: model, table: table, params: params,
-                                 optimizer: opt, communicator: .solo)
+        let dir = try store.save(
+            progress: progress, config: cfg, model: model, table: table, params: params,
+            optimizer: opt, communicator: .solo)
         func load() throws -> ([Float], [Float], [Float], PerGroup<Int>, TrainingProgress) {
             let p = FlatBuffer(count: table.total)
             let o = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
@@ -193,13 +208,18 @@ extension FuzzTests {
         for (i, file) in [dir + "/rank-00000-of-00001.h5", dir + "/manifest.json"].enumerated() {
             let original = try Data(contentsOf: URL(fileURLWithPath: file))
             let name = "checkpoint-" + (file as NSString).lastPathComponent
-            tallies.append(try fuzz(name, original: original, path: file,
-                                    seed: 20 + UInt64(i), mutate: { FuzzTests.mutate(&$0, &$1) }, check: {
-                FuzzTests.judge(load) { got in
-                    if got.0 != want.0 || got.1 != want.1 || got.2 != want.2 || got.3 != want.3 { return .wrong }
-                    return got.4 == want.4 ? .same : .undetectable  // e.g. a manifest's seed: no checksum
-                }
-            }))
+            tallies.append(
+                try fuzz(
+                    name, original: original, path: file,
+                    seed: 20 + UInt64(i), mutate: { FuzzTests.mutate(&$0, &$1) },
+                    check: {
+                        FuzzTests.judge(load) { got in
+                            if got.0 != want.0 || got.1 != want.1 || got.2 != want.2 || got.3 != want.3 {
+                                return .wrong
+                            }
+                            return got.4 == want.4 ? .same : .undetectable  // e.g. a manifest's seed: no checksum
+                        }
+                    }))
         }
         for (t, name) in zip(tallies, ["checkpoint shard", "manifest.json"]) { assertClean(t, name) }
     }
@@ -208,14 +228,15 @@ extension FuzzTests {
         let dir = try temporaryFolder(self)
         let path = dir + "/run.yaml"
         let original = Data(TrainConfig().yamlString().utf8)
-        let t = try fuzz("config", original: original, path: path, seed: 30, mutate: { FuzzTests.mutate(&$0, &$1) },
-                         check: {
-            FuzzTests.judge({ () -> TrainConfig in
-                let c = try TrainConfig.load(file: path)
-                try c.validate(worldSize: 1, source: path)
-                return c
-            }) { _ in .same }  // any config that validates is a config a person may mean
-        })
+        let t = try fuzz(
+            "config", original: original, path: path, seed: 30, mutate: { FuzzTests.mutate(&$0, &$1) },
+            check: {
+                FuzzTests.judge({ () -> TrainConfig in
+                    let c = try TrainConfig.load(file: path)
+                    try c.validate(worldSize: 1, source: path)
+                    return c
+                }) { _ in .same }  // any config that validates is a config a person may mean
+            })
         assertClean(t, "config")
     }
 }

@@ -5,9 +5,12 @@ import Platform
 import XCTest
 
 /// A small model shape for tests: both groups present, matrices and vectors in each.
-func testModel(window: Int = 2, depth: Int = 1, dim: Int = 16, ffn: Int = 32, layers: Int = 2, vocab: Int = 24) -> ModelConfig {
-    ModelConfig(vocabSize: vocab, numClasses: 3, gridSize: 4, dim: dim, nLayer: layers, nHead: 2, ffnHidden: ffn,
-                window: window, pluginDepth: depth)
+func testModel(
+    window: Int = 2, depth: Int = 1, dim: Int = 16, ffn: Int = 32, layers: Int = 2, vocab: Int = 24
+) -> ModelConfig {
+    ModelConfig(
+        vocabSize: vocab, numClasses: 3, gridSize: 4, dim: dim, nLayer: layers, nHead: 2, ffnHidden: ffn,
+        window: window, pluginDepth: depth)
 }
 
 /// A buffer of N(0, scale) values from a fixed stream.
@@ -27,12 +30,19 @@ func temporaryFolder(_ test: XCTestCase) throws -> String {
 }
 
 /// Asserts |a - b| <= atol + rtol |b| everywhere, reporting the worst element.
-func assertClose(_ a: [Float], _ b: [Double], rtol: Double, atol: Double, _ what: String, file: StaticString = #filePath, line: UInt = #line) {
+func assertClose(
+    _ a: [Float], _ b: [Double], rtol: Double, atol: Double, _ what: String, file: StaticString = #filePath,
+    line: UInt = #line
+) {
     XCTAssertEqual(a.count, b.count, what, file: file, line: line)
-    var worst = -1, worstExcess = 0.0
+    var worst = -1
+    var worstExcess = 0.0
     for i in 0..<min(a.count, b.count) {
         let excess = abs(Double(a[i]) - b[i]) - (atol + rtol * abs(b[i]))
-        if excess > worstExcess { worst = i; worstExcess = excess }
+        if excess > worstExcess {
+            worst = i
+            worstExcess = excess
+        }
     }
     if worst >= 0 {
         XCTFail("\(what): worst element \(worst): got \(a[worst]), expected \(b[worst])", file: file, line: line)
@@ -40,7 +50,8 @@ func assertClose(_ a: [Float], _ b: [Double], rtol: Double, atol: Double, _ what
 }
 
 /// Fails unless `body` throws an InputError whose text contains every string of `expect`.
-func assertInputError(_ expect: [String], file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void) {
+func assertInputError(_ expect: [String], file: StaticString = #filePath, line: UInt = #line, _ body: () throws -> Void)
+{
     do {
         try body()
         XCTFail("expected an error mentioning \(expect)", file: file, line: line)

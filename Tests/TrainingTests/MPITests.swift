@@ -4,6 +4,7 @@ import Kernels
 import Platform
 import TokenData
 import XCTest
+
 @testable import Training
 
 /// The Communicator, gradient averaging, a trainer step and collective checkpoint saving across
@@ -36,13 +37,16 @@ final class MPITests: XCTestCase {
 
     /// In the driver: starts the ranks (`ranks` nil: one process without mpirun, an MPI singleton)
     /// and checks they all passed. In a rank (TENSORAR_MPI_WORKER set): runs `rankBody()`.
-    private func runAsRanks(_ ranks: Int?, test: String = #function, file: StaticString = #filePath, line: UInt = #line) throws {
+    private func runAsRanks(
+        _ ranks: Int?, test: String = #function, file: StaticString = #filePath, line: UInt = #line
+    ) throws {
         let env = ProcessInfo.processInfo.environment
         if env["TENSORAR_MPI_WORKER"] != nil { return try rankBody() }
         let name = test.hasSuffix("()") ? String(test.dropLast(2)) : test
         let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
         guard exe.hasSuffix(".xctest") else {
-            return XCTFail("not running from an .xctest binary (\(exe)): cannot start this test's ranks", file: file, line: line)
+            return XCTFail(
+                "not running from an .xctest binary (\(exe)): cannot start this test's ranks", file: file, line: line)
         }
         let filter = "TrainingTests.MPITests/\(name)"
         var childEnv = env.filter { !$0.key.hasPrefix("OMPI_COMM_WORLD") && !$0.key.hasPrefix("PMIX_") }
@@ -53,25 +57,39 @@ final class MPITests: XCTestCase {
         childEnv["TENSORAR_MPI_CHECKPOINTS"] = checkpoints
         try writeTinyCache(folder + "/cache", samples: 24)
         childEnv["TENSORAR_MPI_CACHE"] = folder + "/cache"
-        let status: Int32, text: String
+        let status: Int32
+        let text: String
         if let ranks {
-            guard let mpirun = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+            guard
+                let mpirun = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: {
+                    FileManager.default.isExecutableFile(atPath: $0)
+                })
+            else {
                 return XCTFail("mpirun not found: install openmpi-bin (Launch/setup.sh does)", file: file, line: line)
             }
-            (status, text, _) = try runProcess(mpirun, ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", String(ranks), exe, filter],
-                                               environment: childEnv, directory: folder, timeout: 120, file: file, line: line)
+            (status, text, _) = try runProcess(
+                mpirun,
+                ["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-n", String(ranks), exe, filter],
+                environment: childEnv, directory: folder, timeout: 120, file: file, line: line)
         } else {
-            (status, text, _) = try runProcess(exe, [filter], environment: childEnv, directory: folder, timeout: 120, file: file, line: line)
+            (status, text, _) = try runProcess(
+                exe, [filter], environment: childEnv, directory: folder, timeout: 120, file: file, line: line)
         }
-        XCTAssertEqual(status, 0, "MPI ranks (\(ranks.map { "\($0) ranks" } ?? "singleton")) failed:\n\(text)", file: file, line: line)
+        XCTAssertEqual(
+            status, 0, "MPI ranks (\(ranks.map { "\($0) ranks" } ?? "singleton")) failed:\n\(text)", file: file,
+            line: line)
         // Each rank must have run the test to its end.
         let passed = text.components(separatedBy: "MPITests.\(name)' passed").count - 1
         XCTAssertEqual(passed, ranks ?? 1, "expected every rank to pass:\n\(text)", file: file, line: line)
         let w = ranks ?? 1
         let run = checkpoints + "/mpi"
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: run).sorted(), ["latest", "step-00000002"], file: file, line: line)
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: run + "/step-00000002").sorted(),
-                       ["manifest.json"] + (0..<w).map { CheckpointStore.shardName(rank: $0, worldSize: w) }, file: file, line: line)
+        XCTAssertEqual(
+            try FileManager.default.contentsOfDirectory(atPath: run).sorted(), ["latest", "step-00000002"], file: file,
+            line: line)
+        XCTAssertEqual(
+            try FileManager.default.contentsOfDirectory(atPath: run + "/step-00000002").sorted(),
+            ["manifest.json"] + (0..<w).map { CheckpointStore.shardName(rank: $0, worldSize: w) }, file: file,
+            line: line)
     }
 }
 
@@ -81,7 +99,8 @@ extension MPITests {
         let env = ProcessInfo.processInfo.environment
         let comm = try MPI.initialize()
         defer { try? MPI.finalize() }
-        let W = comm.size, r = comm.rank
+        let W = comm.size
+        let r = comm.rank
         XCTAssertEqual(W, Int(env["TENSORAR_MPI_EXPECT_SIZE"] ?? "") ?? -1)
         XCTAssertEqual(MPI.isUnderMPIRun, W > 1 || env["OMPI_COMM_WORLD_SIZE"] != nil)
         XCTAssertEqual(MPI.threadLevel, .multiple)
@@ -109,7 +128,9 @@ extension MPITests {
                     XCTAssertEqual(sync.mode, W > 1 ? mode : .blocking)
                     for step in 0..<2 {
                         let g = FlatBuffer(count: count)
-                        func value(_ rank: Int, _ i: Int) -> Float { Float((rank + 1) * ((i * 7 + step) % 11) - 5 * rank) }
+                        func value(_ rank: Int, _ i: Int) -> Float {
+                            Float((rank + 1) * ((i * 7 + step) % 11) - 5 * rank)
+                        }
                         for i in 0..<count { g[i] = value(r, i) }
                         let scale: Float? = step == 0 ? nil : 1  // step 1: plain sum
                         sync.begin(g, scale: scale)
@@ -117,7 +138,8 @@ extension MPITests {
                         // first 100 elements are never marked (finish() must reduce them).
                         var hi = count
                         while hi > min(100, count) {
-                            let lo = max(min(100, count), hi - 37), mid = (lo + hi) / 2
+                            let lo = max(min(100, count), hi - 37)
+                            let mid = (lo + hi) / 2
                             sync.markReady(mid..<hi)
                             sync.markReady(lo..<mid)
                             hi = lo
@@ -129,7 +151,9 @@ extension MPITests {
                         for i in 0..<count {
                             let sum = (0..<W).reduce(Float(0)) { $0 + value($1, i) }
                             if g[i] != sum * s {
-                                XCTFail("rank \(r) \(mode) count \(count) bucket \(bucket) step \(step): [\(i)] = \(g[i]), expected \(sum * s)")
+                                XCTFail(
+                                    "rank \(r) \(mode) count \(count) bucket \(bucket) step \(step): [\(i)] = \(g[i]), expected \(sum * s)"
+                                )
                                 break
                             }
                         }
@@ -144,7 +168,8 @@ extension MPITests {
         // whole global batch (tolerance as in DistributedTrainingTests: float32 summation order),
         // the loss is the whole batch's, and every rank holds bit-identical gradients and weights.
         for overlap in [true, false] {
-            var tc = tinyTrainConfig(cache: env["TENSORAR_MPI_CACHE"]!, checkpoints: env["TENSORAR_MPI_CHECKPOINTS"]! + "/unused")
+            var tc = tinyTrainConfig(
+                cache: env["TENSORAR_MPI_CACHE"]!, checkpoints: env["TENSORAR_MPI_CHECKPOINTS"]! + "/unused")
             tc.dist.overlap = overlap
             try assertShardedStepMatchesReplicated(tc, comm)
             let trainer = try Trainer(config: tc, comm: comm)
@@ -166,29 +191,38 @@ extension MPITests {
 
         // Collective checkpoint: every rank writes its shard in parallel; all read it back whole
         // (each rank reads its slice, the ranks exchange them).
-        let model = testModel(), table = ParameterTable(model)
+        let model = testModel()
+        let table = ParameterTable(model)
         let params = randomBuffer(table.total, seed: 11)
         let opt = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
-        opt.step(params: params, grads: randomBuffer(table.total, seed: 12), lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1)
+        opt.step(
+            params: params, grads: randomBuffer(table.total, seed: 12), lr: PerGroup(base: 1e-3, plugin: 1e-3), clip: 1)
         var cfg = TrainConfig()
         cfg.checkpoint.dir = env["TENSORAR_MPI_CHECKPOINTS"]!
         cfg.checkpoint.run = "mpi"
         var store = CheckpointStore(config: cfg)
-        let dir = try store.save(progress: TrainingProgress(step: 2, samplesSeen: 512, seed: 0), config: cfg, model: model,
-                                 table: table, params: params, optimizer: opt, communicator: comm)
+        let dir = try store.save(
+            progress: TrainingProgress(step: 2, samplesSeen: 512, seed: 0), config: cfg, model: model,
+            table: table, params: params, optimizer: opt, communicator: comm)
         let p2 = FlatBuffer(count: table.total)
         let o2 = AdamW(table: table, trainable: PerGroup(base: true, plugin: true))
-        _ = try CheckpointStore.load(from: dir, model: model, table: table, params: p2, optimizer: o2, communicator: comm)
+        _ = try CheckpointStore.load(
+            from: dir, model: model, table: table, params: p2, optimizer: o2, communicator: comm)
         XCTAssertEqual(p2.array, params.array)
         XCTAssertEqual(o2.m.array, opt.m.array)
         XCTAssertEqual(o2.v.array, opt.v.array)
         // A write failure on the last rank only: every rank throws that rank's error, the earlier
         // checkpoint stays latest.
         if r == W - 1 { store.injectShardWriteFailure = { _ in throw InputError("test", "No space left on device") } }
-        XCTAssertThrowsError(try store.save(progress: TrainingProgress(step: 3, samplesSeen: 768, seed: 0), config: cfg, model: model,
-                                            table: table, params: params, optimizer: opt, communicator: comm)) { error in
+        XCTAssertThrowsError(
+            try store.save(
+                progress: TrainingProgress(step: 3, samplesSeen: 768, seed: 0), config: cfg, model: model,
+                table: table, params: params, optimizer: opt, communicator: comm)
+        ) { error in
             let text = "\(error)"
-            XCTAssertTrue(text.contains("rank-\(String(format: "%05d", W - 1))-of-") && text.contains("No space left on device"), text)
+            XCTAssertTrue(
+                text.contains("rank-\(String(format: "%05d", W - 1))-of-") && text.contains("No space left on device"),
+                text)
             XCTAssertEqual(text.contains("(reported by rank \(W - 1))"), r != W - 1, text)
         }
         XCTAssertEqual(store.latestName(), "step-00000002")

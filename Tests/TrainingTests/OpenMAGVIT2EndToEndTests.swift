@@ -4,6 +4,7 @@ import Kernels
 import Platform
 import TokenData
 import XCTest
+
 @testable import Training
 
 /// Open-MAGVIT2 (SPEC section 8) end to end with the release programs, as ResumeTests does for
@@ -15,7 +16,8 @@ import XCTest
 extension ResumeTests {
     /// Class- and position-dependent codes over the whole 2^18 range, plus a little noise.
     func writeLlamaGenCodes(_ root: String, samples n: Int, seed: UInt64) throws -> (codes: String, labels: String) {
-        let codes = root + "/codes", labels = root + "/labels"
+        let codes = root + "/codes"
+        let labels = root + "/labels"
         for d in [codes, labels] {
             try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
         }
@@ -32,8 +34,10 @@ extension ResumeTests {
     func importCache(_ root: String, _ name: String, samples: Int, seed: UInt64) throws -> String {
         let src = try writeLlamaGenCodes(root + "/\(name)-npy", samples: samples, seed: seed)
         let out = root + "/\(name)"
-        let args = ["import-llamagen", "--codes", src.codes, "--labels", src.labels, "--out", out,
-                    "--vocab-size", "262144", "--num-classes", "4"]
+        let args = [
+            "import-llamagen", "--codes", src.codes, "--labels", src.labels, "--out", out,
+            "--vocab-size", "262144", "--num-classes", "4",
+        ]
         let r = try runTool(try binary("tensorar-data"), args)
         XCTAssertEqual(r.status, 0, r.output)
         return out
@@ -56,8 +60,9 @@ extension ResumeTests {
         XCTAssertEqual(cache.info.codesKind, .int32, "V > 65535: int32 codes (SPEC section 7)")
         let codes = try cache.read(indices: Array(0..<8), augmentations: [Int](repeating: 0, count: 8)).codes
         XCTAssertGreaterThan(codes.max()!, 65_535, "full 18-bit indices survive the import")
-        let f = Fixture(root: root, train: train, val: val, checkpoints: root + "/Checkpoints",
-                        runA: root + "/Checkpoints/O", metricsA: Metrics())
+        let f = Fixture(
+            root: root, train: train, val: val, checkpoints: root + "/Checkpoints",
+            runA: root + "/Checkpoints/O", metricsA: Metrics())
         let a = try self.train(f, run: "O", ranks: 2, extra: openMAGVIT2Settings)
         XCTAssertEqual(a.status, 0, a.output)
         let manifest = try CheckpointStore.readManifest(f.runA + "/step-00000008")
@@ -91,8 +96,12 @@ extension ResumeTests {
     /// `tensorar-eval --json`: `loss` is the per-token mean of CE(pre) + CE(post) and equals the
     /// validation loss the trainer logged; both parts are reported and add up to it.
     func checkOpenMAGVIT2Eval(_ f: Fixture, loggedValLoss: Double) throws {
-        let e = try runTool(try binary("tensorar-eval"), ["--weights", f.runA, "--data", f.val, "--noise", "train",
-                                                          "--limit", "24", "--json"])
+        let e = try runTool(
+            try binary("tensorar-eval"),
+            [
+                "--weights", f.runA, "--data", f.val, "--noise", "train",
+                "--limit", "24", "--json",
+            ])
         XCTAssertEqual(e.status, 0, e.output)
         let line = try XCTUnwrap(e.stdout.split(separator: "\n").last, e.output)
         let json = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
@@ -108,13 +117,20 @@ extension ResumeTests {
     /// `tensorar-sample --cfg-scale A,B --temperature A,B`: full indices in `tokens`, the same on
     /// 1 and 2 ranks; three values is an error.
     func checkOpenMAGVIT2Sampling(_ f: Fixture) throws {
-        let args = ["--weights", f.runA, "--classes", "0,1,2", "--per-class", "2", "--cfg-scale", "1.5,3",
-                    "--temperature", "1,0.5", "--seed", "3", "--batch-size", "4"]
-        let one = f.root + "/s1.h5", two = f.root + "/s2.h5"
+        let args = [
+            "--weights", f.runA, "--classes", "0,1,2", "--per-class", "2", "--cfg-scale", "1.5,3",
+            "--temperature", "1,0.5", "--seed", "3", "--batch-size", "4",
+        ]
+        let one = f.root + "/s1.h5"
+        let two = f.root + "/s2.h5"
         let s = try runTool(try binary("tensorar-sample"), args + ["--out", one])
         XCTAssertEqual(s.status, 0, s.output)
-        let mp = try runTool(try mpirun(), ["--allow-run-as-root", "--oversubscribe", "-n", "2",
-                                            try binary("tensorar-sample")] + args + ["--out", two])
+        let mp = try runTool(
+            try mpirun(),
+            [
+                "--allow-run-as-root", "--oversubscribe", "-n", "2",
+                try binary("tensorar-sample"),
+            ] + args + ["--out", two])
         XCTAssertEqual(mp.status, 0, mp.output)
         let h = try HDF5File.open(one)
         let tokens = try h.read("tokens", as: Int32.self).values
@@ -124,8 +140,12 @@ extension ResumeTests {
         XCTAssertEqual(try HDF5File.open(two).read("tokens", as: Int32.self).values, tokens, "1 and 2 ranks")
         XCTAssertEqual(try h.stringAttribute("cfg_scale"), "1.5,3.0")
         XCTAssertTrue(try h.stringAttribute("sampling").contains("\"cfg_scales\":[1.5,3]"))
-        let bad = try runTool(try binary("tensorar-sample"), ["--weights", f.runA, "--cfg-scale", "1,2,3",
-                                                              "--out", one])
+        let bad = try runTool(
+            try binary("tensorar-sample"),
+            [
+                "--weights", f.runA, "--cfg-scale", "1,2,3",
+                "--out", one,
+            ])
         XCTAssertNotEqual(bad.status, 0)
         XCTAssertTrue(bad.output.contains("--cfg-scale"), bad.output)
     }
@@ -142,8 +162,9 @@ extension ResumeTests {
         XCTAssertEqual(m.config.base, "open-magvit2")
         let manifest = try CheckpointStore.readManifest(f.runA + "/step-00000008")
         let params = FlatBuffer(count: m.table.total)
-        _ = try CheckpointStore.load(from: f.runA + "/step-00000008", model: manifest.model, table: m.table,
-                                     params: params, optimizer: nil)
+        _ = try CheckpointStore.load(
+            from: f.runA + "/step-00000008", model: manifest.model, table: m.table,
+            params: params, optimizer: nil)
         XCTAssertEqual(m.params.array, params.array)
     }
 }
@@ -157,9 +178,12 @@ final class OpenMAGVIT2ConfigTests: XCTestCase {
         let m = try c.model.resolve(vocabSize: 262_144, numClasses: 1000, gridSize: 16)
         XCTAssertEqual(ParameterTable(m).total, 343_570_432)
         XCTAssertEqual(m.factorizedBits, [6, 12])
-        let o = try TrainConfig.resolve(yaml: "", source: "x.yaml", overrides: [
-            "model.base=open-magvit2", "model.preset=null", "model.dim=32", "model.n_layer=2", "model.n_head=2",
-            "model.factorized_n_layer=3"])
+        let o = try TrainConfig.resolve(
+            yaml: "", source: "x.yaml",
+            overrides: [
+                "model.base=open-magvit2", "model.preset=null", "model.dim=32", "model.n_layer=2", "model.n_head=2",
+                "model.factorized_n_layer=3",
+            ])
         let small = try o.model.resolve(vocabSize: 64, numClasses: 4, gridSize: 4)
         XCTAssertEqual(small.factorizedNLayer, 3)
         XCTAssertEqual(small.factorizedBits, [2, 4])

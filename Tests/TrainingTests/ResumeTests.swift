@@ -4,6 +4,7 @@ import Kernels
 import Platform
 import TokenData
 import XCTest
+
 @testable import Training
 
 /// Checkpoints end to end, with real processes: the release binaries (`swift build -c release`;
@@ -56,9 +57,11 @@ final class ResumeTests: XCTestCase {
         try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
         // Learnable tokens: each depends on the class and the position, plus noise.
         func cache(_ dir: String, samples n: Int, seed: UInt64) throws {
-            let w = try CacheWriter(directory: dir, vocabSize: 32, gridH: 4, gridW: 4, numClasses: 4, augmentations: 1, shardSize: 64)
+            let w = try CacheWriter(
+                directory: dir, vocabSize: 32, gridH: 4, gridW: 4, numClasses: 4, augmentations: 1, shardSize: 64)
             var rng = CounterRNG(seed: seed)
-            var codes: [Int32] = [], labels: [Int32] = []
+            var codes: [Int32] = []
+            var labels: [Int32] = []
             for _ in 0..<n {
                 let c = Int32(rng.next() % 4)
                 labels.append(c)
@@ -67,14 +70,18 @@ final class ResumeTests: XCTestCase {
             try w.append(codes: codes, labels: labels)
             try w.finish()
         }
-        let f = Fixture(root: root, train: root + "/train", val: root + "/val", checkpoints: root + "/Checkpoints",
-                        runA: root + "/Checkpoints/A", metricsA: Metrics())
+        let f = Fixture(
+            root: root, train: root + "/train", val: root + "/val", checkpoints: root + "/Checkpoints",
+            runA: root + "/Checkpoints/A", metricsA: Metrics())
         try cache(f.train, samples: 128, seed: 1)
         try cache(f.val, samples: 32, seed: 2)
         let a = try train(f, run: "A", ranks: 2)
-        guard a.status == 0 else { throw InputError(f.runA, "the reference run failed (exit \(a.status)):\n\(a.output)") }
-        return Fixture(root: f.root, train: f.train, val: f.val, checkpoints: f.checkpoints, runA: f.runA,
-                       metricsA: try Metrics(run: f.runA))
+        guard a.status == 0 else {
+            throw InputError(f.runA, "the reference run failed (exit \(a.status)):\n\(a.output)")
+        }
+        return Fixture(
+            root: f.root, train: f.train, val: f.val, checkpoints: f.checkpoints, runA: f.runA,
+            metricsA: try Metrics(run: f.runA))
     }
 
     // MARK: exact resume
@@ -86,7 +93,8 @@ final class ResumeTests: XCTestCase {
         let f = try fixture()
         let b = try train(f, run: "B", ranks: 2, extra: ["--resume-from", f.runA + "/step-00000008"])
         XCTAssertEqual(b.status, 0, b.output)
-        XCTAssertTrue(b.output.contains("resumed from \(f.runA)/step-00000008 at step 8 (written by 2 rank(s))"), b.output)
+        XCTAssertTrue(
+            b.output.contains("resumed from \(f.runA)/step-00000008 at step 8 (written by 2 rank(s))"), b.output)
         let mb = try Metrics(run: f.checkpoints + "/B")
         XCTAssertEqual(mb.loss.keys.sorted(), Array(9...16))
         for s in 9...16 { XCTAssertEqual(mb.loss[s], f.metricsA.loss[s], "loss text at step \(s)") }
@@ -108,7 +116,8 @@ final class ResumeTests: XCTestCase {
             let m = try Metrics(run: f.checkpoints + "/W\(ranks)")
             XCTAssertEqual(m.loss.keys.sorted(), Array(9...16))
             let worst = try maxRelativeDifference(m, f.metricsA)
-            XCTAssertLessThanOrEqual(worst, 1e-5, "\(ranks) rank(s): losses differ from the straight run by up to \(worst) (relative)")
+            XCTAssertLessThanOrEqual(
+                worst, 1e-5, "\(ranks) rank(s): losses differ from the straight run by up to \(worst) (relative)")
             print("resume 2 -> \(ranks) rank(s): worst relative loss difference \(worst)")
         }
         // A copy of the step-8 checkpoint whose AdamW moments are zero (rewritten through HDF5,
@@ -119,7 +128,9 @@ final class ResumeTests: XCTestCase {
             let h = try HDF5File.open(broken + "/" + file, writable: true)
             for name in ["adam_m", "adam_v"] {
                 let zeros = [Float](repeating: 0, count: try h.shape(of: name)[0])
-                try zeros.withUnsafeBytes { try h.writeRows(name, kind: .float32, start: 0, rows: zeros.count, from: $0.baseAddress!) }
+                try zeros.withUnsafeBytes {
+                    try h.writeRows(name, kind: .float32, start: 0, rows: zeros.count, from: $0.baseAddress!)
+                }
             }
         }
         let z = try train(f, run: "Z", ranks: 1, extra: ["--resume-from", broken])
@@ -146,9 +157,11 @@ final class ResumeTests: XCTestCase {
             XCTAssertEqual(try CheckpointStore.verify(f.checkpoints + "/\(straight)/step-00000008").worldSize, from)
             let resumed = "Z\(from)to\(to)"
             let from8 = f.checkpoints + "/\(straight)/step-00000008"
-            let r = try train(f, run: resumed, ranks: to, extra: [
-                "--set", "dist.shard_optimizer=\(zeroTo)", "--resume-from", from8,
-            ])
+            let r = try train(
+                f, run: resumed, ranks: to,
+                extra: [
+                    "--set", "dist.shard_optimizer=\(zeroTo)", "--resume-from", from8,
+                ])
             XCTAssertEqual(r.status, 0, r.output)
             XCTAssertTrue(r.output.contains("at step 8 (written by \(from) rank(s))"), r.output)
             let m = try Metrics(run: f.checkpoints + "/" + resumed)
@@ -158,8 +171,9 @@ final class ResumeTests: XCTestCase {
             XCTAssertLessThanOrEqual(worst, 1e-5, "\(zeroFrom) on \(from) -> \(zeroTo) on \(to): \(worst) relative")
             let vsA = try maxRelativeDifference(straightMetrics, f.metricsA)
             XCTAssertLessThanOrEqual(vsA, 1e-5, "\(zeroFrom) on \(from) rank(s) vs A (replicated, 2 ranks)")
-            print("sharded resume \(zeroFrom) x \(from) -> \(zeroTo) x \(to): worst relative loss difference \(worst); "
-                  + "straight \(zeroFrom) x \(from) vs A: \(vsA)")
+            print(
+                "sharded resume \(zeroFrom) x \(from) -> \(zeroTo) x \(to): worst relative loss difference \(worst); "
+                    + "straight \(zeroFrom) x \(from) vs A: \(vsA)")
         }
     }
 
@@ -208,7 +222,8 @@ final class ResumeTests: XCTestCase {
         XCTAssertEqual(again.status, 0, again.output)
         XCTAssertTrue(again.output.contains("resumed from \(run)/step-00000005 at step 5"), again.output)
         let m = try Metrics(run: run)
-        XCTAssertEqual(m.loss, f.metricsA.loss, "the stopped-and-resumed run's losses (steps 1-16) against the straight run's")
+        XCTAssertEqual(
+            m.loss, f.metricsA.loss, "the stopped-and-resumed run's losses (steps 1-16) against the straight run's")
         XCTAssertEqual(m.valLoss, f.metricsA.valLoss)
     }
 
@@ -248,7 +263,9 @@ final class ResumeTests: XCTestCase {
         XCTAssertEqual(again.status, 0, again.output)
         XCTAssertTrue(again.output.contains("resumed from \(run)/step-00000004 at step 4"), again.output)
         XCTAssertEqual(try Metrics(run: run).loss, f.metricsA.loss)
-        XCTAssertFalse(try FileManager.default.contentsOfDirectory(atPath: run).contains(".step-00000008.tmp"), "the next save clears leftovers")
+        XCTAssertFalse(
+            try FileManager.default.contentsOfDirectory(atPath: run).contains(".step-00000008.tmp"),
+            "the next save clears leftovers")
     }
 
     // MARK: damaged checkpoints
@@ -260,16 +277,20 @@ final class ResumeTests: XCTestCase {
         let f = try fixture()
         let fm = FileManager.default
         let damages: [(String, (String) throws -> Void, [String])] = [
-            ("truncated", { file in
-                let size = try fm.attributesOfItem(atPath: file)[.size] as! Int
-                try FileHandle(forWritingTo: URL(fileURLWithPath: file)).truncate(atOffset: UInt64(size / 2))
-            }, ["cannot open HDF5 file"]),
+            (
+                "truncated",
+                { file in
+                    let size = try fm.attributesOfItem(atPath: file)[.size] as! Int
+                    try FileHandle(forWritingTo: URL(fileURLWithPath: file)).truncate(atOffset: UInt64(size / 2))
+                }, ["cannot open HDF5 file"]
+            ),
             // 16 bytes in the middle of the data: the shard still opens, a chunk checksum fails.
             ("corrupted", { file in try corruptMiddle(of: file) }, ["reading dataset", "failed"]),
             ("missing", { file in try fm.removeItem(atPath: file) }, ["shard missing"]),
         ]
         for (i, (what, damage, says)) in damages.enumerated() {
-            let name = "D-\(what)", run = f.checkpoints + "/" + name
+            let name = "D-\(what)"
+            let run = f.checkpoints + "/" + name
             try copyRun(f, to: run, upTo: 8)
             let shard = run + "/step-00000008/rank-00001-of-00002.h5"
             try damage(shard)
@@ -279,7 +300,8 @@ final class ResumeTests: XCTestCase {
             for s in [shard] + says + ["checkpoint is damaged", "--fallback"] {
                 XCTAssertTrue(r.output.contains(s), "\(what): the error should mention \"\(s)\":\n\(r.output)")
             }
-            XCTAssertEqual(CheckpointStore(runDirectory: run).latestName(), "step-00000008", "a refused resume changes nothing")
+            XCTAssertEqual(
+                CheckpointStore(runDirectory: run).latestName(), "step-00000008", "a refused resume changes nothing")
         }
         let run = f.checkpoints + "/D-corrupted"
         let r = try train(f, run: "D-corrupted", ranks: 2, extra: ["--resume", "--fallback"])
@@ -297,16 +319,21 @@ final class ResumeTests: XCTestCase {
         let step8 = f.runA + "/step-00000008"
         let r = try train(f, run: "M", ranks: nil, extra: ["--resume-from", step8, "--set", "model.dim=48"])
         XCTAssertNotEqual(r.status, 0, r.output)
-        for s in [step8 + "/manifest.json", "model shape", "\"dim\":32", "\"dim\":48"] { XCTAssertTrue(r.output.contains(s), "\(s):\n\(r.output)") }
+        for s in [step8 + "/manifest.json", "model shape", "\"dim\":32", "\"dim\":48"] {
+            XCTAssertTrue(r.output.contains(s), "\(s):\n\(r.output)")
+        }
 
         let copy = f.root + "/manifest-world"
         try FileManager.default.copyItem(atPath: step8, toPath: copy)
         let text = try String(contentsOfFile: copy + "/manifest.json", encoding: .utf8)
         XCTAssertTrue(text.contains("\"world_size\" : 2"))
-        try text.replacingOccurrences(of: "\"world_size\" : 2", with: "\"world_size\" : 3").write(toFile: copy + "/manifest.json", atomically: true, encoding: .utf8)
+        try text.replacingOccurrences(of: "\"world_size\" : 2", with: "\"world_size\" : 3").write(
+            toFile: copy + "/manifest.json", atomically: true, encoding: .utf8)
         let w = try train(f, run: "M", ranks: nil, extra: ["--resume-from", copy])
         XCTAssertNotEqual(w.status, 0, w.output)
-        for s in [copy + "/manifest.json", "shard list does not match 3 rank(s)"] { XCTAssertTrue(w.output.contains(s), "\(s):\n\(w.output)") }
+        for s in [copy + "/manifest.json", "shard list does not match 3 rank(s)"] {
+            XCTAssertTrue(w.output.contains(s), "\(s):\n\(w.output)")
+        }
     }
 
     // MARK: full disk
@@ -331,7 +358,10 @@ final class ResumeTests: XCTestCase {
         let r = try train(f, run: "F", ranks: 2, extra: ["--set", "checkpoint.dir=\(disk)"])
         XCTAssertNotEqual(r.status, 0, r.output)
         let run = disk + "/F"
-        for s in ["\(run)/.step-00000008.tmp/rank-", "writing the checkpoint shard failed", "MB free on that disk", "earlier ones are intact"] {
+        for s in [
+            "\(run)/.step-00000008.tmp/rank-", "writing the checkpoint shard failed", "MB free on that disk",
+            "earlier ones are intact",
+        ] {
             XCTAssertTrue(r.output.contains(s), "\(s):\n\(r.output)")
         }
         let store = CheckpointStore(runDirectory: run)
@@ -355,25 +385,36 @@ final class ResumeTests: XCTestCase {
         let st = try Safetensors.read(out)
         XCTAssertEqual(st.metadata["tensorar.step"], "16")
         let manifest = try CheckpointStore.readManifest(f.runA + "/step-00000016")
-        XCTAssertEqual(try JSONDecoder().decode(ModelConfig.self, from: Data(st.metadata["tensorar.config"]!.utf8)), manifest.model)
+        XCTAssertEqual(
+            try JSONDecoder().decode(ModelConfig.self, from: Data(st.metadata["tensorar.config"]!.utf8)), manifest.model
+        )
         let exported = try Transformer.load(out)
         let table = ParameterTable(manifest.model)
         XCTAssertEqual(Set(st.tensors.keys), Set(table.entries.map(\.name)))
         let params = FlatBuffer(count: table.total)
-        _ = try CheckpointStore.load(from: f.runA + "/step-00000016", model: manifest.model, table: table, params: params, optimizer: nil)
+        _ = try CheckpointStore.load(
+            from: f.runA + "/step-00000016", model: manifest.model, table: table, params: params, optimizer: nil)
         XCTAssertEqual(exported.params.array, params.array, "exported weights against the checkpoint's parameters")
         // The end-of-run weights the trainer wrote itself are the same numbers.
         XCTAssertEqual(try Transformer.load(f.runA + "/model.safetensors").params.array, params.array)
 
-        for (bad, says) in [(f.root + "/no-such-folder", "no such folder"), (out, "a file, not a folder"),
-                            (f.root, "no checkpoints of a run in it")] {
-            let r = try runTool(try binary("tensorar-export"), ["--checkpoint", bad, "--out", f.root + "/x.safetensors"])
+        for (bad, says) in [
+            (f.root + "/no-such-folder", "no such folder"), (out, "a file, not a folder"),
+            (f.root, "no checkpoints of a run in it"),
+        ] {
+            let r = try runTool(
+                try binary("tensorar-export"), ["--checkpoint", bad, "--out", f.root + "/x.safetensors"])
             XCTAssertNotEqual(r.status, 0, r.output)
             XCTAssertTrue(r.output.contains("error: \(bad): ") && r.output.contains(says), r.output)
         }
         // Import as initialisation: a 1-step run from the exported weights, with a learning rate
         // too small to move them (1e-30), ends where it started.
-        let i = try train(f, run: "E", ranks: nil, extra: ["--init-from", out, "--set", "train.steps=1", "--set", "optim.lr_plugin=0", "--set", "optim.lr_base=1e-30"])
+        let i = try train(
+            f, run: "E", ranks: nil,
+            extra: [
+                "--init-from", out, "--set", "train.steps=1", "--set", "optim.lr_plugin=0", "--set",
+                "optim.lr_base=1e-30",
+            ])
         XCTAssertEqual(i.status, 0, i.output)
         let after = try Transformer.load(f.checkpoints + "/E/model.safetensors").params.array
         XCTAssertEqual(zip(after, params.array).map { abs($0 - $1) }.max() ?? 1, 0, accuracy: 1e-20)
@@ -400,15 +441,19 @@ final class ResumeTests: XCTestCase {
         let f = try fixture()
         let logged = try XCTUnwrap(f.metricsA.valLoss[16].flatMap(Double.init))
         func eval(_ extra: [String]) throws -> Double {
-            let r = try runTool(try binary("tensorar-eval"), ["--weights", f.runA, "--data", f.val, "--noise", "train", "--limit", "24", "--json"] + extra)
+            let r = try runTool(
+                try binary("tensorar-eval"),
+                ["--weights", f.runA, "--data", f.val, "--noise", "train", "--limit", "24", "--json"] + extra)
             XCTAssertEqual(r.status, 0, r.output)
             let line = try XCTUnwrap(r.stdout.split(separator: "\n").last, r.output)
-            let json = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], r.output)
+            let json = try XCTUnwrap(
+                try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any], r.output)
             return try XCTUnwrap(json["loss"] as? Double, r.output)
         }
         let tolerance = 16 * Double(Float.ulpOfOne) * logged
-        XCTAssertEqual(try eval([]), logged, accuracy: tolerance,
-                       "tensorar-eval on the step-16 checkpoint against the trainer's val_loss")
+        XCTAssertEqual(
+            try eval([]), logged, accuracy: tolerance,
+            "tensorar-eval on the step-16 checkpoint against the trainer's val_loss")
         // Another batch split: the same promise.
         XCTAssertEqual(try eval(["--batch-size", "5"]), logged, accuracy: tolerance, "eval with batches of 5")
         // Negative controls: each of the checkpoint's noise settings matters on its own.
@@ -427,10 +472,14 @@ extension ResumeTests {
         let path = packageRoot + "/.build/release/" + name
         let fm = FileManager.default
         guard fm.isExecutableFile(atPath: path) else {
-            throw InputError(path, "missing: these tests run the release binaries; build them first with `swift build -c release` (Launch/test.sh does)")
+            throw InputError(
+                path,
+                "missing: these tests run the release binaries; build them first with `swift build -c release` (Launch/test.sh does)"
+            )
         }
         if let newer = try sourceNewer(than: path, program: name) {
-            throw InputError(path, "older than Sources/\(newer): rebuild with `swift build -c release` (Launch/test.sh does)")
+            throw InputError(
+                path, "older than Sources/\(newer): rebuild with `swift build -c release` (Launch/test.sh does)")
         }
         return path
     }
@@ -439,11 +488,13 @@ extension ResumeTests {
     func trainArguments(_ f: Fixture, run: String, extra: [String]) -> [String] {
         let settings = [
             "data.train=\(f.train)", "data.val=\(f.val)", "data.val_samples=24",
-            "model.preset=null", "model.dim=32", "model.n_layer=2", "model.n_head=2", "model.window=2", "model.plugin_depth=1",
+            "model.preset=null", "model.dim=32", "model.n_layer=2", "model.n_head=2", "model.window=2",
+            "model.plugin_depth=1",
             "noise.schedule=linear", "train.seed=7",
             "train.global_batch=16", "train.micro_batch=4", "train.steps=\(ResumeTests.steps)", "train.log_every=1",
             "train.val_every=\(ResumeTests.stepsPerCheckpoint)", "optim.lr_plugin=3e-3", "optim.lr_base=3e-3",
-            "checkpoint.dir=\(f.checkpoints)", "checkpoint.run=\(run)", "checkpoint.every=\(ResumeTests.stepsPerCheckpoint)",
+            "checkpoint.dir=\(f.checkpoints)", "checkpoint.run=\(run)",
+            "checkpoint.every=\(ResumeTests.stepsPerCheckpoint)",
             "checkpoint.keep_last=10", "dist.threads_per_rank=1",
         ]
         return settings.flatMap { ["--set", $0] } + extra
@@ -454,9 +505,17 @@ extension ResumeTests {
         let process: Process
         let log: String
         let ranks: Int?
-        init(process: Process, log: String, ranks: Int?) { self.process = process; self.log = log; self.ranks = ranks }
+        init(process: Process, log: String, ranks: Int?) {
+            self.process = process
+            self.log = log
+            self.ranks = ranks
+        }
 
-        struct Outcome { var status: Int32; var output: String; var stdout: String }
+        struct Outcome {
+            var status: Int32
+            var output: String
+            var stdout: String
+        }
 
         /// Waits for the job (at most `timeout` seconds: then kills it and throws).
         func wait(timeout: Double = 120) throws -> Outcome {
@@ -466,19 +525,25 @@ extension ResumeTests {
                 for pid in (try? childPIDs(process.processIdentifier)) ?? [] { kill(pid, SIGKILL) }
                 process.terminate()
                 process.waitUntilExit()
-                throw InputError(log, "did not finish within \(Int(timeout)) s:\n" + ((try? String(contentsOfFile: log, encoding: .utf8)) ?? ""))
+                throw InputError(
+                    log,
+                    "did not finish within \(Int(timeout)) s:\n"
+                        + ((try? String(contentsOfFile: log, encoding: .utf8)) ?? ""))
             }
             let text = (try? String(contentsOfFile: log, encoding: .utf8)) ?? ""
             return Outcome(status: process.terminationStatus, output: text, stdout: text)
         }
     }
 
-    func start(_ f: Fixture, run: String, ranks: Int?, extra: [String] = [], env: [String: String] = [:]) throws -> Job {
+    func start(_ f: Fixture, run: String, ranks: Int?, extra: [String] = [], env: [String: String] = [:]) throws -> Job
+    {
         let exe = try binary("tensorar-train")
         let log = f.root + "/\(run)-\(UUID().uuidString.prefix(8)).log"
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         let p = Process()
-        var environment = ProcessInfo.processInfo.environment.filter { !$0.key.hasPrefix("OMPI_") && !$0.key.hasPrefix("PMIX_") }
+        var environment = ProcessInfo.processInfo.environment.filter {
+            !$0.key.hasPrefix("OMPI_") && !$0.key.hasPrefix("PMIX_")
+        }
         environment.merge(env) { $1 }
         p.environment = environment
         let args = trainArguments(f, run: run, extra: extra)
@@ -503,7 +568,11 @@ extension ResumeTests {
     }
 
     func mpirun() throws -> String {
-        guard let p = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: { FileManager.default.isExecutableFile(atPath: $0) }) else {
+        guard
+            let p = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: {
+                FileManager.default.isExecutableFile(atPath: $0)
+            })
+        else {
             throw InputError("mpirun", "not found: install openmpi-bin (Launch/setup.sh does)")
         }
         return p
@@ -562,7 +631,8 @@ extension ResumeTests {
             let name = CheckpointStore.folderName(step: s)
             try fm.copyItem(atPath: f.runA + "/" + name, toPath: run + "/" + name)
         }
-        try (CheckpointStore.folderName(step: step) + "\n").write(toFile: run + "/latest", atomically: true, encoding: .utf8)
+        try (CheckpointStore.folderName(step: step) + "\n").write(
+            toFile: run + "/latest", atomically: true, encoding: .utf8)
     }
 
     /// Both checkpoints hold the same parameters, moments and optimizer steps, bit for bit.
@@ -575,7 +645,8 @@ extension ResumeTests {
             _ = try CheckpointStore.load(from: dir, model: m.model, table: table, params: p, optimizer: o)
             return (p.array, o.m.array, o.v.array, o.steps)
         }
-        let (pa, ma, va, sa) = try state(a), (pb, mb, vb, sb) = try state(b)
+        let (pa, ma, va, sa) = try state(a)
+        let (pb, mb, vb, sb) = try state(b)
         XCTAssertEqual(pa.map(\.bitPattern), pb.map(\.bitPattern), "parameters", file: file, line: line)
         XCTAssertEqual(ma.map(\.bitPattern), mb.map(\.bitPattern), "first moments", file: file, line: line)
         XCTAssertEqual(va.map(\.bitPattern), vb.map(\.bitPattern), "second moments", file: file, line: line)
@@ -584,7 +655,8 @@ extension ResumeTests {
 
     func maxRelativeDifference(_ m: Metrics, _ reference: Metrics) throws -> Double {
         try m.loss.map { step, text in
-            let a = try XCTUnwrap(Double(text)), b = try XCTUnwrap(reference.loss[step].flatMap(Double.init), "step \(step)")
+            let a = try XCTUnwrap(Double(text))
+            let b = try XCTUnwrap(reference.loss[step].flatMap(Double.init), "step \(step)")
             return abs(a - b) / abs(b)
         }.max() ?? .infinity
     }
@@ -613,7 +685,8 @@ struct Metrics: Equatable {
 func childPIDs(_ pid: pid_t) throws -> [pid_t] {
     try FileManager.default.contentsOfDirectory(atPath: "/proc").compactMap { Int32($0) }.filter { p in
         guard let stat = try? String(contentsOfFile: "/proc/\(p)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
+            let close = stat.lastIndex(of: ")")
+        else { return false }
         let fields = stat[stat.index(after: close)...].split(separator: " ")
         return fields.count > 2 && Int32(fields[1]) == pid
     }

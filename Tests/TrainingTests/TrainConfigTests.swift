@@ -2,6 +2,7 @@ import ARModel
 import Foundation
 import Platform
 import XCTest
+
 @testable import Training
 
 final class TrainConfigTests: XCTestCase {
@@ -26,19 +27,25 @@ final class TrainConfigTests: XCTestCase {
               steps: 50
               micro_batch: 8
             """
-        let c = try TrainConfig.resolve(yaml: yaml, source: "run.yaml", overrides: ["train.steps=70", "noise.type=discrete", "dist.threads_per_rank=3"])
-        XCTAssertEqual(c.train.steps, 70)               // flag beats file
-        XCTAssertEqual(c.optim.lrPlugin, 3e-4)          // file beats default
+        let c = try TrainConfig.resolve(
+            yaml: yaml, source: "run.yaml",
+            overrides: ["train.steps=70", "noise.type=discrete", "dist.threads_per_rank=3"])
+        XCTAssertEqual(c.train.steps, 70)  // flag beats file
+        XCTAssertEqual(c.optim.lrPlugin, 3e-4)  // file beats default
         XCTAssertEqual(c.optim.betas, [0.8, 0.9])
         XCTAssertEqual(c.train.microBatch, 8)
-        XCTAssertEqual(c.noise.type, .discrete)         // flag over default
+        XCTAssertEqual(c.noise.type, .discrete)  // flag over default
         XCTAssertEqual(c.dist.threadsPerRank, .count(3))
-        XCTAssertEqual(c.optim.lrBase, 1e-5)            // untouched default
+        XCTAssertEqual(c.optim.lrBase, 1e-5)  // untouched default
         XCTAssertEqual(c.model.preset, "small")
         XCTAssertEqual(c.model.dim, 192)
         // Later flags beat earlier ones; lists and nulls parse as YAML.
-        let d = try TrainConfig.resolve(yaml: yaml, source: "run.yaml",
-                                        overrides: ["train.steps=1", "train.steps=2", "optim.betas=[0.5, 0.6]", "model.preset=null", "model.n_layer=3", "model.n_head=4"])
+        let d = try TrainConfig.resolve(
+            yaml: yaml, source: "run.yaml",
+            overrides: [
+                "train.steps=1", "train.steps=2", "optim.betas=[0.5, 0.6]", "model.preset=null", "model.n_layer=3",
+                "model.n_head=4",
+            ])
         XCTAssertEqual(d.train.steps, 2)
         XCTAssertEqual(d.optim.betas, [0.5, 0.6])
         XCTAssertNil(d.model.preset)
@@ -72,10 +79,16 @@ final class TrainConfigTests: XCTestCase {
         assertInputError(["--set model.residual=maybe", "model.residual: expected true or false, got 'maybe'"]) {
             _ = try TrainConfig.resolve(yaml: "", source: "run.yaml", overrides: ["model.residual=maybe"])
         }
-        assertInputError(["--set noise.type=gaussian", "noise.type", "expected one of: replace, discrete, continuous, none, got 'gaussian'"]) {
+        assertInputError([
+            "--set noise.type=gaussian", "noise.type",
+            "expected one of: replace, discrete, continuous, none, got 'gaussian'",
+        ]) {
             _ = try TrainConfig.resolve(yaml: "", source: "run.yaml", overrides: ["noise.type=gaussian"])
         }
-        assertInputError(["--set optim.schedule_base=exp", "optim.schedule_base: expected one of: constant, linear, cosine, got 'exp'"]) {
+        assertInputError([
+            "--set optim.schedule_base=exp",
+            "optim.schedule_base: expected one of: constant, linear, cosine, got 'exp'",
+        ]) {
             _ = try TrainConfig.resolve(yaml: "", source: "run.yaml", overrides: ["optim.schedule_base=exp"])
         }
         assertInputError(["run.yaml", "dist.threads_per_rank", "auto"]) {
@@ -93,7 +106,10 @@ final class TrainConfigTests: XCTestCase {
         var c = TrainConfig()
         c.train.globalBatch = 256
         c.train.microBatch = 24
-        assertInputError(["global_batch 256 is not a multiple of train.micro_batch 24 x 2 rank(s) = 48", "1, 2, 4, 8, 16, 32, 64, 128"]) {
+        assertInputError([
+            "global_batch 256 is not a multiple of train.micro_batch 24 x 2 rank(s) = 48",
+            "1, 2, 4, 8, 16, 32, 64, 128",
+        ]) {
             try c.validate(worldSize: 2)
         }
         c.train.microBatch = 32
@@ -105,8 +121,10 @@ final class TrainConfigTests: XCTestCase {
         c.loss.slotWeights = [1, 1]
         c.model.preset = "Q"
         c.checkpoint.keepLast = 0
-        assertInputError(["config", "4 problems", "optim.betas", "loss.slot_weights has 2 values but model.window (k) is 4",
-                          "model.preset 'Q' is unknown", "checkpoint.keep_last"]) {
+        assertInputError([
+            "config", "4 problems", "optim.betas", "loss.slot_weights has 2 values but model.window (k) is 4",
+            "model.preset 'Q' is unknown", "checkpoint.keep_last",
+        ]) {
             try c.validate(worldSize: 1)
         }
         var d = TrainConfig()
@@ -123,7 +141,9 @@ final class TrainConfigTests: XCTestCase {
         m.dim = 192
         m.nHead = 6
         let wider = try m.resolve(vocabSize: 512, numClasses: 10, gridSize: 7)
-        XCTAssertEqual([wider.dim, wider.nLayer, wider.nHead, wider.ffnHidden], [192, 4, 6, ModelConfig.defaultFFNHidden(dim: 192)])
+        XCTAssertEqual(
+            [wider.dim, wider.nLayer, wider.nHead, wider.ffnHidden],
+            [192, 4, 6, ModelConfig.defaultFFNHidden(dim: 192)])
         m.preset = nil
         m.nLayer = nil
         assertInputError(["dim, n_layer and n_head"]) { _ = try m.resolve(vocabSize: 512, numClasses: 10, gridSize: 7) }
@@ -133,7 +153,9 @@ final class TrainConfigTests: XCTestCase {
     }
 
     func testDumpsRoundTrip() throws {
-        var c = try TrainConfig.resolve(yaml: "", source: "x", overrides: ["loss.slot_weights=[1, 0.5, 0.5, 0.25]", "dist.threads_per_rank=2", "optim.eps=1e-7"])
+        var c = try TrainConfig.resolve(
+            yaml: "", source: "x",
+            overrides: ["loss.slot_weights=[1, 0.5, 0.5, 0.25]", "dist.threads_per_rank=2", "optim.eps=1e-7"])
         c.checkpoint.run = "r1"
         XCTAssertEqual(try TrainConfig.resolve(yaml: c.yamlString(), source: "dump.yaml"), c)
         XCTAssertEqual(try JSONDecoder().decode(TrainConfig.self, from: Data(c.jsonString().utf8)), c)
@@ -149,7 +171,8 @@ final class TrainConfigTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(d.optim.lrBase, 1e-4, "training from scratch needs a real base learning rate")
         XCTAssertEqual(d.trainableGroups, PerGroup(base: true, plugin: true))
 
-        let b = try TrainConfig.load(file: packageRoot + "/Configs/llamagen-b-imagenet256.yaml", overrides: ["checkpoint.run=b1"])
+        let b = try TrainConfig.load(
+            file: packageRoot + "/Configs/llamagen-b-imagenet256.yaml", overrides: ["checkpoint.run=b1"])
         XCTAssertNoThrow(try b.validate(worldSize: 8))
         XCTAssertEqual(b.checkpoint.run, "b1")
         let shape = try b.model.resolve(vocabSize: 16384, numClasses: 1000, gridSize: 16)
