@@ -1,11 +1,18 @@
 import Kernels
 
 /// The base autoregressive model that the TensorAR plug-in wraps (SPEC section 3): LlamaGen
-/// (section 2) and Open-MAGVIT2 (section 8); RAR (section 9) is meant to fit the same shape. A
-/// base owns its parameter entries (the "base" group), the input embedding of a token, the causal
-/// trunk over T positions, and the head from one hidden state to the loss and logits of one target
-/// token. The plug-in (`Transformer`: windows, encoder, decoder, windowed loss)
-/// and the sampler's slot loop are written against this protocol only.
+/// (section 2), Open-MAGVIT2 (section 8) and RAR (section 9). A base owns its parameter entries
+/// (the "base" group), the input embedding of a token, the causal trunk over T positions, and the
+/// head from one hidden state to the loss and logits of one target token. The plug-in
+/// (`Transformer`: windows, encoder, decoder, windowed loss) and the sampler's slot loop are
+/// written against this protocol only.
+///
+/// Conditioning: before every forward and every sampling step the caller hands the base a
+/// `Conditioning` (`condition(_:)`): each sequence's class label (after label drop), its order,
+/// and for each head row its sequence and the step whose token it predicts. LlamaGen and
+/// Open-MAGVIT2 ignore it (their class is the input at position 0); RAR conditions every trunk
+/// slot and every head row on it (adaLN, c_q = E[y] + S[q]), and its trunk adds its own cls slot
+/// in front of the T positions and the position rows of the order (SPEC section 9).
 ///
 /// Conventions: pointers are into the flat parameter (`p`) and gradient (`gp`) buffers laid out
 /// by `ParameterTable`; rows are D floats; backward methods add into `gp` (zeroed once a step).
@@ -41,9 +48,16 @@ protocol BaseModel: AnyObject {
     /// The ranges `trunkBackward` reports, in its order.
     var trunkRanges: [Range<Int>] { get }
     /// A KV cache for `rows` sequences of up to T positions, for `trunkStep`.
-    func makeTrunkCache(rows: Int) -> KVCache
+    func makeTrunkCache(rows: Int) -> any TrunkCache
     /// Sampling: position `position` of every cached row, x (rows, D) in place (SPEC section 5).
-    func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr)
+    func trunkStep(_ x: FloatPtr, cache: any TrunkCache, position: Int, params p: FloatPtr)
+
+    // MARK: conditioning
+    /// What the next forward or sampling step conditions on (see above); the default ignores it.
+    func condition(_ c: Conditioning)
+    /// Whether the inputs get the token dropout of SPEC section 2 (RAR: none on embeddings, SPEC
+    /// section 9).
+    var tokenDropout: Bool { get }
 
     // MARK: head
     /// The head over `rows` hidden states h (rows, D) in `targets` order: fills `losses[r]` with
@@ -90,6 +104,49 @@ protocol BaseModel: AnyObject {
 extension BaseModel {
     var lossPartNames: [String] { [] }
     var partLosses: [[Float]] { [] }
+    func condition(_ c: Conditioning) {}
+    var tokenDropout: Bool { true }
+}
+
+/// Per-forward facts a base may condition on (`BaseModel.condition`; RAR, SPEC section 9).
+struct Conditioning {
+    /// (sequences) each sequence's class in [0, C] (C: the null class), after label drop.
+    var labels: [Int32]
+    /// (sequences, T) each sequence's order pi: step i feeds and predicts x_{pi(i)}; nil: raster.
+    var orders: [Int32]?
+    /// Per head row: its sequence, and the step (0 ..< T; past T for a slot past the image end)
+    /// whose token it predicts.
+    var headSequence: [Int32]
+    var headStep: [Int32]
+
+    /// Training rows ordered (b, p, j) over `sequences` x T x `slots`: row (b, p, j) predicts step p + j.
+    static func training(labels: [Int32], orders: [Int32]?, seqLen T: Int, slots: Int) -> Conditioning {
+        let B = labels.count
+        var seq = [Int32](repeating: 0, count: B * T * slots)
+        var step = seq
+        for b in 0..<B {
+            for p in 0..<T {
+                for j in 0..<slots {
+                    seq[(b * T + p) * slots + j] = Int32(b)
+                    step[(b * T + p) * slots + j] = Int32(p + j)
+                }
+            }
+        }
+        return Conditioning(labels: labels, orders: orders, headSequence: seq, headStep: step)
+    }
+
+    /// Sampling rows ordered (row, j) at step `position`: row (r, j) predicts step position + j.
+    static func sampling(labels: [Int32], slots: Int, position: Int) -> Conditioning {
+        let NB = labels.count
+        let seq = (0..<(NB * slots)).map { Int32($0 / slots) }
+        let step = (0..<(NB * slots)).map { Int32(position + $0 % slots) }
+        return Conditioning(labels: labels, orders: nil, headSequence: seq, headStep: step)
+    }
+}
+
+/// A base's KV cache for `trunkStep` (`KVCache` for the rotary trunks, `RARCache` for RAR).
+protocol TrunkCache: AnyObject {
+    var rows: Int { get }
 }
 
 /// A base whose class slot is one row of a table and whose trunk is a causal `BlockStack` of
@@ -134,9 +191,9 @@ extension RotaryTrunkBase {
         trunk.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }
     }
     var trunkRanges: [Range<Int>] { layerRanges.reversed() }
-    func makeTrunkCache(rows: Int) -> KVCache { trunk.makeCache(rows: rows, seqLen: config.seqLen) }
-    func trunkStep(_ x: FloatPtr, cache: KVCache, position: Int, params p: FloatPtr) {
-        trunk.step(x, cache: cache, position: position, params: p)
+    func makeTrunkCache(rows: Int) -> any TrunkCache { trunk.makeCache(rows: rows, seqLen: config.seqLen) }
+    func trunkStep(_ x: FloatPtr, cache: any TrunkCache, position: Int, params p: FloatPtr) {
+        trunk.step(x, cache: cache as! KVCache, position: position, params: p)
     }
 }
 
@@ -157,11 +214,12 @@ struct HeadGradient {
 
 /// `model.base` names to base types: a new base is one line here (and its own file).
 public enum BaseRegistry {
-    public static let names = ["llamagen", "open-magvit2"]
+    public static let names = ["llamagen", "open-magvit2", "rar"]
     static func type(named name: String) -> (any BaseModel.Type)? {
         switch name {
         case "llamagen": return LlamaGen.self
         case "open-magvit2": return OpenMAGVIT2.self
+        case "rar": return RAR.self
         default: return nil
         }
     }

@@ -208,7 +208,7 @@ final class BlockStack {
 /// Keys, values and scratch for KV-cached steps of one `BlockStack` over NB rows (SPEC section
 /// 5). Every (layer, row, head) keeps its keys and values as one contiguous (T, hd) block, read
 /// by two sgemv calls, which stream it about twice as fast as plain loops did.
-public final class KVCache {
+public final class KVCache: TrunkCache {
     let rows, seqLen: Int
     let keys, values: FlatBuffer  // (L, NB, NH, T, hd)
     let n1, rstd, qkv, att, tmp, ab, g: FlatBuffer

@@ -144,6 +144,9 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         if window > 1 && pluginDepth == 0 { throw bad("window \(window) > 1 needs a plug-in (plugin_depth >= 1)") }
         if window > seqLen { throw bad("window \(window) is longer than the image (\(seqLen) tokens)") }
         if base == OpenMAGVIT2.name { try validateFactorized(bad) }
+        if base == RAR.name && hasPlugin {
+            throw bad("the TensorAR plug-in over the RAR base is not implemented yet (plugin_depth must be 0)")
+        }
         try checkBounds(source: source)
     }
 
@@ -194,6 +197,9 @@ public struct ModelConfig: Codable, Equatable, Sendable {
                 name, vocabSize: vocabSize ?? 262_144, numClasses: numClasses,
                 gridSize: gridSize)
         }
+        if base == RAR.name {
+            return try rarPreset(name, vocabSize: vocabSize ?? 1024, numClasses: numClasses, gridSize: gridSize)
+        }
         let vocabSize = vocabSize ?? 16384
         let shape: (Int, Int, Int)  // (L, NH, D)
         switch name {
@@ -237,6 +243,30 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         c.base = OpenMAGVIT2.name
         c.factorizedNLayer = shape.3
         c.factorizedBits = bits
+        return c
+    }
+
+    /// RAR's presets (SPEC section 9): NH 16, F = 4D, LayerNorm eps 1e-6 (choice, SPEC 9), V 1024;
+    /// plus two small ones of the LlamaGen ones' shape for this machine (F = 4D).
+    public static let rarPresetNames = ["tiny", "small", "B", "L", "XL", "XXL"]
+    static func rarPreset(_ name: String, vocabSize: Int, numClasses: Int, gridSize: Int) throws -> ModelConfig {
+        let shape: (Int, Int, Int)  // (L, NH, D)
+        switch name {
+        case "tiny": shape = (2, 2, 64)
+        case "small": shape = (4, 4, 128)
+        case "B": shape = (24, 16, 768)  // 260,923,648
+        case "L": shape = (24, 16, 1024)  // 461,668,352
+        case "XL": shape = (32, 16, 1280)  // 955,425,024
+        case "XXL": shape = (40, 16, 1408)  // 1,498,520,704
+        default:
+            let known = rarPresetNames.joined(separator: ", ")
+            throw InputError("--preset", "unknown RAR preset '\(name)'; known: \(known)")
+        }
+        var c = ModelConfig(
+            vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2, nLayer: shape.0,
+            nHead: shape.1, ffnHidden: 4 * shape.2)
+        c.base = RAR.name
+        c.normEps = 1e-6
         return c
     }
 

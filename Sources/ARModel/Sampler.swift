@@ -100,7 +100,7 @@ public final class Sampler {
     /// Every buffer one batch of NB rows (n images, times 2 with guidance) needs.
     final class Workspace {
         let n, NB: Int
-        let cache: KVCache
+        let cache: any TrunkCache
         let x: FlatBuffer  // (NB, D) the trunk's rows at the current position
         let logits: FlatBuffer  // (NB, slots, widest part)
         /// The plug-in stages' buffers: the encoder over n images, the decoder over NB rows.
@@ -186,6 +186,8 @@ public final class Sampler {
         let n = w.n
         let NB = w.NB
         let x = w.x.base
+        let rowLabels = (0..<NB).map { $0 < n ? labels[$0] : Int32(c.numClasses) }
+        m.base.condition(.sampling(labels: rowLabels, slots: c.hasPlugin ? c.window : 1, position: pos))
         if pos == 0 {
             for r in 0..<NB { m.base.embedClass(x + r * D, label: r < n ? Int(labels[r]) : c.numClasses, params: p) }
         } else {

@@ -13,12 +13,33 @@ public struct ModelBatch {
     public var tensors: [Int32]
     /// (B, T-1, k, D) optional additive noise on the encoder's token embeddings ("continuous").
     public var embeddingNoise: [Float]?
-    public init(batch: Int, tokens: [Int32], labels: [Int32], tensors: [Int32], embeddingNoise: [Float]? = nil) {
+    /// (B, T) optional order pi of each sample (SPEC section 9's random order; RAR base alone,
+    /// k = 1): step i feeds and predicts x_{pi(i)}. `tokens` and `tensors` stay in raster order;
+    /// the model reorders them. nil: raster.
+    public var orders: [Int32]?
+    public init(
+        batch: Int, tokens: [Int32], labels: [Int32], tensors: [Int32], embeddingNoise: [Float]? = nil,
+        orders: [Int32]? = nil
+    ) {
         self.batch = batch
         self.tokens = tokens
         self.labels = labels
         self.tensors = tensors
         self.embeddingNoise = embeddingNoise
+        self.orders = orders
+    }
+
+    /// The batch in its `orders` (k = 1): tokens[b, i] = x_{pi(i)}, the input of step i >= 1 the
+    /// token of step i - 1 (for k = 1 the input tensor is the clean previous token, SPEC section 4).
+    func reordered() -> ModelBatch {
+        guard let orders else { return self }
+        let T = tokens.count / max(batch, 1)
+        var out = self
+        for b in 0..<batch {
+            for i in 0..<T { out.tokens[b * T + i] = tokens[b * T + Int(orders[b * T + i])] }
+            for i in 1..<T { out.tensors[b * (T - 1) + i - 1] = out.tokens[b * T + i - 1] }
+        }
+        return out
     }
 }
 
@@ -222,8 +243,15 @@ public final class Transformer {
             batch.tokens.count == batch.batch * T && batch.labels.count == batch.batch
                 && batch.tensors.count == batch.batch * (T - 1) * k,
             "batch arrays do not match B=\(batch.batch), T=\(T), k=\(k)")
+        if let orders = batch.orders {
+            precondition(
+                config.base == RAR.name && !config.hasPlugin && orders.count == batch.batch * T,
+                "a per-sample order needs the RAR base without a plug-in and (B, T) orders")
+        }
+        let batch = batch.reordered()
         prepare(batch.batch)
         batchCopy = batch
+        base.condition(.training(labels: batch.labels, orders: batch.orders, seqLen: T, slots: slots))
         let drop = (dropout?.p ?? 0) > 0 ? dropout : nil
         dropoutUsed = drop
         self.gradientScale = gradientScale
@@ -314,7 +342,7 @@ public final class Transformer {
                 }
             }
         }
-        if let plan {
+        if let plan, base.tokenDropout {
             activations!.allocate(.dropout)
             let tokMask = activations!["tokMask"]
             dropoutMask(
@@ -330,7 +358,9 @@ public final class Transformer {
         let batch = batchCopy!
         let T = T
         let D = D
-        if dropoutUsed != nil { dropoutApply(dx.base, activations!["tokMask"].base, count: B * T * D) }
+        if dropoutUsed != nil && base.tokenDropout {
+            dropoutApply(dx.base, activations!["tokMask"].base, count: B * T * D)
+        }
         for b in 0..<B { base.embedClassBackward(dx.base + b * T * D, label: Int(batch.labels[b]), grads: gp) }
         if let encoder {
             let row = { (s: Int) in UnsafePointer(dx.base + (s / (T - 1) * T + s % (T - 1) + 1) * D) }

@@ -250,12 +250,29 @@ private let attentionScratch = PartScratch()
 /// probs (B, NH, S, S) cached. Causal or full mask. Split by (sequence, head) over the threads.
 /// Long sequences use sgemm, blocked by query rows under the causal mask; short ones (the plug-in's
 /// k+1 slots) use direct loops, where sgemm's call overhead dominates.
+/// `dropMask` (B, NH, S, S), when given, is an inverted-dropout mask on the probabilities (RAR,
+/// SPEC section 9): out = (P * mask) V, with P (undropped) still cached in probs. Without it the
+/// code path is the one the LlamaGen models always ran.
 public func attentionForward(
     _ out: FloatPtr, _ probs: FloatPtr, _ qkv: ConstFloatPtr, batch: Int, seqLen S: Int,
-    dim D: Int, heads NH: Int, causal: Bool
+    dim D: Int, heads NH: Int, causal: Bool, dropMask: ConstFloatPtr? = nil
 ) {
     let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
     let src = UnsafeMutablePointer(mutating: qkv)
+    if let dropMask {
+        let scratch = droppedScratch.reserve(parts: maxParts(), floats: S * S)
+        parallelParts(batch * NH, cost: 2 * S * S * a.hd) { tasks, part in
+            for task in tasks {
+                let (b, h) = task.quotientAndRemainder(dividingBy: NH)
+                let base = src + b * S * a.ld + h * a.hd
+                let view = HeadView(
+                    q: base, k: base + D, v: base + 2 * D, o: out + b * S * D + h * a.hd,
+                    P: probs + task * S * S)
+                headForwardDropped(view, dropMask + task * S * S, scratch[part], a)
+            }
+        }
+        return
+    }
     parallelParts(batch * NH, cost: 2 * S * S * a.hd) { tasks, _ in
         for task in tasks {
             let (b, h) = task.quotientAndRemainder(dividingBy: NH)
@@ -338,15 +355,32 @@ private func softmaxRows(_ P: FloatPtr, _ rows: Range<Int>, _ a: AttentionShape)
 
 /// dqkv (B*S, 3D) += gradients through attention. Split by (sequence, head); each part has its
 /// own (S, S) scratch for the score gradients.
+/// `dropMask`: the mask the forward was given (nil: the original path).
 public func attentionBackward(
     _ dqkv: FloatPtr, _ dout: ConstFloatPtr, _ qkv: ConstFloatPtr, _ probs: ConstFloatPtr,
-    batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool
+    batch: Int, seqLen S: Int, dim D: Int, heads NH: Int, causal: Bool, dropMask: ConstFloatPtr? = nil
 ) {
     let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
     let scratch = attentionScratch.reserve(parts: maxParts(), floats: S * S)
     let src = UnsafeMutablePointer(mutating: qkv)
     let dO = UnsafeMutablePointer(mutating: dout)
     let P = UnsafeMutablePointer(mutating: probs)
+    if let dropMask {
+        let dropped = droppedScratch.reserve(parts: maxParts(), floats: S * S)
+        parallelParts(batch * NH, cost: 4 * S * S * a.hd) { tasks, part in
+            for task in tasks {
+                let (b, h) = task.quotientAndRemainder(dividingBy: NH)
+                let base = src + b * S * a.ld + h * a.hd
+                let dbase = dqkv + b * S * a.ld + h * a.hd
+                let view = HeadView(
+                    q: base, k: base + D, v: base + 2 * D, o: dO + b * S * D + h * a.hd,
+                    P: P + task * S * S)
+                let grad = HeadView(q: dbase, k: dbase + D, v: dbase + 2 * D, o: dO, P: scratch[part])
+                headBackwardDropped(view, grad, dropMask + task * S * S, dropped[part], a)
+            }
+        }
+        return
+    }
     parallelParts(batch * NH, cost: 4 * S * S * a.hd) { tasks, part in
         for task in tasks {
             let (b, h) = task.quotientAndRemainder(dividingBy: NH)
@@ -427,6 +461,69 @@ private func headBackwardDirect(_ t: HeadView, _ g: HeadView, _ a: AttentionShap
                 dkj[c] += d * qi[c]
             }
         }
+    }
+}
+
+private let droppedScratch = PartScratch()
+
+/// One head's forward with dropout on the probabilities: blocks of query rows as
+/// `headForwardBlocked` (any S), the weighted sum taken over W = P * mask (scratch (S, S)).
+private func headForwardDropped(_ t: HeadView, _ mask: ConstFloatPtr, _ W: FloatPtr, _ a: AttentionShape) {
+    let S = a.S
+    for r0 in stride(from: 0, to: S, by: a.block) {
+        let r1 = min(S, r0 + a.block)
+        let cols = a.cols(r1)
+        BLAS.sgemm(
+            transA: false, transB: true, m: r1 - r0, n: cols, k: a.hd, alpha: a.scale, t.q + r0 * a.ld,
+            lda: a.ld, t.k, ldb: a.ld, beta: 0, t.P + r0 * S, ldc: S)
+        softmaxRows(t.P, r0..<r1, a)
+        for i in r0..<r1 {
+            for j in 0..<cols { W[i * S + j] = t.P[i * S + j] * mask[i * S + j] }
+        }
+        BLAS.sgemm(
+            transA: false, transB: false, m: r1 - r0, n: a.hd, k: cols, W + r0 * S, lda: S, t.v, ldb: a.ld,
+            beta: 0, t.o + r0 * a.D, ldc: a.D)
+    }
+}
+
+/// The backward of `headForwardDropped`: dP = (dO V^T) * mask, the softmax backward with the
+/// undropped P, dQ += dS K by query blocks; then dV += W^T dO and dK += dS^T Q by key blocks,
+/// W = P * mask rebuilt in `W` (scratch (S, S)).
+private func headBackwardDropped(
+    _ t: HeadView, _ g: HeadView, _ mask: ConstFloatPtr, _ W: FloatPtr, _ a: AttentionShape
+) {
+    let S = a.S
+    let D = a.D
+    let ld = a.ld
+    let hd = a.hd
+    let dP = g.P
+    for r0 in stride(from: 0, to: S, by: a.block) {
+        let r1 = min(S, r0 + a.block)
+        let cols = a.cols(r1)
+        BLAS.sgemm(
+            transA: false, transB: true, m: r1 - r0, n: cols, k: hd, t.o + r0 * D, lda: D, t.v, ldb: ld,
+            beta: 0, dP + r0 * S, ldc: S)
+        for i in r0..<r1 {
+            for j in 0..<cols {
+                dP[i * S + j] *= mask[i * S + j]
+                W[i * S + j] = t.P[i * S + j] * mask[i * S + j]
+            }
+            if cols < S { (W + i * S + cols).update(repeating: 0, count: S - cols) }
+        }
+        softmaxRowsBackward(t.P, dP, r0..<r1, a)
+        BLAS.sgemm(
+            transA: false, transB: false, m: r1 - r0, n: hd, k: cols, dP + r0 * S, lda: S, t.k, ldb: ld,
+            beta: 1, g.q + r0 * ld, ldc: ld)
+    }
+    for c0 in stride(from: 0, to: S, by: a.block) {
+        let c1 = min(S, c0 + a.block)
+        let r = a.causal ? c0 : 0
+        BLAS.sgemm(
+            transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, W + r * S + c0, lda: S, t.o + r * D,
+            ldb: D, beta: 1, g.v + c0 * ld, ldc: ld)
+        BLAS.sgemm(
+            transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, dP + r * S + c0, lda: S, t.q + r * ld,
+            ldb: ld, beta: 1, g.k + c0 * ld, ldc: ld)
     }
 }
 

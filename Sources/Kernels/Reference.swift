@@ -185,3 +185,57 @@ public enum Reference {
         }
     }
 }
+
+// Twins of AdaLN.swift (SPEC section 9), in Double, from the equations.
+extension Reference {
+    /// LayerNorm of each row of width d: (x - mean) / sqrt(var + eps), times w plus b when given.
+    public static func layernorm(_ x: [Double], _ w: [Double]?, _ b: [Double]?, n: Int, d: Int, eps: Double) -> [Double] {
+        var y = x
+        for i in 0..<n {
+            let row = Array(x[(i * d)..<((i + 1) * d)])
+            let mean = row.reduce(0, +) / Double(d)
+            let variance = row.reduce(0) { $0 + ($1 - mean) * ($1 - mean) } / Double(d)
+            for j in 0..<d {
+                let xhat = (row[j] - mean) / (variance + eps).squareRoot()
+                y[i * d + j] = w.map { xhat * $0[j] + b![j] } ?? xhat
+            }
+        }
+        return y
+    }
+
+    /// QK-norm: a LayerNorm over each head's q (weights wq, bq) and k (wk, bk) in qkv (n, 3D).
+    public static func qkNorm(
+        _ qkv: [Double], wq: [Double], bq: [Double], wk: [Double], bk: [Double], n: Int, dim D: Int, heads NH: Int,
+        eps: Double
+    ) -> [Double] {
+        let hd = D / NH
+        var y = qkv
+        for i in 0..<n {
+            for s in 0..<(2 * NH) {
+                let start = i * 3 * D + s * hd
+                let normed = layernorm(
+                    Array(qkv[start..<(start + hd)]), s < NH ? wq : wk, s < NH ? bq : bk, n: 1, d: hd, eps: eps)
+                for j in 0..<hd { y[start + j] = normed[j] }
+            }
+        }
+        return y
+    }
+
+    public static func gelu(_ x: [Double]) -> [Double] { x.map { 0.5 * $0 * (1 + erf($0 / 2.0.squareRoot())) } }
+    public static func silu(_ x: [Double]) -> [Double] { x.map { $0 / (1 + exp(-$0)) } }
+
+    /// Row i: x * (1 + scale_i) + shift_i, shift and scale (n, d).
+    public static func modulate(_ x: [Double], shift: [Double], scale: [Double]) -> [Double] {
+        (0..<x.count).map { x[$0] * (1 + scale[$0]) + shift[$0] }
+    }
+
+    /// h + gate * y, elementwise.
+    public static func gatedAdd(_ h: [Double], _ y: [Double], gate: [Double]) -> [Double] {
+        (0..<h.count).map { h[$0] + gate[$0] * y[$0] }
+    }
+
+    /// Each row of (n, oc) plus bias (oc).
+    public static func biasAdd(_ x: [Double], _ bias: [Double], n: Int, oc: Int) -> [Double] {
+        (0..<(n * oc)).map { x[$0] + bias[$0 % oc] }
+    }
+}

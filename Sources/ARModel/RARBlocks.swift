@@ -1,0 +1,380 @@
+import Kernels
+import Platform
+
+/// Offsets of one RAR block's weights (SPEC section 9 names under `prefix`).
+struct RARBlockWeights {
+    let norm1W, norm1B, qkvW, qkvB, qNormW, qNormB, kNormW, kNormB, projW, projB: Int
+    let norm2W, norm2B, fc1W, fc1B, fc2W, fc2B, adaW, adaB: Int
+    init(_ t: ParameterTable, prefix p: String) {
+        norm1W = t.offset("\(p).norm1.weight")
+        norm1B = t.offset("\(p).norm1.bias")
+        qkvW = t.offset("\(p).attn.qkv.weight")
+        qkvB = t.offset("\(p).attn.qkv.bias")
+        qNormW = t.offset("\(p).attn.q_norm.weight")
+        qNormB = t.offset("\(p).attn.q_norm.bias")
+        kNormW = t.offset("\(p).attn.k_norm.weight")
+        kNormB = t.offset("\(p).attn.k_norm.bias")
+        projW = t.offset("\(p).attn.proj.weight")
+        projB = t.offset("\(p).attn.proj.bias")
+        norm2W = t.offset("\(p).norm2.weight")
+        norm2B = t.offset("\(p).norm2.bias")
+        fc1W = t.offset("\(p).mlp.fc1.weight")
+        fc1B = t.offset("\(p).mlp.fc1.bias")
+        fc2W = t.offset("\(p).mlp.fc2.weight")
+        fc2B = t.offset("\(p).mlp.fc2.bias")
+        adaW = t.offset("\(p).adaLN_modulation.1.weight")
+        adaB = t.offset("\(p).adaLN_modulation.1.bias")
+    }
+}
+
+extension ParameterTable {
+    /// One RAR block's entries under `prefix`, in the released state_dict's order (SPEC section 9).
+    mutating func addRARBlock(_ prefix: String, _ c: ModelConfig, _ g: ParameterGroup) {
+        let D = c.dim
+        let F = c.ffnHidden
+        let hd = c.headDim
+        add("\(prefix).norm1.weight", [D], g, .ones)
+        add("\(prefix).norm1.bias", [D], g, .zeros)
+        add("\(prefix).attn.qkv.weight", [3 * D, D], g, .normal(0.02))
+        add("\(prefix).attn.qkv.bias", [3 * D], g, .zeros)
+        add("\(prefix).attn.q_norm.weight", [hd], g, .ones)
+        add("\(prefix).attn.q_norm.bias", [hd], g, .zeros)
+        add("\(prefix).attn.k_norm.weight", [hd], g, .ones)
+        add("\(prefix).attn.k_norm.bias", [hd], g, .zeros)
+        add("\(prefix).attn.proj.weight", [D, D], g, .normal(0.02))
+        add("\(prefix).attn.proj.bias", [D], g, .zeros)
+        add("\(prefix).norm2.weight", [D], g, .ones)
+        add("\(prefix).norm2.bias", [D], g, .zeros)
+        add("\(prefix).mlp.fc1.weight", [F, D], g, .normal(0.02))
+        add("\(prefix).mlp.fc1.bias", [F], g, .zeros)
+        add("\(prefix).mlp.fc2.weight", [D, F], g, .normal(0.02))
+        add("\(prefix).mlp.fc2.bias", [D], g, .zeros)
+        add("\(prefix).adaLN_modulation.1.weight", [6 * D, D], g, .zeros)
+        add("\(prefix).adaLN_modulation.1.bias", [6 * D], g, .zeros)
+    }
+}
+
+/// Buffers one RAR block keeps for its backward (R = N*S rows), views into an `ActivationTable`.
+private struct RARBlockCache {
+    let xIn, n1, stats1, mod, m1, qkvRaw, qkStats, qkv, probs, attY, ya, h, n2, stats2, m2, a1, g1, ym: FlatBuffer
+    init(_ t: ActivationTable, _ p: String) {
+        xIn = t["\(p).xIn"]
+        n1 = t["\(p).n1"]
+        stats1 = t["\(p).stats1"]
+        mod = t["\(p).mod"]
+        m1 = t["\(p).m1"]
+        qkvRaw = t["\(p).qkvRaw"]
+        qkStats = t["\(p).qkStats"]
+        qkv = t["\(p).qkv"]
+        probs = t["\(p).probs"]
+        attY = t["\(p).attY"]
+        ya = t["\(p).ya"]
+        h = t["\(p).h"]
+        n2 = t["\(p).n2"]
+        stats2 = t["\(p).stats2"]
+        m2 = t["\(p).m2"]
+        a1 = t["\(p).a1"]
+        g1 = t["\(p).g1"]
+        ym = t["\(p).ym"]
+    }
+}
+
+/// A stack of RAR blocks (SPEC section 9) over N sequences of S slots, each slot with its own
+/// condition: per slot `(sh_a, sc_a, g_a, sh_m, sc_m, g_m) = split6(adaLN(silu(c)))`,
+/// `h = x + g_a * Attn(LN1(x) (1 + sc_a) + sh_a)`, `out = h + g_m * fc2(gelu(fc1(LN2(h) (1 + sc_m) +
+/// sh_m)))`; LayerNorms with weight and bias, QK-norm over the head width, biased linears. The
+/// RAR trunk (causal) and the plug-in over RAR (full mask, section 9's last paragraph) use it.
+/// Dropout (training): on the attention probabilities, after proj, after the GELU and after fc2,
+/// sites `siteBase + 4 l + 0...3`.
+final class RARBlockStack {
+    let weights: [RARBlockWeights]
+    let causal: Bool
+    let D, NH, F: Int
+    let eps: Float
+    let siteBase: Int
+    private(set) var N = 0, S = 0
+    private var table: ActivationTable?
+    private var prefix = ""
+    private var caches: [RARBlockCache] = []
+    private var dropped = false
+
+    init(weights: [RARBlockWeights], causal: Bool, dim: Int, heads: Int, ffn: Int, eps: Float, siteBase: Int) {
+        self.weights = weights
+        self.causal = causal
+        D = dim
+        NH = heads
+        F = ffn
+        self.eps = eps
+        self.siteBase = siteBase
+    }
+
+    /// The activations of L blocks over N sequences of S slots (R = N*S rows), under `prefix`.
+    static func addActivations(
+        _ prefix: String, layers L: Int, sequences N: Int, seqLen S: Int, _ c: ModelConfig,
+        to a: inout ActivationLayout
+    ) {
+        let R = N * S
+        let D = c.dim
+        let F = c.ffnHidden
+        let NH = c.nHead
+        for l in 0..<L {
+            let b = "\(prefix).\(l)"
+            a.add("\(b).xIn", [R, D])  // block input
+            a.add("\(b).n1", [R, D])
+            a.add("\(b).stats1", [2, R])  // LN1 output; its mean, rstd
+            a.add("\(b).mod", [R, 6 * D])  // adaLN(silu(c)): shift, scale, gate (attention, MLP)
+            a.add("\(b).m1", [R, D])  // modulated LN1
+            a.add("\(b).qkvRaw", [R, 2 * D])
+            a.add("\(b).qkStats", [2, R, 2 * NH])  // q, k before QK-norm; their mean, rstd
+            a.add("\(b).qkv", [R, 3 * D])  // after QK-norm
+            a.add("\(b).probs", [N, NH, S, S])  // softmax (undropped)
+            a.add("\(b).attY", [R, D])  // heads joined
+            a.add("\(b).ya", [R, D])  // proj output (dropped)
+            a.add("\(b).h", [R, D])  // x + g_a ya
+            a.add("\(b).n2", [R, D])
+            a.add("\(b).stats2", [2, R])
+            a.add("\(b).m2", [R, D])  // modulated LN2
+            a.add("\(b).a1", [R, F])
+            a.add("\(b).g1", [R, F])  // fc1 output; GELU (dropped)
+            a.add("\(b).ym", [R, D])  // fc2 output (dropped)
+            a.add("\(b).maskP", [N, NH, S, S], .dropout)
+            a.add("\(b).maskProj", [R, D], .dropout)
+            a.add("\(b).maskGelu", [R, F], .dropout)
+            a.add("\(b).maskFc2", [R, D], .dropout)
+        }
+        a.add("\(prefix).dh", [R, D], .backward)
+        a.add("\(prefix).dn", [R, D], .backward)
+        a.add("\(prefix).dm", [R, D], .backward)
+        a.add("\(prefix).dy", [R, D], .backward)
+        a.add("\(prefix).dattY", [R, D], .backward)
+        a.add("\(prefix).dqkv", [R, 3 * D], .backward)
+        a.add("\(prefix).dg1", [R, F], .backward)
+        a.add("\(prefix).dmod", [R, 6 * D], .backward)
+    }
+
+    func bind(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
+        table = t
+        self.prefix = prefix
+        N = sequences
+        S = seqLen
+        caches = (0..<weights.count).map { RARBlockCache(t, "\(prefix).\($0)") }
+    }
+
+    private func applyDropout(_ x: FloatPtr, _ name: String, _ plan: DropoutPlan?, rows: Int, width: Int, site: Int) {
+        guard let plan else { return }
+        let mask = table![name]
+        dropoutMask(
+            mask.base, p: plan.p, rows: rows, d: width, rowsPerSample: rows / plan.samplePositions.count,
+            samplePositions: plan.samplePositions, seed: plan.seed, step: plan.step, site: site)
+        dropoutApply(x, mask.base, count: rows * width)
+    }
+
+    /// x (N*S, D) in: the input; out: the output (in place). cond (N*S, D): silu(c) per slot.
+    func forward(
+        _ x: FlatBuffer, cond: ConstFloatPtr, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?
+    ) {
+        precondition(sequences == N && seqLen == S, "RAR blocks bound for \(N) x \(S), run on \(sequences) x \(seqLen)")
+        let R = N * S
+        let plan = (dropout?.p ?? 0) > 0 ? dropout : nil
+        dropped = plan != nil
+        if dropped { table!.allocate(.dropout) }
+        for (l, w) in weights.enumerated() {
+            let c = caches[l]
+            let b = "\(prefix).\(l)"
+            c.xIn.base.update(from: x.base, count: R * D)
+            matmulForward(c.mod.base, cond, p + w.adaW, n: R, ic: D, oc: 6 * D)
+            biasAddForward(c.mod.base, p + w.adaB, n: R, oc: 6 * D)
+            let mod = c.mod.base
+            layernormForward(
+                c.n1.base, c.stats1.base, c.stats1.base + R, c.xIn.base, p + w.norm1W, p + w.norm1B, n: R, d: D,
+                eps: eps)
+            modulateForward(c.m1.base, c.n1.base, shift: mod, scale: mod + D, ld: 6 * D, n: R, d: D)
+            matmulForward(c.qkv.base, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
+            biasAddForward(c.qkv.base, p + w.qkvB, n: R, oc: 3 * D)
+            qkNormForward(
+                c.qkv.base, raw: c.qkvRaw.base, mean: c.qkStats.base, rstd: c.qkStats.base + R * 2 * NH,
+                qWeight: p + w.qNormW, qBias: p + w.qNormB, kWeight: p + w.kNormW, kBias: p + w.kNormB, n: R,
+                dim: D, heads: NH, eps: eps)
+            var maskP: ConstFloatPtr?
+            if let plan {
+                let m = table!["\(b).maskP"]
+                dropoutMask(
+                    m.base, p: plan.p, rows: N * NH * S, d: S, rowsPerSample: N * NH * S / plan.samplePositions.count,
+                    samplePositions: plan.samplePositions, seed: plan.seed, step: plan.step, site: siteBase + 4 * l)
+                maskP = UnsafePointer(m.base)
+            }
+            attentionForward(
+                c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal,
+                dropMask: maskP)
+            matmulForward(c.ya.base, c.attY.base, p + w.projW, n: R, ic: D, oc: D)
+            biasAddForward(c.ya.base, p + w.projB, n: R, oc: D)
+            applyDropout(c.ya.base, "\(b).maskProj", plan, rows: R, width: D, site: siteBase + 4 * l + 1)
+            gatedAddForward(x.base, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D)
+            c.h.base.update(from: x.base, count: R * D)
+            mlpForward(c, w, plan: plan, layer: l, params: p)
+            gatedAddForward(x.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D)
+        }
+    }
+
+    /// LN2, modulation, fc1, GELU, fc2 of block l (into c.ym), with their dropouts.
+    private func mlpForward(_ c: RARBlockCache, _ w: RARBlockWeights, plan: DropoutPlan?, layer l: Int, params p: FloatPtr) {
+        let R = N * S
+        let b = "\(prefix).\(l)"
+        let mod = c.mod.base
+        layernormForward(
+            c.n2.base, c.stats2.base, c.stats2.base + R, c.h.base, p + w.norm2W, p + w.norm2B, n: R, d: D, eps: eps)
+        modulateForward(c.m2.base, c.n2.base, shift: mod + 3 * D, scale: mod + 4 * D, ld: 6 * D, n: R, d: D)
+        matmulForward(c.a1.base, c.m2.base, p + w.fc1W, n: R, ic: D, oc: F)
+        biasAddForward(c.a1.base, p + w.fc1B, n: R, oc: F)
+        geluForward(c.g1.base, c.a1.base, count: R * F)
+        applyDropout(c.g1.base, "\(b).maskGelu", plan, rows: R, width: F, site: siteBase + 4 * l + 2)
+        matmulForward(c.ym.base, c.g1.base, p + w.fc2W, n: R, ic: F, oc: D)
+        biasAddForward(c.ym.base, p + w.fc2B, n: R, oc: D)
+        applyDropout(c.ym.base, "\(b).maskFc2", plan, rows: R, width: D, site: siteBase + 4 * l + 3)
+    }
+
+    /// dx (N*S, D) in: gradient w.r.t. the output; out: w.r.t. the input (in place). dcond
+    /// (N*S, D) += the gradient w.r.t. silu(c). `onLayerDone(l)` fires when block l's weight
+    /// gradients are final.
+    func backward(
+        _ dx: FlatBuffer, dcond: FloatPtr, cond: ConstFloatPtr, params p: FloatPtr, grads gp: FloatPtr,
+        onLayerDone: ((Int) -> Void)? = nil
+    ) {
+        let R = N * S
+        let t = table!
+        t.allocate(.backward)
+        let dh = t["\(prefix).dh"].base
+        let dn = t["\(prefix).dn"].base
+        let dm = t["\(prefix).dm"].base
+        let dy = t["\(prefix).dy"].base
+        let dmod = t["\(prefix).dmod"].base
+        for l in stride(from: weights.count - 1, through: 0, by: -1) {
+            let w = weights[l]
+            let c = caches[l]
+            let b = "\(prefix).\(l)"
+            let mod = c.mod.base
+            dmod.update(repeating: 0, count: R * 6 * D)
+            // out = h + g_m * ym
+            dh.update(from: dx.base, count: R * D)
+            gatedAddBackward(dy, dgate: dmod + 5 * D, dx.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D)
+            mlpBackward(c, w, dym: dy, dmod: dmod, into: dh, maskPrefix: b, params: p, grads: gp)
+            // h = x + g_a * ya
+            gatedAddBackward(dy, dgate: dmod + 2 * D, dh, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D)
+            if dropped { dropoutApply(dy, t["\(b).maskProj"].base, count: R * D) }
+            let dattY = t.zeroed("\(prefix).dattY").base
+            matmulBackward(dattY, gp + w.projW, dy, c.attY.base, p + w.projW, n: R, ic: D, oc: D)
+            biasBackward(gp + w.projB, dy, n: R, oc: D)
+            let dqkv = t.zeroed("\(prefix).dqkv").base
+            attentionBackward(
+                dqkv, dattY, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal,
+                dropMask: dropped ? UnsafePointer(t["\(b).maskP"].base) : nil)
+            qkNormBackward(
+                dqkv, raw: c.qkvRaw.base, mean: c.qkStats.base, rstd: c.qkStats.base + R * 2 * NH,
+                qWeight: p + w.qNormW, kWeight: p + w.kNormW, dqWeight: gp + w.qNormW, dqBias: gp + w.qNormB,
+                dkWeight: gp + w.kNormW, dkBias: gp + w.kNormB, n: R, dim: D, heads: NH)
+            dm.update(repeating: 0, count: R * D)
+            matmulBackward(dm, gp + w.qkvW, dqkv, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
+            biasBackward(gp + w.qkvB, dqkv, n: R, oc: 3 * D)
+            dn.update(repeating: 0, count: R * D)
+            modulateBackward(dn, dshift: dmod, dscale: dmod + D, dm, c.n1.base, scale: mod + D, ld: 6 * D, n: R, d: D)
+            dx.base.update(from: dh, count: R * D)
+            layernormBackward(
+                dx.base, gp + w.norm1W, gp + w.norm1B, dn, c.xIn.base, p + w.norm1W, c.stats1.base,
+                c.stats1.base + R, n: R, d: D)
+            // mod = silu(c) adaW^T + adaB
+            matmulBackward(dcond, gp + w.adaW, dmod, cond, p + w.adaW, n: R, ic: D, oc: 6 * D)
+            biasBackward(gp + w.adaB, dmod, n: R, oc: 6 * D)
+            onLayerDone?(l)
+        }
+    }
+
+    /// The MLP branch's backward: dym (R, D) the gradient w.r.t. ym (overwritten as scratch);
+    /// adds LN2's input gradient into `into`, and the modulation's into dmod.
+    private func mlpBackward(
+        _ c: RARBlockCache, _ w: RARBlockWeights, dym: FloatPtr, dmod: FloatPtr, into dh: FloatPtr,
+        maskPrefix b: String, params p: FloatPtr, grads gp: FloatPtr
+    ) {
+        let R = N * S
+        let t = table!
+        let mod = c.mod.base
+        if dropped { dropoutApply(dym, t["\(b).maskFc2"].base, count: R * D) }
+        let dg1 = t.zeroed("\(prefix).dg1").base
+        matmulBackward(dg1, gp + w.fc2W, dym, c.g1.base, p + w.fc2W, n: R, ic: F, oc: D)
+        biasBackward(gp + w.fc2B, dym, n: R, oc: D)
+        if dropped { dropoutApply(dg1, t["\(b).maskGelu"].base, count: R * F) }
+        geluBackward(dg1, dg1, c.a1.base, count: R * F)
+        let dm = t.zeroed("\(prefix).dm").base
+        matmulBackward(dm, gp + w.fc1W, dg1, c.m2.base, p + w.fc1W, n: R, ic: D, oc: F)
+        biasBackward(gp + w.fc1B, dg1, n: R, oc: F)
+        let dn = t.zeroed("\(prefix).dn").base
+        modulateBackward(
+            dn, dshift: dmod + 3 * D, dscale: dmod + 4 * D, dm, c.n2.base, scale: mod + 4 * D, ld: 6 * D, n: R, d: D)
+        layernormBackward(
+            dh, gp + w.norm2W, gp + w.norm2B, dn, c.h.base, p + w.norm2W, c.stats2.base, c.stats2.base + R, n: R,
+            d: D)
+    }
+}
+
+/// Keys, values and scratch for KV-cached steps of one `RARBlockStack` over NB rows.
+final class RARCache: TrunkCache {
+    let rows, seqLen: Int
+    let keys, values: FlatBuffer  // (L, NB, NH, S, hd)
+    let n, stats, mod, m, qkv, raw, qkStats, att, tmp, a1, g1: FlatBuffer
+    init(layers L: Int, rows NB: Int, seqLen S: Int, dim D: Int, heads NH: Int, ffn F: Int) {
+        rows = NB
+        seqLen = S
+        keys = FlatBuffer(count: L * NB * S * D)
+        values = FlatBuffer(count: L * NB * S * D)
+        n = FlatBuffer(count: NB * D)
+        stats = FlatBuffer(count: 2 * NB)
+        mod = FlatBuffer(count: NB * 6 * D)
+        m = FlatBuffer(count: NB * D)
+        qkv = FlatBuffer(count: NB * 3 * D)
+        raw = FlatBuffer(count: NB * 2 * D)
+        qkStats = FlatBuffer(count: 2 * NB * 2 * NH)
+        att = FlatBuffer(count: NB * D)
+        tmp = FlatBuffer(count: NB * D)
+        a1 = FlatBuffer(count: NB * F)
+        g1 = FlatBuffer(count: NB * F)
+    }
+}
+
+extension RARBlockStack {
+    func makeCache(rows: Int, seqLen: Int) -> RARCache {
+        RARCache(layers: weights.count, rows: rows, seqLen: seqLen, dim: D, heads: NH, ffn: F)
+    }
+
+    /// One slot `pos` of NB causal sequences with the KV cache (sampling; no dropout): x (NB, D)
+    /// in place; cond (NB, D) silu(c) of that slot. The same block as `forward`.
+    func step(_ x: FloatPtr, cond: ConstFloatPtr, cache c: RARCache, position pos: Int, params p: FloatPtr) {
+        let NB = c.rows
+        let layerBlock = NB * c.seqLen * D
+        let mod = c.mod.base
+        for (l, w) in weights.enumerated() {
+            matmulForward(mod, cond, p + w.adaW, n: NB, ic: D, oc: 6 * D)
+            biasAddForward(mod, p + w.adaB, n: NB, oc: 6 * D)
+            layernormForward(c.n.base, c.stats.base, c.stats.base + NB, x, p + w.norm1W, p + w.norm1B, n: NB, d: D, eps: eps)
+            modulateForward(c.m.base, c.n.base, shift: mod, scale: mod + D, ld: 6 * D, n: NB, d: D)
+            matmulForward(c.qkv.base, c.m.base, p + w.qkvW, n: NB, ic: D, oc: 3 * D)
+            biasAddForward(c.qkv.base, p + w.qkvB, n: NB, oc: 3 * D)
+            qkNormForward(
+                c.qkv.base, raw: c.raw.base, mean: c.qkStats.base, rstd: c.qkStats.base + NB * 2 * NH,
+                qWeight: p + w.qNormW, qBias: p + w.qNormB, kWeight: p + w.kNormW, kBias: p + w.kNormB, n: NB,
+                dim: D, heads: NH, eps: eps)
+            attentionStepForward(
+                c.att.base, c.keys.base + l * layerBlock, c.values.base + l * layerBlock, c.qkv.base, rows: NB,
+                dim: D, heads: NH, cacheLength: c.seqLen, position: pos)
+            matmulForward(c.tmp.base, c.att.base, p + w.projW, n: NB, ic: D, oc: D)
+            biasAddForward(c.tmp.base, p + w.projB, n: NB, oc: D)
+            gatedAddForward(x, c.tmp.base, gate: mod + 2 * D, ld: 6 * D, n: NB, d: D)
+            layernormForward(c.n.base, c.stats.base, c.stats.base + NB, x, p + w.norm2W, p + w.norm2B, n: NB, d: D, eps: eps)
+            modulateForward(c.m.base, c.n.base, shift: mod + 3 * D, scale: mod + 4 * D, ld: 6 * D, n: NB, d: D)
+            matmulForward(c.a1.base, c.m.base, p + w.fc1W, n: NB, ic: D, oc: F)
+            biasAddForward(c.a1.base, p + w.fc1B, n: NB, oc: F)
+            geluForward(c.g1.base, c.a1.base, count: NB * F)
+            matmulForward(c.tmp.base, c.g1.base, p + w.fc2W, n: NB, ic: F, oc: D)
+            biasAddForward(c.tmp.base, p + w.fc2B, n: NB, oc: D)
+            gatedAddForward(x, c.tmp.base, gate: mod + 5 * D, ld: 6 * D, n: NB, d: D)
+        }
+    }
+}
