@@ -421,8 +421,9 @@ def adamw_run(params, cfg: Config, tokens, labels, tensors, slot_weights, hp: Ad
     return adamw_steps(params, groups, f, hp)
 
 
-def adamw_steps(params, groups, f, hp: AdamWConfig):
-    """S AdamW updates with f(params) -> (loss, grads) (one fixed batch); groups: name -> group.
+def adamw_steps(params, groups, f, hp: AdamWConfig, decays=None):
+    """S AdamW updates with f(params) -> (loss, grads) (one fixed batch); groups: name -> group;
+    decays: name -> whether weight decay applies (default: SPEC 6's rule, 2 or more dims).
     Returns (losses [S], grad_norms [S], final params)."""
     p = {n: np.array(v, dtype=np.float64) for n, v in params.items()}
     m = {n: np.zeros_like(v) for n, v in p.items()}
@@ -442,7 +443,7 @@ def adamw_steps(params, groups, f, hp: AdamWConfig):
         for n in p:
             gn = g[n] * scale
             lr = hp.lr(groups[n], s)
-            if p[n].ndim >= 2:
+            if (decays[n] if decays is not None else p[n].ndim >= 2):
                 p[n] = p[n] * (1.0 - lr * hp.weight_decay)
             m[n] = b1 * m[n] + (1.0 - b1) * gn
             v2[n] = b2 * v2[n] + (1.0 - b2) * gn * gn
