@@ -246,25 +246,26 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         return c
     }
 
-    /// RAR's presets (SPEC section 9): NH 16, F = 4D, LayerNorm eps 1e-6 (choice, SPEC 9), V 1024;
-    /// plus two small ones of the LlamaGen ones' shape for this machine (F = 4D).
+    /// RAR's presets (SPEC section 9): NH 16, F as SPEC's table (4D, but 6144 for XXL), LayerNorm
+    /// eps 1e-6 (choice, SPEC 9), V 1024; plus two small ones of the LlamaGen ones' shape for this
+    /// machine (F = 4D).
     public static let rarPresetNames = ["tiny", "small", "B", "L", "XL", "XXL"]
     static func rarPreset(_ name: String, vocabSize: Int, numClasses: Int, gridSize: Int) throws -> ModelConfig {
-        let shape: (Int, Int, Int)  // (L, NH, D)
+        let shape: (Int, Int, Int, Int)  // (L, NH, D, F)
         switch name {
-        case "tiny": shape = (2, 2, 64)
-        case "small": shape = (4, 4, 128)
-        case "B": shape = (24, 16, 768)  // 260,923,648
-        case "L": shape = (24, 16, 1024)  // 461,668,352
-        case "XL": shape = (32, 16, 1280)  // 955,425,024
-        case "XXL": shape = (40, 16, 1408)  // 1,498,520,704
+        case "tiny": shape = (2, 2, 64, 256)
+        case "small": shape = (4, 4, 128, 512)
+        case "B": shape = (24, 16, 768, 3072)  // 260,923,648
+        case "L": shape = (24, 16, 1024, 4096)  // 461,668,352
+        case "XL": shape = (32, 16, 1280, 5120)  // 955,425,024
+        case "XXL": shape = (40, 16, 1408, 6144)  // 1,498,520,704
         default:
             let known = rarPresetNames.joined(separator: ", ")
             throw InputError("--preset", "unknown RAR preset '\(name)'; known: \(known)")
         }
         var c = ModelConfig(
             vocabSize: vocabSize, numClasses: numClasses, gridSize: gridSize, dim: shape.2, nLayer: shape.0,
-            nHead: shape.1, ffnHidden: 4 * shape.2)
+            nHead: shape.1, ffnHidden: shape.3)
         c.base = RAR.name
         c.normEps = 1e-6
         return c
