@@ -13,12 +13,21 @@ public struct ModelBatch {
     public var tensors: [Int32]
     /// (B, T-1, k, D) optional additive noise on the encoder's token embeddings ("continuous").
     public var embeddingNoise: [Float]?
-    public init(batch: Int, tokens: [Int32], labels: [Int32], tensors: [Int32], embeddingNoise: [Float]? = nil) {
+    /// (B, T) each sample's token order pi (SPEC section 9 "Random order"): entry [b, i] is the
+    /// grid index fed and predicted as sample b's i-th token; raster samples hold the identity.
+    /// nil: raster order for every sample. Filled by the batch builder under `train.random_order`;
+    /// a base that reads raster order only ignores it (the config refuses random orders for it).
+    public var orders: [Int32]?
+    public init(
+        batch: Int, tokens: [Int32], labels: [Int32], tensors: [Int32], embeddingNoise: [Float]? = nil,
+        orders: [Int32]? = nil
+    ) {
         self.batch = batch
         self.tokens = tokens
         self.labels = labels
         self.tensors = tensors
         self.embeddingNoise = embeddingNoise
+        self.orders = orders
     }
 }
 
