@@ -6,6 +6,7 @@ Usage (from the repository root, after `swift build -c release`):
     python3 Launch/evaluate.py --weights Checkpoints/default --data Data/fashion-mnist \
         [--out Outputs/eval] [--per-class 100] [--cfg-scale 1.5[,B]] [--temperature 1[,B]] [--top-k 0]
         [--top-p 1] [--seed 0] [--ranks 1] [--classifier FILE.npz] [--no-baselines]
+        [--cfg-schedule constant|power-cosine --cfg-power P]
 
 `--weights` is a .safetensors file or a checkpoint folder (a run folder means its latest);
 `--data` is a folder holding the `train` and `val` token caches (SPEC section 7), the train cache
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -551,6 +553,9 @@ def parse_args(argv=None):
     ap.add_argument("--cfg-scale", type=part_values, default="1.5",
                     help="guidance scale, A or A,B (Open-MAGVIT2: pre, post; one value means both; none at <= 1)")
     ap.add_argument("--cfg-interval", type=int, default=-1, help="LlamaGen's --cfg-interval (-1: every step)")
+    ap.add_argument("--cfg-schedule", choices=["constant", "power-cosine"], default="constant",
+                    help="guidance weight over the steps (power-cosine: RAR's, needs --cfg-power)")
+    ap.add_argument("--cfg-power", type=float, help="--cfg-schedule power-cosine: the power P >= 0")
     ap.add_argument("--temperature", type=part_values, default="1.0", help="A or A,B as --cfg-scale")
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--top-p", type=float, default=1.0)
@@ -578,6 +583,10 @@ def check_args(a):
             raise EvalError(f"{flag}: must be at least {low}, got {value}")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise EvalError(f"{a.out}: --out names a file, not a folder (nothing was written)")
+    if a.cfg_power is not None and not (a.cfg_power >= 0 and math.isfinite(a.cfg_power)):
+        raise EvalError(f"--cfg-power: must be a finite number >= 0, got {a.cfg_power}")
+    if (a.cfg_schedule == "power-cosine") != (a.cfg_power is not None):
+        raise EvalError("--cfg-power: given exactly when --cfg-schedule is power-cosine")
     if a.samples:
         read_samples(a.samples)
 
@@ -603,6 +612,8 @@ def main(argv=None) -> dict:
                "--top-p", str(a.top_p), "--seed", str(a.seed), "--batch-size", str(a.batch_size), "--out", samples_path]
         if a.classes:
             cmd += ["--classes", a.classes]
+        if a.cfg_schedule != "constant":
+            cmd += ["--cfg-schedule", a.cfg_schedule, "--cfg-power", repr(a.cfg_power)]
         log(f"sampling: {' '.join(cmd)}" + (f" on {a.ranks} ranks" if a.ranks > 1 else ""))
         t0 = time.time()
         run_program(cmd, ranks=a.ranks)
@@ -673,7 +684,8 @@ def main(argv=None) -> dict:
     report = {
         "weights": a.weights, "weights_kind": a.weights_kind, "data": {"train": train_dir, "val": val_dir},
         "sampling": {k: s["attrs"].get(k)
-                     for k in ["cfg_scale", "cfg_interval", "temperature", "top_k", "top_p", "seed", "per_class"]},
+                     for k in ["cfg_scale", "cfg_interval", "cfg_schedule", "cfg_power", "temperature", "top_k",
+                               "top_p", "seed", "per_class"]},
         "model_config": json.loads(s["attrs"]["config"]) if "config" in s["attrs"] else None,
         "images": {"n": int(N), "classes": classes, "height": codebook.height, "width": codebook.width},
         "metrics": results,

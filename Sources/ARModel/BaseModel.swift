@@ -99,6 +99,14 @@ protocol BaseModel: AnyObject {
     static func headFLOPs(_ c: ModelConfig, rows: Int, validRows: Int) -> Double
     /// Matmul FLOPs of `headLogits` over every part for `rows` rows (one sampling step).
     static func samplingHeadFLOPs(_ c: ModelConfig, rows: Int) -> Double
+
+    // MARK: training facts
+    /// The weight-decay rule of the base group when `optim.decay_rule_base` is not given
+    /// (default `project`; RAR's base uses `rar`, SPEC section 9 Recipe).
+    static var defaultDecayRule: DecayRule { get }
+    /// Whether the trunk reads `ModelBatch.orders` (a per-sample token order, SPEC section 9
+    /// Random order); `train.random_order` is refused for a base that does not (default false).
+    static var readsSampleOrders: Bool { get }
 }
 
 extension BaseModel {
@@ -106,6 +114,8 @@ extension BaseModel {
     var partLosses: [[Float]] { [] }
     func condition(_ c: Conditioning) {}
     var tokenDropout: Bool { true }
+    static var defaultDecayRule: DecayRule { .project }
+    static var readsSampleOrders: Bool { false }
 }
 
 /// Per-forward facts a base may condition on (`BaseModel.condition`; RAR, SPEC section 9).
@@ -223,4 +233,10 @@ public enum BaseRegistry {
         default: return nil
         }
     }
+    /// The base group's weight-decay rule when the config names none (`project` for an unknown base).
+    public static func defaultDecayRule(base name: String) -> DecayRule {
+        type(named: name)?.defaultDecayRule ?? .project
+    }
+    /// Whether base `name` trains on per-sample token orders (`train.random_order`).
+    public static func readsSampleOrders(base name: String) -> Bool { type(named: name)?.readsSampleOrders ?? false }
 }

@@ -9,14 +9,65 @@ public enum ParameterInit: Equatable, Sendable {
     case ones, zeros
 }
 
+/// Which parameters of a group AdamW's decoupled weight decay applies to (`optim.decay_rule_base`,
+/// `optim.decay_rule_plugin`).
+public enum DecayRule: String, CaseIterable, Sendable {
+    /// SPEC section 6: parameters of 2 or more dimensions.
+    case project
+    /// SPEC section 9 Recipe (RAR's): 2 or more dimensions and a name without any of
+    /// `rarExemptSubstrings` (case-sensitive: `adaln_before_head.*` is exempt, `adaLN_modulation` is not).
+    case rar
+
+    /// The name parts that exempt a parameter from decay under the `rar` rule.
+    public static let rarExemptSubstrings = [
+        "ln", "bias", "embedding", "embed", "norm", "gamma", "mask_token", "latent_tokens",
+    ]
+
+    /// Whether the parameter `name` of `shape` is decayed under this rule.
+    public func decays(name: String, shape: [Int]) -> Bool {
+        guard shape.count >= 2 else { return false }
+        switch self {
+        case .project: return true
+        case .rar: return !DecayRule.rarExemptSubstrings.contains { name.contains($0) }
+        }
+    }
+}
+
 /// One named view into the flat parameter buffer.
 public struct ParameterEntry: Codable, Equatable, Sendable {
     public let name: String
     public let shape: [Int]
     public let group: ParameterGroup
     public let offset: Int
+    /// Whether AdamW's weight decay applies: the `project` rule (SPEC section 6) unless the table
+    /// was re-ruled (`ParameterTable.decaying`). Not stored in a checkpoint's table (the manifest's
+    /// config records the rules), so a decoded entry has the `project` rule's flag.
+    public private(set) var decay: Bool
     public var count: Int { shape.reduce(1, *) }
-    public var isMatrix: Bool { shape.count >= 2 }  // weight decay applies (SPEC section 6)
+    public var isMatrix: Bool { shape.count >= 2 }
+
+    public init(name: String, shape: [Int], group: ParameterGroup, offset: Int, decay: Bool? = nil) {
+        self.name = name
+        self.shape = shape
+        self.group = group
+        self.offset = offset
+        self.decay = decay ?? DecayRule.project.decays(name: name, shape: shape)
+    }
+
+    enum CodingKeys: String, CodingKey { case name, shape, group, offset }
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        self.init(
+            name: try c.decode(String.self, forKey: .name), shape: try c.decode([Int].self, forKey: .shape),
+            group: try c.decode(ParameterGroup.self, forKey: .group), offset: try c.decode(Int.self, forKey: .offset))
+    }
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(name, forKey: .name)
+        try c.encode(shape, forKey: .shape)
+        try c.encode(group, forKey: .group)
+        try c.encode(offset, forKey: .offset)
+    }
 }
 
 /// The size table: every parameter of a config, in one fixed order, the base's group first
@@ -73,4 +124,16 @@ public struct ParameterTable: Sendable {
         return first.offset..<(last.offset + last.count)
     }
     public func count(of group: ParameterGroup) -> Int { range(of: group).count }
+
+    /// The same table with each entry's decay flag decided by the rule of its group (what AdamW
+    /// is built with; the model keeps the `project` flags, which only AdamW reads).
+    public func decaying(by rule: (ParameterGroup) -> DecayRule) -> ParameterTable {
+        var t = self
+        t.entries = entries.map {
+            ParameterEntry(
+                name: $0.name, shape: $0.shape, group: $0.group, offset: $0.offset,
+                decay: rule($0.group).decays(name: $0.name, shape: $0.shape))
+        }
+        return t
+    }
 }

@@ -40,6 +40,8 @@ final class RAR: BaseModel {
     let headRange: Range<Int>
     var headParts: [Int] { [V] }
     var tokenDropout: Bool { false }
+    static var defaultDecayRule: DecayRule { .rar }
+    static var readsSampleOrders: Bool { true }
     /// The last `condition(_:)`.
     private var conditioning = Conditioning(labels: [], orders: nil, headSequence: [], headStep: [])
 

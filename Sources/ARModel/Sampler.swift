@@ -2,11 +2,25 @@ import Foundation
 import Kernels
 import Platform
 
+/// How the guidance weight moves over the sampling steps (SPEC section 9 "Sampling", for every
+/// base): `constant` w_s = g (SPEC section 5); `power-cosine` (RAR's)
+/// w_s = (g - 1) (1 - cos(pi (s / T)^p)) / 2 + 1, rising from 1 at s = 0 towards g.
+public enum GuidanceSchedule: String, CaseIterable, Sendable {
+    case constant
+    case powerCosine = "power-cosine"
+}
+
 /// Sampling settings (SPEC section 5). A base whose tokens are chosen in parts (Open-MAGVIT2:
 /// pre, then post, SPEC section 8) may take a guidance scale and a temperature per part.
 public struct SamplingOptions: Sendable {
     /// Classifier-free guidance scale; as LlamaGen, guidance (and its null-class rows) only above 1.
     public var cfgScale: Float = 1
+    /// The guidance weight's schedule over the steps: w_s from each part's scale g, at the steps
+    /// `guides` allows (so it composes with per-part scales and `cfgInterval`). Whether there
+    /// are null-class rows, and whether a part is guided, follow g alone (SPEC section 5), not w_s.
+    public var cfgSchedule = GuidanceSchedule.constant
+    /// p of `power-cosine` (>= 0; 0 is the constant schedule).
+    public var cfgPower: Float = 0
     /// LlamaGen's `--cfg-interval`: -1 guides every step; N >= 0 guides steps 0 ... N + 1 only
     /// (LlamaGen's prefill step and its decode steps 0 ... N), later steps use the conditioned logits.
     public var cfgInterval = -1
@@ -47,6 +61,14 @@ public struct SamplingOptions: Sendable {
     /// 1 and the step is inside `cfgInterval`.
     public func guides(part: Int, position: Int) -> Bool {
         cfgScale(part: part) > 1 && (cfgInterval < 0 || position <= cfgInterval + 1)
+    }
+    /// w_s, the weight of `l_u + w_s (l_c - l_u)` for scale `g` at step `step` of `steps` (T):
+    /// g itself under `constant` or p = 0; else SPEC section 9's power-cosine in Double (s / T,
+    /// not s / (T - 1): w_0 = 1).
+    public func guidanceWeight(scale g: Float, step: Int, steps: Int) -> Float {
+        if cfgSchedule == .constant || cfgPower == 0 { return g }
+        let u = pow(Double(step) / Double(steps), Double(cfgPower))
+        return Float((Double(g) - 1) * (1 - cos(Double.pi * u)) / 2 + 1)
     }
 }
 
@@ -246,7 +268,8 @@ public final class Sampler {
     }
 
     /// The choice for conditioned row `index` (image b, slot j) and its null row: guidance (only
-    /// above 1 and inside the cfg interval), then the chooser with the part's settings (SPEC 5, 8).
+    /// above 1 and inside the cfg interval; weight w_s of the step, one for all k slots, SPEC 9),
+    /// then the chooser with the part's settings (SPEC 5, 8).
     private func choose(_ c: Choice, index: Int, slot: ChooserSlot, options o: SamplingOptions) {
         let (b, j) = index.quotientAndRemainder(dividingBy: c.slots)
         if c.position + j >= m.config.seqLen { return }
@@ -257,7 +280,7 @@ public final class Sampler {
             let row = rowBuf.baseAddress!
             if o.guides(part: c.part, position: c.position) {
                 let un = c.logits + ((c.n + b) * c.slots + j) * V
-                let s = po.cfgScale
+                let s = o.guidanceWeight(scale: po.cfgScale, step: c.position, steps: m.config.seqLen)
                 for v in 0..<V { row[v] = un[v] + s * (cond[v] - un[v]) }
             } else {
                 row.update(from: cond, count: V)

@@ -13,9 +13,11 @@ public struct ModelBatch {
     public var tensors: [Int32]
     /// (B, T-1, k, D) optional additive noise on the encoder's token embeddings ("continuous").
     public var embeddingNoise: [Float]?
-    /// (B, T) optional order pi of each sample (SPEC section 9's random order; RAR base alone,
-    /// k = 1): step i feeds and predicts x_{pi(i)}. `tokens` and `tensors` stay in raster order;
-    /// the model reorders them. nil: raster.
+    /// (B, T) each sample's token order pi (SPEC section 9 "Random order"): entry [b, i] is the
+    /// grid index fed and predicted as sample b's i-th token; raster samples hold the identity.
+    /// nil: raster order for every sample. Filled by the batch builder under `train.random_order`
+    /// (the config refuses it for a base that reads raster order only; the model asserts it).
+    /// `tokens` and `tensors` stay in raster order: the model reorders them (`reordered`).
     public var orders: [Int32]?
     public init(
         batch: Int, tokens: [Int32], labels: [Int32], tensors: [Int32], embeddingNoise: [Float]? = nil,
@@ -245,7 +247,7 @@ public final class Transformer {
             "batch arrays do not match B=\(batch.batch), T=\(T), k=\(k)")
         if let orders = batch.orders {
             precondition(
-                config.base == RAR.name && !config.hasPlugin && orders.count == batch.batch * T,
+                type(of: base).readsSampleOrders && !config.hasPlugin && orders.count == batch.batch * T,
                 "a per-sample order needs the RAR base without a plug-in and (B, T) orders")
         }
         let batch = batch.reordered()

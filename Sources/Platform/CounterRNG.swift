@@ -47,4 +47,6 @@ public struct CounterRNG: RandomNumberGenerator, Sendable {
 public enum RandomPurpose: UInt64, Sendable {
     case initialise = 1
     case shuffle, augmentation, labelDrop, dropout, noise, sampling, validationNoise
+    /// A training sample's token order (`RandomOrder`, SPEC section 9).
+    case order
 }

@@ -48,7 +48,7 @@ public struct AdamWStepResult: Equatable, Sendable {
 /// AdamW exactly as PyTorch's `torch.optim.AdamW` computes it (SPEC section 6), over the flat
 /// parameter buffer, with two groups each stepped at its own learning rate:
 ///
-///     p *= 1 - lr * wd                        (decoupled decay; matrices only: entry.isMatrix)
+///     p *= 1 - lr * wd                        (decoupled decay, where entry.decay: the group's rule)
 ///     m  = b1 m + (1 - b1) g
 ///     v  = b2 v + (1 - b2) g^2
 ///     p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
@@ -116,13 +116,13 @@ public final class AdamW {
         for e in table.entries where trainable[e.group] && e.count > 0 {
             let r = AdamW.clamp(e.offset..<(e.offset + e.count), to: momentRange)
             if r.isEmpty { continue }
-            if let last = segs.last, last.group == e.group, last.decay == e.isMatrix,
+            if let last = segs.last, last.group == e.group, last.decay == e.decay,
                 last.range.upperBound == r.lowerBound
             {
                 segs[segs.count - 1] = Segment(
-                    range: last.range.lowerBound..<r.upperBound, group: e.group, decay: e.isMatrix)
+                    range: last.range.lowerBound..<r.upperBound, group: e.group, decay: e.decay)
             } else {
-                segs.append(Segment(range: r, group: e.group, decay: e.isMatrix))
+                segs.append(Segment(range: r, group: e.group, decay: e.decay))
             }
         }
         segments = segs

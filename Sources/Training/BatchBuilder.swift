@@ -31,13 +31,19 @@ public struct BatchBuilder {
     public var seed: UInt64
     public var labelDrop: Double
     public var dropout: Double
+    /// `train.random_order`: training samples' token orders (nil: raster, `ModelBatch.orders` nil).
+    public var randomOrder: RandomOrder?
 
-    public init(model: Transformer, noise: LossNoise?, seed: UInt64 = 0, labelDrop: Double = 0, dropout: Double = 0) {
+    public init(
+        model: Transformer, noise: LossNoise?, seed: UInt64 = 0, labelDrop: Double = 0, dropout: Double = 0,
+        randomOrder: RandomOrder? = nil
+    ) {
         self.model = model
         self.noise = noise
         self.seed = seed
         self.labelDrop = labelDrop
         self.dropout = dropout
+        self.randomOrder = randomOrder
     }
 
     /// A training micro-batch and the dropout keys of its samples.
@@ -60,7 +66,9 @@ public struct BatchBuilder {
             codes: codes, labels: labels, noise: noise, step: batch.step, samplePositions: positions,
             purpose: .noise)
         let keys = DropoutSettings(p: Float(dropout), seed: seed, step: batch.step, samplePositions: positions)
-        return Training(batch: mb, dropout: keys)
+        var out = Training(batch: mb, dropout: keys)
+        out.batch.orders = randomOrder?.orders(seed: seed, step: batch.step, samples: positions, seqLen: T)
+        return out
     }
 
     /// An evaluation batch: the labels as they are, `noise` keyed by each sample's dataset index at

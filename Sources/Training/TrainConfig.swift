@@ -32,6 +32,7 @@ extension NoiseSchedule: ConfigChoice {}
 /// Which embedding `discrete` noise measures similarity in (SPEC section 4).
 public enum NoiseEmbedding: String, ConfigChoice, Sendable { case model, codebook }
 extension ScheduleKind: ConfigChoice {}
+extension DecayRule: ConfigChoice {}
 
 /// ZeRO stages over MPI (`dist.shard_optimizer`): `states` shards the AdamW moments and the
 /// update (stage 1), `states+grads` the gradients too (stage 2). Each rank owns its checkpoint
@@ -181,7 +182,12 @@ public struct TrainConfig: Codable, Equatable {
         public var finalLrBase: Double = 0  // where linear/cosine decay ends, base group
         public var betas: [Double] = [0.9, 0.95]  // AdamW (beta1, beta2)
         public var eps: Double = 1e-8  // AdamW epsilon (outside the square root)
-        public var weightDecay: Double = 0.05  // decoupled weight decay, matrices only
+        public var weightDecay: Double = 0.05  // decoupled weight decay, on what decay_rule_* say
+        // Which parameters decay (project: 2+ dimensions, SPEC 6; rar: SPEC 9 Recipe's name rule).
+        // Absent: the base's own (rar for model.base rar, else project), filled in when the config is
+        // loaded so the recorded config names it; a manifest without the keys resumes as project.
+        public var decayRuleBase: DecayRule? = nil  // base group: project | rar
+        public var decayRulePlugin: DecayRule? = nil  // plug-in group: project | rar (absent: project)
         public var clip: Double = 1.0  // global gradient-norm clip; 0 = off
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
@@ -195,6 +201,8 @@ public struct TrainConfig: Codable, Equatable {
             case finalLrBase = "final_lr_base"
             case betas, eps
             case weightDecay = "weight_decay"
+            case decayRuleBase = "decay_rule_base"
+            case decayRulePlugin = "decay_rule_plugin"
             case clip
         }
     }
@@ -212,6 +220,9 @@ public struct TrainConfig: Codable, Equatable {
         public var maxSkippedSteps: Int = 10  // consecutive non-finite-gradient steps tolerated before stopping
         public var emaDecay: Double? = nil  // EMA of the weights per step (LlamaGen --ema: 0.9999); none: off
         public var tensorboard: Bool = true  // event files in <run>/tensorboard/: metrics.jsonl's numbers, samples
+        // {start: S0, end: S1}: the share of samples in a random token order, 1 until S0, linear to
+        // 0 at S1 (SPEC section 9 Random order; base training of a base that reads orders); none: off
+        public var randomOrder: RandomOrder? = nil
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case globalBatch = "global_batch"
@@ -223,6 +234,7 @@ public struct TrainConfig: Codable, Equatable {
             case maxSkippedSteps = "max_skipped_steps"
             case emaDecay = "ema_decay"
             case tensorboard
+            case randomOrder = "random_order"
         }
         /// As synthesized, except that `tensorboard` may be absent (manifests written before it
         /// existed resume with it on, the default).
@@ -239,6 +251,7 @@ public struct TrainConfig: Codable, Equatable {
             maxSkippedSteps = try c.decode(Int.self, forKey: .maxSkippedSteps)
             emaDecay = try c.decodeIfPresent(Double.self, forKey: .emaDecay)
             tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard) ?? true
+            randomOrder = try c.decodeIfPresent(RandomOrder.self, forKey: .randomOrder)
         }
     }
 
@@ -309,7 +322,8 @@ extension TrainConfig {
     /// Resolves a config: the defaults above, then the YAML `file` (if any), then each `--set`
     /// override (`section.key=value`, the value read as YAML: `0.5`, `cosine`, `[0.9, 0.99]`,
     /// `null`). Errors name the file or flag and the key. `checkpoint.run` defaults to the file's
-    /// name without extension ("default" without a file). Call `validate(worldSize:)` afterwards.
+    /// name without extension ("default" without a file), and `optim.decay_rule_*` to the rules
+    /// that apply (`decayRules`). Call `validate(worldSize:)` afterwards.
     public static func load(file: String?, overrides: [String] = []) throws -> TrainConfig {
         var text = ""
         if let file {
@@ -323,6 +337,9 @@ extension TrainConfig {
             config.checkpoint.run =
                 file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default"
         }
+        // the weight-decay rules as they apply, so the recorded config names them
+        config.optim.decayRuleBase = config.decayRules.base
+        config.optim.decayRulePlugin = config.decayRules.plugin
         return config
     }
 
@@ -573,6 +590,7 @@ extension TrainConfig {
         need(
             t.emaDecay.map { $0 >= 0 && $0 <= 1 } ?? true,
             "train.ema_decay must be in [0, 1] (or null: off), got \(t.emaDecay ?? 0)")
+        if let r = t.randomOrder { problems += r.problems(base: m.base, pluginDepth: m.pluginDepth) }
         need(worldSize >= 1, "world size must be at least 1, got \(worldSize)")
         if t.globalBatch > 0 && t.microBatch > 0 && worldSize >= 1 {
             let perStep = t.microBatch * worldSize
@@ -637,6 +655,27 @@ extension TrainConfig {
     /// Which groups train: a group whose rate is 0 for the whole run is frozen (no moments).
     public var trainableGroups: PerGroup<Bool> {
         PerGroup(base: !schedule(.base).isZeroThroughout, plugin: !schedule(.plugin).isZeroThroughout)
+    }
+
+    /// Each group's weight-decay rule: `optim.decay_rule_*`, else the base's own for the base
+    /// group (`BaseRegistry.defaultDecayRule`) and `project` for the plug-in.
+    public var decayRules: PerGroup<DecayRule> {
+        PerGroup(
+            base: optim.decayRuleBase ?? BaseRegistry.defaultDecayRule(base: model.base),
+            plugin: optim.decayRulePlugin ?? .project)
+    }
+
+    /// Resuming `manifest` (at `path`) under this config: a group trained now must keep the
+    /// weight-decay rule it was trained with (the moments and weights it built up assume it).
+    public func checkResumable(_ manifest: CheckpointManifest, path: String) throws {
+        let then = manifest.config.decayRules
+        for g in PerGroup<DecayRule>.groups where trainableGroups[g] && then[g] != decayRules[g] {
+            let key = "optim.decay_rule_\(g.rawValue)"
+            throw InputError(
+                path,
+                "\(key) is \(decayRules[g].rawValue) but the checkpoint was trained with \(then[g].rawValue): "
+                    + "resume with --set \(key)=\(then[g].rawValue), or start a new run (another checkpoint.run)")
+        }
     }
 
     public var adamWSettings: AdamWSettings {

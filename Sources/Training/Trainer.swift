@@ -108,8 +108,8 @@ public final class Trainer {
         let slices = (0..<ranks).map { CheckpointStore.slice(rank: $0, worldSize: ranks, count: total) }
         let owned = zero == .none ? nil : slices[comm.rank]
         optimizer = AdamW(
-            table: model.table, settings: config.adamWSettings, trainable: config.trainableGroups,
-            owned: owned)
+            table: model.table.decaying { config.decayRules[$0] }, settings: config.adamWSettings,
+            trainable: config.trainableGroups, owned: owned)
         optimizer.threads = BLAS.threads  // the rank's threads (dist.threads_per_rank, set before this)
         loader = try TokenLoader(
             cache: trainCache, globalBatch: config.train.globalBatch, rank: comm.rank, worldSize: comm.size,
@@ -141,7 +141,7 @@ public final class Trainer {
             seed: UInt64(config.train.seed), codebook: codebook, codebookDim: cbDim)
         batches = BatchBuilder(
             model: model, noise: noise, seed: UInt64(config.train.seed),
-            labelDrop: config.train.labelDrop, dropout: config.train.dropout)
+            labelDrop: config.train.labelDrop, dropout: config.train.dropout, randomOrder: config.train.randomOrder)
     }
 
     /// Memory of one rank by purpose, in bytes: exact for parameters, gradients and moments, an

@@ -21,7 +21,8 @@ struct Sample: ParsableCommand {
         discussion: """
             Output (HDF5): tokens int32 [N, T], labels int32 [N], trajectories int32 [N, T, k] (entry [n, q, s] \
             is the prediction of token q made at slot s, at step q - s; -1 where none), and attributes: the \
-            sampling settings (cfg_scale, temperature, top_p and seed as text, top_k and per_class as integers, \
+            sampling settings (cfg_scale, cfg_schedule, cfg_power, temperature, top_p and seed as text, top_k, \
+            cfg_interval and per_class as integers, \
             all of them in `sampling` as JSON) and the model shape in `config` (JSON, SPEC section 7).
 
             --npy-dir also writes LlamaGen-compatible codes: codes.npy int64 [N, T] and labels.npy int64 [N].
@@ -63,6 +64,14 @@ struct Sample: ParsableCommand {
             LlamaGen's --cfg-interval: -1 guides every step; N >= 0 guides steps 0 ... N + 1 only (LlamaGen's \
             first token and its next N + 1), the later ones use the conditioned logits.
             """) var cfgInterval = -1
+    @Option(
+        help: """
+            How the guidance weight moves over the steps s = 0 ... T-1: constant (w_s = the scale g) or \
+            power-cosine (RAR's: w_s = (g - 1)(1 - cos(pi (s / T)^P)) / 2 + 1, from 1 at s = 0 towards g; \
+            needs --cfg-power). Each sub-token's scale gets the same schedule; --cfg-interval still applies.
+            """) var cfgSchedule = GuidanceSchedule.constant
+    @Option(help: "--cfg-schedule power-cosine: the power P >= 0 (0: constant; RAR-B samples with 2.75).")
+    var cfgPower: Float?
     @Option(help: "Softmax temperature (0: greedy), A or A,B as --cfg-scale.") var temperature = PartValues([1])
     @Option(help: "Keep the K most likely tokens (0: all; 1: greedy, deterministic).") var topK = 0
     @Option(help: "Keep the smallest set of most likely tokens whose probability reaches P (1: all).") var topP: Float =
@@ -103,6 +112,15 @@ struct Sample: ParsableCommand {
         if cfgInterval < -1 {
             throw ValidationError("--cfg-interval must be -1 (every step) or >= 0, got \(cfgInterval)")
         }
+        if let p = cfgPower, !(p >= 0 && p.isFinite) {
+            throw ValidationError("--cfg-power must be a finite number >= 0, got \(p)")
+        }
+        if cfgSchedule == .powerCosine && cfgPower == nil {
+            throw ValidationError("--cfg-schedule power-cosine needs --cfg-power P (P >= 0)")
+        }
+        if cfgSchedule == .constant && cfgPower != nil {
+            throw ValidationError("--cfg-power applies to --cfg-schedule power-cosine only")
+        }
         if let threads, threads < 1 { throw ValidationError("--threads must be at least 1") }
         if let window, window < 1 { throw ValidationError("--window must be at least 1") }
     }
@@ -115,6 +133,8 @@ struct Sample: ParsableCommand {
         if cfgScale.values.count > 1 { o.partCfgScales = cfgScale.values }
         if temperature.values.count > 1 { o.partTemperatures = temperature.values }
         o.cfgInterval = cfgInterval
+        o.cfgSchedule = cfgSchedule
+        o.cfgPower = cfgPower ?? 0
         return o
     }
 
@@ -269,7 +289,9 @@ struct Sample: ParsableCommand {
         let hi = (comm.rank + 1) * N / comm.size
         say("tensorar-sample: \(comm.size) rank(s), \(BLAS.threads) BLAS thread(s) per rank; \(BLAS.describe())")
         say("model: \(c.jsonString())")
-        let guidance = "cfg \(cfgScale) (\(options.guided(parts: 2) ? "guided" : "unguided"), interval \(cfgInterval))"
+        let schedule = cfgSchedule == .constant ? "constant" : "power-cosine p \(options.cfgPower)"
+        let guided = options.guided(parts: 2) ? "guided" : "unguided"
+        let guidance = "cfg \(cfgScale) (\(guided), interval \(cfgInterval), schedule \(schedule))"
         say(
             "sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); \(guidance), "
                 + "temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
@@ -348,6 +370,8 @@ struct Sample: ParsableCommand {
             try f.setAttribute("format_version", int: 1)
             try f.setAttribute("cfg_scale", string: "\(cfgScale)")
             try f.setAttribute("cfg_interval", int: cfgInterval)
+            try f.setAttribute("cfg_schedule", string: cfgSchedule.rawValue)
+            try f.setAttribute("cfg_power", string: "\(options.cfgPower)")
             try f.setAttribute("temperature", string: "\(temperature)")
             try f.setAttribute("top_p", string: "\(topP)")
             try f.setAttribute("seed", string: "\(seed)")
@@ -360,6 +384,7 @@ struct Sample: ParsableCommand {
             try f.setAttribute("config", string: c.jsonString())
             var sampling: [String: Any] = [
                 "cfg_scale": Double(cfgScale.values[0]), "cfg_interval": cfgInterval,
+                "cfg_schedule": cfgSchedule.rawValue, "cfg_power": Double(options.cfgPower),
                 "temperature": Double(temperature.values[0]), "top_k": topK, "top_p": Double(topP),
                 "seed": seed, "per_class": perClass, "classes": Array(Set(labels.map { Int($0) })).sorted(),
                 "weights": weights ?? "",
@@ -388,6 +413,7 @@ struct Sample: ParsableCommand {
 }
 
 extension WeightsKind: ExpressibleByArgument {}
+extension GuidanceSchedule: ExpressibleByArgument {}
 
 /// A flag of one value or two, comma-separated (`--cfg-scale 1.9,2.0`): one per head part.
 struct PartValues: ExpressibleByArgument, CustomStringConvertible {

@@ -246,6 +246,7 @@ struct Train: ParsableCommand {
         if let loaded {
             loaded.notes.forEach { say("note: \($0)") }
             try trainer.checkDataPosition(loaded)
+            try cfg.checkResumable(loaded.manifest, path: loaded.directory + "/manifest.json")
             trainer.restore(progress: loaded.progress)
             say(
                 "resumed from \(loaded.directory) at step \(trainer.step) "

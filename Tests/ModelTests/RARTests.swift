@@ -81,11 +81,13 @@ final class RARFixtureTests: XCTestCase {
     func testGreedySamplingMatchesReference() throws {
         let c = try loadRARFixture("rar_base_raster.safetensors")
         let samples = c.fixture["samples"] as! [String: Any]
-        for set in ["sample", "sample_g1"] {
+        for set in ["sample", "sample_g1", "sample_pc"] {
             let info = samples[set] as! [String: Any]
-            XCTAssertEqual(info["cfg_schedule"] as? String, "constant", set)
             let labels = try c.st.ints("\(set).labels")
-            let o = SamplingOptions(cfgScale: Float(info["cfg_scale"] as! Double), topK: 1)
+            var o = SamplingOptions(cfgScale: Float(info["cfg_scale"] as! Double), topK: 1)
+            o.cfgSchedule = GuidanceSchedule(rawValue: info["cfg_schedule"] as! String)!
+            o.cfgPower = Float(info["cfg_power"] as? Double ?? 0)
+            XCTAssertEqual(o.cfgSchedule == .powerCosine, set == "sample_pc", set)
             let s = Sampler(model: c.model).sample(labels: labels, sampleIds: Array(0..<labels.count), options: o)
             XCTAssertEqual(s.tokens, try c.st.ints("\(set).tokens"), "\(set): sampled tokens")
             XCTAssertEqual(s.trajectories, try c.st.ints("\(set).trajectories"), "\(set): trajectories")

@@ -22,9 +22,10 @@ final class SamplerTests: XCTestCase {
     /// The uncached path: one teacher-forced forward over the tensors the sampler produced must
     /// choose, at every position and slot, the token the cached sampler chose.
     /// `interval`: LlamaGen's cfg_interval, guidance at steps 0 ... interval + 1 (-1: every step).
+    /// `power`: the power-cosine schedule's p (nil: constant), its weight worked out here by hand.
     /// Returns the sampled tokens.
     @discardableResult
-    func checkCachedMatchesUncached(_ m: Transformer, cfg: Float, interval: Int = -1) -> [Int32] {
+    func checkCachedMatchesUncached(_ m: Transformer, cfg: Float, interval: Int = -1, power: Float? = nil) -> [Int32] {
         let c = m.config
         let T = c.seqLen
         let k = c.window
@@ -32,6 +33,16 @@ final class SamplerTests: XCTestCase {
         let labels: [Int32] = [0, 2, 1]
         var options = SamplingOptions(cfgScale: cfg, topK: 1)
         options.cfgInterval = interval
+        if let power {
+            options.cfgSchedule = .powerCosine
+            options.cfgPower = power
+        }
+        // SPEC section 9: w_s = (g - 1)(1 - cos(pi (s / T)^p)) / 2 + 1, one weight per step for every slot
+        func weight(_ step: Int) -> Float {
+            guard let power else { return cfg }
+            let u = pow(Double(step) / Double(T), Double(power))
+            return Float((Double(cfg) - 1) * (1 - cos(Double.pi * u)) / 2 + 1)
+        }
         let s = Sampler(model: m).sample(labels: labels, sampleIds: [0, 1, 2], options: options)
         // t_p[j] = trajectory[p + j][slot j]
         var tensors = [Int32](repeating: -1, count: 3 * (T - 1) * k)
@@ -58,7 +69,7 @@ final class SamplerTests: XCTestCase {
                     var row = (0..<V).map { v -> Float in
                         let i = ((b * T + q) * k + j) * V + v
                         let guided = cfg > 1 && (interval < 0 || q <= interval + 1)
-                        return guided ? lu[i] + cfg * (lc[i] - lu[i]) : lc[i]
+                        return guided ? lu[i] + weight(q) * (lc[i] - lu[i]) : lc[i]
                     }
                     let want = Sampler.choose(&row, options: SamplingOptions(topK: 1), uniform: 0)
                     XCTAssertEqual(Int(s.trajectories[(b * T + q + j) * k + j]), want, "image \(b) step \(q) slot \(j)")
@@ -111,6 +122,64 @@ final class SamplerTests: XCTestCase {
             var o = SamplingOptions(cfgScale: 4)
             o.cfgInterval = 0
             XCTAssertEqual((0..<4).map { o.guides(part: 0, position: $0) }, [true, true, false, false])
+        }
+    }
+
+    /// SPEC section 9's guidance weight: w_0 = 1 for p > 0, the middle value, p = 0 and the
+    /// constant schedule are g; rising with the step; only the scale decides guidance.
+    func testGuidanceWeightSchedule() {
+        var o = SamplingOptions(cfgScale: 16)
+        XCTAssertEqual(o.guidanceWeight(scale: 16, step: 0, steps: 256), 16, "constant: g at every step")
+        XCTAssertEqual(o.guidanceWeight(scale: 16, step: 200, steps: 256), 16)
+        o.cfgSchedule = .powerCosine
+        o.cfgPower = 1
+        XCTAssertEqual(o.guidanceWeight(scale: 16, step: 0, steps: 256), 1)
+        XCTAssertEqual(o.guidanceWeight(scale: 16, step: 128, steps: 256), 8.5, accuracy: 1e-5, "(g - 1) / 2 + 1")
+        o.cfgPower = 2.75  // RAR-B's published p: at s = T/2, 1 - cos(pi 0.5^2.75) = 0.10708
+        let half = (16.0 - 1) * (1 - cos(Double.pi * pow(0.5, 2.75))) / 2 + 1
+        XCTAssertEqual(Double(o.guidanceWeight(scale: 16, step: 128, steps: 256)), half, accuracy: 1e-5)
+        XCTAssertEqual(half, 1.8031, accuracy: 1e-4)
+        let ws = (0..<256).map { o.guidanceWeight(scale: 16, step: $0, steps: 256) }
+        XCTAssertEqual(ws[0], 1)
+        XCTAssertTrue(zip(ws, ws.dropFirst()).allSatisfy { $0 <= $1 }, "rising")
+        XCTAssertLessThan(ws[255], 16)
+        XCTAssertGreaterThan(ws[255], 15.99)
+        o.cfgPower = 0
+        XCTAssertTrue((0..<256).allSatisfy { o.guidanceWeight(scale: 16, step: $0, steps: 256) == 16 }, "p = 0")
+        // w_0 = 1, yet the rows exist and the step is guided: that follows g alone (SPEC section 5)
+        o.cfgPower = 1
+        XCTAssertTrue(o.guided(parts: 1))
+        XCTAssertTrue(o.guides(part: 0, position: 0))
+        o.cfgScale = 1
+        XCTAssertFalse(o.guided(parts: 1))
+    }
+
+    /// The constant schedule (the default) and power-cosine with p = 0 sample what today's sampler
+    /// samples, bit for bit (random choices: a logit that moved could move a token); power-cosine
+    /// with p > 0 samples something else, and at every step and slot the token of the teacher-forced
+    /// logits guided by hand with that step's w_s.
+    func testGuidanceScheduleSamples() throws {
+        for (window, depth) in [(1, 0), (3, 1)] {
+            let m = try guidanceModel(window: window, depth: depth)
+            let sampler = Sampler(model: m)
+            let today = SamplingOptions(cfgScale: 3, temperature: 1, topK: 0, topP: 1, seed: 4)
+            let base = sampler.sample(labels: [0, 2, 1, 1], sampleIds: [0, 1, 2, 3], options: today)
+            for (schedule, power) in [(GuidanceSchedule.constant, Float(0)), (.constant, 2), (.powerCosine, 0)] {
+                var o = today
+                o.cfgSchedule = schedule
+                o.cfgPower = power
+                let r = sampler.sample(labels: [0, 2, 1, 1], sampleIds: [0, 1, 2, 3], options: o)
+                XCTAssertEqual(r.tokens, base.tokens, "\(schedule) p \(power), k = \(window)")
+                XCTAssertEqual(r.trajectories, base.trajectories)
+            }
+            // (this model's images are mostly decided by their first tokens, where w_s is small)
+            let constant = checkCachedMatchesUncached(m, cfg: 8)
+            let cosine = checkCachedMatchesUncached(m, cfg: 8, power: 0.5)
+            XCTAssertNotEqual(cosine, constant, "the schedule changes this model's samples (k = \(window))")
+            XCTAssertNotEqual(cosine, checkCachedMatchesUncached(m, cfg: 1), "and is not the unguided sample")
+            XCTAssertNotEqual(checkCachedMatchesUncached(m, cfg: 8, power: 2), cosine)
+            // composes with the cfg interval: guided steps 0 and 1 only, weighted (w_0 = 1)
+            checkCachedMatchesUncached(m, cfg: 8, interval: 0, power: 0.5)
         }
     }
 

@@ -40,7 +40,7 @@ private struct ReferenceAdamW {
                 let g = Double(grads[i]) * scale
                 m[i] = b1 * m[i] + (1 - b1) * g
                 v[i] = b2 * v[i] + (1 - b2) * g * g
-                if e.shape.count >= 2 { p[i] *= 1 - rate * Double(s.weightDecay) }
+                if e.decay { p[i] *= 1 - rate * Double(s.weightDecay) }
                 let mHat = m[i] / (1 - pow(b1, step))
                 let vHat = v[i] / (1 - pow(b2, step))
                 p[i] -= rate * mHat / (vHat.squareRoot() + Double(s.eps))
@@ -92,6 +92,87 @@ final class AdamWTests: XCTestCase {
                 return
             }
         }
+    }
+
+    /// `optim.decay_rule_*`: the project rule (SPEC section 6) and RAR's (section 9 Recipe, a
+    /// case-sensitive substring match), on RAR's own names and shapes and a few made-up ones.
+    func testDecayRulesOnNamesAndShapes() {
+        let D = 8
+        let cases: [(String, [Int], project: Bool, rar: Bool)] = [
+            ("adaln_before_head.adaLN_modulation.1.weight", [2 * D, D], true, false),  // "ln" in "adaln"
+            ("adaln_before_head.adaLN_modulation.1.bias", [2 * D], false, false),
+            ("blocks.0.adaLN_modulation.1.weight", [6 * D, D], true, true),  // "LN" is not "ln"
+            ("blocks.0.adaLN_modulation.1.bias", [6 * D], false, false),
+            ("cls_token", [1, 1, D], true, true),  // three dimensions, no exempt name
+            ("pos_embed", [1, 1040, D], true, false),
+            ("target_aware_pos_embed", [1, 1040, D], true, false),
+            ("timesteps_embeddings", [1, 356, D], true, false),
+            ("embeddings.weight", [2026, D], true, false),
+            ("blocks.3.norm1.weight", [D], false, false),
+            ("blocks.3.attn.qkv.weight", [3 * D, D], true, true),
+            ("blocks.3.attn.qkv.bias", [3 * D], false, false),
+            ("blocks.3.attn.q_norm.weight", [D / 2], false, false),
+            ("blocks.3.attn.proj.weight", [D, D], true, true),
+            ("blocks.3.mlp.fc1.weight", [4 * D, D], true, true),
+            ("lm_head.weight", [1024, D], true, true),
+            ("lm_head.bias", [1024], false, false),
+            ("tok_embeddings.weight", [24, D], true, false),  // LlamaGen's tables under the rar rule
+            ("cls_embedding.embedding_table.weight", [4, D], true, false),
+            ("layers.0.attention.wqkv.weight", [3 * D, D], true, true),
+            ("x.gamma", [2, 2], true, false),
+            ("mask_token", [1, 1, D], true, false),
+            ("latent_tokens", [32, D], true, false),
+            ("block.Norm.weight", [2, 2], true, true),  // case-sensitive
+            ("some_bias_table", [2, 2], true, false),
+        ]
+        for (name, shape, project, rar) in cases {
+            XCTAssertEqual(DecayRule.project.decays(name: name, shape: shape), project, "project: \(name) \(shape)")
+            XCTAssertEqual(DecayRule.rar.decays(name: name, shape: shape), rar, "rar: \(name) \(shape)")
+        }
+        // the table's own flags are the project rule's; `decaying` re-rules one group only
+        let table = ParameterTable(testModel())
+        XCTAssertTrue(table.entries.allSatisfy { $0.decay == $0.isMatrix })
+        XCTAssertEqual(table.decaying { _ in .project }.entries, table.entries)
+        let ruled = table.decaying { $0 == .base ? .rar : .project }
+        for (e, r) in zip(table.entries, ruled.entries) {
+            let want = e.group == .base ? DecayRule.rar.decays(name: e.name, shape: e.shape) : e.isMatrix
+            XCTAssertEqual(r.decay, want, e.name)
+            XCTAssertEqual([r.name, "\(r.shape)", "\(r.offset)"], [e.name, "\(e.shape)", "\(e.offset)"])
+        }
+        XCTAssertFalse(ruled.entry("tok_embeddings.weight")!.decay)
+        XCTAssertTrue(ruled.entry("tensorar.in_pos")!.decay, "the plug-in keeps the project rule")
+        // a checkpoint's table does not store the flag: it reads back with the project rule's
+        let json = try! JSONEncoder().encode(ruled.entries)
+        XCTAssertFalse(String(decoding: json, as: UTF8.self).contains("decay"))
+        XCTAssertEqual(try! JSONDecoder().decode([ParameterEntry].self, from: json), table.entries)
+    }
+
+    /// The rule decides the step: under `rar` the base's embedding tables are not decayed, the
+    /// rest as before; each matches the Double reference with that rule.
+    func testRarDecayRuleChangesTheStep() {
+        let table = ParameterTable(testModel())
+        let start = randomBuffer(table.total, seed: 4, scale: 0.5)
+        let lr = PerGroup<Float>(base: 0.05, plugin: 0.02)
+        var results: [DecayRule: [Float]] = [:]
+        for rule in DecayRule.allCases {
+            let ruled = table.decaying { $0 == .base ? rule : .project }
+            let params = FlatBuffer(count: table.total)
+            params.base.update(from: start.base, count: table.total)
+            let opt = AdamW(table: ruled, settings: settings, trainable: PerGroup(base: true, plugin: true))
+            var ref = ReferenceAdamW(table: ruled, settings: settings, trainable: opt.trainable, params: start.array)
+            for k in 0..<3 {
+                let grads = randomBuffer(table.total, seed: 300 + UInt64(k))
+                opt.step(params: params, grads: grads, lr: lr, clip: 1)
+                _ = ref.step(grads.array, lr: lr, clip: 1)
+            }
+            assertClose(params.array, ref.p, rtol: 2e-6, atol: 1e-7, "params under \(rule)")
+            results[rule] = params.array
+        }
+        let tok = table.entry("tok_embeddings.weight")!
+        let changed = table.entries.filter { e in
+            (e.offset..<(e.offset + e.count)).contains { results[.project]![$0] != results[.rar]![$0] }
+        }.map(\.name)
+        XCTAssertEqual(changed, ["cls_embedding.embedding_table.weight", tok.name], "only the exempt matrices differ")
     }
 
     func testFrozenGroupKeepsNoMomentsAndStaysBitIdentical() {

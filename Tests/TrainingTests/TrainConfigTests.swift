@@ -210,6 +210,50 @@ final class TrainConfigTests: XCTestCase {
         }
     }
 
+    /// `optim.decay_rule_base`, `optim.decay_rule_plugin`: the base's own rule by default (project
+    /// for LlamaGen and Open-MAGVIT2), recorded once loaded, a bad name lists the allowed ones, a
+    /// manifest without the keys reads as project, and resume refuses another rule.
+    func testDecayRules() throws {
+        let d = TrainConfig()
+        XCTAssertNil(d.optim.decayRuleBase)
+        XCTAssertEqual(d.decayRules, PerGroup(base: .project, plugin: .project))
+        XCTAssertEqual(BaseRegistry.defaultDecayRule(base: "llamagen"), .project)
+        XCTAssertEqual(BaseRegistry.defaultDecayRule(base: "open-magvit2"), .project)
+        let loaded = try TrainConfig.load(file: nil)
+        XCTAssertEqual(loaded.optim.decayRuleBase, .project, "filled in, so the recorded config names it")
+        XCTAssertEqual(loaded.optim.decayRulePlugin, .project)
+        XCTAssertTrue(loaded.yamlString().contains("decay_rule_base: project"), loaded.yamlString())
+        let rar = try TrainConfig.load(file: nil, overrides: ["optim.decay_rule_base=rar"])
+        XCTAssertEqual(rar.decayRules, PerGroup(base: .rar, plugin: .project))
+        XCTAssertNoThrow(try rar.validate(worldSize: 1))
+        assertInputError(["--set optim.decay_rule_plugin=adam", "expected one of: project, rar"]) {
+            _ = try TrainConfig.load(file: nil, overrides: ["optim.decay_rule_plugin=adam"])
+        }
+        // a manifest's config from before the keys existed
+        var old = try JSONSerialization.jsonObject(with: Data(loaded.jsonString().utf8)) as! [String: Any]
+        var optim = old["optim"] as! [String: Any]
+        XCTAssertEqual(optim["decay_rule_base"] as? String, "project")
+        optim["decay_rule_base"] = nil
+        optim["decay_rule_plugin"] = nil
+        old["optim"] = optim
+        let before = try JSONDecoder().decode(TrainConfig.self, from: try JSONSerialization.data(withJSONObject: old))
+        XCTAssertEqual(before.decayRules, PerGroup(base: .project, plugin: .project))
+
+        // resume: the same rules pass; another rule of a trained group is refused, naming the key
+        let model = testModel()
+        let manifest = CheckpointManifest(
+            progress: TrainingProgress(step: 1, samplesSeen: 8, dataEpoch: 0, dataOffset: 8, seed: 0), worldSize: 1,
+            model: model, config: before, table: ParameterTable(model), optimizer: nil)
+        XCTAssertNoThrow(try loaded.checkResumable(manifest, path: "m.json"))
+        assertInputError([
+            "m.json", "optim.decay_rule_base is rar but the checkpoint was trained with project",
+            "--set optim.decay_rule_base=project",
+        ]) { try rar.checkResumable(manifest, path: "m.json") }
+        var frozen = rar
+        frozen.optim.lrBase = 0
+        XCTAssertNoThrow(try frozen.checkResumable(manifest, path: "m.json"), "a frozen group's rule does not matter")
+    }
+
     func testFrozenGroupFromZeroRate() throws {
         let c = try TrainConfig.resolve(yaml: "optim:\n  lr_base: 0\n", source: "x")
         XCTAssertEqual(c.trainableGroups, PerGroup(base: false, plugin: true))
