@@ -27,14 +27,23 @@ final class ReferenceTrainingTests: XCTestCase {
         try checkAdamWFixtures(in: dir + "/OpenMAGVIT2")
     }
 
-    func checkAdamWFixtures(in dir: String) throws {
-        let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".safetensors") }
-            .sorted()
+    /// The RAR base (SPEC section 9) in raster and in a random order, with RAR's decay rule on
+    /// the base group (the fixture lists the decayed names: they must be ours).
+    func testRARAdamWStepsMatchReference() throws {
+        try checkAdamWFixtures(
+            in: dir + "/RAR", only: ["rar_base_order.safetensors", "rar_base_raster.safetensors"])
+    }
+
+    func checkAdamWFixtures(in dir: String, only: [String]? = nil) throws {
+        let files =
+            try only
+            ?? FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".safetensors") }.sorted()
         XCTAssertFalse(files.isEmpty)
         for f in files {
             let path = dir + "/" + f
             let st = try Safetensors.read(path)
-            let m = try Transformer.load(path, ignoring: ["input.", "output.", "grad.", "adamw.", "sample."])
+            let m = try Transformer.load(
+                path, ignoring: ["input.", "output.", "grad.", "adamw.", "sample.", "sample_"])
             let fx = try JSONSerialization.jsonObject(with: Data(st.metadata["fixture"]!.utf8)) as! [String: Any]
             let a = fx["adamw"] as! [String: Any]
             let steps = a["steps"] as! Int
@@ -42,9 +51,16 @@ final class ReferenceTrainingTests: XCTestCase {
             let b = st.tensors["input.tokens"]!.shape[0]
             let batch = ModelBatch(
                 batch: b, tokens: try st.ints("input.tokens"), labels: try st.ints("input.labels"),
-                tensors: try st.ints("input.tensors"))
+                tensors: try st.ints("input.tensors"),
+                orders: st.tensors["input.orders"] != nil ? try st.ints("input.orders") : nil)
+            // the base group's default rule (RAR: rar, SPEC section 9); the plug-in's SPEC 6 rule
+            let baseRule = BaseRegistry.defaultDecayRule(base: m.config.base)
+            let table = m.table.decaying { $0 == .base ? baseRule : .project }
+            if let decayed = a["decayed_params"] as? [String] {
+                XCTAssertEqual(table.entries.filter(\.decay).map(\.name), decayed, "\(f): decayed parameters")
+            }
             let opt = AdamW(
-                table: m.table,
+                table: table,
                 settings: AdamWSettings(
                     beta1: Float(a["beta1"] as! Double), beta2: Float(a["beta2"] as! Double),
                     eps: Float(a["eps"] as! Double), weightDecay: Float(a["weight_decay"] as! Double)),
