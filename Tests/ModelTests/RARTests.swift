@@ -118,3 +118,101 @@ final class RARModelTests: XCTestCase {
         XCTAssertFalse(json.contains("factorized"), json)
     }
 }
+
+/// A random tiny RAR model (every tensor random: SPEC's zero adaLN would make the blocks the
+/// identity), its training batch, and the checks that need no reference.
+final class RARBehaviourTests: XCTestCase {
+    /// 9 x 9 grid: 82 trunk slots, so causal attention spans two blocks of query rows.
+    static func model(grid: Int = 9, seed: UInt64 = 3) throws -> Transformer {
+        var c = try ModelConfig.preset("tiny", base: "rar", vocabSize: 48, numClasses: 3, gridSize: grid)
+        c.dim = 32
+        c.ffnHidden = 64
+        let m = try Transformer(config: c)
+        m.initialise(seed: seed)
+        var rng = CounterRNG(seed: seed + 100)
+        for (i, e) in m.table.entries.enumerated() where m.table.inits[i] == .zeros {
+            for j in 0..<e.count { m.params[e.offset + j] = 0.2 * rng.normal() }
+        }
+        return m
+    }
+
+    static func batch(_ c: ModelConfig, samples B: Int, seed: UInt64, orders: Bool = false) -> ModelBatch {
+        let T = c.seqLen
+        var rng = CounterRNG(seed: seed)
+        let tokens = (0..<(B * T)).map { _ in Int32(rng.below(c.vocabSize)) }
+        let labels = (0..<B).map { Int32($0 % (c.numClasses + 1)) }
+        let tensors = Windows.inputTensors(tokens: tokens, batch: B, seqLen: T, window: 1)
+        var order: [Int32]?
+        if orders {
+            order = (0..<B).flatMap { _ -> [Int32] in
+                var pi = (0..<T).map { Int32($0) }
+                for i in stride(from: T - 1, to: 0, by: -1) { pi.swapAt(i, rng.below(i + 1)) }
+                return pi
+            }
+        }
+        return ModelBatch(batch: B, tokens: tokens, labels: labels, tensors: tensors, orders: order)
+    }
+
+    func testTrainingStepAndSamplingAreBitIdenticalAtAnyThreadCount() throws {
+        let m0 = try Self.model()
+        let b = Self.batch(m0.config, samples: 2, seed: 5, orders: true)
+        let T = m0.config.seqLen
+        try assertSameAtAnyThreadCount("RAR training step") {
+            let m = try Self.model()
+            let r = m.forward(
+                b, dropout: DropoutSettings(p: 0.1, seed: 2, step: 4, samplePositions: [3, 8]),
+                gradientScale: 1 / Float(2 * T))
+            m.backward()
+            XCTAssertTrue(r.loss.isFinite && r.loss > 0)
+            return [Float(r.loss)] + m.grads.array
+        }
+        let o = SamplingOptions(cfgScale: 2, temperature: 1, topK: 20, topP: 0.9, seed: 7)
+        try assertSameAtAnyThreadCount("RAR sampling") {
+            let s = Sampler(model: try Self.model()).sample(labels: [0, 2, 1], sampleIds: [4, 5, 6], options: o)
+            XCTAssertFalse(s.tokens.contains(-1))
+            return s.tokens.map { Float($0) }
+        }
+    }
+
+    /// Dropout (probabilities, after proj, after GELU, after fc2) is keyed by each sample's global
+    /// position: a sample's loss is the same alone or beside another, and dropout changes it.
+    func testDropoutIsKeyedBySample() throws {
+        let m = try Self.model(grid: 4)
+        let c = m.config
+        let T = c.seqLen
+        let pair = Self.batch(c, samples: 2, seed: 9)
+        var lossOf: [Double] = []
+        for s in 0..<2 {
+            let one = ModelBatch(
+                batch: 1, tokens: Array(pair.tokens[(s * T)..<((s + 1) * T)]), labels: [pair.labels[s]],
+                tensors: Array(pair.tensors[(s * (T - 1))..<((s + 1) * (T - 1))]))
+            let keyed = DropoutSettings(p: 0.3, seed: 4, step: 2, samplePositions: [10 + s])
+            lossOf.append(m.forward(one, dropout: keyed).loss)
+            XCTAssertNotEqual(lossOf[s], m.forward(one).loss, "dropout changes sample \(s)'s loss")
+        }
+        let both = m.forward(pair, dropout: DropoutSettings(p: 0.3, seed: 4, step: 2, samplePositions: [10, 11]))
+        XCTAssertEqual(both.loss, (lossOf[0] + lossOf[1]) / 2, accuracy: 1e-5 * both.loss)
+    }
+
+    /// The activation table is what a training step allocates.
+    func testActivationLayoutIsWhatAStepAllocates() throws {
+        let m = try Self.model(grid: 4)
+        _ = m.grads
+        let b = Self.batch(m.config, samples: 2, seed: 4)
+        let before = FlatBuffer.liveBytes
+        m.forward(b, dropout: DropoutSettings(p: 0.1, seed: 1, step: 0, samplePositions: [0, 1]), gradientScale: 1)
+        m.backward()
+        XCTAssertEqual(FlatBuffer.liveBytes - before, m.config.trainingActivationBytes(batch: 2, dropout: true))
+    }
+
+    /// Backward hands over exactly `gradientReadyOrder` and covers every parameter once.
+    func testReadyOrderCoversEveryParameterOnce() throws {
+        let m = try Self.model(grid: 4)
+        var seen: [Range<Int>] = []
+        m.forward(Self.batch(m.config, samples: 1, seed: 2), gradientScale: 1)
+        m.backward { seen.append($0) }
+        XCTAssertEqual(seen, m.gradientReadyOrder)
+        XCTAssertEqual(seen.map(\.count).reduce(0, +), m.table.total)
+        XCTAssertEqual(Set(seen.flatMap { Array($0) }).count, m.table.total)
+    }
+}

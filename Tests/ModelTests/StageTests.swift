@@ -10,15 +10,20 @@ import XCTest
 /// two run different sgemm shapes), at every step and slot, conditioned and null rows alike.
 final class StageTests: XCTestCase {
     func check(
-        window k: Int, depth: Int, residual: Bool = true, file: StaticString = #filePath, line: UInt = #line
+        window k: Int, depth: Int, residual: Bool = true, base: String = LlamaGen.name,
+        file: StaticString = #filePath, line: UInt = #line
     ) throws {
-        let c = ModelConfig(
+        var c = ModelConfig(
             vocabSize: 20, numClasses: 3, gridSize: 3, dim: 16, nLayer: 2, nHead: 2, ffnHidden: 32,
             window: k, pluginDepth: depth, residual: residual)
+        c.base = base
         let m = try Transformer(config: c)
         m.initialise(seed: 7)
         var rng = CounterRNG(seed: 107)
-        for e in m.table.entries where e.name.hasSuffix("proj.weight") || e.name == "output.weight" {
+        for (i, e) in m.table.entries.enumerated()
+        where e.name.hasSuffix("proj.weight") || e.name == "output.weight"
+            || (base == RAR.name && m.table.inits[i] == .zeros)  // RAR's adaLN and biases start at 0
+        {
             for i in 0..<e.count { m.params[e.offset + i] = 0.3 * rng.normal() }
         }
         let n = 2
@@ -77,6 +82,7 @@ final class StageTests: XCTestCase {
         try check(window: 3, depth: 1)
         try check(window: 3, depth: 2, residual: false)
         try check(window: 9, depth: 1)  // windows as long as the image: pads in every late tensor
+        try check(window: 1, depth: 0, base: RAR.name)  // slots 0 and 1 at step 0, then one slot a step
     }
 
     /// Backward hands over exactly `gradientReadyOrder`, in that order, and it covers the flat

@@ -22,29 +22,36 @@ final class ThreadDeterminismTests: XCTestCase {
         return m
     }
 
-    /// body's floats at 1 thread, then at 2 and 3, compared bit for bit.
     func sameAtAnyThreadCount(_ what: String, _ body: () throws -> [Float]) rethrows {
-        let savedThreads = BLAS.threads
-        let savedWork = kernelSerialWork
-        defer {
-            BLAS.threads = savedThreads
-            kernelSerialWork = savedWork
-        }
-        kernelSerialWork = 64
-        BLAS.threads = 1
-        let want = try body()
-        XCTAssertFalse(want.isEmpty)
-        for threads in [2, 3] {
-            BLAS.threads = threads
-            let jobs = ComputePool.shared.parallelJobs
-            let got = try body()
-            XCTAssertGreaterThan(ComputePool.shared.parallelJobs, jobs + 50, "\(what): too few jobs were split")
-            XCTAssertEqual(got.count, want.count, what)
-            let differ = zip(got, want).enumerated().first { $0.element.0.bitPattern != $0.element.1.bitPattern }
-            XCTAssertNil(differ, "\(what): \(threads) threads differ from 1 at element \(differ?.offset ?? -1)")
-        }
+        try assertSameAtAnyThreadCount(what, body)
     }
+}
 
+/// body's floats at 1 thread, then at 2 and 3, compared bit for bit (the kernels' work threshold
+/// lowered so that small shapes are split).
+func assertSameAtAnyThreadCount(_ what: String, _ body: () throws -> [Float]) rethrows {
+    let savedThreads = BLAS.threads
+    let savedWork = kernelSerialWork
+    defer {
+        BLAS.threads = savedThreads
+        kernelSerialWork = savedWork
+    }
+    kernelSerialWork = 64
+    BLAS.threads = 1
+    let want = try body()
+    XCTAssertFalse(want.isEmpty)
+    for threads in [2, 3] {
+        BLAS.threads = threads
+        let jobs = ComputePool.shared.parallelJobs
+        let got = try body()
+        XCTAssertGreaterThan(ComputePool.shared.parallelJobs, jobs + 50, "\(what): too few jobs were split")
+        XCTAssertEqual(got.count, want.count, what)
+        let differ = zip(got, want).enumerated().first { $0.element.0.bitPattern != $0.element.1.bitPattern }
+        XCTAssertNil(differ, "\(what): \(threads) threads differ from 1 at element \(differ?.offset ?? -1)")
+    }
+}
+
+extension ThreadDeterminismTests {
     func testTrainingStepIsBitIdenticalAtAnyThreadCount() throws {
         let B = 2
         let T = config.seqLen
