@@ -58,6 +58,9 @@ protocol BaseModel: AnyObject {
     /// Whether the inputs get the token dropout of SPEC section 2 (RAR: none on embeddings, SPEC
     /// section 9).
     var tokenDropout: Bool { get }
+    /// Whether the plug-in's encoder output depends on the class (RAR conditions its blocks on
+    /// c_q = E[y] + S[q]): then the sampler runs the encoder on the null rows too.
+    var classConditionsPlugin: Bool { get }
 
     // MARK: head
     /// The head over `rows` hidden states h (rows, D) in `targets` order: fills `losses[r]` with
@@ -114,6 +117,7 @@ extension BaseModel {
     var partLosses: [[Float]] { [] }
     func condition(_ c: Conditioning) {}
     var tokenDropout: Bool { true }
+    var classConditionsPlugin: Bool { false }
     static var defaultDecayRule: DecayRule { .project }
     static var readsSampleOrders: Bool { false }
 }
@@ -128,8 +132,13 @@ struct Conditioning {
     /// whose token it predicts.
     var headSequence: [Int32]
     var headStep: [Int32]
+    /// Per plug-in encoder tensor and per decoder state: its sequence and its SPEC position p
+    /// (RAR conditions the plug-in's blocks on c_{p+1}, SPEC section 9's last paragraph).
+    var encoderSequence: [Int32] = [], encoderPosition: [Int32] = []
+    var decoderSequence: [Int32] = [], decoderPosition: [Int32] = []
 
-    /// Training rows ordered (b, p, j) over `sequences` x T x `slots`: row (b, p, j) predicts step p + j.
+    /// Training rows ordered (b, p, j) over `sequences` x T x `slots`: row (b, p, j) predicts step
+    /// p + j; encoder tensors (b, p - 1) for p = 1 ..< T, decoder states (b, p).
     static func training(labels: [Int32], orders: [Int32]?, seqLen T: Int, slots: Int) -> Conditioning {
         let B = labels.count
         var seq = [Int32](repeating: 0, count: B * T * slots)
@@ -142,15 +151,27 @@ struct Conditioning {
                 }
             }
         }
-        return Conditioning(labels: labels, orders: orders, headSequence: seq, headStep: step)
+        var c = Conditioning(labels: labels, orders: orders, headSequence: seq, headStep: step)
+        let E = B * (T - 1)
+        c.encoderSequence = (0..<E).map { Int32($0 / (T - 1)) }
+        c.encoderPosition = (0..<E).map { Int32($0 % (T - 1) + 1) }
+        c.decoderSequence = (0..<(B * T)).map { Int32($0 / T) }
+        c.decoderPosition = (0..<(B * T)).map { Int32($0 % T) }
+        return c
     }
 
-    /// Sampling rows ordered (row, j) at step `position`: row (r, j) predicts step position + j.
+    /// Sampling rows ordered (row, j) at step `position`: row (r, j) predicts step position + j;
+    /// encoder and decoder rows are the rows themselves, all at `position`.
     static func sampling(labels: [Int32], slots: Int, position: Int) -> Conditioning {
         let NB = labels.count
         let seq = (0..<(NB * slots)).map { Int32($0 / slots) }
         let step = (0..<(NB * slots)).map { Int32(position + $0 % slots) }
-        return Conditioning(labels: labels, orders: nil, headSequence: seq, headStep: step)
+        var c = Conditioning(labels: labels, orders: nil, headSequence: seq, headStep: step)
+        c.encoderSequence = (0..<NB).map { Int32($0) }
+        c.encoderPosition = [Int32](repeating: Int32(position), count: NB)
+        c.decoderSequence = c.encoderSequence
+        c.decoderPosition = c.encoderPosition
+        return c
     }
 }
 

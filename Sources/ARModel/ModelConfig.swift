@@ -144,9 +144,6 @@ public struct ModelConfig: Codable, Equatable, Sendable {
         if window > 1 && pluginDepth == 0 { throw bad("window \(window) > 1 needs a plug-in (plugin_depth >= 1)") }
         if window > seqLen { throw bad("window \(window) is longer than the image (\(seqLen) tokens)") }
         if base == OpenMAGVIT2.name { try validateFactorized(bad) }
-        if base == RAR.name && hasPlugin {
-            throw bad("the TensorAR plug-in over the RAR base is not implemented yet (plugin_depth must be 0)")
-        }
         try checkBounds(source: source)
     }
 

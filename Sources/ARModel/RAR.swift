@@ -42,8 +42,9 @@ final class RAR: BaseModel {
     var tokenDropout: Bool { false }
     static var defaultDecayRule: DecayRule { .rar }
     static var readsSampleOrders: Bool { true }
+    var classConditionsPlugin: Bool { true }
     /// The last `condition(_:)`.
-    private var conditioning = Conditioning(labels: [], orders: nil, headSequence: [], headStep: [])
+    private(set) var conditioning = Conditioning(labels: [], orders: nil, headSequence: [], headStep: [])
 
     init(config c: ModelConfig, table: ParameterTable) {
         config = c
@@ -94,7 +95,7 @@ final class RAR: BaseModel {
     // MARK: conditions c = E[y] + S[slot], and silu(c)
 
     /// c (n, D) for rows whose class is `labels[seq[r]]` and whose timestep row is `slot[r]`.
-    private func conditionsForward(_ c: FloatPtr, _ cs: FloatPtr, seq: [Int32], slot: [Int32], params p: FloatPtr) {
+    func conditionsForward(_ c: FloatPtr, _ cs: FloatPtr, seq: [Int32], slot: [Int32], params p: FloatPtr) {
         let labels = conditioning.labels
         let lastRow = T + RAR.extraTimestepRows - 1
         for r in 0..<seq.count {
@@ -107,7 +108,7 @@ final class RAR: BaseModel {
     }
 
     /// dcs (n, D): the gradient w.r.t. silu(c); adds E's and S's gradients (serial, row order).
-    private func conditionsBackward(
+    func conditionsBackward(
         _ dcs: ConstFloatPtr, _ c: ConstFloatPtr, scratch dc: FloatPtr, seq: [Int32], slot: [Int32],
         grads gp: FloatPtr
     ) {

@@ -378,3 +378,59 @@ extension RARBlockStack {
         }
     }
 }
+
+/// The plug-in's blocks over RAR (SPEC section 9's last paragraph): RAR blocks with a full mask,
+/// every vector of a sequence conditioned on c_{p+1} of the SPEC position p that the sequence
+/// belongs to (`Conditioning.encoderPosition` / `decoderPosition`).
+final class RARPluginBlocks: PluginBlocks {
+    let stack: RARBlockStack
+    unowned let rar: RAR
+    let encoder: Bool
+    private var table: ActivationTable?
+    private var prefix = ""
+    private var seqOfRow: [Int32] = [], slotOfRow: [Int32] = []
+
+    init(_ stack: RARBlockStack, rar: RAR, encoder: Bool) {
+        self.stack = stack
+        self.rar = rar
+        self.encoder = encoder
+    }
+
+    static func addActivations(
+        _ prefix: String, _ c: ModelConfig, sequences N: Int, seqLen S: Int, to a: inout ActivationLayout
+    ) {
+        RARBlockStack.addActivations(prefix, layers: c.pluginDepth, sequences: N, seqLen: S, c, to: &a)
+        a.add("\(prefix).c", [N * S, c.dim])
+        a.add("\(prefix).cs", [N * S, c.dim])  // each vector's condition, silu
+        a.add("\(prefix).dcs", [N * S, c.dim], .backward)
+        a.add("\(prefix).dc", [N * S, c.dim], .backward)
+    }
+
+    func bindSequences(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
+        stack.bind(t, prefix: prefix, sequences: sequences, seqLen: seqLen)
+        table = t
+        self.prefix = prefix
+    }
+
+    func forwardSequences(_ x: FlatBuffer, params p: FloatPtr, sequences N: Int, seqLen S: Int, dropout: DropoutPlan?) {
+        let c = rar.conditioning
+        let seq = encoder ? c.encoderSequence : c.decoderSequence
+        let pos = encoder ? c.encoderPosition : c.decoderPosition
+        precondition(seq.count == N, "RAR plug-in blocks: \(N) sequences, \(seq.count) conditioned")
+        seqOfRow = (0..<(N * S)).map { seq[$0 / S] }
+        slotOfRow = (0..<(N * S)).map { pos[$0 / S] + 1 }
+        let t = table!
+        let cs = t["\(prefix).cs"].base
+        rar.conditionsForward(t["\(prefix).c"].base, cs, seq: seqOfRow, slot: slotOfRow, params: p)
+        stack.forward(x, cond: cs, params: p, sequences: N, seqLen: S, dropout: dropout)
+    }
+
+    func backwardSequences(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr) {
+        let t = table!
+        t.allocate(.backward)
+        let dcs = t.zeroed("\(prefix).dcs").base
+        stack.backward(dx, dcond: dcs, cond: t["\(prefix).cs"].base, params: p, grads: gp)
+        rar.conditionsBackward(
+            dcs, t["\(prefix).c"].base, scratch: t["\(prefix).dc"].base, seq: seqOfRow, slot: slotOfRow, grads: gp)
+    }
+}

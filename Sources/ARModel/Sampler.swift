@@ -102,7 +102,7 @@ public final class Sampler {
         // stages of their own (their buffers are sized for sampling rows), the same weights
         if c.hasPlugin {
             encoder = EncoderStage(base: model.base, config: c, table: model.table, siteBase: 0)
-            decoder = DecoderStage(config: c, table: model.table, siteBase: 0)
+            decoder = DecoderStage(base: model.base, config: c, table: model.table, siteBase: 0)
         } else {
             encoder = nil
             decoder = nil
@@ -134,7 +134,8 @@ public final class Sampler {
             self.NB = NB
             var a = ActivationLayout()
             if c.hasPlugin {
-                EncoderStage.addActivations(c, n: n, to: &a)
+                // a class-conditioned encoder (RAR) runs on the null rows too
+                EncoderStage.addActivations(c, n: m.base.classConditionsPlugin ? NB : n, to: &a)
                 DecoderStage.addActivations(c, n: NB, to: &a)
             }
             stages = ActivationTable(a)
@@ -191,7 +192,7 @@ public final class Sampler {
         if ws != nil && ws!.n == n && ws!.NB == NB { return }
         ws = nil
         let w = Workspace(m, n: n, NB: NB)
-        encoder?.bind(w.stages, n: n)
+        encoder?.bind(w.stages, n: m.base.classConditionsPlugin ? NB : n)
         decoder?.bind(w.stages, n: NB)
         ws = w
     }
@@ -213,8 +214,13 @@ public final class Sampler {
         if pos == 0 {
             for r in 0..<NB { m.base.embedClass(x + r * D, label: r < n ? Int(labels[r]) : c.numClasses, params: p) }
         } else {
-            embedInputs(inputs, rows: n, into: x)
-            if NB > n { (x + n * D).update(from: x, count: n * D) }  // null rows: same tensors, same input
+            if encoder != nil && m.base.classConditionsPlugin {
+                // RAR's encoder sees the class (c_q, SPEC section 9): the null rows run it on the same tensors
+                embedInputs(NB > n ? inputs + inputs : inputs, rows: NB, into: x)
+            } else {
+                embedInputs(inputs, rows: n, into: x)
+                if NB > n { (x + n * D).update(from: x, count: n * D) }  // null rows: same tensors, same input
+            }
         }
         m.base.trunkStep(x, cache: w.cache, position: pos, params: p)
         guard let decoder else { return UnsafePointer(x) }

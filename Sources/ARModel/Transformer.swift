@@ -143,7 +143,7 @@ public final class Transformer {
         base = BaseRegistry.type(named: config.base)!.init(config: config, table: table)
         if config.hasPlugin {
             encoder = EncoderStage(base: base, config: config, table: table, siteBase: 10_000)
-            decoder = DecoderStage(config: config, table: table, siteBase: 20_000)
+            decoder = DecoderStage(base: base, config: config, table: table, siteBase: 20_000)
         } else {
             encoder = nil
             decoder = nil
@@ -311,7 +311,7 @@ public final class Transformer {
         let table = ParameterTable(c)
         let base = BaseRegistry.type(named: c.base)!.init(config: c, table: table)
         let encoder = c.hasPlugin ? EncoderStage(base: base, config: c, table: table, siteBase: 0) : nil
-        let decoder = c.hasPlugin ? DecoderStage(config: c, table: table, siteBase: 0) : nil
+        let decoder = c.hasPlugin ? DecoderStage(base: base, config: c, table: table, siteBase: 0) : nil
         return readyOrder(base: base, encoder: encoder, decoder: decoder)
     }
 

@@ -216,3 +216,59 @@ final class RARBehaviourTests: XCTestCase {
         XCTAssertEqual(Set(seen.flatMap { Array($0) }).count, m.table.total)
     }
 }
+
+/// TensorAR over RAR (SPEC section 9's last paragraph) against the reference's plug-in files.
+final class RARPluginFixtureTests: XCTestCase {
+    let files = [
+        "rar_k1_d1_nores.safetensors", "rar_k1_d1_res.safetensors", "rar_k4_d1_nores_weighted.safetensors",
+        "rar_k4_d2_res.safetensors",
+    ]
+
+    func testLogitsLossesAndGradientsMatchReference() throws {
+        for f in files {
+            let c = try loadRARFixture(f)
+            let m = c.model
+            let cfg = m.config
+            XCTAssertTrue(cfg.hasPlugin, f)
+            var logits = [Float](repeating: 0, count: c.batch.batch * cfg.seqLen * cfg.window * cfg.vocabSize)
+            let r = logits.withUnsafeMutableBufferPointer { m.forward(c.batch, logits: $0.baseAddress!) }
+            let (w, i) = worstError(logits, try c.st.floats("output.logits"), rtol: 1e-4, atol: 1e-5)
+            XCTAssertLessThanOrEqual(w, 1, "\(f): logits, worst element \(i)")
+            let loss = Double(try c.st.floats("output.loss")[0])
+            XCTAssertEqual(r.loss, loss, accuracy: 1e-4 * abs(loss), "\(f): loss")
+            let slots = try c.st.floats("output.slot_losses").map(Double.init)
+            for j in slots.indices {
+                XCTAssertEqual(r.slotLosses[j], slots[j], accuracy: 1e-4 * abs(slots[j]), "\(f): slot \(j) loss")
+            }
+            m.grads.zero()
+            let T = cfg.seqLen
+            let valid = m.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, T - $1.offset)) * Double($1.element) }
+            m.forward(c.batch, gradientScale: Float(1 / (valid * Double(c.batch.batch))))
+            m.backward()
+            for e in m.table.entries {
+                let want = try c.st.floats("grad." + e.name)
+                let got = Array(UnsafeBufferPointer(start: m.grads.base + e.offset, count: e.count))
+                let scale = want.map { abs($0) }.max() ?? 0
+                let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, 1e-7))
+                XCTAssertLessThanOrEqual(w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
+            }
+        }
+    }
+
+    func testGreedySamplingMatchesReference() throws {
+        for f in files {
+            let c = try loadRARFixture(f)
+            let samples = c.fixture["samples"] as! [String: Any]
+            for set in ["sample", "sample_g1", "sample_pc"] {
+                let info = samples[set] as! [String: Any]
+                let labels = try c.st.ints("\(set).labels")
+                var o = SamplingOptions(cfgScale: Float(info["cfg_scale"] as! Double), topK: 1)
+                o.cfgSchedule = GuidanceSchedule(rawValue: info["cfg_schedule"] as! String)!
+                o.cfgPower = Float(info["cfg_power"] as? Double ?? 0)
+                let s = Sampler(model: c.model).sample(labels: labels, sampleIds: Array(0..<labels.count), options: o)
+                XCTAssertEqual(s.tokens, try c.st.ints("\(set).tokens"), "\(f) \(set): sampled tokens")
+                XCTAssertEqual(s.trajectories, try c.st.ints("\(set).trajectories"), "\(f) \(set): trajectories")
+            }
+        }
+    }
+}
