@@ -272,3 +272,35 @@ final class RARPluginFixtureTests: XCTestCase {
         }
     }
 }
+
+extension RARBehaviourTests {
+    /// k = 1 with a fresh residual plug-in (proj = 0) is the RAR base bit for bit: logits, loss,
+    /// every base gradient and greedy and random samples (SPEC sections 3, 9).
+    func testFreshPluginWithWindowOneIsTheBase() throws {
+        let base = try Self.model(grid: 4)
+        var c = base.config
+        c.pluginDepth = 2
+        let plug = try Transformer(config: c)
+        plug.initialise(seed: 5)
+        for e in base.table.entries {
+            plug.view(e.name).baseAddress!.update(from: base.view(e.name).baseAddress!, count: e.count)
+        }
+        let b = Self.batch(base.config, samples: 2, seed: 6)
+        let T = c.seqLen
+        var la = [Float](repeating: 0, count: 2 * T * c.vocabSize)
+        var lb = la
+        let ra = la.withUnsafeMutableBufferPointer { base.forward(b, gradientScale: 0.5, logits: $0.baseAddress!) }
+        base.backward()
+        let rb = lb.withUnsafeMutableBufferPointer { plug.forward(b, gradientScale: 0.5, logits: $0.baseAddress!) }
+        plug.backward()
+        XCTAssertEqual(la, lb, "logits")
+        XCTAssertEqual(ra.loss, rb.loss, "loss")
+        let n = base.table.total
+        XCTAssertEqual(Array(base.grads.array[0..<n]), Array(plug.grads.array[0..<n]), "base gradients")
+        for o in [SamplingOptions(cfgScale: 3, topK: 1), SamplingOptions(cfgScale: 2, topK: 10, seed: 4)] {
+            let sa = Sampler(model: base).sample(labels: [1, 3], sampleIds: [0, 1], options: o)
+            let sb = Sampler(model: plug).sample(labels: [1, 3], sampleIds: [0, 1], options: o)
+            XCTAssertEqual(sa.tokens, sb.tokens, "samples")
+        }
+    }
+}

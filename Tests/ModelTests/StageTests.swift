@@ -83,6 +83,8 @@ final class StageTests: XCTestCase {
         try check(window: 3, depth: 2, residual: false)
         try check(window: 9, depth: 1)  // windows as long as the image: pads in every late tensor
         try check(window: 1, depth: 0, base: RAR.name)  // slots 0 and 1 at step 0, then one slot a step
+        try check(window: 3, depth: 1, base: RAR.name)  // the encoder of the null rows sees their class
+        try check(window: 3, depth: 2, residual: false, base: RAR.name)
     }
 
     /// Backward hands over exactly `gradientReadyOrder`, in that order, and it covers the flat

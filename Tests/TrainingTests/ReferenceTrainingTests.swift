@@ -27,17 +27,15 @@ final class ReferenceTrainingTests: XCTestCase {
         try checkAdamWFixtures(in: dir + "/OpenMAGVIT2")
     }
 
-    /// The RAR base (SPEC section 9) in raster and in a random order, with RAR's decay rule on
-    /// the base group (the fixture lists the decayed names: they must be ours).
+    /// The RAR base (SPEC section 9) in raster and in a random order, and TensorAR over it, with
+    /// RAR's decay rule on the base group (the fixture lists the decayed names: they must be ours).
     func testRARAdamWStepsMatchReference() throws {
-        try checkAdamWFixtures(
-            in: dir + "/RAR", only: ["rar_base_order.safetensors", "rar_base_raster.safetensors"])
+        try checkAdamWFixtures(in: dir + "/RAR")
     }
 
-    func checkAdamWFixtures(in dir: String, only: [String]? = nil) throws {
-        let files =
-            try only
-            ?? FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".safetensors") }.sorted()
+    func checkAdamWFixtures(in dir: String) throws {
+        let files = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".safetensors") }
+            .sorted()
         XCTAssertFalse(files.isEmpty)
         for f in files {
             let path = dir + "/" + f
