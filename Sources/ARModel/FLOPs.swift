@@ -5,12 +5,27 @@ import Kernels
 /// (row, key) pairs the kernel computes (`attentionFLOPs`): causal attention blocked by query
 /// rows skips most of the masked half; the plug-in's full-mask attention does all S x S.
 extension ModelConfig {
+    /// Matmul FLOPs of one block's linear layers for one row: section 2's wqkv, wo, w1|w3, w2;
+    /// RAR's (SPEC section 9) qkv, proj, fc1, fc2 and the adaLN modulation (D x 6D).
+    var blockLinearFLOPsPerRow: Double {
+        let D = Double(dim)
+        let F = Double(ffnHidden)
+        if base == RAR.name { return 2 * (D * 3 * D + D * D + D * F + F * D + D * 6 * D) }
+        return 2 * D * 3 * D + 2 * D * D + 2 * D * 2 * F + 2 * F * D
+    }
+
+    /// Slots the base's trunk runs per image: T, or T + 1 for RAR (its cls slot in front).
+    var trunkSlots: Int { base == RAR.name ? seqLen + 1 : seqLen }
+
     func stackFLOPs(sequences n: Int, seqLen s: Int, layers: Int, causal: Bool) -> Double {
         let D = Double(dim)
         let F = Double(ffnHidden)
         let R = Double(n * s)
         let NH = Double(nHead)
-        let linear = 2 * R * D * 3 * D + 2 * R * D * D + 2 * R * D * 2 * F + 2 * R * F * D
+        // section 2's sum as it always was (the same bits in LlamaGen's logs)
+        let linear =
+            base == RAR.name
+            ? R * blockLinearFLOPsPerRow : 2 * R * D * 3 * D + 2 * R * D * D + 2 * R * D * 2 * F + 2 * R * F * D
         let attention = Double(n) * NH * attentionFLOPs(seqLen: s, headDim: headDim, causal: causal)
         return (linear + attention) * Double(layers)
     }
@@ -29,7 +44,7 @@ extension ModelConfig {
     public func forwardFLOPs(batch B: Int) -> Double {
         let T = seqLen
         let D = Double(dim)
-        var f = stackFLOPs(sequences: B, seqLen: T, layers: nLayer, causal: true) + headFLOPs(batch: B)
+        var f = stackFLOPs(sequences: B, seqLen: trunkSlots, layers: nLayer, causal: true) + headFLOPs(batch: B)
         if hasPlugin {
             let k = window
             let ne = B * (T - 1)

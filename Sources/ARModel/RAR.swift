@@ -231,7 +231,8 @@ final class RAR: BaseModel {
     func trunkStep(_ x: FloatPtr, cache: any TrunkCache, position pos: Int, params p: FloatPtr) {
         let cache = cache as! RARCache
         let NB = cache.rows
-        precondition(conditioning.labels.count == NB, "RAR trunk step: \(NB) cached rows, \(conditioning.labels.count) labels")
+        precondition(
+            conditioning.labels.count == NB, "RAR trunk step: \(NB) cached rows, \(conditioning.labels.count) labels")
         if stepCond?.count != NB * D {
             stepCond = FlatBuffer(count: NB * D)
             stepCondSilu = FlatBuffer(count: NB * D)
@@ -310,7 +311,8 @@ final class RAR: BaseModel {
         dloss = gradient?.dloss
         headSlots = conditioning.headStep.map { $0 + 1 }
         let lg = t["head.logits"].base
-        finalLayer(lg, h.base, n: n, seq: conditioning.headSequence, slot: headSlots, bufs: trainingHeadBuffers(), params: p)
+        finalLayer(
+            lg, h.base, n: n, seq: conditioning.headSequence, slot: headSlots, bufs: trainingHeadBuffers(), params: p)
         logits?.update(from: lg, count: n * V)
         let loss = t["head.loss"].base
         let ones = [Float](repeating: 1, count: n)
@@ -349,7 +351,8 @@ final class RAR: BaseModel {
         _ out: FloatPtr, _ h: ConstFloatPtr, rows n: Int, part: Int, chosen: [[Int32]],
         params p: FloatPtr
     ) {
-        precondition(conditioning.headStep.count == n, "RAR head: \(n) rows, \(conditioning.headStep.count) conditioned")
+        precondition(
+            conditioning.headStep.count == n, "RAR head: \(n) rows, \(conditioning.headStep.count) conditioned")
         if sample.first?.count != n * D {
             sample = [n * D, n * D, 2 * n * D, n * D, 2 * n, n * D].map { FlatBuffer(count: $0) }
         }

@@ -217,7 +217,9 @@ final class RARBlockStack {
     }
 
     /// LN2, modulation, fc1, GELU, fc2 of block l (into c.ym), with their dropouts.
-    private func mlpForward(_ c: RARBlockCache, _ w: RARBlockWeights, plan: DropoutPlan?, layer l: Int, params p: FloatPtr) {
+    private func mlpForward(
+        _ c: RARBlockCache, _ w: RARBlockWeights, plan: DropoutPlan?, layer l: Int, params p: FloatPtr
+    ) {
         let R = N * S
         let b = "\(prefix).\(l)"
         let mod = c.mod.base
@@ -353,7 +355,8 @@ extension RARBlockStack {
         for (l, w) in weights.enumerated() {
             matmulForward(mod, cond, p + w.adaW, n: NB, ic: D, oc: 6 * D)
             biasAddForward(mod, p + w.adaB, n: NB, oc: 6 * D)
-            layernormForward(c.n.base, c.stats.base, c.stats.base + NB, x, p + w.norm1W, p + w.norm1B, n: NB, d: D, eps: eps)
+            layernormForward(
+                c.n.base, c.stats.base, c.stats.base + NB, x, p + w.norm1W, p + w.norm1B, n: NB, d: D, eps: eps)
             modulateForward(c.m.base, c.n.base, shift: mod, scale: mod + D, ld: 6 * D, n: NB, d: D)
             matmulForward(c.qkv.base, c.m.base, p + w.qkvW, n: NB, ic: D, oc: 3 * D)
             biasAddForward(c.qkv.base, p + w.qkvB, n: NB, oc: 3 * D)
@@ -367,7 +370,8 @@ extension RARBlockStack {
             matmulForward(c.tmp.base, c.att.base, p + w.projW, n: NB, ic: D, oc: D)
             biasAddForward(c.tmp.base, p + w.projB, n: NB, oc: D)
             gatedAddForward(x, c.tmp.base, gate: mod + 2 * D, ld: 6 * D, n: NB, d: D)
-            layernormForward(c.n.base, c.stats.base, c.stats.base + NB, x, p + w.norm2W, p + w.norm2B, n: NB, d: D, eps: eps)
+            layernormForward(
+                c.n.base, c.stats.base, c.stats.base + NB, x, p + w.norm2W, p + w.norm2B, n: NB, d: D, eps: eps)
             modulateForward(c.m.base, c.n.base, shift: mod + 3 * D, scale: mod + 4 * D, ld: 6 * D, n: NB, d: D)
             matmulForward(c.a1.base, c.m.base, p + w.fc1W, n: NB, ic: D, oc: F)
             biasAddForward(c.a1.base, p + w.fc1B, n: NB, oc: F)

@@ -10,13 +10,25 @@ extension ModelConfig {
         let D = Double(dim)
         let F = Double(ffnHidden)
         let head = BaseRegistry.type(named: base)!
-        let perRowBlock = 2 * (D * 3 * D + D * D + D * 2 * F + F * D)
-        let attention = 2 * 2 * Double(nHead) * Double(p + 1) * Double(headDim)
-        var f = NB * (perRowBlock + attention) * Double(nLayer)
+        var f: Double
+        if base == RAR.name {
+            // slot p + 1 over the p + 2 cached slots; at p = 0 slot 0 (cls) first (SPEC section 9)
+            let attention = { (slot: Int) in 2 * 2 * Double(self.nHead) * Double(slot + 1) * Double(self.headDim) }
+            f = NB * (blockLinearFLOPsPerRow + attention(p + 1)) * Double(nLayer)
+            if p == 0 { f += NB * (blockLinearFLOPsPerRow + attention(0)) * Double(nLayer) }
+        } else {
+            let perRowBlock = 2 * (D * 3 * D + D * D + D * 2 * F + F * D)
+            let attention = 2 * 2 * Double(nHead) * Double(p + 1) * Double(headDim)
+            f = NB * (perRowBlock + attention) * Double(nLayer)
+        }
         if hasPlugin {
             let k = window
             if p > 0 {
-                f += stackFLOPs(sequences: n, seqLen: k + 1, layers: pluginDepth, causal: false) + 2 * Double(n) * D * D
+                // a class-conditioned encoder (RAR) runs on the null rows too (`Sampler.slotStates`)
+                let rows = base == RAR.name ? Int(NB) : n
+                f +=
+                    stackFLOPs(sequences: rows, seqLen: k + 1, layers: pluginDepth, causal: false)
+                    + 2 * Double(rows) * D * D
             }
             f += stackFLOPs(sequences: Int(NB), seqLen: k + 1, layers: pluginDepth, causal: false)
             f += 2 * NB * Double(k) * D * D

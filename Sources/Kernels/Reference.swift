@@ -189,7 +189,8 @@ public enum Reference {
 // Twins of AdaLN.swift (SPEC section 9), in Double, from the equations.
 extension Reference {
     /// LayerNorm of each row of width d: (x - mean) / sqrt(var + eps), times w plus b when given.
-    public static func layernorm(_ x: [Double], _ w: [Double]?, _ b: [Double]?, n: Int, d: Int, eps: Double) -> [Double] {
+    public static func layernorm(_ x: [Double], _ w: [Double]?, _ b: [Double]?, n: Int, d: Int, eps: Double) -> [Double]
+    {
         var y = x
         for i in 0..<n {
             let row = Array(x[(i * d)..<((i + 1) * d)])

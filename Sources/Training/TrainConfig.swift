@@ -516,7 +516,9 @@ extension TrainConfig {
             BaseRegistry.names.contains(m.base),
             "model.base '\(m.base)' is unknown; known: \(BaseRegistry.names.joined(separator: ", "))")
         if let p = m.preset {
-            let names = m.base == "open-magvit2" ? ModelConfig.openMAGVIT2PresetNames : ModelConfig.presetNames
+            let names =
+                m.base == "open-magvit2"
+                ? ModelConfig.openMAGVIT2PresetNames : m.base == "rar" ? ModelConfig.rarPresetNames : ModelConfig.presetNames
             let known = names.joined(separator: ", ")
             need(names.contains(p), "model.preset '\(p)' is unknown for model.base \(m.base); known: \(known)")
         } else {
@@ -722,11 +724,13 @@ extension TrainConfig.ModelSection {
                 c.factorizedBits = ModelConfig.defaultFactorizedBits(vocabSize: vocabSize) ?? []
                 c.factorizedNLayer = 2
             }
+            if base == "rar" { c.normEps = 1e-6 }  // SPEC section 9 (choice)
         }
         if let factorizedNLayer { c.factorizedNLayer = factorizedNLayer }
         if let dim {
             c.dim = dim
-            c.ffnHidden = ModelConfig.defaultFFNHidden(dim: dim)
+            // RAR's MLP is 4D wide (SPEC section 9's presets but XXL); the others' section 2 formula
+            c.ffnHidden = base == "rar" ? 4 * dim : ModelConfig.defaultFFNHidden(dim: dim)
         }
         if let nLayer { c.nLayer = nLayer }
         if let nHead { c.nHead = nHead }

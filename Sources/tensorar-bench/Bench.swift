@@ -88,6 +88,13 @@ struct Bench: ParsableCommand {
             c.pluginDepth = 2
             print("open-magvit2 \(name): base \(base) parameters; with plug-in k=4 d=2: \(ParameterTable(c).total)")
         }
+        for name in ["B", "L", "XL", "XXL"] {  // SPEC section 9
+            var c = try! ModelConfig.preset(name, base: "rar")
+            let base = ParameterTable(c).total
+            c.window = 4
+            c.pluginDepth = 2
+            print("rar \(name): base \(base) parameters; with plug-in k=4 d=2: \(ParameterTable(c).total)")
+        }
     }
 
     /// `--memory`: the trainer's own per-rank estimate (`Trainer.MemoryBreakdown.estimate`) for a
@@ -142,7 +149,12 @@ struct Bench: ParsableCommand {
     /// A base's preset in the shape its users train (the Fashion-MNIST shape for small).
     func config(_ name: String, base: String = "llamagen") throws -> ModelConfig {
         let small = name == "small"
-        let V = base == "open-magvit2" ? (small ? 4096 : 262_144) : (small ? 512 : 16384)
+        let V: Int
+        switch base {
+        case "open-magvit2": V = small ? 4096 : 262_144
+        case "rar": V = small ? 512 : 1024  // SPEC section 9: MaskGIT VQGAN codes
+        default: V = small ? 512 : 16384
+        }
         return try ModelConfig.preset(
             name, base: base, vocabSize: V, numClasses: small ? 10 : 1000,
             gridSize: small ? 7 : 16)

@@ -27,11 +27,17 @@ final class AdaLNTests: XCTestCase {
                 layernormBackward(
                     p[6], affine ? p[7] : nil, affine ? p[7] + d : nil, p[5], p[0], affine ? p[1] : nil, p[4], p[4] + n,
                     n: n, d: d)
-                let ndx = Reference.numericGradient(x) { dot(Reference.layernorm($0, ww, bb, n: n, d: d, eps: eps), dy) }
+                let ndx = Reference.numericGradient(x) {
+                    dot(Reference.layernorm($0, ww, bb, n: n, d: d, eps: eps), dy)
+                }
                 assertClose(read(p[6], n * d), ndx, rtol: 1e-3, atol: 1e-4, "\(what) dx finite differences")
                 if affine {
-                    let ndw = Reference.numericGradient(w) { dot(Reference.layernorm(x, $0, b, n: n, d: d, eps: eps), dy) }
-                    let ndb = Reference.numericGradient(b) { dot(Reference.layernorm(x, w, $0, n: n, d: d, eps: eps), dy) }
+                    let ndw = Reference.numericGradient(w) {
+                        dot(Reference.layernorm(x, $0, b, n: n, d: d, eps: eps), dy)
+                    }
+                    let ndb = Reference.numericGradient(b) {
+                        dot(Reference.layernorm(x, w, $0, n: n, d: d, eps: eps), dy)
+                    }
                     assertClose(read(p[7], d), ndw, rtol: 1e-3, atol: 1e-4, "layernorm dw finite differences")
                     assertClose(read(p[7] + d, d), ndb, rtol: 1e-3, atol: 1e-4, "layernorm db finite differences")
                 }
@@ -56,7 +62,8 @@ final class AdaLNTests: XCTestCase {
             dot(Reference.qkNorm(a, wq: b, bq: c, wk: d, bk: e, n: n, dim: D, heads: NH, eps: eps), dy)
         }
         withFloats([
-            qkv, wq, bq, wk, bk, [Double](repeating: 0, count: n * 2 * D), [Double](repeating: 0, count: 4 * n * NH), dy,
+            qkv, wq, bq, wk, bk, [Double](repeating: 0, count: n * 2 * D), [Double](repeating: 0, count: 4 * n * NH),
+            dy,
             [Double](repeating: 0, count: 4 * hd),
         ]) { p in
             qkNormForward(
@@ -78,7 +85,8 @@ final class AdaLNTests: XCTestCase {
                 Reference.numericGradient(bk) { f(qkv, wq, bq, wk, $0) },
             ]
             for (i, name) in ["wq", "bq", "wk", "bk"].enumerated() {
-                assertClose(read(p[8] + i * hd, hd), nd[i], rtol: 1e-3, atol: 1e-4, "qk norm d\(name) finite differences")
+                assertClose(
+                    read(p[8] + i * hd, hd), nd[i], rtol: 1e-3, atol: 1e-4, "qk norm d\(name) finite differences")
             }
         }
     }
@@ -122,8 +130,12 @@ final class AdaLNTests: XCTestCase {
             modulateForward(p[2], p[0], shift: p[1], scale: p[1] + d, ld: ld, n: n, d: d)
             assertClose(read(p[2], n * d), want, "modulate forward")
             modulateBackward(p[4], dshift: p[5], dscale: p[5] + d, p[3], p[0], scale: p[1] + d, ld: ld, n: n, d: d)
-            let nx = Reference.numericGradient(x) { dot(Reference.modulate($0, shift: cols(mod, 0), scale: cols(mod, 1)), dy) }
-            let nm = Reference.numericGradient(mod) { dot(Reference.modulate(x, shift: cols($0, 0), scale: cols($0, 1)), dy) }
+            let nx = Reference.numericGradient(x) {
+                dot(Reference.modulate($0, shift: cols(mod, 0), scale: cols(mod, 1)), dy)
+            }
+            let nm = Reference.numericGradient(mod) {
+                dot(Reference.modulate(x, shift: cols($0, 0), scale: cols($0, 1)), dy)
+            }
             assertClose(read(p[4], n * d), nx, rtol: 1e-4, atol: 1e-5, "modulate dx finite differences")
             // the gate's columns (2d..<3d) get no gradient from the modulation
             assertClose(read(p[5], n * ld), nm, rtol: 1e-4, atol: 1e-5, "modulate dshift, dscale finite differences")
@@ -227,7 +239,9 @@ final class AdaLNTests: XCTestCase {
                     var sc = [Double](repeating: -.infinity, count: S)
                     for j in 0..<S where !causal || j <= i {
                         var s = 0.0
-                        for t in 0..<hd { s += qkv[(b * S + i) * 3 * D + h * hd + t] * qkv[(b * S + j) * 3 * D + D + h * hd + t] }
+                        for t in 0..<hd {
+                            s += qkv[(b * S + i) * 3 * D + h * hd + t] * qkv[(b * S + j) * 3 * D + D + h * hd + t]
+                        }
                         sc[j] = s / Double(hd).squareRoot()
                     }
                     let mx = sc.max()!
@@ -235,7 +249,9 @@ final class AdaLNTests: XCTestCase {
                     let z = e.reduce(0, +)
                     for j in 0..<S {
                         let pm = e[j] / z * mask[((b * NH + h) * S + i) * S + j]
-                        for t in 0..<hd { out[(b * S + i) * D + h * hd + t] += pm * qkv[(b * S + j) * 3 * D + 2 * D + h * hd + t] }
+                        for t in 0..<hd {
+                            out[(b * S + i) * D + h * hd + t] += pm * qkv[(b * S + j) * 3 * D + 2 * D + h * hd + t]
+                        }
                     }
                 }
             }

@@ -72,7 +72,8 @@ final class RARFixtureTests: XCTestCase {
                 // floor 1e-7: k_norm.bias's gradient is exactly 0 (it shifts a query's scores by a
                 // constant), float32 leaves a few 1e-9 of rounding
                 let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, 1e-7))
-                XCTAssertLessThanOrEqual(w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
+                XCTAssertLessThanOrEqual(
+                    w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
                 XCTAssertGreaterThan(scale, 0, "\(f): \(e.name) has a gradient")
             }
         }
@@ -242,7 +243,9 @@ final class RARPluginFixtureTests: XCTestCase {
             }
             m.grads.zero()
             let T = cfg.seqLen
-            let valid = m.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, T - $1.offset)) * Double($1.element) }
+            let valid = m.slotWeights.enumerated().reduce(0.0) {
+                $0 + Double(max(0, T - $1.offset)) * Double($1.element)
+            }
             m.forward(c.batch, gradientScale: Float(1 / (valid * Double(c.batch.batch))))
             m.backward()
             for e in m.table.entries {
@@ -250,7 +253,8 @@ final class RARPluginFixtureTests: XCTestCase {
                 let got = Array(UnsafeBufferPointer(start: m.grads.base + e.offset, count: e.count))
                 let scale = want.map { abs($0) }.max() ?? 0
                 let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, 1e-7))
-                XCTAssertLessThanOrEqual(w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
+                XCTAssertLessThanOrEqual(
+                    w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
             }
         }
     }
