@@ -32,7 +32,7 @@ import pickle
 import re
 import sys
 import zipfile
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 
