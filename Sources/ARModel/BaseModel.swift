@@ -57,7 +57,7 @@ protocol BaseModel: AnyObject {
     func condition(_ c: Conditioning)
     /// Whether the inputs get the token dropout of SPEC section 2 (RAR: none on embeddings, SPEC
     /// section 9).
-    var tokenDropout: Bool { get }
+    static var tokenDropout: Bool { get }
     /// Whether the plug-in's encoder output depends on the class (RAR conditions its blocks on
     /// c_q = E[y] + S[q]): then the sampler runs the encoder on the null rows too.
     var classConditionsPlugin: Bool { get }
@@ -116,7 +116,7 @@ extension BaseModel {
     var lossPartNames: [String] { [] }
     var partLosses: [[Float]] { [] }
     func condition(_ c: Conditioning) {}
-    var tokenDropout: Bool { true }
+    static var tokenDropout: Bool { true }
     var classConditionsPlugin: Bool { false }
     static var defaultDecayRule: DecayRule { .project }
     static var readsSampleOrders: Bool { false }

@@ -39,7 +39,9 @@ final class RAR: BaseModel {
     let embeddingRange: Range<Int>
     let headRange: Range<Int>
     var headParts: [Int] { [V] }
-    var tokenDropout: Bool { false }
+    /// SPEC section 9: no dropout on embeddings; TensorAR over RAR keeps that (choice: section 3's
+    /// token dropout is not applied to the sequence entering RAR's blocks either).
+    static var tokenDropout: Bool { false }
     static var defaultDecayRule: DecayRule { .rar }
     static var readsSampleOrders: Bool { true }
     var classConditionsPlugin: Bool { true }
@@ -94,7 +96,10 @@ final class RAR: BaseModel {
 
     // MARK: conditions c = E[y] + S[slot], and silu(c)
 
-    /// c (n, D) for rows whose class is `labels[seq[r]]` and whose timestep row is `slot[r]`.
+    /// c (n, D) for rows whose class is `labels[seq[r]]` and whose timestep row is `slot[r]`. A
+    /// slot past the table (only head rows past the image end, whose loss is unused, with k > 100)
+    /// reads the last row (choice; SPEC section 9's table has T + 100 rows, the plug-in reads up
+    /// to S[T + k - 1]).
     func conditionsForward(_ c: FloatPtr, _ cs: FloatPtr, seq: [Int32], slot: [Int32], params p: FloatPtr) {
         let labels = conditioning.labels
         let lastRow = T + RAR.extraTimestepRows - 1

@@ -194,10 +194,11 @@ public final class Transformer {
         var a = ActivationLayout()
         a.add("x", [B, T, D])  // the trunk's input, then its output (in place)
         a.add("hidden", [B, T, D])  // h: the trunk's output, kept for the decoder
-        a.add("tokMask", [B, T, D], .dropout)  // token dropout (SPEC section 2)
+        let baseType = BaseRegistry.type(named: c.base)!
+        if baseType.tokenDropout { a.add("tokMask", [B, T, D], .dropout) }  // token dropout (SPEC section 2)
         a.add("dg", [rows, D], .backward)  // gradient w.r.t. the head's input rows
         a.add("dx", [B, T, D], .backward)  // gradient w.r.t. h, then the trunk's input
-        BaseRegistry.type(named: c.base)!.addActivations(c, sequences: B, headRows: rows, to: &a)
+        baseType.addActivations(c, sequences: B, headRows: rows, to: &a)
         if c.hasPlugin {
             EncoderStage.addActivations(c, n: B * (T - 1), to: &a)
             DecoderStage.addActivations(c, n: B * T, to: &a)
@@ -344,7 +345,7 @@ public final class Transformer {
                 }
             }
         }
-        if let plan, base.tokenDropout {
+        if let plan, type(of: base).tokenDropout {
             activations!.allocate(.dropout)
             let tokMask = activations!["tokMask"]
             dropoutMask(
@@ -360,7 +361,7 @@ public final class Transformer {
         let batch = batchCopy!
         let T = T
         let D = D
-        if dropoutUsed != nil && base.tokenDropout {
+        if dropoutUsed != nil && type(of: base).tokenDropout {
             dropoutApply(dx.base, activations!["tokMask"].base, count: B * T * D)
         }
         for b in 0..<B { base.embedClassBackward(dx.base + b * T * D, label: Int(batch.labels[b]), grads: gp) }
