@@ -49,16 +49,18 @@ struct BlockCache {
 }
 
 /// Scratch shared by all blocks of a stack during backward (R rows), views into the table.
+/// Under recompute blocks they are shared by every stack, sized for the largest: only a stack's
+/// R rows are used (zeroed) each time.
 private struct BackwardScratch {
     let tmp, dh, dn, dattY, dqkv, dab, dg: FlatBuffer
-    init(_ t: ActivationTable, _ prefix: String) {
-        tmp = t["\(prefix).tmp"]
-        dh = t["\(prefix).dh"]
-        dn = t["\(prefix).dn"]
-        dattY = t["\(prefix).dattY"]
-        dqkv = t["\(prefix).dqkv"]
-        dab = t["\(prefix).dab"]
-        dg = t["\(prefix).dg"]
+    init(_ t: ActivationTable, _ names: BlockActivationNames) {
+        tmp = t[names.scratch("tmp")]
+        dh = t[names.scratch("dh")]
+        dn = t[names.scratch("dn")]
+        dattY = t[names.scratch("dattY")]
+        dqkv = t[names.scratch("dqkv")]
+        dab = t[names.scratch("dab")]
+        dg = t[names.scratch("dg")]
     }
 }
 
@@ -75,7 +77,8 @@ final class BlockStack: RecomputableStack {
     private(set) var N = 0, S = 0
     private(set) var recompute = ActivationRecompute.none
     private var table: ActivationTable?
-    private var prefix = ""
+    var activationTable: ActivationTable? { table }
+    private var names = BlockActivationNames(prefix: "", recompute: .none)
     private var caches: [BlockCache] = []
     private var tmp: FlatBuffer?
     /// What the last forward ran with, for backward and for recomputing a block.
@@ -122,25 +125,24 @@ final class BlockStack: RecomputableStack {
                 ("g", [R, F], .forward),  // swiglu
                 ("mask1", [R, D], .dropout), ("mask2", [R, D], .dropout),  // after wo; after w2
             ])
-        a.add("\(prefix).tmp", [R, D])  // wo / w2 outputs, then backward scratch
-        a.add("\(prefix).dh", [R, D], .backward)
-        a.add("\(prefix).dn", [R, D], .backward)
-        a.add("\(prefix).dattY", [R, D], .backward)
-        a.add("\(prefix).dqkv", [R, 3 * D], .backward)
-        a.add("\(prefix).dab", [R, 2 * F], .backward)
-        a.add("\(prefix).dg", [R, F], .backward)
+        a.addScratch(names, "tmp", [R, D], .forward)  // wo / w2 outputs, then backward scratch
+        a.addScratch(names, "dh", [R, D], .backward)
+        a.addScratch(names, "dn", [R, D], .backward)
+        a.addScratch(names, "dattY", [R, D], .backward)
+        a.addScratch(names, "dqkv", [R, 3 * D], .backward)
+        a.addScratch(names, "dab", [R, 2 * F], .backward)
+        a.addScratch(names, "dg", [R, F], .backward)
     }
 
     /// Uses the buffers of `addActivations(prefix, ...)` in `t` (its forward part allocated).
     func bind(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
         table = t
-        self.prefix = prefix
         N = sequences
         S = seqLen
         recompute = t.layout.recompute
-        let names = BlockActivationNames(prefix: prefix, recompute: recompute)
+        names = BlockActivationNames(prefix: prefix, recompute: recompute)
         caches = (0..<weights.count).map { BlockCache(t, names, $0) }
-        tmp = t["\(prefix).tmp"]
+        tmp = t[names.scratch("tmp")]
     }
 
     /// x (N*S, D) in: the stack's input; out: its output (overwritten in place).
@@ -204,7 +206,7 @@ final class BlockStack: RecomputableStack {
     func backward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onLayerDone: ((Int) -> Void)? = nil) {
         precondition(params == p, "BlockStack.backward with other parameters than its forward")
         table!.allocate(.backward)
-        scratch = BackwardScratch(table!, prefix)
+        scratch = BackwardScratch(table!, names)
         backwardBlocks(dx, grads: gp, onLayerDone: onLayerDone)
     }
 
@@ -219,23 +221,23 @@ final class BlockStack: RecomputableStack {
         s.dh.base.update(from: dx.base, count: R * D)
         s.tmp.base.update(from: dx.base, count: R * D)
         if dropped { dropoutApply(s.tmp.base, table![c.mask2].base, count: R * D) }
-        s.dg.zero()
+        s.dg.base.update(repeating: 0, count: R * F)
         matmulBackward(s.dg.base, gp + w.w2, s.tmp.base, c.g.base, p + w.w2, n: R, ic: F, oc: D)
         swigluBackward(s.dab.base, s.dg.base, c.ab.base, n: R, f: F)
-        s.dn.zero()
+        s.dn.base.update(repeating: 0, count: R * D)
         matmulBackward(s.dn.base, gp + w.w13, s.dab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F)
         rmsnormBackward(s.dh.base, gp + w.ffnNorm, s.dn.base, c.h.base, p + w.ffnNorm, c.rstd2.base, n: R, d: D)
         // h = x + drop(wo(attention(rope(wqkv(norm1(x))))))
         s.tmp.base.update(from: s.dh.base, count: R * D)
         if dropped { dropoutApply(s.tmp.base, table![c.mask1].base, count: R * D) }
-        s.dattY.zero()
+        s.dattY.base.update(repeating: 0, count: R * D)
         matmulBackward(s.dattY.base, gp + w.wo, s.tmp.base, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
-        s.dqkv.zero()
+        s.dqkv.base.update(repeating: 0, count: R * 3 * D)
         attentionBackward(
             s.dqkv.base, s.dattY.base, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D,
             heads: NH, causal: causal)
         if let rotary { rotaryApply(s.dqkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH, inverse: true) }
-        s.dn.zero()
+        s.dn.base.update(repeating: 0, count: R * D)
         matmulBackward(s.dn.base, gp + w.wqkv, s.dqkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
         dx.base.update(from: s.dh.base, count: R * D)
         rmsnormBackward(dx.base, gp + w.attnNorm, s.dn.base, c.xIn.base, p + w.attnNorm, c.rstd1.base, n: R, d: D)

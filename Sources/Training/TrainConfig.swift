@@ -32,6 +32,8 @@ extension NoiseSchedule: ConfigChoice {}
 /// Which embedding `discrete` noise measures similarity in (SPEC section 4).
 public enum NoiseEmbedding: String, ConfigChoice, Sendable { case model, codebook }
 extension ScheduleKind: ConfigChoice {}
+/// `train.recompute` (activation checkpointing; defined with the activation table in ARModel).
+extension ActivationRecompute: ConfigChoice {}
 
 /// ZeRO stages over MPI (`dist.shard_optimizer`): `states` shards the AdamW moments and the
 /// update (stage 1), `states+grads` the gradients too (stage 2). Each rank owns its checkpoint
@@ -212,6 +214,7 @@ public struct TrainConfig: Codable, Equatable {
         public var maxSkippedSteps: Int = 10  // consecutive non-finite-gradient steps tolerated before stopping
         public var emaDecay: Double? = nil  // EMA of the weights per step (LlamaGen --ema: 0.9999); none: off
         public var tensorboard: Bool = true  // event files in <run>/tensorboard/: metrics.jsonl's numbers, samples
+        public var recompute: ActivationRecompute = .none  // none | blocks: keep block inputs, recompute in backward
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case globalBatch = "global_batch"
@@ -222,10 +225,10 @@ public struct TrainConfig: Codable, Equatable {
             case valEvery = "val_every"
             case maxSkippedSteps = "max_skipped_steps"
             case emaDecay = "ema_decay"
-            case tensorboard
+            case tensorboard, recompute
         }
-        /// As synthesized, except that `tensorboard` may be absent (manifests written before it
-        /// existed resume with it on, the default).
+        /// As synthesized, except that `tensorboard` and `recompute` may be absent (manifests
+        /// written before they existed resume with the defaults: on, none).
         public init(from decoder: Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             globalBatch = try c.decode(Int.self, forKey: .globalBatch)
@@ -239,6 +242,7 @@ public struct TrainConfig: Codable, Equatable {
             maxSkippedSteps = try c.decode(Int.self, forKey: .maxSkippedSteps)
             emaDecay = try c.decodeIfPresent(Double.self, forKey: .emaDecay)
             tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard) ?? true
+            recompute = try c.decodeIfPresent(ActivationRecompute.self, forKey: .recompute) ?? .none
         }
     }
 

@@ -40,6 +40,7 @@ struct Bench: ParsableCommand {
     @Option(help: "With --memory: samples per micro-batch.") var microBatch = 8
     @Option(help: "With --memory: samples per rank per step (default: one micro-batch).") var localBatch: Int?
     @Option(help: "With --memory: none | states | states+grads (dist.shard_optimizer).") var shard = "none"
+    @Option(help: "With --memory: none | blocks (train.recompute).") var recompute = "none"
 
     func validate() throws {
         if threads < 1 { throw ValidationError("--threads must be at least 1") }
@@ -97,6 +98,9 @@ struct Bench: ParsableCommand {
         guard let zero = ShardOptimizer(rawValue: shard) else {
             throw ValidationError("--shard must be one of none, states, states+grads, got '\(shard)'")
         }
+        guard let recomputed = ActivationRecompute(rawValue: recompute) else {
+            throw ValidationError("--recompute must be one of none, blocks, got '\(recompute)'")
+        }
         guard ranks >= 1, microBatch >= 1, window >= 0, depth >= 0 else {
             throw ValidationError("--ranks and --micro-batch must be at least 1, --window and --depth at least 0")
         }
@@ -110,11 +114,13 @@ struct Bench: ParsableCommand {
         tc.train.microBatch = microBatch
         tc.train.globalBatch = (localBatch ?? microBatch) * ranks
         tc.dist.shardOptimizer = zero
+        tc.train.recompute = recomputed
         let m = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks)
         let plugin = window > 0 ? "k=\(window) d=\(depth)" : "no plug-in"
         print(
             "\(base) \(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), "
-                + "micro-batch \(microBatch) x \(c.seqLen) tokens, shard \(zero.rawValue):")
+                + "micro-batch \(microBatch) x \(c.seqLen) tokens, shard \(zero.rawValue), "
+                + "recompute \(recomputed.rawValue):")
         for (name, bytes) in [
             ("parameters", m.parameters), ("gradients", m.gradients), ("AdamW moments", m.moments),
             ("activations", m.activations), ("buffers", m.buffers),
