@@ -281,7 +281,8 @@ struct Bench: ParsableCommand {
             let none = r.config.trainingActivationBytes(batch: r.batch, dropout: true)
             let blocks = r.config.trainingActivationBytes(batch: r.batch, dropout: true, recompute: .blocks)
             for (c, n) in counts.enumerated() {
-                let format = "%@ k=%d d=%d batch %d, %d thread(s): recompute blocks step time %.3fx, "
+                let format =
+                    "%@ k=%d d=%d batch %d, %d thread(s): recompute blocks step time %.3fx, "
                     + "activations %.2f / %.2f GB = %.3f"
                 print(
                     String(
