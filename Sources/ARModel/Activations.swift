@@ -134,6 +134,7 @@ extension RecomputableStack {
             let held = holder?.stack == ObjectIdentifier(self) && holder?.block == l
             if recompute == .blocks && !held { runBlockForward(l, output: nil) }
             blockBackward(l, dx, grads: gp)
+            activationTable?.workspaceHolder = nil  // a block's backward may consume what it read
             onLayerDone?(l)
         }
     }
