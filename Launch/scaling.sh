@@ -12,8 +12,10 @@
 #     its start-up memory breakdown and measured peak resident memory.
 #   - with ZERO=1 (default): preset B, k = 4, d = 2 (micro-batch 1, one per rank) on 2 and 4 ranks
 #     with dist.shard_optimizer none, states and states+grads: the per-rank estimate beside rank 0's
-#     measured peak resident memory, and the step and AdamW times.
-# Environment: STEPS (default-config steps, 30), BSTEPS (preset-B steps, 3), MEMORY (1), ZERO (1),
+#     measured peak resident memory, and the step and AdamW times;
+#   - with RECOMPUTE=1 (default): the same on 2 ranks with train.recompute blocks, and the step
+#     time with and without recompute (tensorar-bench --recompute both: interleaved in one process).
+# Environment: STEPS (default-config steps, 30), BSTEPS (preset-B steps, 3), MEMORY (1), ZERO (1), RECOMPUTE (1),
 # DP (1: the step-time table), OUT (work folder, /tmp/tensorar-scaling). On 2 cores the 4- and 8-rank runs are oversubscribed.
 # Measured numbers and the 64-node estimate: README.md, section "Scaling".
 set -euo pipefail
@@ -23,6 +25,7 @@ STEPS=${STEPS:-30}
 BSTEPS=${BSTEPS:-3}
 MEMORY=${MEMORY:-1}
 ZERO=${ZERO:-1}
+RECOMPUTE=${RECOMPUTE:-1}
 DP=${DP:-1}
 OUT=${OUT:-/tmp/tensorar-scaling}
 EXE=.build/release/tensorar-train
@@ -104,24 +107,20 @@ if [ "$MEMORY" = 1 ]; then
   grep -E "^memory" "$log"
 fi
 
-if [ "$ZERO" = 1 ]; then
-  echo
-  echo "ZeRO, preset B k = 4, d = 2, micro-batch 1 x 256 tokens per rank, $BSTEPS steps (rank 0; MB = 10^6 bytes):"
-  echo
-  echo "| ranks | dist.shard_optimizer | estimate MB | measured peak MB | step s | reduce wait s | AdamW s | allgather s | load |"
-  echo "|---|---|---|---|---|---|---|---|---|"
-  for ranks in 2 4; do
-    for zero in none states states+grads; do
-      log="$OUT/zero-$ranks-$zero.log"
-      load=$(cut -d' ' -f1 /proc/loadavg)
-      mpirun -n "$ranks" --bind-to none "$EXE" Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" \
-        --set data.val=null --set model.init_from=null --set train.global_batch="$ranks" --set train.micro_batch=1 \
-        --set train.steps="$BSTEPS" --set train.log_every=1 --set dist.shard_optimizer="$zero" --set dist.overlap=false \
-        --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run="zero-$ranks-$zero" --set checkpoint.resume=never \
-        --set checkpoint.every=0 >"$log" 2>&1 || { echo "scaling: ZeRO run failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
-      python3 - "$log" "$ranks" "$zero" "$load" <<'EOF'
+# zero_row RANKS SHARD RECOMPUTE: one row of the ZeRO / recompute table (preset B k4 d2, micro-batch 1).
+zero_row() {
+  local ranks=$1 zero=$2 recompute=$3 load
+  local log="$OUT/zero-$ranks-$zero-$recompute.log"
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  mpirun -n "$ranks" --bind-to none "$EXE" Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" \
+    --set data.val=null --set model.init_from=null --set train.global_batch="$ranks" --set train.micro_batch=1 \
+    --set train.steps="$BSTEPS" --set train.log_every=1 --set dist.shard_optimizer="$zero" --set dist.overlap=false \
+    --set train.recompute="$recompute" \
+    --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run="zero-$ranks-$zero-$recompute" --set checkpoint.resume=never \
+    --set checkpoint.every=0 >"$log" 2>&1 || { echo "scaling: ZeRO run failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
+  python3 - "$log" "$ranks" "$zero" "$recompute" "$load" <<'EOF'
 import re, sys
-log, ranks, zero, load = sys.argv[1:]
+log, ranks, zero, recompute, load = sys.argv[1:]
 text = open(log).read()
 est = re.search(r"total ([\d.]+) MB \+ the runtime", text)
 peak = re.search(r"peak resident ([\d.]+) MB", text)
@@ -131,8 +130,31 @@ if not (est and peak and t):
     sys.exit(f"scaling: no memory or timing line in {log}")
 c, a, d, o = map(float, t.groups())
 gather = float(g.group(1)) if g else 0.0
-print(f"| {ranks} | {zero} | {est.group(1)} | {peak.group(1)} | {c + a + d + o + gather:.2f} | {a:.3f} | {o:.3f} | {gather:.3f} | {load} |")
+print(f"| {ranks} | {zero} | {recompute} | {est.group(1)} | {peak.group(1)} | {c + a + d + o + gather:.2f} | {a:.3f} | {o:.3f} | {gather:.3f} | {load} |")
 EOF
-    done
+}
+ZERO_HEAD="| ranks | dist.shard_optimizer | train.recompute | estimate MB | measured peak MB | step s | reduce wait s | AdamW s | allgather s | load |"
+
+if [ "$ZERO" = 1 ]; then
+  echo
+  echo "ZeRO, preset B k = 4, d = 2, micro-batch 1 x 256 tokens per rank, $BSTEPS steps (rank 0; MB = 10^6 bytes):"
+  echo
+  echo "$ZERO_HEAD"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  for ranks in 2 4; do
+    for zero in none states states+grads; do zero_row "$ranks" "$zero" none; done
   done
+fi
+
+if [ "$RECOMPUTE" = 1 ]; then
+  echo
+  echo "Recompute, preset B k = 4, d = 2, micro-batch 1 x 256 tokens per rank, 2 ranks, $BSTEPS steps (rank 0):"
+  echo
+  echo "$ZERO_HEAD"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
+  for zero in none states states+grads; do zero_row 2 "$zero" blocks; done
+  echo
+  echo "Step time with and without recompute, interleaved in one process (1 thread; load $(cut -d' ' -f1 /proc/loadavg)):"
+  .build/release/tensorar-bench --presets B --batches 2 --window 4 --depth 2 --recompute both --threads 1 --steps 2 \
+    | grep -E "recompute blocks"
 fi

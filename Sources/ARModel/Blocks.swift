@@ -25,41 +25,49 @@ struct DropoutPlan {
     let samplePositions: [Int]  // global position of each local sample within the global batch
 }
 
-/// Activations one block keeps for its backward pass, views into an `ActivationTable`.
+/// Activations one block keeps for its backward pass, views into an `ActivationTable`: block l's
+/// own buffers, or (recompute blocks) the stack's workspace with block l's input (`addBlocks`).
 struct BlockCache {
     let xIn, n1, rstd1, qkv, probs, attY, h, n2, rstd2, ab, g: FlatBuffer
-    init(_ t: ActivationTable, _ prefix: String) {
-        xIn = t["\(prefix).xIn"]
-        n1 = t["\(prefix).n1"]
-        rstd1 = t["\(prefix).rstd1"]
-        qkv = t["\(prefix).qkv"]
-        probs = t["\(prefix).probs"]
-        attY = t["\(prefix).attY"]
-        h = t["\(prefix).h"]
-        n2 = t["\(prefix).n2"]
-        rstd2 = t["\(prefix).rstd2"]
-        ab = t["\(prefix).ab"]
-        g = t["\(prefix).g"]
+    /// The dropout masks' names (their part is allocated by the first forward with dropout).
+    let mask1, mask2: String
+    init(_ t: ActivationTable, _ names: BlockActivationNames, _ l: Int) {
+        xIn = t[names.input(l)]
+        n1 = t[names.own(l, "n1")]
+        rstd1 = t[names.own(l, "rstd1")]
+        qkv = t[names.own(l, "qkv")]
+        probs = t[names.own(l, "probs")]
+        attY = t[names.own(l, "attY")]
+        h = t[names.own(l, "h")]
+        n2 = t[names.own(l, "n2")]
+        rstd2 = t[names.own(l, "rstd2")]
+        ab = t[names.own(l, "ab")]
+        g = t[names.own(l, "g")]
+        mask1 = names.own(l, "mask1")
+        mask2 = names.own(l, "mask2")
     }
 }
 
 /// Scratch shared by all blocks of a stack during backward (R rows), views into the table.
+/// Under recompute blocks they are shared by every stack, sized for the largest: only a stack's
+/// R rows are used (zeroed) each time.
 private struct BackwardScratch {
     let tmp, dh, dn, dattY, dqkv, dab, dg: FlatBuffer
-    init(_ t: ActivationTable, _ prefix: String) {
-        tmp = t["\(prefix).tmp"]
-        dh = t["\(prefix).dh"]
-        dn = t["\(prefix).dn"]
-        dattY = t["\(prefix).dattY"]
-        dqkv = t["\(prefix).dqkv"]
-        dab = t["\(prefix).dab"]
-        dg = t["\(prefix).dg"]
+    init(_ t: ActivationTable, _ names: BlockActivationNames) {
+        tmp = t[names.scratch("tmp")]
+        dh = t[names.scratch("dh")]
+        dn = t[names.scratch("dn")]
+        dattY = t[names.scratch("dattY")]
+        dqkv = t[names.scratch("dqkv")]
+        dab = t[names.scratch("dab")]
+        dg = t[names.scratch("dg")]
     }
 }
 
 /// A stack of base blocks over N sequences of S vectors: the base transformer (causal, 2D rotary)
-/// or a plug-in encoder/decoder (full mask, no rotary; SPEC section 3).
-final class BlockStack {
+/// or a plug-in encoder/decoder (full mask, no rotary; SPEC section 3). Runs under either
+/// `train.recompute` layout (`RecomputableStack`).
+final class BlockStack: RecomputableStack {
     let weights: [BlockWeights]
     let causal: Bool
     let rotary: RotaryTable?
@@ -67,11 +75,16 @@ final class BlockStack {
     let eps: Float
     let siteBase: Int  // dropout site ids: siteBase + 2*layer (+1 for the FFN)
     private(set) var N = 0, S = 0
+    private(set) var recompute = ActivationRecompute.none
     private var table: ActivationTable?
-    private var prefix = ""
+    var activationTable: ActivationTable? { table }
+    private var names = BlockActivationNames(prefix: "", recompute: .none)
     private var caches: [BlockCache] = []
     private var tmp: FlatBuffer?
-    private var dropped = false  // the last forward applied dropout masks
+    /// What the last forward ran with, for backward and for recomputing a block.
+    private var params: FloatPtr?
+    private var dropout: DropoutPlan?
+    private var scratch: BackwardScratch?
 
     init(
         weights: [BlockWeights], causal: Bool, rotary: RotaryTable?, dim: Int, heads: Int, ffn: Int, eps: Float,
@@ -87,7 +100,10 @@ final class BlockStack {
         self.siteBase = siteBase
     }
 
-    /// The activations of L blocks over N sequences of S vectors (R = N*S rows), under `prefix`.
+    var blockCount: Int { weights.count }
+
+    /// The activations of L blocks over N sequences of S vectors (R = N*S rows), under `prefix`,
+    /// laid out for `a.recompute`.
     static func addActivations(
         _ prefix: String, layers L: Int, sequences N: Int, seqLen S: Int, _ c: ModelConfig,
         to a: inout ActivationLayout
@@ -95,113 +111,136 @@ final class BlockStack {
         let R = N * S
         let D = c.dim
         let F = c.ffnHidden
-        for l in 0..<L {
-            let b = "\(prefix).\(l)"
-            a.add("\(b).xIn", [R, D])
-            a.add("\(b).n1", [R, D])
-            a.add("\(b).rstd1", [R])  // block input, norm1
-            a.add("\(b).qkv", [R, 3 * D])
-            a.add("\(b).probs", [N, c.nHead, S, S])  // after rotary; softmax
-            a.add("\(b).attY", [R, D])
-            a.add("\(b).h", [R, D])  // heads joined; x + attn
-            a.add("\(b).n2", [R, D])
-            a.add("\(b).rstd2", [R])  // norm2
-            a.add("\(b).ab", [R, 2 * F])
-            a.add("\(b).g", [R, F])  // w1|w3 outputs; swiglu
-            a.add("\(b).mask1", [R, D], .dropout)
-            a.add("\(b).mask2", [R, D], .dropout)  // after wo; after w2
-        }
-        a.add("\(prefix).tmp", [R, D])  // wo / w2 outputs, then backward scratch
-        a.add("\(prefix).dh", [R, D], .backward)
-        a.add("\(prefix).dn", [R, D], .backward)
-        a.add("\(prefix).dattY", [R, D], .backward)
-        a.add("\(prefix).dqkv", [R, 3 * D], .backward)
-        a.add("\(prefix).dab", [R, 2 * F], .backward)
-        a.add("\(prefix).dg", [R, F], .backward)
+        let names = BlockActivationNames(prefix: prefix, recompute: a.recompute)
+        a.addBlocks(
+            names, layers: L, input: [R, D],  // the block's input
+            [
+                ("n1", [R, D], .forward), ("rstd1", [R], .forward),  // norm1
+                ("qkv", [R, 3 * D], .forward),  // after rotary
+                ("probs", [N, c.nHead, S, S], .forward),  // softmax
+                ("attY", [R, D], .forward),  // heads joined
+                ("h", [R, D], .forward),  // x + attn
+                ("n2", [R, D], .forward), ("rstd2", [R], .forward),  // norm2
+                ("ab", [R, 2 * F], .forward),  // w1|w3 outputs
+                ("g", [R, F], .forward),  // swiglu
+                ("mask1", [R, D], .dropout), ("mask2", [R, D], .dropout),  // after wo; after w2
+            ])
+        a.addScratch(names, "tmp", [R, D], .forward)  // wo / w2 outputs, then backward scratch
+        a.addScratch(names, "dh", [R, D], .backward)
+        a.addScratch(names, "dn", [R, D], .backward)
+        a.addScratch(names, "dattY", [R, D], .backward)
+        a.addScratch(names, "dqkv", [R, 3 * D], .backward)
+        a.addScratch(names, "dab", [R, 2 * F], .backward)
+        a.addScratch(names, "dg", [R, F], .backward)
     }
 
     /// Uses the buffers of `addActivations(prefix, ...)` in `t` (its forward part allocated).
     func bind(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
         table = t
-        self.prefix = prefix
         N = sequences
         S = seqLen
-        caches = (0..<weights.count).map { BlockCache(t, "\(prefix).\($0)") }
-        tmp = t["\(prefix).tmp"]
+        recompute = t.layout.recompute
+        names = BlockActivationNames(prefix: prefix, recompute: recompute)
+        caches = (0..<weights.count).map { BlockCache(t, names, $0) }
+        tmp = t[names.scratch("tmp")]
     }
 
     /// x (N*S, D) in: the stack's input; out: its output (overwritten in place).
     func forward(_ x: FlatBuffer, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?) {
         precondition(sequences == N && seqLen == S, "BlockStack bound for \(N) x \(S), run on \(sequences) x \(seqLen)")
-        let R = N * S
-        let tmp = self.tmp!.base
-        dropped = (dropout?.p ?? 0) > 0
-        if dropped { table!.allocate(.dropout) }
-        for (l, w) in weights.enumerated() {
-            let c = caches[l]
-            c.xIn.base.update(from: x.base, count: R * D)
-            rmsnormForward(c.n1.base, c.rstd1.base, c.xIn.base, p + w.attnNorm, n: R, d: D, eps: eps)
-            matmulForward(c.qkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
-            if let rotary { rotaryApply(c.qkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH) }
-            attentionForward(
-                c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal)
-            matmulForward(tmp, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
-            applyDropout(tmp, "\(prefix).\(l).mask1", dropout, site: siteBase + 2 * l)
-            addForward(c.h.base, c.xIn.base, tmp, count: R * D)
-            rmsnormForward(c.n2.base, c.rstd2.base, c.h.base, p + w.ffnNorm, n: R, d: D, eps: eps)
-            matmulForward(c.ab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F)
-            swigluForward(c.g.base, c.ab.base, n: R, f: F)
-            matmulForward(tmp, c.g.base, p + w.w2, n: R, ic: F, oc: D)
-            applyDropout(tmp, "\(prefix).\(l).mask2", dropout, site: siteBase + 2 * l + 1)
-            addForward(x.base, c.h.base, tmp, count: R * D)
-        }
+        params = p
+        self.dropout = (dropout?.p ?? 0) > 0 ? dropout : nil
+        if self.dropout != nil { table!.allocate(.dropout) }
+        forwardBlocks(x)
     }
 
-    private func applyDropout(_ t: FloatPtr, _ name: String, _ plan: DropoutPlan?, site: Int) {
-        guard let plan, plan.p > 0 else { return }
+    /// Block l from its input (copied in from `x` first when given) to its activations; with `x`,
+    /// the block's output is written back to it. Without, w2 and the last residual add are
+    /// skipped: backward reads nothing after mask2.
+    func blockForward(_ l: Int, output x: FlatBuffer?) {
+        let R = N * S
+        let p = params!
+        let tmp = self.tmp!.base
+        let w = weights[l]
+        let c = caches[l]
+        if let x { c.xIn.base.update(from: x.base, count: R * D) }
+        rmsnormForward(c.n1.base, c.rstd1.base, c.xIn.base, p + w.attnNorm, n: R, d: D, eps: eps)
+        matmulForward(c.qkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
+        if let rotary { rotaryApply(c.qkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH) }
+        attentionForward(
+            c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal)
+        matmulForward(tmp, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
+        applyDropout(tmp, c.mask1, site: siteBase + 2 * l)
+        addForward(c.h.base, c.xIn.base, tmp, count: R * D)
+        rmsnormForward(c.n2.base, c.rstd2.base, c.h.base, p + w.ffnNorm, n: R, d: D, eps: eps)
+        matmulForward(c.ab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F)
+        swigluForward(c.g.base, c.ab.base, n: R, f: F)
+        guard let x else {
+            makeMask(c.mask2, site: siteBase + 2 * l + 1)
+            return
+        }
+        matmulForward(tmp, c.g.base, p + w.w2, n: R, ic: F, oc: D)
+        applyDropout(tmp, c.mask2, site: siteBase + 2 * l + 1)
+        addForward(x.base, c.h.base, tmp, count: R * D)
+    }
+
+    /// Draws the dropout mask `name` of `site` (keyed: the same bits each time), if dropout is on.
+    @discardableResult
+    private func makeMask(_ name: String, site: Int) -> FlatBuffer? {
+        guard let plan = dropout else { return nil }
         let R = N * S
         let mask = table![name]
         dropoutMask(
             mask.base, p: plan.p, rows: R, d: D, rowsPerSample: R / plan.samplePositions.count,
             samplePositions: plan.samplePositions, seed: plan.seed, step: plan.step, site: site)
-        dropoutApply(t, mask.base, count: R * D)
+        return mask
+    }
+
+    private func applyDropout(_ t: FloatPtr, _ name: String, site: Int) {
+        guard let mask = makeMask(name, site: site) else { return }
+        dropoutApply(t, mask.base, count: N * S * D)
     }
 
     /// dx (N*S, D) in: gradient w.r.t. the stack's output; out: w.r.t. its input (in place).
     /// `onLayerDone(l)` fires when block l's weight gradients are complete (for bucketed allreduce).
     func backward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onLayerDone: ((Int) -> Void)? = nil) {
-        let R = N * S
+        precondition(params == p, "BlockStack.backward with other parameters than its forward")
         table!.allocate(.backward)
-        let s = BackwardScratch(table!, prefix)
-        for l in stride(from: weights.count - 1, through: 0, by: -1) {
-            let w = weights[l]
-            let c = caches[l]
-            // out = h + drop(w2(swiglu(w13(norm2(h)))))
-            s.dh.base.update(from: dx.base, count: R * D)
-            s.tmp.base.update(from: dx.base, count: R * D)
-            if dropped { dropoutApply(s.tmp.base, table!["\(prefix).\(l).mask2"].base, count: R * D) }
-            s.dg.zero()
-            matmulBackward(s.dg.base, gp + w.w2, s.tmp.base, c.g.base, p + w.w2, n: R, ic: F, oc: D)
-            swigluBackward(s.dab.base, s.dg.base, c.ab.base, n: R, f: F)
-            s.dn.zero()
-            matmulBackward(s.dn.base, gp + w.w13, s.dab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F)
-            rmsnormBackward(s.dh.base, gp + w.ffnNorm, s.dn.base, c.h.base, p + w.ffnNorm, c.rstd2.base, n: R, d: D)
-            // h = x + drop(wo(attention(rope(wqkv(norm1(x))))))
-            s.tmp.base.update(from: s.dh.base, count: R * D)
-            if dropped { dropoutApply(s.tmp.base, table!["\(prefix).\(l).mask1"].base, count: R * D) }
-            s.dattY.zero()
-            matmulBackward(s.dattY.base, gp + w.wo, s.tmp.base, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
-            s.dqkv.zero()
-            attentionBackward(
-                s.dqkv.base, s.dattY.base, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D,
-                heads: NH, causal: causal)
-            if let rotary { rotaryApply(s.dqkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH, inverse: true) }
-            s.dn.zero()
-            matmulBackward(s.dn.base, gp + w.wqkv, s.dqkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
-            dx.base.update(from: s.dh.base, count: R * D)
-            rmsnormBackward(dx.base, gp + w.attnNorm, s.dn.base, c.xIn.base, p + w.attnNorm, c.rstd1.base, n: R, d: D)
-            onLayerDone?(l)
-        }
+        scratch = BackwardScratch(table!, names)
+        backwardBlocks(dx, grads: gp, onLayerDone: onLayerDone)
+    }
+
+    func blockBackward(_ l: Int, _ dx: FlatBuffer, grads gp: FloatPtr) {
+        let R = N * S
+        let p = params!
+        let s = scratch!
+        let w = weights[l]
+        let c = caches[l]
+        let dropped = dropout != nil
+        // out = h + drop(w2(swiglu(w13(norm2(h)))))
+        s.dh.base.update(from: dx.base, count: R * D)
+        s.tmp.base.update(from: dx.base, count: R * D)
+        if dropped { dropoutApply(s.tmp.base, table![c.mask2].base, count: R * D) }
+        s.dg.base.update(repeating: 0, count: R * F)
+        matmulBackward(s.dg.base, gp + w.w2, s.tmp.base, c.g.base, p + w.w2, n: R, ic: F, oc: D)
+        swigluBackward(s.dab.base, s.dg.base, c.ab.base, n: R, f: F)
+        s.dn.base.update(repeating: 0, count: R * D)
+        matmulBackward(s.dn.base, gp + w.w13, s.dab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F)
+        rmsnormBackward(s.dh.base, gp + w.ffnNorm, s.dn.base, c.h.base, p + w.ffnNorm, c.rstd2.base, n: R, d: D)
+        // h = x + drop(wo(attention(rope(wqkv(norm1(x))))))
+        s.tmp.base.update(from: s.dh.base, count: R * D)
+        if dropped { dropoutApply(s.tmp.base, table![c.mask1].base, count: R * D) }
+        s.dattY.base.update(repeating: 0, count: R * D)
+        matmulBackward(s.dattY.base, gp + w.wo, s.tmp.base, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
+        s.dqkv.base.update(repeating: 0, count: R * 3 * D)
+        attentionBackward(
+            s.dqkv.base, s.dattY.base, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D,
+            heads: NH, causal: causal)
+        if let rotary { rotaryApply(s.dqkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH, inverse: true) }
+        s.dn.base.update(repeating: 0, count: R * D)
+        matmulBackward(s.dn.base, gp + w.wqkv, s.dqkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
+        dx.base.update(from: s.dh.base, count: R * D)
+        rmsnormBackward(dx.base, gp + w.attnNorm, s.dn.base, c.xIn.base, p + w.attnNorm, c.rstd1.base, n: R, d: D)
     }
 }
 

@@ -119,6 +119,13 @@ public final class Transformer {
     public func usePageBackedGradients() { grads = FlatBuffer(pages: table.total) }
     /// w_j, the per-slot loss weights (SPEC section 3; default all ones).
     public var slotWeights: [Float]
+    /// `train.recompute`: the block stacks' activation layout (`ActivationRecompute`). Changing
+    /// it drops the activation buffers; the next forward lays them out again.
+    public var recompute = ActivationRecompute.none {
+        didSet {
+            if recompute != oldValue { B = 0 }
+        }
+    }
 
     let T, D, k: Int
     let base: any BaseModel
@@ -187,11 +194,13 @@ public final class Transformer {
 
     /// The activation buffers of every stage for a batch of B: what a model allocates, and
     /// what `ModelConfig.trainingActivationBytes` reports.
-    static func activationLayout(_ c: ModelConfig, batch B: Int) -> ActivationLayout {
+    static func activationLayout(
+        _ c: ModelConfig, batch B: Int, recompute: ActivationRecompute = .none
+    ) -> ActivationLayout {
         let T = c.seqLen
         let D = c.dim
         let rows = B * T * (c.hasPlugin ? c.window : 1)
-        var a = ActivationLayout()
+        var a = ActivationLayout(recompute: recompute)
         a.add("x", [B, T, D])  // the trunk's input, then its output (in place)
         a.add("hidden", [B, T, D])  // h: the trunk's output, kept for the decoder
         let baseType = BaseRegistry.type(named: c.base)!
@@ -210,7 +219,7 @@ public final class Transformer {
         if b == B { return }
         B = b
         activations = nil  // the old batch's buffers go first
-        let t = ActivationTable(Transformer.activationLayout(config, batch: b))
+        let t = ActivationTable(Transformer.activationLayout(config, batch: b, recompute: recompute))
         t.allocate(.forward)
         activations = t
         x = t["x"]

@@ -36,60 +36,64 @@ public enum MemoryCheck {
         return a
     }
 
-    /// Bytes one rank needs for `mc` trained with micro-batches of `microBatch`: parameters,
-    /// gradients, both AdamW moments (4 bytes a float each) and the activations.
-    public static func perRank(_ mc: ModelConfig, microBatch: Int, dropout: Bool) -> (fixed: Int, activations: Int) {
-        let p = ParameterTable(mc).total
-        let (fixed, o1) = p.multipliedReportingOverflow(by: 16)
-        return (o1 ? Int.max : fixed, mc.trainingActivationBytes(batch: microBatch, dropout: dropout))
-    }
-
-    /// Throws (naming `source`) when the estimate for `ranksOnNode` ranks exceeds what is available.
-    /// `fixed`: the bytes of parameters, gradients and moments when not 16 a parameter (ZeRO shards
-    /// them: `Trainer.MemoryBreakdown.estimate`).
+    /// Throws (naming `source`) when one rank's estimate (`Trainer.MemoryBreakdown.estimate` for
+    /// `config` on `ranks` ranks: the same figures as the start-up memory line) times
+    /// `ranksOnNode` exceeds what the node has, or one rank's exceeds the process limit.
     public static func check(
-        _ mc: ModelConfig, microBatch: Int, dropout: Bool, ranksOnNode: Int,
-        source: String, fixed given: Int? = nil, available a: Available = available()
+        _ mc: ModelConfig, config: TrainConfig, ranks: Int, ranksOnNode: Int, source: String,
+        available a: Available = available()
     ) throws {
-        var (fixed, act) = perRank(mc, microBatch: microBatch, dropout: dropout)
-        if let given { fixed = given }
-        let need = fixed > Int.max - act ? Int.max : fixed + act
-        let ranks = max(1, ranksOnNode)
+        let estimate = Trainer.MemoryBreakdown.estimate(mc, config: config, ranks: ranks)
+        let need = estimate.total
+        let act = estimate.activations
+        let fixed = need - act
+        let nodeRanks = max(1, ranksOnNode)
         let limits: [(bytes: Int, ranks: Int, what: String)] =
             [
-                a.node.map { ($0, ranks, "available on this node (\(a.nodeSource)) for \(ranks) rank(s)") },
+                a.node.map { ($0, nodeRanks, "available on this node (\(a.nodeSource)) for \(nodeRanks) rank(s)") },
                 a.process.map { ($0, 1, "left under this process's address-space limit (ulimit -v)") },
             ].compactMap { $0 }
         for l in limits {
             let budget = l.bytes / l.ranks
             guard need > budget else { continue }
+            let b = config.train.microBatch
             throw InputError(
                 source,
-                "the model needs about \(gb(need)) per rank (parameters, gradients and "
-                    + "AdamW moments \(gb(fixed)), activations \(gb(act)) at train.micro_batch \(microBatch)) but "
-                    + "\(gb(l.bytes)) is "
-                    + "\(l.what). " + advice(mc, fixed: fixed, microBatch: microBatch, dropout: dropout, budget: budget)
-            )
+                "the model needs about \(gb(need)) per rank (parameters, gradients, AdamW moments and "
+                    + "buffers \(gb(fixed)), activations \(gb(act)) at train.micro_batch \(b)) but "
+                    + "\(gb(l.bytes)) is \(l.what). "
+                    + advice(mc, config: config, ranks: ranks, budget: budget))
         }
     }
 
-    /// What would fit in `budget` bytes: the largest smaller micro-batch, or else a smaller model.
-    static func advice(_ mc: ModelConfig, fixed: Int, microBatch: Int, dropout: Bool, budget: Int) -> String {
-        func fits(_ b: Int) -> Bool {
-            fixed < budget && mc.trainingActivationBytes(batch: b, dropout: dropout) <= budget - fixed
+    /// What would fit in `budget` bytes: the largest smaller micro-batch (and recompute, when it
+    /// is off and would let the configured micro-batch fit), or else a smaller model.
+    static func advice(_ mc: ModelConfig, config: TrainConfig, ranks: Int, budget: Int) -> String {
+        func fits(_ b: Int, _ recompute: ActivationRecompute) -> Bool {
+            var c = config
+            c.train.microBatch = b
+            c.train.recompute = recompute
+            return Trainer.MemoryBreakdown.estimate(mc, config: c, ranks: ranks).total <= budget
         }
-        if fits(1) {
+        let microBatch = config.train.microBatch
+        let recompute = config.train.recompute
+        var also = ""
+        if recompute == .none && fits(microBatch, .blocks) {
+            also = " train.recompute: blocks would fit at train.micro_batch \(microBatch)."
+        }
+        if fits(1, recompute) {
             var lo = 1
             var hi = max(1, microBatch - 1)  // fits(lo) holds; find the largest b <= hi that fits
             while lo < hi {
                 let mid = (lo + hi + 1) / 2
-                if fits(mid) { lo = mid } else { hi = mid - 1 }
+                if fits(mid, recompute) { lo = mid } else { hi = mid - 1 }
             }
-            return "train.micro_batch \(lo) or less would fit."
+            return "train.micro_batch \(lo) or less would fit." + also
         }
+        if !also.isEmpty { return String(also.dropFirst()) }
         let params = budget / 16 / 2
         return "Even the weights do not fit: a model of about \(params / 1_000_000)M parameters or less would "
-            + "(model.dim, model.n_layer), with fewer ranks per node or more memory."
+            + "(model.dim, model.n_layer), with fewer ranks per node, dist.shard_optimizer or more memory."
     }
 
     static func gb(_ b: Int) -> String {

@@ -33,6 +33,8 @@ extension NoiseSchedule: ConfigChoice {}
 public enum NoiseEmbedding: String, ConfigChoice, Sendable { case model, codebook }
 extension ScheduleKind: ConfigChoice {}
 extension DecayRule: ConfigChoice {}
+/// `train.recompute` (activation checkpointing; defined with the activation table in ARModel).
+extension ActivationRecompute: ConfigChoice {}
 
 /// ZeRO stages over MPI (`dist.shard_optimizer`): `states` shards the AdamW moments and the
 /// update (stage 1), `states+grads` the gradients too (stage 2). Each rank owns its checkpoint
@@ -223,6 +225,7 @@ public struct TrainConfig: Codable, Equatable {
         // {start: S0, end: S1}: the share of samples in a random token order, 1 until S0, linear to
         // 0 at S1 (SPEC section 9 Random order; base training of a base that reads orders); none: off
         public var randomOrder: RandomOrder? = nil
+        public var recompute: ActivationRecompute = .none  // none | blocks: keep block inputs, recompute in backward
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case globalBatch = "global_batch"
@@ -233,11 +236,11 @@ public struct TrainConfig: Codable, Equatable {
             case valEvery = "val_every"
             case maxSkippedSteps = "max_skipped_steps"
             case emaDecay = "ema_decay"
-            case tensorboard
+            case tensorboard, recompute
             case randomOrder = "random_order"
         }
-        /// As synthesized, except that `tensorboard` may be absent (manifests written before it
-        /// existed resume with it on, the default).
+        /// As synthesized, except that `tensorboard` and `recompute` may be absent (manifests
+        /// written before they existed resume with the defaults: on, none).
         public init(from decoder: Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             globalBatch = try c.decode(Int.self, forKey: .globalBatch)
@@ -252,6 +255,7 @@ public struct TrainConfig: Codable, Equatable {
             emaDecay = try c.decodeIfPresent(Double.self, forKey: .emaDecay)
             tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard) ?? true
             randomOrder = try c.decodeIfPresent(RandomOrder.self, forKey: .randomOrder)
+            recompute = try c.decodeIfPresent(ActivationRecompute.self, forKey: .recompute) ?? .none
         }
     }
 

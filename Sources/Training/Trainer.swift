@@ -82,15 +82,11 @@ public final class Trainer {
                 "data.val_samples is \(n) but this validation cache holds only "
                     + "\(v.count) samples")
         }
-        let sharded =
-            config.dist.shardOptimizer == .none
-            ? nil
-            : MemoryBreakdown.estimate(mc, config: config, ranks: comm.size)
         try MemoryCheck.check(
-            mc, microBatch: config.train.microBatch, dropout: config.train.dropout > 0,
-            ranksOnNode: MPI.ranksOnThisNode, source: "config (model, train.micro_batch)",
-            fixed: sharded.map { $0.parameters + $0.gradients + $0.moments })
+            mc, config: config, ranks: comm.size, ranksOnNode: MPI.ranksOnThisNode,
+            source: "config (model, train.micro_batch)")
         model = try Trainer.buildModel(mc, config: config)
+        model.recompute = config.train.recompute
         let params = model.params
         ema = config.train.emaDecay.map { _ in FlatBuffer(count: params.count) }
         ema?.base.update(from: params.base, count: params.count)  // starts at the initial weights
@@ -154,12 +150,15 @@ public final class Trainer {
         /// With ZeRO: which stage, and the ranks the state is split over (for the description).
         public var zero = ShardOptimizer.none
         public var ranks = 1
+        /// `train.recompute`: the activations' layout.
+        public var recompute = ActivationRecompute.none
         public var description: String {
             func mb(_ b: Int) -> String { String(format: b < 10_000_000 ? "%.1f MB" : "%.0f MB", Double(b) / 1e6) }
             let sharded = zero == .none ? "" : " (ZeRO \(zero.rawValue) over \(ranks) rank(s))"
+            let recomputed = recompute == .none ? "" : " (recompute \(recompute.rawValue))"
             return "memory per rank (estimate\(sharded)): parameters \(mb(parameters)), gradients \(mb(gradients)), "
                 + "AdamW moments \(mb(moments)), "
-                + "activations \(mb(activations)), buffers \(mb(buffers)) (data read-ahead, allreduce scratch); total \(mb(total)) "
+                + "activations \(mb(activations))\(recomputed), buffers \(mb(buffers)) (data read-ahead, allreduce scratch); total \(mb(total)) "
                 + "+ the runtime, MPI and BLAS"
         }
     }
@@ -428,7 +427,9 @@ extension Trainer.MemoryBreakdown {
             m.gradients = (owned + inFlight) * 4
             m.moments = 2 * min(owned, trained) * 4
         }
-        m.activations = model.trainingActivationBytes(batch: config.train.microBatch, dropout: config.train.dropout > 0)
+        m.recompute = config.train.recompute
+        m.activations = model.trainingActivationBytes(
+            batch: config.train.microBatch, dropout: config.train.dropout > 0, recompute: m.recompute)
         let batchBytes = config.train.globalBatch / max(ranks, 1) * model.seqLen * 4
         // MPI's scratch for a bucket in flight (and ZeRO's receive buffer), the loader's read-ahead
         let scratch = ranks > 1 ? (m.zero == .none ? 2 : 3) * bucket * 4 : 0

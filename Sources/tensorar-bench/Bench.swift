@@ -40,8 +40,21 @@ struct Bench: ParsableCommand {
     @Option(help: "With --memory: samples per micro-batch.") var microBatch = 8
     @Option(help: "With --memory: samples per rank per step (default: one micro-batch).") var localBatch: Int?
     @Option(help: "With --memory: none | states | states+grads (dist.shard_optimizer).") var shard = "none"
+    @Option(
+        help: """
+            none | blocks (train.recompute); timing also takes both: every training configuration with and \
+            without recompute, interleaved, and the step-time and activation ratios.
+            """) var recompute = "none"
+
+    /// The recompute settings each training configuration is timed under (`--recompute`).
+    var recomputeSettings: [ActivationRecompute] {
+        recompute == "both" ? [.none, .blocks] : ActivationRecompute(rawValue: recompute).map { [$0] } ?? []
+    }
 
     func validate() throws {
+        if recomputeSettings.isEmpty {
+            throw ValidationError("--recompute must be one of none, blocks, both, got '\(recompute)'")
+        }
         if threads < 1 { throw ValidationError("--threads must be at least 1") }
         if steps < 1 { throw ValidationError("--steps must be at least 1") }
     }
@@ -104,6 +117,9 @@ struct Bench: ParsableCommand {
         guard let zero = ShardOptimizer(rawValue: shard) else {
             throw ValidationError("--shard must be one of none, states, states+grads, got '\(shard)'")
         }
+        guard let recomputed = ActivationRecompute(rawValue: recompute) else {
+            throw ValidationError("--recompute with --memory must be one of none, blocks, got '\(recompute)'")
+        }
         guard ranks >= 1, microBatch >= 1, window >= 0, depth >= 0 else {
             throw ValidationError("--ranks and --micro-batch must be at least 1, --window and --depth at least 0")
         }
@@ -117,11 +133,13 @@ struct Bench: ParsableCommand {
         tc.train.microBatch = microBatch
         tc.train.globalBatch = (localBatch ?? microBatch) * ranks
         tc.dist.shardOptimizer = zero
+        tc.train.recompute = recomputed
         let m = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks)
         let plugin = window > 0 ? "k=\(window) d=\(depth)" : "no plug-in"
         print(
             "\(base) \(preset) (\(ParameterTable(c).total) parameters, \(plugin)), \(ranks) rank(s), "
-                + "micro-batch \(microBatch) x \(c.seqLen) tokens, shard \(zero.rawValue):")
+                + "micro-batch \(microBatch) x \(c.seqLen) tokens, shard \(zero.rawValue), "
+                + "recompute \(recomputed.rawValue):")
         for (name, bytes) in [
             ("parameters", m.parameters), ("gradients", m.gradients), ("AdamW moments", m.moments),
             ("activations", m.activations), ("buffers", m.buffers),
@@ -166,16 +184,21 @@ struct Bench: ParsableCommand {
 
     /// Training steps of each base and its plug-in model, at each thread count, all interleaved
     /// (so ratios between bases are fair too).
+    /// With `--recompute both`, the recompute rows come after all the others, labelled " +rc".
     func timeTraining(_ name: String, batch b: Int, counts: [Int]) throws -> [Row] {
         var timers: [(String, StepTimer)] = []
-        for base in list(bases) {
-            let baseCfg = try config(name, base: base)
-            timers.append((label(name, base: base), try StepTimer(baseCfg, batch: b, noise: false)))
-            if window > 0 {
-                var cfg = baseCfg
-                cfg.window = window
-                cfg.pluginDepth = depth
-                timers.append((label(name, base: base), try StepTimer(cfg, batch: b, noise: true)))
+        for r in recomputeSettings {
+            let suffix = r == .blocks && recomputeSettings.count > 1 ? Bench.recomputeSuffix : ""
+            for base in list(bases) {
+                let baseCfg = try config(name, base: base)
+                let tag = label(name, base: base) + suffix
+                timers.append((tag, try StepTimer(baseCfg, batch: b, noise: false, recompute: r)))
+                if window > 0 {
+                    var cfg = baseCfg
+                    cfg.window = window
+                    cfg.pluginDepth = depth
+                    timers.append((tag, try StepTimer(cfg, batch: b, noise: true, recompute: r)))
+                }
             }
         }
         let best = interleave(timers.map { t in { s in t.1.step(s) } }, counts: counts)
@@ -255,6 +278,31 @@ struct Bench: ParsableCommand {
         }
         printPluginRatios(rows, counts: counts)
         printBaseRatios(rows, counts: counts)
+        printRecomputeRatios(rows, counts: counts)
+    }
+
+    static let recomputeSuffix = " +rc"
+
+    /// With `--recompute both`: each configuration's step time and activation bytes (the layout
+    /// a step allocates, dropout on) under recompute blocks against none.
+    func printRecomputeRatios(_ rows: [Row], counts: [Int]) {
+        for r in rows where r.label.hasSuffix(Bench.recomputeSuffix) {
+            let plain = String(r.label.dropLast(Bench.recomputeSuffix.count))
+            guard let ref = rows.first(where: { $0.label == plain && $0.batch == r.batch && $0.config == r.config })
+            else { continue }
+            let none = r.config.trainingActivationBytes(batch: r.batch, dropout: true)
+            let blocks = r.config.trainingActivationBytes(batch: r.batch, dropout: true, recompute: .blocks)
+            for (c, n) in counts.enumerated() {
+                let format =
+                    "%@ k=%d d=%d batch %d, %d thread(s): recompute blocks step time %.3fx, "
+                    + "activations %.2f / %.2f GB = %.3f"
+                print(
+                    String(
+                        format: format, plain as NSString, r.config.window, r.config.pluginDepth, r.batch, n,
+                        r.seconds[c] / ref.seconds[c], Double(blocks) / 1e9, Double(none) / 1e9,
+                        Double(blocks) / Double(none)))
+            }
+        }
     }
 
     /// With several bases: each base model's step time and FLOPs against the first base's, same
@@ -299,11 +347,12 @@ struct Bench: ParsableCommand {
         let cfg: ModelConfig, model: Transformer, batch: Int, noise: Bool
         let tokens: [Int32], labels: [Int32]
         let noiser: TensorNoiser
-        init(_ cfg: ModelConfig, batch: Int, noise: Bool) throws {
+        init(_ cfg: ModelConfig, batch: Int, noise: Bool, recompute: ActivationRecompute = .none) throws {
             self.cfg = cfg
             self.batch = batch
             self.noise = noise
             model = try Transformer(config: cfg)
+            model.recompute = recompute
             model.initialise(seed: 1)
             var rng = CounterRNG(seed: 7)
             tokens = (0..<(batch * cfg.seqLen)).map { _ in Int32(rng.below(cfg.vocabSize)) }

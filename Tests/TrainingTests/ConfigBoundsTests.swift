@@ -47,32 +47,47 @@ final class ConfigBoundsTests: XCTestCase {
         huge.dim = 65536
         huge.nLayer = 48
         huge.ffnHidden = 4 * 65536
+        var tc = TrainConfig()
+        tc.train.microBatch = 4
+        tc.train.globalBatch = 4
+        tc.train.dropout = 0
         assertInputError([
             "config", "the model needs about", "per rank", "Even the weights do not fit",
             "parameters or less would",
         ]) {
             try MemoryCheck.check(
-                huge, microBatch: 4, dropout: false, ranksOnNode: 1, source: "config",
+                huge, config: tc, ranks: 1, ranksOnNode: 1, source: "config",
                 available: .init(node: 64_000_000_000, nodeSource: "MemAvailable"))
         }
-        // Weights fit, activations do not: a smaller micro-batch is suggested, and it does fit.
+        // Weights fit, activations do not: a smaller micro-batch is suggested, and it does fit;
+        // so does recompute, at the configured micro-batch, when its estimate fits.
         let m = testModel(dim: 256, ffn: 1024, layers: 4, vocab: 512)
-        let (fixed, _) = MemoryCheck.perRank(m, microBatch: 64, dropout: true)
-        let budget = fixed + m.trainingActivationBytes(batch: 16, dropout: true)
+        tc.train.dropout = 0.1
+        tc.train.globalBatch = 64
+        tc.train.microBatch = 16
+        let budget = Trainer.MemoryBreakdown.estimate(m, config: tc, ranks: 1).total
         let available = MemoryCheck.Available(node: 2 * budget, nodeSource: "MemAvailable")
+        tc.train.microBatch = 64
         assertInputError(["config", "for 2 rank(s)", "train.micro_batch 16 or less would fit"]) {
-            try MemoryCheck.check(
-                m, microBatch: 64, dropout: true, ranksOnNode: 2, source: "config",
-                available: available)
+            try MemoryCheck.check(m, config: tc, ranks: 1, ranksOnNode: 2, source: "config", available: available)
+        }
+        tc.train.microBatch = 16
+        XCTAssertNoThrow(
+            try MemoryCheck.check(m, config: tc, ranks: 1, ranksOnNode: 2, source: "config", available: available))
+        tc.train.microBatch = 17
+        var blocks = tc
+        blocks.train.recompute = .blocks
+        let withRecompute = Trainer.MemoryBreakdown.estimate(m, config: blocks, ranks: 1).total
+        XCTAssertLessThan(withRecompute, budget, "recompute at micro-batch 17 keeps less than none at 16")
+        assertInputError(["train.micro_batch 16 or less would fit", "train.recompute: blocks would fit"]) {
+            try MemoryCheck.check(m, config: tc, ranks: 1, ranksOnNode: 2, source: "config", available: available)
         }
         XCTAssertNoThrow(
-            try MemoryCheck.check(
-                m, microBatch: 16, dropout: true, ranksOnNode: 2, source: "config",
-                available: available))
+            try MemoryCheck.check(m, config: blocks, ranks: 1, ranksOnNode: 2, source: "config", available: available))
+        tc.train.microBatch = 64
         assertInputError(["ulimit -v"]) {
             try MemoryCheck.check(
-                m, microBatch: 64, dropout: true, ranksOnNode: 1, source: "config",
-                available: .init(node: nil, process: budget))
+                m, config: tc, ranks: 1, ranksOnNode: 1, source: "config", available: .init(node: nil, process: budget))
         }
     }
 }

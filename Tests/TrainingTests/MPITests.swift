@@ -231,10 +231,26 @@ extension MPITests {
 
 /// ZeRO (states, states+grads): one step's parameters are bit-identical on every rank (the
 /// allgather), close to replicated AdamW's (summation order, see ShardedOptimizerTests), and each
-/// rank holds moments for its own slice only.
+/// rank holds moments for its own slice only. Recompute blocks (dropout on) changes no bit of a
+/// step's loss, norm or parameters, replicated or sharded.
 private func assertShardedStepMatchesReplicated(_ tc: TrainConfig, _ comm: Communicator) throws {
     let replicated = try Trainer(config: tc, comm: comm)
     let reference = try replicated.trainStep()
+    XCTAssertGreaterThan(tc.train.dropout, 0)
+    for zero in [ShardOptimizer.none, .statesAndGrads] {
+        var c = tc
+        c.dist.shardOptimizer = zero
+        let plain = zero == .none ? replicated : try Trainer(config: c, comm: comm)
+        let want = zero == .none ? reference : try plain.trainStep()
+        c.train.recompute = .blocks
+        let recomputed = try Trainer(config: c, comm: comm)
+        let got = try recomputed.trainStep()
+        XCTAssertEqual(got.report, want.report, "rank \(comm.rank), \(zero): recompute changes the loss")
+        XCTAssertEqual(got.gradNorm.bitPattern, want.gradNorm.bitPattern, "rank \(comm.rank), \(zero): norm")
+        XCTAssertEqual(
+            checksum(recomputed.model.params), checksum(plain.model.params),
+            "rank \(comm.rank), \(zero): recompute changes the parameters")
+    }
     for zero in [ShardOptimizer.states, .statesAndGrads] {
         var c = tc
         c.dist.shardOptimizer = zero
