@@ -221,7 +221,7 @@ def test_guidance_schedule_flags_samples_and_metadata(weights, tmp_path):
     assert js["cfg_schedule"] == "power-cosine" and js["cfg_power"] == 0.5 and js["cfg_scale"] == 6.0
     out = str(tmp_path / "bad.h5")
     bad = {
-        ("--cfg-schedule", "cosine"): "'constant', 'power-cosine'",
+        ("--cfg-schedule", "cosine"): "Please provide one of 'constant' and 'power-cosine'",
         ("--cfg-schedule", "power-cosine"): "--cfg-schedule power-cosine needs --cfg-power",
         ("--cfg-power", "2"): "--cfg-power applies to --cfg-schedule power-cosine only",
         ("--cfg-schedule", "power-cosine", "--cfg-power=-1"): "--cfg-power must be a finite number >= 0, got -1.0",
