@@ -190,6 +190,9 @@ public struct TrainConfig: Codable, Equatable {
         // loaded so the recorded config names it; a manifest without the keys resumes as project.
         public var decayRuleBase: DecayRule? = nil  // base group: project | rar
         public var decayRulePlugin: DecayRule? = nil  // plug-in group: project | rar (absent: project)
+        // SPEC section 9's `optim.decay_rule`: the base group's rule, another name for decay_rule_base
+        // (`load` moves it there; giving both with different rules is an error).
+        public var decayRule: DecayRule? = nil
         public var clip: Double = 1.0  // global gradient-norm clip; 0 = off
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
@@ -205,6 +208,7 @@ public struct TrainConfig: Codable, Equatable {
             case weightDecay = "weight_decay"
             case decayRuleBase = "decay_rule_base"
             case decayRulePlugin = "decay_rule_plugin"
+            case decayRule = "decay_rule"
             case clip
         }
     }
@@ -340,6 +344,16 @@ extension TrainConfig {
         if config.checkpoint.run == nil {
             config.checkpoint.run =
                 file.map { (($0 as NSString).lastPathComponent as NSString).deletingPathExtension } ?? "default"
+        }
+        if let rule = config.optim.decayRule {
+            if let base = config.optim.decayRuleBase, base != rule {
+                throw InputError(
+                    file ?? "--set",
+                    "optim.decay_rule (\(rule.rawValue)) and optim.decay_rule_base (\(base.rawValue)) disagree: "
+                        + "decay_rule is another name for decay_rule_base; give one")
+            }
+            config.optim.decayRuleBase = rule
+            config.optim.decayRule = nil
         }
         // the weight-decay rules as they apply, so the recorded config names them
         config.optim.decayRuleBase = config.decayRules.base
@@ -522,7 +536,8 @@ extension TrainConfig {
         if let p = m.preset {
             let names =
                 m.base == "open-magvit2"
-                ? ModelConfig.openMAGVIT2PresetNames : m.base == "rar" ? ModelConfig.rarPresetNames : ModelConfig.presetNames
+                ? ModelConfig.openMAGVIT2PresetNames
+                : m.base == "rar" ? ModelConfig.rarPresetNames : ModelConfig.presetNames
             let known = names.joined(separator: ", ")
             need(names.contains(p), "model.preset '\(p)' is unknown for model.base \(m.base); known: \(known)")
         } else {

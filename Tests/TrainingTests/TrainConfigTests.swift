@@ -229,6 +229,16 @@ final class TrainConfigTests: XCTestCase {
         assertInputError(["--set optim.decay_rule_plugin=adam", "expected one of: project, rar"]) {
             _ = try TrainConfig.load(file: nil, overrides: ["optim.decay_rule_plugin=adam"])
         }
+        // SPEC section 9's name, optim.decay_rule, is the base group's rule and is recorded as decay_rule_base
+        let spec = try TrainConfig.load(file: nil, overrides: ["optim.decay_rule=rar"])
+        XCTAssertEqual(spec.decayRules, PerGroup(base: .rar, plugin: .project))
+        XCTAssertNil(spec.optim.decayRule)
+        XCTAssertFalse(spec.yamlString().contains("decay_rule:"), spec.yamlString())
+        XCTAssertNoThrow(
+            try TrainConfig.load(file: nil, overrides: ["optim.decay_rule=rar", "optim.decay_rule_base=rar"]))
+        assertInputError(["optim.decay_rule (rar) and optim.decay_rule_base (project) disagree"]) {
+            _ = try TrainConfig.load(file: nil, overrides: ["optim.decay_rule=rar", "optim.decay_rule_base=project"])
+        }
         // a manifest's config from before the keys existed
         var old = try JSONSerialization.jsonObject(with: Data(loaded.jsonString().utf8)) as! [String: Any]
         var optim = old["optim"] as! [String: Any]
