@@ -158,7 +158,8 @@ public final class Trainer {
             let recomputed = recompute == .none ? "" : " (recompute \(recompute.rawValue))"
             return "memory per rank (estimate\(sharded)): parameters \(mb(parameters)), gradients \(mb(gradients)), "
                 + "AdamW moments \(mb(moments)), "
-                + "activations \(mb(activations))\(recomputed), buffers \(mb(buffers)) (data read-ahead, allreduce scratch); total \(mb(total)) "
+                + "activations \(mb(activations))\(recomputed), buffers \(mb(buffers)) "
+                + "(data read-ahead, allreduce scratch); total \(mb(total)) "
                 + "+ the runtime, MPI and BLAS"
         }
     }
