@@ -9,9 +9,9 @@ import Platform
 /// The draw of a sample is keyed by (run seed, step, the sample's global position), as label drop
 /// and noise are: the same on any rank count, on any micro-batch split and after a resume.
 public struct RandomOrder: Codable, Equatable, Sendable {
-    /// S0: the last step (0-based optimizer update) at which every sample is in a random order.
+    /// S0: r is 1 at steps (0-based optimizer updates) up to this one (when S0 < S1).
     public var start: Int
-    /// S1: the first step at which every sample is in raster order.
+    /// S1: the first step at which every sample is in raster order (r = 0).
     public var end: Int
 
     public init(start: Int, end: Int) {

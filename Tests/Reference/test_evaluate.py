@@ -160,9 +160,11 @@ def test_evaluate_end_to_end_open_magvit2(data, tmp_path):
     out = tmp_path / "eval-omg"
     report = ev.main(["--weights", weights, "--data", data, "--out", str(out), "--per-class", "4",
                       "--cfg-scale", "1.5,3", "--temperature", "1,0.7", "--classifier", os.path.join(data, "clf.npz"),
-                      "--classifier-epochs", "6", "--val-limit", "30", "--batch-size", "8", "--no-baselines"])
+                      "--classifier-epochs", "6", "--val-limit", "30", "--batch-size", "8", "--no-baselines",
+                      "--cfg-schedule", "power-cosine", "--cfg-power", "1.5"])
     assert report["model_config"]["base"] == "open-magvit2"
     assert report["sampling"]["cfg_scale"] == "1.5,3.0" and report["sampling"]["temperature"] == "1.0,0.7"
+    assert report["sampling"]["cfg_schedule"] == "power-cosine" and report["sampling"]["cfg_power"] == "1.5"
     for noise in ["train", "none"]:
         v = report["val_loss"][noise]
         assert set(v["loss_parts"]) == {"pre", "post"}
@@ -195,4 +197,8 @@ def test_bad_arguments_are_one_line_errors_not_tracebacks(tmp_path):
     assert code == 2 and f"error: {tmp_path}: is a folder" in err, err
     code, err = run_evaluate("--out", str(tmp_path / "o"), "--ranks", "0")
     assert code == 2 and "error: --ranks: must be at least 1, got 0" in err, err
+    code, err = run_evaluate("--out", str(tmp_path / "o"), "--cfg-power", "2")
+    assert code == 2 and "error: --cfg-power: given exactly when --cfg-schedule is power-cosine" in err, err
+    code, err = run_evaluate("--out", str(tmp_path / "o"), "--cfg-schedule", "power-cosine", "--cfg-power=-1")
+    assert code == 2 and "error: --cfg-power: must be a finite number >= 0, got -1.0" in err, err
     assert not (tmp_path / "o").exists(), "nothing is created before the arguments check out"

@@ -201,3 +201,33 @@ def test_weights_contradicting_the_cache_or_flags(weights, tmp_path, case, monke
         run(["--weights", weights, "--out", out, "--per-class", "1", "--quiet", "--grid-size", "4",
              "--vocab-size", "32", "--num-classes", "5", "--data", data])
         assert os.path.exists(out)
+
+
+def test_guidance_schedule_flags_samples_and_metadata(weights, tmp_path):
+    """--cfg-schedule power-cosine --cfg-power P (SPEC section 9): P = 0 samples what the constant
+    schedule samples, P > 0 something else; both recorded; bad values are clear errors."""
+    base = ["--weights", weights, "--per-class", "3", "--quiet", "--cfg-scale", "6", "--seed", "3"]
+    paths = {name: str(tmp_path / f"{name}.h5") for name in ["const", "p0", "p05"]}
+    run(base + ["--out", paths["const"]])
+    run(base + ["--cfg-schedule", "power-cosine", "--cfg-power", "0", "--out", paths["p0"]])
+    run(base + ["--cfg-schedule", "power-cosine", "--cfg-power", "0.5", "--out", paths["p05"]])
+    (c, ca), (z, _), (p, pa) = read(paths["const"]), read(paths["p0"]), read(paths["p05"])
+    np.testing.assert_array_equal(z["tokens"], c["tokens"], err_msg="p = 0 is the constant schedule")
+    np.testing.assert_array_equal(z["trajectories"], c["trajectories"])
+    assert not np.array_equal(p["tokens"], c["tokens"]), "the schedule changes this model's samples"
+    assert ca["cfg_schedule"] == "constant" and ca["cfg_power"] == "0.0"
+    assert pa["cfg_schedule"] == "power-cosine" and pa["cfg_power"] == "0.5"
+    js = json.loads(pa["sampling"])
+    assert js["cfg_schedule"] == "power-cosine" and js["cfg_power"] == 0.5 and js["cfg_scale"] == 6.0
+    out = str(tmp_path / "bad.h5")
+    bad = {
+        ("--cfg-schedule", "cosine"): "Please provide one of 'constant' and 'power-cosine'",
+        ("--cfg-schedule", "power-cosine"): "--cfg-schedule power-cosine needs --cfg-power",
+        ("--cfg-power", "2"): "--cfg-power applies to --cfg-schedule power-cosine only",
+        ("--cfg-schedule", "power-cosine", "--cfg-power=-1"): "--cfg-power must be a finite number >= 0, got -1.0",
+        ("--cfg-schedule", "power-cosine", "--cfg-power", "nan"): "--cfg-power must be a finite number >= 0",
+    }
+    for flags, says in bad.items():
+        r = run(base + list(flags) + ["--out", out], check=False)
+        assert r.returncode != 0 and says in r.stderr, (flags, r.stderr)
+        assert not os.path.exists(out)

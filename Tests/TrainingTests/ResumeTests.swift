@@ -312,8 +312,9 @@ final class ResumeTests: XCTestCase {
         XCTAssertEqual(m.loss, f.metricsA.loss.filter { $0.key > 4 })
     }
 
-    /// A manifest that contradicts the config: the model shape (resumed with another width), and a
-    /// manifest whose shard list does not fit its world size. Errors name manifest.json.
+    /// A manifest that contradicts the config: the model shape (resumed with another width), the
+    /// weight-decay rule (resumed under `rar`), and a manifest whose shard list does not fit its
+    /// world size. Errors name manifest.json.
     func testManifestContradictingTheConfigIsAnError() throws {
         let f = try fixture()
         let step8 = f.runA + "/step-00000008"
@@ -321,6 +322,15 @@ final class ResumeTests: XCTestCase {
         XCTAssertNotEqual(r.status, 0, r.output)
         for s in [step8 + "/manifest.json", "model shape", "\"dim\":32", "\"dim\":48"] {
             XCTAssertTrue(r.output.contains(s), "\(s):\n\(r.output)")
+        }
+        let d = try train(
+            f, run: "M", ranks: nil, extra: ["--resume-from", step8, "--set", "optim.decay_rule_base=rar"])
+        XCTAssertNotEqual(d.status, 0, d.output)
+        let refusal = "optim.decay_rule_base is rar but the checkpoint was trained with project"
+        for s in [step8 + "/manifest.json", refusal] { XCTAssertTrue(d.output.contains(s), "\(s):\n\(d.output)") }
+        let recorded = try String(contentsOfFile: step8 + "/manifest.json", encoding: .utf8)
+        for s in ["\"decay_rule_base\" : \"project\"", "\"decay_rule_plugin\" : \"project\""] {
+            XCTAssertTrue(recorded.contains(s), "the manifest's config records the rules: \(s)")
         }
 
         let copy = f.root + "/manifest-world"
