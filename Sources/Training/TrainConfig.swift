@@ -518,7 +518,8 @@ extension TrainConfig {
         if let p = m.preset {
             let names =
                 m.base == "open-magvit2"
-                ? ModelConfig.openMAGVIT2PresetNames : m.base == "rar" ? ModelConfig.rarPresetNames : ModelConfig.presetNames
+                ? ModelConfig.openMAGVIT2PresetNames
+                : m.base == "rar" ? ModelConfig.rarPresetNames : ModelConfig.presetNames
             let known = names.joined(separator: ", ")
             need(names.contains(p), "model.preset '\(p)' is unknown for model.base \(m.base); known: \(known)")
         } else {
