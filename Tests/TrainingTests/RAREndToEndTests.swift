@@ -17,7 +17,9 @@ extension ResumeTests {
     func importRARCache(_ root: String, _ name: String, samples n: Int, seed: UInt64) throws -> String {
         let codes = root + "/\(name)-npy/codes"
         let labels = root + "/\(name)-npy/labels"
-        for d in [codes, labels] { try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true) }
+        for d in [codes, labels] {
+            try FileManager.default.createDirectory(atPath: d, withIntermediateDirectories: true)
+        }
         var rng = CounterRNG(seed: seed)
         for i in 0..<n {
             let c = Int64(rng.next() % 4)
