@@ -54,28 +54,35 @@ extension ParameterTable {
     }
 }
 
-/// Buffers one RAR block keeps for its backward (R = N*S rows), views into an `ActivationTable`.
+/// Buffers one RAR block keeps for its backward (R = N*S rows), views into an `ActivationTable`:
+/// block l's own buffers, or (recompute blocks) the shared workspace with block l's input.
 private struct RARBlockCache {
     let xIn, n1, stats1, mod, m1, qkvRaw, qkStats, qkv, probs, attY, ya, h, n2, stats2, m2, a1, g1, ym: FlatBuffer
-    init(_ t: ActivationTable, _ p: String) {
-        xIn = t["\(p).xIn"]
-        n1 = t["\(p).n1"]
-        stats1 = t["\(p).stats1"]
-        mod = t["\(p).mod"]
-        m1 = t["\(p).m1"]
-        qkvRaw = t["\(p).qkvRaw"]
-        qkStats = t["\(p).qkStats"]
-        qkv = t["\(p).qkv"]
-        probs = t["\(p).probs"]
-        attY = t["\(p).attY"]
-        ya = t["\(p).ya"]
-        h = t["\(p).h"]
-        n2 = t["\(p).n2"]
-        stats2 = t["\(p).stats2"]
-        m2 = t["\(p).m2"]
-        a1 = t["\(p).a1"]
-        g1 = t["\(p).g1"]
-        ym = t["\(p).ym"]
+    /// The dropout masks' names (their part is allocated by the first forward with dropout).
+    let maskP, maskProj, maskGelu, maskFc2: String
+    init(_ t: ActivationTable, _ names: BlockActivationNames, _ l: Int) {
+        xIn = t[names.input(l)]
+        n1 = t[names.own(l, "n1")]
+        stats1 = t[names.own(l, "stats1")]
+        mod = t[names.own(l, "mod")]
+        m1 = t[names.own(l, "m1")]
+        qkvRaw = t[names.own(l, "qkvRaw")]
+        qkStats = t[names.own(l, "qkStats")]
+        qkv = t[names.own(l, "qkv")]
+        probs = t[names.own(l, "probs")]
+        attY = t[names.own(l, "attY")]
+        ya = t[names.own(l, "ya")]
+        h = t[names.own(l, "h")]
+        n2 = t[names.own(l, "n2")]
+        stats2 = t[names.own(l, "stats2")]
+        m2 = t[names.own(l, "m2")]
+        a1 = t[names.own(l, "a1")]
+        g1 = t[names.own(l, "g1")]
+        ym = t[names.own(l, "ym")]
+        maskP = names.own(l, "maskP")
+        maskProj = names.own(l, "maskProj")
+        maskGelu = names.own(l, "maskGelu")
+        maskFc2 = names.own(l, "maskFc2")
     }
 }
 
@@ -85,18 +92,25 @@ private struct RARBlockCache {
 /// sh_m)))`; LayerNorms with weight and bias, QK-norm over the head width, biased linears. The
 /// RAR trunk (causal) and the plug-in over RAR (full mask, section 9's last paragraph) use it.
 /// Dropout (training): on the attention probabilities, after proj, after the GELU and after fc2,
-/// sites `siteBase + 4 l + 0...3`.
-final class RARBlockStack {
+/// sites `siteBase + 4 l + 0...3`. Runs under either `train.recompute` layout (`RecomputableStack`).
+final class RARBlockStack: RecomputableStack {
     let weights: [RARBlockWeights]
     let causal: Bool
     let D, NH, F: Int
     let eps: Float
     let siteBase: Int
     private(set) var N = 0, S = 0
+    private(set) var recompute = ActivationRecompute.none
     private var table: ActivationTable?
-    private var prefix = ""
+    var activationTable: ActivationTable? { table }
+    private var names = BlockActivationNames(prefix: "", recompute: .none)
     private var caches: [RARBlockCache] = []
-    private var dropped = false
+    /// What the last forward ran with, for backward and for recomputing a block.
+    private var params: FloatPtr?
+    private var cond: ConstFloatPtr?
+    private var dropout: DropoutPlan?
+    /// The gradient w.r.t. the condition that the running backward adds into.
+    private var dcond: FloatPtr?
 
     init(weights: [RARBlockWeights], causal: Bool, dim: Int, heads: Int, ffn: Int, eps: Float, siteBase: Int) {
         self.weights = weights
@@ -108,7 +122,11 @@ final class RARBlockStack {
         self.siteBase = siteBase
     }
 
-    /// The activations of L blocks over N sequences of S slots (R = N*S rows), under `prefix`.
+    var blockCount: Int { weights.count }
+
+    /// The activations of L blocks over N sequences of S slots (R = N*S rows), under `prefix`,
+    /// laid out for `a.recompute` (under none the same entries, in the same order, as before
+    /// recompute came to RAR).
     static func addActivations(
         _ prefix: String, layers L: Int, sequences N: Int, seqLen S: Int, _ c: ModelConfig,
         to a: inout ActivationLayout
@@ -117,111 +135,115 @@ final class RARBlockStack {
         let D = c.dim
         let F = c.ffnHidden
         let NH = c.nHead
-        for l in 0..<L {
-            let b = "\(prefix).\(l)"
-            a.add("\(b).xIn", [R, D])  // block input
-            a.add("\(b).n1", [R, D])
-            a.add("\(b).stats1", [2, R])  // LN1 output; its mean, rstd
-            a.add("\(b).mod", [R, 6 * D])  // adaLN(silu(c)): shift, scale, gate (attention, MLP)
-            a.add("\(b).m1", [R, D])  // modulated LN1
-            a.add("\(b).qkvRaw", [R, 2 * D])
-            a.add("\(b).qkStats", [2, R, 2 * NH])  // q, k before QK-norm; their mean, rstd
-            a.add("\(b).qkv", [R, 3 * D])  // after QK-norm
-            a.add("\(b).probs", [N, NH, S, S])  // softmax (undropped)
-            a.add("\(b).attY", [R, D])  // heads joined
-            a.add("\(b).ya", [R, D])  // proj output (dropped)
-            a.add("\(b).h", [R, D])  // x + g_a ya
-            a.add("\(b).n2", [R, D])
-            a.add("\(b).stats2", [2, R])
-            a.add("\(b).m2", [R, D])  // modulated LN2
-            a.add("\(b).a1", [R, F])
-            a.add("\(b).g1", [R, F])  // fc1 output; GELU (dropped)
-            a.add("\(b).ym", [R, D])  // fc2 output (dropped)
-            a.add("\(b).maskP", [N, NH, S, S], .dropout)
-            a.add("\(b).maskProj", [R, D], .dropout)
-            a.add("\(b).maskGelu", [R, F], .dropout)
-            a.add("\(b).maskFc2", [R, D], .dropout)
-        }
-        a.add("\(prefix).dh", [R, D], .backward)
-        a.add("\(prefix).dn", [R, D], .backward)
-        a.add("\(prefix).dm", [R, D], .backward)
-        a.add("\(prefix).dy", [R, D], .backward)
-        a.add("\(prefix).dattY", [R, D], .backward)
-        a.add("\(prefix).dqkv", [R, 3 * D], .backward)
-        a.add("\(prefix).dg1", [R, F], .backward)
-        a.add("\(prefix).dmod", [R, 6 * D], .backward)
+        let names = BlockActivationNames(prefix: prefix, recompute: a.recompute)
+        a.addBlocks(
+            names, layers: L, input: [R, D],  // block input
+            [
+                ("n1", [R, D], .forward), ("stats1", [2, R], .forward),  // LN1 output; its mean, rstd
+                ("mod", [R, 6 * D], .forward),  // adaLN(silu(c)): shift, scale, gate (attention, MLP)
+                ("m1", [R, D], .forward),  // modulated LN1
+                ("qkvRaw", [R, 2 * D], .forward),
+                ("qkStats", [2, R, 2 * NH], .forward),  // q, k before QK-norm; their mean, rstd
+                ("qkv", [R, 3 * D], .forward),  // after QK-norm
+                ("probs", [N, NH, S, S], .forward),  // softmax (undropped)
+                ("attY", [R, D], .forward),  // heads joined
+                ("ya", [R, D], .forward),  // proj output (dropped)
+                ("h", [R, D], .forward),  // x + g_a ya
+                ("n2", [R, D], .forward), ("stats2", [2, R], .forward),
+                ("m2", [R, D], .forward),  // modulated LN2
+                ("a1", [R, F], .forward), ("g1", [R, F], .forward),  // fc1 output; GELU (dropped)
+                ("ym", [R, D], .forward),  // fc2 output (dropped)
+                ("maskP", [N, NH, S, S], .dropout), ("maskProj", [R, D], .dropout),
+                ("maskGelu", [R, F], .dropout), ("maskFc2", [R, D], .dropout),
+            ])
+        a.addScratch(names, "dh", [R, D], .backward)
+        a.addScratch(names, "dn", [R, D], .backward)
+        a.addScratch(names, "dm", [R, D], .backward)
+        a.addScratch(names, "dy", [R, D], .backward)
+        a.addScratch(names, "dattY", [R, D], .backward)
+        a.addScratch(names, "dqkv", [R, 3 * D], .backward)
+        a.addScratch(names, "dg1", [R, F], .backward)
+        a.addScratch(names, "dmod", [R, 6 * D], .backward)
     }
 
     func bind(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
         table = t
-        self.prefix = prefix
         N = sequences
         S = seqLen
-        caches = (0..<weights.count).map { RARBlockCache(t, "\(prefix).\($0)") }
+        recompute = t.layout.recompute
+        names = BlockActivationNames(prefix: prefix, recompute: recompute)
+        caches = (0..<weights.count).map { RARBlockCache(t, names, $0) }
     }
 
-    private func applyDropout(_ x: FloatPtr, _ name: String, _ plan: DropoutPlan?, rows: Int, width: Int, site: Int) {
-        guard let plan else { return }
+    /// Draws the dropout mask `name` of `site` over `rows` x `width` (keyed: the same bits each time).
+    private func makeMask(_ name: String, _ plan: DropoutPlan, rows: Int, width: Int, site: Int) -> FlatBuffer {
         let mask = table![name]
         dropoutMask(
             mask.base, p: plan.p, rows: rows, d: width, rowsPerSample: rows / plan.samplePositions.count,
             samplePositions: plan.samplePositions, seed: plan.seed, step: plan.step, site: site)
-        dropoutApply(x, mask.base, count: rows * width)
+        return mask
     }
 
-    /// x (N*S, D) in: the input; out: the output (in place). cond (N*S, D): silu(c) per slot.
+    private func applyDropout(_ x: FloatPtr, _ name: String, rows: Int, width: Int, site: Int) {
+        guard let plan = dropout else { return }
+        dropoutApply(x, makeMask(name, plan, rows: rows, width: width, site: site).base, count: rows * width)
+    }
+
+    /// x (N*S, D) in: the input; out: the output (in place). cond (N*S, D): silu(c) per slot,
+    /// kept as it is until the backward.
     func forward(
         _ x: FlatBuffer, cond: ConstFloatPtr, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?
     ) {
         precondition(sequences == N && seqLen == S, "RAR blocks bound for \(N) x \(S), run on \(sequences) x \(seqLen)")
+        params = p
+        self.cond = cond
+        self.dropout = (dropout?.p ?? 0) > 0 ? dropout : nil
+        if self.dropout != nil { table!.allocate(.dropout) }
+        forwardBlocks(x)
+    }
+
+    /// Block l from its input (copied in from `x` first when given) to its activations; with `x`,
+    /// the block's output is written back to it. Without, only the last gated add is skipped:
+    /// backward reads every activation up to ym.
+    func blockForward(_ l: Int, output x: FlatBuffer?) {
         let R = N * S
-        let plan = (dropout?.p ?? 0) > 0 ? dropout : nil
-        dropped = plan != nil
-        if dropped { table!.allocate(.dropout) }
-        for (l, w) in weights.enumerated() {
-            let c = caches[l]
-            let b = "\(prefix).\(l)"
-            c.xIn.base.update(from: x.base, count: R * D)
-            matmulForward(c.mod.base, cond, p + w.adaW, n: R, ic: D, oc: 6 * D)
-            biasAddForward(c.mod.base, p + w.adaB, n: R, oc: 6 * D)
-            let mod = c.mod.base
-            layernormForward(
-                c.n1.base, c.stats1.base, c.stats1.base + R, c.xIn.base, p + w.norm1W, p + w.norm1B, n: R, d: D,
-                eps: eps)
-            modulateForward(c.m1.base, c.n1.base, shift: mod, scale: mod + D, ld: 6 * D, n: R, d: D)
-            matmulForward(c.qkv.base, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
-            biasAddForward(c.qkv.base, p + w.qkvB, n: R, oc: 3 * D)
-            qkNormForward(
-                c.qkv.base, raw: c.qkvRaw.base, mean: c.qkStats.base, rstd: c.qkStats.base + R * 2 * NH,
-                qWeight: p + w.qNormW, qBias: p + w.qNormB, kWeight: p + w.kNormW, kBias: p + w.kNormB, n: R,
-                dim: D, heads: NH, eps: eps)
-            var maskP: ConstFloatPtr?
-            if let plan {
-                let m = table!["\(b).maskP"]
-                dropoutMask(
-                    m.base, p: plan.p, rows: N * NH * S, d: S, rowsPerSample: N * NH * S / plan.samplePositions.count,
-                    samplePositions: plan.samplePositions, seed: plan.seed, step: plan.step, site: siteBase + 4 * l)
-                maskP = UnsafePointer(m.base)
-            }
-            attentionForward(
-                c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal,
-                dropMask: maskP)
-            matmulForward(c.ya.base, c.attY.base, p + w.projW, n: R, ic: D, oc: D)
-            biasAddForward(c.ya.base, p + w.projB, n: R, oc: D)
-            applyDropout(c.ya.base, "\(b).maskProj", plan, rows: R, width: D, site: siteBase + 4 * l + 1)
-            gatedAddForward(x.base, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D)
-            c.h.base.update(from: x.base, count: R * D)
-            mlpForward(c, w, plan: plan, layer: l, params: p)
-            gatedAddForward(x.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D)
+        let p = params!
+        let w = weights[l]
+        let c = caches[l]
+        if let x { c.xIn.base.update(from: x.base, count: R * D) }
+        matmulForward(c.mod.base, cond!, p + w.adaW, n: R, ic: D, oc: 6 * D)
+        biasAddForward(c.mod.base, p + w.adaB, n: R, oc: 6 * D)
+        let mod = c.mod.base
+        layernormForward(
+            c.n1.base, c.stats1.base, c.stats1.base + R, c.xIn.base, p + w.norm1W, p + w.norm1B, n: R, d: D, eps: eps)
+        modulateForward(c.m1.base, c.n1.base, shift: mod, scale: mod + D, ld: 6 * D, n: R, d: D)
+        matmulForward(c.qkv.base, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
+        biasAddForward(c.qkv.base, p + w.qkvB, n: R, oc: 3 * D)
+        qkNormForward(
+            c.qkv.base, raw: c.qkvRaw.base, mean: c.qkStats.base, rstd: c.qkStats.base + R * 2 * NH,
+            qWeight: p + w.qNormW, qBias: p + w.qNormB, kWeight: p + w.kNormW, kBias: p + w.kNormB, n: R,
+            dim: D, heads: NH, eps: eps)
+        let maskP = dropout.map {
+            UnsafePointer(makeMask(c.maskP, $0, rows: N * NH * S, width: S, site: siteBase + 4 * l).base)
         }
+        attentionForward(
+            c.attY.base, c.probs.base, c.qkv.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal,
+            dropMask: maskP)
+        matmulForward(c.ya.base, c.attY.base, p + w.projW, n: R, ic: D, oc: D)
+        biasAddForward(c.ya.base, p + w.projB, n: R, oc: D)
+        applyDropout(c.ya.base, c.maskProj, rows: R, width: D, site: siteBase + 4 * l + 1)
+        // h = x + g_a ya, formed in h (the same additions as in x before recompute came to RAR)
+        c.h.base.update(from: c.xIn.base, count: R * D)
+        gatedAddForward(c.h.base, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D)
+        mlpForward(c, w, layer: l, params: p)
+        guard let x else { return }
+        x.base.update(from: c.h.base, count: R * D)
+        gatedAddForward(x.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D)
     }
 
     /// LN2, modulation, fc1, GELU, fc2 of block l (into c.ym), with their dropouts.
-    private func mlpForward(
-        _ c: RARBlockCache, _ w: RARBlockWeights, plan: DropoutPlan?, layer l: Int, params p: FloatPtr
-    ) {
+    private func mlpForward(_ c: RARBlockCache, _ w: RARBlockWeights, layer l: Int, params p: FloatPtr) {
         let R = N * S
-        let b = "\(prefix).\(l)"
         let mod = c.mod.base
         layernormForward(
             c.n2.base, c.stats2.base, c.stats2.base + R, c.h.base, p + w.norm2W, p + w.norm2B, n: R, d: D, eps: eps)
@@ -229,86 +251,92 @@ final class RARBlockStack {
         matmulForward(c.a1.base, c.m2.base, p + w.fc1W, n: R, ic: D, oc: F)
         biasAddForward(c.a1.base, p + w.fc1B, n: R, oc: F)
         geluForward(c.g1.base, c.a1.base, count: R * F)
-        applyDropout(c.g1.base, "\(b).maskGelu", plan, rows: R, width: F, site: siteBase + 4 * l + 2)
+        applyDropout(c.g1.base, c.maskGelu, rows: R, width: F, site: siteBase + 4 * l + 2)
         matmulForward(c.ym.base, c.g1.base, p + w.fc2W, n: R, ic: F, oc: D)
         biasAddForward(c.ym.base, p + w.fc2B, n: R, oc: D)
-        applyDropout(c.ym.base, "\(b).maskFc2", plan, rows: R, width: D, site: siteBase + 4 * l + 3)
+        applyDropout(c.ym.base, c.maskFc2, rows: R, width: D, site: siteBase + 4 * l + 3)
     }
 
     /// dx (N*S, D) in: gradient w.r.t. the output; out: w.r.t. the input (in place). dcond
-    /// (N*S, D) += the gradient w.r.t. silu(c). `onLayerDone(l)` fires when block l's weight
-    /// gradients are final.
+    /// (N*S, D) += the gradient w.r.t. silu(c), the `cond` of the forward. `onLayerDone(l)` fires
+    /// when block l's weight gradients are final.
     func backward(
         _ dx: FlatBuffer, dcond: FloatPtr, cond: ConstFloatPtr, params p: FloatPtr, grads gp: FloatPtr,
         onLayerDone: ((Int) -> Void)? = nil
     ) {
+        precondition(params == p && self.cond == cond, "RAR blocks' backward with other inputs than their forward")
+        table!.allocate(.backward)
+        self.dcond = dcond
+        defer { self.dcond = nil }
+        backwardBlocks(dx, grads: gp, onLayerDone: onLayerDone)
+    }
+
+    func blockBackward(_ l: Int, _ dx: FlatBuffer, grads gp: FloatPtr) {
         let R = N * S
         let t = table!
-        t.allocate(.backward)
-        let dh = t["\(prefix).dh"].base
-        let dn = t["\(prefix).dn"].base
-        let dm = t["\(prefix).dm"].base
-        let dy = t["\(prefix).dy"].base
-        let dmod = t["\(prefix).dmod"].base
-        for l in stride(from: weights.count - 1, through: 0, by: -1) {
-            let w = weights[l]
-            let c = caches[l]
-            let b = "\(prefix).\(l)"
-            let mod = c.mod.base
-            dmod.update(repeating: 0, count: R * 6 * D)
-            // out = h + g_m * ym
-            dh.update(from: dx.base, count: R * D)
-            gatedAddBackward(dy, dgate: dmod + 5 * D, dx.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D)
-            mlpBackward(c, w, dym: dy, dmod: dmod, into: dh, maskPrefix: b, params: p, grads: gp)
-            // h = x + g_a * ya
-            gatedAddBackward(dy, dgate: dmod + 2 * D, dh, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D)
-            if dropped { dropoutApply(dy, t["\(b).maskProj"].base, count: R * D) }
-            let dattY = t.zeroed("\(prefix).dattY").base
-            matmulBackward(dattY, gp + w.projW, dy, c.attY.base, p + w.projW, n: R, ic: D, oc: D)
-            biasBackward(gp + w.projB, dy, n: R, oc: D)
-            let dqkv = t.zeroed("\(prefix).dqkv").base
-            attentionBackward(
-                dqkv, dattY, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal,
-                dropMask: dropped ? UnsafePointer(t["\(b).maskP"].base) : nil)
-            qkNormBackward(
-                dqkv, raw: c.qkvRaw.base, mean: c.qkStats.base, rstd: c.qkStats.base + R * 2 * NH,
-                qWeight: p + w.qNormW, kWeight: p + w.kNormW, dqWeight: gp + w.qNormW, dqBias: gp + w.qNormB,
-                dkWeight: gp + w.kNormW, dkBias: gp + w.kNormB, n: R, dim: D, heads: NH)
-            dm.update(repeating: 0, count: R * D)
-            matmulBackward(dm, gp + w.qkvW, dqkv, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
-            biasBackward(gp + w.qkvB, dqkv, n: R, oc: 3 * D)
-            dn.update(repeating: 0, count: R * D)
-            modulateBackward(dn, dshift: dmod, dscale: dmod + D, dm, c.n1.base, scale: mod + D, ld: 6 * D, n: R, d: D)
-            dx.base.update(from: dh, count: R * D)
-            layernormBackward(
-                dx.base, gp + w.norm1W, gp + w.norm1B, dn, c.xIn.base, p + w.norm1W, c.stats1.base,
-                c.stats1.base + R, n: R, d: D)
-            // mod = silu(c) adaW^T + adaB
-            matmulBackward(dcond, gp + w.adaW, dmod, cond, p + w.adaW, n: R, ic: D, oc: 6 * D)
-            biasBackward(gp + w.adaB, dmod, n: R, oc: 6 * D)
-            onLayerDone?(l)
-        }
+        let p = params!
+        let dh = t[names.scratch("dh")].base
+        let dn = t[names.scratch("dn")].base
+        let dm = t[names.scratch("dm")].base
+        let dy = t[names.scratch("dy")].base
+        let dmod = t[names.scratch("dmod")].base
+        let w = weights[l]
+        let c = caches[l]
+        let dropped = dropout != nil
+        let mod = c.mod.base
+        dmod.update(repeating: 0, count: R * 6 * D)
+        // out = h + g_m * ym
+        dh.update(from: dx.base, count: R * D)
+        gatedAddBackward(dy, dgate: dmod + 5 * D, dx.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D)
+        mlpBackward(c, w, dym: dy, dmod: dmod, into: dh, params: p, grads: gp)
+        // h = x + g_a * ya
+        gatedAddBackward(dy, dgate: dmod + 2 * D, dh, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D)
+        if dropped { dropoutApply(dy, t[c.maskProj].base, count: R * D) }
+        let dattY = t.zeroed(names.scratch("dattY")).base
+        matmulBackward(dattY, gp + w.projW, dy, c.attY.base, p + w.projW, n: R, ic: D, oc: D)
+        biasBackward(gp + w.projB, dy, n: R, oc: D)
+        let dqkv = t.zeroed(names.scratch("dqkv")).base
+        attentionBackward(
+            dqkv, dattY, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D, heads: NH, causal: causal,
+            dropMask: dropped ? UnsafePointer(t[c.maskP].base) : nil)
+        qkNormBackward(
+            dqkv, raw: c.qkvRaw.base, mean: c.qkStats.base, rstd: c.qkStats.base + R * 2 * NH,
+            qWeight: p + w.qNormW, kWeight: p + w.kNormW, dqWeight: gp + w.qNormW, dqBias: gp + w.qNormB,
+            dkWeight: gp + w.kNormW, dkBias: gp + w.kNormB, n: R, dim: D, heads: NH)
+        dm.update(repeating: 0, count: R * D)
+        matmulBackward(dm, gp + w.qkvW, dqkv, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
+        biasBackward(gp + w.qkvB, dqkv, n: R, oc: 3 * D)
+        dn.update(repeating: 0, count: R * D)
+        modulateBackward(dn, dshift: dmod, dscale: dmod + D, dm, c.n1.base, scale: mod + D, ld: 6 * D, n: R, d: D)
+        dx.base.update(from: dh, count: R * D)
+        layernormBackward(
+            dx.base, gp + w.norm1W, gp + w.norm1B, dn, c.xIn.base, p + w.norm1W, c.stats1.base,
+            c.stats1.base + R, n: R, d: D)
+        // mod = silu(c) adaW^T + adaB
+        matmulBackward(dcond!, gp + w.adaW, dmod, cond!, p + w.adaW, n: R, ic: D, oc: 6 * D)
+        biasBackward(gp + w.adaB, dmod, n: R, oc: 6 * D)
     }
 
     /// The MLP branch's backward: dym (R, D) the gradient w.r.t. ym (overwritten as scratch);
     /// adds LN2's input gradient into `into`, and the modulation's into dmod.
     private func mlpBackward(
         _ c: RARBlockCache, _ w: RARBlockWeights, dym: FloatPtr, dmod: FloatPtr, into dh: FloatPtr,
-        maskPrefix b: String, params p: FloatPtr, grads gp: FloatPtr
+        params p: FloatPtr, grads gp: FloatPtr
     ) {
         let R = N * S
         let t = table!
         let mod = c.mod.base
-        if dropped { dropoutApply(dym, t["\(b).maskFc2"].base, count: R * D) }
-        let dg1 = t.zeroed("\(prefix).dg1").base
+        let dropped = dropout != nil
+        if dropped { dropoutApply(dym, t[c.maskFc2].base, count: R * D) }
+        let dg1 = t.zeroed(names.scratch("dg1")).base
         matmulBackward(dg1, gp + w.fc2W, dym, c.g1.base, p + w.fc2W, n: R, ic: F, oc: D)
         biasBackward(gp + w.fc2B, dym, n: R, oc: D)
-        if dropped { dropoutApply(dg1, t["\(b).maskGelu"].base, count: R * F) }
+        if dropped { dropoutApply(dg1, t[c.maskGelu].base, count: R * F) }
         geluBackward(dg1, dg1, c.a1.base, count: R * F)
-        let dm = t.zeroed("\(prefix).dm").base
+        let dm = t.zeroed(names.scratch("dm")).base
         matmulBackward(dm, gp + w.fc1W, dg1, c.m2.base, p + w.fc1W, n: R, ic: D, oc: F)
         biasBackward(gp + w.fc1B, dg1, n: R, oc: F)
-        let dn = t.zeroed("\(prefix).dn").base
+        let dn = t.zeroed(names.scratch("dn")).base
         modulateBackward(
             dn, dshift: dmod + 3 * D, dscale: dmod + 4 * D, dm, c.n2.base, scale: mod + 4 * D, ld: 6 * D, n: R, d: D)
         layernormBackward(
