@@ -259,33 +259,34 @@ public func attentionForward(
 ) {
     let a = AttentionShape(seqLen: S, dim: D, heads: NH, causal: causal)
     let src = UnsafeMutablePointer(mutating: qkv)
-    if let dropMask {
-        let scratch = droppedScratch.reserve(parts: maxParts(), floats: S * S)
-        parallelParts(batch * NH, cost: 2 * S * S * a.hd) { tasks, part in
-            for task in tasks {
-                let (b, h) = task.quotientAndRemainder(dividingBy: NH)
-                let base = src + b * S * a.ld + h * a.hd
-                let view = HeadView(
-                    q: base, k: base + D, v: base + 2 * D, o: out + b * S * D + h * a.hd,
-                    P: probs + task * S * S)
-                headForwardDropped(view, dropMask + task * S * S, scratch[part], a)
-            }
-        }
-        return
-    }
-    parallelParts(batch * NH, cost: 2 * S * S * a.hd) { tasks, _ in
+    let dropped = dropMask.map { _ in droppedScratch.reserve(parts: maxParts(), floats: S * S) }
+    parallelParts(batch * NH, cost: 2 * S * S * a.hd) { tasks, part in
         for task in tasks {
             let (b, h) = task.quotientAndRemainder(dividingBy: NH)
             let base = src + b * S * a.ld + h * a.hd
             let view = HeadView(
                 q: base, k: base + D, v: base + 2 * D, o: out + b * S * D + h * a.hd,
                 P: probs + task * S * S)
-            if S >= 16 { headForwardBlocked(view, a) } else { headForwardDirect(view, a) }
+            if let dropMask, let dropped {
+                headForwardBlocked(view, a, drop: ProbabilityDropout(mask: dropMask + task * S * S, W: dropped[part]))
+            } else if S >= 16 {
+                headForwardBlocked(view, a)
+            } else {
+                headForwardDirect(view, a)
+            }
         }
     }
 }
 
-private func headForwardBlocked(_ t: HeadView, _ a: AttentionShape) {
+/// Attention dropout on one head's probabilities (SPEC section 9): the keyed mask (S, S), already
+/// scaled, and scratch W (S, S) for P * mask. P itself stays undropped (the softmax backward reads it).
+private struct ProbabilityDropout {
+    let mask: ConstFloatPtr
+    let W: FloatPtr
+}
+
+/// With `drop`, the weighted sum is taken over W = P * mask (any S).
+private func headForwardBlocked(_ t: HeadView, _ a: AttentionShape, drop: ProbabilityDropout? = nil) {
     let S = a.S
     for r0 in stride(from: 0, to: S, by: a.block) {
         let r1 = min(S, r0 + a.block)
@@ -294,8 +295,15 @@ private func headForwardBlocked(_ t: HeadView, _ a: AttentionShape) {
             transA: false, transB: true, m: r1 - r0, n: cols, k: a.hd, alpha: a.scale, t.q + r0 * a.ld,
             lda: a.ld, t.k, ldb: a.ld, beta: 0, t.P + r0 * S, ldc: S)
         softmaxRows(t.P, r0..<r1, a)
+        var weights = t.P
+        if let drop {
+            for i in r0..<r1 {
+                for j in 0..<cols { drop.W[i * S + j] = t.P[i * S + j] * drop.mask[i * S + j] }
+            }
+            weights = drop.W
+        }
         BLAS.sgemm(
-            transA: false, transB: false, m: r1 - r0, n: a.hd, k: cols, t.P + r0 * S, lda: S, t.v, ldb: a.ld,
+            transA: false, transB: false, m: r1 - r0, n: a.hd, k: cols, weights + r0 * S, lda: S, t.v, ldb: a.ld,
             beta: 0, t.o + r0 * a.D, ldc: a.D)
     }
 }
@@ -365,22 +373,7 @@ public func attentionBackward(
     let src = UnsafeMutablePointer(mutating: qkv)
     let dO = UnsafeMutablePointer(mutating: dout)
     let P = UnsafeMutablePointer(mutating: probs)
-    if let dropMask {
-        let dropped = droppedScratch.reserve(parts: maxParts(), floats: S * S)
-        parallelParts(batch * NH, cost: 4 * S * S * a.hd) { tasks, part in
-            for task in tasks {
-                let (b, h) = task.quotientAndRemainder(dividingBy: NH)
-                let base = src + b * S * a.ld + h * a.hd
-                let dbase = dqkv + b * S * a.ld + h * a.hd
-                let view = HeadView(
-                    q: base, k: base + D, v: base + 2 * D, o: dO + b * S * D + h * a.hd,
-                    P: P + task * S * S)
-                let grad = HeadView(q: dbase, k: dbase + D, v: dbase + 2 * D, o: dO, P: scratch[part])
-                headBackwardDropped(view, grad, dropMask + task * S * S, dropped[part], a)
-            }
-        }
-        return
-    }
+    let dropped = dropMask.map { _ in droppedScratch.reserve(parts: maxParts(), floats: S * S) }
     parallelParts(batch * NH, cost: 4 * S * S * a.hd) { tasks, part in
         for task in tasks {
             let (b, h) = task.quotientAndRemainder(dividingBy: NH)
@@ -390,7 +383,14 @@ public func attentionBackward(
                 q: base, k: base + D, v: base + 2 * D, o: dO + b * S * D + h * a.hd,
                 P: P + task * S * S)
             let grad = HeadView(q: dbase, k: dbase + D, v: dbase + 2 * D, o: dO, P: scratch[part])
-            if S >= 16 { headBackwardBlocked(view, grad, a) } else { headBackwardDirect(view, grad, a) }
+            if let dropMask, let dropped {
+                let drop = ProbabilityDropout(mask: dropMask + task * S * S, W: dropped[part])
+                headBackwardBlocked(view, grad, a, drop: drop)
+            } else if S >= 16 {
+                headBackwardBlocked(view, grad, a)
+            } else {
+                headBackwardDirect(view, grad, a)
+            }
         }
     }
 }
@@ -399,7 +399,9 @@ public func attentionBackward(
 /// By query blocks: dP = dO V^T, the softmax backward, dQ += dS K (keys up to the block's last
 /// row). Then by key blocks: dV += P^T dO, dK += dS^T Q over the rows from the block's first
 /// key on (the rows above are masked: their P and dS are exactly 0).
-private func headBackwardBlocked(_ t: HeadView, _ g: HeadView, _ a: AttentionShape) {
+/// With `drop` (the backward of `headForwardBlocked` with dropout): dP = (dO V^T) * mask, the
+/// softmax backward with the undropped P, and dV += W^T dO with W = P * mask rebuilt in `drop.W`.
+private func headBackwardBlocked(_ t: HeadView, _ g: HeadView, _ a: AttentionShape, drop: ProbabilityDropout? = nil) {
     let S = a.S
     let D = a.D
     let ld = a.ld
@@ -411,16 +413,18 @@ private func headBackwardBlocked(_ t: HeadView, _ g: HeadView, _ a: AttentionSha
         BLAS.sgemm(
             transA: false, transB: true, m: r1 - r0, n: cols, k: hd, t.o + r0 * D, lda: D, t.v, ldb: ld,
             beta: 0, dP + r0 * S, ldc: S)
+        if let drop { maskBlock(drop, t.P, dP, r0..<r1, cols: cols, S: S) }
         softmaxRowsBackward(t.P, dP, r0..<r1, a)
         BLAS.sgemm(
             transA: false, transB: false, m: r1 - r0, n: hd, k: cols, dP + r0 * S, lda: S, t.k, ldb: ld,
             beta: 1, g.q + r0 * ld, ldc: ld)
     }
+    let weights = drop?.W ?? UnsafeMutablePointer(mutating: t.P)
     for c0 in stride(from: 0, to: S, by: a.block) {
         let c1 = min(S, c0 + a.block)
         let r = a.causal ? c0 : 0
         BLAS.sgemm(
-            transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, t.P + r * S + c0, lda: S, t.o + r * D,
+            transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, weights + r * S + c0, lda: S, t.o + r * D,
             ldb: D, beta: 1, g.v + c0 * ld, ldc: ld)
         BLAS.sgemm(
             transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, dP + r * S + c0, lda: S, t.q + r * ld,
@@ -466,64 +470,18 @@ private func headBackwardDirect(_ t: HeadView, _ g: HeadView, _ a: AttentionShap
 
 private let droppedScratch = PartScratch()
 
-/// One head's forward with dropout on the probabilities: blocks of query rows as
-/// `headForwardBlocked` (any S), the weighted sum taken over W = P * mask (scratch (S, S)).
-private func headForwardDropped(_ t: HeadView, _ mask: ConstFloatPtr, _ W: FloatPtr, _ a: AttentionShape) {
-    let S = a.S
-    for r0 in stride(from: 0, to: S, by: a.block) {
-        let r1 = min(S, r0 + a.block)
-        let cols = a.cols(r1)
-        BLAS.sgemm(
-            transA: false, transB: true, m: r1 - r0, n: cols, k: a.hd, alpha: a.scale, t.q + r0 * a.ld,
-            lda: a.ld, t.k, ldb: a.ld, beta: 0, t.P + r0 * S, ldc: S)
-        softmaxRows(t.P, r0..<r1, a)
-        for i in r0..<r1 {
-            for j in 0..<cols { W[i * S + j] = t.P[i * S + j] * mask[i * S + j] }
-        }
-        BLAS.sgemm(
-            transA: false, transB: false, m: r1 - r0, n: a.hd, k: cols, W + r0 * S, lda: S, t.v, ldb: a.ld,
-            beta: 0, t.o + r0 * a.D, ldc: a.D)
-    }
-}
-
-/// The backward of `headForwardDropped`: dP = (dO V^T) * mask, the softmax backward with the
-/// undropped P, dQ += dS K by query blocks; then dV += W^T dO and dK += dS^T Q by key blocks,
-/// W = P * mask rebuilt in `W` (scratch (S, S)).
-private func headBackwardDropped(
-    _ t: HeadView, _ g: HeadView, _ mask: ConstFloatPtr, _ W: FloatPtr, _ a: AttentionShape
+/// Dropout's part of a query block's backward: dP *= mask, and W = P * mask for dV (zero past
+/// the block's keys, which the key-block products read under the causal mask).
+@inline(__always)
+private func maskBlock(
+    _ drop: ProbabilityDropout, _ P: ConstFloatPtr, _ dP: FloatPtr, _ rows: Range<Int>, cols: Int, S: Int
 ) {
-    let S = a.S
-    let D = a.D
-    let ld = a.ld
-    let hd = a.hd
-    let dP = g.P
-    for r0 in stride(from: 0, to: S, by: a.block) {
-        let r1 = min(S, r0 + a.block)
-        let cols = a.cols(r1)
-        BLAS.sgemm(
-            transA: false, transB: true, m: r1 - r0, n: cols, k: hd, t.o + r0 * D, lda: D, t.v, ldb: ld,
-            beta: 0, dP + r0 * S, ldc: S)
-        for i in r0..<r1 {
-            for j in 0..<cols {
-                dP[i * S + j] *= mask[i * S + j]
-                W[i * S + j] = t.P[i * S + j] * mask[i * S + j]
-            }
-            if cols < S { (W + i * S + cols).update(repeating: 0, count: S - cols) }
+    for i in rows {
+        for j in 0..<cols {
+            dP[i * S + j] *= drop.mask[i * S + j]
+            drop.W[i * S + j] = P[i * S + j] * drop.mask[i * S + j]
         }
-        softmaxRowsBackward(t.P, dP, r0..<r1, a)
-        BLAS.sgemm(
-            transA: false, transB: false, m: r1 - r0, n: hd, k: cols, dP + r0 * S, lda: S, t.k, ldb: ld,
-            beta: 1, g.q + r0 * ld, ldc: ld)
-    }
-    for c0 in stride(from: 0, to: S, by: a.block) {
-        let c1 = min(S, c0 + a.block)
-        let r = a.causal ? c0 : 0
-        BLAS.sgemm(
-            transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, W + r * S + c0, lda: S, t.o + r * D,
-            ldb: D, beta: 1, g.v + c0 * ld, ldc: ld)
-        BLAS.sgemm(
-            transA: true, transB: false, m: c1 - c0, n: hd, k: S - r, dP + r * S + c0, lda: S, t.q + r * ld,
-            ldb: ld, beta: 1, g.k + c0 * ld, ldc: ld)
+        if cols < S { (drop.W + i * S + cols).update(repeating: 0, count: S - cols) }
     }
 }
 
