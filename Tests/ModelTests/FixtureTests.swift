@@ -29,6 +29,35 @@ func worstError(_ a: [Float], _ e: [Float], rtol: Float, atol: Float) -> (Float,
     return (worst, wi)
 }
 
+/// 1 / the batch's total slot weight (sum over slots j of w_j * the T - j valid positions, times
+/// the samples): the gradient scale of the mean loss that the fixtures' gradients are of.
+func meanLossScale(_ m: Transformer, samples: Int) -> Float {
+    let T = m.config.seqLen
+    let valid = m.slotWeights.enumerated().reduce(0.0) { $0 + Double(max(0, T - $1.offset)) * Double($1.element) }
+    return Float(1 / (valid * Double(samples)))
+}
+
+/// One forward and backward of the fixture's batch at the mean loss's gradient scale, then every
+/// parameter's gradient against the fixture's `grad.*`: rtol 1e-4, atol max(1e-5 x the tensor's
+/// largest reference magnitude, `atolFloor`). Returns that magnitude per entry name.
+@discardableResult
+func checkGradientsAgainstFixture(_ c: FixtureCase, _ f: String, atolFloor: Float) throws -> [String: Float] {
+    let m = c.model
+    m.grads.zero()
+    m.forward(c.batch, gradientScale: meanLossScale(m, samples: c.batch.batch))
+    m.backward()
+    var scales: [String: Float] = [:]
+    for e in m.table.entries {
+        let want = try c.st.floats("grad." + e.name)
+        let got = Array(UnsafeBufferPointer(start: m.grads.base + e.offset, count: e.count))
+        let scale = want.map { abs($0) }.max() ?? 0
+        let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, atolFloor))
+        XCTAssertLessThanOrEqual(w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
+        scales[e.name] = scale
+    }
+    return scales
+}
+
 /// One fixture file: its tensors, the model it holds (with its slot weights), the input batch and
 /// the `fixture` metadata.
 struct FixtureCase {
@@ -82,22 +111,7 @@ final class FixtureTests: XCTestCase {
     func testEveryGradientMatchesReference() throws {
         for f in fixtureFiles() {
             let c = try load(f)
-            let m = c.model
-            m.grads.zero()
-            let valid = Double(
-                m.slotWeights.enumerated().reduce(Float(0)) { acc, jw in
-                    acc + Float(max(0, m.config.seqLen - jw.offset)) * jw.element
-                })
-            m.forward(c.batch, gradientScale: Float(1 / (valid * Double(c.batch.batch))))
-            m.backward()
-            for e in m.table.entries {
-                let want = try c.st.floats("grad." + e.name)
-                let got = Array(UnsafeBufferPointer(start: m.grads.base + e.offset, count: e.count))
-                let scale = want.map { abs($0) }.max() ?? 0
-                let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, 1e-9))
-                XCTAssertLessThanOrEqual(
-                    w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
-            }
+            try checkGradientsAgainstFixture(c, f, atolFloor: 1e-9)
         }
     }
 

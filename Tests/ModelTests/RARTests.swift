@@ -60,22 +60,10 @@ final class RARFixtureTests: XCTestCase {
     func testEveryGradientMatchesReference() throws {
         for f in rarBaseFixtures {
             let c = try loadRARFixture(f)
-            let m = c.model
-            m.grads.zero()
-            let T = m.config.seqLen
-            m.forward(c.batch, gradientScale: Float(1 / Double(T * c.batch.batch)))
-            m.backward()
-            for e in m.table.entries {
-                let want = try c.st.floats("grad." + e.name)
-                let got = Array(UnsafeBufferPointer(start: m.grads.base + e.offset, count: e.count))
-                let scale = want.map { abs($0) }.max() ?? 0
-                // floor 1e-7: k_norm.bias's gradient is exactly 0 (it shifts a query's scores by a
-                // constant), float32 leaves a few 1e-9 of rounding
-                let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, 1e-7))
-                XCTAssertLessThanOrEqual(
-                    w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
-                XCTAssertGreaterThan(scale, 0, "\(f): \(e.name) has a gradient")
-            }
+            // floor 1e-7: k_norm.bias's gradient is exactly 0 (it shifts a query's scores by a
+            // constant), float32 leaves a few 1e-9 of rounding
+            let scales = try checkGradientsAgainstFixture(c, f, atolFloor: 1e-7)
+            for (name, scale) in scales { XCTAssertGreaterThan(scale, 0, "\(f): \(name) has a gradient") }
         }
     }
 
@@ -241,21 +229,7 @@ final class RARPluginFixtureTests: XCTestCase {
             for j in slots.indices {
                 XCTAssertEqual(r.slotLosses[j], slots[j], accuracy: 1e-4 * abs(slots[j]), "\(f): slot \(j) loss")
             }
-            m.grads.zero()
-            let T = cfg.seqLen
-            let valid = m.slotWeights.enumerated().reduce(0.0) {
-                $0 + Double(max(0, T - $1.offset)) * Double($1.element)
-            }
-            m.forward(c.batch, gradientScale: Float(1 / (valid * Double(c.batch.batch))))
-            m.backward()
-            for e in m.table.entries {
-                let want = try c.st.floats("grad." + e.name)
-                let got = Array(UnsafeBufferPointer(start: m.grads.base + e.offset, count: e.count))
-                let scale = want.map { abs($0) }.max() ?? 0
-                let (w, i) = worstError(got, want, rtol: 1e-4, atol: max(1e-5 * scale, 1e-7))
-                XCTAssertLessThanOrEqual(
-                    w, 1, "\(f): gradient of \(e.name), worst element \(i): \(got[i]) vs \(want[i])")
-            }
+            try checkGradientsAgainstFixture(c, f, atolFloor: 1e-7)
         }
     }
 
