@@ -105,7 +105,8 @@ public struct CacheInfo: Codable, Equatable, Sendable {
         func bad(_ problem: String) -> InputError { InputError(path, problem) }
         guard formatVersion == CacheInfo.currentFormatVersion else {
             throw bad(
-                "format_version is \(formatVersion); this program reads format_version \(CacheInfo.currentFormatVersion) (SPEC 7)"
+                "format_version is \(formatVersion); this program reads format_version "
+                    + "\(CacheInfo.currentFormatVersion) (SPEC 7)"
             )
         }
         var counts = [

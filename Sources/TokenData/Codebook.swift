@@ -49,7 +49,8 @@ public struct Codebook {
         guard shape.count == 2, shape[1] == attrs[0] * attrs[0] * attrs[3] else {
             throw InputError(
                 path,
-                "codebook has shape \(shape); expected [V, patch_size^2 * channels] = [V, \(attrs[0] * attrs[0] * attrs[3])]"
+                "codebook has shape \(shape); expected [V, patch_size^2 * channels] = [V, "
+                    + "\(attrs[0] * attrs[0] * attrs[3])]"
             )
         }
         guard values.allSatisfy({ $0.isFinite }) else {

@@ -172,7 +172,8 @@ public func importLlamaGen(_ o: LlamaGenImportOptions, log: @escaping (String) -
     guard side * side == t else { throw InputError(firstPath, "T = \(t) tokens is not a square grid") }
     if ids.last! - first + 1 != ids.count {
         log(
-            "note: sample numbers run \(first)...\(ids.last!) with gaps; \(ids.count) files are imported in number order"
+            "note: sample numbers run \(first)...\(ids.last!) with gaps; \(ids.count) files "
+                + "are imported in number order"
         )
     }
     let perRoot = probe.views.map(String.init).joined(separator: " + ")

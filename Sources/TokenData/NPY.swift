@@ -77,7 +77,8 @@ public func parseNPY(_ data: Data, path: String) throws -> NPYArray {
     guard b.count - body == count * width else {
         throw InputError(
             path,
-            ".npy shape \(shape) of \(descr) needs \(count * width) data bytes but the file has \(b.count - body) (truncated?)"
+            ".npy shape \(shape) of \(descr) needs \(count * width) data bytes but the file has "
+                + "\(b.count - body) (truncated?)"
         )
     }
     var values = [Int64](repeating: 0, count: count)

@@ -164,7 +164,8 @@ public final class TokenCache {
         for (j, x) in row.enumerated() where x < 0 || x >= v {
             throw InputError(
                 files[s].path,
-                "sample \(r) (global \(starts[s] + r)), augmentation \(a), position \(j): token \(x) outside [0, vocab_size \(info.vocabSize))"
+                "sample \(r) (global \(starts[s] + r)), augmentation \(a), position \(j): token \(x) outside [0, "
+                    + "vocab_size \(info.vocabSize))"
             )
         }
     }

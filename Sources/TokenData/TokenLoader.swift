@@ -61,7 +61,8 @@ public final class TokenLoader {
         guard globalBatch % worldSize == 0 else {
             throw InputError(
                 cache.directory,
-                "global batch \(globalBatch) is not divisible by the number of ranks \(worldSize): every rank must read the same number of samples"
+                "global batch \(globalBatch) is not divisible by the number of ranks \(worldSize): every rank must "
+                    + "read the same number of samples"
             )
         }
         guard prefetch >= 0 else { throw InputError(cache.directory, "prefetch must be 0 or more, got \(prefetch)") }

@@ -24,7 +24,8 @@ public func verifyCache(directory: String) throws -> VerifyReport {
         guard sha == entry.sha256.lowercased() else {
             throw InputError(
                 path,
-                "sha256 mismatch: file has \(sha), dataset.json says \(entry.sha256) (changed or damaged since it was written)"
+                "sha256 mismatch: file has \(sha), dataset.json says \(entry.sha256) (changed or "
+                    + "damaged since it was written)"
             )
         }
         bytes += (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? Int) ?? 0
@@ -86,13 +87,16 @@ public struct InspectReport: Sendable {
         let i = info
         var lines: [String] = []
         lines.append(
-            "samples \(i.numSamples) in \(i.shards.count) shard(s) \(shardSamples); augmentations \(i.augmentations); grid \(i.gridH)x\(i.gridW) (T = \(i.seqLen)); vocab_size \(i.vocabSize); num_classes \(i.numClasses); codes \(i.codesKind.rawValue)"
+            "samples \(i.numSamples) in \(i.shards.count) shard(s) \(shardSamples); augmentations "
+                + "\(i.augmentations); grid \(i.gridH)x\(i.gridW) (T = \(i.seqLen)); vocab_size \(i.vocabSize); "
+                + "num_classes \(i.numClasses); codes \(i.codesKind.rawValue)"
         )
         lines.append("classes: " + classCounts.enumerated().map { "\($0.offset):\($0.element)" }.joined(separator: " "))
         lines.append(
             String(
                 format:
-                    "tokens: %d counted (all augmentations); unigram entropy %.4f nats = %.4f bits (perplexity %.1f; uniform would be %.4f nats)",
+                    "tokens: %d counted (all augmentations); unigram entropy %.4f nats = %.4f bits (perplexity "
+                    + "%.1f; uniform would be %.4f nats)",
                 totalTokens, entropyNats, entropyBits, exp(entropyNats), log(Double(i.vocabSize))))
         let pct = { (c: Int) in String(format: "%.2f%%", 100 * Double(c) / Double(max(1, self.totalTokens))) }
         lines.append("most used: " + mostUsed(k).map { "\($0.code) (\(pct($0.count)))" }.joined(separator: ", "))

@@ -39,7 +39,9 @@ struct FashionMNIST: ParsableCommand {
         commandName: "fashion-mnist",
         abstract: "Tokenise Fashion-MNIST with a k-means patch VQ into OUT/train and OUT/val (each with codebook.h5).",
         discussion:
-            "Augmentations: A = 2 (original, horizontal flip). OUT/tokenizer.json records the options and the reconstruction error. Does nothing when OUT already holds a build with the same options that verifies (use --force to rebuild)."
+            "Augmentations: A = 2 (original, horizontal flip). OUT/tokenizer.json records the options and the "
+            + "reconstruction error. Does nothing when OUT already holds a build with the same options that "
+            + "verifies (use --force to rebuild)."
     )
 
     @Option(help: "Output folder.") var out: String
@@ -77,7 +79,8 @@ struct FashionMNIST: ParsableCommand {
         let (r, reused) = try buildFashionMNIST(source: source, out: out, options: o, force: force, log: say)
         if reused { say("\(out) already holds this build and it verifies; nothing to do (--force rebuilds)") }
         say(
-            "V = \(r.vocabSize), grid \(r.gridH)x\(r.gridW) (T = \(r.gridH * r.gridW)), patch \(r.options.patch), A = 2; \(r.usedCodes) codes used"
+            "V = \(r.vocabSize), grid \(r.gridH)x\(r.gridW) (T = \(r.gridH * r.gridW)), patch \(r.options.patch), "
+                + "A = 2; \(r.usedCodes) codes used"
         )
         say(
             String(
@@ -178,7 +181,8 @@ struct Inspect: ParsableCommand {
         if FileManager.default.fileExists(atPath: cb) {
             let c = try Codebook.load(path: cb)
             say(
-                "codebook.h5: V = \(c.V), Dc = \(c.Dc), patch \(c.patchSize), image \(c.imageH)x\(c.imageW)x\(c.channels)"
+                "codebook.h5: V = \(c.V), Dc = \(c.Dc), patch \(c.patchSize), image "
+                    + "\(c.imageH)x\(c.imageW)x\(c.channels)"
             )
             if c.V != r.info.vocabSize {
                 throw InputError(cb, "codebook has V = \(c.V) but dataset.json says vocab_size \(r.info.vocabSize)")
@@ -209,7 +213,8 @@ struct Verify: ParsableCommand {
 struct Decode: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract:
-            "Decode samples back to pixels with the codebook: one image, or a row of them, as PNG (or PGM with a .pgm name)."
+            "Decode samples back to pixels with the codebook: one image, or a row of them, as PNG "
+            + "(or PGM with a .pgm name)."
     )
     @Option(help: "Cache folder.") var cache: String
     @Option(parsing: .upToNextOption, help: "Sample index or indices.") var index: [Int]
@@ -278,7 +283,9 @@ struct Bench: ParsableCommand {
     func run() throws {
         let tc = try TokenCache(directory: cache)
         say(
-            "\(cache): \(tc.count) samples, T = \(tc.seqLen), A = \(tc.info.augmentations); G = \(batch), W = \(worldSize) (rank 0 reads \(batch / worldSize) per batch), \(batches) batches, simulated work \(workMs) ms"
+            "\(cache): \(tc.count) samples, T = \(tc.seqLen), A = \(tc.info.augmentations); G = \(batch), W = "
+                + "\(worldSize) (rank 0 reads \(batch / worldSize) per batch), \(batches) batches, "
+                + "simulated work \(workMs) ms"
         )
         for prefetch in [0, 2] {
             let loader = try TokenLoader(
@@ -297,7 +304,8 @@ struct Bench: ParsableCommand {
             say(
                 String(
                     format:
-                        "prefetch %d: %.0f samples/s per rank overall, %.0f samples/s while waiting on the loader (%.2f ms per batch waited)",
+                        "prefetch %d: %.0f samples/s per rank overall, %.0f samples/s while waiting on the loader "
+                        + "(%.2f ms per batch waited)",
                     prefetch, n / s, n / max(reading, 1e-9), 1000 * reading / Double(batches)))
         }
     }

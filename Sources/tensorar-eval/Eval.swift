@@ -21,19 +21,25 @@ struct Eval: ParsableCommand {
     @Option(help: "raw: the trained weights; ema: a checkpoint's moving average of them (train.ema_decay).")
     var weightsKind: WeightsKind = .raw
     @Option(
-        help:
-            "Model shape for a file without tensorar.config metadata: \(ModelConfig.presetNames.joined(separator: ", "))."
+        help: ArgumentHelp(
+            "Model shape for a file without tensorar.config metadata: "
+                + "\(ModelConfig.presetNames.joined(separator: ", "))."
+        )
     ) var preset: String?
     @Option(help: "With --preset: the base model, \(BaseRegistry.names.joined(separator: " or ")).")
     var base = "llamagen"
     @Option(help: "none: clean inputs; train: the training noise under a fixed seed.") var noise: NoiseMode = .none
     @Option(
-        help:
-            "Noise type for --noise train: \(NoiseType.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.type, else replace)."
+        help: ArgumentHelp(
+            "Noise type for --noise train: \(NoiseType.allCases.map(\.rawValue).joined(separator: ", ")) (default: "
+                + "a checkpoint's noise.type, else replace)."
+        )
     ) var noiseType: String?
     @Option(
-        help:
-            "Noise schedule for --noise train: \(NoiseSchedule.allCases.map(\.rawValue).joined(separator: ", ")) (default: a checkpoint's noise.schedule, else sine)."
+        help: ArgumentHelp(
+            "Noise schedule for --noise train: \(NoiseSchedule.allCases.map(\.rawValue).joined(separator: ", ")) "
+                + "(default: a checkpoint's noise.schedule, else sine)."
+        )
     ) var noiseSchedule: String?
     @Option(help: "Seed of the validation noise (default: a checkpoint's train.seed, else 0).") var noiseSeed: UInt64?
     @Option(help: "Images per forward pass.") var batchSize = 32
@@ -85,7 +91,8 @@ struct Eval: ParsableCommand {
                 else {
                     throw InputError(
                         data,
-                        "the checkpoint's discrete noise uses the VQ codebook (noise.embedding: codebook), but neither this cache nor \(trained!.data.train) has a codebook.h5"
+                        "the checkpoint's discrete noise uses the VQ codebook (noise.embedding: codebook), but "
+                            + "neither this cache nor \(trained!.data.train) has a codebook.h5"
                     )
                 }
                 let cb = try Codebook.load(path: path)

@@ -102,7 +102,8 @@ struct CheckpointBench: ParsableCommand {
             print(
                 String(
                     format:
-                        "checkpoint of %@ + plug-in (k %d, d %d): %d parameters, %.2f GB (params + 2 AdamW moments), %d rank(s), folder %@",
+                        "checkpoint of %@ + plug-in (k %d, d %d): %d parameters, %.2f GB (params + 2 AdamW "
+                        + "moments), %d rank(s), folder %@",
                     preset, window, depth, P, gb, comm.size, dir))
             print(String(format: "  write (incl. fsync):        %6.2f s  %6.2f GB/s", write, gb / write))
             print(String(format: "  read from disk (+exchange): %6.2f s  %6.2f GB/s", reads[0], gb / reads[0]))

@@ -21,7 +21,8 @@ struct Weights: ParsableCommand {
         commandName: "weights",
         abstract: "Write a checkpoint's model as .safetensors (the default command).",
         discussion:
-            "The file loads in tensorar-eval, tensorar-sample and tensorar-train --init-from, and in LlamaGen (base tensors)."
+            "The file loads in tensorar-eval, tensorar-sample and tensorar-train --init-from, and "
+            + "in LlamaGen (base tensors)."
     )
 
     @Option(help: "A checkpoint folder (step-NNNNNNNN), or a run folder meaning its newest checkpoint (`latest`).")

@@ -88,8 +88,10 @@ struct Sample: ParsableCommand {
         help: "Measure sampling speed (images/s, GFLOP/s against the sgemm peak, k against k = 1) instead of sampling.")
     var bench = false
     @Option(
-        help:
-            "--bench: models, comma-separated: default (the Fashion-MNIST default shape: small, V 512, grid 7, k 4, d 1) and presets (V 16384, C 1000, grid 16, k = --bench-window, d = --bench-depth)."
+        help: ArgumentHelp(
+            "--bench: models, comma-separated: default (the Fashion-MNIST default shape: small, V 512, grid 7, k 4, "
+                + "d 1) and presets (V 16384, C 1000, grid 16, k = --bench-window, d = --bench-depth)."
+        )
     ) var benchModels = "default,B"
     @Option(help: "--bench: plug-in window k for presets.") var benchWindow = 4
     @Option(help: "--bench: plug-in depth d for presets.") var benchDepth = 2
@@ -192,7 +194,8 @@ struct Sample: ParsableCommand {
         if let window, window != c.window {
             throw InputError(
                 w,
-                "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but --window \(window) was asked"
+                "the weights have window k = \(c.window) (plugin_depth \(c.pluginDepth)) but "
+                    + "--window \(window) was asked"
             )
         }
         let cls = try parseClasses(classes, numClasses: c.numClasses, weights: w)

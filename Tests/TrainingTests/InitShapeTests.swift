@@ -55,7 +55,8 @@ final class InitShapeTests: XCTestCase {
             XCTAssertEqual(
                 "\($0)",
                 "W: its recorded n_head 4 contradicts the config's n_head 8 "
-                    + "(model.n_head in --set model.n_head=8); leave the shape out of the config to take the weights' own"
+                    + "(model.n_head in --set model.n_head=8); leave the shape out of the "
+                    + "config to take the weights' own"
             )
         }
         let preset = TrainConfig().model  // preset small, given in the user's file
