@@ -155,7 +155,7 @@ public final class ParameterGather {
     }
 
     /// The largest index (gathering order) of a bucket meeting the non-empty `range`.
-    private func lastBucket(meeting range: Range<Int>) -> Int {
+    func lastBucket(meeting range: Range<Int>) -> Int {
         // the first bucket (by start) ending after range.lowerBound, then on while they overlap
         var lo = 0
         var hi = byStart.count
