@@ -214,7 +214,7 @@ struct Train: ParsableCommand {
         if let gather = trainer.gather {
             say(
                 "parameter gather: \(gather.mode) allgather in \(gather.buckets.count) bucket(s)"
-                    + (gather.mode == .overlapped ? ", overlapped with the next step's forward" : "")
+                    + (gather.mode == .overlapped ? " during the next step's forward" : " after AdamW")
                     + (gather.note.map { " (\($0))" } ?? ""))
         }
     }
