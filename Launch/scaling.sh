@@ -15,8 +15,14 @@
 #     measured peak resident memory, and the step and AdamW times;
 #   - with RECOMPUTE=1 (default): the same on 2 ranks with train.recompute blocks, and the step
 #     time with and without recompute (tensorar-bench --recompute both: interleaved in one process).
+#   - with ZEROTIME=1 (not by default): the step time with and without sharding on 2 ranks (README
+#     target: within 5% of none), preset B k = 4, d = 2, micro-batch 1, default overlap (gradients and
+#     parameter gather), in ROUNDS rounds (3) alternating none, states, states+grads, and states with
+#     the blocking gather (dist.overlap_gather=false); ZSTEPS steps each (8), mean of the steps after
+#     the first. For that figure alone: DP=0 MEMORY=0 ZERO=0 RECOMPUTE=0 ZEROTIME=1 Launch/scaling.sh
 # Environment: STEPS (default-config steps, 30), BSTEPS (preset-B steps, 3), MEMORY (1), ZERO (1), RECOMPUTE (1),
-# DP (1: the step-time table), OUT (work folder, /tmp/tensorar-scaling). On 2 cores the 4- and 8-rank runs are oversubscribed.
+# DP (1: the step-time table), ZEROTIME (0), ROUNDS (3), ZSTEPS (8), OUT (work folder, /tmp/tensorar-scaling).
+# On 2 cores the 4- and 8-rank runs are oversubscribed.
 # Measured numbers and the 64-node estimate: README.md, section "Scaling".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +33,9 @@ MEMORY=${MEMORY:-1}
 ZERO=${ZERO:-1}
 RECOMPUTE=${RECOMPUTE:-1}
 DP=${DP:-1}
+ZEROTIME=${ZEROTIME:-0}
+ROUNDS=${ROUNDS:-3}
+ZSTEPS=${ZSTEPS:-8}
 OUT=${OUT:-/tmp/tensorar-scaling}
 EXE=.build/release/tensorar-train
 [ -x "$EXE" ] || { echo "scaling: $EXE is missing: run 'swift build -c release' first" >&2; exit 1; }
@@ -157,4 +166,60 @@ if [ "$RECOMPUTE" = 1 ]; then
   echo "Step time with and without recompute, interleaved in one process (1 thread; load $(cut -d' ' -f1 /proc/loadavg)):"
   .build/release/tensorar-bench --presets B --batches 2 --window 4 --depth 2 --recompute both --threads 1 --steps 2 \
     | grep -E "recompute blocks"
+fi
+
+# zero_time_row ROUND SHARD OVERLAP_GATHER: one run of the sharding step-time comparison (2 ranks).
+zero_time_row() {
+  local round=$1 zero=$2 gather=$3 load
+  local log="$OUT/zerotime-$round-$zero-$gather.log"
+  load=$(cut -d' ' -f1 /proc/loadavg)
+  mpirun -n 2 --bind-to none "$EXE" Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" \
+    --set data.val=null --set model.init_from=null --set train.global_batch=2 --set train.micro_batch=1 \
+    --set train.steps="$ZSTEPS" --set train.log_every=1 --set dist.shard_optimizer="$zero" \
+    --set dist.overlap_gather="$gather" --set checkpoint.dir="$OUT/ckpt" \
+    --set checkpoint.run="zerotime-$round-$zero-$gather" --set checkpoint.resume=never --set checkpoint.every=0 \
+    >"$log" 2>&1 || { echo "scaling: ZeRO timing run failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
+  python3 - "$log" "$round" "$zero" "$gather" "$load" <<'EOF'
+import re, sys
+log, rnd, zero, gather, load = sys.argv[1:]
+text = open(log).read()
+t = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s .*data wait ([\d.]+) s, optimizer ([\d.]+) s", text)
+g = re.search(r"parameter allgather ([\d.]+) s", text)
+if not t:
+    sys.exit(f"scaling: no timing line in {log}")
+c, a, d, o = map(float, t.groups())
+w = float(g.group(1)) if g else 0.0
+shown = gather if zero != "none" else "-"
+print(f"| {rnd} | {zero} | {shown} | {c + a + d + o + w:.3f} | {c:.3f} | {a:.3f} | {o:.3f} | {w:.3f} | {load} |")
+EOF
+}
+
+if [ "$ZEROTIME" = 1 ]; then
+  echo
+  echo "Step time with and without sharding, preset B k = 4, d = 2, micro-batch 1 per rank, 2 ranks, $ZSTEPS steps"
+  echo "(rank 0, mean of the steps after the first; gather s: what the next forward waited for the allgather):"
+  echo
+  echo "| round | dist.shard_optimizer | dist.overlap_gather | step s | compute s | reduce wait s | AdamW s | gather s | load |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  rows="$OUT/zerotime-rows.md"
+  : >"$rows"
+  for round in $(seq 1 "$ROUNDS"); do
+    for setting in "none true" "states true" "states+grads true" "states false"; do
+      # shellcheck disable=SC2086
+      zero_time_row "$round" $setting | tee -a "$rows"
+    done
+  done
+  python3 - "$rows" <<'EOF'
+import sys
+rows = [l.strip().strip("|").split("|") for l in open(sys.argv[1]) if l.startswith("|")]
+steps = {}
+for r in rows:
+    steps.setdefault((r[1].strip(), r[2].strip()), []).append(float(r[3]))
+none = sum(steps[("none", "-")]) / len(steps[("none", "-")])
+print()
+for (zero, gather), v in steps.items():
+    mean = sum(v) / len(v)
+    change = 100 * (mean / none - 1)
+    print(f"{zero} (overlap_gather {gather}): mean step {mean:.3f} s over {len(v)} round(s), {change:+.1f}% vs none")
+EOF
 fi

@@ -119,9 +119,13 @@ protocol RecomputableStack: AnyObject {
 }
 
 extension RecomputableStack {
-    /// x (rows, D) in: the stack's input; out: its output.
-    func forwardBlocks(_ x: FlatBuffer) {
-        for l in 0..<blockCount { runBlockForward(l, output: x) }
+    /// x (rows, D) in: the stack's input; out: its output. `beforeBlock(l)` is called before
+    /// block l reads its weights (ZeRO's overlapped parameter gather waits there for them).
+    func forwardBlocks(_ x: FlatBuffer, beforeBlock: ((Int) -> Void)? = nil) {
+        for l in 0..<blockCount {
+            beforeBlock?(l)
+            runBlockForward(l, output: x)
+        }
     }
 
     /// dx in: gradient w.r.t. the stack's output; out: w.r.t. its input. Under recompute blocks

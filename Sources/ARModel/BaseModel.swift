@@ -41,7 +41,11 @@ protocol BaseModel: AnyObject {
 
     // MARK: trunk
     /// The causal stack over `sequences` of T positions, x (sequences * T, D) in place.
-    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr)
+    /// `needed(range)` is called with each of `trunkRanges` (in forward order, the reverse of
+    /// backward's) before the trunk first reads it; the embedding range (RAR's trunk reads its
+    /// position and condition tables) was announced by the inputs stage before (`Transformer.forward`).
+    func trunkForward(
+        _ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr, needed: ((Range<Int>) -> Void)?)
     /// dx in: gradient w.r.t. the trunk's output; out: w.r.t. its input. `onReady(range)` fires
     /// as each range of the trunk's parameters is final, in backward order.
     func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?)
@@ -215,8 +219,11 @@ extension RotaryTrunkBase {
         for i in 0..<D { c[i] += dout[i] }
     }
 
-    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr) {
-        trunk.forward(x, params: p, sequences: sequences, seqLen: config.seqLen, dropout: dropout)
+    func trunkForward(
+        _ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr, needed: ((Range<Int>) -> Void)?
+    ) {
+        let before = needed.map { needed in { [layerRanges] (l: Int) in needed(layerRanges[l]) } }
+        trunk.forward(x, params: p, sequences: sequences, seqLen: config.seqLen, dropout: dropout, beforeBlock: before)
     }
     func trunkBackward(_ dx: FlatBuffer, params p: FloatPtr, grads gp: FloatPtr, onReady: ((Range<Int>) -> Void)?) {
         trunk.backward(dx, params: p, grads: gp) { [layerRanges] l in onReady?(layerRanges[l]) }

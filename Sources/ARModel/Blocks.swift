@@ -145,13 +145,17 @@ final class BlockStack: RecomputableStack {
         tmp = t[names.scratch("tmp")]
     }
 
-    /// x (N*S, D) in: the stack's input; out: its output (overwritten in place).
-    func forward(_ x: FlatBuffer, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?) {
+    /// x (N*S, D) in: the stack's input; out: its output (overwritten in place). `beforeBlock(l)`
+    /// is called before block l reads its weights (`forwardBlocks`).
+    func forward(
+        _ x: FlatBuffer, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?,
+        beforeBlock: ((Int) -> Void)? = nil
+    ) {
         precondition(sequences == N && seqLen == S, "BlockStack bound for \(N) x \(S), run on \(sequences) x \(seqLen)")
         params = p
         self.dropout = (dropout?.p ?? 0) > 0 ? dropout : nil
         if self.dropout != nil { table!.allocate(.dropout) }
-        forwardBlocks(x)
+        forwardBlocks(x, beforeBlock: beforeBlock)
     }
 
     /// Block l from its input (copied in from `x` first when given) to its activations; with `x`,

@@ -186,7 +186,9 @@ final class RAR: BaseModel {
         }
     }
 
-    func trunkForward(_ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr) {
+    func trunkForward(
+        _ x: FlatBuffer, sequences: Int, dropout: DropoutPlan?, params p: FloatPtr, needed: ((Range<Int>) -> Void)?
+    ) {
         precondition(sequences == B && conditioning.labels.count == B, "RAR trunk bound for \(B) sequences")
         let t = table!
         let S = T + 1
@@ -200,7 +202,8 @@ final class RAR: BaseModel {
         targetRows.withUnsafeBufferPointer { addRowsForward(seq, $0.baseAddress!, p + oTarget, n: B * S, d: D) }
         let cs = t["rar.cs"].base
         conditionsForward(t["rar.c"].base, cs, seq: slotSeq, slot: slotIndex, params: p)
-        trunk.forward(t["rar.seq"], cond: cs, params: p, sequences: B, seqLen: S, dropout: dropout)
+        let before = needed.map { needed in { [layerRanges] (l: Int) in needed(layerRanges[l]) } }
+        trunk.forward(t["rar.seq"], cond: cs, params: p, sequences: B, seqLen: S, dropout: dropout, beforeBlock: before)
         for b in 0..<B { (x.base + b * T * D).update(from: seq + (b * S + 1) * D, count: T * D) }
     }
 

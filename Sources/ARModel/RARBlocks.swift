@@ -190,16 +190,17 @@ final class RARBlockStack: RecomputableStack {
     }
 
     /// x (N*S, D) in: the input; out: the output (in place). cond (N*S, D): silu(c) per slot,
-    /// kept as it is until the backward.
+    /// kept as it is until the backward. `beforeBlock(l)`: before block l reads its weights.
     func forward(
-        _ x: FlatBuffer, cond: ConstFloatPtr, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?
+        _ x: FlatBuffer, cond: ConstFloatPtr, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?,
+        beforeBlock: ((Int) -> Void)? = nil
     ) {
         precondition(sequences == N && seqLen == S, "RAR blocks bound for \(N) x \(S), run on \(sequences) x \(seqLen)")
         params = p
         self.cond = cond
         self.dropout = (dropout?.p ?? 0) > 0 ? dropout : nil
         if self.dropout != nil { table!.allocate(.dropout) }
-        forwardBlocks(x)
+        forwardBlocks(x, beforeBlock: beforeBlock)
     }
 
     /// Block l from its input (copied in from `x` first when given) to its activations; with `x`,

@@ -246,10 +246,17 @@ public final class Transformer {
     /// gradients are then d(sum w CE)/dθ times gradientScale (1 / the global batch's total
     /// weight gives the mean loss's gradient). `logits` (B, T, k, logitsWidth), when given,
     /// receives every position's logits (invalid pairs too).
+    ///
+    /// `parametersNeeded(range)`, mirroring `backward`'s `onReady`, is called with each range of
+    /// the flat parameter buffer before any stage reads it, in `parameterNeededOrder` (the
+    /// embeddings, the encoder, each trunk block, the decoder, the head): ZeRO's overlapped
+    /// allgather blocks there until that range has landed. A range is announced once, before the
+    /// first stage that reads it (RAR's trunk, decoder and head and Open-MAGVIT2's head also read
+    /// the embedding tables, announced with the inputs). Without it nothing changes.
     @discardableResult
     public func forward(
         _ batch: ModelBatch, dropout: DropoutSettings? = nil, gradientScale: Float? = nil,
-        logits: UnsafeMutablePointer<Float>? = nil
+        logits: UnsafeMutablePointer<Float>? = nil, parametersNeeded: ((Range<Int>) -> Void)? = nil
     ) -> LossReport {
         precondition(
             batch.tokens.count == batch.batch * T && batch.labels.count == batch.batch
@@ -269,10 +276,17 @@ public final class Transformer {
         self.gradientScale = gradientScale
         let p = params.base
         let plan = drop.map { DropoutPlan(p: $0.p, seed: $0.seed, step: $0.step, samplePositions: $0.samplePositions) }
+        parametersNeeded?(base.embeddingRange)
+        if let encoder { parametersNeeded?(encoder.range) }
         inputsForward(batch, dropout: plan)
-        base.trunkForward(x!, sequences: B, dropout: plan, params: p)
+        base.trunkForward(x!, sequences: B, dropout: plan, params: p, needed: parametersNeeded)
         hidden!.base.update(from: x!.base, count: B * T * D)
-        let g = decoder?.forward(hidden!.base, n: B * T, dropout: plan, params: p) ?? hidden!
+        var g = hidden!
+        if let decoder {
+            parametersNeeded?(decoder.range)
+            g = decoder.forward(hidden!.base, n: B * T, dropout: plan, params: p)
+        }
+        parametersNeeded?(base.headRange)
         buildTargets(batch)
         var losses = [Float](repeating: 0, count: headRows)
         let gradient = gradientScale.map { scale in
@@ -315,6 +329,10 @@ public final class Transformer {
     public var gradientReadyOrder: [Range<Int>] {
         Transformer.readyOrder(base: base, encoder: encoder, decoder: decoder)
     }
+
+    /// The ranges `forward` hands to `parametersNeeded`, in its order: `gradientReadyOrder`
+    /// reversed (embeddings, encoder, trunk blocks from the first, decoder, head).
+    public var parameterNeededOrder: [Range<Int>] { gradientReadyOrder.reversed() }
 
     /// `gradientReadyOrder` for a model of shape `c`, without allocating it (memory estimates).
     public static func gradientReadyOrder(_ c: ModelConfig) -> [Range<Int>] {

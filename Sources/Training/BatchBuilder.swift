@@ -46,6 +46,16 @@ public struct BatchBuilder {
         self.randomOrder = randomOrder
     }
 
+    /// The ranges of the flat parameters that `training` reads: the base's token tables under
+    /// `discrete` noise measured in the model's own embedding (`assemble`); none otherwise.
+    public var parameterRanges: [Range<Int>] {
+        guard let noise, noise.noiser.type == .discrete, noise.codebook == nil else { return [] }
+        return model.tokenFactors.map { f in
+            let e = model.table.entry(f.name)!
+            return e.offset..<(e.offset + e.count)
+        }
+    }
+
     /// A training micro-batch and the dropout keys of its samples.
     public struct Training {
         public var batch: ModelBatch

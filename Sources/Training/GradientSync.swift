@@ -83,7 +83,8 @@ public final class GradientSync {
     /// ZeRO's reduce-scatter target, nil for a plain allreduce.
     public let shard: Shard?
     private let communicator: Communicator
-    private let worker: Worker?
+    /// The communication thread (overlapped mode); it holds nothing of this object.
+    private let worker: CommunicationThread?
     // Per-step state of the calling thread.
     private var grads: FlatBuffer?
     private var scale: Float = 1
@@ -195,7 +196,7 @@ public final class GradientSync {
         self.note = note
         if mode == .overlapped {
             self.communicator = try communicator.duplicate()
-            worker = Worker(communicator: self.communicator, shard: shard)
+            worker = CommunicationThread(name: "gradient-sync")
         } else {
             self.communicator = communicator
             worker = nil
@@ -213,7 +214,14 @@ public final class GradientSync {
         remaining = buckets.map(\.count)
         eagerSeconds = 0
         failure = nil
-        worker?.start(grads: grads, scale: self.scale)
+        worker?.begin()
+    }
+
+    /// Overlapped: bucket b's reduction, on the communication thread.
+    private func handOver(_ b: Int) {
+        guard let worker, let grads else { return }
+        let (range, scale, communicator, shard) = (buckets[b], scale, communicator, shard)
+        worker.enqueue { try GradientSync.reduce(grads, range, scale: scale, communicator, shard: shard) }
     }
 
     /// Marks `range` of the gradient buffer final. In overlapped mode, each bucket this completes
@@ -235,7 +243,7 @@ public final class GradientSync {
             let overlap = min(range.upperBound, buckets[b].upperBound) - max(range.lowerBound, buckets[b].lowerBound)
             precondition(remaining[b] >= overlap, "bucket \(b) marked ready twice (range \(range))")
             remaining[b] -= overlap
-            if remaining[b] == 0, let worker { worker.enqueue(buckets[b]) }
+            if remaining[b] == 0, worker != nil { handOver(b) }
             if remaining[b] == 0, worker == nil, shard?.releaseSource == true { reduceNow(b) }
         }
     }
@@ -270,9 +278,9 @@ public final class GradientSync {
         if let worker {
             for b in buckets.indices where remaining[b] > 0 {
                 remaining[b] = 0
-                worker.enqueue(buckets[b])
+                handOver(b)
             }
-            let (comm, error) = worker.waitAll(buckets.count)
+            let (comm, error) = worker.wait(until: buckets.count)
             step.commSeconds = comm
             step.waitSeconds = monotonicSeconds() - t0
             accumulate(step)
@@ -333,95 +341,5 @@ public final class GradientSync {
         let src = shard.scratch.base
         for i in 0..<mine.count { dst[i] += src[i] * scale }
         if shard.releaseSource { grads.release(r) }
-    }
-
-    /// The communication thread and its queue. Separate from GradientSync so the thread's closure
-    /// does not keep the GradientSync alive.
-    private final class Worker {
-        let communicator: Communicator
-        let shard: Shard?
-        let cond = NSCondition()
-        var queue: [Range<Int>] = []
-        var head = 0
-        var done = 0
-        var commSeconds = 0.0
-        var error: Error?
-        var grads: FlatBuffer?
-        var scale: Float = 1
-        var stopping = false
-
-        init(communicator: Communicator, shard: Shard?) {
-            self.communicator = communicator
-            self.shard = shard
-            let t = Thread { [self] in self.loop() }
-            t.name = "gradient-sync"
-            t.start()
-        }
-
-        func start(grads: FlatBuffer, scale: Float) {
-            cond.lock()
-            self.grads = grads
-            self.scale = scale
-            queue.removeAll(keepingCapacity: true)
-            head = 0
-            done = 0
-            commSeconds = 0
-            error = nil
-            cond.unlock()
-        }
-
-        func enqueue(_ range: Range<Int>) {
-            cond.lock()
-            queue.append(range)
-            cond.broadcast()
-            cond.unlock()
-        }
-
-        func waitAll(_ n: Int) -> (Double, Error?) {
-            cond.lock()
-            while done < n { cond.wait() }
-            let result = (commSeconds, error)
-            grads = nil
-            cond.unlock()
-            return result
-        }
-
-        func stop() {
-            cond.lock()
-            stopping = true
-            cond.broadcast()
-            cond.unlock()
-        }
-
-        private func loop() {
-            while true {
-                cond.lock()
-                while head == queue.count && !stopping { cond.wait() }
-                if head == queue.count && stopping {
-                    cond.unlock()
-                    return
-                }
-                let range = queue[head]
-                head += 1
-                let g = grads!
-                let s = scale
-                let failed = error != nil
-                cond.unlock()
-
-                let t0 = monotonicSeconds()
-                var err: Error? = nil
-                if !failed {
-                    do { try GradientSync.reduce(g, range, scale: s, communicator, shard: shard) } catch { err = error }
-                }
-                let dt = monotonicSeconds() - t0
-
-                cond.lock()
-                if error == nil { error = err }
-                commSeconds += dt
-                done += 1
-                cond.broadcast()
-                cond.unlock()
-            }
-        }
     }
 }

@@ -270,6 +270,9 @@ public struct TrainConfig: Codable, Equatable {
         public var threadsPerRank: ThreadCount = .auto  // BLAS/compute threads per rank; auto = cores / ranks
         public var collectiveTimeoutSeconds: Double = 600  // a collective not done after this ends the job (watchdog)
         public var shardOptimizer: ShardOptimizer = .none  // ZeRO: none | states (stage 1) | states+grads (stage 2)
+        // ZeRO: allgather the updated parameters on a communication thread while the next forward
+        // starts (false: blocking, right after AdamW); ignored without sharding
+        public var overlapGather: Bool = true
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case bucketMB = "bucket_mb"
@@ -277,6 +280,7 @@ public struct TrainConfig: Codable, Equatable {
             case threadsPerRank = "threads_per_rank"
             case collectiveTimeoutSeconds = "collective_timeout_s"
             case shardOptimizer = "shard_optimizer"
+            case overlapGather = "overlap_gather"
         }
         /// Absent keys keep their defaults (a checkpoint's manifest from before a key existed).
         public init(from decoder: Decoder) throws {
@@ -289,6 +293,7 @@ public struct TrainConfig: Codable, Equatable {
                 try c.decodeIfPresent(Double.self, forKey: .collectiveTimeoutSeconds)
                 ?? d.collectiveTimeoutSeconds
             shardOptimizer = try c.decodeIfPresent(ShardOptimizer.self, forKey: .shardOptimizer) ?? d.shardOptimizer
+            overlapGather = try c.decodeIfPresent(Bool.self, forKey: .overlapGather) ?? d.overlapGather
         }
     }
 

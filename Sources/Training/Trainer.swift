@@ -19,6 +19,11 @@ public final class Trainer {
     public let trainCache: TokenCache
     public let valCache: TokenCache?
     public let sync: GradientSync
+    /// ZeRO (`dist.shard_optimizer`): the allgather of the updated slices (nil when replicated).
+    /// Overlapped (`dist.overlap_gather`), `trainStep` returns with it in flight and the next
+    /// step's forward waits for each range before reading it; anything else that reads the
+    /// parameters or the EMA in between must call `finishParameterGather()` first.
+    public let gather: ParameterGather?
     let noise: LossNoise
     /// The model's input for each micro-batch (label drop, windows, noise, dropout keys).
     let batches: BatchBuilder
@@ -34,7 +39,9 @@ public final class Trainer {
     /// hide otherwise; it includes waiting for a slower rank), waiting for the loader, and AdamW.
     public struct Timing {
         public var compute = 0.0, allreduceWait = 0.0, dataWait = 0.0, optimizer = 0.0, steps = 0
-        /// ZeRO: gathering the updated slices into every rank's parameters (after AdamW).
+        /// ZeRO: waiting for the updated slices of every rank: all of the allgather when blocking
+        /// (after AdamW); overlapped, what the next forward waited for, plus the waits of other
+        /// readers between steps (validation, checkpoints, the end of the run).
         public var gather = 0.0
         public var total: Double { compute + allreduceWait + dataWait + optimizer + gather }
         mutating func add(_ o: Timing) {
@@ -121,6 +128,14 @@ public final class Trainer {
             communicator: comm, count: model.table.total, bucketMB: config.dist.bucketMB,
             readyOrder: model.gradientReadyOrder,
             mode: config.dist.overlap ? .overlapped : .blocking, shard: shard)
+        // The gradient buckets reversed: packed from backward's order, so in the order the next
+        // forward reads them (`parameterNeededOrder`), and the same on every rank.
+        gather =
+            zero == .none
+            ? nil
+            : try ParameterGather(
+                communicator: comm, buckets: sync.buckets.reversed(), slices: slices,
+                trained: optimizer.trainedRange, mode: config.dist.overlapGather ? .overlapped : .blocking)
         var codebook: [Float]?
         var cbDim = 0
         if config.noise.type == .discrete && config.noise.embedding == .codebook {
@@ -221,14 +236,20 @@ public final class Trainer {
     /// One optimizer step over one global batch: micro-batches with gradient accumulation, the
     /// last one's backward overlapped with the allreduce, then AdamW. A step whose loss or
     /// gradient is not finite (on any rank: both are reduced first) is not applied on any rank.
+    ///
+    /// ZeRO with an overlapped gather: returns with the updated parameters still being gathered
+    /// (`gather`); the next `trainStep` waits for them range by range. Call
+    /// `finishParameterGather()` before reading `model.params` or `ema` otherwise.
     public func trainStep() throws -> StepResult {
         let t0 = monotonicSeconds()
         let batch = try loader.next()
         let tData = monotonicSeconds()
+        let waitedBefore = gather?.total.waitSeconds ?? 0
         let liveBefore = FlatBuffer.liveBytes
         try hooks.failIfAsked(rank: comm.rank, step: step + 1)
         earlyCommWait = 0
         let local = try accumulateGradients(batch, sync: sync)
+        let forwardGatherWait = (gather?.total.waitSeconds ?? 0) - waitedBefore
         var packed = local.packed
         let commWait = try watched(step: step + 1, "the gradient allreduce") {
             let wait = try sync.finish().waitSeconds + earlyCommWait
@@ -239,20 +260,22 @@ public final class Trainer {
         let first = activationBytesMeasured == nil
         if first { activationBytesMeasured = FlatBuffer.liveBytes - liveBefore }
         let tOpt = monotonicSeconds()
-        gatherSeconds = 0
+        let waitedBeforeStep = gather?.total.waitSeconds ?? 0
         var applied = false
         var norm = Double.nan
         if report.loss.isFinite {
             let res = try optimizerStep(lr: config.learningRates(at: step))
             applied = res.applied
             norm = res.gradNorm
-            if applied { updateEMA() }
+            // overlapped ZeRO updates the EMA bucket by bucket as the gather lands (`optimizerStep`)
+            if applied && gather?.mode != .overlapped { updateEMA() }
         }
         let t1 = monotonicSeconds()
+        let stepGatherWait = (gather?.total.waitSeconds ?? 0) - waitedBeforeStep
         var t = Timing(
-            compute: (tOpt - tData) - commWait, allreduceWait: commWait, dataWait: tData - t0,
-            optimizer: t1 - tOpt - gatherSeconds, steps: 1)
-        t.gather = gatherSeconds
+            compute: (tOpt - tData) - commWait - forwardGatherWait, allreduceWait: commWait, dataWait: tData - t0,
+            optimizer: t1 - tOpt - stepGatherWait, steps: 1)
+        t.gather = forwardGatherWait + stepGatherWait
         if first { firstStep = t } else { timing.add(t) }
         step += 1
         return StepResult(report: report, gradNorm: norm, applied: applied, seconds: t1 - t0)
@@ -260,38 +283,41 @@ public final class Trainer {
 
     /// AdamW on the averaged gradients. Sharded (ZeRO): the global norm from one allreduce of
     /// the owners' squared sums, the update of this rank's slice only, then every slice gathered
-    /// back into the full parameters, in bucket-sized rounds (the next forward needs them all).
+    /// back into the full parameters bucket by bucket (`gather`): blocking, here; overlapped, on
+    /// the communication thread while the next step begins, with the EMA of each bucket updated
+    /// there as it lands (elementwise, so the same bits as `updateEMA` after the whole gather).
     func optimizerStep(lr: PerGroup<Float>) throws -> AdamWStepResult {
-        guard let shard = sync.shard else {
+        guard let shard = sync.shard, let gather else {
             return optimizer.step(params: model.params, grads: model.grads, lr: lr, clip: config.clipNorm)
         }
         let g = shard.gradients.base - shard.owned.lowerBound  // indexed by flat offset over the owned slice
         let norm = try comm.allreduce(optimizer.squaredGradientSum(g)).squareRoot()
         let result = optimizer.step(params: model.params, gradients: g, norm: norm, lr: lr, clip: config.clipNorm)
-        let t0 = monotonicSeconds()
-        if result.applied { try gatherParameters(shard.slices) }
-        gatherSeconds = monotonicSeconds() - t0
+        if result.applied {
+            let emaPerBucket = gather.mode == .overlapped ? emaUpdate() : nil
+            try gather.start(model.params, then: emaPerBucket)
+        }
         return result
     }
 
-    /// Every rank's updated slice of the trained range, to every rank (MPI_Allgatherv rounds of
-    /// at most one bucket per rank, so MPI's scratch stays one bucket).
-    func gatherParameters(_ slices: [Range<Int>]) throws {
-        let trained = slices.map { AdamW.clamp($0, to: optimizer.trainedRange) }
-        let chunk = max(1, sync.bucketElements / max(comm.size, 1))
-        let longest = trained.map(\.count).max() ?? 0
-        let rounds = (longest + chunk - 1) / chunk
-        for i in 0..<rounds {
-            let blocks = trained.map { t -> Range<Int> in
-                let lo = min(t.upperBound, t.lowerBound + i * chunk)
-                return lo..<min(t.upperBound, lo + chunk)
-            }
-            try comm.allgather(inPlace: model.params.base, blocks: blocks)
-        }
+    /// Waits until every rank's updated parameters (and the EMA) are in place: call it before
+    /// reading `model.params` or `ema` after a `trainStep` other than through the next
+    /// `trainStep`. Returns at once when no gather is in flight (replicated, blocking, or done).
+    /// The wait counts as gather time. Throws the gather's MPI error (the ranks are then out of step).
+    public func finishParameterGather() throws {
+        guard let gather, gather.isInFlight else { return }
+        timing.gather += try watched(step: step, "the parameter allgather") { try gather.finish() }
     }
 
-    /// ZeRO: seconds of this step's parameter allgather.
-    private var gatherSeconds = 0.0
+    deinit { try? gather?.finish() }  // no gather left writing into the parameters
+
+    /// The next forward's `parametersNeeded`: waits (watched) until `range` has landed. A failed
+    /// gather is not thrown here (the forward cannot throw): `accumulateGradients` calls
+    /// `gather.finish()` right after the forward, which throws it.
+    private func waitForParameters(_ range: Range<Int>) {
+        guard let gather else { return }
+        try? watched(step: step + 1, "the parameter allgather") { try gather.waitFor(range) }
+    }
 
     /// ZeRO-2 (states+grads): seconds waited for the reduce-scatters of the micro-batches before
     /// the last one, in this step.
@@ -322,9 +348,18 @@ public final class Trainer {
         // goes into a trained group's element: a frozen group's gradient is never looked at).
         let poison = hooks.nan(rank: comm.rank, worldSize: comm.size, step: batch.step + 1)
         if poison != nil { model.grads[optimizer.trainedRange.lowerBound] = .nan }
+        // ZeRO, overlapped: the last step's parameters are still landing. The first micro-batch's
+        // input (discrete noise reads the token tables) and forward wait for each range before
+        // reading it; that forward reads every parameter, so the gather is over after it.
+        let inFlight = gather?.isInFlight ?? false
         for a in 0..<accum {
+            let needed: ((Range<Int>) -> Void)? =
+                a == 0 && inFlight ? { [unowned self] in self.waitForParameters($0) } : nil
+            if let needed { batches.parameterRanges.forEach(needed) }
             let input = batches.training(batch, range: (a * micro)..<((a + 1) * micro))
-            local.add(model.forward(input.batch, dropout: input.dropout, gradientScale: scale))
+            local.add(
+                model.forward(input.batch, dropout: input.dropout, gradientScale: scale, parametersNeeded: needed))
+            if needed != nil { try gather?.finish() }  // every bucket has landed; throws the gather's error
             if let sync, a == accum - 1 || everyMicroBatch {
                 // Backward must not write a range after marking it, so only the last micro-batch's
                 // backward hands ranges over (GradientSync's rules), except with ZeRO-2, whose
@@ -345,6 +380,7 @@ public final class Trainer {
     /// time spent waiting for a slower rank; this is the transfer alone. Overwrites the gradients
     /// (call it after training).
     public func measureAllreduce(repeats: Int = 3) throws -> Double {
+        try finishParameterGather()
         guard comm.size > 1, repeats > 0 else { return 0 }
         var total = 0.0
         for _ in 0..<repeats {
@@ -359,16 +395,26 @@ public final class Trainer {
     /// `ema = d ema + (1 - d) params` (as LlamaGen's update_ema): d = 0 copies the weights exactly,
     /// d = 1 keeps the average exactly as it was.
     func updateEMA() {
-        guard let ema, let decay = config.train.emaDecay else { return }
+        emaUpdate()?(0..<model.params.count)
+    }
+
+    /// The EMA update of one flat range (nil without EMA): elementwise, so applying it bucket by
+    /// bucket gives the same bits as over the whole buffer at once.
+    func emaUpdate() -> ((Range<Int>) -> Void)? {
+        guard let ema, let decay = config.train.emaDecay else { return nil }
         let d = Float(decay)
         let keep = Float(1 - decay)
-        let e = ema.base
-        let p = model.params.base
-        for i in 0..<ema.count { e[i] = e[i] * d + p[i] * keep }
+        let params = model.params
+        return { range in
+            let e = ema.base
+            let p = params.base
+            for i in range { e[i] = e[i] * d + p[i] * keep }
+        }
     }
 
     /// `validate()` with the EMA weights in place of the parameters (nil without EMA or validation).
     public func validateEMA() throws -> (noised: LossReport, clean: LossReport)? {
+        try finishParameterGather()
         guard let ema, valCache != nil else { return nil }
         let p = model.params
         let saved = FlatBuffer(count: p.count)
@@ -381,6 +427,7 @@ public final class Trainer {
     /// Validation loss over the validation cache (or its first `val_samples`), split across ranks,
     /// with the training noise under a fixed seed (SPEC section 4) and, beside it, clean inputs.
     public func validate() throws -> (noised: LossReport, clean: LossReport)? {
+        try finishParameterGather()
         guard let v = valCache else { return nil }
         let range = validationShard(cache: v, limit: config.data.valSamples, rank: comm.rank, worldSize: comm.size)
         var noised = try evaluateLoss(

@@ -135,6 +135,7 @@ final class RunLoop {
     /// first classes (up to 8), decoded to pixels, as the image "samples".
     private func logSamples(step s: Int) throws {
         guard let tb = metrics?.tensorboard, let path = trainer.trainCache.codebookPath else { return }
+        try trainer.finishParameterGather()  // the sampler reads the parameters (validate() waited already)
         let codebook = try Codebook.load(path: path)
         let labels = (0..<min(8, trainer.model.config.numClasses)).map { Int32($0) }
         let strip = try greedySampleStrip(model: trainer.model, codebook: codebook, labels: labels)
@@ -143,8 +144,10 @@ final class RunLoop {
             channels: strip.channels)
     }
 
-    /// Every rank writes its slice of the checkpoint (SPEC section 7).
+    /// Every rank writes its slice of the checkpoint (SPEC section 7), once the parameters and
+    /// the EMA have landed (ZeRO's overlapped gather).
     func save(_ why: String) throws {
+        try trainer.finishParameterGather()
         let t0 = monotonicSeconds()
         let m = trainer.model
         let dir = try trainer.watched(step: trainer.step, "the checkpoint save") {

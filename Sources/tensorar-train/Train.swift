@@ -211,6 +211,12 @@ struct Train: ParsableCommand {
             "gradient sync: \(sync.mode) \(reduction) in \(sync.buckets.count) bucket(s) of up to "
                 + "\(String(format: "%.1f", Double(sync.bucketElements) * 4 / 1e6)) MB"
                 + (sync.note.map { " (\($0))" } ?? ""))
+        if let gather = trainer.gather {
+            say(
+                "parameter gather: \(gather.mode) allgather in \(gather.buckets.count) bucket(s)"
+                    + (gather.mode == .overlapped ? " during the next step's forward" : " after AdamW")
+                    + (gather.note.map { " (\($0))" } ?? ""))
+        }
     }
 
     /// Resume (checkpoint.resume): every rank reads its slice of the checkpoint, whatever rank
@@ -284,10 +290,17 @@ struct Train: ParsableCommand {
 
     /// Time per step, memory, and the final weights.
     private func finish(_ trainer: Trainer, store: CheckpointStore, say: (String) -> Void) throws {
+        try trainer.finishParameterGather()  // the last step's parameters (counted as gather time)
         let t = trainer.timing.steps > 0 ? trainer.timing : trainer.firstStep
         let n = Double(max(t.steps, 1))
         let alone = try trainer.measureAllreduce()
-        let gather = trainer.sync.shard == nil ? "" : String(format: ", parameter allgather %.3f s", t.gather / n)
+        var gather = ""
+        if let g = trainer.gather {
+            // overlapped: what the next forward (and the end) waited; the gather itself beside it
+            let perGather = g.total.commSeconds / Double(max(g.total.gathers, 1))
+            gather = String(format: ", parameter allgather %.3f s", t.gather / n)
+            if g.mode == .overlapped { gather += String(format: " waited (%.3f s each, overlapped)", perGather) }
+        }
         say(
             String(
                 format: "time per step: compute %.3f s, allreduce wait %.3f s (%.1f%%), data wait %.4f s, "

@@ -559,6 +559,79 @@ final class ShardedOptimizerTests: XCTestCase {
                 + "weights \(worstWeights)")
     }
 
+    /// ZeRO's parameter allgather overlapped with the next forward (`dist.overlap_gather: true`,
+    /// the default) against the blocking one, on 2 and 4 ranks, states and states+grads, with
+    /// gradient accumulation (micro-batches of 2: 4 and 2 per step), the EMA on (updated bucket by
+    /// bucket as the gather lands), validation every 2 steps and checkpoints every 2: the same data
+    /// moves into the same places, so every logged number (losses, gradient norms, validation
+    /// losses of the weights and of the EMA), every checkpointed array (parameters, moments, EMA)
+    /// and the exported weights are bit-identical.
+    func testOverlappedParameterGatherIsBitIdenticalToBlocking() throws {
+        let h = try MPIRunHarness(self)
+        let common = [
+            "train.steps=6", "train.micro_batch=2", "train.ema_decay=0.9", "data.val=\(h.folder)/cache",
+            "train.val_every=2", "checkpoint.every=2",
+        ]
+        for ranks in [2, 4] {
+            for zero in ["states", "states+grads"] {
+                let what = "\(zero) on \(ranks) ranks"
+                var runs: [MPIRunHarness.Result] = []
+                for overlap in [true, false] {
+                    let run = "gather-\(ranks)-\(zero)-\(overlap)"
+                    let settings = common + ["dist.shard_optimizer=\(zero)", "dist.overlap_gather=\(overlap)"]
+                    let r = try h.train(ranks: ranks, run: run, extra: settings, timeout: 180)
+                    XCTAssertEqual(r.status, 0, r.output)
+                    let mode = overlap ? "overlapped" : "blocking"
+                    XCTAssertTrue(r.output.contains("parameter gather: \(mode) allgather"), r.output)
+                    XCTAssertTrue(r.output.contains("validation at step 6, EMA weights"), r.output)
+                    runs.append(r)
+                }
+                let (overlapped, blocking) = (runs[0], runs[1])
+                XCTAssertEqual(overlapped.losses.count, 6, overlapped.output)
+                XCTAssertEqual(
+                    try metricRecords(overlapped), try metricRecords(blocking), "\(what): metrics (losses, validation)")
+                XCTAssertTrue(try metricRecords(blocking).contains { $0.contains("val_loss_ema") }, what)
+                for step in [2, 4, 6] {
+                    let name = CheckpointStore.folderName(step: step)
+                    XCTAssertEqual(
+                        try checkpointArrays(overlapped.runDir + "/" + name),
+                        try checkpointArrays(blocking.runDir + "/" + name), "\(what): checkpoint \(name)")
+                }
+                let exported = try Data(contentsOf: URL(fileURLWithPath: overlapped.runDir + "/model.safetensors"))
+                let reference = try Data(contentsOf: URL(fileURLWithPath: blocking.runDir + "/model.safetensors"))
+                XCTAssertEqual(exported, reference, "\(what): exported weights")
+            }
+        }
+    }
+
+    /// metrics.jsonl without its timing fields, each record as sorted-key JSON.
+    private func metricRecords(_ r: MPIRunHarness.Result) throws -> [String] {
+        let text = try String(contentsOfFile: r.runDir + "/metrics.jsonl", encoding: .utf8)
+        return try text.split(separator: "\n").map { line in
+            var obj = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])
+            obj["tokens_per_s"] = nil
+            obj["seconds_per_step"] = nil
+            let data = try JSONSerialization.data(withJSONObject: obj, options: [.sortedKeys])
+            return String(decoding: data, as: UTF8.self)
+        }
+    }
+
+    /// Every array of a checkpoint, whole (read across its shards), as bit patterns.
+    private func checkpointArrays(_ dir: String) throws -> [String: [UInt32]] {
+        let m = try CheckpointStore.verify(dir)
+        var out: [String: [UInt32]] = [:]
+        for a in CheckpointArray.allCases {
+            let range =
+                a == .params || a == .ema ? 0..<m.parameterCount : m.optimizer.momentStart..<m.optimizer.momentEnd
+            var v = [Float](repeating: 0, count: range.count)
+            try v.withUnsafeMutableBufferPointer {
+                try CheckpointStore.read(a, range: range, from: dir, manifest: m, into: $0.baseAddress!)
+            }
+            out[a.rawValue] = v.map(\.bitPattern)
+        }
+        return out
+    }
+
     /// The largest difference of any exported tensor, over that tensor's largest value.
     private func largestWeightDifference(_ a: MPIRunHarness.Result, _ b: MPIRunHarness.Result) throws -> Double {
         let x = try Safetensors.read(a.runDir + "/model.safetensors")

@@ -163,6 +163,8 @@ extension MPITests {
             }
         }
 
+        try checkParameterGather(comm)
+
         // One trainer step through real MPI, overlapped (many small buckets, handed over while
         // backward runs) and blocking: the reduced gradient is the single-process gradient of the
         // whole global batch (tolerance as in DistributedTrainingTests: float32 summation order),
@@ -242,9 +244,11 @@ private func assertShardedStepMatchesReplicated(_ tc: TrainConfig, _ comm: Commu
         c.dist.shardOptimizer = zero
         let plain = zero == .none ? replicated : try Trainer(config: c, comm: comm)
         let want = zero == .none ? reference : try plain.trainStep()
+        try plain.finishParameterGather()
         c.train.recompute = .blocks
         let recomputed = try Trainer(config: c, comm: comm)
         let got = try recomputed.trainStep()
+        try recomputed.finishParameterGather()
         XCTAssertEqual(got.report, want.report, "rank \(comm.rank), \(zero): recompute changes the loss")
         XCTAssertEqual(got.gradNorm.bitPattern, want.gradNorm.bitPattern, "rank \(comm.rank), \(zero): norm")
         XCTAssertEqual(
@@ -255,7 +259,10 @@ private func assertShardedStepMatchesReplicated(_ tc: TrainConfig, _ comm: Commu
         var c = tc
         c.dist.shardOptimizer = zero
         let trainer = try Trainer(config: c, comm: comm)
+        XCTAssertEqual(trainer.gather?.mode, comm.size > 1 ? .overlapped : .blocking)
         let step = try trainer.trainStep()
+        XCTAssertEqual(trainer.gather?.isInFlight, comm.size > 1, "\(zero): the gather overlaps what follows")
+        try trainer.finishParameterGather()
         XCTAssertTrue(step.applied)
         XCTAssertEqual(step.gradNorm, reference.gradNorm, accuracy: 1e-5 * reference.gradNorm, "\(zero): global norm")
         let slice = CheckpointStore.slice(rank: comm.rank, worldSize: comm.size, count: trainer.model.table.total)
@@ -272,4 +279,60 @@ func checksum(_ b: FlatBuffer) -> Int64 {
     var h: UInt64 = 0xcbf2_9ce4_8422_2325
     for i in 0..<b.count { h = (h ^ UInt64(b[i].bitPattern)) &* 0x100_0000_01b3 }
     return Int64(bitPattern: h)
+}
+
+/// ZeRO's `ParameterGather` over real ranks, blocking and overlapped: rank r fills only its own
+/// slice; after `waitFor(bucket b)` bucket b holds every rank's values in the trained range and
+/// is untouched outside it; `then` runs exactly once on every element; two gathers in a row with
+/// the same object. A failing bucket (injected on every rank, before its allgather) surfaces on
+/// the calling thread: the waits return (no hang), `finish` throws, and the next gather works.
+private func checkParameterGather(_ comm: Communicator) throws {
+    let W = comm.size
+    let r = comm.rank
+    let count = 12_345
+    let slices = (0..<W).map { CheckpointStore.slice(rank: $0, worldSize: W, count: count) }
+    let trained = 100..<(count - 50)
+    // buckets of 1000 from the top down: not in offset order, as the model's are not
+    let buckets = stride(from: count, to: 0, by: -1000).map { max(0, $0 - 1000)..<$0 }
+    func value(_ i: Int, _ step: Int) -> Float { Float(i % 977) + 0.25 * Float(step) }
+    for mode in [ParameterGather.Mode.blocking, .overlapped] {
+        let gather = try ParameterGather(
+            communicator: comm, buckets: buckets, slices: slices, trained: trained, mode: mode)
+        XCTAssertEqual(gather.mode, W > 1 ? mode : .blocking)
+        for step in 0..<2 {
+            let p = FlatBuffer(count: count)
+            for i in 0..<count { p[i] = slices[r].contains(i) ? value(i, step) : -1 }
+            let hits = FlatBuffer(count: count)
+            try gather.start(p) { b in for i in b { hits[i] += 1 } }
+            for b in gather.buckets.indices {
+                try gather.waitFor(gather.buckets[b])
+                for i in gather.buckets[b] {
+                    let want = trained.contains(i) || slices[r].contains(i) ? value(i, step) : -1
+                    if p[i] != want {
+                        XCTFail("rank \(r) \(mode) step \(step): [\(i)] = \(p[i]) after its bucket, expected \(want)")
+                        break
+                    }
+                }
+            }
+            try gather.finish()
+            XCTAssertFalse(gather.isInFlight)
+            XCTAssertEqual(Set(hits.array), [1], "rank \(r) \(mode): then() once on every element")
+        }
+        XCTAssertEqual(gather.total.gathers, 2)
+        gather.injectFailure = { b in
+            if b == 2 { throw InputError("test", "bucket \(b) fails on purpose") }
+        }
+        let p = FlatBuffer(count: count)
+        if gather.mode == .blocking {
+            XCTAssertThrowsError(try gather.start(p))
+        } else {
+            try gather.start(p)
+            XCTAssertThrowsError(try gather.waitFor(gather.buckets.last!), "the wait returns with the error")
+            XCTAssertThrowsError(try gather.finish())
+            XCTAssertFalse(gather.isInFlight)
+        }
+        gather.injectFailure = nil
+        try gather.start(p)
+        XCTAssertNoThrow(try gather.finish(), "rank \(r) \(mode): a gather after a failed one")
+    }
 }
