@@ -457,9 +457,13 @@ func releaseExecutable(_ name: String, file: StaticString = #filePath, line: UIn
     return path
 }
 
+/// Modules a program does not link (Package.swift): editing them does not relink it, so they are not
+/// looked at for it.
+let modulesNotLinked: [String: Set<String>] = ["tensorar-data": ["Training"]]
+
 /// A source file (relative to Sources/) newer than the binary at `path`, or nil. Other programs'
-/// own folders (`Sources/tensorar-*` but `program`'s) are not looked at: editing one program does
-/// not relink the others.
+/// own folders (`Sources/tensorar-*` but `program`'s) and the modules `program` does not link
+/// (`modulesNotLinked`) are not looked at: editing them does not relink it.
 func sourceNewer(than path: String, program: String) throws -> String? {
     let fm = FileManager.default
     let built = try fm.attributesOfItem(atPath: path)[.modificationDate] as! Date
@@ -467,6 +471,7 @@ func sourceNewer(than path: String, program: String) throws -> String? {
     for case let rel as String in walker where rel.hasSuffix(".swift") || rel.hasSuffix(".c") || rel.hasSuffix(".h") {
         let folder = rel.split(separator: "/").first.map(String.init) ?? ""
         if folder.hasPrefix("tensorar-") && folder != program { continue }
+        if modulesNotLinked[program]?.contains(folder) ?? false { continue }
         let modified = try fm.attributesOfItem(atPath: packageRoot + "/Sources/" + rel)[.modificationDate] as? Date
         if let modified, modified > built { return rel }
     }
