@@ -104,10 +104,10 @@ final class RARBlockStack: RecomputableStack {
     let D, NH, F: Int
     let eps: Float
     let siteBase: Int
-    /// What a block keeps of its own under recompute blocks beside its input: fc2's output (dropped),
-    /// which backward reads for the MLP gate's gradient; so recompute skips fc2 (as `BlockStack`
-    /// skips w2) for D floats a row, where the modulation would take 6D floats to spare a matmul
-    /// of the same size as fc2, and fc1's output 4D (issue 15; choice).
+    /// What a block keeps of its own under recompute blocks beside its input (issue 15; choice):
+    /// fc2's output (dropped), which backward reads for the MLP gate's gradient, so the recompute
+    /// skips fc2 (as `BlockStack` skips w2): F multiply-adds spared per float kept. Keeping the
+    /// modulation (6D floats a slot), proj's output or fc1's would spare D per float, a quarter.
     static let keptUnderRecompute: Set<String> = ["ym"]
     private(set) var N = 0, S = 0
     private(set) var recompute = ActivationRecompute.none
