@@ -14,9 +14,10 @@ struct ActivationEntry {
 }
 
 /// Activation checkpointing (`train.recompute`, issue 15). `none`: every block keeps all the
-/// activations its backward reads. `blocks`: a block stack keeps only each block's input, plus one
-/// block's worth of activations that every block uses in turn; backward runs each block's forward
-/// again from its input before its backward (`RecomputableStack`). Gradients are the same bits:
+/// activations its backward reads. `blocks`: a block stack keeps only each block's input (and
+/// what its type names in `BlockActivationNames.kept`), plus one block's worth of activations that
+/// every block uses in turn; backward runs each block's forward again from its input before its
+/// backward (`RecomputableStack`). Gradients are the same bits:
 /// the same kernels run on the same inputs, and dropout masks are keyed, so they come out again.
 public enum ActivationRecompute: String, CaseIterable, Sendable {
     case none
@@ -49,17 +50,20 @@ struct ActivationLayout {
 }
 
 /// Where block l of a stack under `prefix` keeps its activations: its input always in a buffer of
-/// its own (`prefix.l.xIn`); the rest in buffers of its own (`prefix.l.NAME`, recompute none) or
-/// in the block workspace (`blocks.NAME`, recompute blocks) that every block of every stack of the
-/// model uses in turn, sized for the largest (`ActivationLayout.addShared`). The stack's scratch
-/// (`scratch`) is per stack under none, as before recompute existed, and shared under blocks.
+/// its own (`prefix.l.xIn`), and so are the activations named in `kept` (what spares a block's
+/// recompute most for its size: a RAR block's fc2 output); the rest in buffers of its own
+/// (`prefix.l.NAME`, recompute none) or in the block workspace (`blocks.NAME`, recompute blocks)
+/// that every block of every stack of the model uses in turn, sized for the largest
+/// (`ActivationLayout.addShared`). The stack's scratch (`scratch`) is per stack under none, as
+/// before recompute existed, and shared under blocks.
 struct BlockActivationNames {
     static let workspace = "blocks"
     let prefix: String
     let recompute: ActivationRecompute
+    var kept: Set<String> = []
     func input(_ l: Int) -> String { "\(prefix).\(l).xIn" }
     func own(_ l: Int, _ name: String) -> String {
-        recompute == .blocks ? "\(Self.workspace).\(name)" : "\(prefix).\(l).\(name)"
+        recompute == .blocks && !kept.contains(name) ? "\(Self.workspace).\(name)" : "\(prefix).\(l).\(name)"
     }
     func scratch(_ name: String) -> String {
         recompute == .blocks ? "\(Self.workspace).\(name)" : "\(prefix).\(name)"
@@ -70,19 +74,22 @@ extension ActivationLayout {
     /// The activations of a stack of L blocks under `names.prefix`, laid out for `recompute`:
     /// each block's input (shape `input`) and, per block or in the shared workspace, the buffers
     /// `block` that one block's forward fills and its backward reads (dropout masks included).
+    /// Under blocks, those in `names.kept` stay per block, after the block's input.
     mutating func addBlocks(
         _ names: BlockActivationNames, layers L: Int, input: [Int],
         _ block: [(name: String, shape: [Int], part: ActivationPart)]
     ) {
         precondition(names.recompute == recompute, "stack \(names.prefix) laid out for another recompute setting")
+        precondition(
+            names.kept.isSubset(of: block.map(\.name)), "stack \(names.prefix) keeps activations it does not list")
         for l in 0..<L {
             add(names.input(l), input)
-            if recompute == .none {
-                for e in block { add(names.own(l, e.name), e.shape, e.part) }
+            for e in block where recompute == .none || names.kept.contains(e.name) {
+                add(names.own(l, e.name), e.shape, e.part)
             }
         }
         if recompute == .blocks && L > 0 {
-            for e in block { addShared(names.own(0, e.name), e.shape, e.part) }
+            for e in block where !names.kept.contains(e.name) { addShared(names.own(0, e.name), e.shape, e.part) }
         }
     }
 
@@ -104,7 +111,8 @@ extension ActivationLayout {
 /// - `blockForward(l, output:)`: block l from its input buffer to its activations; with `output`
 ///   it first copies the input in from there and writes the block's output back (the forward);
 ///   without (nil), it recomputes what backward reads and may skip the work after the last
-///   activation backward reads (`BlockStack` skips w2 and the residual add);
+///   activation backward reads (`BlockStack` skips w2 and the residual add) or whose output it
+///   keeps per block (`BlockActivationNames.kept`: `RARBlockStack` keeps fc2's and skips it);
 /// - `blockBackward(l, dx)`: from block l's activations, the gradient w.r.t. its input.
 /// Everything a forward needs again (the parameters pointer, the dropout plan: masks are keyed by
 /// site, so they come out the same) the stack keeps from its forward. Bit-identical gradients

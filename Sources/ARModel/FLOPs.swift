@@ -17,15 +17,22 @@ extension ModelConfig {
     /// Slots the base's trunk runs per image: T, or T + 1 for RAR (its cls slot in front).
     var trunkSlots: Int { base == RAR.name ? seqLen + 1 : seqLen }
 
+    /// A stack of `layers` blocks over n sequences of s rows. Over RAR a causal stack is the trunk
+    /// (a condition, so an adaLN matmul, per row); a full-mask one is the plug-in's, whose
+    /// sequences have one condition each (`RARBlockStack.conditionPerSequence`).
     func stackFLOPs(sequences n: Int, seqLen s: Int, layers: Int, causal: Bool) -> Double {
         let D = Double(dim)
         let F = Double(ffnHidden)
         let R = Double(n * s)
         let NH = Double(nHead)
-        // section 2's sum as it always was (the same bits in LlamaGen's logs)
-        let linear =
-            base == RAR.name
-            ? R * blockLinearFLOPsPerRow : 2 * R * D * 3 * D + 2 * R * D * D + 2 * R * D * 2 * F + 2 * R * F * D
+        let adaLN = 2 * D * 6 * D
+        let linear: Double
+        if base == RAR.name {
+            linear = causal ? R * blockLinearFLOPsPerRow : R * (blockLinearFLOPsPerRow - adaLN) + Double(n) * adaLN
+        } else {
+            // section 2's sum as it always was (the same bits in LlamaGen's logs)
+            linear = 2 * R * D * 3 * D + 2 * R * D * D + 2 * R * D * 2 * F + 2 * R * F * D
+        }
         let attention = Double(n) * NH * attentionFLOPs(seqLen: s, headDim: headDim, causal: causal)
         return (linear + attention) * Double(layers)
     }

@@ -66,7 +66,8 @@ private func pluginBlocks(
     if let rar = base as? RAR {
         let stack = RARBlockStack(
             weights: (0..<c.pluginDepth).map { RARBlockWeights(t, prefix: "\(prefix).layers.\($0)") }, causal: false,
-            dim: c.dim, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps, siteBase: siteBase)
+            conditionPerSequence: true, dim: c.dim, heads: c.nHead, ffn: c.ffnHidden, eps: c.normEps,
+            siteBase: siteBase)
         return RARPluginBlocks(stack, rar: rar, encoder: encoder)
     }
     return BlockStack(

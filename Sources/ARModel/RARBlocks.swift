@@ -90,15 +90,25 @@ private struct RARBlockCache {
 /// condition: per slot `(sh_a, sc_a, g_a, sh_m, sc_m, g_m) = split6(adaLN(silu(c)))`,
 /// `h = x + g_a * Attn(LN1(x) (1 + sc_a) + sh_a)`, `out = h + g_m * fc2(gelu(fc1(LN2(h) (1 + sc_m) +
 /// sh_m)))`; LayerNorms with weight and bias, QK-norm over the head width, biased linears. The
-/// RAR trunk (causal) and the plug-in over RAR (full mask, section 9's last paragraph) use it.
+/// RAR trunk (causal, a condition per slot) and the plug-in over RAR (full mask, one condition per
+/// sequence: section 9's last paragraph; `conditionPerSequence`) use it.
 /// Dropout (training): on the attention probabilities, after proj, after the GELU and after fc2,
-/// sites `siteBase + 4 l + 0...3`. Runs under either `train.recompute` layout (`RecomputableStack`).
+/// sites `siteBase + 4 l + 0...3`. Runs under either `train.recompute` layout (`RecomputableStack`);
+/// under blocks each block keeps fc2's output beside its input (`keptUnderRecompute`).
 final class RARBlockStack: RecomputableStack {
     let weights: [RARBlockWeights]
     let causal: Bool
+    /// All S slots of a sequence share one condition (the plug-in over RAR): the modulation
+    /// (the 6D x D adaLN matmul) runs once per sequence, its gradient summed over the slots.
+    let conditionPerSequence: Bool
     let D, NH, F: Int
     let eps: Float
     let siteBase: Int
+    /// What a block keeps of its own under recompute blocks beside its input (issue 15; choice):
+    /// fc2's output (dropped), which backward reads for the MLP gate's gradient, so the recompute
+    /// skips fc2 (as `BlockStack` skips w2): F multiply-adds spared per float kept. Keeping the
+    /// modulation (6D floats a slot), proj's output or fc1's would spare D per float, a quarter.
+    static let keptUnderRecompute: Set<String> = ["ym"]
     private(set) var N = 0, S = 0
     private(set) var recompute = ActivationRecompute.none
     private var table: ActivationTable?
@@ -112,9 +122,13 @@ final class RARBlockStack: RecomputableStack {
     /// The gradient w.r.t. the condition that the running backward adds into.
     private var dcond: FloatPtr?
 
-    init(weights: [RARBlockWeights], causal: Bool, dim: Int, heads: Int, ffn: Int, eps: Float, siteBase: Int) {
+    init(
+        weights: [RARBlockWeights], causal: Bool, conditionPerSequence: Bool = false, dim: Int, heads: Int, ffn: Int,
+        eps: Float, siteBase: Int
+    ) {
         self.weights = weights
         self.causal = causal
+        self.conditionPerSequence = conditionPerSequence
         D = dim
         NH = heads
         F = ffn
@@ -124,23 +138,30 @@ final class RARBlockStack: RecomputableStack {
 
     var blockCount: Int { weights.count }
 
+    /// Rows of the condition and of the modulation: one a sequence, or one a slot.
+    private var conditionRows: Int { conditionPerSequence ? N : N * S }
+    /// Slots that share a modulation row (the kernels' `rowsPerModulation`).
+    private var slotsPerCondition: Int { conditionPerSequence ? S : 1 }
+
     /// The activations of L blocks over N sequences of S slots (R = N*S rows), under `prefix`,
     /// laid out for `a.recompute` (under none the same entries, in the same order, as before
-    /// recompute came to RAR).
+    /// recompute came to RAR; the modulation has N rows with `conditionPerSequence`).
     static func addActivations(
-        _ prefix: String, layers L: Int, sequences N: Int, seqLen S: Int, _ c: ModelConfig,
-        to a: inout ActivationLayout
+        _ prefix: String, layers L: Int, sequences N: Int, seqLen S: Int, conditionPerSequence: Bool = false,
+        _ c: ModelConfig, to a: inout ActivationLayout
     ) {
         let R = N * S
+        let M = conditionPerSequence ? N : R
         let D = c.dim
         let F = c.ffnHidden
         let NH = c.nHead
-        let names = BlockActivationNames(prefix: prefix, recompute: a.recompute)
+        var names = BlockActivationNames(prefix: prefix, recompute: a.recompute)
+        names.kept = keptUnderRecompute
         a.addBlocks(
             names, layers: L, input: [R, D],  // block input
             [
                 ("n1", [R, D], .forward), ("stats1", [2, R], .forward),  // LN1 output; its mean, rstd
-                ("mod", [R, 6 * D], .forward),  // adaLN(silu(c)): shift, scale, gate (attention, MLP)
+                ("mod", [M, 6 * D], .forward),  // adaLN(silu(c)): shift, scale, gate (attention, MLP)
                 ("m1", [R, D], .forward),  // modulated LN1
                 ("qkvRaw", [R, 2 * D], .forward),
                 ("qkStats", [2, R, 2 * NH], .forward),  // q, k before QK-norm; their mean, rstd
@@ -163,7 +184,7 @@ final class RARBlockStack: RecomputableStack {
         a.addScratch(names, "dattY", [R, D], .backward)
         a.addScratch(names, "dqkv", [R, 3 * D], .backward)
         a.addScratch(names, "dg1", [R, F], .backward)
-        a.addScratch(names, "dmod", [R, 6 * D], .backward)
+        a.addScratch(names, "dmod", [M, 6 * D], .backward)
     }
 
     func bind(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
@@ -172,6 +193,7 @@ final class RARBlockStack: RecomputableStack {
         S = seqLen
         recompute = t.layout.recompute
         names = BlockActivationNames(prefix: prefix, recompute: recompute)
+        names.kept = Self.keptUnderRecompute
         caches = (0..<weights.count).map { RARBlockCache(t, names, $0) }
     }
 
@@ -189,8 +211,9 @@ final class RARBlockStack: RecomputableStack {
         dropoutApply(x, makeMask(name, plan, rows: rows, width: width, site: site).base, count: rows * width)
     }
 
-    /// x (N*S, D) in: the input; out: the output (in place). cond (N*S, D): silu(c) per slot,
-    /// kept as it is until the backward. `beforeBlock(l)`: before block l reads its weights.
+    /// x (N*S, D) in: the input; out: the output (in place). cond (N*S, D): silu(c) per slot, or
+    /// (N, D) per sequence with `conditionPerSequence`; kept as it is until the backward.
+    /// `beforeBlock(l)`: before block l reads its weights.
     func forward(
         _ x: FlatBuffer, cond: ConstFloatPtr, params p: FloatPtr, sequences: Int, seqLen: Int, dropout: DropoutPlan?,
         beforeBlock: ((Int) -> Void)? = nil
@@ -204,20 +227,23 @@ final class RARBlockStack: RecomputableStack {
     }
 
     /// Block l from its input (copied in from `x` first when given) to its activations; with `x`,
-    /// the block's output is written back to it. Without, only the last gated add is skipped:
-    /// backward reads every activation up to ym.
+    /// the block's output is written back to it. Without (recompute), fc2 and the last gated add
+    /// are skipped: backward reads fc2's output, which the block keeps of its own under recompute
+    /// blocks (`keptUnderRecompute`), and nothing after it.
     func blockForward(_ l: Int, output x: FlatBuffer?) {
         let R = N * S
+        let M = conditionRows
+        let g = slotsPerCondition
         let p = params!
         let w = weights[l]
         let c = caches[l]
         if let x { c.xIn.base.update(from: x.base, count: R * D) }
-        matmulForward(c.mod.base, cond!, p + w.adaW, n: R, ic: D, oc: 6 * D)
-        biasAddForward(c.mod.base, p + w.adaB, n: R, oc: 6 * D)
+        matmulForward(c.mod.base, cond!, p + w.adaW, n: M, ic: D, oc: 6 * D)
+        biasAddForward(c.mod.base, p + w.adaB, n: M, oc: 6 * D)
         let mod = c.mod.base
         layernormForward(
             c.n1.base, c.stats1.base, c.stats1.base + R, c.xIn.base, p + w.norm1W, p + w.norm1B, n: R, d: D, eps: eps)
-        modulateForward(c.m1.base, c.n1.base, shift: mod, scale: mod + D, ld: 6 * D, n: R, d: D)
+        modulateForward(c.m1.base, c.n1.base, shift: mod, scale: mod + D, ld: 6 * D, n: R, d: D, rowsPerModulation: g)
         matmulForward(c.qkv.base, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
         biasAddForward(c.qkv.base, p + w.qkvB, n: R, oc: 3 * D)
         qkNormForward(
@@ -235,31 +261,42 @@ final class RARBlockStack: RecomputableStack {
         applyDropout(c.ya.base, c.maskProj, rows: R, width: D, site: siteBase + 4 * l + 1)
         // h = x + g_a ya, formed in h (the same additions as in x before recompute came to RAR)
         c.h.base.update(from: c.xIn.base, count: R * D)
-        gatedAddForward(c.h.base, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D)
-        mlpForward(c, w, layer: l, params: p)
+        gatedAddForward(c.h.base, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D, rowsPerModulation: g)
+        mlpForward(c, w, layer: l, params: p, fc2: x != nil)
         guard let x else { return }
         x.base.update(from: c.h.base, count: R * D)
-        gatedAddForward(x.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D)
+        gatedAddForward(x.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D, rowsPerModulation: g)
     }
 
-    /// LN2, modulation, fc1, GELU, fc2 of block l (into c.ym), with their dropouts.
-    private func mlpForward(_ c: RARBlockCache, _ w: RARBlockWeights, layer l: Int, params p: FloatPtr) {
+    /// LN2, modulation, fc1, GELU, fc2 of block l (into c.ym), with their dropouts. Without
+    /// `fc2` (recompute: c.ym is the block's own and holds it already) only fc2's dropout mask is
+    /// drawn again, for the backward.
+    private func mlpForward(
+        _ c: RARBlockCache, _ w: RARBlockWeights, layer l: Int, params p: FloatPtr, fc2: Bool
+    ) {
         let R = N * S
         let mod = c.mod.base
         layernormForward(
             c.n2.base, c.stats2.base, c.stats2.base + R, c.h.base, p + w.norm2W, p + w.norm2B, n: R, d: D, eps: eps)
-        modulateForward(c.m2.base, c.n2.base, shift: mod + 3 * D, scale: mod + 4 * D, ld: 6 * D, n: R, d: D)
+        modulateForward(
+            c.m2.base, c.n2.base, shift: mod + 3 * D, scale: mod + 4 * D, ld: 6 * D, n: R, d: D,
+            rowsPerModulation: slotsPerCondition)
         matmulForward(c.a1.base, c.m2.base, p + w.fc1W, n: R, ic: D, oc: F)
         biasAddForward(c.a1.base, p + w.fc1B, n: R, oc: F)
         geluForward(c.g1.base, c.a1.base, count: R * F)
         applyDropout(c.g1.base, c.maskGelu, rows: R, width: F, site: siteBase + 4 * l + 2)
+        guard fc2 else {
+            precondition(recompute == .blocks, "RAR block \(l) recomputed without its fc2 output kept")
+            if let plan = dropout { _ = makeMask(c.maskFc2, plan, rows: R, width: D, site: siteBase + 4 * l + 3) }
+            return
+        }
         matmulForward(c.ym.base, c.g1.base, p + w.fc2W, n: R, ic: F, oc: D)
         biasAddForward(c.ym.base, p + w.fc2B, n: R, oc: D)
         applyDropout(c.ym.base, c.maskFc2, rows: R, width: D, site: siteBase + 4 * l + 3)
     }
 
     /// dx (N*S, D) in: gradient w.r.t. the output; out: w.r.t. the input (in place). dcond
-    /// (N*S, D) += the gradient w.r.t. silu(c), the `cond` of the forward. `onLayerDone(l)` fires
+    /// (the shape of `cond`) += the gradient w.r.t. silu(c), the `cond` of the forward. `onLayerDone(l)` fires
     /// when block l's weight gradients are final.
     func backward(
         _ dx: FlatBuffer, dcond: FloatPtr, cond: ConstFloatPtr, params p: FloatPtr, grads gp: FloatPtr,
@@ -274,6 +311,8 @@ final class RARBlockStack: RecomputableStack {
 
     func blockBackward(_ l: Int, _ dx: FlatBuffer, grads gp: FloatPtr) {
         let R = N * S
+        let M = conditionRows
+        let g = slotsPerCondition
         let t = table!
         let p = params!
         let dh = t[names.scratch("dh")].base
@@ -285,13 +324,15 @@ final class RARBlockStack: RecomputableStack {
         let c = caches[l]
         let dropped = dropout != nil
         let mod = c.mod.base
-        dmod.update(repeating: 0, count: R * 6 * D)
+        dmod.update(repeating: 0, count: M * 6 * D)
         // out = h + g_m * ym
         dh.update(from: dx.base, count: R * D)
-        gatedAddBackward(dy, dgate: dmod + 5 * D, dx.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D)
+        gatedAddBackward(
+            dy, dgate: dmod + 5 * D, dx.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D, rowsPerModulation: g)
         mlpBackward(c, w, dym: dy, dmod: dmod, into: dh, params: p, grads: gp)
         // h = x + g_a * ya
-        gatedAddBackward(dy, dgate: dmod + 2 * D, dh, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D)
+        gatedAddBackward(
+            dy, dgate: dmod + 2 * D, dh, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D, rowsPerModulation: g)
         if dropped { dropoutApply(dy, t[c.maskProj].base, count: R * D) }
         let dattY = t.zeroed(names.scratch("dattY")).base
         matmulBackward(dattY, gp + w.projW, dy, c.attY.base, p + w.projW, n: R, ic: D, oc: D)
@@ -308,14 +349,16 @@ final class RARBlockStack: RecomputableStack {
         matmulBackward(dm, gp + w.qkvW, dqkv, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
         biasBackward(gp + w.qkvB, dqkv, n: R, oc: 3 * D)
         dn.update(repeating: 0, count: R * D)
-        modulateBackward(dn, dshift: dmod, dscale: dmod + D, dm, c.n1.base, scale: mod + D, ld: 6 * D, n: R, d: D)
+        modulateBackward(
+            dn, dshift: dmod, dscale: dmod + D, dm, c.n1.base, scale: mod + D, ld: 6 * D, n: R, d: D,
+            rowsPerModulation: g)
         dx.base.update(from: dh, count: R * D)
         layernormBackward(
             dx.base, gp + w.norm1W, gp + w.norm1B, dn, c.xIn.base, p + w.norm1W, c.stats1.base,
             c.stats1.base + R, n: R, d: D)
-        // mod = silu(c) adaW^T + adaB
-        matmulBackward(dcond!, gp + w.adaW, dmod, cond!, p + w.adaW, n: R, ic: D, oc: 6 * D)
-        biasBackward(gp + w.adaB, dmod, n: R, oc: 6 * D)
+        // mod = silu(c) adaW^T + adaB (M rows: a sequence's slots' gradients are summed in dmod)
+        matmulBackward(dcond!, gp + w.adaW, dmod, cond!, p + w.adaW, n: M, ic: D, oc: 6 * D)
+        biasBackward(gp + w.adaB, dmod, n: M, oc: 6 * D)
     }
 
     /// The MLP branch's backward: dym (R, D) the gradient w.r.t. ym (overwritten as scratch);
@@ -339,7 +382,8 @@ final class RARBlockStack: RecomputableStack {
         biasBackward(gp + w.fc1B, dg1, n: R, oc: F)
         let dn = t.zeroed(names.scratch("dn")).base
         modulateBackward(
-            dn, dshift: dmod + 3 * D, dscale: dmod + 4 * D, dm, c.n2.base, scale: mod + 4 * D, ld: 6 * D, n: R, d: D)
+            dn, dshift: dmod + 3 * D, dscale: dmod + 4 * D, dm, c.n2.base, scale: mod + 4 * D, ld: 6 * D, n: R, d: D,
+            rowsPerModulation: slotsPerCondition)
         layernormBackward(
             dh, gp + w.norm2W, gp + w.norm2B, dn, c.h.base, p + w.norm2W, c.stats2.base, c.stats2.base + R, n: R,
             d: D)
@@ -414,14 +458,16 @@ extension RARBlockStack {
 
 /// The plug-in's blocks over RAR (SPEC section 9's last paragraph): RAR blocks with a full mask,
 /// every vector of a sequence conditioned on c_{p+1} of the SPEC position p that the sequence
-/// belongs to (`Conditioning.encoderPosition` / `decoderPosition`).
+/// belongs to (`Conditioning.encoderPosition` / `decoderPosition`): one condition a sequence, so
+/// the stack's modulation runs once a sequence (`RARBlockStack.conditionPerSequence`).
 final class RARPluginBlocks: PluginBlocks {
     let stack: RARBlockStack
     unowned let rar: RAR
     let encoder: Bool
     private var table: ActivationTable?
     private var prefix = ""
-    private var seqOfRow: [Int32] = [], slotOfRow: [Int32] = []
+    /// Per sequence: the image it belongs to and its RAR slot p + 1 (the rows of its condition).
+    private var conditionSeq: [Int32] = [], conditionSlot: [Int32] = []
 
     init(_ stack: RARBlockStack, rar: RAR, encoder: Bool) {
         self.stack = stack
@@ -432,11 +478,12 @@ final class RARPluginBlocks: PluginBlocks {
     static func addActivations(
         _ prefix: String, _ c: ModelConfig, sequences N: Int, seqLen S: Int, to a: inout ActivationLayout
     ) {
-        RARBlockStack.addActivations(prefix, layers: c.pluginDepth, sequences: N, seqLen: S, c, to: &a)
-        a.add("\(prefix).c", [N * S, c.dim])
-        a.add("\(prefix).cs", [N * S, c.dim])  // each vector's condition, silu
-        a.add("\(prefix).dcs", [N * S, c.dim], .backward)
-        a.add("\(prefix).dc", [N * S, c.dim], .backward)
+        RARBlockStack.addActivations(
+            prefix, layers: c.pluginDepth, sequences: N, seqLen: S, conditionPerSequence: true, c, to: &a)
+        a.add("\(prefix).c", [N, c.dim])
+        a.add("\(prefix).cs", [N, c.dim])  // each sequence's condition, silu
+        a.add("\(prefix).dcs", [N, c.dim], .backward)
+        a.add("\(prefix).dc", [N, c.dim], .backward)
     }
 
     func bindSequences(_ t: ActivationTable, prefix: String, sequences: Int, seqLen: Int) {
@@ -450,11 +497,12 @@ final class RARPluginBlocks: PluginBlocks {
         let seq = encoder ? c.encoderSequence : c.decoderSequence
         let pos = encoder ? c.encoderPosition : c.decoderPosition
         precondition(seq.count == N, "RAR plug-in blocks: \(N) sequences, \(seq.count) conditioned")
-        seqOfRow = (0..<(N * S)).map { seq[$0 / S] }
-        slotOfRow = (0..<(N * S)).map { pos[$0 / S] + 1 }
+        precondition(stack.conditionPerSequence, "RAR plug-in blocks condition each sequence once")
+        conditionSeq = seq
+        conditionSlot = pos.map { $0 + 1 }
         let t = table!
         let cs = t["\(prefix).cs"].base
-        rar.conditionsForward(t["\(prefix).c"].base, cs, seq: seqOfRow, slot: slotOfRow, params: p)
+        rar.conditionsForward(t["\(prefix).c"].base, cs, seq: conditionSeq, slot: conditionSlot, params: p)
         stack.forward(x, cond: cs, params: p, sequences: N, seqLen: S, dropout: dropout)
     }
 
@@ -464,6 +512,7 @@ final class RARPluginBlocks: PluginBlocks {
         let dcs = t.zeroed("\(prefix).dcs").base
         stack.backward(dx, dcond: dcs, cond: t["\(prefix).cs"].base, params: p, grads: gp)
         rar.conditionsBackward(
-            dcs, t["\(prefix).c"].base, scratch: t["\(prefix).dc"].base, seq: seqOfRow, slot: slotOfRow, grads: gp)
+            dcs, t["\(prefix).c"].base, scratch: t["\(prefix).dc"].base, seq: conditionSeq, slot: conditionSlot,
+            grads: gp)
     }
 }

@@ -211,73 +211,89 @@ public func siluBackward(_ dinp: FloatPtr, _ dout: ConstFloatPtr, _ inp: ConstFl
 
 // MARK: - adaLN modulation  y = x (1 + scale) + shift, per row its own scale and shift
 
-/// out (N, D) = x (N, D) * (1 + scale) + shift, where row i reads `shift + i * ld` and
-/// `scale + i * ld` (columns of a modulation matrix (N, ld)). out may alias x.
+// Rows may share a modulation row: with `rowsPerModulation` g, row i reads modulation row i / g
+// (the plug-in over RAR conditions all k + 1 vectors of a short sequence on one c_q, SPEC section
+// 9). The backward's modulation gradient of a shared row is then the sum over its g rows, each
+// column added in row order (a group never splits across parts). g = 1: each row its own.
+
+/// out (N, D) = x (N, D) * (1 + scale) + shift, where row i reads `shift + (i / g) * ld` and
+/// `scale + (i / g) * ld` (columns of a modulation matrix (N / g, ld)). out may alias x.
 public func modulateForward(
-    _ out: FloatPtr, _ x: ConstFloatPtr, shift: ConstFloatPtr, scale: ConstFloatPtr, ld: Int, n: Int, d: Int
+    _ out: FloatPtr, _ x: ConstFloatPtr, shift: ConstFloatPtr, scale: ConstFloatPtr, ld: Int, n: Int, d: Int,
+    rowsPerModulation g: Int = 1
 ) {
+    precondition(g >= 1 && n % g == 0, "modulate: \(n) rows in groups of \(g)")
     parallelRanges(n, cost: 2 * d) { rows in
         for i in rows {
             let xi = x + i * d
             let o = out + i * d
-            let sh = shift + i * ld
-            let sc = scale + i * ld
+            let sh = shift + (i / g) * ld
+            let sc = scale + (i / g) * ld
             for j in 0..<d { o[j] = xi[j] * (1 + sc[j]) + sh[j] }
         }
     }
 }
 
 /// dx (N, D) += dout (1 + scale); dshift += dout; dscale += dout x (rows of a modulation
-/// gradient (N, ld): each row its own, no reduction).
+/// gradient (N / g, ld): each row its own for g = 1, else the sum over its g rows in order).
 public func modulateBackward(
     _ dx: FloatPtr, dshift: FloatPtr, dscale: FloatPtr, _ dout: ConstFloatPtr, _ x: ConstFloatPtr,
-    scale: ConstFloatPtr, ld: Int, n: Int, d: Int
+    scale: ConstFloatPtr, ld: Int, n: Int, d: Int, rowsPerModulation g: Int = 1
 ) {
-    parallelRanges(n, cost: 4 * d) { rows in
-        for i in rows {
-            let dy = dout + i * d
-            let xi = x + i * d
-            let sc = scale + i * ld
-            let dxi = dx + i * d
-            let dsh = dshift + i * ld
-            let dsc = dscale + i * ld
-            for j in 0..<d {
-                dxi[j] += dy[j] * (1 + sc[j])
-                dsh[j] += dy[j]
-                dsc[j] += dy[j] * xi[j]
+    precondition(g >= 1 && n % g == 0, "modulate backward: \(n) rows in groups of \(g)")
+    parallelRanges(n / g, cost: 4 * d * g) { groups in
+        for m in groups {
+            let sc = scale + m * ld
+            let dsh = dshift + m * ld
+            let dsc = dscale + m * ld
+            for i in (m * g)..<((m + 1) * g) {
+                let dy = dout + i * d
+                let xi = x + i * d
+                let dxi = dx + i * d
+                for j in 0..<d {
+                    dxi[j] += dy[j] * (1 + sc[j])
+                    dsh[j] += dy[j]
+                    dsc[j] += dy[j] * xi[j]
+                }
             }
         }
     }
 }
 
-/// Gated residual: h (N, D) += gate * y, row i's gate at `gate + i * ld`.
-public func gatedAddForward(_ h: FloatPtr, _ y: ConstFloatPtr, gate: ConstFloatPtr, ld: Int, n: Int, d: Int) {
+/// Gated residual: h (N, D) += gate * y, row i's gate at `gate + (i / g) * ld`.
+public func gatedAddForward(
+    _ h: FloatPtr, _ y: ConstFloatPtr, gate: ConstFloatPtr, ld: Int, n: Int, d: Int, rowsPerModulation g: Int = 1
+) {
+    precondition(g >= 1 && n % g == 0, "gated add: \(n) rows in groups of \(g)")
     parallelRanges(n, cost: 2 * d) { rows in
         for i in rows {
             let hi = h + i * d
             let yi = y + i * d
-            let g = gate + i * ld
-            for j in 0..<d { hi[j] += g[j] * yi[j] }
+            let gi = gate + (i / g) * ld
+            for j in 0..<d { hi[j] += gi[j] * yi[j] }
         }
     }
 }
 
 /// Backward of the gated residual for the branch: dy (N, D) = dh * gate (overwritten);
-/// dgate += dh * y. The residual's own gradient is dh itself.
+/// dgate += dh * y (summed over a group's rows in order). The residual's own gradient is dh itself.
 public func gatedAddBackward(
     _ dy: FloatPtr, dgate: FloatPtr, _ dh: ConstFloatPtr, _ y: ConstFloatPtr, gate: ConstFloatPtr, ld: Int, n: Int,
-    d: Int
+    d: Int, rowsPerModulation g: Int = 1
 ) {
-    parallelRanges(n, cost: 3 * d) { rows in
-        for i in rows {
-            let dhi = dh + i * d
-            let yi = y + i * d
-            let g = gate + i * ld
-            let dg = dgate + i * ld
-            let dyi = dy + i * d
-            for j in 0..<d {
-                dyi[j] = dhi[j] * g[j]
-                dg[j] += dhi[j] * yi[j]
+    precondition(g >= 1 && n % g == 0, "gated add backward: \(n) rows in groups of \(g)")
+    parallelRanges(n / g, cost: 3 * d * g) { groups in
+        for m in groups {
+            let gm = gate + m * ld
+            let dg = dgate + m * ld
+            for i in (m * g)..<((m + 1) * g) {
+                let dhi = dh + i * d
+                let yi = y + i * d
+                let dyi = dy + i * d
+                for j in 0..<d {
+                    dyi[j] = dhi[j] * gm[j]
+                    dg[j] += dhi[j] * yi[j]
+                }
             }
         }
     }

@@ -111,43 +111,59 @@ final class AdaLNTests: XCTestCase {
         }
     }
 
-    /// Modulation and gate read columns of a (n, ld) matrix: shift at column 0, scale at d, gate at 2d.
+    /// Modulation and gate read columns of a (n / g, ld) matrix: shift at column 0, scale at d, gate
+    /// at 2d; row i reads modulation row i / g (g rows share one: the plug-in over RAR), whose
+    /// gradient is the sum over its rows.
     func testModulateAndGate() {
-        var g = TestRNG(14)
+        for g in [1, 2, 4] {
+            modulateAndGate(rowsPerModulation: g)
+        }
+    }
+
+    func modulateAndGate(rowsPerModulation g: Int) {
+        var rng = TestRNG(14)
         let n = 4
         let d = 6
         let ld = 3 * d
-        let x = g.doubles(n * d)
-        let h = g.doubles(n * d)
-        let mod = g.doubles(n * ld)
-        let dy = g.doubles(n * d)
-        func cols(_ m: [Double], _ c: Int) -> [Double] { (0..<(n * d)).map { m[($0 / d) * ld + c * d + $0 % d] } }
+        let m = n / g
+        let x = rng.doubles(n * d)
+        let h = rng.doubles(n * d)
+        let mod = rng.doubles(m * ld)
+        let dy = rng.doubles(n * d)
+        func cols(_ mm: [Double], _ c: Int) -> [Double] {
+            (0..<(n * d)).map { mm[($0 / d / g) * ld + c * d + $0 % d] }
+        }
         let want = Reference.modulate(x, shift: cols(mod, 0), scale: cols(mod, 1))
+        let what = "\(g) rows per modulation"
         withFloats([
             x, mod, [Double](repeating: 0, count: n * d), dy, [Double](repeating: 0, count: n * d),
-            [Double](repeating: 0, count: n * ld), h,
+            [Double](repeating: 0, count: m * ld), h,
         ]) { p in
-            modulateForward(p[2], p[0], shift: p[1], scale: p[1] + d, ld: ld, n: n, d: d)
-            assertClose(read(p[2], n * d), want, "modulate forward")
-            modulateBackward(p[4], dshift: p[5], dscale: p[5] + d, p[3], p[0], scale: p[1] + d, ld: ld, n: n, d: d)
+            modulateForward(p[2], p[0], shift: p[1], scale: p[1] + d, ld: ld, n: n, d: d, rowsPerModulation: g)
+            assertClose(read(p[2], n * d), want, "modulate forward, \(what)")
+            modulateBackward(
+                p[4], dshift: p[5], dscale: p[5] + d, p[3], p[0], scale: p[1] + d, ld: ld, n: n, d: d,
+                rowsPerModulation: g)
             let nx = Reference.numericGradient(x) {
                 dot(Reference.modulate($0, shift: cols(mod, 0), scale: cols(mod, 1)), dy)
             }
             let nm = Reference.numericGradient(mod) {
                 dot(Reference.modulate(x, shift: cols($0, 0), scale: cols($0, 1)), dy)
             }
-            assertClose(read(p[4], n * d), nx, rtol: 1e-4, atol: 1e-5, "modulate dx finite differences")
+            assertClose(read(p[4], n * d), nx, rtol: 1e-4, atol: 1e-5, "modulate dx finite differences, \(what)")
             // the gate's columns (2d..<3d) get no gradient from the modulation
-            assertClose(read(p[5], n * ld), nm, rtol: 1e-4, atol: 1e-5, "modulate dshift, dscale finite differences")
+            assertClose(
+                read(p[5], m * ld), nm, rtol: 1e-4, atol: 1e-5, "modulate dshift, dscale finite differences, \(what)")
             // gate: h + g * y with y = x
-            gatedAddForward(p[6], p[0], gate: p[1] + 2 * d, ld: ld, n: n, d: d)
-            assertClose(read(p[6], n * d), Reference.gatedAdd(h, x, gate: cols(mod, 2)), "gated add forward")
-            p[5].update(repeating: 0, count: n * ld)
-            gatedAddBackward(p[4], dgate: p[5] + 2 * d, p[3], p[0], gate: p[1] + 2 * d, ld: ld, n: n, d: d)
+            gatedAddForward(p[6], p[0], gate: p[1] + 2 * d, ld: ld, n: n, d: d, rowsPerModulation: g)
+            assertClose(read(p[6], n * d), Reference.gatedAdd(h, x, gate: cols(mod, 2)), "gated add forward, \(what)")
+            p[5].update(repeating: 0, count: m * ld)
+            gatedAddBackward(
+                p[4], dgate: p[5] + 2 * d, p[3], p[0], gate: p[1] + 2 * d, ld: ld, n: n, d: d, rowsPerModulation: g)
             let ny = Reference.numericGradient(x) { dot(Reference.gatedAdd(h, $0, gate: cols(mod, 2)), dy) }
             let ng = Reference.numericGradient(mod) { dot(Reference.gatedAdd(h, x, gate: cols($0, 2)), dy) }
-            assertClose(read(p[4], n * d), ny, rtol: 1e-4, atol: 1e-5, "gated add dy finite differences")
-            assertClose(read(p[5], n * ld), ng, rtol: 1e-4, atol: 1e-5, "gated add dgate finite differences")
+            assertClose(read(p[4], n * d), ny, rtol: 1e-4, atol: 1e-5, "gated add dy finite differences, \(what)")
+            assertClose(read(p[5], m * ld), ng, rtol: 1e-4, atol: 1e-5, "gated add dgate finite differences, \(what)")
         }
     }
 

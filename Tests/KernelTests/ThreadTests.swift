@@ -218,6 +218,40 @@ final class ThreadTests: XCTestCase {
         }
     }
 
+    /// adaLN modulation and gate with g rows sharing a modulation row (the plug-in over RAR):
+    /// the shared rows' gradients are summed in row order whatever the split.
+    func testModulationSharedByRows() {
+        let n = 24
+        let d = 20
+        let ld = 3 * d
+        let x = randoms(n * d, seed: 9)
+        let dout = randoms(n * d, seed: 10)
+        for g in [1, 3, 6] {
+            let mod = randoms(n / g * ld, seed: 11)
+            sameAtAnyThreadCount("modulate and gate, \(g) rows per modulation") {
+                var out = [Float](repeating: 0, count: n * d)
+                var dx = [Float](repeating: 0, count: n * d)
+                var dy = [Float](repeating: 0, count: n * d)
+                var dmod = [Float](repeating: 0, count: n / g * ld)
+                mod.withUnsafeBufferPointer { m in
+                    dmod.withUnsafeMutableBufferPointer { dm in
+                        let mp = m.baseAddress!
+                        let dp = dm.baseAddress!
+                        modulateForward(&out, x, shift: mp, scale: mp + d, ld: ld, n: n, d: d, rowsPerModulation: g)
+                        modulateBackward(
+                            &dx, dshift: dp, dscale: dp + d, dout, x, scale: mp + d, ld: ld, n: n, d: d,
+                            rowsPerModulation: g)
+                        gatedAddForward(&out, x, gate: mp + 2 * d, ld: ld, n: n, d: d, rowsPerModulation: g)
+                        gatedAddBackward(
+                            &dy, dgate: dp + 2 * d, dout, x, gate: mp + 2 * d, ld: ld, n: n, d: d,
+                            rowsPerModulation: g)
+                    }
+                }
+                return out + dx + dy + dmod
+            }
+        }
+    }
+
     /// A mask drawn in parts (each part skipping ahead in its sample's stream) is the mask drawn
     /// in one pass: compared with the draws made one by one here.
     func testDropoutMaskSkipsAheadExactly() {

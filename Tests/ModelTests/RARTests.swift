@@ -252,6 +252,38 @@ final class RARPluginFixtureTests: XCTestCase {
 }
 
 extension RARBehaviourTests {
+    /// The plug-in's blocks over RAR condition every vector of a short sequence on one c_q (SPEC
+    /// section 9), so their modulation (and its gradient, and its adaLN matmul's FLOPs) has one
+    /// row a sequence, the trunk's one a slot; the fixtures above check the values.
+    func testPluginModulationRunsOncePerSequence() throws {
+        var c = try Self.model(grid: 4).config
+        c.window = 4
+        c.pluginDepth = 2
+        let B = 3
+        let T = c.seqLen
+        let D = c.dim
+        for r in ActivationRecompute.allCases {
+            let layout = Transformer.activationLayout(c, batch: B, recompute: r)
+            let shape = { (name: String) in layout.entries.first { $0.name == name }?.shape }
+            if r == .none {
+                XCTAssertEqual(shape("encoder.blocks.1.mod"), [B * (T - 1), 6 * D])
+                XCTAssertEqual(shape("decoder.blocks.0.mod"), [B * T, 6 * D])
+                XCTAssertEqual(shape("trunk.0.mod"), [B * (T + 1), 6 * D])
+                XCTAssertEqual(shape("decoder.blocks.cs"), [B * T, D])
+            } else {
+                // the workspace holds the largest: the trunk's, a row a slot
+                XCTAssertEqual(shape("blocks.mod"), [B * (T + 1), 6 * D])
+                XCTAssertEqual(shape("decoder.blocks.1.ym"), [B * T * 5, D], "fc2's output kept per block")
+            }
+        }
+        // FLOPs of the decoder's 2 blocks over B T sequences of 5 vectors: the adaLN matmul a sequence
+        let adaLN = 2 * Double(D) * 6 * Double(D)
+        let attention = Double(B * T * c.nHead) * attentionFLOPs(seqLen: 5, headDim: c.headDim, causal: false)
+        let want = 2 * (Double(B * T * 5) * (c.blockLinearFLOPsPerRow - adaLN) + Double(B * T) * adaLN + attention)
+        let got = c.stackFLOPs(sequences: B * T, seqLen: 5, layers: 2, causal: false)
+        XCTAssertEqual(got, want, accuracy: 1e-12 * want, "the plug-in's adaLN runs once a sequence")
+    }
+
     /// k = 1 with a fresh residual plug-in (proj = 0) is the RAR base bit for bit: logits, loss,
     /// every base gradient and greedy and random samples (SPEC sections 3, 9).
     func testFreshPluginWithWindowOneIsTheBase() throws {

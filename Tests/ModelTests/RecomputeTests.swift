@@ -136,8 +136,9 @@ final class RecomputeTests: XCTestCase {
     }
 
     /// The same by hand for the RAR trunk (SPEC section 9 blocks: T + 1 slots, adaLN, QK-norm,
-    /// four dropout masks), and the saving at 12 layers: under blocks the trunk keeps each block's
-    /// input and one block's worth, well under a third of recompute none.
+    /// four dropout masks; under blocks each block keeps its fc2 output ym beside its input), and
+    /// the saving at 12 layers: under blocks the trunk keeps each block's input and ym and one
+    /// block's worth, well under a third of recompute none.
     func testRecomputeSavesAllButOneRARBlockByHand() throws {
         var c = try ModelConfig.preset("tiny", base: "rar", vocabSize: 64, numClasses: 3, gridSize: 5)
         c.nLayer = 4
@@ -150,10 +151,11 @@ final class RecomputeTests: XCTestCase {
         // n1 stats1 mod m1 qkvRaw qkStats qkv probs attY ya h n2 stats2 m2 a1 g1 ym
         let perBlock = R * (19 * D + 4 + 4 * NH + 2 * F) + B * NH * S * S
         let masks = B * NH * S * S + R * (2 * D + F)  // maskP maskProj maskGelu maskFc2
+        let kept = R * D  // ym: every block's own under both settings, so not in the workspace
         for dropout in [false, true] {
             let none = c.trainingActivationBytes(batch: B, dropout: dropout)
             let blocks = c.trainingActivationBytes(batch: B, dropout: dropout, recompute: .blocks)
-            let saved = (c.nLayer - 1) * (perBlock + (dropout ? masks : 0)) * 4
+            let saved = (c.nLayer - 1) * (perBlock - kept + (dropout ? masks : 0)) * 4
             XCTAssertEqual(none - blocks, saved, "dropout \(dropout)")
         }
         c.nLayer = 12

@@ -189,6 +189,30 @@ final class DistributedTrainingTests: XCTestCase {
         XCTAssertTrue(grads.description.contains("ZeRO states+grads over 4 rank(s)"), grads.description)
     }
 
+    /// Issue 15's target, as the README's estimate table gives it (`tensorar-bench --memory`): XXL
+    /// with the plug-in k 4 d 2 (LlamaGen and RAR) and an XL-size Open-MAGVIT2 base fit 16 GB per
+    /// rank at 8 x 256 tokens per rank on 8 and 64 ranks with states+grads and recompute blocks;
+    /// without recompute they do not.
+    func testLargestPresetsWithThePluginFitSixteenGBPerRank() throws {
+        for (base, preset) in [("llamagen", "XXL"), ("open-magvit2", "XL"), ("rar", "XXL")] {
+            var c = try ModelConfig.preset(preset, base: base)
+            c.window = 4
+            c.pluginDepth = 2
+            for ranks in [8, 64] {
+                var tc = TrainConfig()
+                tc.train.microBatch = 8
+                tc.train.globalBatch = 8 * ranks
+                tc.dist.shardOptimizer = .statesAndGrads
+                tc.train.recompute = .blocks
+                let fits = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks).total
+                XCTAssertLessThan(fits, 16_000_000_000, "\(base) \(preset) k 4 d 2 on \(ranks) ranks: \(fits) bytes")
+                tc.train.recompute = .none
+                let none = Trainer.MemoryBreakdown.estimate(c, config: tc, ranks: ranks).total
+                XCTAssertGreaterThan(none, 16_000_000_000, "\(base) \(preset) without recompute")
+            }
+        }
+    }
+
     // MARK: under mpirun, the release tensorar-train
 
     /// Losses of the same run on 1, 2 and 4 ranks (global batch 16 = 4 x 4 x 1 ... 4 x 1 x 4:

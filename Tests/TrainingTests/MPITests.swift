@@ -191,6 +191,13 @@ extension MPITests {
             XCTAssertTrue(sums.allSatisfy { $0 == sums[0] }, "rank \(r): replicas differ after a step: \(sums)")
         }
 
+        // Recompute under real MPI for the other bases too (LlamaGen's is in the loop above).
+        let other = tinyTrainConfig(
+            cache: env["TENSORAR_MPI_CACHE"]!, checkpoints: env["TENSORAR_MPI_CHECKPOINTS"]! + "/unused")
+        for base in BaseRegistry.names where base != "llamagen" {
+            try assertRecomputeChangesNoBit(base: base, other, comm)
+        }
+
         // Collective checkpoint: every rank writes its shard in parallel; all read it back whole
         // (each rank reads its slice, the ranks exchange them).
         let model = testModel()
@@ -272,6 +279,26 @@ private func assertShardedStepMatchesReplicated(_ tc: TrainConfig, _ comm: Commu
         let sums = try comm.allgather([checksum(trainer.model.params)])
         XCTAssertTrue(sums.allSatisfy { $0 == sums[0] }, "rank \(comm.rank), \(zero): parameters differ across ranks")
     }
+}
+
+/// Recompute blocks changes no bit of a step's loss, norm or parameters for `base` (tiny, the
+/// plug-in k 2 d 1, dropout and label drop on, states+grads: gradients reduce-scattered in buckets
+/// while backward, with its recompute, runs).
+private func assertRecomputeChangesNoBit(base: String, _ tc: TrainConfig, _ comm: Communicator) throws {
+    var c = tc
+    c.model.base = base
+    c.dist.shardOptimizer = .statesAndGrads
+    let plain = try Trainer(config: c, comm: comm)
+    let want = try plain.trainStep()
+    c.train.recompute = .blocks
+    let recomputed = try Trainer(config: c, comm: comm)
+    let got = try recomputed.trainStep()
+    let what = "rank \(comm.rank), \(base)"
+    XCTAssertTrue(want.applied && got.applied, what)
+    XCTAssertEqual(got.report, want.report, "\(what): recompute changes the loss")
+    XCTAssertEqual(got.gradNorm.bitPattern, want.gradNorm.bitPattern, "\(what): norm")
+    XCTAssertEqual(
+        checksum(recomputed.model.params), checksum(plain.model.params), "\(what): recompute changes the parameters")
 }
 
 /// FNV-1a over the bit patterns: equal buffers, equal sums (to compare replicas across ranks).
