@@ -10,7 +10,10 @@ import PackageDescription
 // (tensorar-bench, interleaved runs on this 2-core machine), all -Ounchecked 6.98 s (k4 d2: 20.6 s)
 // against all -O 5.77 s (18.1 s), and Kernels-only -Ounchecked within the same noise; the time is
 // in OpenBLAS. Measure again before making any target unchecked.
-let lang: [SwiftSetting] = [.swiftLanguageMode(.v5)]
+// Release builds are also testable (-enable-testing): `Launch/test.sh` runs the tests (their `@testable` imports
+// included) from the same release build as the programs the MPI tests start, one build instead of a debug and a
+// release one, and `swift build -c release` (Launch/quickstart.sh, by hand) reuses that build as it is.
+let lang: [SwiftSetting] = [.swiftLanguageMode(.v5), .unsafeFlags(["-enable-testing"], .when(configuration: .release))]
 let argParser: Target.Dependency = .product(name: "ArgumentParser", package: "swift-argument-parser")
 
 let package = Package(

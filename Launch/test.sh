@@ -6,25 +6,38 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash Launch/setup.sh
 source Launch/env.sh
-swift build --build-tests
-# The MPI tests start real mpirun jobs of the release binaries.
-swift build -c release
+# One release build of the programs and the tests (Package.swift makes release builds testable): the tests run
+# optimised, and the MPI tests start real mpirun jobs of the release binaries this same build made.
+swift build -c release --build-tests
 # The JAX reference (Tests/Reference) checks itself, the committed fixtures and the converter.
 python3 -c "import jax" >/dev/null 2>&1 || python3 -m pip install -q jax
 # TensorBoard's own event reader checks the trainer's event files (a 5.5 MB wheel; seconds to install).
 python3 -c "import tensorboard" >/dev/null 2>&1 || python3 -m pip install -q tensorboard
 swift_status=0
-swift test --skip-build 2>&1 | tee /tmp/tensorar-swift-test.log || swift_status=$?
+swift test -c release --skip-build 2>&1 | tee /tmp/tensorar-swift-test.log || swift_status=$?
 # The tests that compare floating-point results across processes, batch splits and thread counts
 # once more under OpenBLAS's Haswell kernels (AVX2: run on every x86-64 machine this project
 # supports), whose rounding depends on the split, so an Intel CI machine also checks what an AMD
 # one would see.
 if [ "$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo; then
-  OPENBLAS_CORETYPE=Haswell swift test --skip-build \
+  OPENBLAS_CORETYPE=Haswell swift test -c release --skip-build \
     --filter 'ResumeTests.testEvalOfACheckpoint|DistributedTrainingTests|MPITests|SamplerTests|ThreadTests|ThreadDeterminismTests' 2>&1 \
     | tee /tmp/tensorar-swift-test-haswell.log | tail -3 || swift_status=$?
 fi
+# The Python tests in two processes side by side, one per core of a 2-core machine (their time is mostly XLA
+# compiling, one thread each): the RAR and Open-MAGVIT2 reference files in one, every other file in the other
+# (about even: measured with --durations, the LlamaGen reference alone is the heaviest file).
+split_tests="Tests/Reference/test_reference_rar.py Tests/Reference/test_convert_rar.py"
+split_tests="$split_tests Tests/Reference/test_reference_omg.py"
 python_status=0
-python3 -m pytest -q Tests/Reference || python_status=$?
+python3 -m pytest -q $split_tests >/tmp/tensorar-pytest-split.log 2>&1 &
+split_pid=$!
+other_status=0
+python3 -m pytest -q Tests/Reference $(printf -- '--ignore=%s ' $split_tests) >/tmp/tensorar-pytest-other.log 2>&1 \
+  || other_status=$?
+split_status=0
+wait $split_pid || split_status=$?
+cat /tmp/tensorar-pytest-split.log /tmp/tensorar-pytest-other.log
+[ "$split_status" -eq 0 ] && [ "$other_status" -eq 0 ] || python_status=1
 echo "test.sh: swift tests exit status $swift_status, python tests exit status $python_status"
 [ "$swift_status" -eq 0 ] && [ "$python_status" -eq 0 ]
