@@ -71,9 +71,13 @@ public final class ComputePool: @unchecked Sendable {
             started += 1
             let index = started
             let seen = ticket.load(ordering: .acquiring)
-            let t = Thread { [unowned self] in self.workerLoop(index: index, seen: seen) }
+            let t = Thread { [unowned self] in
+                // named from inside: on Linux only the running thread's own name reaches the system
+                // (/proc, top, perf, gdb)
+                Thread.current.name = "compute-\(index)"
+                self.workerLoop(index: index, seen: seen)
+            }
             t.stackSize = 8 << 20
-            t.name = "compute-\(index)"
             t.start()
         }
         threads = want

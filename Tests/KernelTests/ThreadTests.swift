@@ -40,18 +40,23 @@ final class ThreadTests: XCTestCase {
     }
 
     /// The pool runs every part exactly once, from nested calls too, and starts no thread per
-    /// call: the process's thread count (/proc/self/task) is the same after 2000 jobs.
+    /// call: the pool's threads ("compute-N" in /proc/self/task) are the same after 2000 jobs. Only
+    /// those are counted: other tests in this process leave threads of their own coming and going.
     func testPoolRunsEachPartOnceAndStartsNoThreadPerCall() throws {
         let saved = BLAS.threads
         defer { BLAS.threads = saved }
         BLAS.threads = 3
         func threadCount() throws -> Int {
-            try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count
+            try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").filter { task in
+                let comm = (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8)) ?? ""
+                return comm.hasPrefix("compute-")
+            }.count
         }
         let counts = UnsafeMutablePointer<Int>.allocate(capacity: 64)
         defer { counts.deallocate() }
         for _ in 0..<200 { ComputePool.shared.run(parts: 3) { _ in } }  // the workers are up
         let before = try threadCount()
+        XCTAssertGreaterThanOrEqual(before, 2, "the pool's 2 workers (beside the caller) are named compute-N")
         let t0 = DispatchTime.now().uptimeNanoseconds
         for job in 0..<2000 {
             let parts = 1 + job % 64
