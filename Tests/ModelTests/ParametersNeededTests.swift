@@ -14,35 +14,12 @@ import XCTest
 /// announced range until the forward is over changes the loss or the logits (each range is read).
 final class ParametersNeededTests: XCTestCase {
     func model(_ base: String, window: Int, depth: Int) throws -> Transformer {
-        var c = try ModelConfig.preset("tiny", base: base, vocabSize: 64, numClasses: 3, gridSize: 4)
-        c.dim = 16
-        c.nHead = 2
-        c.nLayer = 3
-        c.ffnHidden = 32
-        c.window = window
-        c.pluginDepth = depth
-        if base == "open-magvit2" { c.factorizedNLayer = 1 }
-        let m = try Transformer(config: c)
-        m.initialise(seed: 21)
-        // heads and projections that start at zero get values, so that every parameter matters
-        var rng = CounterRNG(seed: 22)
-        for e in m.table.entries
-        where e.name.hasSuffix("proj.weight") || e.name.hasPrefix("head.") || e.name == "output.weight"
-            || e.name.hasSuffix("adaLN_modulation.1.weight")
-        {
-            for i in 0..<e.count { m.params[e.offset + i] = 0.3 * rng.normal() }
-        }
-        return m
+        try liveSmallModel(
+            base, window: window, depth: depth, gridSize: 4, factorizedLayers: 1, initSeed: 21, valueSeed: 22)
     }
 
     func batch(_ c: ModelConfig) -> ModelBatch {
-        var rng = CounterRNG(seed: 23)
-        let B = 2
-        let tokens = (0..<(B * c.seqLen)).map { _ in Int32(rng.below(c.vocabSize)) }
-        var tensors = Windows.inputTensors(tokens: tokens, batch: B, seqLen: c.seqLen, window: c.window)
-        let noiser = TensorNoiser(type: .replace, schedule: .sine, window: c.window, vocabSize: c.vocabSize)
-        _ = noiser.apply(&tensors, batch: B, seqLen: c.seqLen, seed: 1, step: 4, samplePositions: [3, 8])
-        return ModelBatch(batch: B, tokens: tokens, labels: [1, 3], tensors: tensors)
+        noisedPairBatch(c, seed: 23, labels: [1, 3])
     }
 
     /// One step's loss sums, logits and gradients; `needed` as the forward's callback.

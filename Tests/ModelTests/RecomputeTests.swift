@@ -10,34 +10,12 @@ import XCTest
 final class RecomputeTests: XCTestCase {
     /// A small model of `base` whose heads and projections are not zero (so every gradient is).
     func model(_ base: String, window: Int, depth: Int) throws -> Transformer {
-        var c = try ModelConfig.preset("tiny", base: base, vocabSize: 64, numClasses: 3, gridSize: 5)
-        c.dim = 16
-        c.nHead = 2
-        c.nLayer = 3
-        c.ffnHidden = 32
-        c.window = window
-        c.pluginDepth = depth
-        if base == "open-magvit2" { c.factorizedNLayer = 2 }
-        let m = try Transformer(config: c)
-        m.initialise(seed: 11)
-        var rng = CounterRNG(seed: 111)
-        for e in m.table.entries
-        where e.name.hasSuffix("proj.weight") || e.name.hasPrefix("head.") || e.name == "output.weight"
-            || e.name.hasSuffix("adaLN_modulation.1.weight")  // RAR's gates start at zero
-        {
-            for i in 0..<e.count { m.params[e.offset + i] = 0.3 * rng.normal() }
-        }
-        return m
+        try liveSmallModel(
+            base, window: window, depth: depth, gridSize: 5, factorizedLayers: 2, initSeed: 11, valueSeed: 111)
     }
 
     func batch(_ c: ModelConfig) -> ModelBatch {
-        var rng = CounterRNG(seed: 12)
-        let B = 2
-        let tokens = (0..<(B * c.seqLen)).map { _ in Int32(rng.below(c.vocabSize)) }
-        var tensors = Windows.inputTensors(tokens: tokens, batch: B, seqLen: c.seqLen, window: c.window)
-        let noiser = TensorNoiser(type: .replace, schedule: .sine, window: c.window, vocabSize: c.vocabSize)
-        _ = noiser.apply(&tensors, batch: B, seqLen: c.seqLen, seed: 1, step: 4, samplePositions: [3, 8])
-        return ModelBatch(batch: B, tokens: tokens, labels: [2, 3], tensors: tensors)
+        noisedPairBatch(c, seed: 12, labels: [2, 3])
     }
 
     /// Loss sums and every gradient of one step under `recompute` (dropout `p`), and the bytes
