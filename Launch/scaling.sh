@@ -120,6 +120,7 @@ fi
 zero_row() {
   local ranks=$1 zero=$2 recompute=$3 load
   local log="$OUT/zero-$ranks-$zero-$recompute.log"
+  rm -rf "$OUT/ckpt/zero-$ranks-$zero-$recompute"  # this script's own run folder from an earlier run
   load=$(cut -d' ' -f1 /proc/loadavg)
   mpirun -n "$ranks" --bind-to none "$EXE" Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" \
     --set data.val=null --set model.init_from=null --set train.global_batch="$ranks" --set train.micro_batch=1 \
@@ -172,6 +173,8 @@ fi
 zero_time_row() {
   local round=$1 zero=$2 gather=$3 load
   local log="$OUT/zerotime-$round-$zero-$gather.log"
+  # this script's own run folder from an earlier run (its final checkpoint: 2 GB)
+  rm -rf "$OUT/ckpt/zerotime-$round-$zero-$gather"
   load=$(cut -d' ' -f1 /proc/loadavg)
   mpirun -n 2 --bind-to none "$EXE" Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" \
     --set data.val=null --set model.init_from=null --set train.global_batch=2 --set train.micro_batch=1 \

@@ -1,5 +1,8 @@
 #include "CSupport.h"
 #include <cpuid.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -51,17 +54,71 @@ void tar_h5_silence_errors(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
 
 size_t tar_page_size(void) { return (size_t)sysconf(_SC_PAGESIZE); }
 
-void *tar_pages_alloc(size_t bytes) {
-    void *p = mmap(NULL, bytes > 0 ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    return p == MAP_FAILED ? NULL : p;
+// Transparent huge pages: a buffer of at least one huge page is aligned to it and marked
+// MADV_HUGEPAGE, so its first writes fault 2 MB at a time instead of 4 KB (ZeRO-2 refaults its whole
+// gradient buffer every step: 4 KB faults cost about 0.5 s a step for preset B, README "Scaling").
+size_t tar_huge_page_size(void) {
+    static size_t cached = 1;  // 1: not read yet
+    if (cached != 1) return cached;
+    size_t size = 0;
+    char mode[128] = {0};
+    FILE *f = fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (f) {
+        if (!fgets(mode, sizeof mode, f)) mode[0] = 0;
+        fclose(f);
+    }
+    f = fopen("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size", "r");
+    if (f) {
+        unsigned long v = 0;
+        if (fscanf(f, "%lu", &v) == 1) size = (size_t)v;
+        fclose(f);
+    }
+    if (strstr(mode, "[never]") || !strchr(mode, '[')) size = 0;
+    cached = size;
+    return cached;
+}
+
+void *tar_pages_alloc(size_t bytes, int allow_huge, size_t *granule) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    size_t huge = allow_huge ? tar_huge_page_size() : 0;
+    size_t length = ((bytes > 0 ? bytes : 1) + page - 1) / page * page;
+    *granule = page;
+    if (huge <= page || huge % page != 0 || bytes < huge) {
+        void *p = mmap(NULL, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        return p == MAP_FAILED ? NULL : p;
+    }
+    // Over-allocate by one huge page, then unmap the slack before and after the aligned start.
+    void *raw = mmap(NULL, length + huge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return NULL;
+    uintptr_t start = ((uintptr_t)raw + huge - 1) / huge * huge;
+    if (start > (uintptr_t)raw) munmap(raw, start - (uintptr_t)raw);
+    uintptr_t end = (uintptr_t)raw + length + huge;
+    if (end > start + length) munmap((void *)(start + length), end - (start + length));
+    if (madvise((void *)start, length, MADV_HUGEPAGE) == 0) *granule = huge;
+    return (void *)start;
 }
 
 void tar_pages_free(void *p, size_t bytes) { munmap(p, bytes > 0 ? bytes : 1); }
 
-void tar_pages_release(void *p, size_t bytes) {
-    // Callers pass whole pages (Pages.size); rounding inward keeps a wrong call harmless.
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t lo = ((uintptr_t)p + page - 1) / page * page;
-    uintptr_t hi = ((uintptr_t)p + bytes) / page * page;
+void tar_pages_release(void *p, size_t bytes, size_t granule) {
+    // Callers pass whole granules (tar_pages_alloc's); rounding inward keeps a wrong call harmless.
+    uintptr_t lo = ((uintptr_t)p + granule - 1) / granule * granule;
+    uintptr_t hi = ((uintptr_t)p + bytes) / granule * granule;
     if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+}
+
+size_t tar_pages_resident(void *p, size_t bytes) {
+    size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)p / page * page;
+    size_t n = ((uintptr_t)p + bytes - lo + page - 1) / page;
+    unsigned char *vec = malloc(n > 0 ? n : 1);
+    if (!vec) return (size_t)-1;
+    size_t resident = 0;
+    if (mincore((void *)lo, n * page, vec) != 0) {
+        free(vec);
+        return (size_t)-1;
+    }
+    for (size_t i = 0; i < n; i++) resident += vec[i] & 1;
+    free(vec);
+    return resident * page;
 }

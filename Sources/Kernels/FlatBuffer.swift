@@ -10,10 +10,13 @@ public final class FlatBuffer {
     /// Whether the buffer is whole OS pages (`init(pages:)`): `zero()` and `release` then hand
     /// pages back instead of writing them.
     public let pageBacked: Bool
+    /// For a page-backed buffer, the floats `release` hands back at a time (a huge page or a page).
+    public let releaseGranule: Int
 
     public init(count: Int) {
         self.count = count
         pageBacked = false
+        releaseGranule = 1
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
         base = raw.bindMemory(to: Float.self, capacity: max(count, 1))
         base.initialize(repeating: 0, count: max(count, 1))
@@ -23,12 +26,14 @@ public final class FlatBuffer {
     /// A buffer of `count` zeros in whole OS pages, none resident until written: a page costs
     /// memory only between its first write and the next `release` or `zero()` that covers it.
     /// Not counted in `liveBytes` (its resident part changes while it lives).
-    public init(pages count: Int) {
+    /// `hugePages: false` keeps it to OS pages (the benchmark's comparison).
+    public init(pages count: Int, hugePages: Bool = true) {
         self.count = count
         pageBacked = true
-        guard let raw = Pages.allocate(bytes: max(count, 1) * 4) else {
+        guard let (raw, granule) = Pages.allocate(bytes: max(count, 1) * 4, hugePages: hugePages) else {
             fatalError("FlatBuffer: the OS refused \(max(count, 1) * 4) bytes of pages")
         }
+        releaseGranule = granule / 4
         base = raw.bindMemory(to: Float.self, capacity: max(count, 1))
     }
 
@@ -41,8 +46,9 @@ public final class FlatBuffer {
         }
     }
 
-    /// Zeros `range`: written as zeros, or for a page-backed buffer its whole pages handed back
-    /// (they read as zeros) and only the partial pages at the ends written.
+    /// Zeros `range`: written as zeros, or for a page-backed buffer its whole granules (huge pages
+    /// or pages) handed back (they read as zeros) and only the partial granules at the ends written.
+    /// A granule that straddles two ranges stays resident (at most one per range boundary).
     public func release(_ range: Range<Int>) {
         guard !range.isEmpty else { return }
         let p = base + range.lowerBound
@@ -50,12 +56,15 @@ public final class FlatBuffer {
             p.update(repeating: 0, count: range.count)
             return
         }
-        let page = Pages.size / 4  // floats per page; base is page-aligned
-        let lo = min(range.upperBound, (range.lowerBound + page - 1) / page * page)
-        let hi = max(lo, range.upperBound / page * page)
+        let granule = releaseGranule  // floats per granule; base is aligned to it
+        // The buffer's end counts as a granule boundary: the mapping ends there, so a range that
+        // reaches it gives back its last, partial granule too (in whole OS pages).
+        let end = range.upperBound == count ? (count * 4 + Pages.size - 1) / Pages.size * Pages.size / 4 : nil
+        let lo = min(range.upperBound, (range.lowerBound + granule - 1) / granule * granule)
+        let hi = end ?? max(lo, range.upperBound / granule * granule)
         (base + range.lowerBound).update(repeating: 0, count: lo - range.lowerBound)
-        (base + hi).update(repeating: 0, count: range.upperBound - hi)
-        Pages.release(UnsafeMutableRawPointer(base + lo), bytes: (hi - lo) * 4)
+        if hi < range.upperBound { (base + hi).update(repeating: 0, count: range.upperBound - hi) }
+        if hi > lo { Pages.release(UnsafeMutableRawPointer(base + lo), bytes: (hi - lo) * 4, granule: Pages.size) }
     }
 
     /// Bytes held by all FlatBuffers alive in this process: the trainer measures its activations

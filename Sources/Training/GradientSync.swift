@@ -46,6 +46,11 @@ public final class GradientSync {
         public let gradients: FlatBuffer
         public let releaseSource: Bool
         let scratch: FlatBuffer
+        /// ZeRO-2: the buckets by start and which of them this micro-batch has released. A page
+        /// (granule) that straddles two buckets goes back with the second of them to be released,
+        /// so none stays resident (with 2 MB huge pages, one per bucket boundary would: 0.45 GB for XXL).
+        private var sortedBuckets: [Range<Int>] = []
+        private var released: [Bool] = []
         public var owned: Range<Int> { slices[rank] }
         public init(slices: [Range<Int>], rank: Int, releaseSource: Bool, bucketElements: Int) {
             self.slices = slices
@@ -54,6 +59,53 @@ public final class GradientSync {
             gradients = FlatBuffer(count: slices[rank].count)
             scratch = FlatBuffer(count: min(bucketElements, slices[rank].count))
         }
+
+        func useBuckets(_ sorted: [Range<Int>]) {
+            sortedBuckets = sorted
+            released = Array(repeating: false, count: sorted.count)
+        }
+
+        /// Before a micro-batch's backward: nothing released yet (all pages read as zeros).
+        func startReleasing() {
+            for i in released.indices { released[i] = false }
+        }
+
+        /// Hands bucket `r`'s pages back, with the granules it shares with neighbours already released:
+        /// the range grows over released buckets on either side up to the granule boundary (several
+        /// small buckets may share one granule; it goes back with the last of them).
+        func release(_ r: Range<Int>, of grads: FlatBuffer) {
+            guard let i = GradientSync.index(startingAt: r.lowerBound, in: sortedBuckets), sortedBuckets[i] == r else {
+                return grads.release(r)
+            }
+            released[i] = true
+            let granule = max(1, grads.releaseGranule)
+            var lo = r.lowerBound
+            let floor = lo / granule * granule
+            var below = i - 1
+            while lo > floor && below >= 0 && released[below] {
+                lo = max(floor, sortedBuckets[below].lowerBound)
+                below -= 1
+            }
+            var hi = r.upperBound
+            let ceiling = min(grads.count, (hi + granule - 1) / granule * granule)
+            var above = i + 1
+            while hi < ceiling && above < released.count && released[above] {
+                hi = min(ceiling, sortedBuckets[above].upperBound)
+                above += 1
+            }
+            grads.release(lo..<hi)
+        }
+    }
+
+    /// The index of the range starting at `start` in `sorted` (ranges by start), or nil.
+    static func index(startingAt start: Int, in sorted: [Range<Int>]) -> Int? {
+        var lo = 0
+        var hi = sorted.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if sorted[mid].lowerBound < start { lo = mid + 1 } else { hi = mid }
+        }
+        return lo < sorted.count && sorted[lo].lowerBound == start ? lo : nil
     }
 
     /// Time spent in one step (or summed over steps in `total`).
@@ -175,6 +227,7 @@ public final class GradientSync {
                 shard.slices.count == communicator.size && shard.rank == communicator.rank
                     && shard.slices.last?.upperBound == count, "ZeRO slices do not match the ranks and the buffer")
         }
+        shard?.useBuckets(sorted)
         self.shard = shard
         self.count = count
         bucketElements = size
@@ -188,7 +241,8 @@ public final class GradientSync {
         } else if mode == .overlapped && communicator.usesMPI && MPI.threadLevel < .serialized {
             mode = .blocking
             note =
-                "MPI granted only \(MPI.threadLevel); overlapped gradient sync needs a communication thread, using blocking"
+                "MPI granted only \(MPI.threadLevel); overlapped gradient sync needs a communication thread, "
+                + "using blocking"
         } else if mode == .overlapped && MPI.threadLevel < .multiple {
             note = "MPI granted \(MPI.threadLevel): do not run MPI calls on other threads between begin() and finish()"
         }
@@ -212,6 +266,7 @@ public final class GradientSync {
         self.grads = grads
         self.scale = scale ?? 1 / Float(communicator.size)
         remaining = buckets.map(\.count)
+        shard?.startReleasing()
         eagerSeconds = 0
         failure = nil
         worker?.begin()
@@ -340,6 +395,6 @@ public final class GradientSync {
         let dst = shard.gradients.base + (mine.lowerBound - shard.owned.lowerBound)
         let src = shard.scratch.base
         for i in 0..<mine.count { dst[i] += src[i] * scale }
-        if shard.releaseSource { grads.release(r) }
+        if shard.releaseSource { shard.release(r, of: grads) }
     }
 }

@@ -471,7 +471,10 @@ extension Trainer.MemoryBreakdown {
             m.moments = 2 * min(owned, trained) * 4
         case .statesAndGrads:
             let largestRange = Transformer.gradientReadyOrder(model).map(\.count).max() ?? 0
-            let inFlight = min(total, largestRange + 2 * bucket)
+            // plus a partial huge page at each end of the written window (FlatBuffer.release), when
+            // the buffer is large enough to get them
+            let granule = Pages.hugeSize > 0 && total * 4 >= Pages.hugeSize ? Pages.hugeSize / 4 : 0
+            let inFlight = min(total, largestRange + 2 * bucket + 2 * granule)
             m.gradients = (owned + inFlight) * 4
             m.moments = 2 * min(owned, trained) * 4
         }

@@ -22,10 +22,25 @@ int tar_cpu_has_avx2(void);
 // Whole pages from the OS (mmap), for buffers whose pages are handed back while they live
 // (ZeRO-2 gradients: each bucket's pages go back once its reduce-scatter is done).
 size_t tar_page_size(void);
-void *tar_pages_alloc(size_t bytes);
+/// The transparent huge page size, 0 when the kernel has them off (read once).
+size_t tar_huge_page_size(void);
+/// Zeroed pages for `bytes`; *granule: the unit `tar_pages_release` hands back (the transparent huge
+/// page size when allow_huge, the buffer is at least one huge page and the kernel allows them, else the page size).
+void *tar_pages_alloc(size_t bytes, int allow_huge, size_t *granule);
 void tar_pages_free(void *p, size_t bytes);
-/// Hands back the whole pages inside [p, p + bytes): they read as zeros when touched again.
-void tar_pages_release(void *p, size_t bytes);
+/// Hands back the whole granules inside [p, p + bytes): they read as zeros when touched again.
+void tar_pages_release(void *p, size_t bytes, size_t granule);
+/// Bytes of the pages touching [p, p + bytes) that are resident (mincore), or (size_t)-1 on error.
+size_t tar_pages_resident(void *p, size_t bytes);
+
+// Weights packed once for products with few rows (packed_gemm.c): y (m, n) = x (m, k) W^T (+ y),
+// W (n, k) row-major with leading dimension ldw. AVX-512 only (check tar_cpu_has_avx512f first).
+size_t tar_packed_floats(size_t n, size_t k);
+size_t tar_packed_panels(size_t n);
+void tar_pack_weights(const float *w, size_t n, size_t k, size_t ldw, float *packed);
+/// Columns of panels [first_panel, end_panel) only (64 columns a panel), so threads can split them.
+void tar_sgemm_packed(size_t m, size_t n, size_t k, const float *x, size_t ldx, const float *packed, float *y,
+                      size_t ldy, int accumulate, size_t first_panel, size_t end_panel);
 
 // MPI handles are macros over addresses of globals.
 MPI_Comm tar_mpi_comm_world(void);
