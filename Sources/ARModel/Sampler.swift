@@ -96,6 +96,12 @@ public final class Sampler {
     /// Per part of the token choice (`parallelParts`): its choosers (one per head part) and row.
     private var choosers: [ChooserSlot] = []
 
+    /// Keep the weights packed for the sampling matmuls (`PackedWeightCache`) from one `sample`
+    /// call to the next, instead of packing them again in each: only while the model's parameters
+    /// do not change (tensorar-sample; not previews during training). Costs one copy of the weights.
+    public var keepsPackedWeights = false
+    private var packedWeights: PackedWeightCache?
+
     public init(model: Transformer) {
         m = model
         let c = model.config
@@ -165,9 +171,29 @@ public final class Sampler {
         var prev = [Int32](repeating: -1, count: n * k)  // t_{p-1} per image
         if n == 0 { return SampleResult(tokens: tokens, trajectories: traj, labels: labels) }
         prepare(n: n, NB: NB)
-        let rows = c.hasPlugin ? k : 1
 
-        for pos in 0..<min(T, steps ?? T) {
+        // the weights packed once for this call's steps, or for the sampler's life (PackedWeightCache)
+        let packed = keepsPackedWeights ? (packedWeights ?? PackedWeightCache(params: m.params)) : nil
+        packedWeights = packed
+        PackedWeightCache.using(packed ?? PackedWeightCache(params: m.params)) {
+            samplePositions(
+                min(T, steps ?? T), labels: labels, sampleIds: sampleIds, options: o, NB: NB, tokens: &tokens,
+                trajectories: &traj, inputs: &prev, onStep: onStep)
+        }
+        return SampleResult(tokens: tokens, trajectories: traj, labels: labels)
+    }
+
+    /// `sample`'s loop over the first `count` positions.
+    private func samplePositions(
+        _ count: Int, labels: [Int32], sampleIds: [Int], options o: SamplingOptions, NB: Int, tokens: inout [Int32],
+        trajectories traj: inout [Int32], inputs prev: inout [Int32], onStep: ((Int) -> Void)?
+    ) {
+        let c = m.config
+        let T = c.seqLen
+        let k = c.window
+        let n = labels.count
+        let rows = c.hasPlugin ? k : 1
+        for pos in 0..<count {
             let h = slotStates(position: pos, labels: labels, inputs: prev)
             let chosen = chooseTokens(h, n: n, NB: NB, position: pos, sampleIds: sampleIds, options: o)
             for b in 0..<n {
@@ -184,7 +210,6 @@ public final class Sampler {
             }
             onStep?(pos)
         }
-        return SampleResult(tokens: tokens, trajectories: traj, labels: labels)
     }
 
     /// Allocates the buffers for n images in NB rows (kept while the sizes stay).

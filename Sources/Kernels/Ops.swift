@@ -107,10 +107,14 @@ private func rmsnormRowBackward(
 
 // MARK: - linear  y = x W^T, W stored (out, in)
 
-/// out (N, OC) = inp (N, IC) W^T, weight (OC, IC). `accumulate` adds into out.
+/// out (N, OC) = inp (N, IC) W^T, weight (OC, IC). `accumulate` adds into out. Inside
+/// `PackedWeightCache.using` (sampling) a weight of the model goes through its packed copy.
 public func matmulForward(
     _ out: FloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr, n: Int, ic: Int, oc: Int, accumulate: Bool = false
 ) {
+    if let packed = PackedWeightCache.weights(weight, n: oc, k: ic) {
+        return packed.multiply(inp, rows: n, ldx: ic, into: out, ldy: oc, accumulate: accumulate)
+    }
     BLAS.sgemm(
         transA: false, transB: true, m: n, n: oc, k: ic, inp, lda: ic, weight, ldb: ic, beta: accumulate ? 1 : 0, out,
         ldc: oc)

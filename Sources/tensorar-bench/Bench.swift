@@ -36,6 +36,10 @@ struct Bench: ParsableCommand {
             """) var bases = "llamagen"
     @Flag(help: "Only print parameter counts.") var params = false
     @Option(help: "Only print one rank's memory for training this preset (nothing is allocated).") var memory: String?
+    @Option(
+        help: ArgumentHelp(
+            "Only time ZeRO-2's gradient page release for this preset (with --window/--depth), 4 KB against "
+                + "huge pages, beside a resident buffer (--steps + 1 rounds).")) var pageRelease: String?
     @Option(help: "With --memory: MPI ranks.") var ranks = 1
     @Option(help: "With --memory: samples per micro-batch.") var microBatch = 8
     @Option(help: "With --memory: samples per rank per step (default: one micro-batch).") var localBatch: Int?
@@ -68,6 +72,10 @@ struct Bench: ParsableCommand {
         }
         if let memory {
             try printMemory(preset: memory)
+            return
+        }
+        if let pageRelease {
+            try timePageRelease(preset: pageRelease)
             return
         }
         let counts = threads == 1 ? [1] : [1, threads]
@@ -221,19 +229,27 @@ struct Bench: ParsableCommand {
             for i in 0..<e.count { model.params[e.offset + i] = isNorm ? 1 : 0.0693 * (rng.uniform() - 0.5) }
         }
         let sampler = Sampler(model: model)
+        sampler.keepsPackedWeights = true  // the weights never change here
         let labels = (0..<sampleBatch).map { Int32($0 % cfg.numClasses) }
         let options = SamplingOptions(cfgScale: cfgScale, temperature: 1, topK: 0, topP: 1, seed: 1)
         let positions = min(sampleSteps, cfg.seqLen)
-        let run = { (_: Int) in
-            _ = sampler.sample(labels: labels, sampleIds: Array(0..<labels.count), options: options, steps: positions)
+        // with and without the packed weights (PackedWeightCache), interleaved
+        let packings = PackedWeights.available ? [true, false] : [false]
+        let runs = packings.map { packed in
+            { (_: Int) in
+                PackedWeightCache.enabled = packed
+                defer { PackedWeightCache.enabled = true }
+                _ = sampler.sample(
+                    labels: labels, sampleIds: Array(0..<labels.count), options: options, steps: positions)
+            }
         }
-        let best = interleave([run], counts: counts)
+        let best = interleave(runs, counts: counts)
         let flops = cfg.samplingFLOPs(batch: sampleBatch, guided: cfgScale != 1, steps: positions)
-        return [
+        return packings.indices.map { j in
             Row(
-                label: "sample \(name)", config: cfg, batch: sampleBatch, tokens: sampleBatch * positions,
-                flops: flops, seconds: best[0])
-        ]
+                label: "sample \(name)" + (packings[j] ? "" : " (sgemm)"), config: cfg, batch: sampleBatch,
+                tokens: sampleBatch * positions, flops: flops, seconds: best[j])
+        }
     }
 
     /// Runs every job at every thread count in turn, `steps` times after a warm-up, so that load

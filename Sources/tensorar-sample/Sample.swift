@@ -299,6 +299,7 @@ struct Sample: ParsableCommand {
             "sampling \(N) images (\(plan.classes.count) classes x \(perClass)), \(T) steps of k = \(k); \(guidance), "
                 + "temperature \(temperature), top-k \(topK), top-p \(topP), seed \(seed); batch \(batchSize) per rank")
         let sampler = Sampler(model: plan.model)
+        sampler.keepsPackedWeights = true  // the weights never change here
         var tokens: [Int32] = []
         var traj: [Int32] = []
         var labels: [Int32] = []

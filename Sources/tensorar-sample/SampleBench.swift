@@ -74,6 +74,7 @@ extension Sample {
             for i in 0..<e.count { model.params[e.offset + i] = isNorm ? 1 : 0.0693 * (rng.uniform() - 0.5) }
         }
         let sampler = Sampler(model: model)
+        sampler.keepsPackedWeights = true  // the weights never change here
         let labels = (0..<batchSize).map { Int32($0 % c.numClasses) }
         let ids = Array(0..<batchSize)
         var best = Double.infinity
