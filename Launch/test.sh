@@ -13,8 +13,11 @@ swift build -c release --build-tests
 python3 -c "import jax" >/dev/null 2>&1 || python3 -m pip install -q jax
 # TensorBoard's own event reader checks the trainer's event files (a 5.5 MB wheel; seconds to install).
 python3 -c "import tensorboard" >/dev/null 2>&1 || python3 -m pip install -q tensorboard
+# Logs of this run in a folder of its own (two test runs on one machine do not share them).
+logs=$(mktemp -d /tmp/tensorar-test.XXXXXX)
+echo "test.sh: logs in $logs"
 swift_status=0
-swift test -c release --skip-build 2>&1 | tee /tmp/tensorar-swift-test.log || swift_status=$?
+swift test -c release --skip-build 2>&1 | tee "$logs/swift-test.log" || swift_status=$?
 # The tests that compare floating-point results across processes, batch splits and thread counts
 # once more under OpenBLAS's Haswell kernels (AVX2: run on every x86-64 machine this project
 # supports), whose rounding depends on the split, so an Intel CI machine also checks what an AMD
@@ -22,7 +25,7 @@ swift test -c release --skip-build 2>&1 | tee /tmp/tensorar-swift-test.log || sw
 if [ "$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo; then
   OPENBLAS_CORETYPE=Haswell swift test -c release --skip-build \
     --filter 'ResumeTests.testEvalOfACheckpoint|DistributedTrainingTests|MPITests|SamplerTests|ThreadTests|ThreadDeterminismTests' 2>&1 \
-    | tee /tmp/tensorar-swift-test-haswell.log | tail -3 || swift_status=$?
+    | tee "$logs/swift-test-haswell.log" | tail -3 || swift_status=$?
 fi
 # The Python tests in two processes side by side, one per core of a 2-core machine (their time is mostly XLA
 # compiling, one thread each): the RAR and Open-MAGVIT2 reference files in one, every other file in the other
@@ -30,14 +33,14 @@ fi
 split_tests="Tests/Reference/test_reference_rar.py Tests/Reference/test_convert_rar.py"
 split_tests="$split_tests Tests/Reference/test_reference_omg.py"
 python_status=0
-python3 -m pytest -q $split_tests >/tmp/tensorar-pytest-split.log 2>&1 &
+python3 -m pytest -q $split_tests >"$logs/pytest-split.log" 2>&1 &
 split_pid=$!
 other_status=0
-python3 -m pytest -q Tests/Reference $(printf -- '--ignore=%s ' $split_tests) >/tmp/tensorar-pytest-other.log 2>&1 \
+python3 -m pytest -q Tests/Reference $(printf -- '--ignore=%s ' $split_tests) >"$logs/pytest-other.log" 2>&1 \
   || other_status=$?
 split_status=0
 wait $split_pid || split_status=$?
-cat /tmp/tensorar-pytest-split.log /tmp/tensorar-pytest-other.log
+cat "$logs/pytest-split.log" "$logs/pytest-other.log"
 [ "$split_status" -eq 0 ] && [ "$other_status" -eq 0 ] || python_status=1
 echo "test.sh: swift tests exit status $swift_status, python tests exit status $python_status"
 [ "$swift_status" -eq 0 ] && [ "$python_status" -eq 0 ]

@@ -348,7 +348,8 @@ final class DistributedTrainingTests: XCTestCase {
         let r = try h.train(
             ranks: 2, run: "nan-stop", extra: ["train.max_skipped_steps=2", "train.steps=6"],
             env: ["TENSORAR_TEST_NAN_AT_STEP": "2-"], reportEachRank: true)
-        XCTAssertNotEqual(r.status, 0, r.output)
+        // each rank's own status (mpirun is told not to end the others when rank 0 exits 1 first:
+        // it used to, now and then before rank 1's wrapper printed); every rank stops by itself
         XCTAssertTrue(r.output.contains("step skipped (2 in a row)"), r.output)
         XCTAssertTrue(
             r.output.contains(
@@ -413,7 +414,9 @@ struct MPIRunHarness {
 
     /// A 4-step run of a tiny model (D 32, 2 layers, k 3 (so input tensors have pad entries), d 1) on `ranks` ranks, global batch 16
     /// of micro-batches of 4; dropout 0.1 and label drop 0.2 on; small buckets (many of them).
-    /// `reportEachRank` wraps every rank in a shell that prints "rank R exit S" when it ends.
+    /// `reportEachRank` wraps every rank in a shell that prints "rank R exit S" when it ends, and
+    /// keeps mpirun from ending the other ranks when one exits non-zero (so each rank's own exit
+    /// shows; mpirun itself then exits 0).
     func train(
         ranks: Int, run: String, extra: [String] = [], env: [String: String] = [:], reportEachRank: Bool = false,
         timeout: Double = 90
@@ -433,7 +436,8 @@ struct MPIRunHarness {
         let trainArgs = settings.flatMap { ["--set", $0] }
         if reportEachRank {
             args +=
-                ["/bin/sh", "-c", "\"$0\" \"$@\"; s=$?; echo \"rank $OMPI_COMM_WORLD_RANK exit $s\"; exit $s", exe]
+                ["--mca", "orte_abort_on_non_zero_status", "0"]
+                + ["/bin/sh", "-c", "\"$0\" \"$@\"; s=$?; echo \"rank $OMPI_COMM_WORLD_RANK exit $s\"; exit $s", exe]
                 + trainArgs
         } else {
             args += [exe] + trainArgs
