@@ -24,9 +24,10 @@ public final class PackedWeights {
             .bindMemory(to: Float.self, capacity: floats)
         let panels = Int(tar_packed_panels(n))
         // pack the panels over the pool too (each panel is written by one part)
-        ComputePool.shared.run(parts: min(panels, 64)) { part in
-            let lo = part * panels / min(panels, 64)
-            let hi = (part + 1) * panels / min(panels, 64)
+        let parts = min(panels, 64)
+        ComputePool.shared.run(parts: parts) { part in
+            let lo = part * panels / parts
+            let hi = (part + 1) * panels / parts
             tar_pack_weights(w + lo * 64 * k, min(n - lo * 64, (hi - lo) * 64), k, k, self.data + lo * 64 * k)
         }
     }

@@ -46,10 +46,11 @@ public final class GradientSync {
         public let gradients: FlatBuffer
         public let releaseSource: Bool
         let scratch: FlatBuffer
-        /// ZeRO-2: the buckets by start and which of them this micro-batch has released. A page
-        /// (granule) that straddles two buckets goes back with the second of them to be released,
-        /// so none stays resident (with 2 MB huge pages, one per bucket boundary would: 0.45 GB for XXL).
-        private var sortedBuckets: [Range<Int>] = []
+        /// ZeRO-2: the buckets, and which of them (by position in address order) this micro-batch
+        /// has released. A page (granule) that straddles buckets goes back with the last of them to be
+        /// released, so none stays resident (with 2 MB pages, one per bucket boundary would be: for XXL's
+        /// 224 buckets of 25 MB, 0.45 GB by count).
+        private var index = BucketIndex([])
         private var released: [Bool] = []
         public var owned: Range<Int> { slices[rank] }
         public init(slices: [Range<Int>], rank: Int, releaseSource: Bool, bucketElements: Int) {
@@ -60,9 +61,9 @@ public final class GradientSync {
             scratch = FlatBuffer(count: min(bucketElements, slices[rank].count))
         }
 
-        func useBuckets(_ sorted: [Range<Int>]) {
-            sortedBuckets = sorted
-            released = Array(repeating: false, count: sorted.count)
+        func useBuckets(_ index: BucketIndex) {
+            self.index = index
+            released = Array(repeating: false, count: index.buckets.count)
         }
 
         /// Before a micro-batch's backward: nothing released yet (all pages read as zeros).
@@ -74,38 +75,26 @@ public final class GradientSync {
         /// the range grows over released buckets on either side up to the granule boundary (several
         /// small buckets may share one granule; it goes back with the last of them).
         func release(_ r: Range<Int>, of grads: FlatBuffer) {
-            guard let i = GradientSync.index(startingAt: r.lowerBound, in: sortedBuckets), sortedBuckets[i] == r else {
-                return grads.release(r)
-            }
+            let i = index.position(of: r.lowerBound)
+            guard i < released.count, index.bucket(at: i) == r else { return grads.release(r) }
             released[i] = true
             let granule = max(1, grads.releaseGranule)
             var lo = r.lowerBound
             let floor = lo / granule * granule
             var below = i - 1
             while lo > floor && below >= 0 && released[below] {
-                lo = max(floor, sortedBuckets[below].lowerBound)
+                lo = max(floor, index.bucket(at: below).lowerBound)
                 below -= 1
             }
             var hi = r.upperBound
             let ceiling = min(grads.count, (hi + granule - 1) / granule * granule)
             var above = i + 1
             while hi < ceiling && above < released.count && released[above] {
-                hi = min(ceiling, sortedBuckets[above].upperBound)
+                hi = min(ceiling, index.bucket(at: above).upperBound)
                 above += 1
             }
             grads.release(lo..<hi)
         }
-    }
-
-    /// The index of the range starting at `start` in `sorted` (ranges by start), or nil.
-    static func index(startingAt start: Int, in sorted: [Range<Int>]) -> Int? {
-        var lo = 0
-        var hi = sorted.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if sorted[mid].lowerBound < start { lo = mid + 1 } else { hi = mid }
-        }
-        return lo < sorted.count && sorted[lo].lowerBound == start ? lo : nil
     }
 
     /// Time spent in one step (or summed over steps in `total`).
@@ -123,8 +112,8 @@ public final class GradientSync {
     /// The buckets, in the order they are reduced: consecutive ranges of `bucketElements` from
     /// element 0 (the last one shorter), or packed in backward order (`packBuckets`).
     public let buckets: [Range<Int>]
-    /// Bucket indices by where they start, to find the buckets a range touches.
-    private let byStart: [Int]
+    /// The buckets by where they start, to find the buckets a range touches.
+    private let index: BucketIndex
     /// The mode in effect (overlapped may have fallen back to blocking, see `note`).
     public let mode: Mode
     /// Why the requested mode was changed, for the start-up log; nil if it was not.
@@ -217,7 +206,8 @@ public final class GradientSync {
         communicator: Communicator, count: Int, bucketElements size: Int, buckets: [Range<Int>],
         mode: Mode, shard: Shard? = nil
     ) throws {
-        let sorted = buckets.sorted { $0.lowerBound < $1.lowerBound }
+        let index = BucketIndex(buckets)
+        let sorted = index.byStart.map { buckets[$0] }  // address order
         precondition(
             sorted.first?.lowerBound ?? 0 == 0 && sorted.last?.upperBound ?? 0 == count
                 && zip(sorted, sorted.dropFirst()).allSatisfy { $0.upperBound == $1.lowerBound },
@@ -227,12 +217,12 @@ public final class GradientSync {
                 shard.slices.count == communicator.size && shard.rank == communicator.rank
                     && shard.slices.last?.upperBound == count, "ZeRO slices do not match the ranks and the buffer")
         }
-        shard?.useBuckets(sorted)
+        shard?.useBuckets(index)
         self.shard = shard
         self.count = count
         bucketElements = size
         self.buckets = buckets
-        byStart = buckets.indices.sorted { buckets[$0].lowerBound < buckets[$1].lowerBound }
+        self.index = index
         var mode = mode
         var note: String? = nil
         if mode == .overlapped && communicator.size == 1 {
@@ -286,15 +276,7 @@ public final class GradientSync {
         precondition(grads != nil, "markReady() outside begin()/finish()")
         precondition(range.lowerBound >= 0 && range.upperBound <= count, "range \(range) outside 0..<\(count)")
         if range.isEmpty { return }
-        // the first bucket (by start) ending after range.lowerBound, then on while they overlap
-        var lo = 0
-        var hi = byStart.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if buckets[byStart[mid]].upperBound <= range.lowerBound { lo = mid + 1 } else { hi = mid }
-        }
-        for b in byStart[lo...] {
-            if buckets[b].lowerBound >= range.upperBound { break }
+        for b in index.meeting(range) {
             let overlap = min(range.upperBound, buckets[b].upperBound) - max(range.lowerBound, buckets[b].lowerBound)
             precondition(remaining[b] >= overlap, "bucket \(b) marked ready twice (range \(range))")
             remaining[b] -= overlap

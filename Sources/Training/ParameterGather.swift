@@ -51,8 +51,8 @@ public final class ParameterGather {
 
     /// Per bucket, per rank: the trained part of that rank's slice inside the bucket.
     private let parts: [[Range<Int>]]
-    /// Bucket indices by where they start, to find the buckets a range meets.
-    private let byStart: [Int]
+    /// The buckets by where they start, to find the buckets a range meets.
+    private let index: BucketIndex
     private let communicator: Communicator
     private let thread: CommunicationThread?
     /// Overlapped: buckets known (by the calling thread) to have landed in this gather.
@@ -79,7 +79,7 @@ public final class ParameterGather {
         parts = buckets.map { b in
             slices.map { AdamW.clamp(AdamW.clamp(b, to: $0), to: trained) }
         }
-        byStart = buckets.indices.sorted { buckets[$0].lowerBound < buckets[$1].lowerBound }
+        index = BucketIndex(buckets)
         var mode = mode
         var note: String? = nil
         if mode == .overlapped && communicator.size == 1 {
@@ -156,19 +156,9 @@ public final class ParameterGather {
 
     /// The largest index (gathering order) of a bucket meeting the non-empty `range`.
     func lastBucket(meeting range: Range<Int>) -> Int {
-        // the first bucket (by start) ending after range.lowerBound, then on while they overlap
-        var lo = 0
-        var hi = byStart.count
-        while lo < hi {
-            let mid = (lo + hi) / 2
-            if buckets[byStart[mid]].upperBound <= range.lowerBound { lo = mid + 1 } else { hi = mid }
+        guard let last = index.meeting(range).max() else {
+            preconditionFailure("range \(range) outside the parameter buffer")
         }
-        var last = -1
-        for b in byStart[lo...] {
-            if buckets[b].lowerBound >= range.upperBound { break }
-            last = max(last, b)
-        }
-        precondition(last >= 0, "range \(range) outside the parameter buffer")
         return last
     }
 
