@@ -25,7 +25,8 @@ swift test -c release --skip-build 2>&1 | tee "$logs/swift-test.log" || swift_st
 if [ "$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo; then
   OPENBLAS_CORETYPE=Haswell swift test -c release --skip-build \
     --filter 'ResumeTests.testEvalOfACheckpoint|DistributedTrainingTests|MPITests|SamplerTests|ThreadTests|ThreadDeterminismTests' 2>&1 \
-    | tee "$logs/swift-test-haswell.log" | tail -3 || swift_status=$?
+    | tee "$logs/swift-test-haswell.log" | grep -E -A1 "^Test Suite '(All|Selected) tests' (passed|failed)" \
+    || swift_status=$?
 fi
 # The Python tests in two processes side by side, one per core of a 2-core machine (their time is mostly XLA
 # compiling, one thread each): the RAR and Open-MAGVIT2 reference files in one, every other file in the other
@@ -42,5 +43,10 @@ split_status=0
 wait $split_pid || split_status=$?
 cat "$logs/pytest-split.log" "$logs/pytest-other.log"
 [ "$split_status" -eq 0 ] && [ "$other_status" -eq 0 ] || python_status=1
+# What failed, last, where a CI log's tail shows it: each failing test's own lines, a crash, pytest's summary.
+if [ "$swift_status" -ne 0 ] || [ "$python_status" -ne 0 ]; then
+  echo "test.sh: what failed (full logs in $logs):"
+  grep -h -E "\.swift:[0-9]+: error: |' failed \(|Fatal error|Exited with|unexpected signal|^FAILED |^ERROR " "$logs"/*.log | head -60 || true
+fi
 echo "test.sh: swift tests exit status $swift_status, python tests exit status $python_status"
 [ "$swift_status" -eq 0 ] && [ "$python_status" -eq 0 ]
