@@ -54,7 +54,12 @@ final class ThreadTests: XCTestCase {
         }
         let counts = UnsafeMutablePointer<Int>.allocate(capacity: 64)
         defer { counts.deallocate() }
-        for _ in 0..<200 { ComputePool.shared.run(parts: 3) { _ in } }  // the workers are up
+        // the workers are up and have named themselves (each does on its first run: on a loaded machine that can
+        // take a while, so wait for it, up to 10 s, rather than assume a number of jobs is enough)
+        let waitUntil = DispatchTime.now().uptimeNanoseconds + 10_000_000_000
+        repeat {
+            for _ in 0..<200 { ComputePool.shared.run(parts: 3) { _ in } }
+        } while try threadCount() < 2 && DispatchTime.now().uptimeNanoseconds < waitUntil
         let before = try threadCount()
         XCTAssertGreaterThanOrEqual(before, 2, "the pool's 2 workers (beside the caller) are named compute-N")
         let t0 = DispatchTime.now().uptimeNanoseconds
