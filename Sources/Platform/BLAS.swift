@@ -9,7 +9,9 @@ import Foundation
 /// between 1 and 2 threads); a tile is a row or column range of C chosen from the shape alone, so
 /// every element is computed by one single-threaded call, with the same operations, at any
 /// thread count. Tiles are multiples of 64 rows or columns (the micro-kernels' unroll divides
-/// 64), and `KernelTests` checks that tiled results equal one call's, bit for bit.
+/// 64). Under SkylakeX kernels, whose bits do not depend on the tile (`ThreadTests` checks that
+/// tiled results equal one call's, bit for bit), the tiles are sized by the thread count instead
+/// (`tilesMatchOneCall`): fewer repacks, the same bits.
 public enum BLAS {
     /// C[m,n] = alpha * op(A) op(B) + beta * C, row-major. op(A) is [m,k], op(B) is [k,n].
     public static func sgemm(
@@ -18,7 +20,8 @@ public enum BLAS {
         beta: Float, _ c: UnsafeMutablePointer<Float>, ldc: Int
     ) {
         if m == 0 || n == 0 { return }
-        let tiling = Tiling(m: m, n: n, k: k)
+        let byThreads = tilesMatchOneCall && !shapeTilesOnly
+        let tiling = Tiling(m: m, n: n, k: k, threads: byThreads ? ComputePool.shared.threads : nil)
         if tiling.count == 1 {
             sgemmOneCall(
                 transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a, lda: lda, b, ldb: ldb,
@@ -42,22 +45,33 @@ public enum BLAS {
         }
     }
 
+    /// Whether this OpenBLAS kernel gives an element of C the same bits whichever rows and columns
+    /// of C a call covers (tiles of a multiple of 64): SkylakeX's, not Haswell's or Zen's, whose
+    /// rounding depends on the rows of the call (`ThreadTests` checks both). Then `sgemm` may size
+    /// its tiles by the thread count, one call on one thread, and the bits still do not change.
+    public static let tilesMatchOneCall = coreName.lowercased().hasPrefix("skylakex")
+    /// Tiles from the shape alone even where `tilesMatchOneCall` (the benchmark's comparison; the
+    /// bits are the same either way there).
+    nonisolated(unsafe) public static var shapeTilesOnly = false
+
     /// How `sgemm` splits C: along rows (each tile packs all of op(B)) or columns (each packs all
-    /// of op(A)), whichever repacks less; about 8 to 16 tiles of a multiple of 64; one tile below
-    /// 2^20 multiply-adds. A function of the shape alone.
+    /// of op(A)), whichever repacks less; tiles of a multiple of 64; one tile below 2^20
+    /// multiply-adds. With `threads` nil, a function of the shape alone: about 8 to 16 tiles (any
+    /// kernel). With `threads` (only where `tilesMatchOneCall`), one tile per thread: each tile
+    /// repacks the operand it does not split, so fewer tiles repack less (one call on one thread).
     public struct Tiling {
         public let rows: Bool
         public let extent, size, count: Int
-        public init(m: Int, n: Int, k: Int) {
-            if m * n * k < 1 << 20 {
+        public init(m: Int, n: Int, k: Int, threads: Int? = nil) {
+            if m * n * k < 1 << 20 || threads == 1 {
                 rows = true
                 extent = m
                 size = m
                 count = 1
                 return
             }
-            let rowSize = Tiling.tileSize(m)
-            let colSize = Tiling.tileSize(n)
+            let rowSize = Tiling.tileSize(m, threads: threads)
+            let colSize = Tiling.tileSize(n, threads: threads)
             let rowTiles = (m + rowSize - 1) / rowSize
             let colTiles = (n + colSize - 1) / colSize
             rows = rowTiles * n <= colTiles * m  // repacked floats / k: op(B) per row tile, op(A) per column tile
@@ -65,7 +79,11 @@ public enum BLAS {
             size = rows ? rowSize : colSize
             count = rows ? rowTiles : colTiles
         }
-        static func tileSize(_ extent: Int) -> Int { 64 * max(1, extent / (64 * 8)) }
+        static func tileSize(_ extent: Int, threads: Int?) -> Int {
+            guard let threads else { return 64 * max(1, extent / (64 * 8)) }
+            let blocks = (extent + 63) / 64
+            return 64 * ((blocks + threads - 1) / threads)
+        }
     }
 
     /// One cblas_sgemm call (OpenBLAS on one thread): `sgemm`'s tiles, and the peak measurement.

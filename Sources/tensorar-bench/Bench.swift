@@ -55,6 +55,12 @@ struct Bench: ParsableCommand {
         recompute == "both" ? [.none, .blocks] : ActivationRecompute(rawValue: recompute).map { [$0] } ?? []
     }
 
+    @Flag(
+        help: """
+            Also time each base model's training step with sgemm's tiles chosen from the shape alone (as \
+            under Haswell/Zen kernels), interleaved, where the kernel lets them follow the thread count.
+            """) var compareTiling = false
+
     func validate() throws {
         if recomputeSettings.isEmpty {
             throw ValidationError("--recompute must be one of none, blocks, both, got '\(recompute)'")
@@ -207,6 +213,11 @@ struct Bench: ParsableCommand {
                     cfg.pluginDepth = depth
                     timers.append((tag, try StepTimer(cfg, batch: b, noise: true, recompute: r)))
                 }
+                if compareTiling && BLAS.tilesMatchOneCall {
+                    let shapeTiled = try StepTimer(baseCfg, batch: b, noise: false, recompute: r)
+                    shapeTiled.shapeTilesOnly = true
+                    timers.append((tag + Bench.shapeTilesSuffix, shapeTiled))
+                }
             }
         }
         let best = interleave(timers.map { t in { s in t.1.step(s) } }, counts: counts)
@@ -295,6 +306,24 @@ struct Bench: ParsableCommand {
         printPluginRatios(rows, counts: counts)
         printBaseRatios(rows, counts: counts)
         printRecomputeRatios(rows, counts: counts)
+        printTilingRatios(rows, counts: counts)
+    }
+
+    static let shapeTilesSuffix = " shp"
+
+    /// `--compare-tiling`: each base's step with sgemm's tiles from the shape alone over its step
+    /// with tiles by the thread count, at each thread count.
+    func printTilingRatios(_ rows: [Row], counts: [Int]) {
+        for shape in rows where shape.label.hasSuffix(Bench.shapeTilesSuffix) {
+            let label = String(shape.label.dropLast(Bench.shapeTilesSuffix.count))
+            guard let byThreads = rows.first(where: { $0.label == label && $0.batch == shape.batch }) else { continue }
+            for (c, n) in counts.enumerated() {
+                print(
+                    String(
+                        format: "%@ batch %d, %d thread(s): sgemm tiles by the shape / by the thread count: %.3fx",
+                        label as NSString, shape.batch, n, shape.seconds[c] / byThreads.seconds[c]))
+            }
+        }
     }
 
     static let recomputeSuffix = " +rc"
@@ -363,6 +392,8 @@ struct Bench: ParsableCommand {
         let cfg: ModelConfig, model: Transformer, batch: Int, noise: Bool
         let tokens: [Int32], labels: [Int32]
         let noiser: TensorNoiser
+        /// `BLAS.shapeTilesOnly` during this timer's steps (`--compare-tiling`).
+        var shapeTilesOnly = false
         init(_ cfg: ModelConfig, batch: Int, noise: Bool, recompute: ActivationRecompute = .none) throws {
             self.cfg = cfg
             self.batch = batch
@@ -376,6 +407,8 @@ struct Bench: ParsableCommand {
             noiser = TensorNoiser(type: .replace, schedule: .sine, window: cfg.window, vocabSize: cfg.vocabSize)
         }
         func step(_ s: Int) {
+            BLAS.shapeTilesOnly = shapeTilesOnly
+            defer { BLAS.shapeTilesOnly = false }
             let T = cfg.seqLen
             var tensors = Windows.inputTensors(tokens: tokens, batch: batch, seqLen: T, window: cfg.window)
             if noise {

@@ -91,6 +91,9 @@ final class ThreadTests: XCTestCase {
             let tiling = BLAS.Tiling(m: m, n: n, k: k)
             XCTAssertGreaterThan(tiling.count, 1, "\(m) x \(n) x \(k) is tiled")
             tiledBothWays.insert(tiling.rows)
+            // where tilesMatchOneCall, sgemm tiles by the thread count: 2 tiles at 2 threads, one call at 1
+            XCTAssertEqual(BLAS.Tiling(m: m, n: n, k: k, threads: 2).count, 2, "\(m) x \(n) x \(k) at 2 threads")
+            XCTAssertEqual(BLAS.Tiling(m: m, n: n, k: k, threads: 1).count, 1, "\(m) x \(n) x \(k) at 1 thread")
             let a = (0..<(m * k)).map { _ in r.normal() }
             let b = (0..<(k * n)).map { _ in r.normal() }
             for (ta, tb) in [(false, true), (false, false), (true, false)] {
