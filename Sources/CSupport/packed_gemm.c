@@ -86,9 +86,21 @@ __attribute__((target("avx512f"))) void tar_sgemm_packed(
         for (size_t k0 = 0; k0 < k; k0 += TAR_DEPTH) {
             size_t kc = k - k0 < TAR_DEPTH ? k - k0 : TAR_DEPTH;
             int from_y = k0 > 0 || accumulate;
+            const float *pk = panel + k0 * TAR_PANEL;
+            // The packed weights two blocks ahead (the panels lie one after the other, so that is
+            // the next k blocks or the next panel's) are fetched into L2 while this block's row
+            // blocks run, a share before each, so that a block's first row block does not wait on
+            // memory: sampling streams every weight from memory once a step. 1.08-1.17x on sampling
+            // shapes with 300-450 MB of weights (README "Packed weights in sampling"). A prefetch
+            // changes no sum, and past the end of the weights it reads nothing (it never faults).
+            const char *ahead = (const char *)(pk + 2 * kc * TAR_PANEL);
+            size_t lines = kc * TAR_PANEL * sizeof(float) / 64;
+            size_t row_blocks = (m + TAR_ROWS - 1) / TAR_ROWS;
             for (size_t r = 0; r < m; r += TAR_ROWS) {
+                size_t rb = r / TAR_ROWS;
+                for (size_t line = rb * lines / row_blocks; line < (rb + 1) * lines / row_blocks; line++)
+                    _mm_prefetch(ahead + 64 * line, _MM_HINT_T1);
                 const float *xr = x + r * ldx + k0;
-                const float *pk = panel + k0 * TAR_PANEL;
                 float *yr = yp + r * ldy;
                 switch (m - r < TAR_ROWS ? m - r : TAR_ROWS) {
                 case 1: tar_tile_1(kc, xr, ldx, pk, yr, ldy, cols, from_y); break;
