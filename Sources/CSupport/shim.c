@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <unistd.h>
 
 int tar_cpu_has_avx512f(void) {
@@ -16,6 +17,8 @@ int tar_cpu_has_avx2(void) {
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     return (b >> 5) & 1;
 }
+
+void tar_name_this_thread(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 
 MPI_Comm tar_mpi_comm_world(void) { return MPI_COMM_WORLD; }
 MPI_Datatype tar_mpi_float(void) { return MPI_FLOAT; }

@@ -72,9 +72,11 @@ public final class ComputePool: @unchecked Sendable {
             let index = started
             let seen = ticket.load(ordering: .acquiring)
             let t = Thread { [unowned self] in
-                // named from inside: on Linux only the running thread's own name reaches the system
-                // (/proc, top, perf, gdb)
-                Thread.current.name = "compute-\(index)"
+                // named from inside, by the system call itself: Foundation's `Thread.current.name = ...`
+                // here reached the system (/proc, top, perf, gdb) only now and then on a loaded
+                // machine (it names the OS thread only once its Thread knows its pthread, which races
+                // with the start; ThreadTests saw a worker left unnamed)
+                tar_name_this_thread("compute-\(index)")
                 self.workerLoop(index: index, seen: seen)
             }
             t.stackSize = 8 << 20

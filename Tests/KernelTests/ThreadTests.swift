@@ -46,12 +46,12 @@ final class ThreadTests: XCTestCase {
         let saved = BLAS.threads
         defer { BLAS.threads = saved }
         BLAS.threads = 3
-        func threadCount() throws -> Int {
-            try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").filter { task in
-                let comm = (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8)) ?? ""
-                return comm.hasPrefix("compute-")
-            }.count
+        func threadNames() throws -> [String] {
+            try FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").map { task in
+                (try? String(contentsOfFile: "/proc/self/task/\(task)/comm", encoding: .utf8)) ?? ""
+            }
         }
+        func threadCount() throws -> Int { try threadNames().filter { $0.hasPrefix("compute-") }.count }
         let counts = UnsafeMutablePointer<Int>.allocate(capacity: 64)
         defer { counts.deallocate() }
         // the workers are up and have named themselves (each does on its first run: on a loaded machine that can
@@ -61,7 +61,9 @@ final class ThreadTests: XCTestCase {
             for _ in 0..<200 { ComputePool.shared.run(parts: 3) { _ in } }
         } while try threadCount() < 2 && DispatchTime.now().uptimeNanoseconds < waitUntil
         let before = try threadCount()
-        XCTAssertGreaterThanOrEqual(before, 2, "the pool's 2 workers (beside the caller) are named compute-N")
+        let names = try threadNames()
+        XCTAssertGreaterThanOrEqual(
+            before, 2, "the pool's 2 workers (beside the caller) are named compute-N; the process's threads: \(names)")
         let t0 = DispatchTime.now().uptimeNanoseconds
         for job in 0..<2000 {
             let parts = 1 + job % 64

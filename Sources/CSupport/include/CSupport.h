@@ -18,6 +18,8 @@ void openblas_set_num_threads(int);
 // CPU features, for choosing OPENBLAS_CORETYPE before the library is used.
 int tar_cpu_has_avx512f(void);
 int tar_cpu_has_avx2(void);
+// Names the calling thread (as /proc, top, perf and gdb show it; at most 15 characters are kept).
+void tar_name_this_thread(const char *name);
 
 // Whole pages from the OS (mmap), for buffers whose pages are handed back while they live
 // (ZeRO-2 gradients: each bucket's pages go back once its reduce-scatter is done).
