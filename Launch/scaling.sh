@@ -64,7 +64,8 @@ if [ "$DP" = 1 ]; then
 echo "Step time of rank 0 in seconds (mean over the steps after the first); load: the machine's 1-minute load"
 echo "average when the run started (other work on the machine slows every figure)."
 echo
-printf "| config | ranks | allreduce | compute | allreduce wait | wait %% | allreduce alone | data wait | optimizer | step | images/s | load |\n"
+printf "| config | ranks | allreduce | compute | allreduce wait | wait %% | allreduce alone | "
+printf "data wait | optimizer | step | images/s | load |\n"
 printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 # run NAME CONFIG-LABEL RANKS MODE [tensorar-train arguments...]
 run() {
@@ -74,20 +75,23 @@ run() {
   load=$(cut -d' ' -f1 /proc/loadavg)
   [ "$ranks" = 1 ] && mode="-"  # one rank: nothing to reduce
   if ! mpirun -n "$ranks" --bind-to none "$EXE" "$@" --set dist.overlap=$overlap --set data.val=null \
-        --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run="$name" --set checkpoint.resume=never --set checkpoint.every=0 >"$log" 2>&1; then
+        --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run="$name" --set checkpoint.resume=never \
+        --set checkpoint.every=0 >"$log" 2>&1; then
     echo "scaling: run $name failed, see $log" >&2; tail -5 "$log" >&2; exit 1
   fi
   python3 - "$log" "$label" "$ranks" "$mode" "$load" <<'EOF'
 import re, sys
 log, label, ranks, mode, load = sys.argv[1:]
 text = open(log).read()
-m = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s \(([\d.]+)%\), data wait ([\d.]+) s, optimizer ([\d.]+) s.*allreduce alone ([\d.]+) s", text)
+m = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s \(([\d.]+)%\), data wait ([\d.]+) s, "
+              r"optimizer ([\d.]+) s.*allreduce alone ([\d.]+) s", text)
 g = re.search(r"= global batch (\d+)", text)
 if not m or not g:
     sys.exit(f"scaling: no timing line in {log}")
 c, a, pct, d, o, alone = map(float, m.groups())
 step = c + a + d + o
-print(f"| {label} | {ranks} | {mode} | {c:.3f} | {a:.3f} | {pct:.1f} | {alone:.3f} | {d:.4f} | {o:.3f} | {step:.3f} | {int(g.group(1)) / step:.3g} | {load} |")
+print(f"| {label} | {ranks} | {mode} | {c:.3f} | {a:.3f} | {pct:.1f} | {alone:.3f} | {d:.4f} | {o:.3f} | "
+      f"{step:.3f} | {int(g.group(1)) / step:.3g} | {load} |")
 EOF
 }
 
@@ -108,7 +112,8 @@ fi
 if [ "$MEMORY" = 1 ]; then
   log="$OUT/b-memory.log"
   mpirun -n 1 --bind-to none "$EXE" Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" --set data.val=null \
-    --set model.init_from=null --set train.global_batch=8 --set train.micro_batch=8 --set train.steps=2 --set train.log_every=1 \
+    --set model.init_from=null --set train.global_batch=8 --set train.micro_batch=8 --set train.steps=2 \
+    --set train.log_every=1 \
     --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run=b-memory --set checkpoint.resume=never >"$log" 2>&1 \
     || { echo "scaling: memory run failed, see $log" >&2; exit 1; }
   echo
@@ -127,23 +132,27 @@ zero_row() {
     --set train.steps="$BSTEPS" --set train.log_every=1 --set dist.shard_optimizer="$zero" --set dist.overlap=false \
     --set train.recompute="$recompute" \
     --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run="zero-$ranks-$zero-$recompute" --set checkpoint.resume=never \
-    --set checkpoint.every=0 >"$log" 2>&1 || { echo "scaling: ZeRO run failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
+    --set checkpoint.every=0 >"$log" 2>&1 \
+    || { echo "scaling: ZeRO run failed, see $log" >&2; tail -5 "$log" >&2; exit 1; }
   python3 - "$log" "$ranks" "$zero" "$recompute" "$load" <<'EOF'
 import re, sys
 log, ranks, zero, recompute, load = sys.argv[1:]
 text = open(log).read()
 est = re.search(r"total ([\d.]+) MB \+ the runtime", text)
 peak = re.search(r"peak resident ([\d.]+) MB", text)
-t = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s .*data wait ([\d.]+) s, optimizer ([\d.]+) s", text)
+t = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s .*data wait ([\d.]+) s, "
+              r"optimizer ([\d.]+) s", text)
 g = re.search(r"parameter allgather ([\d.]+) s", text)
 if not (est and peak and t):
     sys.exit(f"scaling: no memory or timing line in {log}")
 c, a, d, o = map(float, t.groups())
 gather = float(g.group(1)) if g else 0.0
-print(f"| {ranks} | {zero} | {recompute} | {est.group(1)} | {peak.group(1)} | {c + a + d + o + gather:.2f} | {a:.3f} | {o:.3f} | {gather:.3f} | {load} |")
+print(f"| {ranks} | {zero} | {recompute} | {est.group(1)} | {peak.group(1)} | {c + a + d + o + gather:.2f} | "
+      f"{a:.3f} | {o:.3f} | {gather:.3f} | {load} |")
 EOF
 }
-ZERO_HEAD="| ranks | dist.shard_optimizer | train.recompute | estimate MB | measured peak MB | step s | reduce wait s | AdamW s | allgather s | load |"
+ZERO_HEAD="| ranks | dist.shard_optimizer | train.recompute | estimate MB | measured peak MB | step s | "
+ZERO_HEAD+="reduce wait s | AdamW s | allgather s | load |"
 
 if [ "$ZERO" = 1 ]; then
   echo
@@ -164,7 +173,8 @@ if [ "$RECOMPUTE" = 1 ]; then
   echo "|---|---|---|---|---|---|---|---|---|---|"
   for zero in none states states+grads; do zero_row 2 "$zero" blocks; done
   echo
-  echo "Step time with and without recompute, interleaved in one process (1 thread; load $(cut -d' ' -f1 /proc/loadavg)):"
+  echo "Step time with and without recompute, interleaved in one process" \
+    "(1 thread; load $(cut -d' ' -f1 /proc/loadavg)):"
   .build/release/tensorar-bench --presets B --batches 2 --window 4 --depth 2 --recompute both --threads 1 --steps 2 \
     | grep -E "recompute blocks"
 fi
@@ -186,7 +196,8 @@ zero_time_row() {
 import re, sys
 log, rnd, zero, gather, load = sys.argv[1:]
 text = open(log).read()
-t = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s .*data wait ([\d.]+) s, optimizer ([\d.]+) s", text)
+t = re.search(r"time per step: compute ([\d.]+) s, allreduce wait ([\d.]+) s .*data wait ([\d.]+) s, "
+              r"optimizer ([\d.]+) s", text)
 g = re.search(r"parameter allgather ([\d.]+) s", text)
 if not t:
     sys.exit(f"scaling: no timing line in {log}")
@@ -202,7 +213,8 @@ if [ "$ZEROTIME" = 1 ]; then
   echo "Step time with and without sharding, preset B k = 4, d = 2, micro-batch 1 per rank, 2 ranks, $ZSTEPS steps"
   echo "(rank 0, mean of the steps after the first; gather s: what the next forward waited for the allgather):"
   echo
-  echo "| round | dist.shard_optimizer | dist.overlap_gather | step s | compute s | reduce wait s | AdamW s | gather s | load |"
+  echo "| round | dist.shard_optimizer | dist.overlap_gather | step s |" \
+    "compute s | reduce wait s | AdamW s | gather s | load |"
   echo "|---|---|---|---|---|---|---|---|---|"
   rows="$OUT/zerotime-rows.md"
   : >"$rows"

@@ -23,8 +23,10 @@ swift test -c release --skip-build 2>&1 | tee "$logs/swift-test.log" || swift_st
 # supports), whose rounding depends on the split, so an Intel CI machine also checks what an AMD
 # one would see.
 if [ "$(uname -m)" = x86_64 ] && grep -qw avx2 /proc/cpuinfo; then
+  haswell_filter='ResumeTests.testEvalOfACheckpoint|DistributedTrainingTests|MPITests|SamplerTests'
+  haswell_filter="$haswell_filter|ThreadTests|ThreadDeterminismTests"
   OPENBLAS_CORETYPE=Haswell swift test -c release --skip-build \
-    --filter 'ResumeTests.testEvalOfACheckpoint|DistributedTrainingTests|MPITests|SamplerTests|ThreadTests|ThreadDeterminismTests' 2>&1 \
+    --filter "$haswell_filter" 2>&1 \
     | tee "$logs/swift-test-haswell.log" | grep -E -A1 "^Test Suite '(All|Selected) tests' (passed|failed)" \
     || swift_status=$?
 fi
@@ -46,7 +48,8 @@ cat "$logs/pytest-split.log" "$logs/pytest-other.log"
 # What failed, last, where a CI log's tail shows it: each failing test's own lines, a crash, pytest's summary.
 if [ "$swift_status" -ne 0 ] || [ "$python_status" -ne 0 ]; then
   echo "test.sh: what failed (full logs in $logs):"
-  grep -h -E "\.swift:[0-9]+: error: |' failed \(|Fatal error|Exited with|unexpected signal|^FAILED |^ERROR " "$logs"/*.log | head -60 || true
+  failed_lines="\.swift:[0-9]+: error: |' failed \(|Fatal error|Exited with|unexpected signal|^FAILED |^ERROR "
+  grep -h -E "$failed_lines" "$logs"/*.log | head -60 || true
 fi
 echo "test.sh: swift tests exit status $swift_status, python tests exit status $python_status"
 [ "$swift_status" -eq 0 ] && [ "$python_status" -eq 0 ]

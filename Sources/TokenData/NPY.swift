@@ -85,7 +85,8 @@ public func parseNPY(_ data: Data, path: String) throws -> NPYArray {
     for i in 0..<count {
         var u: UInt64 = 0
         for j in 0..<width { u |= UInt64(b[body + i * width + j]) << (8 * UInt64(j)) }
-        if signed && width < 8 && u >> (UInt64(width) * 8 - 1) & 1 == 1 { u |= ~0 << (UInt64(width) * 8) }  // sign-extend
+        // sign-extend
+        if signed && width < 8 && u >> (UInt64(width) * 8 - 1) & 1 == 1 { u |= ~0 << (UInt64(width) * 8) }
         values[i] = Int64(bitPattern: u)
     }
     return NPYArray(shape: shape, values: values)

@@ -556,7 +556,8 @@ public struct CheckpointStore {
         guard m.formatVersion == CheckpointManifest.currentFormatVersion else {
             throw InputError(
                 p,
-                "format_version \(m.formatVersion); this program reads version \(CheckpointManifest.currentFormatVersion)"
+                "format_version \(m.formatVersion); this program reads version "
+                    + "\(CheckpointManifest.currentFormatVersion)"
             )
         }
         return m
@@ -779,7 +780,8 @@ public struct CheckpointStore {
                 mp,
                 "the parameter table differs from this program's "
                     + (diff.map {
-                        "(first difference: checkpoint \($0.0.name) \($0.0.shape) at \($0.0.offset), program \($0.1.name) \($0.1.shape) at \($0.1.offset))"
+                        "(first difference: checkpoint \($0.0.name) \($0.0.shape) at \($0.0.offset), "
+                            + "program \($0.1.name) \($0.1.shape) at \($0.1.offset))"
                     }
                         ?? "(\(m.parameterCount) vs \(table.total) parameters)"))
         }

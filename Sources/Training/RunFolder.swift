@@ -105,8 +105,8 @@ extension CheckpointStore {
             runDirectory,
             "--fresh (checkpoint.resume: never): this run folder already holds "
                 + "\(existing.count) checkpoint(s) of another run, up to \((last.path as NSString).lastPathComponent); "
-                + "starting afresh here "
-                + "would mix the two runs. Use another run name (--set checkpoint.run=NAME), or move or remove this folder"
+                + "starting afresh here would mix the two runs. "
+                + "Use another run name (--set checkpoint.run=NAME), or move or remove this folder"
         )
     }
 }

@@ -304,7 +304,8 @@ public struct TrainConfig: Codable, Equatable {
         public var keepEvery: Int = 0  // also keep those whose step is a multiple of N; 0 = none
         public var dir: String = "Checkpoints"  // root folder of all runs
         public var run: String? = nil  // run name; default: the config file's name
-        public var resume: String = "auto"  // auto: newest complete checkpoint of the run, if any; never; or a checkpoint folder
+        // auto: newest complete checkpoint of the run, if any; never; or a checkpoint folder
+        public var resume: String = "auto"
         public var fallback: Bool = false  // if the newest checkpoint is damaged, resume from the one before
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
@@ -420,7 +421,8 @@ extension TrainConfig {
         guard let keys = knownKeys[section] else {
             throw InputError(
                 source,
-                "unknown key '\(section).\(key)': there is no section '\(section)'; sections are: \(sectionNames.joined(separator: ", "))"
+                "unknown key '\(section).\(key)': there is no section '\(section)'; "
+                    + "sections are: \(sectionNames.joined(separator: ", "))"
             )
         }
         guard keys.contains(key) else {
@@ -594,7 +596,8 @@ extension TrainConfig {
         atLeast("optim.warmup_base", o.warmupBase, 0)
         need(
             o.warmupPlugin < train.steps && o.warmupBase < train.steps || train.steps <= 0,
-            "optim: warm-up (\(o.warmupPlugin), \(o.warmupBase) steps) must be shorter than train.steps (\(train.steps))"
+            "optim: warm-up (\(o.warmupPlugin), \(o.warmupBase) steps) must be shorter than "
+                + "train.steps (\(train.steps))"
         )
         need(
             o.betas.count == 2 && o.betas.allSatisfy { $0 >= 0 && $0 < 1 },
@@ -623,11 +626,13 @@ extension TrainConfig {
             if t.globalBatch % perStep != 0 {
                 let fits = (1...t.globalBatch).filter { t.globalBatch % ($0 * worldSize) == 0 }
                 problems.append(
-                    "train.global_batch \(t.globalBatch) is not a multiple of train.micro_batch \(t.microBatch) x \(worldSize) rank(s) = \(perStep): "
+                    "train.global_batch \(t.globalBatch) is not a multiple of train.micro_batch \(t.microBatch) "
+                        + "x \(worldSize) rank(s) = \(perStep): "
                         + "gradient accumulation needs a whole number of micro-batches. "
                         + (fits.isEmpty
                             ? "No micro_batch works with \(worldSize) ranks: change global_batch or the rank count."
-                            : "micro_batch values that work with \(worldSize) rank(s): \(fits.map(String.init).joined(separator: ", "))")
+                            : "micro_batch values that work with \(worldSize) rank(s): "
+                                + fits.map(String.init).joined(separator: ", "))
                 )
             }
         }

@@ -215,7 +215,9 @@ public final class Trainer {
             {
                 throw InputError(
                     path,
-                    "its plug-in (window \(fileConfig.window), depth \(fileConfig.pluginDepth), residual \(fileConfig.residual)) does not match the config's (\(mc.window), \(mc.pluginDepth), \(mc.residual))"
+                    "its plug-in (window \(fileConfig.window), depth \(fileConfig.pluginDepth), "
+                        + "residual \(fileConfig.residual)) does not match the config's "
+                        + "(\(mc.window), \(mc.pluginDepth), \(mc.residual))"
                 )
             }
         }

@@ -35,7 +35,8 @@ struct Sample: ParsableCommand {
     @Option(
         help: """
             Model shape for a .safetensors without tensorar.config metadata: \
-            \(ModelConfig.presetNames.joined(separator: ", ")) (with --vocab-size, --num-classes, --grid-size or --data).
+            \(ModelConfig.presetNames.joined(separator: ", ")) \
+            (with --vocab-size, --num-classes, --grid-size or --data).
             """) var preset: String?
     @Option(help: "Codebook size V: the preset's, or an error when the weights have another.") var vocabSize: Int?
     @Option(help: "Number of classes C: the preset's, or an error when the weights have another.") var numClasses: Int?
@@ -399,7 +400,8 @@ struct Sample: ParsableCommand {
             try f.setAttribute(
                 "sampling",
                 string: String(
-                    data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]), encoding: .utf8)!
+                    data: try JSONSerialization.data(withJSONObject: sampling, options: [.sortedKeys]),
+                    encoding: .utf8)!
             )
             try f.flush()
         }

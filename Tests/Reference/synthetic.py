@@ -52,7 +52,8 @@ def write_cache(folder: str, tokens: np.ndarray, labels: np.ndarray, codebook_se
     rng = np.random.default_rng(codebook_seed + 99)
     with h5py.File(os.path.join(folder, "codebook.h5"), "w") as h:
         h.create_dataset("codebook", data=rng.random((V, PATCH * PATCH)).astype(np.float32))
-        for k, v in {"patch_size": PATCH, "image_h": GRID * PATCH, "image_w": GRID * PATCH, "channels": 1, "vocab_size": V}.items():
+        for k, v in {"patch_size": PATCH, "image_h": GRID * PATCH, "image_w": GRID * PATCH, "channels": 1,
+                     "vocab_size": V}.items():
             h.attrs[k] = np.int64(v)
 
 
@@ -69,7 +70,8 @@ def ffn_hidden(dim: int) -> int:
     return (2 * 4 * dim // 3 + 255) // 256 * 256
 
 
-def write_model(path: str, window: int = 2, depth: int = 1, dim: int = 16, layers: int = 2, heads: int = 2, seed: int = 0):
+def write_model(path: str, window: int = 2, depth: int = 1, dim: int = 16, layers: int = 2, heads: int = 2,
+                seed: int = 0):
     """Random weights with the SPEC section 2-3 names and tensorar.config metadata."""
     rng = np.random.default_rng(seed)
     F = ffn_hidden(dim)
@@ -88,7 +90,8 @@ def write_model(path: str, window: int = 2, depth: int = 1, dim: int = 16, layer
             f"{prefix}.feed_forward.w2.weight": normal(dim, F),
         }
 
-    t = {"cls_embedding.embedding_table.weight": normal(C + 1, dim, std=1.0), "tok_embeddings.weight": normal(V, dim, std=1.0)}
+    t = {"cls_embedding.embedding_table.weight": normal(C + 1, dim, std=1.0),
+         "tok_embeddings.weight": normal(V, dim, std=1.0)}
     for l in range(layers):
         t.update(block(f"layers.{l}"))
     t["norm.weight"] = np.ones(dim, np.float32)
@@ -107,7 +110,8 @@ def write_model(path: str, window: int = 2, depth: int = 1, dim: int = 16, layer
         t["tensorar.decoder.norm.weight"] = np.ones(dim, np.float32)
         t["tensorar.decoder.proj.weight"] = normal(dim, dim)
     cfg = {"vocab_size": V, "num_classes": C, "grid_size": GRID, "dim": dim, "n_layer": layers, "n_head": heads,
-           "ffn_hidden": F, "norm_eps": 1e-5, "rope_base": 10000.0, "window": window, "plugin_depth": depth, "residual": True}
+           "ffn_hidden": F, "norm_eps": 1e-5, "rope_base": 10000.0, "window": window, "plugin_depth": depth,
+           "residual": True}
     safetensors_io.write(path, t, {"tensorar.config": json.dumps(cfg)})
     return path
 

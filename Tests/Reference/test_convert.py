@@ -67,7 +67,8 @@ def test_ddp_checkpoint_with_prefix_optimizer_args(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "module.freqs_cis" in r.stdout          # dropped and reported
     t, meta = safetensors_io.read(str(out))
-    assert list(t) == [n for n, _ in C.base_table(dict(vocab_size=32, num_classes=5, dim=32, n_layer=2, ffn_hidden=256))]
+    assert list(t) == [n for n, _ in C.base_table(dict(vocab_size=32, num_classes=5, dim=32, n_layer=2,
+                                                        ffn_hidden=256))]
     for n, a in arrays.items():
         assert t[n].dtype == np.float32
         np.testing.assert_array_equal(t[n], a)

@@ -116,7 +116,8 @@ def test_codebook_decode_layout(data):
 
 def test_evaluate_end_to_end(data, tmp_path):
     for name in ["tensorar-sample", "tensorar-eval"]:
-        assert os.path.exists(os.path.join(BIN, name)), f"build the release programs first: swift build -c release ({name})"
+        assert os.path.exists(os.path.join(BIN, name)), (
+            f"build the release programs first: swift build -c release ({name})")
     weights = synthetic.write_model(str(tmp_path / "model.safetensors"), window=3, depth=1)
     metrics = tmp_path / "metrics.jsonl"
     with open(metrics, "w") as f:

@@ -24,7 +24,8 @@ sys.path.insert(0, HERE)
 import synthetic  # noqa: E402
 
 SAMPLE = os.path.join(ROOT, ".build", "release", "tensorar-sample")
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+           "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 
 
 def run(args, ranks=None, check=True):

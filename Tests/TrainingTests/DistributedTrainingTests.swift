@@ -353,7 +353,8 @@ final class DistributedTrainingTests: XCTestCase {
         XCTAssertTrue(r.output.contains("step skipped (2 in a row)"), r.output)
         XCTAssertTrue(
             r.output.contains(
-                "error: step 4: 3 steps in a row had a non-finite loss or gradient (train.max_skipped_steps is 2): stopping"
+                "error: step 4: 3 steps in a row had a non-finite loss or gradient "
+                    + "(train.max_skipped_steps is 2): stopping"
             ), r.output)
         XCTAssertEqual(
             r.output.components(separatedBy: "steps in a row had a non-finite").count - 1, 1,
@@ -412,8 +413,9 @@ struct MPIRunHarness {
         try writeTinyCache(folder + "/cache")
     }
 
-    /// A 4-step run of a tiny model (D 32, 2 layers, k 3 (so input tensors have pad entries), d 1) on `ranks` ranks, global batch 16
-    /// of micro-batches of 4; dropout 0.1 and label drop 0.2 on; small buckets (many of them).
+    /// A 4-step run of a tiny model (D 32, 2 layers, k 3 (so input tensors have pad entries), d 1)
+    /// on `ranks` ranks, global batch 16 of micro-batches of 4; dropout 0.1 and label drop 0.2 on;
+    /// small buckets (many of them).
     /// `reportEachRank` wraps every rank in a shell that prints "rank R exit S" when it ends, and
     /// keeps mpirun from ending the other ranks when one exits non-zero (so each rank's own exit
     /// shows; mpirun itself then exits 0).
@@ -472,13 +474,15 @@ func releaseExecutable(_ name: String, file: StaticString = #filePath, line: UIn
     let fm = FileManager.default
     guard fm.isExecutableFile(atPath: path) else {
         XCTFail(
-            "\(path) is missing: these tests run the release build under mpirun. Run `swift build -c release` first (Launch/test.sh does).",
+            "\(path) is missing: these tests run the release build under mpirun. "
+                + "Run `swift build -c release` first (Launch/test.sh does).",
             file: file, line: line)
         throw InputError(path, "missing")
     }
     if let rel = try sourceNewer(than: path, program: name) {
         XCTFail(
-            "\(path) is older than Sources/\(rel): rebuild with `swift build -c release` (Launch/test.sh does) so the tests run the current code.",
+            "\(path) is older than Sources/\(rel): rebuild with `swift build -c release` (Launch/test.sh does) "
+                + "so the tests run the current code.",
             file: file, line: line)
         throw InputError(path, "stale")
     }

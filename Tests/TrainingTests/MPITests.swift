@@ -152,7 +152,8 @@ extension MPITests {
                             let sum = (0..<W).reduce(Float(0)) { $0 + value($1, i) }
                             if g[i] != sum * s {
                                 XCTFail(
-                                    "rank \(r) \(mode) count \(count) bucket \(bucket) step \(step): [\(i)] = \(g[i]), expected \(sum * s)"
+                                    "rank \(r) \(mode) count \(count) bucket \(bucket) step \(step): "
+                                        + "[\(i)] = \(g[i]), expected \(sum * s)"
                                 )
                                 break
                             }

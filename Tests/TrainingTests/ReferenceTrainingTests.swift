@@ -111,8 +111,8 @@ final class DataModelMatchTests: XCTestCase {
         let info = try JSONDecoder().decode(
             CacheInfo.self,
             from: Data(
-                #"{"format_version":1,"vocab_size":16,"grid_h":2,"grid_w":3,"num_classes":3,"augmentations":1,"num_samples":0,"shards":[]}"#
-                    .utf8))
+                (#"{"format_version":1,"vocab_size":16,"grid_h":2,"grid_w":3,"num_classes":3,"#
+                    + #""augmentations":1,"num_samples":0,"shards":[]}"#).utf8))
         let c = ModelConfig(vocabSize: 16, numClasses: 3, gridSize: 2, dim: 8, nLayer: 1, nHead: 2)
         XCTAssertThrowsError(try checkDataMatchesModel(info, c, cachePath: "/data/x")) { e in
             XCTAssertEqual((e as? InputError)?.file, "/data/x")

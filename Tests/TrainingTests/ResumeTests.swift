@@ -484,7 +484,8 @@ extension ResumeTests {
         guard fm.isExecutableFile(atPath: path) else {
             throw InputError(
                 path,
-                "missing: these tests run the release binaries; build them first with `swift build -c release` (Launch/test.sh does)"
+                "missing: these tests run the release binaries; build them first with "
+                    + "`swift build -c release` (Launch/test.sh does)"
             )
         }
         if let newer = try sourceNewer(than: path, program: name) {
