@@ -52,7 +52,8 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
 CLASSIFIER_VERSION = 1
 
 
@@ -330,11 +331,13 @@ def binary(bin_dir: str, name: str) -> str:
 def run_program(cmd: list, ranks: int = 1, capture: bool = False) -> str:
     env = dict(os.environ)
     if ranks > 1:
-        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1"})
+        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                    "OMPI_MCA_rmaps_base_oversubscribe": "1"})
         cmd = ["mpirun", "-n", str(ranks)] + cmd
     r = subprocess.run(cmd, env=env, stdout=subprocess.PIPE if capture else None, stderr=subprocess.PIPE, text=True)
     if r.returncode != 0:
-        raise EvalError(f"{os.path.basename(cmd[0]) if ranks == 1 else 'mpirun'}: exited with {r.returncode}:\n{r.stderr.strip()}")
+        raise EvalError(f"{os.path.basename(cmd[0]) if ranks == 1 else 'mpirun'}: exited with {r.returncode}:\n"
+                        f"{r.stderr.strip()}")
     return r.stdout if capture else ""
 
 
@@ -351,7 +354,8 @@ def read_samples(path: str):
         if missing:
             raise EvalError(f"{path}: not a tensorar-sample output: no dataset {', '.join(missing)}")
         out = {k: np.asarray(h[k], dtype=np.int64) for k in ["tokens", "labels", "trajectories"]}
-        out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)) for k, v in h.attrs.items()}
+        out["attrs"] = {k: (v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v))
+                        for k, v in h.attrs.items()}
     return out
 
 
@@ -425,7 +429,8 @@ def plot_samples(path: str, images: np.ndarray, labels: np.ndarray, classes, nam
     h, w, _ = images[0].shape
     fig, axes = plt.subplots(len(classes), 1, figsize=(columns * 0.75 + 1.6, len(classes) * 0.78 + 0.5), squeeze=False)
     for ax, c, row in zip(axes[:, 0], classes, rows):
-        show(ax, to_grid([r if r is not None else np.ones((h, w, images.shape[-1]), np.float32) for r in row], 1, columns))
+        show(ax, to_grid([r if r is not None else np.ones((h, w, images.shape[-1]), np.float32) for r in row],
+                         1, columns))
         ax.set_xticks([]); ax.set_yticks([])
         ax.set_ylabel(names[c], rotation=0, ha="right", va="center", fontsize=9)
     fig.suptitle("samples, one row per class", fontsize=10)
@@ -469,7 +474,8 @@ def plot_trajectories(path: str, samples: dict, codebook: Codebook, classes, nam
             show(ax, ims[s])
             ax.set_xticks([]); ax.set_yticks([])
             if col == 0:
-                ax.set_ylabel(f"slot {s}" + (" (final)" if s == 0 else f"\n{s} step{'s' if s > 1 else ''} ahead"), fontsize=8)
+                ax.set_ylabel(f"slot {s}" + (" (final)" if s == 0 else f"\n{s} step{'s' if s > 1 else ''} ahead"),
+                              fontsize=8)
             if row == 0:
                 ax.set_title(names[int(labels[i])], fontsize=8)
             if s > 0:
@@ -505,9 +511,11 @@ def plot_losses(path: str, metrics_path: str):
     if train:
         a.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", color="C0")
     if val:
-        a.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (training noise)", color="C1")
+        a.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val loss (training noise)",
+               color="C1")
         if "val_loss_clean" in val[0]:
-            a.plot([r["step"] for r in val], [r["val_loss_clean"] for r in val], "s--", label="val loss (clean inputs)", color="C2")
+            a.plot([r["step"] for r in val], [r["val_loss_clean"] for r in val], "s--", label="val loss (clean inputs)",
+                   color="C2")
     a.set_xlabel("step"); a.set_ylabel("cross entropy (nats)"); a.set_title("loss"); a.legend(); a.grid(alpha=0.3)
     if train and "slot_losses" in train[0]:
         k = len(train[0]["slot_losses"])
@@ -515,15 +523,21 @@ def plot_losses(path: str, metrics_path: str):
         k = len(val[0]["val_slot_losses"]) if val and "val_slot_losses" in val[0] else 0
     for j in range(k):
         if train and "slot_losses" in train[0]:
-            b.plot([r["step"] for r in train], [r["slot_losses"][j] for r in train], color=f"C{j}", label=f"slot {j} train")
+            b.plot([r["step"] for r in train], [r["slot_losses"][j] for r in train], color=f"C{j}",
+                   label=f"slot {j} train")
         if val and "val_slot_losses" in val[0]:
-            b.plot([r["step"] for r in val], [r["val_slot_losses"][j] for r in val], "o--", color=f"C{j}", label=f"slot {j} val")
-    b.set_xlabel("step"); b.set_title("per slot (slot j predicts x_{p+j})"); b.legend(fontsize=7, ncol=2); b.grid(alpha=0.3)
+            b.plot([r["step"] for r in val], [r["val_slot_losses"][j] for r in val], "o--", color=f"C{j}",
+                   label=f"slot {j} val")
+    b.set_xlabel("step")
+    b.set_title("per slot (slot j predicts x_{p+j})")
+    b.legend(fontsize=7, ncol=2)
+    b.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"train_records": len(train), "val_records": len(val), "earlier_runs_skipped": restarts,
-            "final_train_loss": train[-1]["loss"] if train else None, "final_val_loss": val[-1]["val_loss"] if val else None}
+            "final_train_loss": train[-1]["loss"] if train else None,
+            "final_val_loss": val[-1]["val_loss"] if val else None}
 
 
 # ----------------------------------------------------------------------------- main
@@ -600,7 +614,8 @@ def main(argv=None) -> dict:
     os.makedirs(a.out, exist_ok=True)
     codebook = Codebook(os.path.join(train_dir, "codebook.h5"))
     clf_path = a.classifier or os.path.join(train_dir, "reference-classifier.npz")
-    ref = load_or_train_reference(train_dir, codebook, clf_path, seed=a.classifier_seed, epochs=a.classifier_epochs, limit=a.train_limit)
+    ref = load_or_train_reference(train_dir, codebook, clf_path, seed=a.classifier_seed, epochs=a.classifier_epochs,
+                                  limit=a.train_limit)
 
     # 1. samples
     samples_path = a.samples or os.path.join(a.out, "samples.h5")
@@ -657,7 +672,8 @@ def main(argv=None) -> dict:
             if "loss_parts" in r:  # Open-MAGVIT2: loss = CE(pre) + CE(post), SPEC section 8
                 val_loss[noise]["loss_parts"] = r["loss_parts"]
             if noise == "train":
-                val_loss[noise]["noise"] = {"type": noise_cfg.get("type", "replace"), "schedule": noise_cfg.get("schedule", "sine"),
+                val_loss[noise]["noise"] = {"type": noise_cfg.get("type", "replace"),
+                                            "schedule": noise_cfg.get("schedule", "sine"),
                                             "seed": int(noise_cfg.get("seed", 0))}
             log(f"  val loss ({'training noise' if noise == 'train' else 'clean inputs'}): {r['loss']:.4f}, per slot "
                 + ", ".join(f"{x:.4f}" for x in r["slot_losses"]))
@@ -690,7 +706,8 @@ def main(argv=None) -> dict:
         "images": {"n": int(N), "classes": classes, "height": codebook.height, "width": codebook.width},
         "metrics": results,
         "metric_notes": "features: penultimate layer (128) of the reference MLP trained on decoded training images; "
-                        "FID against all training images; precision/recall k=3 against an equal-size seeded subset of them",
+                        "FID against all training images; precision/recall k=3 against an equal-size seeded subset "
+                        "of them",
         "reference_classifier": {"path": clf_path, "epochs": a.classifier_epochs, "seed": a.classifier_seed},
         "val_loss": val_loss,
         "refinement": {"slot_agrees_with_final": agreement,
