@@ -172,10 +172,10 @@ public final class Sampler {
         if n == 0 { return SampleResult(tokens: tokens, trajectories: traj, labels: labels) }
         prepare(n: n, NB: NB)
 
-        // the weights packed once for this call's steps, or for the sampler's life (PackedWeightCache)
-        let packed = keepsPackedWeights ? (packedWeights ?? PackedWeightCache(params: m.params)) : nil
-        packedWeights = packed
-        PackedWeightCache.using(packed ?? PackedWeightCache(params: m.params)) {
+        // the weights packed once for this call's steps, or kept for the sampler's life (PackedWeightCache)
+        let cache = (keepsPackedWeights ? packedWeights : nil) ?? PackedWeightCache(params: m.params)
+        packedWeights = keepsPackedWeights ? cache : nil
+        PackedWeightCache.using(cache) {
             samplePositions(
                 min(T, steps ?? T), labels: labels, sampleIds: sampleIds, options: o, NB: NB, tokens: &tokens,
                 trajectories: &traj, inputs: &prev, onStep: onStep)

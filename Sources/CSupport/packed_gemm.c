@@ -8,7 +8,7 @@
 #include "CSupport.h"
 #include <immintrin.h>
 
-#define TAR_PANEL 64
+#define TAR_PANEL TAR_PACKED_PANEL
 #define TAR_ROWS 6
 #define TAR_DEPTH 128
 
@@ -76,6 +76,7 @@ TAR_TILE(6)
 __attribute__((target("avx512f"))) void tar_sgemm_packed(
     size_t m, size_t n, size_t k, const float *x, size_t ldx, const float *packed, float *y, size_t ldy,
     int accumulate, size_t first_panel, size_t end_panel) {
+    size_t row_blocks = (m + TAR_ROWS - 1) / TAR_ROWS;
     for (size_t p = first_panel; p < end_panel; p++) {
         const float *panel = packed + p * TAR_PANEL * k;
         int cols = (int)(n - p * TAR_PANEL < TAR_PANEL ? n - p * TAR_PANEL : TAR_PANEL);
@@ -92,10 +93,9 @@ __attribute__((target("avx512f"))) void tar_sgemm_packed(
             // blocks run, a share before each, so that a block's first row block does not wait on
             // memory: sampling streams every weight from memory once a step. 1.08-1.17x on sampling
             // shapes with 300-450 MB of weights (README "Packed weights in sampling"). A prefetch
-            // changes no sum, and past the end of the weights it reads nothing (it never faults).
+            // changes no sum, and past this call's panels it only warms other memory (it never faults).
             const char *ahead = (const char *)(pk + 2 * kc * TAR_PANEL);
             size_t lines = kc * TAR_PANEL * sizeof(float) / 64;
-            size_t row_blocks = (m + TAR_ROWS - 1) / TAR_ROWS;
             for (size_t r = 0; r < m; r += TAR_ROWS) {
                 size_t rb = r / TAR_ROWS;
                 for (size_t line = rb * lines / row_blocks; line < (rb + 1) * lines / row_blocks; line++)

@@ -10,6 +10,9 @@ public final class PackedWeights {
     public let n, k: Int
     private let data: UnsafeMutablePointer<Float>
     private let floats: Int
+    /// Panels of `panel` output columns.
+    private let panels: Int
+    private static let panel = Int(TAR_PACKED_PANEL)
 
     /// Whether this CPU runs the packed kernel (AVX-512F).
     public static let available = tar_cpu_has_avx512f() != 0
@@ -22,13 +25,15 @@ public final class PackedWeights {
         floats = Int(tar_packed_floats(n, k))
         data = UnsafeMutableRawPointer.allocate(byteCount: floats * 4, alignment: 64)
             .bindMemory(to: Float.self, capacity: floats)
-        let panels = Int(tar_packed_panels(n))
+        panels = Int(tar_packed_panels(n))
         // pack the panels over the pool too (each panel is written by one part)
         let parts = min(panels, 64)
+        let width = PackedWeights.panel
         ComputePool.shared.run(parts: parts) { part in
-            let lo = part * panels / parts
-            let hi = (part + 1) * panels / parts
-            tar_pack_weights(w + lo * 64 * k, min(n - lo * 64, (hi - lo) * 64), k, k, self.data + lo * 64 * k)
+            let lo = part * self.panels / parts
+            let hi = (part + 1) * self.panels / parts
+            let columns = min(n - lo * width, (hi - lo) * width)
+            tar_pack_weights(w + lo * width * k, columns, k, k, self.data + lo * width * k)
         }
     }
 
@@ -44,7 +49,6 @@ public final class PackedWeights {
         accumulate: Bool
     ) {
         if m == 0 { return }
-        let panels = Int(tar_packed_panels(n))
         let parts = m * n * k < 1 << 20 ? 1 : min(panels, 8 * ComputePool.shared.threads)
         ComputePool.shared.run(parts: parts) { part in
             tar_sgemm_packed(

@@ -5,8 +5,6 @@ import CSupport
 public enum Pages {
     /// The OS page size in bytes.
     public static let size = Int(tar_page_size())
-    /// The transparent huge page size in bytes (2 MB on x86), 0 when the kernel has them off.
-    public static let hugeSize = Int(tar_huge_page_size())
     /// Zeroed pages for `bytes` bytes, or nil when the OS refuses, with the unit `release` hands back
     /// in bytes: a transparent huge page (2 MB on x86) when the buffer holds one and the kernel allows
     /// them (and `hugePages`), else `size`. First writes then fault a huge page at a time (shim.c says why).
@@ -15,6 +13,11 @@ public enum Pages {
         var granule = 0
         guard let p = tar_pages_alloc(bytes, hugePages ? 1 : 0, &granule) else { return nil }
         return (p, granule)
+    }
+    /// The unit `allocate` hands back for a buffer of `bytes` when the kernel takes MADV_HUGEPAGE (the
+    /// memory estimate's; `allocate` returns the one it got).
+    public static func granule(bytes: Int, hugePages: Bool = true) -> Int {
+        Int(tar_pages_granule(bytes, hugePages ? 1 : 0))
     }
     public static func free(_ p: UnsafeMutableRawPointer, bytes: Int) { tar_pages_free(p, bytes) }
     /// Gives back the whole granules inside [p, p + bytes) (not the partial ones at either end):

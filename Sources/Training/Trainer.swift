@@ -475,7 +475,8 @@ extension Trainer.MemoryBreakdown {
             let largestRange = Transformer.gradientReadyOrder(model).map(\.count).max() ?? 0
             // plus a partial huge page at each end of the written window (FlatBuffer.release), when
             // the buffer is large enough to get them
-            let granule = Pages.hugeSize > 0 && total * 4 >= Pages.hugeSize ? Pages.hugeSize / 4 : 0
+            let pages = Pages.granule(bytes: total * 4)
+            let granule = pages > Pages.size ? pages / 4 : 0
             let inFlight = min(total, largestRange + 2 * bucket + 2 * granule)
             m.gradients = (owned + inFlight) * 4
             m.moments = 2 * min(owned, trained) * 4

@@ -316,7 +316,8 @@ struct Bench: ParsableCommand {
     func printTilingRatios(_ rows: [Row], counts: [Int]) {
         for shape in rows where shape.label.hasSuffix(Bench.shapeTilesSuffix) {
             let label = String(shape.label.dropLast(Bench.shapeTilesSuffix.count))
-            guard let byThreads = rows.first(where: { $0.label == label && $0.batch == shape.batch }) else { continue }
+            let base = rows.first { $0.label == label && $0.batch == shape.batch && !$0.config.hasPlugin }
+            guard let byThreads = base else { continue }
             for (c, n) in counts.enumerated() {
                 print(
                     String(

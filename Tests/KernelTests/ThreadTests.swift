@@ -54,8 +54,8 @@ final class ThreadTests: XCTestCase {
         func threadCount() throws -> Int { try threadNames().filter { $0.hasPrefix("compute-") }.count }
         let counts = UnsafeMutablePointer<Int>.allocate(capacity: 64)
         defer { counts.deallocate() }
-        // the workers are up and have named themselves (each does on its first run: on a loaded machine that can
-        // take a while, so wait for it, up to 10 s, rather than assume a number of jobs is enough)
+        // the workers are up and have named themselves (each does as its thread starts: on a loaded machine that
+        // can take a while, so wait for it, up to 10 s, rather than assume a number of jobs is enough)
         let waitUntil = DispatchTime.now().uptimeNanoseconds + 10_000_000_000
         repeat {
             for _ in 0..<200 { ComputePool.shared.run(parts: 3) { _ in } }

@@ -24,10 +24,11 @@ void tar_name_this_thread(const char *name);
 // Whole pages from the OS (mmap), for buffers whose pages are handed back while they live
 // (ZeRO-2 gradients: each bucket's pages go back once its reduce-scatter is done).
 size_t tar_page_size(void);
-/// The transparent huge page size, 0 when the kernel has them off (read once).
-size_t tar_huge_page_size(void);
-/// Zeroed pages for `bytes`; *granule: the unit `tar_pages_release` hands back (the transparent huge
-/// page size when allow_huge, the buffer is at least one huge page and the kernel allows them, else the page size).
+/// The unit `tar_pages_alloc` hands pages back in for a buffer of `bytes`: the transparent huge page size
+/// when allow_huge, the buffer is at least one huge page and the kernel allows them, else the page size.
+size_t tar_pages_granule(size_t bytes, int allow_huge);
+/// Zeroed pages for `bytes`; *granule: the unit `tar_pages_release` hands back (`tar_pages_granule`'s,
+/// or the page size when the kernel refuses MADV_HUGEPAGE).
 void *tar_pages_alloc(size_t bytes, int allow_huge, size_t *granule);
 void tar_pages_free(void *p, size_t bytes);
 /// Hands back the whole granules inside [p, p + bytes): they read as zeros when touched again.
@@ -37,6 +38,8 @@ size_t tar_pages_resident(void *p, size_t bytes);
 
 // Weights packed once for products with few rows (packed_gemm.c): y (m, n) = x (m, k) W^T (+ y),
 // W (n, k) row-major with leading dimension ldw. AVX-512 only (check tar_cpu_has_avx512f first).
+// Output columns per packed panel.
+#define TAR_PACKED_PANEL 64
 size_t tar_packed_floats(size_t n, size_t k);
 size_t tar_packed_panels(size_t n);
 void tar_pack_weights(const float *w, size_t n, size_t k, size_t ldw, float *packed);
