@@ -20,6 +20,10 @@ int tar_cpu_has_avx2(void) {
 
 void tar_name_this_thread(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
 
+static _Thread_local int tar_in_part;
+int tar_thread_in_part(void) { return tar_in_part; }
+void tar_set_thread_in_part(int in_part) { tar_in_part = in_part; }
+
 MPI_Comm tar_mpi_comm_world(void) { return MPI_COMM_WORLD; }
 MPI_Datatype tar_mpi_float(void) { return MPI_FLOAT; }
 MPI_Datatype tar_mpi_double(void) { return MPI_DOUBLE; }

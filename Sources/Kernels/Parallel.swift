@@ -1,3 +1,4 @@
+import Foundation
 import Platform
 
 // How the kernels use the rank's threads (`ComputePool`, sized by `dist.threads_per_rank`). A
@@ -18,7 +19,7 @@ let partsPerThread = 4
 /// The parts for `n` items of about `cost` floats (or multiply-adds) each: 1 when the work is small.
 @inline(__always)
 func partCount(_ n: Int, cost: Int) -> Int {
-    let threads = ComputePool.shared.threads
+    let threads = ComputePool.shared.threadsHere
     if threads == 1 || n < 2 { return 1 }
     let byWork = max(1, n * max(cost, 1) / kernelSerialWork)
     return min(n, byWork, threads * partsPerThread)
@@ -61,25 +62,35 @@ public func parallelParts(_ n: Int, cost: Int, _ body: (Range<Int>, Int) -> Void
 
 /// The most parts `parallelParts` makes: the scratch to reserve before a job.
 @inline(__always)
-public func maxParts() -> Int { ComputePool.shared.threads * partsPerThread }
+public func maxParts() -> Int { ComputePool.shared.threadsHere * partsPerThread }
 
 /// Scratch floats for each part of a job, grown (never shrunk) by the serial code before the job,
-/// so that the parts only read their own pointer. Not counted in `FlatBuffer.liveBytes`: a few
-/// (S, S) blocks, not activations.
-final class PartScratch {
-    private var buffers: [FloatPtr] = []
-    private var floats = 0
+/// so that the parts only read their own pointer. Each calling thread has its own set: two
+/// threads may run kernels at once (the trainer's side-by-side micro-batches, each inside a part
+/// of one job). Not counted in `FlatBuffer.liveBytes`: a few (S, S) blocks, not activations.
+final class PartScratch: @unchecked Sendable {
+    private final class Set {
+        var buffers: [FloatPtr] = []
+        var floats = 0
+    }
+    private var sets: [UInt: Set] = [:]  // by pthread_self()
+    private let lock = NSLock()
 
-    /// At least `parts` buffers of `count` floats each.
+    /// At least `parts` buffers of `count` floats each, the calling thread's.
     func reserve(parts: Int, floats count: Int) -> [FloatPtr] {
-        if count > floats {
-            buffers.forEach { $0.deallocate() }
-            buffers = []
-            floats = count
+        lock.lock()
+        let key = UInt(pthread_self())
+        let set = sets[key] ?? Set()
+        sets[key] = set
+        lock.unlock()
+        if count > set.floats {
+            set.buffers.forEach { $0.deallocate() }
+            set.buffers = []
+            set.floats = count
         }
-        while buffers.count < parts {
-            buffers.append(FloatPtr.allocate(capacity: max(floats, 1)))
+        while set.buffers.count < parts {
+            set.buffers.append(FloatPtr.allocate(capacity: max(set.floats, 1)))
         }
-        return buffers
+        return set.buffers
     }
 }

@@ -21,7 +21,7 @@ public enum BLAS {
     ) {
         if m == 0 || n == 0 { return }
         let byThreads = tilesMatchOneCall && !shapeTilesOnly
-        let tiling = Tiling(m: m, n: n, k: k, threads: byThreads ? ComputePool.shared.threads : nil)
+        let tiling = Tiling(m: m, n: n, k: k, threads: byThreads ? ComputePool.shared.threadsHere : nil)
         if tiling.count == 1 {
             sgemmOneCall(
                 transA: transA, transB: transB, m: m, n: n, k: k, alpha: alpha, a, lda: lda, b, ldb: ldb,

@@ -41,6 +41,11 @@ public final class ComputePool: @unchecked Sendable {
 
     /// Threads a job may use, the caller's included.
     public private(set) var threads = 1
+    /// The threads a job started by the calling thread gets: 1 inside a part of a job (a nested
+    /// job runs serially on the part's thread), else `threads`. Kernels size their parts by it, so
+    /// that a part that runs a whole model (the trainer's side-by-side micro-batches) does not
+    /// cut its kernels into pieces that one thread then runs one after another.
+    public var threadsHere: Int { tar_thread_in_part() != 0 ? 1 : threads }
     /// Jobs that ran on more than one thread so far (tests check that work was split).
     public private(set) var parallelJobs = 0
     /// How long an idle worker spins before it sleeps.
@@ -88,7 +93,7 @@ public final class ComputePool: @unchecked Sendable {
     /// Calls body(part) for every part in 0..<parts across the pool, and waits for all of them.
     public func run(parts count: Int, _ work: (Int) -> Void) {
         let helpers = min(threads, count) - 1
-        if helpers <= 0 || !entry.try() {
+        if helpers <= 0 || tar_thread_in_part() != 0 || !entry.try() {
             for part in 0..<count { work(part) }
             return
         }
@@ -127,7 +132,9 @@ public final class ComputePool: @unchecked Sendable {
             if part >= parts { return }
             let claim = cursor.compareExchange(expected: v, desired: v + 1, ordering: .acquiringAndReleasing)
             if !claim.exchanged { continue }
+            tar_set_thread_in_part(1)
             body!(part)
+            tar_set_thread_in_part(0)
             completed.add(1, ordering: .releasing)
         }
     }

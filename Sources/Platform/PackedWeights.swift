@@ -49,7 +49,7 @@ public final class PackedWeights {
         accumulate: Bool
     ) {
         if m == 0 { return }
-        let parts = m * n * k < 1 << 20 ? 1 : min(panels, 8 * ComputePool.shared.threads)
+        let parts = m * n * k < 1 << 20 ? 1 : min(panels, 8 * ComputePool.shared.threadsHere)
         ComputePool.shared.run(parts: parts) { part in
             tar_sgemm_packed(
                 m, n, k, x, ldx, data, y, ldy, accumulate ? 1 : 0, part * panels / parts, (part + 1) * panels / parts)

@@ -230,6 +230,10 @@ public struct TrainConfig: Codable, Equatable {
         // 0 at S1 (SPEC section 9 Random order; base training of a base that reads orders); none: off
         public var randomOrder: RandomOrder? = nil
         public var recompute: ActivationRecompute = .none  // none | blocks: keep block inputs, recompute in backward
+        // Micro-batches a rank runs side by side, one per thread, each with its own activations and
+        // gradient buffer, summed in a fixed order: results depend on it, never on the thread count
+        // (Trainer.accumulateInLanes). For small models on several threads per rank; 1: one at a time.
+        public var parallelMicroBatches: Int = 1
         public init() {}
         enum CodingKeys: String, CodingKey, CaseIterable {
             case globalBatch = "global_batch"
@@ -242,9 +246,10 @@ public struct TrainConfig: Codable, Equatable {
             case emaDecay = "ema_decay"
             case tensorboard, recompute
             case randomOrder = "random_order"
+            case parallelMicroBatches = "parallel_micro_batches"
         }
-        /// As synthesized, except that `tensorboard` and `recompute` may be absent (manifests
-        /// written before they existed resume with the defaults: on, none).
+        /// As synthesized, except that `tensorboard`, `recompute` and `parallel_micro_batches` may be
+        /// absent (manifests written before they existed resume with the defaults: on, none, 1).
         public init(from decoder: Decoder) throws {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             globalBatch = try c.decode(Int.self, forKey: .globalBatch)
@@ -260,6 +265,7 @@ public struct TrainConfig: Codable, Equatable {
             tensorboard = try c.decodeIfPresent(Bool.self, forKey: .tensorboard) ?? true
             randomOrder = try c.decodeIfPresent(RandomOrder.self, forKey: .randomOrder)
             recompute = try c.decodeIfPresent(ActivationRecompute.self, forKey: .recompute) ?? .none
+            parallelMicroBatches = try c.decodeIfPresent(Int.self, forKey: .parallelMicroBatches) ?? 1
         }
     }
 
@@ -616,6 +622,11 @@ extension TrainConfig {
         atLeast("train.log_every", t.logEvery, 1)
         atLeast("train.val_every", t.valEvery, 0, " (0: only at the end)")
         within("train.max_skipped_steps", t.maxSkippedSteps, 0, 1 << 20)
+        within("train.parallel_micro_batches", t.parallelMicroBatches, 1, 256)
+        need(
+            t.parallelMicroBatches == 1 || dist.shardOptimizer != .statesAndGrads,
+            "train.parallel_micro_batches \(t.parallelMicroBatches) needs dist.shard_optimizer none or states: "
+                + "states+grads reduce-scatters each micro-batch's gradient as its backward runs")
         need(
             t.emaDecay.map { $0 >= 0 && $0 <= 1 } ?? true,
             "train.ema_decay must be in [0, 1] (or null: off), got \(t.emaDecay ?? 0)")
@@ -663,6 +674,12 @@ extension TrainConfig {
     /// Micro-batches per rank per optimizer step: global_batch / (micro_batch * worldSize).
     /// Call after `validate(worldSize:)`.
     public func accumulationSteps(worldSize: Int) -> Int { train.globalBatch / (train.microBatch * worldSize) }
+
+    /// Micro-batches a rank runs side by side: `train.parallel_micro_batches`, at most one per
+    /// micro-batch it has. Call after `validate(worldSize:)`.
+    public func lanes(worldSize: Int) -> Int {
+        min(train.parallelMicroBatches, accumulationSteps(worldSize: worldSize))
+    }
 
     /// The learning-rate schedule of one group over the run.
     public func schedule(_ g: ParameterGroup) -> LRSchedule {

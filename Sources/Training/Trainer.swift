@@ -11,6 +11,10 @@ public final class Trainer {
     public let config: TrainConfig
     public let comm: Communicator
     public let model: Transformer
+    /// `train.parallel_micro_batches` (`TrainConfig.lanes`): the models that run this rank's
+    /// micro-batches side by side. Lane 0 is `model`; the others share its parameters and have
+    /// their own activations and gradients. One lane: micro-batches one after another.
+    let lanes: [Transformer]
     public let optimizer: AdamW
     /// The exponential moving average of the parameters (`train.ema_decay`; nil when off), full on
     /// every rank like the parameters: after each applied step `ema = d ema + (1 - d) params`.
@@ -104,6 +108,7 @@ public final class Trainer {
         weightPerImage = model.slotWeights.enumerated().reduce(0.0) {
             $0 + Double(max(0, mc.seqLen - $1.offset)) * Double($1.element)
         }
+        lanes = try [model] + Trainer.extraLanes(config.lanes(worldSize: comm.size) - 1, like: model)
         // ZeRO: each rank owns its checkpoint slice (SPEC section 7) of the flat buffer: its
         // moments, its update and, after the reduce-scatter, its gradients.
         let total = model.table.total
@@ -181,6 +186,18 @@ public final class Trainer {
 
     public var memory: MemoryBreakdown {
         MemoryBreakdown.estimate(model.config, config: config, ranks: comm.size)
+    }
+
+    /// Models beside `model` for side-by-side micro-batches: the same parameters, slot weights and
+    /// recompute layout; gradients of their own (allocated now, so they count as gradients).
+    static func extraLanes(_ n: Int, like model: Transformer) throws -> [Transformer] {
+        try (0..<max(n, 0)).map { _ in
+            let lane = try Transformer(config: model.config, params: model.params)
+            lane.recompute = model.recompute
+            lane.slotWeights = model.slotWeights
+            _ = lane.grads
+            return lane
+        }
     }
 
     /// Fresh weights from the seed (the same on every rank), or `model.init_from`: a full model,
@@ -350,6 +367,15 @@ public final class Trainer {
         // goes into a trained group's element: a frozen group's gradient is never looked at).
         let poison = hooks.nan(rank: comm.rank, worldSize: comm.size, step: batch.step + 1)
         if poison != nil { model.grads[optimizer.trainedRange.lowerBound] = .nan }
+        if lanes.count > 1 {
+            local = try accumulateInLanes(batch, micro: micro, scale: scale)
+            if poison == .loss { local.weightedSum = .nan }
+            if let sync {
+                sync.begin(model.grads, scale: 1)
+                model.gradientReadyOrder.forEach(sync.markReady)
+            }
+            return local
+        }
         // ZeRO, overlapped: the last step's parameters are still landing. The first micro-batch's
         // input (discrete noise reads the token tables) and forward wait for each range before
         // reading it; that forward reads every parameter, so the gather is over after it.
@@ -374,6 +400,39 @@ public final class Trainer {
             }
         }
         if poison == .loss { local.weightedSum = .nan }
+        return local
+    }
+
+    /// `accumulateGradients` with several lanes: lane l runs micro-batches l, l + L, l + 2L, ...
+    /// (L lanes) into its own gradients, the lanes side by side on the rank's threads, each lane's
+    /// kernels on its own thread (`ComputePool.threadsHere`); then lane 0's gradients (`model`'s)
+    /// get lanes 1, 2, ... added in that order, and the loss sums are added in micro-batch order.
+    /// So the result depends on L and never on the thread count. The gradients are final only at
+    /// the end: the allreduce does not overlap this backward. An overlapped ZeRO gather is waited
+    /// for first, range by range, as the serial path's forward would.
+    private func accumulateInLanes(_ batch: TokenBatch, micro: Int, scale: Float) throws -> LossReport {
+        let accum = batch.count / micro
+        if gather?.isInFlight ?? false {
+            batches.parameterRanges.forEach(waitForParameters)
+            model.parameterNeededOrder.forEach(waitForParameters)
+            try gather?.finish()
+        }
+        for lane in lanes.dropFirst() { lane.grads.zero() }
+        var reports = [LossReport?](repeating: nil, count: accum)
+        let n = lanes.count
+        reports.withUnsafeMutableBufferPointer { out in
+            ComputePool.shared.run(parts: n) { l in
+                for a in stride(from: l, to: accum, by: n) {
+                    let input = batches.training(batch, range: (a * micro)..<((a + 1) * micro))
+                    out[a] = lanes[l].forward(input.batch, dropout: input.dropout, gradientScale: scale)
+                    lanes[l].backward()
+                }
+            }
+        }
+        let g = model.grads
+        for lane in lanes.dropFirst() { addForward(g.base, g.base, lane.grads.base, count: g.count) }
+        var local = LossReport(slots: model.config.window, parts: model.lossPartNames.count)
+        for r in reports { local.add(r!) }
         return local
     }
 
@@ -482,8 +541,13 @@ extension Trainer.MemoryBreakdown {
             m.moments = 2 * min(owned, trained) * 4
         }
         m.recompute = config.train.recompute
-        m.activations = model.trainingActivationBytes(
-            batch: config.train.microBatch, dropout: config.train.dropout > 0, recompute: m.recompute)
+        // side-by-side micro-batches: a model's activations and a dense gradient buffer per extra lane
+        let lanes = config.lanes(worldSize: max(ranks, 1))
+        m.gradients += (lanes - 1) * total * 4
+        m.activations =
+            lanes
+            * model.trainingActivationBytes(
+                batch: config.train.microBatch, dropout: config.train.dropout > 0, recompute: m.recompute)
         let batchBytes = config.train.globalBatch / max(ranks, 1) * model.seqLen * 4
         // MPI's scratch for a bucket in flight (and ZeRO's receive buffer), the loader's read-ahead
         let scratch = ranks > 1 ? (m.zero == .none ? 2 : 3) * bucket * 4 : 0

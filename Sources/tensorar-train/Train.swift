@@ -193,6 +193,17 @@ struct Train: ParsableCommand {
         return cfg
     }
 
+    /// The start-up line's note on `train.parallel_micro_batches`, with what it leaves idle.
+    private func sideBySide(lanes: Int) -> String {
+        guard lanes > 1 else { return "" }
+        let threads = BLAS.threads
+        let idle =
+            threads > lanes
+            ? "; \(threads - lanes) of the rank's \(threads) threads stay idle (each micro-batch runs on one thread: "
+                + "set train.parallel_micro_batches to the threads per rank, or to 1)" : ""
+        return ", \(lanes) micro-batches side by side (train.parallel_micro_batches)\(idle)"
+    }
+
     /// The model, its parameters, the batch split, memory and gradient sync.
     private func describe(_ trainer: Trainer, say: (String) -> Void) {
         let cfg = trainer.config
@@ -204,7 +215,8 @@ struct Train: ParsableCommand {
             "parameters: \(table.total) (base \(table.count(of: .base)), plug-in \(table.count(of: .plugin))); "
                 + "accumulation \(cfg.accumulationSteps(worldSize: size)) x micro-batch \(cfg.train.microBatch) "
                 + "x \(size) rank(s) "
-                + "= global batch \(cfg.train.globalBatch)")
+                + "= global batch \(cfg.train.globalBatch)"
+                + sideBySide(lanes: cfg.lanes(worldSize: size)))
         say(trainer.memory.description)
         let reduction = sync.shard == nil ? "allreduce" : "reduce-scatter (ZeRO \(cfg.dist.shardOptimizer.rawValue))"
         say(

@@ -79,6 +79,57 @@ final class ThreadTests: XCTestCase {
         print(String(format: "compute pool: %.1f us per job of 1-64 empty parts on 3 threads", perJob))
     }
 
+    /// Inside a part a kernel gets one thread (`threadsHere`), on the pool's workers and on the
+    /// caller's thread alike, and after the job the caller has all of them again: a part that runs a
+    /// whole model (the trainer's side-by-side micro-batches) keeps its kernels on its own thread.
+    func testAPartSeesOneThread() {
+        let saved = BLAS.threads
+        defer { BLAS.threads = saved }
+        BLAS.threads = 3
+        XCTAssertEqual(ComputePool.shared.threadsHere, 3)
+        let seen = UnsafeMutablePointer<Int>.allocate(capacity: 64)
+        defer { seen.deallocate() }
+        for _ in 0..<200 {
+            seen.initialize(repeating: 0, count: 64)
+            ComputePool.shared.run(parts: 64) { part in seen[part] = ComputePool.shared.threadsHere }
+            XCTAssertTrue((0..<64).allSatisfy { seen[$0] == 1 }, "every part saw 1 thread")
+            XCTAssertEqual(ComputePool.shared.threadsHere, 3, "the caller has its threads back")
+        }
+    }
+
+    /// Two threads may run kernels at once, each inside a part of one job (the trainer's
+    /// side-by-side micro-batches): attention's per-part scratch is the calling thread's own, so
+    /// two attention backwards side by side give the bits each gives alone (a scratch shared by
+    /// the two threads mixes their score gradients).
+    func testKernelsSideBySideKeepTheirScratchApart() {
+        let saved = BLAS.threads
+        defer { BLAS.threads = saved }
+        BLAS.threads = 2
+        let (batch, S, D, NH) = (4, 200, 16, 2)
+        let qkv = (0..<2).map { randoms(batch * S * 3 * D, seed: 20 + UInt64($0)) }
+        let dy = (0..<2).map { randoms(batch * S * D, seed: 30 + UInt64($0)) }
+        func backward(_ lane: Int) -> [Float] {
+            var out = [Float](repeating: 0, count: batch * S * D)
+            var probs = [Float](repeating: 0, count: batch * NH * S * S)
+            var dqkv = [Float](repeating: 0, count: qkv[lane].count)
+            attentionForward(&out, &probs, qkv[lane], batch: batch, seqLen: S, dim: D, heads: NH, causal: true)
+            attentionBackward(
+                &dqkv, dy[lane], qkv[lane], probs, batch: batch, seqLen: S, dim: D, heads: NH, causal: true)
+            return dqkv
+        }
+        let alone = [backward(0), backward(1)]
+        var together = [[Float]](repeating: [], count: 2)
+        for round in 0..<30 {
+            together.withUnsafeMutableBufferPointer { out in
+                ComputePool.shared.run(parts: 2) { lane in out[lane] = backward(lane) }
+            }
+            if together != alone {
+                XCTFail("round \(round): attention backward side by side differs from alone")
+                break
+            }
+        }
+    }
+
     /// `BLAS.sgemm`'s tiles give the same bits at any thread count, for row and column tilings,
     /// each transpose, and shapes with ragged edges. Against one cblas call (what main computed on
     /// one thread): OpenBLAS's SkylakeX kernels give equal bits for any row count of a call, so

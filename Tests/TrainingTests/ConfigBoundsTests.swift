@@ -33,6 +33,13 @@ final class ConfigBoundsTests: XCTestCase {
         assertRejected("checkpoint.keep_last=0", ["checkpoint.keep_last must be in [1, 1048576]"])
         assertRejected("data.val_samples=0", ["data.val_samples must be in [1, "])
         assertRejected("train.log_every=0", ["train.log_every must be at least 1"])
+        assertRejected("train.parallel_micro_batches=0", ["train.parallel_micro_batches must be in [1, 256]"])
+        assertInputError(["run.yaml", "train.parallel_micro_batches 2 needs dist.shard_optimizer none or states"]) {
+            let c = try TrainConfig.resolve(
+                yaml: "", source: "run.yaml",
+                overrides: ["train.parallel_micro_batches=2", "dist.shard_optimizer=states+grads"])
+            try c.validate(worldSize: 1, source: "run.yaml")
+        }
         // The defaults pass.
         XCTAssertNoThrow(try TrainConfig().validate(worldSize: 1))
     }

@@ -170,6 +170,7 @@ final class TrainConfigTests: XCTestCase {
         for w in [1, 2, 4] { XCTAssertNoThrow(try d.validate(worldSize: w)) }
         XCTAssertGreaterThanOrEqual(d.optim.lrBase, 1e-4, "training from scratch needs a real base learning rate")
         XCTAssertEqual(d.trainableGroups, PerGroup(base: true, plugin: true))
+        XCTAssertEqual([1, 2, 4, 8].map { d.lanes(worldSize: $0) }, [2, 2, 2, 1], "micro-batches side by side")
 
         let b = try TrainConfig.load(
             file: packageRoot + "/Configs/llamagen-b-imagenet256.yaml", overrides: ["checkpoint.run=b1"])

@@ -20,6 +20,10 @@ int tar_cpu_has_avx512f(void);
 int tar_cpu_has_avx2(void);
 // Names the calling thread (as /proc, top, perf and gdb show it; at most 15 characters are kept).
 void tar_name_this_thread(const char *name);
+// Whether the calling thread is running a part of a ComputePool job (a thread-local flag): a
+// kernel called there runs on that thread alone.
+int tar_thread_in_part(void);
+void tar_set_thread_in_part(int in_part);
 
 // Whole pages from the OS (mmap), for buffers whose pages are handed back while they live
 // (ZeRO-2 gradients: each bucket's pages go back once its reduce-scatter is done).
