@@ -15,13 +15,18 @@
 #     measured peak resident memory, and the step and AdamW times;
 #   - with RECOMPUTE=1 (default): the same on 2 ranks with train.recompute blocks, and the step
 #     time with and without recompute (tensorar-bench --recompute both: interleaved in one process).
+#   - with LAYOUT=1 (not by default): the default run on 1 rank x 2 threads against 2 ranks x 1 thread
+#     (README target: within 10%), ROUNDS rounds alternated, and 1 rank x 2 threads with one micro-batch
+#     at a time (train.parallel_micro_batches=1). For that figure alone:
+#     DP=0 MEMORY=0 ZERO=0 RECOMPUTE=0 LAYOUT=1 ROUNDS=6 Launch/scaling.sh
 #   - with ZEROTIME=1 (not by default): the step time with and without sharding on 2 ranks (README
 #     target: within 5% of none), preset B k = 4, d = 2, micro-batch 1, default overlap (gradients and
 #     parameter gather), in ROUNDS rounds (3) alternating none, states, states+grads, and states with
 #     the blocking gather (dist.overlap_gather=false); ZSTEPS steps each (8), mean of the steps after
 #     the first. For that figure alone: DP=0 MEMORY=0 ZERO=0 RECOMPUTE=0 ZEROTIME=1 Launch/scaling.sh
 # Environment: STEPS (default-config steps, 30), BSTEPS (preset-B steps, 3), MEMORY (1), ZERO (1), RECOMPUTE (1),
-# DP (1: the step-time table), ZEROTIME (0), ROUNDS (3), ZSTEPS (8), OUT (work folder, /tmp/tensorar-scaling).
+# DP (1: the step-time table), LAYOUT (0), ZEROTIME (0), ROUNDS (3), ZSTEPS (8),
+# OUT (work folder, /tmp/tensorar-scaling).
 # On 2 cores the 4- and 8-rank runs are oversubscribed.
 # Measured numbers and the 64-node estimate: README.md, section "Scaling".
 set -euo pipefail
@@ -34,6 +39,7 @@ ZERO=${ZERO:-1}
 RECOMPUTE=${RECOMPUTE:-1}
 DP=${DP:-1}
 ZEROTIME=${ZEROTIME:-0}
+LAYOUT=${LAYOUT:-0}
 ROUNDS=${ROUNDS:-3}
 ZSTEPS=${ZSTEPS:-8}
 OUT=${OUT:-/tmp/tensorar-scaling}
@@ -60,13 +66,6 @@ EOF
     --num-classes 1000 --vocab-size 16384 >/dev/null
 fi
 
-if [ "$DP" = 1 ]; then
-echo "Step time of rank 0 in seconds (mean over the steps after the first); load: the machine's 1-minute load"
-echo "average when the run started (other work on the machine slows every figure)."
-echo
-printf "| config | ranks | allreduce | compute | allreduce wait | wait %% | allreduce alone | "
-printf "data wait | optimizer | step | images/s | load |\n"
-printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 # run NAME CONFIG-LABEL RANKS MODE [tensorar-train arguments...]
 run() {
   local name=$1 label=$2 ranks=$3 mode=$4; shift 4
@@ -74,6 +73,7 @@ run() {
   local log="$OUT/$name.log" load
   load=$(cut -d' ' -f1 /proc/loadavg)
   [ "$ranks" = 1 ] && mode="-"  # one rank: nothing to reduce
+  rm -rf "$OUT/ckpt/$name"  # this script's own run folder from an earlier run
   if ! mpirun -n "$ranks" --bind-to none "$EXE" "$@" --set dist.overlap=$overlap --set data.val=null \
         --set checkpoint.dir="$OUT/ckpt" --set checkpoint.run="$name" --set checkpoint.resume=never \
         --set checkpoint.every=0 >"$log" 2>&1; then
@@ -96,6 +96,14 @@ EOF
 }
 
 DEF=(--set train.steps="$STEPS" --set train.log_every=1000 --set optim.warmup_plugin=0 --set optim.warmup_base=0)
+
+if [ "$DP" = 1 ]; then
+echo "Step time of rank 0 in seconds (mean over the steps after the first); load: the machine's 1-minute load"
+echo "average when the run started (other work on the machine slows every figure)."
+echo
+printf "| config | ranks | allreduce | compute | allreduce wait | wait %% | allreduce alone | "
+printf "data wait | optimizer | step | images/s | load |\n"
+printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
 for r in 1 2 4 8; do run "default-$r" "default (1.7M, batch 64)" "$r" overlapped "${DEF[@]}"; done
 run default-2-blocking "default (1.7M, batch 64)" 2 blocking "${DEF[@]}"
 # 1.7M parameters are 6.8 MB of gradients: one 25 MB bucket, ready only when backward ends. With
@@ -107,6 +115,35 @@ B=(Configs/llamagen-b-imagenet256.yaml --set data.train="$BCACHE" --set model.in
 run b-1 "B k4 d2 (140M, batch 2)" 1 blocking "${B[@]}"
 run b-2 "B k4 d2 (140M, batch 2)" 2 overlapped "${B[@]}"
 run b-2-blocking "B k4 d2 (140M, batch 2)" 2 blocking "${B[@]}"
+fi
+
+if [ "$LAYOUT" = 1 ]; then
+  echo
+  echo "The default run on 1 rank x 2 threads against 2 ranks x 1 thread (README target: within 10%), $ROUNDS"
+  echo "rounds alternated, $STEPS steps each; '1 at a time': train.parallel_micro_batches=1 instead of the config's 2:"
+  echo
+  printf "| config | ranks | allreduce | compute | allreduce wait | wait %% | allreduce alone | "
+  printf "data wait | optimizer | step | images/s | load |\n"
+  printf "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+  rows="$OUT/layout-rows.md"
+  : >"$rows"
+  for round in $(seq 1 "$ROUNDS"); do
+    run "layout-$round-1x2" "1 rank x 2 threads" 1 overlapped "${DEF[@]}" --set dist.threads_per_rank=2 | tee -a "$rows"
+    run "layout-$round-2x1" "2 ranks x 1 thread" 2 overlapped "${DEF[@]}" --set dist.threads_per_rank=1 | tee -a "$rows"
+    run "layout-$round-1x2-one" "1 rank x 2 threads, 1 at a time" 1 overlapped "${DEF[@]}" \
+      --set dist.threads_per_rank=2 --set train.parallel_micro_batches=1 | tee -a "$rows"
+  done
+  python3 - "$rows" <<'EOF'
+import sys
+steps = [float(l.split("|")[10]) for l in open(sys.argv[1]) if l.startswith("|")]
+rounds = [steps[i:i + 3] for i in range(0, len(steps) - 2, 3)]
+def ratios(j):
+    per = ", ".join(f"{r[j] / r[1]:.3f}" for r in rounds)
+    return f"{per} (all rounds {sum(r[j] for r in rounds) / sum(r[1] for r in rounds):.3f})"
+print()
+print(f"1 rank x 2 threads / 2 ranks x 1 thread, step time per round: side by side {ratios(0)}; "
+      f"1 at a time {ratios(2)}")
+EOF
 fi
 
 if [ "$MEMORY" = 1 ]; then
