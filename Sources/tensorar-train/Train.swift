@@ -199,7 +199,8 @@ struct Train: ParsableCommand {
         let threads = BLAS.threads
         let idle =
             threads > lanes
-            ? "; \(threads - lanes) of the rank's \(threads) threads stay idle (each micro-batch runs on one thread: "
+            ? "; \(threads - lanes) of the rank's \(threads) threads \(threads - lanes == 1 ? "stays" : "stay") idle "
+                + "(each micro-batch runs on one thread: "
                 + "set train.parallel_micro_batches to the threads per rank, or to 1)" : ""
         return ", \(lanes) micro-batches side by side (train.parallel_micro_batches)\(idle)"
     }
