@@ -352,30 +352,39 @@ public final class Trainer {
     /// reduce-scattered (each rank keeps only its slice), all but the last finished here. Returns
     /// this rank's loss sums.
     func accumulateGradients(_ batch: TokenBatch, sync: GradientSync?) throws -> LossReport {
-        let c = model.config
         let micro = config.train.microBatch
         precondition(
             batch.count % micro == 0,
             "a rank's batch of \(batch.count) is not a whole number of micro-batches of \(micro)")
-        let accum = batch.count / micro
         let scale = Float(1 / (Double(config.train.globalBatch) * weightPerImage))
-        var local = LossReport(slots: c.window, parts: model.lossPartNames.count)
         model.grads.zero()
         sync?.shard?.gradients.zero()
-        let everyMicroBatch = sync?.shard?.releaseSource ?? false
         // Test-only fault injection (TestHooks): a NaN added before any backward stays NaN (it
         // goes into a trained group's element: a frozen group's gradient is never looked at).
         let poison = hooks.nan(rank: comm.rank, worldSize: comm.size, step: batch.step + 1)
         if poison != nil { model.grads[optimizer.trainedRange.lowerBound] = .nan }
+        var local: LossReport
         if lanes.count > 1 {
             local = try accumulateInLanes(batch, micro: micro, scale: scale)
-            if poison == .loss { local.weightedSum = .nan }
             if let sync {
                 sync.begin(model.grads, scale: 1)
                 model.gradientReadyOrder.forEach(sync.markReady)
             }
-            return local
+        } else {
+            local = try accumulateInOrder(batch, micro: micro, scale: scale, sync: sync)
         }
+        if poison == .loss { local.weightedSum = .nan }
+        return local
+    }
+
+    /// `accumulateGradients` one micro-batch after another into `model.grads`, the last one's
+    /// backward (every one's with ZeRO-2) handing its ranges to `sync` as they are done.
+    private func accumulateInOrder(
+        _ batch: TokenBatch, micro: Int, scale: Float, sync: GradientSync?
+    ) throws -> LossReport {
+        let accum = batch.count / micro
+        var local = LossReport(slots: model.config.window, parts: model.lossPartNames.count)
+        let everyMicroBatch = sync?.shard?.releaseSource ?? false
         // ZeRO, overlapped: the last step's parameters are still landing. The first micro-batch's
         // input (discrete noise reads the token tables) and forward wait for each range before
         // reading it; that forward reads every parameter, so the gather is over after it.
@@ -399,7 +408,6 @@ public final class Trainer {
                 model.backward()
             }
         }
-        if poison == .loss { local.weightedSum = .nan }
         return local
     }
 
