@@ -69,18 +69,18 @@ public func maxParts() -> Int { ComputePool.shared.threadsHere * partsPerThread 
 /// threads may run kernels at once (the trainer's side-by-side micro-batches, each inside a part
 /// of one job). Not counted in `FlatBuffer.liveBytes`: a few (S, S) blocks, not activations.
 final class PartScratch: @unchecked Sendable {
-    private final class Set {
+    private final class Buffers {
         var buffers: [FloatPtr] = []
         var floats = 0
     }
-    private var sets: [UInt: Set] = [:]  // by pthread_self()
+    private var sets: [UInt: Buffers] = [:]  // by pthread_self()
     private let lock = NSLock()
 
     /// At least `parts` buffers of `count` floats each, the calling thread's.
     func reserve(parts: Int, floats count: Int) -> [FloatPtr] {
         lock.lock()
         let key = UInt(pthread_self())
-        let set = sets[key] ?? Set()
+        let set = sets[key] ?? Buffers()
         sets[key] = set
         lock.unlock()
         if count > set.floats {
