@@ -432,7 +432,8 @@ struct TokenChooser {
     /// only the bucket where the cumulative mass passes u z is sorted and walked. The token is the
     /// sorted definition's up to float rounding of the sums (`SamplerTests`: against the definition,
     /// within 1e-5 of u), and it depends on nothing but the logits and u (not the batch, the rank or
-    /// the thread count). About 2048 + V + the bucket's size steps instead of a sort of V keys.
+    /// the thread count). Two passes over the V keys (the masses, then gathering one bucket), one over
+    /// the 2048 buckets and a sort of that bucket's keys, instead of a sort of all V.
     static func inverseCDFByBuckets(
         _ key: UnsafeMutablePointer<UInt64>, _ pr: UnsafePointer<Float>, spare: UnsafeMutablePointer<UInt64>,
         count V: Int, uniform u: Float

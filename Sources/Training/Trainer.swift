@@ -417,13 +417,12 @@ public final class Trainer {
     /// get lanes 1, 2, ... added in that order, and the loss sums are added in micro-batch order.
     /// So the result depends on L and never on the thread count. The gradients are final only at
     /// the end: the allreduce does not overlap this backward. An overlapped ZeRO gather is waited
-    /// for first, range by range, as the serial path's forward would.
+    /// for first, whole (every lane reads every parameter from its first forward); the wait counts
+    /// as the forward's gather wait, as the serial path's range-by-range waits do.
     private func accumulateInLanes(_ batch: TokenBatch, micro: Int, scale: Float) throws -> LossReport {
         let accum = batch.count / micro
-        if gather?.isInFlight ?? false {
-            batches.parameterRanges.forEach(waitForParameters)
-            model.parameterNeededOrder.forEach(waitForParameters)
-            try gather?.finish()
+        if let gather, gather.isInFlight {
+            try watched(step: step + 1, "the parameter allgather") { _ = try gather.finish() }
         }
         for lane in lanes.dropFirst() { lane.grads.zero() }
         var reports = [LossReport?](repeating: nil, count: accum)
