@@ -373,8 +373,7 @@ struct TokenChooser {
             return best
         }
         let K = o.topK > 0 && o.topK < V ? o.topK : V
-        var mx = -Float.infinity
-        for v in 0..<V { mx = max(mx, logits[v]) }
+        let mx = laneMax(logits, count: V)
         let invT = 1 / o.temperature
         return keys.withUnsafeMutableBufferPointer { kb -> Int in
             spare.withUnsafeMutableBufferPointer { sb -> Int in

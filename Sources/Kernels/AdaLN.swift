@@ -15,14 +15,17 @@ import Platform
 private func layernormRow(
     _ y: FloatPtr, _ x: ConstFloatPtr, _ w: ConstFloatPtr?, _ b: ConstFloatPtr?, d: Int, eps: Float
 ) -> (Float, Float) {
-    var sum: Float = 0
-    for j in 0..<d { sum += x[j] }
-    let mean = sum / Float(d)
-    var ss: Float = 0
-    for j in 0..<d {
-        let c = x[j] - mean
-        ss += c * c
-    }
+    let mean = laneSum(x, count: d) / Float(d)
+    let ss = laneSum(
+        count: d,
+        lanes: {
+            let c = load16(x + $0) - mean
+            return c * c
+        },
+        one: {
+            let c = x[$0] - mean
+            return c * c
+        })
     let r = 1 / (ss / Float(d) + eps).squareRoot()
     if let w, let b {
         for j in 0..<d { y[j] = (x[j] - mean) * r * w[j] + b[j] }
@@ -38,13 +41,18 @@ private func layernormRowBackward(
     _ dx: FloatPtr, _ dy: ConstFloatPtr, _ x: ConstFloatPtr, _ w: ConstFloatPtr?, mean: Float, rstd r: Float,
     d: Int
 ) {
-    var sg: Float = 0
-    var sgx: Float = 0
-    for j in 0..<d {
-        let g = w.map { dy[j] * $0[j] } ?? dy[j]
-        sg += g
-        sgx += g * (x[j] - mean) * r
-    }
+    // g = dy w (or dy); sums of g and of g xhat, each in lanes (FastMath.swift)
+    let sg = w.map { laneDot(dy, $0, count: d) } ?? laneSum(dy, count: d)
+    let sgx = laneSum(
+        count: d,
+        lanes: { j in
+            let g = w.map { load16(dy + j) * load16($0 + j) } ?? load16(dy + j)
+            return g * (load16(x + j) - mean) * r
+        },
+        one: { j in
+            let g = w.map { dy[j] * $0[j] } ?? dy[j]
+            return g * (x[j] - mean) * r
+        })
     let mg = sg / Float(d)
     let mgx = sgx / Float(d)
     for j in 0..<d {

@@ -23,3 +23,85 @@ public func fexp(_ x0: Float) -> Float {
     let scale = Float(bitPattern: (t.bitPattern &- 0x4B40_0000 &+ 127) &<< 23)
     return y * scale
 }
+
+// MARK: - row reductions in 16 lanes
+// A float sum in one chain cannot be vectorised (its order is the result), so a serial
+// `s += x[j]` runs one add a cycle at best and a serial max chain was slower still: together
+// they were most of the cross entropy's time. These keep 16 running partial results, lane l
+// taking j = l, l + 16, ... in order, then reduce the lanes (`SIMD16.sum`/`max`, a fixed order)
+// and add the n % 16 tail in order. The order depends only on n, never on threads or on which
+// caller asks, so results stay bit-identical at every thread count.
+
+@inline(__always)
+public func load16(_ p: UnsafePointer<Float>) -> SIMD16<Float> {
+    UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
+}
+
+/// The sum over j < n of a term given twice: `lanes(j)` for j..<j + 16 as one vector, `one(j)`
+/// for a tail element; both must compute the same term (in the lane order above).
+@inline(__always)
+public func laneSum(count n: Int, lanes: (Int) -> SIMD16<Float>, one: (Int) -> Float) -> Float {
+    var acc = SIMD16<Float>()
+    var j = 0
+    while j + 16 <= n {
+        acc += lanes(j)
+        j += 16
+    }
+    var s = acc.sum()
+    while j < n {
+        s += one(j)
+        j += 1
+    }
+    return s
+}
+
+/// p[0] + ... + p[n - 1].
+@inline(__always)
+public func laneSum(_ p: UnsafePointer<Float>, count n: Int) -> Float {
+    laneSum(count: n, lanes: { load16(p + $0) }, one: { p[$0] })
+}
+
+/// a[0] b[0] + ... + a[n - 1] b[n - 1].
+@inline(__always)
+public func laneDot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, count n: Int) -> Float {
+    laneSum(count: n, lanes: { load16(a + $0) * load16(b + $0) }, one: { a[$0] * b[$0] })
+}
+
+/// a[0] b[0] c[0] + ... (each term (a b) c).
+@inline(__always)
+public func laneDot(
+    _ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ c: UnsafePointer<Float>, count n: Int
+) -> Float {
+    laneSum(count: n, lanes: { load16(a + $0) * load16(b + $0) * load16(c + $0) }, one: { a[$0] * b[$0] * c[$0] })
+}
+
+/// The largest of p[0..<n] (-infinity when n = 0). A NaN may be passed over here: callers
+/// subtract it from every element and sum the exps, so a NaN still reaches their result.
+@inline(__always)
+public func laneMax(_ p: UnsafePointer<Float>, count n: Int) -> Float {
+    var acc = SIMD16<Float>(repeating: -.infinity)
+    var j = 0
+    while j + 16 <= n {
+        let x = load16(p + j)
+        // replace-where compiles to compare and blend; pointwiseMax was far slower here
+        acc.replace(with: x, where: x .> acc)
+        j += 16
+    }
+    var m = acc.max()
+    while j < n {
+        m = max(m, p[j])
+        j += 1
+    }
+    return m
+}
+
+/// dst[j] = exp(src[j] - shift) for j < n (dst may be src); returns their `laneSum`.
+@inline(__always)
+public func shiftedExps(
+    _ dst: UnsafeMutablePointer<Float>, _ src: UnsafePointer<Float>, shift: Float, count n: Int
+)
+    -> Float
+{
+    for j in 0..<n { dst[j] = fexp(src[j] - shift) }
+    return laneSum(dst, count: n)
+}

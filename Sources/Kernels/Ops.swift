@@ -50,8 +50,7 @@ public func rmsnormForward(
         for i in rows {
             let x = inp + i * d
             let y = out + i * d
-            var ss: Float = 0
-            for j in 0..<d { ss += x[j] * x[j] }
+            let ss = laneDot(x, x, count: d)
             let r = 1 / (ss / Float(d) + eps).squareRoot()
             rstd[i] = r
             for j in 0..<d { y[j] = x[j] * r * weight[j] }
@@ -99,8 +98,7 @@ private func rmsnormRowBackward(
     let dy = dout + i * d
     let dx = dinp + i * d
     let r = rstd[i]
-    var dot: Float = 0
-    for j in 0..<d { dot += weight[j] * dy[j] * x[j] }
+    let dot = laneDot(weight, dy, x, count: d)
     let c = dot * r * r * r / Float(d)
     for j in 0..<d { dx[j] += r * weight[j] * dy[j] - x[j] * c }
 }
@@ -340,15 +338,7 @@ private func headForwardDirect(_ t: HeadView, _ a: AttentionShape) {
 /// half, shared by the training and the cached attention).
 @inline(__always)
 private func exponentiateShifted(_ row: FloatPtr, count n: Int) -> Float {
-    var mx = -Float.infinity
-    for j in 0..<n { mx = max(mx, row[j]) }
-    var sum: Float = 0
-    for j in 0..<n {
-        let e = fexp(row[j] - mx)
-        row[j] = e
-        sum += e
-    }
-    return sum
+    shiftedExps(row, row, shift: laneMax(row, count: n), count: n)
 }
 
 /// Masked softmax of the score rows `rows` of P (S, S), in place; masked entries become 0.
@@ -498,8 +488,7 @@ private func softmaxRowsBackward(_ P: ConstFloatPtr, _ dP: FloatPtr, _ rows: Ran
         let pr = P + i * S
         let dr = dP + i * S
         let last = a.causal ? i : S - 1
-        var dot: Float = 0
-        for j in 0...last { dot += pr[j] * dr[j] }
+        let dot = laneDot(pr, dr, count: last + 1)
         for j in 0...last { dr[j] = pr[j] * (dr[j] - dot) * a.scale }
         if last + 1 < S { (dr + last + 1).update(repeating: 0, count: S - last - 1) }
     }
@@ -599,19 +588,24 @@ private func crossEntropyRow(
         if let d = dlogits { (d + i * v).update(repeating: 0, count: v) }
         return
     }
-    var mx = -Float.infinity
-    for j in 0..<v { mx = max(mx, row[j]) }
-    var sum: Float = 0
-    for j in 0..<v { sum += fexp(row[j] - mx) }
-    let logZ = mx + logf(sum)
-    let target = row[y]
-    losses[i] = logZ - target
-    if let d = dlogits {
-        let dr = d + i * v
-        let g = weights[i] * scale
-        for j in 0..<v { dr[j] = g * fexp(row[j] - logZ) }
-        dr[y] -= g
+    let mx = laneMax(row, count: v)
+    let target = row[y]  // read first: dlogits may be the logits themselves
+    // the exps go where the gradient goes (or to scratch), so the sum is one vector pass and the
+    // gradient a multiply: softmax = exp(x - max) / sum
+    guard let d = dlogits else {
+        let sum = withUnsafeTemporaryAllocation(of: Float.self, capacity: v) { e in
+            shiftedExps(e.baseAddress!, row, shift: mx, count: v)
+        }
+        losses[i] = mx + logf(sum) - target
+        return
     }
+    let dr = d + i * v
+    let sum = shiftedExps(dr, row, shift: mx, count: v)
+    losses[i] = mx + logf(sum) - target
+    let g = weights[i] * scale
+    let c = g / sum
+    for j in 0..<v { dr[j] *= c }
+    dr[y] -= g
 }
 
 // MARK: - residual add: out = a + b (out may be a or b); its backward passes the gradient to both

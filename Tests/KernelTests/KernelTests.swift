@@ -73,7 +73,7 @@ final class KernelTests: XCTestCase {
     func testRMSNormForwardBackward() {
         var g = TestRNG(2)
         let n = 4
-        let d = 12
+        let d = 37  // two 16-lane blocks and a tail of the row reductions (FastMath.swift)
         let eps = 1e-5
         let x = g.doubles(n * d)
         let w = g.doubles(d).map { 1 + 0.3 * $0 }
@@ -271,9 +271,9 @@ final class KernelTests: XCTestCase {
     func testCrossEntropy() {
         var g = TestRNG(7)
         let n = 4
-        let v = 9
+        let v = 37  // two 16-lane blocks and a tail
         let logits = g.doubles(n * v, scale: 3)
-        let targets = [2, -1, 8, 0]
+        let targets = [2, -1, 36, 0]
         let weights: [Double] = [1, 1, 0.5, 2]
         let ref = Reference.crossEntropy(logits, targets, v: v)
         let scale = 0.25
@@ -285,8 +285,10 @@ final class KernelTests: XCTestCase {
             crossEntropyForwardBackward(b[1], b[3], b[0], t32, b[2], scale: Float(scale), n: n, v: v)
             assertClose(read(b[1], n), ref, "cross entropy")
             assertClose(read(b[3], n * v), num, rtol: 1e-4, atol: 1e-6, "cross entropy gradient")
-            // aliasing dlogits onto logits gives the same
+            // aliasing dlogits onto logits gives the same, losses too (the target is read first)
+            (b[1]).update(repeating: 0, count: n)
             crossEntropyForwardBackward(b[1], b[0], b[0], t32, b[2], scale: Float(scale), n: n, v: v)
+            assertClose(read(b[1], n), ref, "cross entropy in place")
             assertClose(read(b[0], n * v), num, rtol: 1e-4, atol: 1e-6, "cross entropy gradient in place")
         }
     }
@@ -360,5 +362,40 @@ final class FastMathTests: XCTestCase {
         XCTAssertLessThan(worst, 3e-7, "relative error of fexp")
         XCTAssertEqual(fexp(0), 1)
         XCTAssertEqual(fexp(-1000), fexp(-87.3), "clamped, no garbage")
+    }
+
+    /// The 16-lane row reductions against Double sums, at lengths with and without a block and a tail;
+    /// the order is lane by lane (lane l takes j = l, l + 16, ...), which a serial sum does not follow.
+    func testLaneReductionsMatchDoubleSums() {
+        var g = TestRNG(31)
+        let count = 100
+        let a = g.doubles(count).map { Float($0) }
+        let b = g.doubles(count).map { Float($0) }
+        let c = g.doubles(count).map { Float($0) }
+        for n in [0, 1, 15, 16, 17, 40, 100] {
+            let sum = (0..<n).reduce(0.0) { $0 + Double(a[$1]) }
+            let dot = (0..<n).reduce(0.0) { $0 + Double(a[$1]) * Double(b[$1]) }
+            let dot3 = (0..<n).reduce(0.0) { $0 + Double(a[$1]) * Double(b[$1]) * Double(c[$1]) }
+            XCTAssertEqual(Double(laneSum(a, count: n)), sum, accuracy: 1e-5, "laneSum n=\(n)")
+            XCTAssertEqual(Double(laneDot(a, b, count: n)), dot, accuracy: 1e-5, "laneDot n=\(n)")
+            XCTAssertEqual(Double(laneDot(a, b, c, count: n)), dot3, accuracy: 1e-5, "laneDot3 n=\(n)")
+            XCTAssertEqual(laneMax(a, count: n), a.prefix(n).max() ?? -.infinity, "laneMax n=\(n)")
+        }
+        // the largest in every lane position and in the tail is found
+        for at in [0, 7, 15, 16, 31, 95, 99] {
+            var x = a
+            x[at] = 9
+            XCTAssertEqual(laneMax(x, count: count), 9, "laneMax finds index \(at)")
+        }
+        // the lane order itself: 2^24 then 31 ones. One chain loses every 1 (2^24 + 1 rounds to
+        // 2^24); in lanes only lane 0's one is lost and lanes 1-15 hold 2 each, exactly
+        var e = [Float](repeating: 1, count: 32)
+        e[0] = 16_777_216
+        XCTAssertEqual(laneSum(e, count: 32), 16_777_216 + 30, "the lane order")
+        var exps = [Float](repeating: 0, count: 37)
+        let src = (0..<37).map { Float($0) * 0.1 }
+        let z = shiftedExps(&exps, src, shift: 3.6, count: 37)
+        for j in 0..<37 { XCTAssertEqual(Double(exps[j]), Foundation.exp(Double(src[j]) - 3.6), accuracy: 1e-6) }
+        XCTAssertEqual(Double(z), exps.reduce(0.0) { $0 + Double($1) }, accuracy: 1e-5)
     }
 }
