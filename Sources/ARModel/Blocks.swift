@@ -167,7 +167,7 @@ final class BlockStack: RecomputableStack {
         let tmp = self.tmp!.base
         let w = weights[l]
         let c = caches[l]
-        if let x { c.xIn.base.update(from: x.base, count: R * D) }
+        if let x { copyFloats(c.xIn.base, from: x.base, count: R * D) }
         rmsnormForward(c.n1.base, c.rstd1.base, c.xIn.base, p + w.attnNorm, n: R, d: D, eps: eps)
         matmulForward(c.qkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
         if let rotary { rotaryApply(c.qkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH) }
@@ -200,6 +200,12 @@ final class BlockStack: RecomputableStack {
         return mask
     }
 
+    /// out = g * the mask `name` (R x D), for the backward through a dropout.
+    private func masked(_ out: FloatPtr, _ g: FloatPtr, _ name: String) -> ConstFloatPtr {
+        dropoutApply(out, g, table![name].base, count: N * S * D)
+        return UnsafePointer(out)
+    }
+
     private func applyDropout(_ t: FloatPtr, _ name: String, site: Int) {
         guard let mask = makeMask(name, site: site) else { return }
         dropoutApply(t, mask.base, count: N * S * D)
@@ -221,29 +227,27 @@ final class BlockStack: RecomputableStack {
         let w = weights[l]
         let c = caches[l]
         let dropped = dropout != nil
-        // out = h + drop(w2(swiglu(w13(norm2(h)))))
-        s.dh.base.update(from: dx.base, count: R * D)
-        s.tmp.base.update(from: dx.base, count: R * D)
-        if dropped { dropoutApply(s.tmp.base, table![c.mask2].base, count: R * D) }
-        s.dg.base.update(repeating: 0, count: R * F)
-        matmulBackward(s.dg.base, gp + w.w2, s.tmp.base, c.g.base, p + w.w2, n: R, ic: F, oc: D)
+        // out = h + drop(w2(swiglu(w13(norm2(h))))); input gradients are written, not added to
+        // zeroed scratch (`addToInput: false`), and the gradient reaches wo and w2 through the
+        // dropout mask (into tmp) or as it is
+        copyFloats(s.dh.base, from: dx.base, count: R * D)
+        let d2 = dropped ? masked(s.tmp.base, dx.base, c.mask2) : UnsafePointer(dx.base)
+        matmulBackward(s.dg.base, gp + w.w2, d2, c.g.base, p + w.w2, n: R, ic: F, oc: D, addToInput: false)
         swigluBackward(s.dab.base, s.dg.base, c.ab.base, n: R, f: F)
-        s.dn.base.update(repeating: 0, count: R * D)
-        matmulBackward(s.dn.base, gp + w.w13, s.dab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F)
+        matmulBackward(
+            s.dn.base, gp + w.w13, s.dab.base, c.n2.base, p + w.w13, n: R, ic: D, oc: 2 * F, addToInput: false)
         rmsnormBackward(s.dh.base, gp + w.ffnNorm, s.dn.base, c.h.base, p + w.ffnNorm, c.rstd2.base, n: R, d: D)
         // h = x + drop(wo(attention(rope(wqkv(norm1(x))))))
-        s.tmp.base.update(from: s.dh.base, count: R * D)
-        if dropped { dropoutApply(s.tmp.base, table![c.mask1].base, count: R * D) }
-        s.dattY.base.update(repeating: 0, count: R * D)
-        matmulBackward(s.dattY.base, gp + w.wo, s.tmp.base, c.attY.base, p + w.wo, n: R, ic: D, oc: D)
-        s.dqkv.base.update(repeating: 0, count: R * 3 * D)
+        let d1 = dropped ? masked(s.tmp.base, s.dh.base, c.mask1) : UnsafePointer(s.dh.base)
+        matmulBackward(s.dattY.base, gp + w.wo, d1, c.attY.base, p + w.wo, n: R, ic: D, oc: D, addToInput: false)
+        zeroFloats(s.dqkv.base, count: R * 3 * D)
         attentionBackward(
             s.dqkv.base, s.dattY.base, c.qkv.base, c.probs.base, batch: N, seqLen: S, dim: D,
             heads: NH, causal: causal)
         if let rotary { rotaryApply(s.dqkv.base, rotary, batch: N, seqLen: S, dim: D, heads: NH, inverse: true) }
-        s.dn.base.update(repeating: 0, count: R * D)
-        matmulBackward(s.dn.base, gp + w.wqkv, s.dqkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D)
-        dx.base.update(from: s.dh.base, count: R * D)
+        matmulBackward(
+            s.dn.base, gp + w.wqkv, s.dqkv.base, c.n1.base, p + w.wqkv, n: R, ic: D, oc: 3 * D, addToInput: false)
+        copyFloats(dx.base, from: s.dh.base, count: R * D)
         rmsnormBackward(dx.base, gp + w.attnNorm, s.dn.base, c.xIn.base, p + w.attnNorm, c.rstd1.base, n: R, d: D)
     }
 }

@@ -154,8 +154,7 @@ final class LlamaGen: RotaryTrunkBase {
     ) {
         let m = rowsOfChunk.count
         let d = table!["head.dChunkIn"].base
-        d.update(repeating: 0, count: m * D)
-        matmulBackward(d, gp + oOut, chunkLogits!.base, chunkIn!.base, p + oOut, n: m, ic: D, oc: V)
+        matmulBackward(d, gp + oOut, chunkLogits!.base, chunkIn!.base, p + oOut, n: m, ic: D, oc: V, addToInput: false)
         for (i, r) in rowsOfChunk.enumerated() { (dfn.base + r * D).update(from: d + i * D, count: D) }
     }
 

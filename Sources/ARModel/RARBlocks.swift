@@ -237,7 +237,7 @@ final class RARBlockStack: RecomputableStack {
         let p = params!
         let w = weights[l]
         let c = caches[l]
-        if let x { c.xIn.base.update(from: x.base, count: R * D) }
+        if let x { copyFloats(c.xIn.base, from: x.base, count: R * D) }
         matmulForward(c.mod.base, cond!, p + w.adaW, n: M, ic: D, oc: 6 * D)
         biasAddForward(c.mod.base, p + w.adaB, n: M, oc: 6 * D)
         let mod = c.mod.base
@@ -260,11 +260,11 @@ final class RARBlockStack: RecomputableStack {
         biasAddForward(c.ya.base, p + w.projB, n: R, oc: D)
         applyDropout(c.ya.base, c.maskProj, rows: R, width: D, site: siteBase + 4 * l + 1)
         // h = x + g_a ya, formed in h (the same additions as in x before recompute came to RAR)
-        c.h.base.update(from: c.xIn.base, count: R * D)
+        copyFloats(c.h.base, from: c.xIn.base, count: R * D)
         gatedAddForward(c.h.base, c.ya.base, gate: mod + 2 * D, ld: 6 * D, n: R, d: D, rowsPerModulation: g)
         mlpForward(c, w, layer: l, params: p, fc2: x != nil)
         guard let x else { return }
-        x.base.update(from: c.h.base, count: R * D)
+        copyFloats(x.base, from: c.h.base, count: R * D)
         gatedAddForward(x.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D, rowsPerModulation: g)
     }
 
@@ -324,9 +324,9 @@ final class RARBlockStack: RecomputableStack {
         let c = caches[l]
         let dropped = dropout != nil
         let mod = c.mod.base
-        dmod.update(repeating: 0, count: M * 6 * D)
+        zeroFloats(dmod, count: M * 6 * D)
         // out = h + g_m * ym
-        dh.update(from: dx.base, count: R * D)
+        copyFloats(dh, from: dx.base, count: R * D)
         gatedAddBackward(
             dy, dgate: dmod + 5 * D, dx.base, c.ym.base, gate: mod + 5 * D, ld: 6 * D, n: R, d: D, rowsPerModulation: g)
         mlpBackward(c, w, dym: dy, dmod: dmod, into: dh, params: p, grads: gp)
@@ -345,14 +345,13 @@ final class RARBlockStack: RecomputableStack {
             dqkv, raw: c.qkvRaw.base, mean: c.qkStats.base, rstd: c.qkStats.base + R * 2 * NH,
             qWeight: p + w.qNormW, kWeight: p + w.kNormW, dqWeight: gp + w.qNormW, dqBias: gp + w.qNormB,
             dkWeight: gp + w.kNormW, dkBias: gp + w.kNormB, n: R, dim: D, heads: NH)
-        dm.update(repeating: 0, count: R * D)
-        matmulBackward(dm, gp + w.qkvW, dqkv, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D)
+        matmulBackward(dm, gp + w.qkvW, dqkv, c.m1.base, p + w.qkvW, n: R, ic: D, oc: 3 * D, addToInput: false)
         biasBackward(gp + w.qkvB, dqkv, n: R, oc: 3 * D)
-        dn.update(repeating: 0, count: R * D)
+        zeroFloats(dn, count: R * D)
         modulateBackward(
             dn, dshift: dmod, dscale: dmod + D, dm, c.n1.base, scale: mod + D, ld: 6 * D, n: R, d: D,
             rowsPerModulation: g)
-        dx.base.update(from: dh, count: R * D)
+        copyFloats(dx.base, from: dh, count: R * D)
         layernormBackward(
             dx.base, gp + w.norm1W, gp + w.norm1B, dn, c.xIn.base, p + w.norm1W, c.stats1.base,
             c.stats1.base + R, n: R, d: D)

@@ -280,7 +280,7 @@ public final class Transformer {
         if let encoder { parametersNeeded?(encoder.range) }
         inputsForward(batch, dropout: plan)
         base.trunkForward(x!, sequences: B, dropout: plan, params: p, needed: parametersNeeded)
-        hidden!.base.update(from: x!.base, count: B * T * D)
+        copyFloats(hidden!.base, from: x!.base, count: B * T * D)
         var g = hidden!
         if let decoder {
             parametersNeeded?(decoder.range)
@@ -316,7 +316,7 @@ public final class Transformer {
             decoder.backward(dg, dh: dx, params: p, grads: gp)
             onReady?(decoder.range)
         } else {
-            dx.base.update(from: dg.base, count: B * T * D)
+            copyFloats(dx.base, from: dg.base, count: B * T * D)
         }
         base.trunkBackward(dx, params: p, grads: gp, onReady: onReady)
         inputsBackward(dx, onReady: onReady)

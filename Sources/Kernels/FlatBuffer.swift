@@ -53,7 +53,7 @@ public final class FlatBuffer {
         guard !range.isEmpty else { return }
         let p = base + range.lowerBound
         guard pageBacked else {
-            p.update(repeating: 0, count: range.count)
+            zeroFloats(p, count: range.count)
             return
         }
         let granule = releaseGranule  // floats per granule; base is aligned to it
@@ -91,7 +91,7 @@ public final class FlatBuffer {
     public func zero() { release(0..<count) }
     public func copy(from other: FlatBuffer) {
         precondition(other.count == count)
-        base.update(from: other.base, count: count)
+        copyFloats(base, from: other.base, count: count)
     }
     public var array: [Float] { Array(buffer) }
 }

@@ -119,13 +119,16 @@ public func matmulForward(
 }
 
 /// dinp (N, IC) += dout W; dweight (OC, IC) += dout^T inp. Either may be nil (not needed).
+/// `addToInput: false` writes dinp = dout W instead (the same bits as adding to zeros, without
+/// a serial pass to zero it first: sgemm's own zeroing runs on its tiles' threads).
 public func matmulBackward(
     _ dinp: FloatPtr?, _ dweight: FloatPtr?, _ dout: ConstFloatPtr, _ inp: ConstFloatPtr, _ weight: ConstFloatPtr,
-    n: Int, ic: Int, oc: Int
+    n: Int, ic: Int, oc: Int, addToInput: Bool = true
 ) {
     if let dinp {
         BLAS.sgemm(
-            transA: false, transB: false, m: n, n: ic, k: oc, dout, lda: oc, weight, ldb: ic, beta: 1, dinp, ldc: ic)
+            transA: false, transB: false, m: n, n: ic, k: oc, dout, lda: oc, weight, ldb: ic, beta: addToInput ? 1 : 0,
+            dinp, ldc: ic)
     }
     if let dweight {
         BLAS.sgemm(
@@ -616,12 +619,35 @@ public func addForward(_ out: FloatPtr, _ a: ConstFloatPtr, _ b: ConstFloatPtr, 
     }
 }
 
+// MARK: - copies and zeroing, split over the threads
+// A step copies and zeros a few MB per block (residual streams, backward scratch); done on the
+// calling thread they were part of what kept a step from scaling with threads.
+
+/// dst[i] = src[i] for i < count (not overlapping).
+public func copyFloats(_ dst: FloatPtr, from src: ConstFloatPtr, count: Int) {
+    parallelRanges(count, cost: 1, align: 16) { range in
+        (dst + range.lowerBound).update(from: src + range.lowerBound, count: range.count)
+    }
+}
+
+/// p[i] = 0 for i < count.
+public func zeroFloats(_ p: FloatPtr, count: Int) {
+    parallelRanges(count, cost: 1, align: 16) { range in
+        (p + range.lowerBound).update(repeating: 0, count: range.count)
+    }
+}
+
 // MARK: - dropout (inverted): out = x * mask, mask in {0, 1/(1-p)}
 
 /// Applies a precomputed mask (N*D) in place: x *= mask. The mask comes from `dropoutMask`.
 public func dropoutApply(_ x: FloatPtr, _ mask: ConstFloatPtr, count: Int) {
+    dropoutApply(x, x, mask, count: count)
+}
+
+/// out = x * mask (out may be x).
+public func dropoutApply(_ out: FloatPtr, _ x: ConstFloatPtr, _ mask: ConstFloatPtr, count: Int) {
     parallelRanges(count, cost: 1, align: 16) { range in
-        for i in range { x[i] *= mask[i] }
+        for i in range { out[i] = x[i] * mask[i] }
     }
 }
 

@@ -39,6 +39,38 @@ final class ThreadTests: XCTestCase {
         return (0..<n).map { _ in r.normal() }
     }
 
+    /// The split copies and zeroing, the out-of-place dropout and the overwriting matmul backward:
+    /// the same bits at 1, 2 and 3 threads, and the same as what they replace (copy, zero, then
+    /// x *= mask; adding dout W to zeros). The overwritten buffer starts as NaN, which a beta of 1
+    /// (reading it) would carry into the result.
+    func testCopiesZeroingAndOverwritingBackwardSplitAndMatchWhatTheyReplace() {
+        let n = 37
+        let ic = 24
+        let oc = 40
+        let x = randoms(n * oc, seed: 5)
+        let mask = randoms(n * oc, seed: 6).map { $0 > 0 ? Float(1.25) : 0 }
+        let w = randoms(oc * ic, seed: 7)
+        sameAtAnyThreadCount("copies, zeroing, dropout, overwriting matmul backward") {
+            var copy = [Float](repeating: .nan, count: n * oc)
+            var zeros = [Float](repeating: .nan, count: n * oc)
+            var dropped = [Float](repeating: .nan, count: n * oc)
+            var written = [Float](repeating: .nan, count: n * ic)
+            var added = [Float](repeating: 0, count: n * ic)
+            copyFloats(&copy, from: x, count: n * oc)
+            zeroFloats(&zeros, count: n * oc)
+            dropoutApply(&dropped, x, mask, count: n * oc)
+            matmulBackward(&written, nil, x, x, w, n: n, ic: ic, oc: oc, addToInput: false)
+            matmulBackward(&added, nil, x, x, w, n: n, ic: ic, oc: oc)
+            XCTAssertEqual(copy, x)
+            XCTAssertEqual(zeros, [Float](repeating: 0, count: n * oc))
+            var inPlace = x
+            dropoutApply(&inPlace, mask, count: n * oc)
+            XCTAssertEqual(dropped, inPlace)
+            XCTAssertEqual(written, added, "writing dout W equals adding it to zeros")
+            return copy + zeros + dropped + written
+        }
+    }
+
     /// The pool runs every part exactly once, from nested calls too, and starts no thread per
     /// call: the pool's threads ("compute-N" in /proc/self/task) are the same after 2000 jobs. Only
     /// those are counted: other tests in this process leave threads of their own coming and going.
