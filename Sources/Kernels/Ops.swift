@@ -319,9 +319,7 @@ private func headForwardDirect(_ t: HeadView, _ a: AttentionShape) {
         let qi = t.q + i * a.ld
         for j in 0..<S {
             let kj = t.k + j * a.ld
-            var s: Float = 0
-            for c in 0..<a.hd { s += qi[c] * kj[c] }
-            t.P[i * S + j] = s * a.scale
+            t.P[i * S + j] = laneDot(qi, kj, count: a.hd) * a.scale
         }
     }
     softmaxRows(t.P, 0..<S, a)
@@ -439,9 +437,7 @@ private func headBackwardDirect(_ t: HeadView, _ g: HeadView, _ a: AttentionShap
         let oi = t.o + i * D
         for j in 0..<S {
             let vj = t.v + j * ld
-            var s: Float = 0
-            for c in 0..<hd { s += oi[c] * vj[c] }
-            dP[i * S + j] = s
+            dP[i * S + j] = laneDot(oi, vj, count: hd)
             let p = t.P[i * S + j]
             if p == 0 { continue }
             let dvj = g.v + j * ld
