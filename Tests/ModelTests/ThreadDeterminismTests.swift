@@ -73,12 +73,25 @@ extension ThreadDeterminismTests {
     }
 
     func testSamplingIsBitIdenticalAtAnyThreadCount() throws {
-        let options = SamplingOptions(cfgScale: 2, temperature: 1, topK: 20, topP: 0.9, seed: 7)
         let labels: [Int32] = [0, 2, 1]
-        try sameAtAnyThreadCount("sampling tokens") {
-            let s = Sampler(model: try model()).sample(labels: labels, sampleIds: [4, 5, 6], options: options)
-            XCTAssertFalse(s.tokens.contains(-1))
-            return (s.tokens + s.trajectories).map { Float($0) }
+        // top-k and top-p choose through the sorted path; neither (every base's published setting)
+        // through the bucket path (`TokenChooser.inverseCDFByBuckets`)
+        let settings = [
+            ("top-k 20, top-p 0.9", SamplingOptions(cfgScale: 2, temperature: 1, topK: 20, topP: 0.9, seed: 7)),
+            ("no top-k or top-p", SamplingOptions(cfgScale: 2, temperature: 1, topK: 0, topP: 1, seed: 7)),
+        ]
+        for (name, options) in settings {
+            var batched: SampleResult?
+            try sameAtAnyThreadCount("sampling tokens, \(name)") {
+                let s = Sampler(model: try model()).sample(labels: labels, sampleIds: [4, 5, 6], options: options)
+                XCTAssertFalse(s.tokens.contains(-1))
+                batched = s
+                return (s.tokens + s.trajectories).map { Float($0) }
+            }
+            // an image's tokens do not depend on the batch it is sampled in
+            let alone = Sampler(model: try model()).sample(labels: [2], sampleIds: [5], options: options)
+            let T = config.seqLen
+            XCTAssertEqual(alone.tokens, Array(batched!.tokens[T..<(2 * T)]), "\(name): image 5 alone and in a batch")
         }
         try sameAtAnyThreadCount("sampling logits") {
             let m = try model()
