@@ -53,7 +53,7 @@ public final class FlatBuffer {
         guard !range.isEmpty else { return }
         let p = base + range.lowerBound
         guard pageBacked else {
-            zeroFloats(p, count: range.count)
+            p.update(repeating: 0, count: range.count)
             return
         }
         let granule = releaseGranule  // floats per granule; base is aligned to it
@@ -88,7 +88,16 @@ public final class FlatBuffer {
         set { base[i] = newValue }
     }
     public var buffer: UnsafeMutableBufferPointer<Float> { UnsafeMutableBufferPointer(start: base, count: count) }
-    public func zero() { release(0..<count) }
+    /// Zeros the whole buffer: split over the pool's threads (`zeroFloats`), or released for a
+    /// page-backed one. `release` itself stays on the calling thread: ZeRO-2 releases gradient
+    /// buckets from the communication thread, which should not take the pool from the model.
+    public func zero() {
+        if pageBacked {
+            release(0..<count)
+        } else {
+            zeroFloats(base, count: count)
+        }
+    }
     public func copy(from other: FlatBuffer) {
         precondition(other.count == count)
         copyFloats(base, from: other.base, count: count)
