@@ -201,7 +201,7 @@ final class BlockStack: RecomputableStack {
     }
 
     /// out = g * the mask `name` (R x D), for the backward through a dropout.
-    private func masked(_ out: FloatPtr, _ g: FloatPtr, _ name: String) -> ConstFloatPtr {
+    private func masked(_ out: FloatPtr, _ g: ConstFloatPtr, _ name: String) -> ConstFloatPtr {
         dropoutApply(out, g, table![name].base, count: N * S * D)
         return UnsafePointer(out)
     }

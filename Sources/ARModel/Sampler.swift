@@ -433,29 +433,33 @@ struct TokenChooser {
     /// within 1e-5 of u), and it depends on nothing but the logits and u (not the batch, the rank or
     /// the thread count). Two passes over the V keys (the masses, then gathering one bucket), one over
     /// the 2048 buckets and a sort of that bucket's keys, instead of a sort of all V.
+    /// The buckets of `inverseCDFByBuckets`: a key's top 11 bits.
+    static let bucketShift = 53
+    static let bucketCount = 1 << (64 - bucketShift)
+
     static func inverseCDFByBuckets(
         _ key: UnsafeMutablePointer<UInt64>, _ pr: UnsafePointer<Float>, spare: UnsafeMutablePointer<UInt64>,
         count V: Int, uniform u: Float
     ) -> Int {
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2048) { mb in
-            withUnsafeTemporaryAllocation(of: Int32.self, capacity: 2048) { cb in
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: bucketCount) { mb in
+            withUnsafeTemporaryAllocation(of: Int32.self, capacity: bucketCount) { cb in
                 let mass = mb.baseAddress!
                 let count = cb.baseAddress!
-                mass.initialize(repeating: 0, count: 2048)
-                count.initialize(repeating: 0, count: 2048)
+                mass.initialize(repeating: 0, count: bucketCount)
+                count.initialize(repeating: 0, count: bucketCount)
                 for v in 0..<V {
-                    let b = Int(key[v] >> 53)
+                    let b = Int(key[v] >> bucketShift)
                     mass[b] += pr[v]
                     count[b] += 1
                 }
                 var z: Float = 0
-                for b in 0..<2048 { z += mass[b] }
+                for b in 0..<bucketCount { z += mass[b] }
                 let target = u * z
                 // the bucket where the cumulative mass passes the target (else the last one: rounding)
                 var chosen = -1
                 var last = 0
                 var before: Float = 0
-                for b in 0..<2048 where count[b] > 0 {
+                for b in 0..<bucketCount where count[b] > 0 {
                     last = b
                     if target < before + mass[b] {
                         chosen = b
@@ -468,7 +472,7 @@ struct TokenChooser {
                     before = z - mass[last]
                 }
                 var n = 0
-                for v in 0..<V where Int(key[v] >> 53) == chosen {
+                for v in 0..<V where Int(key[v] >> bucketShift) == chosen {
                     spare[n] = key[v]
                     n += 1
                 }

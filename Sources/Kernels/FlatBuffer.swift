@@ -98,9 +98,5 @@ public final class FlatBuffer {
             zeroFloats(base, count: count)
         }
     }
-    public func copy(from other: FlatBuffer) {
-        precondition(other.count == count)
-        copyFloats(base, from: other.base, count: count)
-    }
     public var array: [Float] { Array(buffer) }
 }
