@@ -9,10 +9,18 @@ interleaved, best of --reps after a warm-up. A benchmark to run by hand, not a t
     /work/torchenv/bin/python Launch/bench_torch.py --preset B --batches 4 --threads 2
 
 Compare the seconds with `tensorar-bench --presets B --batches 4 --window 0 --threads 2` run beside
-it (ratios, not absolute times, on a shared machine).
+it (ratios, not absolute times, on a shared machine). Better, on a machine whose speed moves from
+minute to minute: `--ours .build/release/tensorar-bench` runs this project's step in a second process
+(`tensorar-bench --serve`) and times the two in pairs, a step of each back to back at each thread
+count, the order swapped every round, and prints each pair's ratio and their median:
+
+    /work/torchenv/bin/python Launch/bench_torch.py --preset B --batches 4 --threads 2 --reps 8 \
+        --ours .build/release/tensorar-bench
 """
 import argparse
 import math
+import statistics
+import subprocess
 import time
 
 import torch
@@ -114,6 +122,57 @@ def step_seconds(model, labels, tokens):
     return time.perf_counter() - t0
 
 
+class OursServer:
+    """This project's training step in its own process (`tensorar-bench --serve`): one step per request."""
+
+    def __init__(self, binary, preset, batch):
+        command = [binary, "--serve", "--presets", preset, "--batches", str(batch)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        for line in self.process.stdout:
+            if line.strip() == "ready":
+                return
+        raise RuntimeError(f"{binary} --serve ended before it was ready (exit {self.process.wait()})")
+
+    def step(self, threads):
+        self.process.stdin.write(f"{threads}\n")
+        reply = self.process.stdout.readline()
+        if not reply:
+            raise RuntimeError(f"tensorar-bench --serve ended (exit {self.process.wait()})")
+        return float(reply)
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def paired(model, labels, tokens, ours, counts, reps):
+    """Times ours and the peer back to back at each thread count, reps rounds after a warm-up."""
+    rows = []
+    print("round threads  ours s  peer s  peer/ours  (round 0: warm-up)", flush=True)
+    for rep in range(reps + 1):
+        for n in counts:
+            torch.set_num_threads(n)
+            first_ours = rep % 2 == 0
+            a = ours.step(n) if first_ours else step_seconds(model, labels, tokens)
+            b = step_seconds(model, labels, tokens) if first_ours else ours.step(n)
+            o, p = (a, b) if first_ours else (b, a)
+            print(f"{rep:5d} {n:7d} {o:7.3f} {p:7.3f} {p / o:9.3f}", flush=True)
+            if rep > 0:
+                rows.append((rep, n, o, p))
+    for n in counts:
+        ratios = [p / o for _, m, o, p in rows if m == n]
+        ahead = sum(r >= 1.1 for r in ratios)
+        print(f"threads {n}: peer/ours median {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max "
+              f"{max(ratios):.3f}); {ahead} of {len(ratios)} pairs at least 1.1x")
+    if len(counts) == 2:
+        for who, i in (("ours", 2), ("peer", 3)):
+            t1 = {r[0]: r[i] for r in rows if r[1] == 1}
+            tn = {r[0]: r[i] for r in rows if r[1] == counts[1]}
+            scaling = [t1[r] / tn[r] for r in t1]
+            print(f"{who} scaling 1 -> {counts[1]} threads, per round: median {statistics.median(scaling):.2f}x "
+                  f"({', '.join(f'{x:.2f}' for x in scaling)})")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="B", choices=sorted(PRESETS))
@@ -123,6 +182,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--classes", type=int, default=1000)
     ap.add_argument("--grid", type=int, default=16)
+    ap.add_argument("--ours", metavar="TENSORAR_BENCH", help="time this project's step in pairs with the peer's")
     args = ap.parse_args()
     layers, heads, dim = PRESETS[args.preset]
     torch.manual_seed(0)
@@ -135,6 +195,11 @@ def main():
     for batch in [int(b) for b in args.batches.split(",")]:
         labels = torch.randint(0, args.classes, (batch,))
         tokens = torch.randint(0, args.vocab, (batch, args.grid ** 2))
+        if args.ours:
+            ours = OursServer(args.ours, args.preset, batch)
+            paired(model, labels, tokens, ours, counts, args.reps)
+            ours.close()
+            continue
         times = {n: [] for n in counts}
         for rep in range(args.reps + 1):
             for n in counts:

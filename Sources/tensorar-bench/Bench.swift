@@ -61,6 +61,13 @@ struct Bench: ParsableCommand {
             under Haswell/Zen kernels), interleaved, where the kernel lets them follow the thread count.
             """) var compareTiling = false
 
+    @Flag(
+        help: """
+            Serve training steps of the first preset and batch (the base model, no plug-in) over standard \
+            input and output: each line read is a thread count, each line written that step's seconds. \
+            `Launch/bench_torch.py --ours` times them in pairs with the PyTorch peer's steps.
+            """) var serve = false
+
     func validate() throws {
         if recomputeSettings.isEmpty {
             throw ValidationError("--recompute must be one of none, blocks, both, got '\(recompute)'")
@@ -82,6 +89,10 @@ struct Bench: ParsableCommand {
         }
         if let pageRelease {
             try timePageRelease(preset: pageRelease)
+            return
+        }
+        if serve {
+            try serveSteps()
             return
         }
         let counts = threads == 1 ? [1] : [1, threads]
@@ -260,6 +271,27 @@ struct Bench: ParsableCommand {
             Row(
                 label: "sample \(name)" + (packings[j] ? "" : " (sgemm)"), config: cfg, batch: sampleBatch,
                 tokens: sampleBatch * positions, flops: flops, seconds: best[j])
+        }
+    }
+
+    /// `--serve`: one timed step per thread count read from standard input, its seconds written back.
+    /// A step at a new thread count is timed as it comes (the caller warms up). "ready" says the model
+    /// is built; a line that is not a positive count ends the loop.
+    func serveSteps() throws {
+        guard let name = list(presets).first, let b = list(batches).compactMap({ Int($0) }).first else {
+            throw ValidationError("--serve needs a preset in --presets and a batch in --batches")
+        }
+        let timer = try StepTimer(try config(name), batch: b, noise: false)
+        print("ready")
+        fflush(stdout)
+        var s = 0
+        while let line = readLine(), let n = Int(line.trimmingCharacters(in: .whitespaces)), n >= 1 {
+            BLAS.threads = n
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            timer.step(s)
+            s += 1
+            print(String(format: "%.6f", Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9))
+            fflush(stdout)
         }
     }
 
