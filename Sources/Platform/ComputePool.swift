@@ -51,6 +51,28 @@ public final class ComputePool: @unchecked Sendable {
     /// How long an idle worker spins before it sleeps.
     public static let spinNanoseconds: UInt64 = 100_000
 
+    /// Where a stretch of the calling thread's time went, for the benchmark: `jobs` is the wall
+    /// time inside jobs that ran on more than one thread, `parts` the sum of their parts' run times
+    /// (on every thread). The rest of the stretch ran on the caller alone (serial by Amdahl's law).
+    public struct Busy: Sendable {
+        public var jobNanoseconds = 0
+        public var partNanoseconds = 0
+    }
+    /// Counts `Busy` while set (off by default: two clock reads a part and two a job when on).
+    public var accounting = false {
+        didSet {
+            jobClock.store(0, ordering: .relaxed)
+            partClock.store(0, ordering: .relaxed)
+        }
+    }
+    /// What was counted since `accounting` was last set.
+    public var busy: Busy {
+        Busy(
+            jobNanoseconds: jobClock.load(ordering: .acquiring), partNanoseconds: partClock.load(ordering: .acquiring))
+    }
+    private let jobClock = Atomic<Int>(0)
+    private let partClock = Atomic<Int>(0)
+
     /// generation * 256 + helpers: the workers 1...helpers take part in that generation's job.
     private let ticket = Atomic<Int>(0)
     /// generation << 32 | the next part to claim.
@@ -99,6 +121,9 @@ public final class ComputePool: @unchecked Sendable {
         }
         defer { entry.unlock() }
         parallelJobs += 1
+        let counting = accounting
+        let jobStart = counting ? ComputePool.now() : 0
+        defer { if counting { jobClock.add(ComputePool.now() - jobStart, ordering: .relaxed) } }
         withoutActuallyEscaping(work) { escaping in
             body = escaping
             parts = count
@@ -133,11 +158,19 @@ public final class ComputePool: @unchecked Sendable {
             let claim = cursor.compareExchange(expected: v, desired: v + 1, ordering: .acquiringAndReleasing)
             if !claim.exchanged { continue }
             tar_set_thread_in_part(1)
-            body!(part)
+            if accounting {
+                let t0 = ComputePool.now()
+                body!(part)
+                partClock.add(ComputePool.now() - t0, ordering: .relaxed)
+            } else {
+                body!(part)
+            }
             tar_set_thread_in_part(0)
             completed.add(1, ordering: .releasing)
         }
     }
+
+    private static func now() -> Int { Int(DispatchTime.now().uptimeNanoseconds) }
 
     private func workerLoop(index: Int, seen start: Int) {
         var seen = start

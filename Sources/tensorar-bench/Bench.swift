@@ -231,11 +231,13 @@ struct Bench: ParsableCommand {
                 }
             }
         }
-        let best = interleave(timers.map { t in { s in t.1.step(s) } }, counts: counts)
+        let jobs = timers.map { t in { s in t.1.step(s) } }
+        let best = interleave(jobs, counts: counts)
+        let busy = jobs.map { counts.last! > 1 ? Busy.measure($0, threads: counts.last!) : nil }
         return timers.enumerated().map { i, t in
             Row(
                 label: t.0, config: t.1.cfg, batch: b, tokens: b * t.1.cfg.seqLen,
-                flops: t.1.cfg.trainingFLOPs(batch: b), seconds: best[i])
+                flops: t.1.cfg.trainingFLOPs(batch: b), seconds: best[i], busy: busy[i])
         }
     }
 
@@ -266,11 +268,12 @@ struct Bench: ParsableCommand {
             }
         }
         let best = interleave(runs, counts: counts)
+        let busy = runs.map { counts.last! > 1 ? Busy.measure($0, threads: counts.last!) : nil }
         let flops = cfg.samplingFLOPs(batch: sampleBatch, guided: cfgScale != 1, steps: positions)
         return packings.indices.map { j in
             Row(
                 label: "sample \(name)" + (packings[j] ? "" : " (sgemm)"), config: cfg, batch: sampleBatch,
-                tokens: sampleBatch * positions, flops: flops, seconds: best[j])
+                tokens: sampleBatch * positions, flops: flops, seconds: best[j], busy: busy[j])
         }
     }
 
@@ -320,6 +323,7 @@ struct Bench: ParsableCommand {
         let batch, tokens: Int
         let flops: Double
         let seconds: [Double]
+        let busy: Busy?
     }
 
     func printRows(_ rows: [Row], counts: [Int], peaks: [Double]) {
@@ -335,10 +339,25 @@ struct Bench: ParsableCommand {
                         Double(r.tokens) / r.seconds[c], gf, 100 * gf / peaks[c]) + scaling)
             }
         }
+        printBusy(rows)
         printPluginRatios(rows, counts: counts)
         printBaseRatios(rows, counts: counts)
         printRecomputeRatios(rows, counts: counts)
         printTilingRatios(rows, counts: counts)
+    }
+
+    /// Each row's accounted run on N threads (`Busy`): the serial share and what it allows.
+    func printBusy(_ rows: [Row]) {
+        for r in rows {
+            guard let b = r.busy, b.threads > 1 else { continue }
+            let format =
+                "%@ k=%d d=%d batch %d, %d threads, fastest of 2 accounted runs %.3f s: serial %.1f%% of the work, "
+                + "jobs %.1f%% busy -> %.2f threads busy on average (Amdahl at this serial share: %.2fx)"
+            print(
+                String(
+                    format: format, r.label as NSString, r.config.window, r.config.pluginDepth, r.batch, b.threads,
+                    b.seconds, 100 * b.serialShare, 100 * b.jobEfficiency, b.busyThreads, b.amdahlLimit))
+        }
     }
 
     static let shapeTilesSuffix = " shp"
@@ -454,6 +473,40 @@ struct Bench: ParsableCommand {
                 dropout: dropout, gradientScale: 1 / Float(batch * T))
             model.backward()
         }
+    }
+}
+
+/// Where one run on N threads spent its time (`ComputePool.accounting`), independent of how fast
+/// the host ran it: serial time S (the caller alone, outside the pool's jobs), the jobs' wall time
+/// P and the sum of their parts' times W. A thread count's speed-up cannot exceed Amdahl's
+/// 1 / (s + (1 - s) / N) with the serial share s = S / (S + W), and (S + W) / (S + P) is how many
+/// threads were busy on average: the speed-up this run would have shown if its parts had run as
+/// fast on one thread.
+struct Busy {
+    let threads: Int
+    let seconds, serial, jobs, parts: Double
+    var serialShare: Double { serial / (serial + parts) }
+    var jobEfficiency: Double { jobs > 0 ? parts / (Double(threads) * jobs) : 1 }
+    var busyThreads: Double { (serial + parts) / seconds }
+    var amdahlLimit: Double { 1 / (serialShare + (1 - serialShare) / Double(threads)) }
+
+    /// The fastest of `runs` accounted runs of `job` on n threads.
+    static func measure(_ job: (Int) -> Void, threads n: Int, runs: Int = 2) -> Busy {
+        BLAS.threads = n
+        let pool = ComputePool.shared
+        defer { pool.accounting = false }
+        var fastest: Busy?
+        for _ in 0..<runs {
+            pool.accounting = true
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            job(1)
+            let seconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+            let jobs = Double(pool.busy.jobNanoseconds) / 1e9
+            let parts = Double(pool.busy.partNanoseconds) / 1e9
+            let run = Busy(threads: n, seconds: seconds, serial: max(seconds - jobs, 0), jobs: jobs, parts: parts)
+            if fastest.map({ run.seconds < $0.seconds }) ?? true { fastest = run }
+        }
+        return fastest!
     }
 }
 

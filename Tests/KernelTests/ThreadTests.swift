@@ -111,6 +111,31 @@ final class ThreadTests: XCTestCase {
         print(String(format: "compute pool: %.1f us per job of 1-64 empty parts on 3 threads", perJob))
     }
 
+    /// The benchmark's accounting: a job's wall time and the sum of its parts' times are counted
+    /// while `accounting` is on, work outside a job or on one thread is not, and nothing is counted
+    /// while it is off.
+    func testAccountingCountsJobsAndParts() {
+        let saved = BLAS.threads
+        defer { BLAS.threads = saved }
+        let pool = ComputePool.shared
+        BLAS.threads = 2
+        pool.accounting = true
+        defer { pool.accounting = false }
+        usleep(100_000)  // the caller alone: serial, not counted
+        pool.run(parts: 4) { _ in usleep(10_000) }
+        let counted = pool.busy
+        XCTAssertGreaterThanOrEqual(counted.partNanoseconds, 40_000_000, "four parts of at least 10 ms")
+        XCTAssertGreaterThanOrEqual(counted.jobNanoseconds, 20_000_000, "two threads: at least two parts long")
+        XCTAssertLessThan(counted.jobNanoseconds, counted.partNanoseconds + 5_000_000, "the 100 ms sleep is not a job's")
+        BLAS.threads = 1
+        pool.run(parts: 4) { _ in usleep(1000) }
+        XCTAssertEqual(pool.busy.jobNanoseconds, counted.jobNanoseconds, "one thread runs no job")
+        pool.accounting = false
+        BLAS.threads = 2
+        pool.run(parts: 4) { _ in usleep(1000) }
+        XCTAssertEqual(pool.busy.partNanoseconds, 0, "off: nothing counted")
+    }
+
     /// Inside a part a kernel gets one thread (`threadsHere`), on the pool's workers and on the
     /// caller's thread alike, and after the job the caller has all of them again: a part that runs a
     /// whole model (the trainer's side-by-side micro-batches) keeps its kernels on its own thread.
