@@ -126,7 +126,8 @@ final class ThreadTests: XCTestCase {
         let counted = pool.busy
         XCTAssertGreaterThanOrEqual(counted.partNanoseconds, 40_000_000, "four parts of at least 10 ms")
         XCTAssertGreaterThanOrEqual(counted.jobNanoseconds, 20_000_000, "two threads: at least two parts long")
-        XCTAssertLessThan(counted.jobNanoseconds, counted.partNanoseconds + 5_000_000, "the 100 ms sleep is not a job's")
+        XCTAssertLessThan(
+            counted.jobNanoseconds, counted.partNanoseconds + 5_000_000, "the 100 ms sleep is not a job's")
         BLAS.threads = 1
         pool.run(parts: 4) { _ in usleep(1000) }
         XCTAssertEqual(pool.busy.jobNanoseconds, counted.jobNanoseconds, "one thread runs no job")
