@@ -352,11 +352,13 @@ struct Bench: ParsableCommand {
             guard let b = r.busy, b.threads > 1 else { continue }
             let format =
                 "%@ k=%d d=%d batch %d, %d threads, fastest of 2 accounted runs %.3f s: serial %.1f%% of the work, "
-                + "jobs %.1f%% busy -> %.2f threads busy on average (Amdahl at this serial share: %.2fx)"
+                + "%d jobs %.1f%% busy (idle %.0f us of thread time a job) -> %.2f threads busy on average "
+                + "(Amdahl at this serial share: %.2fx)"
             print(
                 String(
                     format: format, r.label as NSString, r.config.window, r.config.pluginDepth, r.batch, b.threads,
-                    b.seconds, 100 * b.serialShare, 100 * b.jobEfficiency, b.busyThreads, b.amdahlLimit))
+                    b.seconds, 100 * b.serialShare, b.jobCount, 100 * b.jobEfficiency, 1e6 * b.idlePerJob,
+                    b.busyThreads, b.amdahlLimit))
         }
     }
 
@@ -485,6 +487,10 @@ struct Bench: ParsableCommand {
 struct Busy {
     let threads: Int
     let seconds, serial, jobs, parts: Double
+    /// Jobs the run split over the threads.
+    let jobCount: Int
+    /// Thread time the jobs left idle, per job: hand-offs and uneven ends.
+    var idlePerJob: Double { jobCount > 0 ? max(Double(threads) * jobs - parts, 0) / Double(jobCount) : 0 }
     var serialShare: Double { serial / (serial + parts) }
     var jobEfficiency: Double { jobs > 0 ? parts / (Double(threads) * jobs) : 1 }
     var busyThreads: Double { (serial + parts) / seconds }
@@ -498,12 +504,15 @@ struct Busy {
         var fastest: Busy?
         for _ in 0..<runs {
             pool.accounting = true
+            let jobsBefore = pool.parallelJobs
             let t0 = DispatchTime.now().uptimeNanoseconds
             job(1)
             let seconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
             let jobs = Double(pool.busy.jobNanoseconds) / 1e9
             let parts = Double(pool.busy.partNanoseconds) / 1e9
-            let run = Busy(threads: n, seconds: seconds, serial: max(seconds - jobs, 0), jobs: jobs, parts: parts)
+            let run = Busy(
+                threads: n, seconds: seconds, serial: max(seconds - jobs, 0), jobs: jobs, parts: parts,
+                jobCount: pool.parallelJobs - jobsBefore)
             if fastest.map({ run.seconds < $0.seconds }) ?? true { fastest = run }
         }
         return fastest!
