@@ -233,11 +233,11 @@ struct Bench: ParsableCommand {
         }
         let jobs = timers.map { t in { s in t.1.step(s) } }
         let best = interleave(jobs, counts: counts)
-        let busy = jobs.map { counts.last! > 1 ? Busy.measure($0, threads: counts.last!) : nil }
+        let use = threadUse(jobs, counts: counts)
         return timers.enumerated().map { i, t in
             Row(
                 label: t.0, config: t.1.cfg, batch: b, tokens: b * t.1.cfg.seqLen,
-                flops: t.1.cfg.trainingFLOPs(batch: b), seconds: best[i], busy: busy[i])
+                flops: t.1.cfg.trainingFLOPs(batch: b), seconds: best[i], threadUse: use[i])
         }
     }
 
@@ -268,12 +268,12 @@ struct Bench: ParsableCommand {
             }
         }
         let best = interleave(runs, counts: counts)
-        let busy = runs.map { counts.last! > 1 ? Busy.measure($0, threads: counts.last!) : nil }
+        let use = threadUse(runs, counts: counts)
         let flops = cfg.samplingFLOPs(batch: sampleBatch, guided: cfgScale != 1, steps: positions)
         return packings.indices.map { j in
             Row(
                 label: "sample \(name)" + (packings[j] ? "" : " (sgemm)"), config: cfg, batch: sampleBatch,
-                tokens: sampleBatch * positions, flops: flops, seconds: best[j], busy: busy[j])
+                tokens: sampleBatch * positions, flops: flops, seconds: best[j], threadUse: use[j])
         }
     }
 
@@ -296,6 +296,12 @@ struct Bench: ParsableCommand {
             print(String(format: "%.6f", Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9))
             fflush(stdout)
         }
+    }
+
+    /// Each job's `ThreadUse` on the highest of `counts` (nil when that is one thread).
+    func threadUse(_ jobs: [(Int) -> Void], counts: [Int]) -> [ThreadUse?] {
+        guard let n = counts.last, n > 1 else { return jobs.map { _ in nil } }
+        return jobs.map { ThreadUse.measure($0, threads: n) }
     }
 
     /// Runs every job at every thread count in turn, `steps` times after a warm-up, so that load
@@ -323,7 +329,7 @@ struct Bench: ParsableCommand {
         let batch, tokens: Int
         let flops: Double
         let seconds: [Double]
-        let busy: Busy?
+        let threadUse: ThreadUse?
     }
 
     func printRows(_ rows: [Row], counts: [Int], peaks: [Double]) {
@@ -339,17 +345,17 @@ struct Bench: ParsableCommand {
                         Double(r.tokens) / r.seconds[c], gf, 100 * gf / peaks[c]) + scaling)
             }
         }
-        printBusy(rows)
+        printThreadUse(rows)
         printPluginRatios(rows, counts: counts)
         printBaseRatios(rows, counts: counts)
         printRecomputeRatios(rows, counts: counts)
         printTilingRatios(rows, counts: counts)
     }
 
-    /// Each row's accounted run on N threads (`Busy`): the serial share and what it allows.
-    func printBusy(_ rows: [Row]) {
+    /// Each row's accounted run on N threads (`ThreadUse`): the serial share and what it allows.
+    func printThreadUse(_ rows: [Row]) {
         for r in rows {
-            guard let b = r.busy, b.threads > 1 else { continue }
+            guard let b = r.threadUse else { continue }
             let format =
                 "%@ k=%d d=%d batch %d, %d threads, fastest of 2 accounted runs %.3f s: serial %.1f%% of the work, "
                 + "%d jobs %.1f%% busy (idle %.0f us of thread time a job) -> %.2f threads busy on average "
@@ -484,7 +490,7 @@ struct Bench: ParsableCommand {
 /// 1 / (s + (1 - s) / N) with the serial share s = S / (S + W), and (S + W) / (S + P) is how many
 /// threads were busy on average: the speed-up this run would have shown if its parts had run as
 /// fast on one thread.
-struct Busy {
+struct ThreadUse {
     let threads: Int
     let seconds, serial, jobs, parts: Double
     /// Jobs the run split over the threads.
@@ -497,20 +503,21 @@ struct Busy {
     var amdahlLimit: Double { 1 / (serialShare + (1 - serialShare) / Double(threads)) }
 
     /// The fastest of `runs` accounted runs of `job` on n threads.
-    static func measure(_ job: (Int) -> Void, threads n: Int, runs: Int = 2) -> Busy {
+    static func measure(_ job: (Int) -> Void, threads n: Int, runs: Int = 2) -> ThreadUse {
         BLAS.threads = n
         let pool = ComputePool.shared
         defer { pool.accounting = false }
-        var fastest: Busy?
+        var fastest: ThreadUse?
         for _ in 0..<runs {
             pool.accounting = true
             let jobsBefore = pool.parallelJobs
-            let t0 = DispatchTime.now().uptimeNanoseconds
+            let t0 = monotonicSeconds()
             job(1)
-            let seconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
-            let jobs = Double(pool.busy.jobNanoseconds) / 1e9
-            let parts = Double(pool.busy.partNanoseconds) / 1e9
-            let run = Busy(
+            let seconds = monotonicSeconds() - t0
+            let counted = pool.busy
+            let jobs = Double(counted.jobNanoseconds) / 1e9
+            let parts = Double(counted.partNanoseconds) / 1e9
+            let run = ThreadUse(
                 threads: n, seconds: seconds, serial: max(seconds - jobs, 0), jobs: jobs, parts: parts,
                 jobCount: pool.parallelJobs - jobsBefore)
             if fastest.map({ run.seconds < $0.seconds }) ?? true { fastest = run }
